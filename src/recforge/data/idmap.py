@@ -1,0 +1,134 @@
+"""Dense id maps: the user's own ids (int or str) on the outside, contiguous int32 indices inside."""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+
+from recforge.errors import DataError, UnknownIdError
+
+log = logging.getLogger(__name__)
+
+UnknownPolicy = Literal["raise", "warn", "ignore"]
+
+
+def _as_id_array(values: object, what: str) -> np.ndarray:
+    """Convert ids to a numpy array of int64 or str, rejecting NaN/None/empty ids with a clear message."""
+    if isinstance(values, (pd.Series, pd.Index)):
+        arr = values.to_numpy()
+    else:
+        arr = np.asarray(values)
+    if arr.ndim != 1:
+        arr = arr.reshape(-1)
+    if arr.dtype.kind in "iu":
+        return arr.astype(np.int64, copy=False)
+    if arr.dtype.kind == "f":
+        if np.isnan(arr).any():
+            raise DataError(f"{what} contain NaN; drop or fill those rows before building the dataset")
+        if not np.all(arr == np.round(arr)):
+            raise DataError(f"{what} are non-integer floats; ids must be integers or strings")
+        return arr.astype(np.int64)
+    if arr.dtype.kind == "b":
+        raise DataError(f"{what} are booleans; ids must be integers or strings")
+    # Strings or mixed objects: normalise to str, rejecting missing values.
+    ser = pd.Series(arr, dtype=object)
+    if ser.isna().any():
+        raise DataError(f"{what} contain missing values (None/NaN); drop or fill those rows first")
+    out = ser.astype(str).to_numpy(dtype=str)
+    if len(out) and (np.char.str_len(out) == 0).any():
+        raise DataError(f"{what} contain empty strings; every id must be non-empty")
+    return out
+
+
+class IdMap:
+    """A bijection between external ids and dense indices ``0..n-1``.
+
+    Indices follow the sorted order of the ids, so ties broken "by smaller index" are broken by smaller id too,
+    and two maps built from the same set of ids are equal whatever the row order of the data.
+    """
+
+    def __init__(self, ids: object) -> None:
+        arr = _as_id_array(ids, "ids")
+        index = pd.Index(arr)
+        if not index.is_unique:
+            raise DataError("IdMap ids must be unique")
+        self._ids = arr
+        self._index = index
+
+    @classmethod
+    def from_values(cls, values: object, what: str = "ids") -> tuple["IdMap", np.ndarray]:
+        """Build a map from (possibly repeated) ids; return it and the int32 index of every value."""
+        arr = _as_id_array(values, what)
+        codes, uniques = pd.factorize(arr, sort=True)
+        return cls(np.asarray(uniques)), codes.astype(np.int32)
+
+    @property
+    def ids(self) -> np.ndarray:
+        """The external ids, position ``i`` holding the id of index ``i``."""
+        return self._ids
+
+    @property
+    def is_string(self) -> bool:
+        """True when ids are strings, False when they are integers."""
+        return self._ids.dtype.kind in "US"
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, IdMap) and len(self) == len(other) and bool(np.all(self._ids == other._ids))
+
+    def __repr__(self) -> str:
+        kind = "str" if self.is_string else "int"
+        return f"IdMap(n={len(self)}, {kind} ids)"
+
+    def to_index(
+        self, ids: object, on_unknown: UnknownPolicy | Literal["keep"] = "raise", what: str = "ids"
+    ) -> np.ndarray:
+        """Translate external ids to int32 indices.
+
+        ``on_unknown``: ``"raise"`` raises :class:`UnknownIdError` naming a few unknown ids; ``"warn"`` logs a
+        warning and drops them; ``"ignore"`` drops them silently; ``"keep"`` keeps them as ``-1`` (same length
+        as the input, for callers that mask themselves).
+        """
+        arr = np.atleast_1d(np.asarray(ids))
+        if arr.dtype.kind != self._ids.dtype.kind:
+            if self.is_string:
+                arr = arr.astype(str)
+            elif arr.dtype.kind in "US" or arr.dtype == object:
+                try:
+                    arr = arr.astype(np.int64)
+                except (TypeError, ValueError):
+                    arr = np.full(len(arr), -1, dtype=np.int64)  # non-numeric strings can't be int ids
+                    return self._handle_unknown(arr, np.ones(len(arr), bool), ids, on_unknown, what)
+        idx = self._index.get_indexer(arr)
+        missing = idx < 0
+        if missing.any():
+            return self._handle_unknown(idx, missing, arr, on_unknown, what)
+        return idx.astype(np.int32)
+
+    @staticmethod
+    def _handle_unknown(idx: np.ndarray, missing: np.ndarray, arr: object, on_unknown: str, what: str) -> np.ndarray:
+        shown = ", ".join(map(repr, np.atleast_1d(np.asarray(arr, dtype=object))[missing][:5].tolist()))
+        n = int(missing.sum())
+        msg = f"{n} unknown {what} (e.g. {shown})"
+        if on_unknown == "keep":
+            return np.where(missing, -1, idx).astype(np.int32)
+        if on_unknown == "raise":
+            raise UnknownIdError(msg + "; pass on_unknown='warn' or 'ignore' to skip them")
+        if on_unknown == "warn":
+            log.warning("%s were skipped", msg)
+        elif on_unknown != "ignore":
+            raise DataError(f"on_unknown must be 'raise', 'warn', 'ignore' or 'keep', not {on_unknown!r}")
+        return np.asarray(idx)[~missing].astype(np.int32)
+
+    def to_ids(self, indices: object) -> np.ndarray:
+        """Translate indices back to the external ids."""
+        return self._ids[np.asarray(indices, dtype=np.int64)]
+
+    def take(self, indices: np.ndarray) -> "IdMap":
+        """A new map holding only the given indices (renumbered densely in the given order)."""
+        return IdMap(self._ids[np.asarray(indices)])

@@ -1,0 +1,167 @@
+"""Evaluate fitted models: full-catalogue top-N metrics with seen-item exclusion, and rating errors."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from recforge.data.interactions import Interactions
+from recforge.errors import DataError, EmptyDatasetError
+from recforge.evaluation import metrics as M
+from recforge.evaluation.ranking import rank_rows
+from recforge.models.base import RatingPredictor, Recommender, check_k
+from recforge.split import NextEventSamples
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluationResult:
+    """Metrics of one model on one test set.
+
+    ``per_user`` holds one row per evaluated user (or sample) and one column per per-user metric;
+    ``summary`` the means plus whole-model figures (coverage, rmse, mae, counts). ``squared_errors`` and
+    ``abs_errors`` keep per-row rating errors for confidence intervals.
+    """
+
+    model: str
+    per_user: pd.DataFrame
+    summary: dict[str, float]
+    squared_errors: np.ndarray | None = None
+    abs_errors: np.ndarray | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, metric: str) -> float:
+        return self.summary[metric]
+
+
+def _ks(k: int | Sequence[int]) -> list[int]:
+    ks = [k] if isinstance(k, (int, np.integer)) else list(k)
+    if not ks:
+        raise DataError("give at least one k")
+    return sorted({check_k(x) for x in ks})
+
+
+def _same_maps(model: Recommender, test: Interactions) -> None:
+    if test.item_map is not model.item_map_ and test.item_map != model.item_map_:
+        raise DataError("the test data and the model use different item id maps; split one Interactions object")
+    if test.user_map is not model.user_map_ and test.user_map != model.user_map_:
+        raise DataError("the test data and the model use different user id maps; split one Interactions object")
+
+
+def evaluate(
+    model: Recommender,
+    test: Interactions,
+    k: int | Sequence[int] = 10,
+    exclude_seen: bool = True,
+    exclude: Interactions | sp.csr_matrix | None = None,
+    batch_size: int | None = None,
+    progress: bool = False,
+    name: str | None = None,
+) -> EvaluationResult:
+    """Evaluate a fitted model against ``test`` (which must share the model's id maps).
+
+    Every item of the catalogue is ranked for every user with test interactions; with ``exclude_seen`` the
+    model's training items (or ``exclude``, when given) are removed first. Ties are broken by the smaller item
+    index. Rating models also get RMSE and MAE over the test rows (when the test data has ratings).
+    """
+    ks = _ks(k)
+    model._check_fitted()
+    if len(test) == 0:
+        raise EmptyDatasetError("the test set is empty")
+    _same_maps(model, test)
+    truth = test.csr("ones")
+    users = np.flatnonzero(np.diff(truth.indptr) > 0)
+    if exclude is not None:
+        excl: sp.csr_matrix | None = exclude.csr("ones") if isinstance(exclude, Interactions) else exclude.tocsr()
+    else:
+        excl = model.seen_ if exclude_seen else None
+    out = rank_rows(
+        model.score, model.n_items_, users, truth[users], max(ks), None if excl is None else excl[users], batch_size, progress
+    )
+    per_user = pd.DataFrame(M.per_user_metrics(out.hits, out.n_rel, out.first_rank, ks))
+    per_user.insert(0, "user_id", model.user_map_.to_ids(users))
+    summary = {c: float(per_user[c].mean()) for c in per_user.columns if c != "user_id"}
+    for kk in ks:
+        summary[f"coverage@{kk}"] = M.coverage(out.top_items, kk, model.n_items_)
+    summary["users"] = float(len(users))
+    result = EvaluationResult(name or model.name or type(model).__name__, per_user, summary)
+    if isinstance(model, RatingPredictor) and test.ratings is not None:
+        pred = model.predict_indices(test.users, test.items).astype(np.float64)
+        err = pred - test.ratings.astype(np.float64)
+        result.squared_errors = err**2
+        result.abs_errors = np.abs(err)
+        summary["rmse"] = float(np.sqrt(result.squared_errors.mean()))
+        summary["mae"] = float(result.abs_errors.mean())
+    if hasattr(model, "fit_seconds_"):
+        summary["fit_seconds"] = float(model.fit_seconds_)
+    return result
+
+
+def evaluate_next_event(
+    model: Recommender,
+    samples: NextEventSamples,
+    k: int | Sequence[int] = 10,
+    exclude_seen: bool = False,
+    batch_size: int | None = None,
+    progress: bool = False,
+    name: str | None = None,
+) -> EvaluationResult:
+    """Next-event protocol: each sample is one row whose single relevant item is the next event.
+
+    Non-sequential models score the sample's user as fitted; sequential models (issue #4) override scoring from
+    the history. Seen items are not excluded by default, as in the temporal protocol; with ``exclude_seen`` the
+    sample's earlier items are excluded.
+    """
+    ks = _ks(k)
+    model._check_fitted()
+    if len(samples) == 0:
+        raise EmptyDatasetError("there are no next-event samples to evaluate")
+    n = len(samples)
+    n_items = model.n_items_
+    truth = sp.csr_matrix(
+        (np.ones(n, np.float32), samples.items, np.arange(n + 1)), shape=(n, n_items)
+    )
+    excl = None
+    if exclude_seen:
+        seq = samples.sequences
+        starts = seq.offsets[samples.users]
+        lengths = samples.positions
+        indptr = np.zeros(n + 1, np.int64)
+        np.cumsum(lengths, out=indptr[1:])
+        flat = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])
+        excl = sp.csr_matrix((np.ones(len(flat), np.float32), seq.items[flat], indptr), shape=(n, n_items))
+        excl.sum_duplicates()
+    out = rank_rows(model.score, n_items, samples.users, truth, max(ks), excl, batch_size, progress)
+    per_user = pd.DataFrame(M.per_user_metrics(out.hits, out.n_rel, out.first_rank, ks))
+    per_user.insert(0, "user_id", model.user_map_.to_ids(samples.users))
+    summary = {c: float(per_user[c].mean()) for c in per_user.columns if c != "user_id"}
+    for kk in ks:
+        summary[f"coverage@{kk}"] = M.coverage(out.top_items, kk, n_items)
+    summary["samples"] = float(n)
+    return EvaluationResult(name or model.name, per_user, summary)
+
+
+def evaluate_scores(
+    scores: np.ndarray,
+    test: sp.csr_matrix,
+    k: int | Sequence[int] = 10,
+    exclude: sp.csr_matrix | None = None,
+) -> dict[str, float]:
+    """Metrics straight from a dense users × items score matrix (no model needed): mean of every per-user metric
+    over users with test items, plus coverage."""
+    ks = _ks(k)
+    scores = np.asarray(scores, dtype=np.float32)
+    test = test.tocsr()
+    users = np.flatnonzero(np.diff(test.indptr) > 0)
+    out = rank_rows(lambda rows: scores[rows], scores.shape[1], users, test[users], max(ks), None if exclude is None else exclude.tocsr()[users])
+    res = {name: float(v.mean()) for name, v in M.per_user_metrics(out.hits, out.n_rel, out.first_rank, ks).items()}
+    for kk in ks:
+        res[f"coverage@{kk}"] = M.coverage(out.top_items, kk, scores.shape[1])
+    return res

@@ -1,0 +1,120 @@
+"""Batched full-catalogue ranking for evaluation: scores → exclusions → top-k, hits and first relevant rank.
+
+Users are scored in blocks so memory stays bounded (100k users × 20k items never exist as one matrix).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numba as nb
+import numpy as np
+import scipy.sparse as sp
+from tqdm.auto import tqdm
+
+from recforge.models.base import batch_rows
+from recforge.models.topk import _row_topk
+
+
+@nb.njit(parallel=True, cache=True)
+def _rank_block(
+    scores: np.ndarray,
+    k: int,
+    ex_ptr: np.ndarray,
+    ex_idx: np.ndarray,
+    t_ptr: np.ndarray,
+    t_idx: np.ndarray,
+    out_items: np.ndarray,
+    out_hits: np.ndarray,
+    out_first: np.ndarray,
+) -> None:
+    n = scores.shape[1]
+    for r in nb.prange(scores.shape[0]):
+        row = scores[r]
+        for p in range(ex_ptr[r], ex_ptr[r + 1]):
+            row[ex_idx[p]] = -np.inf
+        top_s = np.empty(k, np.float32)
+        _row_topk(row, k, out_items[r], top_s)
+        t0 = t_ptr[r]
+        t1 = t_ptr[r + 1]
+        targets = t_idx[t0:t1]  # sorted
+        for j in range(k):
+            it = out_items[r, j]
+            if it < 0:
+                out_hits[r, j] = False
+                continue
+            pos = np.searchsorted(targets, it)
+            out_hits[r, j] = pos < targets.shape[0] and targets[pos] == it
+        # The best-scored target (ties: smaller index) is the first relevant item of the full ranking.
+        best_i = -1
+        best_s = np.float32(-np.inf)
+        for p in range(targets.shape[0]):
+            t = targets[p]
+            s = row[t]
+            if s > best_s:
+                best_s = s
+                best_i = t
+        if best_i < 0:
+            out_first[r] = 0
+            continue
+        count = 1
+        for j in range(n):
+            s = row[j]
+            if s > best_s or (s == best_s and j < best_i):
+                count += 1
+        out_first[r] = count
+
+
+@dataclass(frozen=True)
+class RankingOutput:
+    """What the metrics need: per evaluated row the top-k items, hit flags, relevant count and first rank."""
+
+    rows: np.ndarray
+    top_items: np.ndarray
+    hits: np.ndarray
+    n_rel: np.ndarray
+    first_rank: np.ndarray
+
+
+def rank_rows(
+    score_fn: Callable[[np.ndarray], np.ndarray],
+    n_items: int,
+    users: np.ndarray,
+    targets: sp.csr_matrix,
+    k: int,
+    exclude: sp.csr_matrix | None,
+    batch_size: int | None = None,
+    progress: bool = False,
+) -> RankingOutput:
+    """Rank the full catalogue for every row: row ``r`` is scored as ``score_fn(users)[r]``, its relevant items are
+    row ``r`` of ``targets`` and its excluded items row ``r`` of ``exclude`` (both CSR with one row per entry
+    of ``users``)."""
+    users = np.asarray(users, dtype=np.int64)
+    k_eff = min(k, n_items)
+    targets = targets.tocsr()
+    targets.sort_indices()
+    n_rows = len(users)
+    top = np.empty((n_rows, k_eff), np.int32)
+    hits = np.empty((n_rows, k_eff), np.bool_)
+    first = np.empty(n_rows, np.int64)
+    step = batch_size or batch_rows(n_items)
+    empty_ptr = np.zeros(step + 1, np.int64)
+    empty_idx = np.zeros(0, np.int32)
+    bar = tqdm(total=n_rows, desc="ranking", unit="user", disable=not progress, leave=False)
+    for lo in range(0, n_rows, step):
+        hi = min(lo + step, n_rows)
+        scores = np.ascontiguousarray(score_fn(users[lo:hi]), dtype=np.float32)
+        t = targets[lo:hi]
+        if exclude is not None:
+            ex = exclude[lo:hi]
+            ex_ptr, ex_idx = ex.indptr.astype(np.int64), ex.indices.astype(np.int32)
+        else:
+            ex_ptr, ex_idx = empty_ptr[: hi - lo + 1], empty_idx
+        _rank_block(
+            scores, k_eff, ex_ptr, ex_idx, t.indptr.astype(np.int64), t.indices.astype(np.int32),
+            top[lo:hi], hits[lo:hi], first[lo:hi],
+        )
+        bar.update(hi - lo)
+    bar.close()
+    return RankingOutput(users, top, hits, np.diff(targets.indptr), first)

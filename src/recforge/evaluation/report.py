@@ -1,0 +1,164 @@
+"""Leaderboards: metric means with bootstrap CIs and paired tests, as tables, markdown, CSV and a PNG chart."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from recforge.data.io import atomic_path, write_table
+from recforge.errors import DataError
+from recforge.evaluation.evaluator import EvaluationResult
+from recforge.evaluation.stats import bootstrap_ci, paired_test
+
+log = logging.getLogger(__name__)
+
+LOWER_IS_BETTER = ("rmse", "mae", "fit_seconds")
+
+
+def leaderboard(
+    results: Mapping[str, EvaluationResult],
+    metrics: Sequence[str] | None = None,
+    primary: str | None = None,
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """One row per model: each metric's mean and 95% bootstrap CI (``metric``, ``metric_lo``, ``metric_hi``),
+    whole-model figures (coverage, rmse, ...), and the paired t-test p-value of ``primary`` against the best
+    model (``p_vs_best``). Sorted best first on ``primary`` (default: the first metric)."""
+    if not results:
+        raise DataError("no results to rank")
+    first = next(iter(results.values()))
+    per_user_cols = [c for c in first.per_user.columns if c != "user_id"]
+    metrics = list(metrics) if metrics else per_user_cols
+    primary = primary or metrics[0]
+    rows = []
+    for name, res in results.items():
+        row: dict[str, object] = {"model": name}
+        for m in metrics:
+            if m in res.per_user.columns:
+                vals = res.per_user[m].to_numpy()
+                row[m] = float(vals.mean())
+                row[f"{m}_lo"], row[f"{m}_hi"] = bootstrap_ci(vals, n_boot=n_boot, seed=seed)
+            elif m in ("rmse", "mae") and res.squared_errors is not None:
+                err = res.squared_errors if m == "rmse" else res.abs_errors
+                assert err is not None
+                lo, hi = bootstrap_ci(err, n_boot=n_boot, seed=seed)
+                row[m] = res.summary[m]
+                row[f"{m}_lo"], row[f"{m}_hi"] = (np.sqrt(lo), np.sqrt(hi)) if m == "rmse" else (lo, hi)
+            elif m in res.summary:
+                row[m] = res.summary[m]
+        for key in ("fit_seconds",):
+            if key in res.summary:
+                row[key] = res.summary[key]
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    if primary not in table.columns:
+        raise DataError(f"primary metric {primary!r} was not computed; available: {list(table.columns)}")
+    ascending = primary.split("@")[0] in LOWER_IS_BETTER
+    table = table.sort_values(primary, ascending=ascending, kind="stable").reset_index(drop=True)
+    best = table.loc[0, "model"]
+    if primary in first.per_user.columns:
+        ref = results[best].per_user
+        pvals = []
+        for name in table["model"]:
+            cur = results[name].per_user
+            if name == best or len(cur) != len(ref) or not np.array_equal(cur["user_id"], ref["user_id"]):
+                pvals.append(np.nan)
+            else:
+                pvals.append(paired_test(cur[primary].to_numpy(), ref[primary].to_numpy()))
+        table["p_vs_best"] = pvals
+    table.attrs["primary"] = primary
+    return table
+
+
+def _fmt(value: object) -> str:
+    if isinstance(value, float):
+        if np.isnan(value):
+            return ""
+        return f"{value:.4f}" if abs(value) < 1000 else f"{value:.0f}"
+    return str(value)
+
+
+def display_columns(table: pd.DataFrame) -> list[tuple[str, list[str]]]:
+    """(header, [columns]) pairs for presenting a leaderboard: CIs folded next to their metric."""
+    out = [("model", ["model"])]
+    for col in table.columns:
+        if col == "model" or col.endswith("_lo") or col.endswith("_hi"):
+            continue
+        if f"{col}_lo" in table.columns:
+            out.append((col, [col, f"{col}_lo", f"{col}_hi"]))
+        else:
+            out.append((col, [col]))
+    return out
+
+
+def _cell(row: pd.Series, cols: list[str]) -> str:
+    if len(cols) == 3:
+        return f"{_fmt(row[cols[0]])} [{_fmt(row[cols[1]])}, {_fmt(row[cols[2]])}]"
+    return _fmt(row[cols[0]])
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """A GitHub-flavoured markdown table; CIs shown as ``mean [lo, hi]``."""
+    spec = display_columns(table)
+    lines = ["| " + " | ".join(h for h, _ in spec) + " |", "|" + "|".join("---" for _ in spec) + "|"]
+    for _, row in table.iterrows():
+        lines.append("| " + " | ".join(_cell(row, cols) for _, cols in spec) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def print_leaderboard(table: pd.DataFrame, title: str | None = None) -> None:
+    """Print a leaderboard as a rich terminal table."""
+    from rich.console import Console
+    from rich.table import Table
+
+    spec = display_columns(table)
+    rt = Table(title=title, show_lines=False)
+    for header, _ in spec:
+        rt.add_column(header, justify="left" if header == "model" else "right")
+    for _, row in table.iterrows():
+        rt.add_row(*(_cell(row, cols) for _, cols in spec))
+    Console().print(rt)
+
+
+def plot_leaderboard(table: pd.DataFrame, metric: str, path: str | Path) -> Path:
+    """A horizontal bar chart of ``metric`` with CI error bars, saved as PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if metric not in table.columns:
+        raise DataError(f"cannot plot {metric!r}: not in the leaderboard")
+    data = table.iloc[::-1]
+    vals = data[metric].to_numpy(dtype=float)
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(data) + 1.2))
+    if f"{metric}_lo" in data.columns:
+        err = np.vstack([vals - data[f"{metric}_lo"].to_numpy(float), data[f"{metric}_hi"].to_numpy(float) - vals])
+        ax.barh(data["model"], vals, xerr=err, capsize=4, color="#4C72B0")
+    else:
+        ax.barh(data["model"], vals, color="#4C72B0")
+    ax.set_xlabel(f"{metric} (95% bootstrap CI)")
+    ax.set_title(table.attrs.get("title", "recforge leaderboard"))
+    fig.tight_layout()
+    p = Path(path)
+    with atomic_path(p) as tmp:
+        fig.savefig(tmp, format="png", dpi=120)
+    plt.close(fig)
+    return p
+
+
+def save_leaderboard(table: pd.DataFrame, out_dir: str | Path, metric: str | None = None) -> dict[str, Path]:
+    """Write ``leaderboard.md``, ``leaderboard.csv`` and ``leaderboard.png`` into ``out_dir``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"csv": write_table(table, out / "leaderboard.csv")}
+    with atomic_path(out / "leaderboard.md") as tmp:
+        tmp.write_text(to_markdown(table))
+    paths["md"] = out / "leaderboard.md"
+    paths["png"] = plot_leaderboard(table, metric or table.attrs.get("primary", table.columns[1]), out / "leaderboard.png")
+    return paths

@@ -1,0 +1,305 @@
+"""The model interface shared by every recommender, and artifact I/O.
+
+A model is a scikit-learn-style estimator: hyper-parameters are constructor arguments, ``fit`` returns ``self``,
+fitted state ends in ``_``. Subclasses implement ``_fit`` and ``_score`` (a dense block of scores for a batch of
+user indices) and list their fitted arrays in ``_state``; everything else — id translation, seen-item exclusion,
+top-k, batching, save/load — lives here once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from safetensors.numpy import load_file, save_file
+
+import recforge
+from recforge.data.idmap import IdMap
+from recforge.data.interactions import Interactions
+from recforge.data.io import atomic_directory
+from recforge.errors import ArtifactError, DataError, EmptyDatasetError, NotFittedError
+from recforge.models.topk import mask_and_topk
+
+log = logging.getLogger(__name__)
+
+ARTIFACT_FORMAT = "recforge-model"
+ARTIFACT_VERSION = 1
+_SCORE_BLOCK_BYTES = 64 * 2**20  # bound on one dense score block while recommending
+
+
+def check_k(k: int) -> int:
+    """Validate a list length ``k`` (a positive integer)."""
+    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
+        raise DataError(f"k must be a positive integer, got {k!r}")
+    return int(k)
+
+
+def batch_rows(n_items: int, budget_bytes: int = _SCORE_BLOCK_BYTES) -> int:
+    """How many users to score at once so a float32 block stays within the budget."""
+    return max(1, min(65536, budget_bytes // max(1, 4 * n_items)))
+
+
+class Recommender:
+    """Base class of top-N recommenders.
+
+    Subclasses set the class attribute ``name`` through :func:`recforge.models.registry.register`, implement
+    ``_fit(interactions)`` and ``_score(user_indices) -> float32 array (len(users), n_items)``, and return their
+    fitted arrays from ``_state()`` / accept them in ``_load_state(state)``.
+    """
+
+    name: ClassVar[str] = ""
+    #: True for models that predict ratings (they also implement ``predict``).
+    predicts_ratings: ClassVar[bool] = False
+
+    # ------------------------------------------------------------------ parameters
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        sig = inspect.signature(cls.__init__)
+        return [p.name for p in sig.parameters.values() if p.name != "self" and p.kind == p.POSITIONAL_OR_KEYWORD]
+
+    def get_params(self) -> dict[str, Any]:
+        """Hyper-parameters as a dict (JSON-serialisable), as given to the constructor."""
+        return {name: getattr(self, name) for name in self._param_names()}
+
+    def set_params(self, **params: Any) -> "Recommender":
+        """Set hyper-parameters; unknown names raise :class:`DataError` listing the valid ones."""
+        valid = self._param_names()
+        for key, value in params.items():
+            if key not in valid:
+                raise DataError(f"{type(self).__name__} has no parameter {key!r}; valid parameters: {valid}")
+            setattr(self, key, value)
+        return self
+
+    def __repr__(self) -> str:
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
+        return f"{type(self).__name__}({args})"
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, interactions: Interactions) -> "Recommender":
+        """Fit on interactions; returns ``self``."""
+        if not isinstance(interactions, Interactions):
+            raise DataError(f"fit expects recforge Interactions, got {type(interactions).__name__}")
+        if len(interactions) == 0:
+            raise EmptyDatasetError("cannot fit on an empty dataset")
+        start = time.perf_counter()
+        self.user_map_ = interactions.user_map
+        self.item_map_ = interactions.item_map
+        csr = interactions.csr("ones")
+        self.seen_ = sp.csr_matrix(
+            (np.ones(csr.nnz, np.float32), csr.indices, csr.indptr), shape=csr.shape, dtype=np.float32
+        )
+        self._fit(interactions)
+        self.fit_seconds_ = time.perf_counter() - start
+        log.info("fitted %s in %.2fs", type(self).__name__, self.fit_seconds_)
+        return self
+
+    def _fit(self, interactions: Interactions) -> None:
+        raise NotImplementedError
+
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "item_map_"):
+            raise NotFittedError(f"{type(self).__name__} is not fitted; call fit(interactions) first")
+
+    @property
+    def n_users_(self) -> int:
+        """Number of users known to the fitted model."""
+        self._check_fitted()
+        return len(self.user_map_)
+
+    @property
+    def n_items_(self) -> int:
+        """Number of items in the fitted model's catalogue."""
+        self._check_fitted()
+        return len(self.item_map_)
+
+    # ------------------------------------------------------------------ scoring
+    def score(self, users: np.ndarray) -> np.ndarray:
+        """Dense float32 scores (len(users) × n_items) for user *indices*; higher is better."""
+        self._check_fitted()
+        users = np.asarray(users, dtype=np.int64).reshape(-1)
+        if users.size and (users.min() < 0 or users.max() >= self.n_users_):
+            raise DataError(f"user indices must lie in [0, {self.n_users_}); translate ids with user_map_ first")
+        out = np.asarray(self._score(users), dtype=np.float32)
+        if out.shape != (len(users), self.n_items_):
+            raise AssertionError(f"{type(self).__name__}._score returned shape {out.shape}")
+        return out
+
+    def _score(self, users: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def recommend_indices(
+        self,
+        users: np.ndarray,
+        k: int = 10,
+        exclude: sp.csr_matrix | None = None,
+        batch_size: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` item indices and scores for user indices, excluding the items of ``exclude`` (a user × item
+        CSR pattern, e.g. ``seen_``). Padded with ``-1`` / ``-inf`` when fewer than ``k`` items are left."""
+        k = check_k(k)
+        users = np.asarray(users, dtype=np.int64).reshape(-1)
+        k_eff = min(k, self.n_items_)
+        out_i = np.full((len(users), k_eff), -1, np.int32)
+        out_s = np.full((len(users), k_eff), -np.inf, np.float32)
+        step = batch_size or batch_rows(self.n_items_)
+        for lo in range(0, len(users), step):
+            block_users = users[lo : lo + step]
+            scores = self.score(block_users)
+            if exclude is not None:
+                sub = exclude[block_users]
+                idx, sc = mask_and_topk(scores, k_eff, sub.indptr, sub.indices)
+            else:
+                idx, sc = mask_and_topk(scores, k_eff)
+            out_i[lo : lo + step] = idx
+            out_s[lo : lo + step] = sc
+        return out_i, out_s
+
+    def recommend(
+        self,
+        users: Any = None,
+        k: int = 10,
+        exclude_seen: bool = True,
+        on_unknown: Literal["raise", "warn", "ignore"] = "raise",
+        batch_size: int | None = None,
+    ) -> pd.DataFrame:
+        """Top-``k`` recommendations as a DataFrame ``user_id, item_id, score, rank`` in the user's own ids.
+
+        ``users``: ids (default: every user known to the model). ``exclude_seen`` removes items the user
+        interacted with in the training data. Users unknown to the model follow ``on_unknown``: ``"raise"``
+        (:class:`~recforge.errors.UnknownIdError`), ``"warn"`` (log and skip) or ``"ignore"`` (skip).
+        """
+        self._check_fitted()
+        k = check_k(k)
+        if users is None:
+            idx = np.arange(self.n_users_, dtype=np.int32)
+        else:
+            idx = self.user_map_.to_index(np.atleast_1d(np.asarray(users)), on_unknown=on_unknown, what="users")
+        items, scores = self.recommend_indices(idx, k, self.seen_ if exclude_seen else None, batch_size)
+        valid = items >= 0
+        rows = np.repeat(np.arange(len(idx)), valid.sum(axis=1))
+        ranks = np.broadcast_to(np.arange(1, items.shape[1] + 1, dtype=np.int32), items.shape)[valid]
+        return pd.DataFrame(
+            {
+                "user_id": self.user_map_.to_ids(idx[rows]),
+                "item_id": self.item_map_.to_ids(items[valid]),
+                "score": scores[valid],
+                "rank": ranks,
+            }
+        )
+
+    # ------------------------------------------------------------------ persistence
+    def _state(self) -> dict[str, Any]:
+        """Fitted arrays (numpy) and scalars (float/int/str) to persist; override in subclasses."""
+        return {}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        """Restore what :meth:`_state` returned; override in subclasses."""
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Save to a directory: ``model.json`` (class, parameters, metadata), ``arrays.safetensors`` and
+        ``ids.npz``. Written atomically; no pickle anywhere, so loading cannot run code."""
+        self._check_fitted()
+        state = self._state()
+        arrays = {k: np.ascontiguousarray(v) for k, v in state.items() if isinstance(v, np.ndarray)}
+        scalars = {k: v for k, v in state.items() if not isinstance(v, np.ndarray)}
+        for key, value in scalars.items():
+            if isinstance(value, np.generic):
+                scalars[key] = value.item()
+        arrays["seen.indptr"] = self.seen_.indptr.astype(np.int64)
+        arrays["seen.indices"] = self.seen_.indices.astype(np.int32)
+        meta = {
+            "format": ARTIFACT_FORMAT,
+            "format_version": ARTIFACT_VERSION,
+            "model": self.name,
+            "class": f"{type(self).__module__}.{type(self).__qualname__}",
+            "params": self.get_params(),
+            "scalars": scalars,
+            "n_users": self.n_users_,
+            "n_items": self.n_items_,
+            "recforge_version": recforge.__version__,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        with atomic_directory(path) as tmp:
+            save_file(arrays, str(tmp / "arrays.safetensors"))
+            np.savez(tmp / "ids.npz", users=self.user_map_.ids, items=self.item_map_.ids)
+            (tmp / "model.json").write_text(json.dumps(meta, indent=2, default=_json_default))
+        return Path(path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> "Recommender":
+        """Load a model saved by :meth:`save`. Called on the base class, it returns whatever model was saved."""
+        from recforge.models.registry import get_model_class
+
+        p = Path(path)
+        meta_path = p / "model.json"
+        if not meta_path.is_file():
+            raise ArtifactError(f"{str(p)!r} is not a recforge model artifact (no model.json)")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ArtifactError(f"{str(meta_path)!r} is not valid JSON: {exc}") from None
+        if meta.get("format") != ARTIFACT_FORMAT or meta.get("format_version") != ARTIFACT_VERSION:
+            raise ArtifactError(
+                f"{str(p)!r} has format {meta.get('format')!r} v{meta.get('format_version')}; "
+                f"this recforge reads {ARTIFACT_FORMAT!r} v{ARTIFACT_VERSION}"
+            )
+        model_cls = get_model_class(meta["model"])
+        if cls is not Recommender and not issubclass(model_cls, cls):
+            raise ArtifactError(f"{str(p)!r} holds a {model_cls.__name__}, not a {cls.__name__}")
+        try:
+            arrays = load_file(str(p / "arrays.safetensors"))
+            with np.load(p / "ids.npz", allow_pickle=False) as ids:
+                user_ids, item_ids = ids["users"], ids["items"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise ArtifactError(f"{str(p)!r} is incomplete or corrupt: {exc}") from None
+        model = model_cls(**meta["params"])
+        model.user_map_ = IdMap(user_ids)
+        model.item_map_ = IdMap(item_ids)
+        indptr, indices = arrays.pop("seen.indptr"), arrays.pop("seen.indices")
+        model.seen_ = sp.csr_matrix(
+            (np.ones(len(indices), np.float32), indices, indptr), shape=(len(user_ids), len(item_ids))
+        )
+        model._load_state({**arrays, **meta.get("scalars", {})})
+        return model
+
+
+class RatingPredictor(Recommender):
+    """Base class of explicit rating models: ``predict(users, items)``; ``recommend`` ranks by predicted rating."""
+
+    predicts_ratings: ClassVar[bool] = True
+
+    def fit(self, interactions: Interactions) -> "RatingPredictor":
+        """Fit on interactions with ratings; returns ``self``."""
+        if isinstance(interactions, Interactions) and interactions.ratings is None and len(interactions):
+            raise DataError(f"{type(self).__name__} predicts ratings and needs a rating column; the data has none")
+        super().fit(interactions)
+        return self
+
+    def predict(self, users: Any, items: Any) -> np.ndarray:
+        """Predicted ratings for (user id, item id) pairs. Unknown ids get the model's fallback (see subclass)."""
+        self._check_fitted()
+        u = self.user_map_.to_index(np.atleast_1d(np.asarray(users)), on_unknown="keep")
+        i = self.item_map_.to_index(np.atleast_1d(np.asarray(items)), on_unknown="keep")
+        if len(u) != len(i):
+            raise DataError(f"predict needs as many users as items, got {len(u)} and {len(i)}")
+        return self.predict_indices(u, i)
+
+    def predict_indices(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Predicted ratings for index pairs; ``-1`` marks an unknown user or item."""
+        raise NotImplementedError
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"cannot store {type(value).__name__} in model.json")

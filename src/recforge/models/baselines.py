@@ -1,0 +1,164 @@
+"""Baselines every other model must beat: random, most popular, global mean and user + item biases."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+
+from recforge.data.interactions import Interactions
+from recforge.errors import DataError
+from recforge.models.base import RatingPredictor, Recommender
+from recforge.models.registry import register
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64 finaliser: a fast, well-distributed integer hash (vectorised)."""
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+@register("random", "rand")
+class Random(Recommender):
+    """Uniformly random scores; the floor of every leaderboard.
+
+    Scores are a hash of (seed, user, item), so they do not depend on batching or call order.
+    """
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def _fit(self, interactions: Interactions) -> None:
+        pass
+
+    def _score(self, users: np.ndarray) -> np.ndarray:
+        with np.errstate(over="ignore"):
+            base = _mix64(np.uint64(self.seed) * _GOLDEN + users.astype(np.uint64)[:, None] * np.uint64(0xD1B54A32D192ED03))
+            h = _mix64(base + np.arange(self.n_items_, dtype=np.uint64)[None, :] * _GOLDEN)
+        return ((h >> np.uint64(40)).astype(np.float32)) / np.float32(2**24)
+
+
+@register("pop", "popular", "mostpopular", "most-popular")
+class MostPopular(Recommender):
+    """Most popular items first, the same list for everyone (minus each user's seen items).
+
+    ``by="count"`` counts interactions, ``"users"`` distinct users. With ``half_life_days`` each interaction
+    weighs ``0.5 ** (age / half_life)``, age measured from the newest interaction, so recent popularity wins.
+    Ties go to the smaller item index.
+    """
+
+    def __init__(self, by: Literal["count", "users"] = "count", half_life_days: float | None = None) -> None:
+        self.by = by
+        self.half_life_days = half_life_days
+
+    def _fit(self, interactions: Interactions) -> None:
+        if self.by not in ("count", "users"):
+            raise DataError(f"MostPopular.by must be 'count' or 'users', not {self.by!r}")
+        inter = interactions.deduplicate("last") if self.by == "users" else interactions
+        weights = None
+        if self.half_life_days is not None:
+            if inter.timestamps is None:
+                raise DataError("MostPopular with half_life_days needs timestamps")
+            if self.half_life_days <= 0:
+                raise DataError("half_life_days must be positive")
+            age_days = (inter.timestamps.max() - inter.timestamps).astype(np.float64) / 86400.0
+            weights = np.power(0.5, age_days / self.half_life_days)
+        self.popularity_ = np.bincount(inter.items, weights=weights, minlength=inter.n_items).astype(np.float32)
+
+    def _score(self, users: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(self.popularity_, (len(users), self.n_items_)).copy()
+
+    def _state(self) -> dict[str, Any]:
+        return {"popularity": self.popularity_}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.popularity_ = state["popularity"]
+
+
+class _RatingBaseline(RatingPredictor):
+    """Shared parts of rating baselines: the rating range for clamping and bias-based scoring."""
+
+    def _fit_range(self, interactions: Interactions) -> np.ndarray:
+        ratings = interactions.ratings
+        assert ratings is not None
+        self.global_mean_ = float(ratings.astype(np.float64).mean())
+        self.rating_min_ = float(ratings.min())
+        self.rating_max_ = float(ratings.max())
+        return ratings.astype(np.float64)
+
+    def _biases(self) -> tuple[np.ndarray, np.ndarray]:
+        return np.zeros(self.n_users_, np.float32), np.zeros(self.n_items_, np.float32)
+
+    def _score(self, users: np.ndarray) -> np.ndarray:
+        bu, bi = self._biases()
+        return (self.global_mean_ + bu[users][:, None] + bi[None, :]).astype(np.float32)
+
+    def predict_indices(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        """Clamped ``mean + b_u + b_i``; an unknown user or item (index ``-1``) contributes a zero bias."""
+        bu, bi = self._biases()
+        users = np.asarray(users)
+        items = np.asarray(items)
+        pred = self.global_mean_ + np.where(users >= 0, bu[users], 0.0) + np.where(items >= 0, bi[items], 0.0)
+        return np.clip(pred, self.rating_min_, self.rating_max_).astype(np.float32)
+
+    def _state(self) -> dict[str, Any]:
+        return {"global_mean": self.global_mean_, "rating_min": self.rating_min_, "rating_max": self.rating_max_}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.global_mean_ = float(state["global_mean"])
+        self.rating_min_ = float(state["rating_min"])
+        self.rating_max_ = float(state["rating_max"])
+
+
+@register("globalmean", "mean", "global-mean")
+class GlobalMean(_RatingBaseline):
+    """Predicts the mean training rating for every pair (recommendations are then ordered by item index)."""
+
+    def _fit(self, interactions: Interactions) -> None:
+        self._fit_range(interactions)
+
+
+@register("bias", "biases", "baseline")
+class BiasBaseline(_RatingBaseline):
+    """Regularised user + item biases: ``r_ui ≈ μ + b_u + b_i``.
+
+    Fitted by ``n_iter`` rounds of alternating ridge updates, ``b_i = Σ(r - μ - b_u) / (n_i + item_reg)`` then
+    ``b_u = Σ(r - μ - b_i) / (n_u + user_reg)`` (one round is the classic damped-means estimate). Recommends by
+    the item bias, i.e. a rating-aware popularity. Defaults were chosen on ML-100K fold u1 (see docs).
+    """
+
+    def __init__(self, item_reg: float = 5.0, user_reg: float = 10.0, n_iter: int = 10) -> None:
+        self.item_reg = item_reg
+        self.user_reg = user_reg
+        self.n_iter = n_iter
+
+    def _fit(self, interactions: Interactions) -> None:
+        if self.item_reg < 0 or self.user_reg < 0 or self.n_iter < 1:
+            raise DataError("BiasBaseline needs item_reg >= 0, user_reg >= 0 and n_iter >= 1")
+        r = self._fit_range(interactions) - self.global_mean_
+        u, i = interactions.users, interactions.items
+        n_u = np.bincount(u, minlength=interactions.n_users)
+        n_i = np.bincount(i, minlength=interactions.n_items)
+        bu = np.zeros(interactions.n_users)
+        bi = np.zeros(interactions.n_items)
+        for _ in range(self.n_iter):
+            bi = np.bincount(i, weights=r - bu[u], minlength=len(bi)) / (n_i + self.item_reg)
+            bu = np.bincount(u, weights=r - bi[i], minlength=len(bu)) / (n_u + self.user_reg)
+        # Guard 0/0 for users or items with no data and zero regularisation.
+        self.user_bias_ = np.nan_to_num(bu).astype(np.float32)
+        self.item_bias_ = np.nan_to_num(bi).astype(np.float32)
+
+    def _biases(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.user_bias_, self.item_bias_
+
+    def _state(self) -> dict[str, Any]:
+        return {**super()._state(), "user_bias": self.user_bias_, "item_bias": self.item_bias_}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        super()._load_state(state)
+        self.user_bias_ = state["user_bias"]
+        self.item_bias_ = state["item_bias"]

@@ -1,0 +1,99 @@
+"""Top-k selection over dense score blocks, with exclusions and a deterministic tie-break.
+
+Shared by every model's ``recommend`` and by the evaluator, so both rank items identically: higher score first,
+ties broken by the smaller item index; NaN and excluded items are never selected.
+"""
+
+from __future__ import annotations
+
+import numba as nb
+import numpy as np
+
+
+@nb.njit(cache=True, inline="always")
+def _sift_down(hs: np.ndarray, hi: np.ndarray, size: int, pos: int) -> None:
+    # Min-heap on (score, -index): the root is the worst kept entry (lowest score, then largest index).
+    while True:
+        left = 2 * pos + 1
+        if left >= size:
+            return
+        child = left
+        right = left + 1
+        if right < size and (hs[right] < hs[left] or (hs[right] == hs[left] and hi[right] > hi[left])):
+            child = right
+        if hs[child] < hs[pos] or (hs[child] == hs[pos] and hi[child] > hi[pos]):
+            hs[pos], hs[child] = hs[child], hs[pos]
+            hi[pos], hi[child] = hi[child], hi[pos]
+            pos = child
+        else:
+            return
+
+
+@nb.njit(cache=True)
+def _row_topk(row: np.ndarray, k: int, out_i: np.ndarray, out_s: np.ndarray) -> None:
+    hs = np.empty(k, np.float32)
+    hi = np.empty(k, np.int32)
+    size = 0
+    for j in range(row.shape[0]):
+        s = row[j]
+        if not (s > -np.inf):  # skips NaN and -inf (excluded)
+            continue
+        if size < k:
+            # sift up
+            pos = size
+            hs[pos] = s
+            hi[pos] = j
+            size += 1
+            while pos > 0:
+                parent = (pos - 1) // 2
+                if hs[pos] < hs[parent] or (hs[pos] == hs[parent] and hi[pos] > hi[parent]):
+                    hs[pos], hs[parent] = hs[parent], hs[pos]
+                    hi[pos], hi[parent] = hi[parent], hi[pos]
+                    pos = parent
+                else:
+                    break
+        elif s > hs[0]:  # an equal score never wins: its index is larger than every kept one
+            hs[0] = s
+            hi[0] = j
+            _sift_down(hs, hi, size, 0)
+    for t in range(k):
+        out_i[t] = -1
+        out_s[t] = -np.inf
+    # Pop worst-first into the tail so the output is best-first.
+    while size > 0:
+        size -= 1
+        out_i[size] = hi[0]
+        out_s[size] = hs[0]
+        hs[0] = hs[size]
+        hi[0] = hi[size]
+        _sift_down(hs, hi, size, 0)
+
+
+@nb.njit(parallel=True, cache=True)
+def _block_topk(scores: np.ndarray, k: int, ex_ptr: np.ndarray, ex_idx: np.ndarray, out_i: np.ndarray, out_s: np.ndarray) -> None:
+    for r in nb.prange(scores.shape[0]):
+        row = scores[r]
+        for p in range(ex_ptr[r], ex_ptr[r + 1]):
+            row[ex_idx[p]] = -np.inf
+        _row_topk(row, k, out_i[r], out_s[r])
+
+
+def mask_and_topk(
+    scores: np.ndarray, k: int, exclude_indptr: np.ndarray | None = None, exclude_indices: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` item indices and scores of every row of ``scores`` (modified in place: excluded entries become
+    ``-inf``). ``exclude_indptr/indices`` is a CSR pattern with one row per score row.
+
+    Rows with fewer than ``k`` selectable items are padded with index ``-1`` and score ``-inf``.
+    """
+    scores = np.ascontiguousarray(scores, dtype=np.float32)
+    n_rows = scores.shape[0]
+    k_eff = max(0, min(int(k), scores.shape[1]))
+    if exclude_indptr is None:
+        exclude_indptr = np.zeros(n_rows + 1, np.int64)
+        exclude_indices = np.zeros(0, np.int32)
+    out_i = np.empty((n_rows, k_eff), np.int32)
+    out_s = np.empty((n_rows, k_eff), np.float32)
+    if k_eff and n_rows:
+        _block_topk(scores, k_eff, exclude_indptr.astype(np.int64), exclude_indices.astype(np.int32), out_i, out_s)
+    return out_i, out_s
