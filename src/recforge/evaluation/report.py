@@ -96,10 +96,14 @@ def display_columns(table: pd.DataFrame) -> list[tuple[str, list[str]]]:
     return out
 
 
-def _cell(row: pd.Series, cols: list[str]) -> str:
-    if len(cols) == 3:
-        return f"{_fmt(row[cols[0]])} [{_fmt(row[cols[1]])}, {_fmt(row[cols[2]])}]"
-    return _fmt(row[cols[0]])
+def _cell(row: pd.Series, cols: list[str], compact: bool = False) -> str:
+    value = row[cols[0]]
+    if len(cols) == 3 and not (isinstance(value, float) and np.isnan(value)):
+        lo, hi = row[cols[1]], row[cols[2]]
+        if compact:
+            return f"{_fmt(value)} ±{(hi - lo) / 2:.4f}"
+        return f"{_fmt(value)} [{_fmt(lo)}, {_fmt(hi)}]"
+    return _fmt(value)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
@@ -117,12 +121,15 @@ def print_leaderboard(table: pd.DataFrame, title: str | None = None) -> None:
     from rich.table import Table
 
     spec = display_columns(table)
-    rt = Table(title=title, show_lines=False)
+    rt = Table(title=title, show_lines=False, caption="± = half-width of the 95% bootstrap CI; p_vs_best = paired t-test")
     for header, _ in spec:
-        rt.add_column(header, justify="left" if header == "model" else "right")
+        rt.add_column(header, justify="left" if header == "model" else "right", no_wrap=True)
     for _, row in table.iterrows():
-        rt.add_row(*(_cell(row, cols) for _, cols in spec))
-    Console().print(rt)
+        rt.add_row(*(_cell(row, cols, compact=True) for _, cols in spec))
+    console = Console()
+    if not console.is_terminal:
+        console = Console(width=200)  # logs and pipes: never wrap a results table
+    console.print(rt)
 
 
 def plot_leaderboard(table: pd.DataFrame, metric: str, path: str | Path) -> Path:

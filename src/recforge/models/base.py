@@ -96,6 +96,12 @@ class Recommender:
         self.seen_ = sp.csr_matrix(
             (np.ones(csr.nnz, np.float32), csr.indices, csr.indptr), shape=csr.shape, dtype=np.float32
         )
+        data = interactions.item_data
+        self.item_titles_ = (
+            data["title"].fillna("").astype(str).to_numpy(dtype=str)
+            if data is not None and "title" in data.columns
+            else None
+        )
         self._fit(interactions)
         self.fit_seconds_ = time.perf_counter() - start
         log.info("fitted %s in %.2fs", type(self).__name__, self.fit_seconds_)
@@ -169,12 +175,14 @@ class Recommender:
         exclude_seen: bool = True,
         on_unknown: Literal["raise", "warn", "ignore"] = "raise",
         batch_size: int | None = None,
+        with_titles: bool = False,
     ) -> pd.DataFrame:
         """Top-``k`` recommendations as a DataFrame ``user_id, item_id, score, rank`` in the user's own ids.
 
         ``users``: ids (default: every user known to the model). ``exclude_seen`` removes items the user
         interacted with in the training data. Users unknown to the model follow ``on_unknown``: ``"raise"``
         (:class:`~recforge.errors.UnknownIdError`), ``"warn"`` (log and skip) or ``"ignore"`` (skip).
+        ``with_titles`` adds a ``title`` column when the training data had item titles.
         """
         self._check_fitted()
         k = check_k(k)
@@ -186,7 +194,7 @@ class Recommender:
         valid = items >= 0
         rows = np.repeat(np.arange(len(idx)), valid.sum(axis=1))
         ranks = np.broadcast_to(np.arange(1, items.shape[1] + 1, dtype=np.int32), items.shape)[valid]
-        return pd.DataFrame(
+        out = pd.DataFrame(
             {
                 "user_id": self.user_map_.to_ids(idx[rows]),
                 "item_id": self.item_map_.to_ids(items[valid]),
@@ -194,6 +202,9 @@ class Recommender:
                 "rank": ranks,
             }
         )
+        if with_titles and getattr(self, "item_titles_", None) is not None:
+            out["title"] = self.item_titles_[items[valid]]
+        return out
 
     # ------------------------------------------------------------------ persistence
     def _state(self) -> dict[str, Any]:
@@ -229,7 +240,9 @@ class Recommender:
         }
         with atomic_directory(path) as tmp:
             save_file(arrays, str(tmp / "arrays.safetensors"))
-            np.savez(tmp / "ids.npz", users=self.user_map_.ids, items=self.item_map_.ids)
+            titles = getattr(self, "item_titles_", None)
+            extra = {} if titles is None else {"item_titles": titles}
+            np.savez(tmp / "ids.npz", users=self.user_map_.ids, items=self.item_map_.ids, **extra)
             (tmp / "model.json").write_text(json.dumps(meta, indent=2, default=_json_default))
         return Path(path)
 
@@ -258,11 +271,13 @@ class Recommender:
             arrays = load_file(str(p / "arrays.safetensors"))
             with np.load(p / "ids.npz", allow_pickle=False) as ids:
                 user_ids, item_ids = ids["users"], ids["items"]
+                titles = ids["item_titles"] if "item_titles" in ids.files else None
         except (OSError, ValueError, KeyError) as exc:
             raise ArtifactError(f"{str(p)!r} is incomplete or corrupt: {exc}") from None
         model = model_cls(**meta["params"])
         model.user_map_ = IdMap(user_ids)
         model.item_map_ = IdMap(item_ids)
+        model.item_titles_ = titles
         indptr, indices = arrays.pop("seen.indptr"), arrays.pop("seen.indices")
         model.seen_ = sp.csr_matrix(
             (np.ones(len(indices), np.float32), indices, indptr), shape=(len(user_ids), len(item_ids))

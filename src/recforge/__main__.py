@@ -1,0 +1,5 @@
+"""``python -m recforge`` runs the command line."""
+
+from recforge.cli import main
+
+main()

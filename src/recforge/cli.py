@@ -1,0 +1,325 @@
+"""The ``recforge`` command line: a thin layer over the Python API.
+
+Every command maps onto public functions (datasets.load, split, create_model, evaluate, compare); errors that
+recforge raises on purpose are printed as one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from recforge.errors import RecforgeError
+
+app = typer.Typer(
+    name="recforge",
+    help="Build, evaluate and compare recommender systems.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+datasets_app = typer.Typer(help="List, describe and fetch datasets.", no_args_is_help=True)
+app.add_typer(datasets_app, name="datasets")
+
+DEFAULT_DATASET = "ml-latest-small"
+DEFAULT_MODELS = "random,pop,bias"
+
+DatasetOpt = Annotated[
+    str, typer.Option("--dataset", "-d", help="Dataset name (see `recforge datasets list`) or path to a folder/file.")
+]
+ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model name (see `recforge models`).")]
+SetOpt = Annotated[
+    Optional[list[str]], typer.Option("--set", help="Model parameter as name=value; repeatable.")
+]
+KOpt = Annotated[list[int], typer.Option("--k", "-k", help="List length(s) for top-k metrics; repeatable.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed for splits and models.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+
+
+@app.callback()
+def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False) -> None:
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+
+
+def _load(dataset: str) -> Any:
+    from recforge.data.datasets import load
+
+    return load(dataset)
+
+
+def _params(assignments: list[str] | None) -> dict[str, Any]:
+    from recforge.models import parse_params
+
+    return parse_params(assignments or [])
+
+
+def _echo_json(obj: Any) -> None:
+    typer.echo(json.dumps(obj, indent=None, sort_keys=True, default=float))
+
+
+# ---------------------------------------------------------------------------------------------- datasets
+@datasets_app.command("list")
+def datasets_list() -> None:
+    """List the known datasets."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from recforge.data.datasets import list_datasets
+
+    table = list_datasets()[["name", "source", "size", "description"]]
+    rt = Table()
+    for col in table.columns:
+        rt.add_column(str(col))
+    for _, row in table.iterrows():
+        rt.add_row(*(str(v) for v in row))
+    Console().print(rt)
+
+
+@datasets_app.command("describe")
+def datasets_describe(
+    name: Annotated[str, typer.Argument(help="Dataset name or path.")] = DEFAULT_DATASET,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Describe a dataset: counts, density, rating and time ranges."""
+    from recforge.data.datasets import describe_dataset
+
+    info = describe_dataset(name)
+    if as_json:
+        _echo_json(info)
+    else:
+        for key, value in info.items():
+            typer.echo(f"{key:>24}: {value}")
+
+
+@datasets_app.command("fetch")
+def datasets_fetch(
+    name: Annotated[str, typer.Argument(help="Dataset to download, e.g. ml-1m.")],
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Where to keep downloads.")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Download a dataset from its official source into the cache (checksum verified)."""
+    from recforge.data.datasets import fetch
+
+    typer.echo(str(fetch(name, cache_dir=cache_dir, progress=not quiet)))
+
+
+@app.command("models")
+def models_list() -> None:
+    """List the registered models and their parameters."""
+    from recforge.models import available_models, get_model_class
+
+    for name in available_models():
+        cls = get_model_class(name)
+        params = ", ".join(cls._param_names()) or "-"
+        kind = "rating" if cls.predicts_ratings else "top-n"
+        typer.echo(f"{name:<12} {kind:<7} {cls.__name__:<14} params: {params}")
+
+
+# ---------------------------------------------------------------------------------------------- split
+@app.command("split")
+def split_cmd(
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for train/valid/test files.")],
+    dataset: DatasetOpt = DEFAULT_DATASET,
+    protocol: Annotated[str, typer.Option(help="loo, random, temporal, last5 or users.")] = "loo",
+    fmt: Annotated[str, typer.Option("--format", help="csv or parquet.")] = "csv",
+    seed: SeedOpt = 0,
+) -> None:
+    """Split a dataset and write train/valid/test files with the original ids."""
+    from recforge.data.io import write_table
+    from recforge.evaluation.protocols import get_protocol
+
+    if fmt not in ("csv", "parquet"):
+        raise typer.BadParameter("--format must be csv or parquet")
+    split = get_protocol(protocol).make(_load(dataset), seed=seed)
+    for part in ("train", "valid", "test", "history"):
+        inter = getattr(split, part)
+        if inter is not None:
+            path = write_table(inter.to_frame(), out / f"{part}.{fmt}")
+            typer.echo(f"{part:>7}: {len(inter):>9,} rows -> {path}")
+
+
+# ---------------------------------------------------------------------------------------------- train
+@app.command("train")
+def train_cmd(
+    model: ModelOpt,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Artifact folder to write.")],
+    dataset: DatasetOpt = DEFAULT_DATASET,
+    set_: SetOpt = None,
+) -> None:
+    """Fit a model on a whole dataset and save it as an artifact (safetensors + JSON, no pickle)."""
+    from recforge.models import create_model
+
+    inter = _load(dataset)
+    est = create_model(model, **_params(set_)).fit(inter)
+    est.save(out)
+    typer.echo(f"trained {est!r} on {len(inter):,} interactions in {est.fit_seconds_:.2f}s -> {out}")
+
+
+# ---------------------------------------------------------------------------------------------- evaluate
+def _train_test_from_files(train: Path, test: Path) -> tuple[Any, Any]:
+    """Read TRAIN and TEST tables and index them with one shared id map (items of both are ranked)."""
+    import pandas as pd
+
+    from recforge.data import Interactions, read_table
+    from recforge.errors import DataError
+
+    tr, te = read_table(train), read_table(test)
+    for label, df in (("TRAIN", tr), ("TEST", te)):
+        missing = [c for c in ("user_id", "item_id") if c not in df.columns]
+        if missing:
+            raise DataError(f"{label} file lacks column(s) {missing}; it has {list(df.columns)}")
+        if len(df) == 0:
+            raise DataError(f"{label} file has no rows")
+    cols = [c for c in ("user_id", "item_id", "rating", "timestamp") if c in tr.columns and c in te.columns]
+    both = Interactions.from_frame(pd.concat([tr[cols], te[cols]], ignore_index=True))
+    n = len(tr)
+    import numpy as np
+
+    return both.subset(np.arange(n)), both.subset(np.arange(n, len(both)))
+
+
+@app.command("evaluate")
+def evaluate_cmd(
+    model: ModelOpt,
+    train: Annotated[Optional[Path], typer.Option(help="Training file (CSV/Parquet: user_id,item_id[,rating,timestamp]).")] = None,
+    test: Annotated[Optional[Path], typer.Option(help="Test file with the same columns.")] = None,
+    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Dataset to split instead of files.")] = None,
+    protocol: Annotated[str, typer.Option(help="Protocol when --dataset is used.")] = "loo",
+    set_: SetOpt = None,
+    k: KOpt = [10],  # noqa: B006 - typer needs a literal default
+    exclude_seen: Annotated[bool, typer.Option(help="Exclude each user's training items.")] = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with lower-case metric names.")] = False,
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fit a model and report its metrics, on TRAIN/TEST files made elsewhere or on a dataset split here."""
+    from recforge.errors import DataError
+    from recforge.evaluation import evaluate
+    from recforge.evaluation.protocols import get_protocol
+    from recforge.models import create_model
+
+    if (train is None) != (test is None):
+        raise DataError("give both --train and --test, or neither (then --dataset and --protocol)")
+    if train is not None and test is not None:
+        train_i, test_i = _train_test_from_files(train, test)
+    else:
+        proto = get_protocol(protocol)
+        split = proto.make(_load(dataset or DEFAULT_DATASET), seed=seed)
+        train_i, test_i = (split.train_valid if proto.fit_on_valid else split.train), split.test
+    est = create_model(model, **_params(set_)).fit(train_i)
+    result = evaluate(est, test_i, k=k, exclude_seen=exclude_seen, progress=not quiet and not as_json)
+    summary = dict(result.summary)
+    summary["fit_seconds"] = round(est.fit_seconds_, 4)
+    if as_json:
+        _echo_json(summary)
+    else:
+        for key in sorted(summary):
+            typer.echo(f"{key:>14}: {summary[key]:.4f}")
+
+
+# ---------------------------------------------------------------------------------------------- recommend
+@app.command("recommend")
+def recommend_cmd(
+    artifact: Annotated[Path, typer.Argument(help="Model artifact folder written by `recforge train`.")],
+    user: Annotated[Optional[list[str]], typer.Option("--user", "-u", help="User id; repeatable.")] = None,
+    users_file: Annotated[Optional[Path], typer.Option(help="File with a user_id column (or one id per line).")] = None,
+    k: Annotated[int, typer.Option("--k", "-k", help="Number of items per user.")] = 10,
+    include_seen: Annotated[bool, typer.Option(help="Allow items the user already has.")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """Top-k recommendations from a saved model, in the original ids, with titles when known."""
+    import numpy as np
+
+    from recforge.data.io import atomic_path, read_table
+    from recforge.errors import DataError
+    from recforge.models import Recommender
+
+    est = Recommender.load(artifact)
+    ids: list[Any] = list(user or [])
+    if users_file is not None:
+        if users_file.suffix.lower() in (".csv", ".tsv", ".parquet", ".jsonl"):
+            table = read_table(users_file)
+            if "user_id" not in table.columns:
+                raise DataError(f"{users_file} has no user_id column")
+            ids += table["user_id"].tolist()
+        else:
+            if not users_file.exists():
+                raise DataError(f"file not found: {str(users_file)!r}")
+            ids += [line.strip() for line in users_file.read_text().splitlines() if line.strip()]
+    if not ids:
+        raise DataError("give at least one --user or a --users-file")
+    if not est.user_map_.is_string:
+        try:
+            ids = [int(x) for x in ids]
+        except ValueError:
+            raise DataError("this model's user ids are integers; got a non-integer id") from None
+    recs = est.recommend(np.asarray(ids), k=k, exclude_seen=not include_seen, with_titles=True)
+    if fmt == "csv":
+        text = recs.to_csv(index=False)
+    elif fmt == "json":
+        text = recs.to_json(orient="records", lines=True)
+    elif fmt == "table":
+        text = recs.to_string(index=False) + "\n"
+    else:
+        raise DataError(f"--format must be table, csv or json, not {fmt!r}")
+    if out is None:
+        typer.echo(text, nl=False)
+    else:
+        with atomic_path(out) as tmp:
+            tmp.write_text(text)
+        typer.echo(f"{len(recs)} recommendations -> {out}")
+
+
+# ---------------------------------------------------------------------------------------------- compare
+@app.command("compare")
+def compare_cmd(
+    dataset: DatasetOpt = DEFAULT_DATASET,
+    models: Annotated[str, typer.Option(help="Comma-separated model names.")] = DEFAULT_MODELS,
+    protocol: Annotated[str, typer.Option(help="loo, random, temporal, last5 or users.")] = "loo",
+    k: Annotated[int, typer.Option("--k", "-k", help="List length for the metrics.")] = 10,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for leaderboard.md/.csv/.png.")] = Path("results/compare"),
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fit several models on one split and print a leaderboard with 95% CIs (also saved as md, csv, png)."""
+    from recforge.evaluation import print_leaderboard, save_leaderboard
+    from recforge.evaluation.protocols import compare
+
+    inter = _load(dataset)
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    table, _ = compare(inter, names, protocol=protocol, k=k, seed=seed, progress=not quiet)
+    print_leaderboard(table, title=f"{dataset} · {protocol} · k={k} · {len(inter):,} interactions")
+    paths = save_leaderboard(table, out)
+    typer.echo("saved: " + ", ".join(str(p) for p in paths.values()))
+
+
+def main() -> None:
+    """Entry point: run the CLI, turning recforge errors into one-line messages and exit status 2."""
+    try:
+        app(standalone_mode=False)
+    except RecforgeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except Exception as exc:  # click's own usage errors
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+    except SystemExit:
+        raise
+
+
+if __name__ == "__main__":
+    main()

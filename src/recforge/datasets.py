@@ -1,0 +1,7 @@
+"""Short import path for the dataset registry: ``recforge.datasets.load("ml-latest-small")``.
+
+The implementation lives in :mod:`recforge.data.datasets`.
+"""
+
+from recforge.data.datasets import *  # noqa: F403
+from recforge.data.datasets import __all__  # noqa: F401

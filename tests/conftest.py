@@ -1,0 +1,65 @@
+"""Shared fixtures: small planted-structure data and the location of the real datasets (benchmark-only)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from recforge.data import Interactions
+from recforge.data.datasets import make_synthetic
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+@pytest.fixture(scope="session")
+def planted() -> Interactions:
+    """A planted-structure dataset (taste clusters, popularity skew, sequences, ratings), deduplicated."""
+    return make_synthetic(
+        n_users=300, n_items=200, n_interactions=12_000, n_clusters=5, sequential_strength=0.2, seed=7
+    ).deduplicate("last")
+
+
+@pytest.fixture(scope="session")
+def planted_str(planted: Interactions) -> Interactions:
+    """The planted data with string ids, to check the id round-trip."""
+    df = planted.to_frame()
+    df["user_id"] = "u" + df["user_id"].astype(str)
+    df["item_id"] = "i" + df["item_id"].astype(str)
+    return Interactions.from_frame(df)
+
+
+@pytest.fixture()
+def tiny_frame() -> pd.DataFrame:
+    """Five users, string item ids, ratings and timestamps: small enough to reason about by hand."""
+    return pd.DataFrame(
+        {
+            "user_id": [1, 1, 1, 2, 2, 3, 3, 3, 3, 4, 5, 5],
+            "item_id": ["a", "b", "c", "a", "d", "b", "c", "d", "e", "a", "a", "e"],
+            "rating": [5, 3, 4, 4, 2, 5, 5, 1, 3, 4, 2, 5],
+            "timestamp": [10, 30, 20, 5, 6, 1, 2, 3, 4, 7, 8, 9],
+        }
+    )
+
+
+def ml100k_path() -> Path:
+    """The real ML-100K folder beside the project (tests that need it are skipped without it)."""
+    return SHARED_DATA / "ml-100k"
+
+
+needs_ml100k = pytest.mark.skipif(not (SHARED_DATA / "ml-100k" / "u.data").exists(), reason="../shared/data absent")
+needs_mlsmall = pytest.mark.skipif(
+    not (SHARED_DATA / "ml-latest-small" / "ratings.csv").exists(), reason="../shared/data absent"
+)
+
+
+def ndcg_of(model, train: Interactions, test: Interactions) -> float:
+    """NDCG@10 of a model fitted on ``train`` against ``test``."""
+    from recforge.evaluation import evaluate
+
+    return evaluate(model.fit(train), test, k=10)["ndcg@10"]
+
+
+np.seterr(all="raise")  # surface silent numeric problems in tests

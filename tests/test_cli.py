@@ -1,0 +1,114 @@
+"""The command line, through real processes (exit codes, stdout) and the in-process runner."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from recforge.data.datasets import make_synthetic
+
+
+def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "recforge", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+    )
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> tuple[Path, Path]:
+    """TRAIN/TEST CSVs made outside recforge's splitters: last event per user is test."""
+    d = tmp_path_factory.mktemp("files")
+    df = make_synthetic(n_users=150, n_items=80, n_interactions=4000, seed=2).to_frame()
+    df = df.sort_values(["user_id", "timestamp"])
+    last = df.groupby("user_id").tail(1)
+    train = df.drop(last.index)
+    train.to_csv(d / "train.csv", index=False)
+    last.to_parquet(d / "test.parquet", index=False)
+    return d / "train.csv", d / "test.parquet"
+
+
+def test_evaluate_files_json(files: tuple[Path, Path]) -> None:
+    train, test = files
+    out = run("evaluate", "--train", str(train), "--test", str(test), "--model", "bias", "--set", "item_reg=2", "--json")
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert {"ndcg@10", "hr@10", "mrr", "coverage@10", "rmse", "mae", "fit_seconds"} <= set(res)
+    assert res["users"] == 150 and 0 <= res["hr@10"] <= 1 and res["rmse"] > 0
+
+
+def test_evaluate_matches_python_api(files: tuple[Path, Path]) -> None:
+    from recforge.cli import _train_test_from_files
+    from recforge.evaluation import evaluate
+    from recforge.models import create_model
+
+    train, test = files
+    out = run("evaluate", "--train", str(train), "--test", str(test), "--model", "pop", "--k", "5", "--json")
+    tr, te = _train_test_from_files(train, test)
+    api = evaluate(create_model("pop").fit(tr), te, k=5)
+    assert json.loads(out.stdout)["ndcg@5"] == pytest.approx(api["ndcg@5"])
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["evaluate", "--train", "missing.csv", "--test", "missing.csv", "--model", "pop"], "file not found"),
+        (["evaluate", "--train", "{bad}", "--test", "{test}", "--model", "pop"], "lacks column"),
+        (["evaluate", "--train", "{train}", "--test", "{test}", "--model", "nosuch"], "unknown model 'nosuch'"),
+        (["evaluate", "--train", "{train}", "--test", "{test}", "--model", "pop", "--k", "0"], "k must be a positive"),
+        (["evaluate", "--train", "{train}", "--test", "{test}", "--model", "pop", "--set", "alpha=1"], "no parameter"),
+        (["evaluate", "--train", "{train}", "--model", "pop"], "give both --train and --test"),
+        (["compare", "--dataset", "nosuch-dataset"], "unknown dataset"),
+        (["evaluate", "--dataset", "ml-latest-small", "--protocol", "nope", "--model", "pop"], "unknown protocol"),
+    ],
+)
+def test_bad_input_one_line_error(files: tuple[Path, Path], tmp_path: Path, args: list[str], message: str) -> None:
+    train, test = files
+    bad = tmp_path / "bad.csv"
+    pd.DataFrame({"user": [1], "item_id": [2]}).to_csv(bad, index=False)
+    args = [a.format(train=train, test=test, bad=bad) for a in args]
+    out = run(*args, cwd=tmp_path)
+    assert out.returncode != 0
+    assert message in out.stderr
+    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_train_recommend_split(tmp_path: Path) -> None:
+    art = tmp_path / "pop-model"
+    out = run("train", "--model", "pop", "--out", str(art))
+    assert out.returncode == 0, out.stderr
+    out = run("recommend", str(art), "--user", "1", "--user", "2", "--k", "3", "--format", "csv")
+    assert out.returncode == 0, out.stderr
+    recs = pd.read_csv(pd.io.common.StringIO(out.stdout))
+    assert list(recs.columns) == ["user_id", "item_id", "score", "rank", "title"]
+    assert len(recs) == 6 and recs["title"].notna().all()
+    out = run("recommend", str(art), "--user", "999999")
+    assert out.returncode == 2 and "unknown users" in out.stderr
+    out = run("split", "--protocol", "temporal", "--out", str(tmp_path / "split"), "--format", "parquet")
+    assert out.returncode == 0, out.stderr
+    parts = {p: pd.read_parquet(tmp_path / "split" / f"{p}.parquet") for p in ("train", "valid", "test")}
+    assert sum(len(v) for v in parts.values()) == 100_836
+    assert parts["train"]["timestamp"].max() <= parts["test"]["timestamp"].min()
+
+
+def test_compare_writes_report(tmp_path: Path) -> None:
+    out = run("compare", "--models", "pop,random", "--out", str(tmp_path / "cmp"), "--quiet")
+    assert out.returncode == 0, out.stderr
+    assert "pop" in out.stdout and "ndcg@10" in out.stdout
+    table = pd.read_csv(tmp_path / "cmp" / "leaderboard.csv")
+    assert table["model"].tolist() == ["pop", "random"]
+    assert (tmp_path / "cmp" / "leaderboard.png").stat().st_size > 1000
+    assert (tmp_path / "cmp" / "leaderboard.md").read_text().startswith("| model |")
+
+
+def test_datasets_commands() -> None:
+    out = run("datasets", "describe", "ml-latest-small", "--json")
+    assert out.returncode == 0, out.stderr
+    info = json.loads(out.stdout)
+    assert info["interactions"] == 100_836 and info["users"] == 610
+    out = run("models")
+    assert "pop" in out.stdout and "bias" in out.stdout

@@ -1,0 +1,171 @@
+"""The contract every registered model honours: one suite, run for every model the registry knows.
+
+New models are picked up automatically (the registry is the list), so none can skip the contract. A model that
+needs cheaper settings for tests adds them to ``FAST_PARAMS``; what it must beat on planted data is in
+``MUST_BEAT`` (default: most-popular, i.e. it must personalise).
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import logging
+import pkgutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import recforge.models
+from recforge import split as S
+from recforge.data import Interactions
+from recforge.errors import DataError, NotFittedError, UnknownIdError
+from recforge.models import RatingPredictor, Recommender, available_models, create_model, get_model_class
+
+from conftest import ndcg_of
+
+FAST_PARAMS: dict[str, dict] = {}
+#: What each model must beat in NDCG@10 on the planted data (None: no learning claim, e.g. the floor itself).
+MUST_BEAT: dict[str, str | None] = {"random": None, "globalmean": None, "pop": "random", "bias": None}
+#: What each rating model must beat in test RMSE on the planted data (default: the bias baseline).
+RMSE_MUST_BEAT: dict[str, str | None] = {"globalmean": None, "bias": "globalmean"}
+MODELS = available_models()
+
+
+def make(name: str, **extra) -> Recommender:
+    return create_model(name, **{**FAST_PARAMS.get(name, {}), **extra})
+
+
+@pytest.fixture(scope="module")
+def loo(planted: Interactions) -> S.Split:
+    return S.leave_one_out(planted)
+
+
+def test_every_model_class_is_registered() -> None:
+    """Walk the models package: any concrete Recommender subclass must be reachable by name."""
+    for info in pkgutil.walk_packages(recforge.models.__path__, "recforge.models."):
+        importlib.import_module(info.name)
+    registered = {get_model_class(n) for n in MODELS}
+
+    def subclasses(cls: type) -> set[type]:
+        out = set()
+        for sub in cls.__subclasses__():
+            out |= {sub} | subclasses(sub)
+        return out
+
+    for cls in subclasses(Recommender):
+        if cls.__module__.startswith("recforge.") and not cls.__name__.startswith("_") and not inspect.isabstract(cls):
+            if "_fit" in cls.__dict__ or "_score" in cls.__dict__:
+                assert cls in registered, f"{cls.__name__} is not registered"
+
+
+@pytest.mark.parametrize("name", MODELS)
+class TestContract:
+    def test_fit_returns_self_and_params_round_trip(self, name: str, planted: Interactions) -> None:
+        model = make(name)
+        assert model.fit(planted) is model
+        params = model.get_params()
+        assert json.loads(json.dumps(params)) == params
+        clone = get_model_class(name)(**params)
+        assert clone.get_params() == params
+
+    def test_not_fitted(self, name: str) -> None:
+        with pytest.raises(NotFittedError):
+            make(name).recommend([0], k=5)
+
+    def test_recommend_frame(self, name: str, planted: Interactions) -> None:
+        model = make(name).fit(planted)
+        users = planted.user_map.ids[:7]
+        recs = model.recommend(users, k=5)
+        assert list(recs.columns) == ["user_id", "item_id", "score", "rank"]
+        assert set(recs["user_id"]) == set(users)
+        assert (recs.groupby("user_id").size() == 5).all()
+        for _, grp in recs.groupby("user_id"):
+            assert list(grp["rank"]) == [1, 2, 3, 4, 5]
+            assert np.all(np.diff(grp["score"].to_numpy()) <= 0)
+            assert grp["item_id"].is_unique
+
+    def test_excludes_seen_items(self, name: str, loo: S.Split) -> None:
+        model = make(name).fit(loo.train)
+        recs = model.recommend(k=20)
+        seen = set(zip(*loo.train.to_frame()[["user_id", "item_id"]].to_numpy().T))
+        pairs = set(zip(recs["user_id"], recs["item_id"]))
+        assert not (pairs & seen)
+        with_seen = model.recommend(k=model.n_items_, exclude_seen=False)
+        assert len(with_seen) == model.n_users_ * model.n_items_
+
+    def test_k_larger_than_catalogue_and_bad_k(self, name: str, tiny: Interactions) -> None:
+        model = make(name).fit(tiny)
+        recs = model.recommend([1], k=100)
+        assert len(recs) == tiny.n_items - 3  # user 1 has seen 3 of the 5 items
+        for bad in (0, -1, 2.5):
+            with pytest.raises(DataError):
+                model.recommend([1], k=bad)
+
+    def test_unknown_users(self, name: str, tiny: Interactions, caplog: pytest.LogCaptureFixture) -> None:
+        model = make(name).fit(tiny)
+        with pytest.raises(UnknownIdError, match="unknown users"):
+            model.recommend([1, 99], k=2)
+        with caplog.at_level(logging.WARNING):
+            recs = model.recommend([1, 99], k=2, on_unknown="warn")
+        assert set(recs["user_id"]) == {1} and "99" in caplog.text
+        assert set(model.recommend([99, 2], k=2, on_unknown="ignore")["user_id"]) == {2}
+
+    def test_save_load_round_trip(self, name: str, planted_str: Interactions, tmp_path: Path) -> None:
+        model = make(name).fit(planted_str)
+        before = model.recommend(k=10)
+        path = model.save(tmp_path / "artifact")
+        assert sorted(p.name for p in path.iterdir()) == ["arrays.safetensors", "ids.npz", "model.json"]
+        loaded = Recommender.load(path)
+        assert type(loaded) is type(model) and loaded.get_params() == model.get_params()
+        after = loaded.recommend(k=10)
+        assert before.equals(after)
+        np.testing.assert_array_equal(model.score(np.arange(5)), loaded.score(np.arange(5)))
+        # Saving again over the same path replaces it atomically and leaves no temporary folders.
+        model.save(path)
+        assert [p.name for p in tmp_path.iterdir()] == ["artifact"]
+
+    def test_deterministic_with_seed(self, name: str, planted: Interactions) -> None:
+        a = make(name).fit(planted).score(np.arange(20))
+        b = make(name).fit(planted).score(np.arange(20))
+        np.testing.assert_array_equal(a, b)
+
+    def test_string_ids_round_trip(self, name: str, planted_str: Interactions) -> None:
+        recs = make(name).fit(planted_str).recommend(["u3", "u10"], k=3)
+        assert set(recs["user_id"]) == {"u3", "u10"}
+        assert recs["item_id"].str.startswith("i").all()
+
+    def test_learns_planted_structure(self, name: str, loo: S.Split) -> None:
+        rival = MUST_BEAT.get(name, "pop")
+        if rival is None:
+            pytest.skip(f"{name} makes no learning claim")
+        ours = ndcg_of(make(name), loo.train_valid, loo.test)
+        theirs = ndcg_of(make(rival), loo.train_valid, loo.test)
+        assert ours > theirs, f"{name} NDCG@10 {ours:.4f} does not beat {rival} {theirs:.4f}"
+
+    def test_rating_models_learn(self, name: str, planted: Interactions) -> None:
+        if not get_model_class(name).predicts_ratings or RMSE_MUST_BEAT.get(name, "bias") is None:
+            pytest.skip("no rating claim")
+        from recforge.evaluation import evaluate
+
+        split = S.random_split(planted, 0.2, seed=1)
+        ours = evaluate(make(name).fit(split.train), split.test)["rmse"]
+        theirs = evaluate(make(RMSE_MUST_BEAT.get(name, "bias")).fit(split.train), split.test)["rmse"]
+        assert ours < theirs
+
+    def test_rating_models_predict_in_range(self, name: str, planted: Interactions) -> None:
+        model = make(name)
+        if not isinstance(model, RatingPredictor):
+            pytest.skip("not a rating model")
+        model.fit(planted)
+        pred = model.predict(planted.user_map.ids[:50], planted.item_map.ids[:50])
+        assert pred.shape == (50,)
+        assert pred.min() >= planted.ratings.min() and pred.max() <= planted.ratings.max()
+        # Unknown ids fall back instead of failing.
+        assert np.isfinite(model.predict([10**9], [planted.item_map.ids[0]])).all()
+
+
+@pytest.fixture()
+def tiny(tiny_frame) -> Interactions:
+    return Interactions.from_frame(tiny_frame)
