@@ -126,3 +126,23 @@ def test_reference_values_embedded_latest_small() -> None:
     assert res["users"] == 610
     assert (round(res["hr@10"], 4), round(res["ndcg@10"], 4)) == (0.0426, 0.0194)
     assert (round(res["mrr"], 4), round(res["coverage@10"], 4)) == (0.0183, 0.0125)
+
+
+@needs_ml100k
+def test_reference_global_mean_official_folds() -> None:
+    from recforge.evaluation.protocols import evaluate_protocol, make_splits
+
+    splits = make_splits(ml100k_path(), "folds")
+    assert [len(s.test) for s in splits] == [20_000] * 5
+    res = evaluate_protocol(create_model("globalmean"), splits)
+    assert round(res["rmse"], 4) == 1.1256  # mean of the five per-fold RMSEs
+    per_fold = [evaluate(create_model("globalmean").fit(s.train), s.test)["rmse"] for s in splits]
+    assert res["rmse"] == pytest.approx(np.mean(per_fold))
+    assert len(res.squared_errors) == 100_000
+
+
+def test_folds_protocol_needs_a_folder(planted: Interactions) -> None:
+    from recforge.evaluation.protocols import make_splits
+
+    with pytest.raises(DataError, match="ml-100k folder"):
+        make_splits(planted, "folds")

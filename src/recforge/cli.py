@@ -191,7 +191,9 @@ def evaluate_cmd(
     train: Annotated[Optional[Path], typer.Option(help="Training file (CSV/Parquet: user_id,item_id[,rating,timestamp]).")] = None,
     test: Annotated[Optional[Path], typer.Option(help="Test file with the same columns.")] = None,
     dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Dataset to split instead of files.")] = None,
-    protocol: Annotated[str, typer.Option(help="Protocol when --dataset is used.")] = "loo",
+    protocol: Annotated[
+        str, typer.Option(help="Protocol when --dataset is used: loo, random, temporal, last5, users, folds.")
+    ] = "loo",
     set_: SetOpt = None,
     k: KOpt = [10],  # noqa: B006 - typer needs a literal default
     exclude_seen: Annotated[bool, typer.Option(help="Exclude each user's training items.")] = True,
@@ -201,22 +203,19 @@ def evaluate_cmd(
 ) -> None:
     """Fit a model and report its metrics, on TRAIN/TEST files made elsewhere or on a dataset split here."""
     from recforge.errors import DataError
-    from recforge.evaluation import evaluate
-    from recforge.evaluation.protocols import get_protocol
+    from recforge.evaluation.protocols import evaluate_protocol, make_splits
     from recforge.models import create_model
+    from recforge.split import Split
 
     if (train is None) != (test is None):
         raise DataError("give both --train and --test, or neither (then --dataset and --protocol)")
     if train is not None and test is not None:
-        train_i, test_i = _train_test_from_files(train, test)
+        splits = [Split(*_train_test_from_files(train, test))]
     else:
-        proto = get_protocol(protocol)
-        split = proto.make(_load(dataset or DEFAULT_DATASET), seed=seed)
-        train_i, test_i = (split.train_valid if proto.fit_on_valid else split.train), split.test
-    est = create_model(model, **_params(set_)).fit(train_i)
-    result = evaluate(est, test_i, k=k, exclude_seen=exclude_seen, progress=not quiet and not as_json)
+        splits = make_splits(dataset or DEFAULT_DATASET, protocol, seed)
+    est = create_model(model, **_params(set_))
+    result = evaluate_protocol(est, splits, k=k, exclude_seen=exclude_seen, progress=not quiet and not as_json)
     summary = dict(result.summary)
-    summary["fit_seconds"] = round(est.fit_seconds_, 4)
     if as_json:
         _echo_json(summary)
     else:
@@ -283,7 +282,7 @@ def recommend_cmd(
 def compare_cmd(
     dataset: DatasetOpt = DEFAULT_DATASET,
     models: Annotated[str, typer.Option(help="Comma-separated model names.")] = DEFAULT_MODELS,
-    protocol: Annotated[str, typer.Option(help="loo, random, temporal, last5 or users.")] = "loo",
+    protocol: Annotated[str, typer.Option(help="loo, random, temporal, last5, users or folds (ML-100K u1..u5).")] = "loo",
     k: Annotated[int, typer.Option("--k", "-k", help="List length for the metrics.")] = 10,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for leaderboard.md/.csv/.png.")] = Path("results/compare"),
     seed: SeedOpt = 0,
@@ -293,10 +292,9 @@ def compare_cmd(
     from recforge.evaluation import print_leaderboard, save_leaderboard
     from recforge.evaluation.protocols import compare
 
-    inter = _load(dataset)
     names = [m.strip() for m in models.split(",") if m.strip()]
-    table, _ = compare(inter, names, protocol=protocol, k=k, seed=seed, progress=not quiet)
-    print_leaderboard(table, title=f"{dataset} · {protocol} · k={k} · {len(inter):,} interactions")
+    table, _ = compare(dataset, names, protocol=protocol, k=k, seed=seed, progress=not quiet)
+    print_leaderboard(table, title=f"{dataset} · {table.attrs['title']} · k={k}")
     paths = save_leaderboard(table, out)
     typer.echo("saved: " + ", ".join(str(p) for p in paths.values()))
 

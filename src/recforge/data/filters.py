@@ -40,6 +40,8 @@ def k_core(inter: Interactions, user_k: int = 5, item_k: int | None = None, max_
         if not bad.any():
             break
         keep &= ~bad
+    else:
+        log.warning("k_core stopped after max_iter=%d rounds before converging", max_iter)
     return _finish(inter, keep, f"the {user_k}/{item_k}-core filter")
 
 

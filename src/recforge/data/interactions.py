@@ -160,8 +160,9 @@ class Interactions:
         present; any other name given must exist. Pass ``None`` to ignore a column. ``user_map``/``item_map``
         reuse existing id maps (ids outside them follow ``on_unknown``); otherwise maps are built from the data,
         sorted by id. ``duplicates`` says what to do with repeated (user, item) pairs: keep every row (default;
-        repeated consumption counts in implicit matrices), keep the ``first``/``last`` by time, ``sum`` or
-        ``mean`` their rating/weight, or ``raise``.
+        repeated consumption counts in implicit matrices), keep the ``first``/``last`` by time, ``sum`` their
+        weights (the number of rows becomes the weight when there is no weight column; ratings are averaged),
+        ``mean`` ratings and weights, or ``raise``.
         """
         frame = _to_frame(df)
         for arg, name in (("user_col", user_col), ("item_col", item_col)):
@@ -306,6 +307,8 @@ class Interactions:
             raise DataError("cannot concatenate interactions with different item id maps")
 
         def cat(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+            if (a is None) != (b is None):
+                raise DataError("cannot concatenate interactions where only one side has a ratings/timestamps/weights column")
             return None if a is None or b is None else np.concatenate([a, b])
 
         return Interactions(
@@ -370,17 +373,18 @@ class Interactions:
             out = self.subset(np.sort(last_rows))
             rank = np.argsort(np.argsort(last_rows))  # position of each group in the sorted output
 
-            def agg(col: np.ndarray | None) -> np.ndarray | None:
+            def agg(col: np.ndarray | None, how: str = policy) -> np.ndarray | None:
                 if col is None:
                     return None
                 sums = np.add.reduceat(col[order].astype(np.float64), starts)
-                vals = sums / counts if policy == "mean" else sums
+                vals = sums / counts if how == "mean" else sums
                 res = np.empty(len(vals), np.float32)
                 res[rank] = vals
                 return res
 
             return Interactions(
-                out.users, out.items, self.user_map, self.item_map, agg(self.ratings), out.timestamps,
+                # Ratings are averaged even under "sum": a summed rating would leave the rating scale.
+                out.users, out.items, self.user_map, self.item_map, agg(self.ratings, "mean"), out.timestamps,
                 agg(self.weights) if self.weights is not None else (
                     None if policy == "mean" else _counts_in_output(counts, rank)
                 ),

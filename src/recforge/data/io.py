@@ -51,7 +51,12 @@ def read_table(path: str | os.PathLike[str], sep: str | None = None) -> pd.DataF
         if fmt == "parquet":
             return pd.read_parquet(p)
         if fmt == "jsonl":
-            return pd.read_json(p, lines=True)
+            try:
+                return pd.read_json(p, lines=True)
+            except ValueError:
+                if p.suffix.lower() != ".json":
+                    raise
+                return pd.read_json(p)  # a plain JSON array of records
         if sep is None:
             sep = "\t" if fmt == "tsv" else ","
         return pd.read_csv(p, sep=sep)
@@ -75,6 +80,12 @@ def write_table(df: pd.DataFrame, path: str | os.PathLike[str]) -> Path:
     return p
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling path; on success it replaces ``path`` in one rename, on error it is removed.
@@ -86,6 +97,7 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
     os.close(fd)
     tmp_path = Path(tmp)
+    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; a saved file should look like any other
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
@@ -105,6 +117,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent))
+    os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
         old = None

@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 import pandas as pd
 from tqdm.auto import tqdm
@@ -28,8 +31,11 @@ class Protocol:
     name: str
     description: str
     make: Callable[..., S.Split]
-    fit_on_valid: bool = True
+    fit_on_valid: bool = True  # refit on train + validation before the final test
 
+
+#: Protocols that read ready-made fold files instead of splitting.
+FOLD_PROTOCOLS = ("folds", "ml100k-folds", "official-folds")
 
 PROTOCOLS: dict[str, Protocol] = {
     p.name: p
@@ -61,12 +67,69 @@ def get_protocol(name: str) -> Protocol:
     aliases = {"leave-one-out": "loo", "leave-last-one-out": "loo", "time": "temporal", "user": "users"}
     key = aliases.get(key, key)
     if key not in PROTOCOLS:
-        raise UnknownNameError(f"unknown protocol {name!r}; available protocols: {', '.join(PROTOCOLS)}")
+        known = ", ".join([*PROTOCOLS, FOLD_PROTOCOLS[0]])
+        raise UnknownNameError(f"unknown protocol {name!r}; available protocols: {known}")
     return PROTOCOLS[key]
 
 
+def make_splits(data: Interactions | str | Path, protocol: str = "loo", seed: int = 0) -> list[S.Split]:
+    """The split(s) of a protocol. ``"folds"`` reads the official ML-100K folds u1..u5 from a folder (``data``
+    must be its path); every other protocol splits one :class:`Interactions` (or a dataset name/path) once."""
+    if protocol.strip().lower() in FOLD_PROTOCOLS:
+        if isinstance(data, Interactions):
+            raise DataError("the 'folds' protocol reads the official ML-100K fold files: pass the ml-100k folder")
+        from recforge.data.datasets import load_movielens_folds
+
+        return load_movielens_folds(data)
+    proto = get_protocol(protocol)
+    if not isinstance(data, Interactions):
+        from recforge.data.datasets import load
+
+        data = load(data)
+    split = proto.make(data, seed=seed)
+    if proto.fit_on_valid and split.valid is not None:
+        split = S.Split(split.train_valid, split.test, None, split.history, split.name)
+    return [split]
+
+
+def merge_results(results: Sequence[EvaluationResult]) -> EvaluationResult:
+    """Combine one model's results over several folds.
+
+    Per-user rows and rating errors are pooled; per-user metrics are their pooled mean (consistent with the
+    CIs and paired tests). Whole-model figures (rmse, mae, coverage, fit_seconds) are the mean over folds, so
+    "mean RMSE over u1..u5" is what ``rmse`` holds.
+    """
+    if len(results) == 1:
+        return results[0]
+    per_user = pd.concat([r.per_user for r in results], ignore_index=True)
+    keys = set.intersection(*(set(r.summary) for r in results))
+    summary = {key: float(np.mean([r.summary[key] for r in results])) for key in keys}
+    for col in per_user.columns.drop("user_id"):
+        summary[col] = float(per_user[col].mean())  # pooled over users, consistent with CIs and paired tests
+    if "users" in keys:
+        summary["users"] = float(sum(r.summary["users"] for r in results))
+    summary["folds"] = float(len(results))
+
+    def pool(name: str) -> np.ndarray | None:
+        parts = [getattr(r, name) for r in results]
+        return None if any(p is None for p in parts) else np.concatenate(parts)
+
+    return EvaluationResult(results[0].model, per_user, summary, pool("squared_errors"), pool("abs_errors"))
+
+
+def evaluate_protocol(
+    model: Recommender, splits: Sequence[S.Split], k: int | Sequence[int] = 10, name: str | None = None, **kwargs: Any
+) -> EvaluationResult:
+    """Fit ``model`` on every split's train part and evaluate on its test part; results merged over splits."""
+    results = []
+    for split in splits:
+        model.fit(split.train)
+        results.append(evaluate(model, split.test, k=k, name=name, **kwargs))
+    return merge_results(results)
+
+
 def compare(
-    inter: Interactions,
+    data: Interactions | str | Path,
     models: Sequence[str | Recommender] | Mapping[str, Recommender],
     protocol: str = "loo",
     k: int | Sequence[int] = 10,
@@ -75,14 +138,12 @@ def compare(
     metrics: Sequence[str] | None = None,
     progress: bool = True,
 ) -> tuple[pd.DataFrame, dict[str, EvaluationResult]]:
-    """Fit and evaluate several models on one split; return the leaderboard and every model's result.
+    """Fit and evaluate several models on the same split(s); return the leaderboard and every model's result.
 
     ``models`` are registry names, model objects, or a mapping label → model. ``params`` maps a model name to
     constructor arguments. Rating models are skipped (with a warning) on data without ratings.
     """
-    proto = get_protocol(protocol)
-    split = proto.make(inter, seed=seed)
-    train = split.train_valid if proto.fit_on_valid else split.train
+    splits = make_splits(data, protocol, seed)
     if isinstance(models, Mapping):
         named = dict(models)
     else:
@@ -95,18 +156,18 @@ def compare(
     if not named:
         raise DataError("give at least one model to compare")
     results: dict[str, EvaluationResult] = {}
-    bar = tqdm(named.items(), desc=f"compare ({proto.name})", unit="model", disable=not progress)
+    bar = tqdm(named.items(), desc=f"compare ({protocol})", unit="model", disable=not progress)
     for label, model in bar:
         bar.set_postfix_str(label)
-        if model.predicts_ratings and train.ratings is None:
+        if model.predicts_ratings and splits[0].train.ratings is None:
             log.warning("skipping %s: it predicts ratings and the data has none", label)
             continue
-        model.fit(train)
-        results[label] = evaluate(model, split.test, k=k, name=label)
+        results[label] = evaluate_protocol(model, splits, k=k, name=label)
     ks = [k] if isinstance(k, int) else list(k)
     default_metrics = [f"ndcg@{ks[0]}", f"hr@{ks[0]}", f"recall@{ks[0]}", f"map@{ks[0]}", "mrr", f"coverage@{ks[0]}"]
     if any(r.squared_errors is not None for r in results.values()):
         default_metrics.append("rmse")
     table = leaderboard(results, metrics=metrics or default_metrics, seed=seed)
-    table.attrs["title"] = f"{proto.name} on {len(inter):,} interactions"
+    n_rows = sum(len(s.train) + len(s.test) for s in splits) // len(splits)
+    table.attrs["title"] = f"{protocol} on {n_rows:,} interactions"
     return table, results
