@@ -15,7 +15,7 @@ from recforge.data.datasets import make_synthetic
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "recforge", *args], capture_output=True, text=True, cwd=cwd, timeout=300
+        [sys.executable, "-m", "recforge", *args], check=False, capture_output=True, text=True, cwd=cwd, timeout=300
     )
 
 

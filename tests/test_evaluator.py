@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+from conftest import ml100k_path, needs_ml100k
 
 from recforge import split as S
 from recforge.data import Interactions
@@ -14,8 +15,6 @@ from recforge.errors import DataError, EmptyDatasetError
 from recforge.evaluation import evaluate, evaluate_next_event, evaluate_scores
 from recforge.models import create_model
 from recforge.models.topk import mask_and_topk
-
-from conftest import needs_ml100k, ml100k_path
 
 SCORES = np.array([[0.5, 0.9, 0.9, 0.1, 0.3], [0.2, 0.2, 0.2, 0.2, 0.2]], dtype=np.float32)
 TEST = sp.csr_matrix(([1, 1, 1], ([0, 0, 1], [2, 4, 3])), shape=(2, 5))

@@ -6,7 +6,15 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recforge.data import IdMap, Interactions, k_core, min_item_count, min_user_count, multi_hot, rating_threshold
+from recforge.data import (
+    IdMap,
+    Interactions,
+    k_core,
+    min_item_count,
+    min_user_count,
+    multi_hot,
+    rating_threshold,
+)
 from recforge.errors import DataError, DuplicateInteractionError, EmptyDatasetError, UnknownIdError
 
 

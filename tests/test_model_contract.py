@@ -16,14 +16,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import ndcg_of
 
 import recforge.models
 from recforge import split as S
 from recforge.data import Interactions
 from recforge.errors import DataError, NotFittedError, UnknownIdError
 from recforge.models import RatingPredictor, Recommender, available_models, create_model, get_model_class
-
-from conftest import ndcg_of
 
 FAST_PARAMS: dict[str, dict] = {}
 #: What each model must beat in NDCG@10 on the planted data (None: no learning claim, e.g. the floor itself).

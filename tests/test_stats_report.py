@@ -7,10 +7,10 @@ import pandas as pd
 import pytest
 
 from recforge import split as S
+from recforge.errors import DataError, UnknownNameError
 from recforge.evaluation import bootstrap_ci, leaderboard, paired_test, save_leaderboard, to_markdown
 from recforge.evaluation.evaluator import EvaluationResult
 from recforge.evaluation.protocols import compare, get_protocol
-from recforge.errors import DataError, UnknownNameError
 
 
 def test_bootstrap_ci_covers_mean_and_shrinks() -> None:
@@ -58,7 +58,7 @@ def test_leaderboard_order_ci_and_pvalues(tmp_path) -> None:
 
 
 def test_compare_runs_models(planted) -> None:
-    table, results = compare(planted, ["random", "pop", "bias"], protocol="loo", progress=False)
+    table, _results = compare(planted, ["random", "pop", "bias"], protocol="loo", progress=False)
     assert set(table["model"]) == {"random", "pop", "bias"}
     assert table["model"].tolist()[0] == "pop"
     assert "rmse" in table.columns and np.isnan(table.set_index("model").loc["pop", "rmse"])

@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0"
 
-from recforge.data import Interactions  # noqa: E402
-from recforge.errors import RecforgeError  # noqa: E402
+from recforge.data import Interactions
+from recforge.errors import RecforgeError
 
 __all__ = ["Interactions", "RecforgeError", "__version__"]

@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -34,7 +34,7 @@ DatasetOpt = Annotated[
 ]
 ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model name (see `recforge models`).")]
 SetOpt = Annotated[
-    Optional[list[str]], typer.Option("--set", help="Model parameter as name=value; repeatable.")
+    list[str] | None, typer.Option("--set", help="Model parameter as name=value; repeatable.")
 ]
 KOpt = Annotated[list[int], typer.Option("--k", "-k", help="List length(s) for top-k metrics; repeatable.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed for splits and models.")]
@@ -101,7 +101,7 @@ def datasets_describe(
 @datasets_app.command("fetch")
 def datasets_fetch(
     name: Annotated[str, typer.Argument(help="Dataset to download, e.g. ml-1m.")],
-    cache_dir: Annotated[Optional[Path], typer.Option(help="Where to keep downloads.")] = None,
+    cache_dir: Annotated[Path | None, typer.Option(help="Where to keep downloads.")] = None,
     quiet: QuietOpt = False,
 ) -> None:
     """Download a dataset from its official source into the cache (checksum verified)."""
@@ -188,9 +188,9 @@ def _train_test_from_files(train: Path, test: Path) -> tuple[Any, Any]:
 @app.command("evaluate")
 def evaluate_cmd(
     model: ModelOpt,
-    train: Annotated[Optional[Path], typer.Option(help="Training file (CSV/Parquet: user_id,item_id[,rating,timestamp]).")] = None,
-    test: Annotated[Optional[Path], typer.Option(help="Test file with the same columns.")] = None,
-    dataset: Annotated[Optional[str], typer.Option("--dataset", "-d", help="Dataset to split instead of files.")] = None,
+    train: Annotated[Path | None, typer.Option(help="Training file (CSV/Parquet: user_id,item_id[,rating,timestamp]).")] = None,
+    test: Annotated[Path | None, typer.Option(help="Test file with the same columns.")] = None,
+    dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset to split instead of files.")] = None,
     protocol: Annotated[
         str, typer.Option(help="Protocol when --dataset is used: loo, random, temporal, last5, users, folds.")
     ] = "loo",
@@ -227,12 +227,12 @@ def evaluate_cmd(
 @app.command("recommend")
 def recommend_cmd(
     artifact: Annotated[Path, typer.Argument(help="Model artifact folder written by `recforge train`.")],
-    user: Annotated[Optional[list[str]], typer.Option("--user", "-u", help="User id; repeatable.")] = None,
-    users_file: Annotated[Optional[Path], typer.Option(help="File with a user_id column (or one id per line).")] = None,
+    user: Annotated[list[str] | None, typer.Option("--user", "-u", help="User id; repeatable.")] = None,
+    users_file: Annotated[Path | None, typer.Option(help="File with a user_id column (or one id per line).")] = None,
     k: Annotated[int, typer.Option("--k", "-k", help="Number of items per user.")] = 10,
     include_seen: Annotated[bool, typer.Option(help="Allow items the user already has.")] = False,
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Write to this file instead of stdout.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write to this file instead of stdout.")] = None,
 ) -> None:
     """Top-k recommendations from a saved model, in the original ids, with titles when known."""
     import numpy as np

@@ -3,5 +3,5 @@
 The implementation lives in :mod:`recforge.data.datasets`.
 """
 
-from recforge.data.datasets import *  # noqa: F403
+from recforge.data.datasets import *
 from recforge.data.datasets import __all__  # noqa: F401

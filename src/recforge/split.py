@@ -95,8 +95,8 @@ def random_split(inter: Interactions, test_size: float = 0.2, valid_size: float 
         raise DataError("test_size + valid_size must be below 1")
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(inter))
-    n_test = int(round(test_size * len(inter)))
-    n_valid = int(round(valid_size * len(inter)))
+    n_test = round(test_size * len(inter))
+    n_valid = round(valid_size * len(inter))
     label = np.zeros(len(inter), np.int8)
     label[perm[:n_test]] = 2
     label[perm[n_test : n_test + n_valid]] = 1
@@ -159,7 +159,7 @@ def user_folds_last_n(inter: Interactions, n_folds: int = 5, n: int = 5, seed: i
     Users with ``n`` or fewer events can never be tested, so they are always in train.
     """
     _check(inter)
-    from_end, count = _position_from_end(inter)
+    from_end, _count = _position_from_end(inter)
     eligible_users = np.flatnonzero(inter.user_counts() > n)
     if len(eligible_users) < n_folds:
         raise DataError(f"only {len(eligible_users)} users have more than {n} events; cannot make {n_folds} folds")
@@ -174,8 +174,8 @@ def user_folds_last_n(inter: Interactions, n_folds: int = 5, n: int = 5, seed: i
 
 def user_split(
     inter: Interactions,
-    test_users: float | int = 0.2,
-    fold_in: float | int = 0.5,
+    test_users: float = 0.2,
+    fold_in: float = 0.5,
     seed: int = 0,
     fold_in_to_train: bool = True,
 ) -> Split:
@@ -187,7 +187,7 @@ def user_split(
     """
     _check(inter)
     users_with_data = np.flatnonzero(inter.user_counts() > 0)
-    n_test = int(round(test_users * len(users_with_data))) if isinstance(test_users, float) else int(test_users)
+    n_test = round(test_users * len(users_with_data)) if isinstance(test_users, float) else int(test_users)
     if not 0 < n_test < len(users_with_data):
         raise DataError(f"test_users must select between 1 and {len(users_with_data) - 1} users, got {test_users}")
     rng = np.random.default_rng(seed)

@@ -59,7 +59,7 @@ class IdMap:
         self._index = index
 
     @classmethod
-    def from_values(cls, values: object, what: str = "ids") -> tuple["IdMap", np.ndarray]:
+    def from_values(cls, values: object, what: str = "ids") -> tuple[IdMap, np.ndarray]:
         """Build a map from (possibly repeated) ids; return it and the int32 index of every value."""
         arr = _as_id_array(values, what)
         codes, uniques = pd.factorize(arr, sort=True)
@@ -129,6 +129,6 @@ class IdMap:
         """Translate indices back to the external ids."""
         return self._ids[np.asarray(indices, dtype=np.int64)]
 
-    def take(self, indices: np.ndarray) -> "IdMap":
+    def take(self, indices: np.ndarray) -> IdMap:
         """A new map holding only the given indices (renumbered densely in the given order)."""
         return IdMap(self._ids[np.asarray(indices)])

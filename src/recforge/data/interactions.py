@@ -153,7 +153,7 @@ class Interactions:
         user_data: pd.DataFrame | None = None,
         item_data_id_col: str | None = None,
         user_data_id_col: str | None = None,
-    ) -> "Interactions":
+    ) -> Interactions:
         """Build interactions from a pandas or polars DataFrame.
 
         ``rating_col`` and ``timestamp_col`` default to ``"rating"`` and ``"timestamp"`` and are used only if
@@ -231,7 +231,7 @@ class Interactions:
         return out.deduplicate(duplicates) if duplicates != "keep" else out
 
     @classmethod
-    def from_file(cls, path: str | PathLike[str], *, sep: str | None = None, **kwargs: Any) -> "Interactions":
+    def from_file(cls, path: str | PathLike[str], *, sep: str | None = None, **kwargs: Any) -> Interactions:
         """Read CSV, TSV, Parquet or JSON-lines (by extension) and build interactions; kwargs go to :meth:`from_frame`."""
         from recforge.data.io import read_table
 
@@ -283,10 +283,10 @@ class Interactions:
         return info
 
     # ------------------------------------------------------------------ derived tables
-    def subset(self, rows: np.ndarray) -> "Interactions":
+    def subset(self, rows: np.ndarray) -> Interactions:
         """Rows selected by a boolean mask or index array; id maps and side data are shared."""
         rows = np.asarray(rows)
-        pick = (lambda a: None if a is None else a[rows])  # noqa: E731
+        pick = (lambda a: None if a is None else a[rows])
         return Interactions(
             self.users[rows],
             self.items[rows],
@@ -299,7 +299,7 @@ class Interactions:
             user_data=self.user_data,
         )
 
-    def concat(self, other: "Interactions") -> "Interactions":
+    def concat(self, other: Interactions) -> Interactions:
         """Rows of both (which must share id maps), self's first."""
         if other.user_map is not self.user_map and other.user_map != self.user_map:
             raise DataError("cannot concatenate interactions with different user id maps")
@@ -323,7 +323,7 @@ class Interactions:
             user_data=self.user_data,
         )
 
-    def compact(self) -> "Interactions":
+    def compact(self) -> Interactions:
         """Drop users and items without interactions from the id maps and renumber densely (order kept)."""
         u_keep = np.unique(self.users)
         i_keep = np.unique(self.items)
@@ -345,7 +345,7 @@ class Interactions:
             user_data=None if self.user_data is None else self.user_data.iloc[u_keep],
         )
 
-    def deduplicate(self, policy: DuplicatePolicy = "last") -> "Interactions":
+    def deduplicate(self, policy: DuplicatePolicy = "last") -> Interactions:
         """Resolve repeated (user, item) pairs: see :meth:`from_frame` for the policies."""
         if policy == "keep":
             return self

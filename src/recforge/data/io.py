@@ -62,7 +62,7 @@ def read_table(path: str | os.PathLike[str], sep: str | None = None) -> pd.DataF
         return pd.read_csv(p, sep=sep)
     except DataError:
         raise
-    except Exception as exc:  # pandas/pyarrow raise many types; show them as one readable error
+    except Exception as exc:  # noqa: BLE001 - pandas/pyarrow raise many types; show them as one readable error
         raise DataError(f"could not read {str(p)!r} as {fmt}: {exc}") from None
 
 

@@ -9,17 +9,16 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import pandas as pd
 from tqdm.auto import tqdm
 
+from recforge import split as S
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError, UnknownNameError
 from recforge.evaluation.evaluator import EvaluationResult, evaluate
 from recforge.evaluation.report import leaderboard
 from recforge.models.base import Recommender
 from recforge.models.registry import create_model
-from recforge import split as S
 
 log = logging.getLogger(__name__)
 

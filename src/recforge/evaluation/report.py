@@ -87,7 +87,7 @@ def display_columns(table: pd.DataFrame) -> list[tuple[str, list[str]]]:
     """(header, [columns]) pairs for presenting a leaderboard: CIs folded next to their metric."""
     out = [("model", ["model"])]
     for col in table.columns:
-        if col == "model" or col.endswith("_lo") or col.endswith("_hi"):
+        if col == "model" or col.endswith(("_lo", "_hi")):
             continue
         if f"{col}_lo" in table.columns:
             out.append((col, [col, f"{col}_lo", f"{col}_hi"]))

@@ -69,7 +69,7 @@ class Recommender:
         """Hyper-parameters as a dict (JSON-serialisable), as given to the constructor."""
         return {name: getattr(self, name) for name in self._param_names()}
 
-    def set_params(self, **params: Any) -> "Recommender":
+    def set_params(self, **params: Any) -> Recommender:
         """Set hyper-parameters; unknown names raise :class:`DataError` listing the valid ones."""
         valid = self._param_names()
         for key, value in params.items():
@@ -83,7 +83,7 @@ class Recommender:
         return f"{type(self).__name__}({args})"
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, interactions: Interactions) -> "Recommender":
+    def fit(self, interactions: Interactions) -> Recommender:
         """Fit on interactions; returns ``self``."""
         if not isinstance(interactions, Interactions):
             raise DataError(f"fit expects recforge Interactions, got {type(interactions).__name__}")
@@ -247,7 +247,7 @@ class Recommender:
         return Path(path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike[str]) -> "Recommender":
+    def load(cls, path: str | os.PathLike[str]) -> Recommender:
         """Load a model saved by :meth:`save`. Called on the base class, it returns whatever model was saved."""
         from recforge.models.registry import get_model_class
 
@@ -291,7 +291,7 @@ class RatingPredictor(Recommender):
 
     predicts_ratings: ClassVar[bool] = True
 
-    def fit(self, interactions: Interactions) -> "RatingPredictor":
+    def fit(self, interactions: Interactions) -> RatingPredictor:
         """Fit on interactions with ratings; returns ``self``."""
         if isinstance(interactions, Interactions) and interactions.ratings is None and len(interactions):
             raise DataError(f"{type(self).__name__} predicts ratings and needs a rating column; the data has none")
