@@ -127,22 +127,24 @@ def models_list() -> None:
 def split_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for train/valid/test files.")],
     dataset: DatasetOpt = DEFAULT_DATASET,
-    protocol: Annotated[str, typer.Option(help="loo, random, temporal, last5 or users.")] = "loo",
+    protocol: Annotated[str, typer.Option(help="loo, random, temporal, last5, users or folds.")] = "loo",
     fmt: Annotated[str, typer.Option("--format", help="csv or parquet.")] = "csv",
     seed: SeedOpt = 0,
 ) -> None:
     """Split a dataset and write train/valid/test files with the original ids."""
     from recforge.data.io import write_table
-    from recforge.evaluation.protocols import get_protocol
+    from recforge.evaluation.protocols import make_splits
 
     if fmt not in ("csv", "parquet"):
         raise typer.BadParameter("--format must be csv or parquet")
-    split = get_protocol(protocol).make(_load(dataset), seed=seed)
-    for part in ("train", "valid", "test", "history"):
-        inter = getattr(split, part)
-        if inter is not None:
-            path = write_table(inter.to_frame(), out / f"{part}.{fmt}")
-            typer.echo(f"{part:>7}: {len(inter):>9,} rows -> {path}")
+    splits = make_splits(dataset, protocol, seed=seed, merge_valid=False)
+    for split in splits:
+        folder = out if len(splits) == 1 else out / split.name
+        for part in ("train", "valid", "test", "history"):
+            inter = getattr(split, part)
+            if inter is not None:
+                path = write_table(inter.to_frame(), folder / f"{part}.{fmt}")
+                typer.echo(f"{part:>7}: {len(inter):>9,} rows -> {path}")
 
 
 # ---------------------------------------------------------------------------------------------- train

@@ -6,6 +6,7 @@ items translates them back to the user's own ids at the edges (``to_frame``, ``r
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -13,9 +14,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from recforge.data.idmap import IdMap
+from recforge.data.idmap import IdMap, _as_id_array
 from recforge.data.sidedata import align_side_data
-from recforge.errors import DataError, DuplicateInteractionError, EmptyDatasetError
+from recforge.errors import DataError, DuplicateInteractionError, EmptyDatasetError, UnknownIdError
+
+log = logging.getLogger(__name__)
 
 if TYPE_CHECKING:
     from os import PathLike
@@ -61,20 +64,19 @@ def _to_frame(df: Any) -> pd.DataFrame:
 
 
 def _timestamps_to_int(col: pd.Series, name: str) -> np.ndarray:
-    """Timestamps as int64: numbers stay as they are, datetimes become Unix seconds."""
+    """Timestamps as int64: numbers are kept (truncated to whole units), dates become Unix seconds (UTC)."""
     if col.isna().any():
         raise DataError(f"timestamp column {name!r} contains missing values")
-    if pd.api.types.is_datetime64_any_dtype(col):
-        return (col.astype("datetime64[s]").astype("int64")).to_numpy() if col.dt.tz is None else (
-            col.dt.tz_convert("UTC").dt.tz_localize(None).astype("datetime64[s]").astype("int64").to_numpy()
-        )
-    if pd.api.types.is_numeric_dtype(col):
+    if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
         return col.to_numpy().astype(np.int64)
-    try:
-        parsed = pd.to_datetime(col, utc=True)
-    except (ValueError, TypeError) as exc:
-        raise DataError(f"timestamp column {name!r} is neither numeric nor a date/time: {exc}") from None
-    return parsed.dt.tz_localize(None).astype("datetime64[s]").astype("int64").to_numpy()
+    if not pd.api.types.is_datetime64_any_dtype(col):
+        try:
+            col = pd.to_datetime(col, utc=True)
+        except (ValueError, TypeError) as exc:
+            raise DataError(f"timestamp column {name!r} is neither numeric nor a date/time: {exc}") from None
+    if col.dt.tz is not None:
+        col = col.dt.tz_convert("UTC").dt.tz_localize(None)
+    return col.astype("datetime64[s]").astype("int64").to_numpy()
 
 
 def _float_column(col: pd.Series, name: str, what: str) -> np.ndarray:
@@ -185,12 +187,9 @@ class Interactions:
             raise EmptyDatasetError("the input has no rows; an Interactions object needs at least one interaction")
 
         def ids(col: str, idmap: IdMap | None, what: str) -> tuple[IdMap, np.ndarray]:
-            values = frame[col]
             if idmap is None:
-                return IdMap.from_values(values, what=f"{what} ids in column {col!r}")
-            from recforge.data.idmap import _as_id_array
-
-            return idmap, idmap.to_index(_as_id_array(values, f"{what} ids"), on_unknown="keep", what=f"{what} ids")
+                return IdMap.from_values(frame[col], what=f"{what} ids in column {col!r}")
+            return idmap, idmap.to_index(_as_id_array(frame[col], f"{what} ids"), on_unknown="keep")
 
         umap, users = ids(user_col, user_map, "user")
         imap, items = ids(item_col, item_map, "item")
@@ -198,13 +197,11 @@ class Interactions:
         if not keep.all():
             n_bad = int((~keep).sum())
             if on_unknown == "raise":
-                from recforge.errors import UnknownIdError
-
-                raise UnknownIdError(f"{n_bad} rows have user or item ids outside the given id maps")
+                raise UnknownIdError(
+                    f"{n_bad} rows have user or item ids outside the given id maps; pass on_unknown='warn' or 'ignore'"
+                )
             if on_unknown == "warn":
-                import logging
-
-                logging.getLogger(__name__).warning("dropped %d rows with ids outside the given id maps", n_bad)
+                log.warning("dropped %d rows with ids outside the given id maps", n_bad)
         ratings = None if cols["rating_col"] is None else _float_column(frame[cols["rating_col"]], cols["rating_col"], "rating")
         timestamps = (
             None if cols["timestamp_col"] is None else _timestamps_to_int(frame[cols["timestamp_col"]], cols["timestamp_col"])

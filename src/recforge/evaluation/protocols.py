@@ -71,9 +71,13 @@ def get_protocol(name: str) -> Protocol:
     return PROTOCOLS[key]
 
 
-def make_splits(data: Interactions | str | Path, protocol: str = "loo", seed: int = 0) -> list[S.Split]:
+def make_splits(
+    data: Interactions | str | Path, protocol: str = "loo", seed: int = 0, merge_valid: bool = True
+) -> list[S.Split]:
     """The split(s) of a protocol. ``"folds"`` reads the official ML-100K folds u1..u5 from a folder (``data``
-    must be its path); every other protocol splits one :class:`Interactions` (or a dataset name/path) once."""
+    must be its path); every other protocol splits one :class:`Interactions` (or a dataset name/path) once.
+
+    With ``merge_valid`` the validation part joins train for protocols that refit on it before testing."""
     if protocol.strip().lower() in FOLD_PROTOCOLS:
         if isinstance(data, Interactions):
             raise DataError("the 'folds' protocol reads the official ML-100K fold files: pass the ml-100k folder")
@@ -86,7 +90,7 @@ def make_splits(data: Interactions | str | Path, protocol: str = "loo", seed: in
 
         data = load(data)
     split = proto.make(data, seed=seed)
-    if proto.fit_on_valid and split.valid is not None:
+    if merge_valid and proto.fit_on_valid and split.valid is not None:
         split = S.Split(split.train_valid, split.test, None, split.history, split.name)
     return [split]
 
