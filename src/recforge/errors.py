@@ -55,3 +55,7 @@ class ArtifactError(RecforgeError):
 
 class DownloadError(RecforgeError):
     """A dataset download failed or its checksum did not match."""
+
+
+class UnsupportedError(RecforgeError):
+    """The model cannot do what was asked (e.g. an incremental update of a model without one)."""

@@ -129,6 +129,27 @@ class IdMap:
         """Translate indices back to the external ids."""
         return self._ids[np.asarray(indices, dtype=np.int64)]
 
+    def extend(self, ids: object) -> tuple[IdMap, np.ndarray]:
+        """A map with the unseen ``ids`` appended (existing indices unchanged) and the int32 index of every id.
+
+        Appended ids break the sorted order, so for them "smaller index" no longer means "smaller id".
+        """
+        arr = _as_id_array(ids, "ids")
+        if len(self) and self.is_string != (arr.dtype.kind in "US"):
+            if self.is_string:
+                arr = arr.astype(str)
+            else:
+                try:
+                    arr = arr.astype(np.int64)
+                except ValueError:
+                    raise DataError("these ids are strings but the map holds integer ids") from None
+        idx = self._index.get_indexer(arr)
+        new = pd.unique(arr[idx < 0])
+        if len(new) == 0:
+            return self, idx.astype(np.int32)
+        merged = IdMap(np.concatenate([self._ids, np.asarray(new)]))
+        return merged, merged._index.get_indexer(arr).astype(np.int32)
+
     def take(self, indices: np.ndarray) -> IdMap:
         """A new map holding only the given indices (renumbered densely in the given order)."""
         return IdMap(self._ids[np.asarray(indices)])

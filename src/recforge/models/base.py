@@ -25,7 +25,7 @@ import recforge
 from recforge.data.idmap import IdMap
 from recforge.data.interactions import Interactions
 from recforge.data.io import atomic_directory
-from recforge.errors import ArtifactError, DataError, EmptyDatasetError, NotFittedError
+from recforge.errors import ArtifactError, DataError, EmptyDatasetError, NotFittedError, UnsupportedError
 from recforge.models.topk import mask_and_topk
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,8 @@ class Recommender:
     name: ClassVar[str] = ""
     #: True for models that predict ratings (they also implement ``predict``).
     predicts_ratings: ClassVar[bool] = False
+    #: True for models that implement ``_grow`` and ``_partial_fit`` (incremental updates).
+    supports_partial_fit: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ parameters
     @classmethod
@@ -108,6 +110,46 @@ class Recommender:
         return self
 
     def _fit(self, interactions: Interactions) -> None:
+        raise NotImplementedError
+
+    def partial_fit(self, events: Interactions | pd.DataFrame) -> Recommender:
+        """Update a fitted model with new events without refitting from scratch; returns ``self``.
+
+        ``events``: an :class:`Interactions` or a DataFrame with ``user_id``, ``item_id`` and optional
+        ``rating``/``timestamp``/``weight`` columns, in the user's own ids. Users and items never seen before are
+        appended to the id maps (existing indices stay), and the new pairs count as seen at once.
+        """
+        self._check_fitted()
+        if not self.supports_partial_fit:
+            raise UnsupportedError(f"{type(self).__name__} has no incremental update; refit it on all data")
+        frame = events.to_frame() if isinstance(events, Interactions) else events
+        if not isinstance(frame, pd.DataFrame) and hasattr(frame, "to_pandas"):
+            frame = frame.to_pandas()
+        for col in ("user_id", "item_id"):
+            if col not in getattr(frame, "columns", ()):
+                raise DataError(f"partial_fit needs a {col!r} column; got {list(getattr(frame, 'columns', []))}")
+        if len(frame) == 0:
+            return self
+        user_map, _ = self.user_map_.extend(frame["user_id"])
+        item_map, _ = self.item_map_.extend(frame["item_id"])
+        new = Interactions.from_frame(frame, user_map=user_map, item_map=item_map)
+        if self.predicts_ratings and new.ratings is None:
+            raise DataError(f"{type(self).__name__} updates need a rating column")
+        n_new_users, n_new_items = len(user_map) - self.n_users_, len(item_map) - self.n_items_
+        self.user_map_, self.item_map_ = user_map, item_map
+        self.seen_ = _grow_csr(self.seen_, len(user_map), len(item_map), new.users, new.items)
+        if getattr(self, "item_titles_", None) is not None and n_new_items:
+            self.item_titles_ = np.concatenate([self.item_titles_, np.full(n_new_items, "", dtype=self.item_titles_.dtype)])
+        self._grow(n_new_users, n_new_items)
+        self._partial_fit(new)
+        return self
+
+    def _grow(self, n_new_users: int, n_new_items: int) -> None:
+        """Append state for new users/items (models with incremental updates override this)."""
+        raise NotImplementedError
+
+    def _partial_fit(self, new: Interactions) -> None:
+        """Learn from new events, indexed with the already-extended maps."""
         raise NotImplementedError
 
     def _check_fitted(self) -> None:
@@ -310,6 +352,17 @@ class RatingPredictor(Recommender):
     def predict_indices(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Predicted ratings for index pairs; ``-1`` marks an unknown user or item."""
         raise NotImplementedError
+
+
+def _grow_csr(mat: sp.csr_matrix, n_rows: int, n_cols: int, rows: np.ndarray, cols: np.ndarray) -> sp.csr_matrix:
+    """A 0/1 pattern resized to (n_rows, n_cols) with the (rows, cols) pairs added."""
+    indptr = np.concatenate([mat.indptr, np.full(n_rows - mat.shape[0], mat.indptr[-1], dtype=mat.indptr.dtype)])
+    grown = sp.csr_matrix((mat.data, mat.indices, indptr), shape=(n_rows, n_cols))
+    added = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n_rows, n_cols))
+    out = (grown + added).tocsr()
+    out.data[:] = 1.0
+    out.sort_indices()
+    return out
 
 
 def _json_default(value: Any) -> Any:

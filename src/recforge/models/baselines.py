@@ -72,6 +72,15 @@ class MostPopular(Recommender):
     def _score(self, users: np.ndarray) -> np.ndarray:
         return np.broadcast_to(self.popularity_, (len(users), self.n_items_)).copy()
 
+    supports_partial_fit = True
+
+    def _grow(self, n_new_users: int, n_new_items: int) -> None:
+        self.popularity_ = np.concatenate([self.popularity_, np.zeros(n_new_items, np.float32)])
+
+    def _partial_fit(self, new: Interactions) -> None:
+        # New events count with full weight (with a half-life they are the newest events by construction).
+        np.add.at(self.popularity_, new.items, 1.0)
+
     def _state(self) -> dict[str, Any]:
         return {"popularity": self.popularity_}
 
