@@ -1,0 +1,131 @@
+"""BPR: the SGD step by hand, negative sampling, determinism, Hogwild, online updates."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import scipy.sparse as sp
+from conftest import ndcg_of
+
+from recforge import split as S
+from recforge.data import Interactions
+from recforge.errors import DataError
+from recforge.models import Recommender, create_model
+from recforge.models.bpr import (
+    BPR,
+    _bpr_epoch,
+    rand_below,
+    row_contains,
+    sample_negative,
+    seed_states,
+    shuffle_in_place,
+)
+
+NO_POOL = np.empty(0, np.int32)  # uniform negatives
+
+
+def test_one_sgd_step_by_hand() -> None:
+    # user 0 has item 0 of two items, so the negative must be item 1
+    seen = sp.csr_matrix(np.array([[1.0, 0.0]], np.float32))
+    P = np.array([[0.5, -1.0]], np.float32)
+    Q = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    bq = np.array([0.2, -0.1], np.float32)
+    lr, reg = 0.1, 0.01
+    x = 0.2 + 0.1 + 0.5 * 1.0 - 1.0 * -1.0  # b_i - b_j + p·(q_i - q_j) = 1.8
+    z = 1 / (1 + np.exp(x))
+    exp_P = P[0] + lr * (z * (Q[0] - Q[1]) - reg * P[0])
+    exp_Qi = Q[0] + lr * (z * P[0] - reg * Q[0])
+    exp_Qj = Q[1] + lr * (-z * P[0] - reg * Q[1])
+    exp_b = [bq[0] + lr * (z - reg * bq[0]), bq[1] + lr * (-z - reg * bq[1])]
+    loss, skipped = _bpr_epoch(
+        np.array([0], np.int32), np.array([0], np.int32), np.array([0], np.int64), seen.indptr, seen.indices,
+        P, Q, bq, lr, reg, NO_POOL, seed_states(0, 0, 1),
+    )
+    assert skipped == 0
+    assert loss == pytest.approx(np.log1p(np.exp(-x)), rel=1e-5)
+    np.testing.assert_allclose(P[0], exp_P, rtol=1e-5)
+    np.testing.assert_allclose(Q[0], exp_Qi, rtol=1e-5)
+    np.testing.assert_allclose(Q[1], exp_Qj, rtol=1e-5)
+    np.testing.assert_allclose(bq, exp_b, rtol=1e-5)
+
+
+def test_no_negative_left_is_skipped() -> None:
+    seen = sp.csr_matrix(np.ones((1, 3), np.float32))
+    P, Q, bq = np.ones((1, 2), np.float32), np.ones((3, 2), np.float32), np.zeros(3, np.float32)
+    _, skipped = _bpr_epoch(
+        np.zeros(1, np.int32), np.zeros(1, np.int32), np.zeros(1, np.int64), seen.indptr, seen.indices,
+        P, Q, bq, 0.1, 0.0, NO_POOL, seed_states(0, 0, 1),
+    )
+    assert skipped == 1 and (P == 1).all()
+
+
+def test_negative_sampling_is_uniform_over_unseen_items() -> None:
+    seen = sp.csr_matrix(np.array([[1, 0, 1, 0, 0, 1, 0, 0]], np.float32))
+    states = seed_states(3, 0, 1)
+    draws = np.array([sample_negative(states, 0, 8, seen.indptr, seen.indices, 0, True, NO_POOL) for _ in range(5000)])
+    counts = np.bincount(draws, minlength=8)
+    assert counts[[0, 2, 5]].sum() == 0
+    assert np.all(np.abs(counts[[1, 3, 4, 6, 7]] / 5000 - 0.2) < 0.03)
+    assert [row_contains(seen.indptr, seen.indices, 0, j) for j in range(8)] == [bool(v) for v in seen.toarray()[0]]
+    # without rejection every item can come up
+    free = {sample_negative(states, 0, 8, seen.indptr, seen.indices, 0, False, NO_POOL) for _ in range(500)}
+    assert free == set(range(8))
+
+
+def test_random_streams_are_seeded_and_bounded() -> None:
+    a, b = seed_states(1, 2, 4), seed_states(1, 2, 4)
+    np.testing.assert_array_equal(a, b)
+    assert len(set(a.tolist())) == 4 and not np.array_equal(a, seed_states(1, 3, 4))
+    draws = [rand_below(a, 1, 7) for _ in range(2000)]
+    assert min(draws) == 0 and max(draws) == 6
+    order = np.arange(50)
+    shuffle_in_place(order, seed_states(0, 0, 1))
+    assert sorted(order.tolist()) == list(range(50)) and order.tolist() != list(range(50))
+
+
+def test_loss_decreases_and_learns(planted: Interactions) -> None:
+    loo = S.leave_one_out(planted)
+    model = BPR(n_factors=16, epochs=30, lr=0.05, progress=False)
+    ours = ndcg_of(model, loo.train_valid, loo.test)
+    assert model.loss_history_[-1] < 0.6 * model.loss_history_[0]
+    assert ours > 1.5 * ndcg_of(create_model("pop"), loo.train_valid, loo.test)
+
+
+def test_seed_controls_the_result(planted: Interactions) -> None:
+    a = BPR(n_factors=8, epochs=3, progress=False).fit(planted).item_factors_
+    b = BPR(n_factors=8, epochs=3, progress=False).fit(planted).item_factors_
+    c = BPR(n_factors=8, epochs=3, seed=1, progress=False).fit(planted).item_factors_
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_hogwild_learns_too(planted: Interactions) -> None:
+    loo = S.leave_one_out(planted)
+    ours = ndcg_of(BPR(n_factors=16, epochs=30, lr=0.05, num_threads=2, progress=False), loo.train_valid, loo.test)
+    assert ours > 1.5 * ndcg_of(create_model("pop"), loo.train_valid, loo.test)
+
+
+def test_bad_parameters_raise(planted: Interactions) -> None:
+    for bad in ({"lr": 0.0}, {"reg": -1.0}, {"epochs": -1}, {"n_factors": 1.5}, {"num_threads": -2}):
+        with pytest.raises(DataError, match=next(iter(bad))):
+            BPR(progress=False, **bad).fit(planted)
+
+
+def test_partial_fit_moves_towards_the_new_item(planted: Interactions, tmp_path: Path) -> None:
+    model = BPR(n_factors=16, epochs=20, lr=0.05, progress=False).fit(planted)
+    user = planted.user_map.ids[0]
+    scores = model.score(np.array([0]))[0]
+    unseen = np.flatnonzero(model.seen_[0].toarray()[0] == 0)
+    target = unseen[np.argmin(scores[unseen])]  # the least liked unseen item
+    loaded = Recommender.load(model.save(tmp_path / "bpr"))
+    events = pd.DataFrame({"user_id": [user], "item_id": [planted.item_map.ids[target]]})
+    model.partial_fit(events)
+    after = model.score(np.array([0]))[0]
+    assert (after[unseen] > after[target]).mean() < (scores[unseen] > scores[target]).mean()
+    assert model.n_updates_ == 1
+    # the update is seeded by (seed, update count), which is saved: a loaded model updates identically
+    loaded.partial_fit(events)
+    np.testing.assert_array_equal(loaded.user_factors_, model.user_factors_)

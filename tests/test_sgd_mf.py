@@ -1,0 +1,216 @@
+"""FunkSVD and SVD++: hand-checked SGD steps, the per-user SVD++ epoch against rating-by-rating SGD, learning,
+partial_fit and parameter checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from recforge import split as S
+from recforge.data import Interactions
+from recforge.errors import DataError
+from recforge.evaluation import evaluate
+from recforge.models import Recommender, create_model
+from recforge.models.sgd_mf import FunkSVD, SVDpp, _epoch_state, _funk_epoch, _shuffle, _svdpp_epoch
+
+
+def test_shuffle_is_a_seeded_permutation() -> None:
+    a = np.arange(1000, dtype=np.int64)
+    b = np.arange(1000, dtype=np.int64)
+    _shuffle(a, _epoch_state(3, 1))
+    _shuffle(b, _epoch_state(3, 1))
+    np.testing.assert_array_equal(a, b)
+    assert sorted(a.tolist()) == list(range(1000)) and not np.array_equal(a, np.arange(1000))
+    c = np.arange(1000, dtype=np.int64)
+    _shuffle(c, _epoch_state(3, 2))
+    assert not np.array_equal(a, c)
+
+
+def test_funk_step_by_hand() -> None:
+    """One rating, one step: every update is the textbook SGD formula."""
+    P = np.array([[0.1, -0.2]])
+    Q = np.array([[0.3, 0.4]])
+    bu, bi = np.array([0.05]), np.array([-0.1])
+    mu, lr, reg, lr_b, reg_b = 3.0, 0.1, 0.2, 0.05, 0.3
+    e = 4.0 - (mu + 0.05 - 0.1 + (0.03 - 0.08))
+    exp_p = P[0] + lr * (e * Q[0] - reg * P[0])
+    exp_q = Q[0] + lr * (e * P[0] - reg * Q[0])
+    exp_bu = 0.05 + lr_b * (e - reg_b * 0.05)
+    exp_bi = -0.1 + lr_b * (e + reg_b * 0.1)
+    one = np.zeros(1, np.int32)
+    mse = _funk_epoch(one, one, np.array([4.0]), np.zeros(1, np.int64), P, Q, bu, bi, mu, lr, reg, lr_b, reg_b, 0)
+    assert mse == pytest.approx(e * e)
+    np.testing.assert_allclose(P[0], exp_p)
+    np.testing.assert_allclose(Q[0], exp_q)
+    assert bu[0] == pytest.approx(exp_bu) and bi[0] == pytest.approx(exp_bi)
+
+
+def test_funk_frozen_items_do_not_move() -> None:
+    P, Q = np.full((1, 2), 0.1), np.full((2, 2), 0.2)
+    bu, bi = np.zeros(1), np.zeros(2)
+    Q0, bi0 = Q.copy(), bi.copy()
+    users, items = np.zeros(2, np.int32), np.array([0, 1], np.int32)
+    _funk_epoch(users, items, np.array([5.0, 1.0]), np.arange(2), P, Q, bu, bi, 3.0, 0.1, 0.0, 0.1, 0.0, 1)
+    np.testing.assert_array_equal(Q[0], Q0[0])  # item 0 is below item_start: fixed
+    assert bi[0] == bi0[0] and not np.array_equal(Q[1], Q0[1]) and bi[1] != 0
+
+
+def _svdpp_reference(indptr, items, ratings, user_order, P, Q, Y, bu, bi, mu, lr, reg, lr_b, reg_b, reg_y, state):
+    """Rating-by-rating SVD++ SGD (every y_j updated after every rating), in the kernel's visiting order."""
+    for u in user_order:
+        lo, hi = indptr[u], indptr[u + 1]
+        if hi == lo:
+            continue
+        pos = np.arange(lo, hi, dtype=np.int64)
+        state = np.uint64(_shuffle(pos, state))
+        N = items[lo:hi]
+        norm = 1 / np.sqrt(hi - lo)
+        for idx in pos:
+            i = items[idx]
+            z = norm * Y[N].sum(axis=0)
+            e = ratings[idx] - (mu + bu[u] + bi[i] + Q[i] @ (P[u] + z))
+            bu[u] += lr_b * (e - reg_b * bu[u])
+            bi[i] += lr_b * (e - reg_b * bi[i])
+            p, q = P[u].copy(), Q[i].copy()
+            P[u] = p + lr * (e * q - reg * p)
+            Q[i] = q + lr * (e * (p + z) - reg * q)
+            Y[N] += lr * (e * norm * q[None, :] - reg_y * Y[N])
+
+
+def test_svdpp_epoch_equals_rating_by_rating_sgd() -> None:
+    """The O(nnz·k) per-user epoch gives the same parameters as naive SVD++ SGD over the same order."""
+    rng = np.random.default_rng(0)
+    n_users, n_items, k = 5, 7, 3
+    dense = rng.random((n_users, n_items)) < 0.6
+    dense[4] = False  # a user without ratings is skipped
+    indptr = np.concatenate([[0], np.cumsum(dense.sum(axis=1))]).astype(np.int64)
+    items = np.nonzero(dense)[1].astype(np.int32)
+    ratings = rng.integers(1, 6, len(items)).astype(np.float64)
+    P, Q, Y = (rng.normal(0, 0.3, (n, k)) for n in (n_users, n_items, n_items))
+    bu, bi = rng.normal(0, 0.1, n_users), rng.normal(0, 0.1, n_items)
+    args = (3.2, 0.05, 0.1, 0.03, 0.2, 0.3)
+    ref = [a.copy() for a in (P, Q, Y, bu, bi)]
+    order = np.array([3, 0, 4, 2, 1], np.int64)
+    state = _epoch_state(5, 0)
+    _svdpp_reference(indptr, items, ratings, order, *ref[:3], *ref[3:], args[0], *args[1:], state)
+    _svdpp_epoch(indptr, items, ratings, order, P, Q, Y, bu, bi, *args, state)
+    for got, want in zip((P, Q, Y, bu, bi), ref):
+        np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [FunkSVD, SVDpp])
+def test_loss_decreases_and_beats_bias(cls: type, planted: Interactions) -> None:
+    split = S.random_split(planted, 0.2, seed=3)
+    model = cls(progress=False).fit(split.train)
+    hist = np.array(model.loss_history_)
+    assert len(hist) == model.epochs and hist[-1] < 0.8 * hist[0] and np.all(np.diff(hist[:10]) < 0)
+    ours = evaluate(model, split.test)["rmse"]
+    bias = evaluate(create_model("bias").fit(split.train), split.test)["rmse"]
+    assert ours < bias - 0.01
+
+
+def test_predictions_clamped_and_unknowns(planted: Interactions) -> None:
+    model = FunkSVD(epochs=5, progress=False).fit(planted)
+    pred = model.predict_indices(np.repeat(np.arange(50), 40), np.tile(np.arange(40), 50))
+    assert pred.min() >= 1 and pred.max() <= 5
+    # Unknown user: global mean + item bias.
+    assert model.predict_indices(np.array([-1]), np.array([0]))[0] == pytest.approx(
+        np.clip(model.global_bias_ + model.item_bias_[0], 1, 5), rel=1e-6
+    )
+
+
+def test_svdpp_user_factors_include_implicit_term(planted: Interactions) -> None:
+    model = SVDpp(epochs=3, progress=False).fit(planted)
+    u = 7
+    rated = model.seen_[u].indices
+    z = model.item_implicit_[rated].astype(np.float64).sum(axis=0) / np.sqrt(len(rated))
+    np.testing.assert_allclose(model.user_factors_[u], model.user_explicit_[u] + z, rtol=1e-4, atol=1e-6)
+
+
+def _new_user_events(planted: Interactions) -> tuple[pd.DataFrame, np.ndarray, np.ndarray]:
+    cluster = planted.item_data["cluster"].to_numpy()
+    home = planted.item_map.ids[cluster == 0]
+    away = planted.item_map.ids[cluster != 0]
+    events = pd.DataFrame(
+        {"user_id": 10**6, "item_id": np.concatenate([home[:10], away[:10]]), "rating": [5.0] * 10 + [1.0] * 10}
+    )
+    return events, home[10:], away[10:]
+
+
+@pytest.mark.parametrize("cls", [FunkSVD, SVDpp])
+def test_partial_fit_folds_in_a_new_user(cls: type, planted: Interactions, tmp_path: Path) -> None:
+    model = cls(progress=False).fit(planted)
+    item_factors = model.item_factors_.copy()
+    events, home, away = _new_user_events(planted)
+    model.partial_fit(events)
+    # Items the model knew keep their rows; the new user likes the unseen items of its home cluster more.
+    np.testing.assert_array_equal(model.item_factors_, item_factors)
+    p_home = model.predict([10**6] * len(home), home).mean()
+    p_away = model.predict([10**6] * len(away), away).mean()
+    assert p_home > p_away + 0.5, (p_home, p_away)
+    loaded = Recommender.load(model.save(tmp_path / "m"))
+    np.testing.assert_array_equal(loaded.predict([10**6], home[:1]), model.predict([10**6], home[:1]))
+
+
+def test_partial_fit_new_item_learns_its_bias(planted: Interactions) -> None:
+    model = FunkSVD(epochs=10, progress=False).fit(planted)
+    users = planted.user_map.ids[:30]
+    model.partial_fit(pd.DataFrame({"user_id": users, "item_id": 10**7, "rating": 5.0}))
+    assert model.item_bias_[-1] > 0.3
+    assert model.predict([users[0]], [10**7])[0] > model.global_bias_ + 0.3
+
+
+def test_svdpp_state_round_trip_then_partial_fit(planted: Interactions, tmp_path: Path) -> None:
+    model = SVDpp(epochs=5, progress=False).fit(planted)
+    loaded = Recommender.load(model.save(tmp_path / "svdpp"))
+    np.testing.assert_array_equal(loaded.item_implicit_, model.item_implicit_)
+    events, _, _ = _new_user_events(planted)
+    a = model.partial_fit(events).predict([10**6] * 5, planted.item_map.ids[:5])
+    b = loaded.partial_fit(events).predict([10**6] * 5, planted.item_map.ids[:5])
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("params", "name"),
+    [
+        ({"n_factors": 0}, "n_factors"),
+        ({"epochs": 2.5}, "epochs"),
+        ({"lr": 0}, "lr"),
+        ({"reg": -1}, "reg"),
+        ({"init_std": float("nan")}, "init_std"),
+        ({"lr_decay": 1.5}, "lr_decay"),
+        ({"partial_epochs": -1}, "partial_epochs"),
+    ],
+)
+@pytest.mark.parametrize("cls", [FunkSVD, SVDpp])
+def test_bad_parameters(cls: type, params: dict, name: str, planted: Interactions) -> None:
+    with pytest.raises(DataError, match=name):
+        cls(progress=False, **params).fit(planted)
+
+
+def test_bad_implicit_reg(planted: Interactions) -> None:
+    with pytest.raises(DataError, match="implicit_reg"):
+        SVDpp(implicit_reg=-0.1, progress=False).fit(planted)
+
+
+def test_aliases() -> None:
+    assert type(create_model("svd")) is FunkSVD and type(create_model("biasedmf-sgd")) is FunkSVD
+    assert type(create_model("svd++")) is SVDpp
+
+
+def test_svdpp_partial_fit_leaves_other_users_alone(planted: Interactions) -> None:
+    model = SVDpp(epochs=5, progress=False).fit(planted)
+    before = model.user_factors_.copy()
+    events, _, _ = _new_user_events(planted)
+    events = pd.concat([events, pd.DataFrame({"user_id": [planted.user_map.ids[3]], "item_id": [10**7], "rating": [4.0]})])
+    model.partial_fit(events)
+    untouched = np.setdiff1d(np.arange(planted.n_users), [3])
+    np.testing.assert_array_equal(model.user_factors_[untouched], before[untouched])
+    assert not np.array_equal(model.user_factors_[3], before[3])
+    # User 3's implicit term now includes the new item (whose y starts at zero): |N(u)| grew by one.
+    rated = model.seen_[3].indices
+    z = model.item_implicit_[rated].astype(np.float64).sum(axis=0) / np.sqrt(len(rated))
+    np.testing.assert_allclose(model.user_factors_[3], model.user_explicit_[3] + z, rtol=1e-4, atol=1e-6)
