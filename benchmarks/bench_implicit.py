@@ -108,10 +108,24 @@ GRIDS: dict[str, dict[str, Any]] = {
         "grid": {"alpha": [0.5, 0.75, 1.0], "beta": [0.0, 0.3, 0.6], "k": [10, 50, 200]},
         "quick": {"alpha": [0.75, 1.0], "beta": [0.3, 0.6], "k": [200]},
     },
-    # Factor models by another helper; the lead fills in their tuned grids. Defaults are used until then.
-    "als": {"model": "als", "grid": {}, "peer": "implicit ALS"},
-    "bpr": {"model": "bpr", "grid": {}, "peer": "implicit BPR"},
-    "pointwise": {"model": "pointwise", "grid": {}},
+    # Grids around the values the models' own tuning picked per dataset (see their docstrings).
+    "als": {
+        "model": "als",
+        "grid": {"reg": [3, 10, 30, 100], "alpha": [0.1, 1.0, 10.0, 20.0]},
+        "quick": {"reg": [10, 100], "alpha": [0.25, 20.0]},
+        "peer": "implicit ALS",
+    },
+    "bpr": {
+        "model": "bpr",
+        "grid": {"lr": [0.01, 0.02], "reg": [0.001, 0.003, 0.01]},
+        "quick": {"lr": [0.02], "reg": [0.003]},
+        "peer": "implicit BPR",
+    },
+    "pointwise": {
+        "model": "pointwise",
+        "grid": {"n_negatives": [4, 8], "lr": [0.05, 0.1]},
+        "quick": {"n_negatives": [8]},
+    },
 }
 
 #: Peer grids, tuned on the validation event the same way (all cheap except RecTools EASE on big catalogues).

@@ -27,7 +27,7 @@ datasets_app = typer.Typer(help="List, describe and fetch datasets.", no_args_is
 app.add_typer(datasets_app, name="datasets")
 
 DEFAULT_DATASET = "ml-latest-small"
-DEFAULT_MODELS = "random,pop,bias"
+DEFAULT_MODELS = "random,pop,itemknn,ease,als,bpr,funksvd"
 
 DatasetOpt = Annotated[
     str, typer.Option("--dataset", "-d", help="Dataset name (see `recforge datasets list`) or path to a folder/file.")

@@ -21,6 +21,7 @@ from numba import njit, prange
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
 from recforge.models.factors import FactorModel, FactorRatingModel
+from recforge.models.params import check_choice, check_int, check_number
 from recforge.models.progress import EpochProgress
 from recforge.models.registry import register
 from recforge.models.threads import thread_limits
@@ -364,18 +365,6 @@ def _csr_from_state(prefix: str, state: dict[str, Any], shape: tuple[int, int]) 
     )
 
 
-def _positive(value: Any, name: str, cls: str, allow_zero: bool = False) -> None:
-    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    if not ok or not np.isfinite(value) or (value < 0 if allow_zero else value <= 0):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise DataError(f"{cls}.{name} must be a finite number {bound}, got {value!r}")
-
-
-def _positive_int(value: Any, name: str, cls: str, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise DataError(f"{cls}.{name} must be an integer >= {minimum}, got {value!r}")
-
-
 # ---------------------------------------------------------------------------------------------------- models
 @register("als", "wals", "implicit-als")
 class ImplicitALS(FactorModel):
@@ -437,18 +426,15 @@ class ImplicitALS(FactorModel):
     supports_partial_fit = True
 
     def _check_params(self) -> None:
-        cls = type(self).__name__
-        _positive_int(self.n_factors, "n_factors", cls)
-        _positive_int(self.iterations, "iterations", cls, minimum=0)
-        _positive_int(self.cg_steps, "cg_steps", cls)
-        _positive(self.reg, "reg", cls, allow_zero=True)
-        _positive(self.alpha, "alpha", cls, allow_zero=True)
-        _positive(self.eps, "eps", cls)
-        _positive(self.init_std, "init_std", cls, allow_zero=True)
-        if self.confidence not in ("linear", "log"):
-            raise DataError(f"{cls}.confidence must be 'linear' or 'log', got {self.confidence!r}")
-        if self.solver not in ("cg", "cholesky"):
-            raise DataError(f"{cls}.solver must be 'cg' or 'cholesky', got {self.solver!r}")
+        check_int(self, "n_factors")
+        check_int(self, "iterations", 0)
+        check_int(self, "cg_steps")
+        check_number(self, "reg")
+        check_number(self, "alpha")
+        check_number(self, "eps", strict=True)
+        check_number(self, "init_std")
+        check_choice(self, "confidence", ("linear", "log"))
+        check_choice(self, "solver", ("cg", "cholesky"))
 
     def _confidence(self, values: np.ndarray) -> np.ndarray:
         v = values.astype(np.float64)
@@ -561,12 +547,12 @@ class BiasedALS(FactorRatingModel):
 
     def _check_params(self) -> None:
         cls = type(self).__name__
-        _positive_int(self.n_factors, "n_factors", cls)
-        _positive_int(self.iterations, "iterations", cls, minimum=0)
-        _positive(self.reg, "reg", cls, allow_zero=True)
-        _positive(self.bias_reg, "bias_reg", cls, allow_zero=True)
-        _positive(self.damping, "damping", cls, allow_zero=True)
-        _positive(self.init_std, "init_std", cls, allow_zero=True)
+        check_int(self, "n_factors")
+        check_int(self, "iterations", 0)
+        check_number(self, "reg")
+        check_number(self, "bias_reg")
+        check_number(self, "damping")
+        check_number(self, "init_std")
         if not isinstance(self.weighted_reg, (bool, np.bool_)):
             raise DataError(f"{cls}.weighted_reg must be True or False, got {self.weighted_reg!r}")
 

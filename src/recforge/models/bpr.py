@@ -16,8 +16,8 @@ import scipy.sparse as sp
 from numba import njit, prange
 
 from recforge.data.interactions import Interactions
-from recforge.errors import DataError
 from recforge.models.factors import FactorModel
+from recforge.models.params import check_choice, check_params
 from recforge.models.progress import EpochProgress
 from recforge.models.registry import register
 from recforge.models.threads import thread_limits
@@ -116,27 +116,6 @@ def positive_pairs(mat: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
     """(user, item) of every stored entry of a CSR matrix, as int32 arrays in row order."""
     users = np.repeat(np.arange(mat.shape[0], dtype=np.int32), np.diff(mat.indptr))
     return users, mat.indices.astype(np.int32)
-
-
-def check_choice(model: Any, name: str, choices: tuple[str, ...]) -> None:
-    """Raise :class:`DataError` unless ``model.<name>`` is one of ``choices``."""
-    value = getattr(model, name)
-    if value not in choices:
-        raise DataError(f"{type(model).__name__}.{name} must be one of {list(choices)}, got {value!r}")
-
-
-def check_params(model: Any, ints: dict[str, int], positive: tuple[str, ...], non_negative: tuple[str, ...]) -> None:
-    """Validate common SGD hyper-parameters: ``ints`` maps names to their minimum."""
-    cls = type(model).__name__
-    for name, minimum in ints.items():
-        v = getattr(model, name)
-        if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < minimum:
-            raise DataError(f"{cls}.{name} must be an integer >= {minimum}, got {v!r}")
-    for name in positive + non_negative:
-        v = getattr(model, name)
-        ok = isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool) and np.isfinite(v)
-        if not ok or (v <= 0 if name in positive else v < 0):
-            raise DataError(f"{cls}.{name} must be a finite number {'> 0' if name in positive else '>= 0'}, got {v!r}")
 
 
 # ---------------------------------------------------------------------------------------------------- kernel

@@ -10,6 +10,7 @@ import numpy as np
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
 from recforge.models.neighbors import ItemItemModel, Values, check_values, item_knn_rows, l1_normalize_rows
+from recforge.models.params import check_int, check_number
 from recforge.models.registry import register
 from recforge.models.threads import thread_limits
 
@@ -68,12 +69,9 @@ class RP3beta(ItemItemModel):
         self.num_threads = num_threads
 
     def _fit(self, interactions: Interactions) -> None:
-        if not (isinstance(self.alpha, (int, float, np.number)) and self.alpha > 0):
-            raise DataError(f"RP3beta.alpha must be > 0, got {self.alpha!r}")
-        if not (isinstance(self.beta, (int, float, np.number)) and self.beta >= 0):
-            raise DataError(f"RP3beta.beta must be >= 0, got {self.beta!r}")
-        if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or self.k < 1:
-            raise DataError(f"RP3beta.k must be an integer >= 1, got {self.k!r}")
+        check_number(self, "alpha", strict=True)
+        check_number(self, "beta")
+        check_int(self, "k")
         check_values(self.values)
         x = self._set_matrix(interactions)
         if (x.data < 0).any():

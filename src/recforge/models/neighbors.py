@@ -23,8 +23,10 @@ import scipy.sparse as sp
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
 from recforge.models.base import Recommender
+from recforge.models.params import check_choice, check_int, check_number
 from recforge.models.registry import register
 from recforge.models.threads import thread_limits
+from recforge.models.topk import heap_push
 
 log = logging.getLogger(__name__)
 
@@ -122,47 +124,6 @@ def bm25_weight(item_users: sp.csr_matrix, K1: float = 1.2, B: float = 0.75) -> 
 
 
 # ====================================================================== kernels
-@nb.njit(cache=True, inline="always")
-def _heap_sift_down(hs: np.ndarray, hi: np.ndarray, size: int, pos: int) -> None:
-    while True:
-        left = 2 * pos + 1
-        if left >= size:
-            return
-        child = left
-        right = left + 1
-        if right < size and (hs[right] < hs[left] or (hs[right] == hs[left] and hi[right] > hi[left])):
-            child = right
-        if hs[child] < hs[pos] or (hs[child] == hs[pos] and hi[child] > hi[pos]):
-            hs[pos], hs[child] = hs[child], hs[pos]
-            hi[pos], hi[child] = hi[child], hi[pos]
-            pos = child
-        else:
-            return
-
-
-@nb.njit(cache=True, inline="always")
-def _heap_push(hs: np.ndarray, hi: np.ndarray, size: int, s: float, j: int) -> int:
-    """Offer (s, j) to a bounded min-heap of capacity len(hs); returns the new size."""
-    if size < hs.shape[0]:
-        pos = size
-        hs[pos] = s
-        hi[pos] = j
-        size += 1
-        while pos > 0:
-            parent = (pos - 1) // 2
-            if hs[pos] < hs[parent] or (hs[pos] == hs[parent] and hi[pos] > hi[parent]):
-                hs[pos], hs[parent] = hs[parent], hs[pos]
-                hi[pos], hi[parent] = hi[parent], hi[pos]
-                pos = parent
-            else:
-                break
-    elif s > hs[0] or (s == hs[0] and j < hi[0]):
-        hs[0] = s
-        hi[0] = j
-        _heap_sift_down(hs, hi, size, 0)
-    return size
-
-
 @nb.njit(parallel=True, cache=True)
 def _knn_kernel(
     t_ptr: np.ndarray,
@@ -229,7 +190,7 @@ def _knn_kernel(
             hi_ = out_idx[i]
             size = 0
             for t in range(m):
-                size = _heap_push(hs, hi_, size, cand_s[t], cand_j[t])
+                size = heap_push(hs, hi_, size, cand_s[t], cand_j[t])
             out_cnt[i] = size
 
 
@@ -460,18 +421,12 @@ class ItemKNN(ItemItemModel):
         self.num_threads = num_threads
 
     def _check(self) -> None:
-        if isinstance(self.k, bool) or not isinstance(self.k, (int, np.integer)) or self.k < 1:
-            raise DataError(f"ItemKNN.k must be an integer >= 1, got {self.k!r}")
-        if not self.shrink >= 0:
-            raise DataError(f"ItemKNN.shrink must be >= 0, got {self.shrink!r}")
-        if self.weighting not in ("none", "tfidf", "bm25"):
-            raise DataError(f"ItemKNN.weighting must be 'none', 'tfidf' or 'bm25', got {self.weighting!r}")
-        if not self.K1 > 0:
-            raise DataError(f"ItemKNN.K1 must be > 0, got {self.K1!r}")
-        if not 0 <= self.B <= 1:
-            raise DataError(f"ItemKNN.B must be in [0, 1], got {self.B!r}")
-        if self.similarity not in ("cosine", "dot"):
-            raise DataError(f"ItemKNN.similarity must be 'cosine' or 'dot', got {self.similarity!r}")
+        check_int(self, "k")
+        check_number(self, "shrink")
+        check_choice(self, "weighting", ("none", "tfidf", "bm25"))
+        check_number(self, "K1", strict=True)
+        check_number(self, "B", maximum=1.0)
+        check_choice(self, "similarity", ("cosine", "dot"))
         check_values(self.values)
 
     def _fit(self, interactions: Interactions) -> None:

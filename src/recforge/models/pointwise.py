@@ -18,8 +18,6 @@ from numba import njit, prange
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
 from recforge.models.bpr import (
-    check_choice,
-    check_params,
     negative_pool,
     positive_pairs,
     sample_negative,
@@ -27,6 +25,7 @@ from recforge.models.bpr import (
     shuffle_in_place,
 )
 from recforge.models.factors import FactorModel
+from recforge.models.params import check_choice, check_params
 from recforge.models.progress import EpochProgress
 from recforge.models.registry import register
 from recforge.models.threads import thread_limits

@@ -22,6 +22,7 @@ import numpy as np
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
 from recforge.models.factors import FactorRatingModel
+from recforge.models.params import check_int, check_number
 from recforge.models.progress import EpochProgress
 from recforge.models.registry import register
 
@@ -252,19 +253,6 @@ def _implicit_sums(indptr: np.ndarray, items: np.ndarray, Y: np.ndarray, out: np
 
 
 # --------------------------------------------------------------------------------------------- checks
-def _check_positive_int(owner: str, name: str, value: Any, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise DataError(f"{owner}.{name} must be an integer >= {minimum}, got {value!r}")
-
-
-def _check_nonneg(owner: str, name: str, value: Any, strict: bool = False) -> None:
-    numeric = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-    ok = numeric and bool(np.isfinite(value))
-    if not ok or value < 0 or (strict and value == 0):
-        rng = "> 0" if strict else ">= 0"
-        raise DataError(f"{owner}.{name} must be a finite number {rng}, got {value!r}")
-
-
 def _rating_arrays(interactions: Interactions) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The user-major CSR of ratings (repeated pairs: the latest rating) as indptr, items, float64 ratings."""
     mat = interactions.csr("rating")
@@ -278,15 +266,15 @@ class _SGDRatingModel(FactorRatingModel):
 
     def _check_common(self) -> None:
         owner = type(self).__name__
-        _check_positive_int(owner, "n_factors", self.n_factors)
-        _check_positive_int(owner, "epochs", self.epochs)
-        _check_positive_int(owner, "partial_epochs", self.partial_epochs, minimum=0)
-        _check_nonneg(owner, "lr", self.lr, strict=True)
-        _check_nonneg(owner, "reg", self.reg)
-        _check_nonneg(owner, "bias_reg", self.bias_reg)
-        _check_nonneg(owner, "init_std", self.init_std)
+        check_int(self, "n_factors")
+        check_int(self, "epochs")
+        check_int(self, "partial_epochs", 0)
+        check_number(self, "lr", strict=True)
+        check_number(self, "reg")
+        check_number(self, "bias_reg")
+        check_number(self, "init_std")
         if self.lr_bias is not None:
-            _check_nonneg(owner, "lr_bias", self.lr_bias, strict=True)
+            check_number(self, "lr_bias", strict=True)
         if self.lr * max(self.reg, self.bias_reg) >= 1:
             raise DataError(
                 f"{owner}: lr * max(reg, bias_reg) must be below 1 (got lr={self.lr}, reg={self.reg}, "
@@ -411,7 +399,7 @@ class FunkSVD(_SGDRatingModel):
 
     def _check(self) -> None:
         self._check_common()
-        _check_nonneg(type(self).__name__, "lr_decay", self.lr_decay, strict=True)
+        check_number(self, "lr_decay", strict=True)
         if self.lr_decay > 1:
             raise DataError(f"FunkSVD.lr_decay must be in (0, 1], got {self.lr_decay}")
 
@@ -508,8 +496,8 @@ class SVDpp(_SGDRatingModel):
 
     def _check(self) -> None:
         self._check_common()
-        _check_nonneg("SVDpp", "implicit_reg", self.implicit_reg)
-        _check_nonneg("SVDpp", "lr_decay", self.lr_decay, strict=True)
+        check_number(self, "implicit_reg")
+        check_number(self, "lr_decay", strict=True)
         if self.lr_decay > 1:
             raise DataError(f"SVDpp.lr_decay must be in (0, 1], got {self.lr_decay}")
 

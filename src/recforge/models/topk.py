@@ -11,8 +11,8 @@ import numpy as np
 
 
 @nb.njit(cache=True, inline="always")
-def _sift_down(hs: np.ndarray, hi: np.ndarray, size: int, pos: int) -> None:
-    # Min-heap on (score, -index): the root is the worst kept entry (lowest score, then largest index).
+def heap_sift_down(hs: np.ndarray, hi: np.ndarray, size: int, pos: int) -> None:
+    """Restore a bounded min-heap on (score, -index) below ``pos``; the root is the worst kept entry."""
     while True:
         left = 2 * pos + 1
         if left >= size:
@@ -29,6 +29,29 @@ def _sift_down(hs: np.ndarray, hi: np.ndarray, size: int, pos: int) -> None:
             return
 
 
+@nb.njit(cache=True, inline="always")
+def heap_push(hs: np.ndarray, hi: np.ndarray, size: int, s: float, j: int) -> int:
+    """Offer (s, j) to a bounded min-heap of capacity ``len(hs)`` (ties: smaller index wins); returns the size."""
+    if size < hs.shape[0]:
+        pos = size
+        hs[pos] = s
+        hi[pos] = j
+        size += 1
+        while pos > 0:
+            parent = (pos - 1) // 2
+            if hs[pos] < hs[parent] or (hs[pos] == hs[parent] and hi[pos] > hi[parent]):
+                hs[pos], hs[parent] = hs[parent], hs[pos]
+                hi[pos], hi[parent] = hi[parent], hi[pos]
+                pos = parent
+            else:
+                break
+    elif s > hs[0] or (s == hs[0] and j < hi[0]):
+        hs[0] = s
+        hi[0] = j
+        heap_sift_down(hs, hi, size, 0)
+    return size
+
+
 @nb.njit(cache=True)
 def _row_topk(row: np.ndarray, k: int, out_i: np.ndarray, out_s: np.ndarray) -> None:
     hs = np.empty(k, np.float32)
@@ -36,26 +59,8 @@ def _row_topk(row: np.ndarray, k: int, out_i: np.ndarray, out_s: np.ndarray) -> 
     size = 0
     for j in range(row.shape[0]):
         s = row[j]
-        if not (s > -np.inf):  # skips NaN and -inf (excluded)
-            continue
-        if size < k:
-            # sift up
-            pos = size
-            hs[pos] = s
-            hi[pos] = j
-            size += 1
-            while pos > 0:
-                parent = (pos - 1) // 2
-                if hs[pos] < hs[parent] or (hs[pos] == hs[parent] and hi[pos] > hi[parent]):
-                    hs[pos], hs[parent] = hs[parent], hs[pos]
-                    hi[pos], hi[parent] = hi[parent], hi[pos]
-                    pos = parent
-                else:
-                    break
-        elif s > hs[0]:  # an equal score never wins: its index is larger than every kept one
-            hs[0] = s
-            hi[0] = j
-            _sift_down(hs, hi, size, 0)
+        if s > -np.inf:  # skips NaN and -inf (excluded)
+            size = heap_push(hs, hi, size, s, j)
     for t in range(k):
         out_i[t] = -1
         out_s[t] = -np.inf
@@ -66,7 +71,7 @@ def _row_topk(row: np.ndarray, k: int, out_i: np.ndarray, out_s: np.ndarray) -> 
         out_s[size] = hs[0]
         hs[0] = hs[size]
         hi[0] = hi[size]
-        _sift_down(hs, hi, size, 0)
+        heap_sift_down(hs, hi, size, 0)
 
 
 @nb.njit(parallel=True, cache=True)
