@@ -54,10 +54,14 @@ def _load(dataset: str) -> Any:
     return load(dataset)
 
 
-def _params(assignments: list[str] | None) -> dict[str, Any]:
-    from recforge.models import parse_params
+def _model(name: str, assignments: list[str] | None, quiet: bool = False) -> Any:
+    """Build a registered model from ``--set name=value`` pairs; ``quiet`` turns its training bars off."""
+    from recforge.models import create_model, get_model_class, parse_params
 
-    return parse_params(assignments or [])
+    params = parse_params(assignments or [])
+    if quiet and "progress" in get_model_class(name)._param_names():
+        params.setdefault("progress", False)
+    return create_model(name, **params)
 
 
 def _echo_json(obj: Any) -> None:
@@ -154,12 +158,11 @@ def train_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Artifact folder to write.")],
     dataset: DatasetOpt = DEFAULT_DATASET,
     set_: SetOpt = None,
+    quiet: QuietOpt = False,
 ) -> None:
     """Fit a model on a whole dataset and save it as an artifact (safetensors + JSON, no pickle)."""
-    from recforge.models import create_model
-
     inter = _load(dataset)
-    est = create_model(model, **_params(set_)).fit(inter)
+    est = _model(model, set_, quiet).fit(inter)
     est.save(out)
     typer.echo(f"trained {est!r} on {len(inter):,} interactions in {est.fit_seconds_:.2f}s -> {out}")
 
@@ -206,7 +209,6 @@ def evaluate_cmd(
     """Fit a model and report its metrics, on TRAIN/TEST files made elsewhere or on a dataset split here."""
     from recforge.errors import DataError
     from recforge.evaluation.protocols import evaluate_protocol, make_splits
-    from recforge.models import create_model
     from recforge.split import Split
 
     if (train is None) != (test is None):
@@ -215,7 +217,7 @@ def evaluate_cmd(
         splits = [Split(*_train_test_from_files(train, test))]
     else:
         splits = make_splits(dataset or DEFAULT_DATASET, protocol, seed)
-    est = create_model(model, **_params(set_))
+    est = _model(model, set_, quiet or as_json)
     result = evaluate_protocol(est, splits, k=k, exclude_seen=exclude_seen, progress=not quiet and not as_json)
     summary = dict(result.summary)
     if as_json:

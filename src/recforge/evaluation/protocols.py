@@ -18,7 +18,7 @@ from recforge.errors import DataError, UnknownNameError
 from recforge.evaluation.evaluator import EvaluationResult, evaluate
 from recforge.evaluation.report import leaderboard
 from recforge.models.base import Recommender
-from recforge.models.registry import create_model
+from recforge.models.registry import create_model, get_model_class
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +155,10 @@ def compare(
             if isinstance(m, Recommender):
                 named[m.name or type(m).__name__] = m
             else:
-                named[str(m)] = create_model(str(m), **dict((params or {}).get(str(m), {})))
+                kwargs = dict((params or {}).get(str(m), {}))
+                if not progress and "progress" in get_model_class(str(m))._param_names():
+                    kwargs.setdefault("progress", False)  # --quiet silences training bars too
+                named[str(m)] = create_model(str(m), **kwargs)
     if not named:
         raise DataError("give at least one model to compare")
     results: dict[str, EvaluationResult] = {}
