@@ -25,7 +25,13 @@ from recforge.data import Interactions
 from recforge.errors import DataError, NotFittedError, UnknownIdError, UnsupportedError
 from recforge.models import RatingPredictor, Recommender, available_models, create_model, get_model_class
 
-FAST_PARAMS: dict[str, dict] = {}
+_SEQ = {"max_len": 50, "n_factors": 32, "epochs": 20, "lr": 3e-3, "batch_size": 64, "num_threads": 1, "progress": False}
+FAST_PARAMS: dict[str, dict] = {
+    "sasrec": _SEQ,
+    "gru4rec": {**_SEQ, "hidden_size": 64},
+    "pooling": _SEQ,
+    "bert4rec": _SEQ,
+}
 #: What each model must beat in NDCG@10 on the planted data (None: no ranking claim, e.g. the floor itself).
 #: Default: most-popular for top-N models, nothing for rating models (their claim is RMSE, below).
 MUST_BEAT: dict[str, str | None] = {"random": None, "pop": "random"}

@@ -60,6 +60,11 @@ class Recommender:
     predicts_ratings: ClassVar[bool] = False
     #: True for models that implement ``_grow`` and ``_partial_fit`` (incremental updates).
     supports_partial_fit: ClassVar[bool] = False
+    #: True for models whose score depends on the order of the user's recent items (sequential models):
+    #: next-event evaluation then scores each sample from its own history via ``score_histories``.
+    uses_history: ClassVar[bool] = False
+    #: True for models that use a validation set during ``fit`` (early stopping of neural models).
+    supports_validation: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ parameters
     @classmethod
@@ -85,12 +90,22 @@ class Recommender:
         return f"{type(self).__name__}({args})"
 
     # ------------------------------------------------------------------ fitting
-    def fit(self, interactions: Interactions) -> Recommender:
-        """Fit on interactions; returns ``self``."""
+    def fit(self, interactions: Interactions, valid: Interactions | None = None) -> Recommender:
+        """Fit on interactions; returns ``self``.
+
+        ``valid`` (same id maps as ``interactions``) is used by models with ``supports_validation`` for early
+        stopping — each of its events is a next-item target whose history is the user's earlier events — and
+        ignored by the others.
+        """
         if not isinstance(interactions, Interactions):
             raise DataError(f"fit expects recforge Interactions, got {type(interactions).__name__}")
         if len(interactions) == 0:
             raise EmptyDatasetError("cannot fit on an empty dataset")
+        if valid is not None:
+            if not isinstance(valid, Interactions):
+                raise DataError(f"valid must be recforge Interactions, got {type(valid).__name__}")
+            if valid.item_map != interactions.item_map or valid.user_map != interactions.user_map:
+                raise DataError("valid and the training data use different id maps; split one Interactions object")
         start = time.perf_counter()
         self.user_map_ = interactions.user_map
         self.item_map_ = interactions.item_map
@@ -104,7 +119,12 @@ class Recommender:
             if data is not None and "title" in data.columns
             else None
         )
-        self._fit(interactions)
+        if self.supports_validation:
+            self._fit(interactions, valid)  # type: ignore[call-arg]
+        else:
+            if valid is not None and len(valid):
+                log.debug("%s does not use a validation set; ignoring it", type(self).__name__)
+            self._fit(interactions)
         self.fit_seconds_ = time.perf_counter() - start
         log.info("fitted %s in %.2fs", type(self).__name__, self.fit_seconds_)
         return self
@@ -182,6 +202,64 @@ class Recommender:
 
     def _score(self, users: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def score_histories(self, histories: Any) -> np.ndarray:
+        """Dense float32 scores (one row per history × n_items) for item-index histories, oldest item first.
+
+        ``histories``: a list of index arrays, or a pair ``(offsets, items)`` of flat arrays where history ``h``
+        is ``items[offsets[h]:offsets[h+1]]``. Models that cannot score a history raise
+        :class:`~recforge.errors.UnsupportedError`.
+        """
+        self._check_fitted()
+        offsets, items = flat_histories(histories)
+        if items.size and (items.min() < 0 or items.max() >= self.n_items_):
+            raise DataError(f"history item indices must lie in [0, {self.n_items_}); translate ids with item_map_")
+        out = np.asarray(self._score_histories(offsets, items), dtype=np.float32)
+        if out.shape != (len(offsets) - 1, self.n_items_):
+            raise AssertionError(f"{type(self).__name__}._score_histories returned shape {out.shape}")
+        return out
+
+    def _score_histories(self, offsets: np.ndarray, items: np.ndarray) -> np.ndarray:
+        raise UnsupportedError(
+            f"{type(self).__name__} scores known users only; use a sequential, item-item or popularity model "
+            "to recommend for an item history"
+        )
+
+    def recommend_for_history(
+        self,
+        items: Any,
+        k: int = 10,
+        exclude_history: bool = True,
+        on_unknown: Literal["raise", "warn", "ignore"] = "warn",
+        with_titles: bool = False,
+    ) -> pd.DataFrame:
+        """Top-``k`` items (``item_id, score, rank[, title]``) for a new session given its item ids, oldest first.
+
+        Works for users the model never saw (cold users). Items unknown to the model follow ``on_unknown``
+        (``"warn"``/``"ignore"`` drop them); ``exclude_history`` removes the session's own items.
+        """
+        self._check_fitted()
+        k = check_k(k)
+        ids = np.atleast_1d(np.asarray(items))
+        idx = self.item_map_.to_index(ids, on_unknown=on_unknown, what="items") if ids.size else np.zeros(0, np.int32)
+        scores = self.score_histories([idx])
+        if exclude_history and idx.size:
+            excl = sp.csr_matrix((np.ones(idx.size, np.float32), idx, [0, idx.size]), shape=(1, self.n_items_))
+            excl.sum_duplicates()
+            top, top_s = mask_and_topk(scores, min(k, self.n_items_), excl.indptr, excl.indices)
+        else:
+            top, top_s = mask_and_topk(scores, min(k, self.n_items_))
+        valid = top[0] >= 0
+        out = pd.DataFrame(
+            {
+                "item_id": self.item_map_.to_ids(top[0][valid]),
+                "score": top_s[0][valid],
+                "rank": np.arange(1, int(valid.sum()) + 1, dtype=np.int32),
+            }
+        )
+        if with_titles and getattr(self, "item_titles_", None) is not None:
+            out["title"] = self.item_titles_[top[0][valid]]
+        return out
 
     def recommend_indices(
         self,
@@ -352,6 +430,20 @@ class RatingPredictor(Recommender):
     def predict_indices(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Predicted ratings for index pairs; ``-1`` marks an unknown user or item."""
         raise NotImplementedError
+
+
+def flat_histories(histories: Any) -> tuple[np.ndarray, np.ndarray]:
+    """Histories as flat ``(offsets, items)`` int64 arrays, from a list of index arrays or such a pair."""
+    if isinstance(histories, tuple) and len(histories) == 2 and not np.isscalar(histories[0]):
+        offsets = np.asarray(histories[0], dtype=np.int64)
+        items = np.asarray(histories[1], dtype=np.int64)
+        if offsets.ndim != 1 or len(offsets) < 1 or offsets[0] != 0 or offsets[-1] != len(items) or (np.diff(offsets) < 0).any():
+            raise DataError("history offsets must start at 0, never decrease and end at len(items)")
+        return offsets, items
+    parts = [np.asarray(h, dtype=np.int64).reshape(-1) for h in histories]
+    offsets = np.zeros(len(parts) + 1, np.int64)
+    np.cumsum([len(p) for p in parts], out=offsets[1:])
+    return offsets, (np.concatenate(parts) if parts else np.zeros(0, np.int64))
 
 
 def _grow_csr(mat: sp.csr_matrix, n_rows: int, n_cols: int, rows: np.ndarray, cols: np.ndarray) -> sp.csr_matrix:

@@ -72,6 +72,9 @@ class MostPopular(Recommender):
     def _score(self, users: np.ndarray) -> np.ndarray:
         return np.broadcast_to(self.popularity_, (len(users), self.n_items_)).copy()
 
+    def _score_histories(self, offsets: np.ndarray, items: np.ndarray) -> np.ndarray:
+        return np.broadcast_to(self.popularity_, (len(offsets) - 1, self.n_items_)).copy()
+
     supports_partial_fit = True
 
     def _grow(self, n_new_users: int, n_new_items: int) -> None:

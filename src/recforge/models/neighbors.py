@@ -316,6 +316,23 @@ class ItemItemModel(Recommender):
             out[:, self.n_fitted_items_ :] = _LOWEST
         return out
 
+    def _score_histories(self, offsets: np.ndarray, items: np.ndarray) -> np.ndarray:
+        # A history is scored like a user row with binary values (its items' order does not matter here).
+        n = len(offsets) - 1
+        x = sp.csr_matrix((np.ones(len(items), np.float32), items, offsets), shape=(n, self.n_items_))
+        x.sum_duplicates()
+        x.data[:] = 1.0
+        out = np.zeros((n, self.n_items_), np.float32)
+        rows = np.arange(n, dtype=np.int64)
+        if isinstance(self.weights_, np.ndarray):
+            _score_dense(x.indptr.astype(np.int64), x.indices, x.data, rows, self.weights_, out)
+        else:
+            w = self.weights_
+            _score_sparse(x.indptr.astype(np.int64), x.indices, x.data, rows, w.indptr, w.indices, w.data, out)
+        if self.n_fitted_items_ < out.shape[1]:
+            out[:, self.n_fitted_items_ :] = _LOWEST
+        return out
+
     # ------------------------------------------------------------------ incremental updates
     def _grow(self, n_new_users: int, n_new_items: int) -> None:
         n_users, n_items = self.n_users_, self.n_items_  # the maps are already extended

@@ -1,0 +1,249 @@
+"""The base of every sequential model: vocabulary, training windows, the shared trainer, validation on next-item
+ranking, batched inference from histories, and pickle-free artifacts.
+
+A subclass provides a :class:`SequenceNet` (``_build_net``); the net turns a right-padded token batch into one
+vector per position, scores the catalogue from a vector, and computes its training loss.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from recforge.data.interactions import Interactions
+from recforge.errors import DataError
+from recforge.models.base import Recommender
+from recforge.models.params import check_choice, check_int, check_number
+from recforge.neural.checkpoint import numpy_to_state, state_to_numpy
+from recforge.neural.device import resolve_device, torch_threads
+from recforge.neural.sequences import (
+    TokenSequences,
+    n_tokens,
+    next_event_histories,
+    pad_right,
+    vocabulary,
+    window_batches,
+)
+from recforge.neural.trainer import Trainer, TrainerConfig
+
+log = logging.getLogger(__name__)
+
+_INFER_ROWS = 512  # histories encoded per forward pass at inference
+_VALID_METRICS = ("ndcg@10", "hr@10", "mrr")
+
+
+class SequenceNet(nn.Module):
+    """What a sequential model's network provides to :class:`SequentialRecommender`."""
+
+    n_items: int
+
+    def encode_last(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """One vector per right-padded history (batch × dim) that scores the next item."""
+        raise NotImplementedError
+
+    def score_items(self, query: torch.Tensor) -> torch.Tensor:
+        """Scores of every catalogue item (batch × n_items) for query vectors."""
+        raise NotImplementedError
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean training loss of a batch ``{"seq": B × W tokens}`` of padded windows."""
+        raise NotImplementedError
+
+
+def shifted_targets(seq: torch.Tensor, n_items: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Split padded windows into inputs, next-item targets and the mask of positions that are real targets
+    (not padding, not an out-of-vocabulary item)."""
+    inputs, targets = seq[:, :-1], seq[:, 1:]
+    mask = (targets > 0) & (targets <= n_items)
+    return inputs, targets, mask
+
+
+class SequentialRecommender(Recommender):
+    """Base class of next-item models trained by :class:`recforge.neural.Trainer`.
+
+    Shared hyper-parameters (subclasses add their architecture's): ``max_len`` (events of history the model
+    sees), ``n_factors`` (embedding size), ``epochs``, ``batch_size`` (windows per step), ``lr``,
+    ``weight_decay``, ``dropout``, ``grad_clip``, ``schedule``/``warmup_steps`` (learning-rate schedule),
+    ``patience`` and ``validate_every`` (early stopping on ``valid_metric`` when ``fit`` gets ``valid``),
+    ``all_windows`` (train on every ``max_len`` window of long histories instead of the last one only),
+    ``min_item_count`` (rarer items become one out-of-vocabulary token on input and are never targets),
+    ``device`` ("auto" = CUDA if present), ``amp`` (mixed precision on GPU), ``checkpoint_dir``/``resume``,
+    ``seed``, ``progress``, ``num_threads``.
+    """
+
+    uses_history: ClassVar[bool] = True
+    supports_validation: ClassVar[bool] = True
+    net_: SequenceNet
+
+    def _check_common(self) -> None:
+        for name in ("max_len", "n_factors", "epochs", "batch_size"):
+            check_int(self, name, 2 if name == "max_len" else 1)
+        check_int(self, "min_item_count", 0)
+        check_int(self, "patience", 0)
+        check_int(self, "validate_every", 0)
+        check_int(self, "warmup_steps", 0)
+        check_number(self, "lr", strict=True)
+        check_number(self, "weight_decay")
+        check_number(self, "dropout", maximum=0.99)
+        check_choice(self, "valid_metric", _VALID_METRICS)
+        check_choice(self, "schedule", ("constant", "cosine", "linear"))
+
+    # ------------------------------------------------------------------ to implement
+    def _build_net(self, n_items: int) -> SequenceNet:
+        raise NotImplementedError
+
+    def _window_len(self) -> int:
+        """Tokens per training window: ``max_len`` inputs plus the shifted target."""
+        return self.max_len
+
+    def _history_len(self) -> int:
+        """How many of the latest events inference feeds the net."""
+        return self.max_len
+
+    # ------------------------------------------------------------------ fitting
+    def _trainer_config(self) -> TrainerConfig:
+        return TrainerConfig(
+            epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay, optimizer="adamw" if self.weight_decay else "adam",
+            schedule=self.schedule, warmup_steps=self.warmup_steps, grad_clip=self.grad_clip,
+            validate_every=self.validate_every, patience=self.patience, metric=self.valid_metric, device=self.device,
+            amp=self.amp, seed=self.seed, progress=self.progress, checkpoint_dir=self.checkpoint_dir,
+            resume=self.resume, desc=type(self).__name__,
+        )
+
+    def _fit(self, interactions: Interactions, valid: Interactions | None = None) -> None:
+        self._check_common()
+        n_items = interactions.n_items
+        vocab, counts = vocabulary(interactions, self.min_item_count)
+        seqs = TokenSequences.from_interactions(interactions, vocab)
+        self.vocab_ = vocab
+        self.item_counts_ = counts
+        self.history_ = seqs.keep_last(self._history_len())
+        starts, lengths = seqs.windows(self._window_len(), self.all_windows)
+        if len(starts) == 0:
+            raise DataError(f"{type(self).__name__} needs at least one user with 2 or more events to learn from")
+        with torch.random.fork_rng(devices=[]), torch_threads(self.num_threads):
+            torch.manual_seed(self.seed)
+            net = self._build_net(n_items)
+            trainer = Trainer(net, self._trainer_config())
+            validate = None
+            if valid is not None and len(valid):
+                validate = self._validator(interactions, valid, net, trainer.device)
+
+            def batches(epoch: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
+                for seq in window_batches(seqs, starts, lengths, self.batch_size, rng):
+                    yield {"seq": seq}
+
+            steps = math.ceil(len(starts) / self.batch_size)
+            result = trainer.fit(net.loss, batches, steps, validate)
+        self.net_ = net
+        self.device_ = trainer.device
+        self.training_history_ = result.history
+        self.best_epoch_ = result.best_epoch
+        self.best_score_ = result.best_metric
+        self.seconds_to_best_ = result.seconds_to_best
+        self.stopped_early_ = result.stopped_early
+        self.loss_history_ = result.history["loss"].tolist() if len(result.history) else []
+
+    def _validator(
+        self, train: Interactions, valid: Interactions, net: SequenceNet, device: torch.device, max_samples: int = 10_000
+    ) -> Any:
+        """A closure computing NDCG@10, HR@10 and MRR of the next validation event over the full catalogue."""
+        hist, lengths, targets, _ = next_event_histories(train, valid, self.vocab_, self._history_len())
+        if len(targets) == 0:
+            log.warning("%s: no validation event has a history; training without validation", type(self).__name__)
+            return None
+        if len(targets) > max_samples:  # a fixed random subset keeps validation cheap on big data
+            keep = np.sort(np.random.default_rng(self.seed).choice(len(targets), max_samples, replace=False))
+            hist, lengths, targets = hist[keep], lengths[keep], targets[keep]
+
+        def validate() -> dict[str, float]:
+            ranks = []
+            for lo in range(0, len(targets), _INFER_ROWS):
+                tok = torch.from_numpy(hist[lo : lo + _INFER_ROWS]).to(device)
+                ln = torch.from_numpy(lengths[lo : lo + _INFER_ROWS]).to(device)
+                tg = torch.from_numpy(targets[lo : lo + _INFER_ROWS]).to(device)
+                scores = net.score_items(net.encode_last(tok, ln)).float()
+                own = scores.gather(1, tg.unsqueeze(1))
+                ranks.append(((scores > own).sum(1) + 1).cpu().numpy())
+            r = np.concatenate(ranks).astype(np.float64)
+            return {"ndcg@10": float(np.mean(np.where(r <= 10, 1 / np.log2(r + 1), 0.0))),
+                    "hr@10": float(np.mean(r <= 10)), "mrr": float(np.mean(1 / r))}
+
+        return validate
+
+    # ------------------------------------------------------------------ inference
+    def _score_tokens(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Scores for right-padded token histories; empty histories get the training popularity instead."""
+        n = len(lengths)
+        out = np.empty((n, self.n_items_), np.float32)
+        net = self.net_
+        device = next(net.parameters()).device
+        net.eval()
+        empty = lengths == 0
+        with torch.no_grad(), torch_threads(self.num_threads):
+            for lo in range(0, n, _INFER_ROWS):
+                hi = min(n, lo + _INFER_ROWS)
+                ln = np.maximum(lengths[lo:hi], 1)
+                tok = tokens[lo:hi, : max(1, int(ln.max()))]
+                q = net.encode_last(torch.from_numpy(np.ascontiguousarray(tok)).to(device), torch.from_numpy(ln).to(device))
+                out[lo:hi] = net.score_items(q).float().cpu().numpy()[:, : self.n_items_]
+        if empty.any():
+            out[empty] = np.log1p(self.item_counts_[: self.n_items_]).astype(np.float32)
+        return out
+
+    def _score(self, users: np.ndarray) -> np.ndarray:
+        tokens, lengths = self.history_.last(np.asarray(users, dtype=np.int64), self._history_len())
+        return self._score_tokens(tokens, lengths)
+
+    def _score_histories(self, offsets: np.ndarray, items: np.ndarray) -> np.ndarray:
+        tokens_flat = self.vocab_[items] if len(items) else np.zeros(0, np.int64)
+        ends = offsets[1:]
+        starts = np.maximum(offsets[:-1], ends - self._history_len())
+        lengths = ends - starts
+        return self._score_tokens(pad_right(tokens_flat, starts, lengths), lengths)
+
+    # ------------------------------------------------------------------ persistence
+    def _state(self) -> dict[str, Any]:
+        return {
+            **state_to_numpy(self.net_.state_dict(), "net."),
+            "vocab": self.vocab_,
+            "item_counts": self.item_counts_,
+            "history.tokens": self.history_.tokens,
+            "history.offsets": self.history_.offsets,
+        }
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        self.vocab_ = state["vocab"]
+        self.item_counts_ = state["item_counts"]
+        self.history_ = TokenSequences(state["history.tokens"], state["history.offsets"])
+        with torch.random.fork_rng(devices=[]):
+            net = self._build_net(len(self.vocab_))
+        net.load_state_dict(numpy_to_state(state, "net."))
+        self.device_ = resolve_device(self.device)
+        self.net_ = net.to(self.device_).eval()
+
+
+def n_vocab(n_items: int) -> int:
+    """Rows of a sequential model's item embedding table (see :mod:`recforge.neural.sequences`)."""
+    return n_tokens(n_items)
+
+
+def set_params(model: Recommender, params: dict[str, Any]) -> None:
+    """Store constructor arguments (``locals()`` of ``__init__``) under their own names, sklearn-style."""
+    for key, value in params.items():
+        if key not in ("self", "__class__"):
+            setattr(model, key, value)
+
+
+def token_log_q(item_counts: np.ndarray | None, n_items: int) -> torch.Tensor:
+    """log of every token's share of the training events (for the logQ correction); special tokens get ~0."""
+    counts = np.zeros(n_tokens(n_items), np.float64)
+    if item_counts is not None:
+        counts[1 : n_items + 1] = item_counts[:n_items]
+    return torch.from_numpy(np.log(counts / max(1.0, counts.sum()) + 1e-9).astype(np.float32))

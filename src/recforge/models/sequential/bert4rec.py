@@ -1,0 +1,121 @@
+"""BERT4Rec: a bidirectional transformer trained to recover masked items (Sun et al., CIKM 2019)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from recforge.models.params import check_choice, check_int, check_number
+from recforge.models.registry import register
+from recforge.models.sequential.base import SequenceNet, SequentialRecommender, set_params, token_log_q
+from recforge.neural.layers import TransformerStack, reverse_positions, truncated_normal_init
+from recforge.neural.losses import LOSSES, next_item_loss
+from recforge.neural.sequences import n_tokens
+
+
+class BERT4RecNet(SequenceNet):
+    """Item + position embeddings, a bidirectional pre-norm transformer; a mask token marks what to predict."""
+
+    def __init__(self, n_items: int, dim: int, max_len: int, n_layers: int, n_heads: int, dropout: float,
+                 mask_prob: float, loss: str, n_negatives: int, log_q: torch.Tensor) -> None:
+        super().__init__()
+        self.n_items = n_items
+        self.mask_token = n_items + 2
+        self.mask_prob = mask_prob
+        self.loss_name = loss
+        self.n_negatives = n_negatives
+        self.item_emb = nn.Embedding(n_tokens(n_items), dim, padding_idx=0)
+        self.pos_emb = nn.Embedding(max_len + 1, dim)
+        self.drop = nn.Dropout(dropout)
+        self.encoder = TransformerStack(dim, n_layers, n_heads, dropout, causal=False)
+        self.register_buffer("log_q", log_q)
+        truncated_normal_init(self)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    def hidden(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """Encoder output at every position; padding is masked out of attention."""
+        pos = reverse_positions(lengths, tokens.shape[1])
+        x = self.drop(self.item_emb(tokens) + self.pos_emb(pos))
+        return self.encoder(x, padding=tokens == 0)
+
+    def encode_last(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # Append the mask token after each history and read the prediction at its place.
+        rows = torch.arange(len(lengths), device=tokens.device)
+        ext = torch.cat([tokens, tokens.new_zeros(len(lengths), 1)], dim=1)
+        ext[rows, lengths] = self.mask_token
+        return self.hidden(ext, lengths + 1)[rows, lengths]
+
+    def score_items(self, query: torch.Tensor) -> torch.Tensor:
+        return query @ self.item_emb.weight[1 : self.n_items + 1].T
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        seq = batch["seq"]
+        real = seq > 0
+        lengths = real.sum(1)
+        masked = (torch.rand(seq.shape, device=seq.device) < self.mask_prob) & real
+        # Every window also predicts its last event, the task inference asks for.
+        rows = torch.arange(len(seq), device=seq.device)
+        masked[rows, lengths - 1] |= torch.rand(len(seq), device=seq.device) < 0.5
+        none = ~masked.any(1)
+        masked[rows[none], lengths[none] - 1] = True
+        targets = seq[masked]
+        inputs = seq.masked_fill(masked, self.mask_token)
+        h = self.hidden(inputs, lengths)[masked]
+        keep = targets <= self.n_items  # an out-of-vocabulary item is never a target
+        return next_item_loss(self.loss_name, h[keep], targets[keep], self.item_emb.weight[: self.n_items + 1],
+                              self.n_negatives, self.log_q)
+
+
+@register("bert4rec", "bert")
+class BERT4Rec(SequentialRecommender):
+    """BERT4Rec next-item model: ``mask_prob`` of each window's events are replaced by a mask token and
+    recovered from both sides; the last event is masked in half of the windows so training matches inference
+    (predict what follows the history). ``loss`` as in :class:`SASRec` (full softmax by default)."""
+
+    def __init__(
+        self,
+        n_factors: int = 64,
+        n_layers: int = 2,
+        n_heads: int = 2,
+        max_len: int = 200,
+        dropout: float = 0.2,
+        mask_prob: float = 0.2,
+        loss: str = "softmax",
+        n_negatives: int = 256,
+        epochs: int = 200,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        grad_clip: float | None = 1.0,
+        schedule: str = "constant",
+        warmup_steps: int = 0,
+        validate_every: int = 0,
+        patience: int = 5,
+        valid_metric: str = "ndcg@10",
+        all_windows: bool = True,
+        min_item_count: int = 0,
+        device: str = "auto",
+        amp: bool = True,
+        checkpoint_dir: str | None = None,
+        resume: bool = False,
+        seed: int = 0,
+        progress: bool = True,
+        num_threads: int = 0,
+    ) -> None:
+        set_params(self, locals())
+
+    def _window_len(self) -> int:
+        return self.max_len - 1  # windows of max_len tokens; no shifted target
+
+    def _history_len(self) -> int:
+        return self.max_len - 1  # room for the appended mask token
+
+    def _build_net(self, n_items: int) -> BERT4RecNet:
+        check_choice(self, "loss", LOSSES)
+        check_int(self, "n_layers")
+        check_int(self, "n_heads")
+        check_number(self, "mask_prob", strict=True, maximum=1.0)
+        log_q = token_log_q(getattr(self, "item_counts_", None), n_items)
+        return BERT4RecNet(n_items, self.n_factors, self.max_len, self.n_layers, self.n_heads, self.dropout,
+                           self.mask_prob, self.loss, self.n_negatives, log_q)

@@ -1,0 +1,85 @@
+"""GRU4Rec-style session model: a GRU over the item sequence with cross-entropy over the catalogue at every
+position ("Improved Recurrent Neural Networks for Session-based Recommendations", Tan et al., DLRS 2016)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recforge.models.params import check_int
+from recforge.models.registry import register
+from recforge.models.sequential.base import SequenceNet, SequentialRecommender, set_params, shifted_targets
+from recforge.neural.sequences import n_tokens
+
+
+class GRUNet(SequenceNet):
+    """Embedding → dropout → GRU → an output layer over the catalogue (own weights and biases)."""
+
+    def __init__(self, n_items: int, dim: int, hidden: int, n_layers: int, dropout: float) -> None:
+        super().__init__()
+        self.n_items = n_items
+        self.item_emb = nn.Embedding(n_tokens(n_items), dim, padding_idx=0)
+        self.drop = nn.Dropout(dropout)
+        self.gru = nn.GRU(dim, hidden, n_layers, batch_first=True, dropout=dropout if n_layers > 1 else 0.0)
+        self.out = nn.Linear(hidden, n_items)
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        # Right padding keeps every real step's state independent of the padding after it: no packing needed.
+        out, _ = self.gru(self.drop(self.item_emb(tokens)))
+        return self.drop(out)
+
+    def encode_last(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(tokens)
+        return h[torch.arange(len(lengths), device=h.device), lengths - 1]
+
+    def score_items(self, query: torch.Tensor) -> torch.Tensor:
+        return self.out(query)
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs, targets, mask = shifted_targets(batch["seq"], self.n_items)
+        h = self.hidden(inputs)[mask]
+        return F.cross_entropy(self.out(h).float(), targets[mask] - 1)
+
+
+@register("gru4rec", "gru")
+class GRU4Rec(SequentialRecommender):
+    """GRU next-item model trained with full cross-entropy at every position.
+
+    Defaults: 128-dim embeddings and GRU state, one layer (the paper found more layers add little), dropout
+    0.1, Adam lr 1e-3; see :class:`SequentialRecommender` for the shared parameters.
+    """
+
+    def __init__(
+        self,
+        n_factors: int = 128,
+        hidden_size: int = 128,
+        n_layers: int = 1,
+        max_len: int = 200,
+        dropout: float = 0.1,
+        epochs: int = 100,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        grad_clip: float | None = 1.0,
+        schedule: str = "constant",
+        warmup_steps: int = 0,
+        validate_every: int = 0,
+        patience: int = 5,
+        valid_metric: str = "ndcg@10",
+        all_windows: bool = True,
+        min_item_count: int = 0,
+        device: str = "auto",
+        amp: bool = True,
+        checkpoint_dir: str | None = None,
+        resume: bool = False,
+        seed: int = 0,
+        progress: bool = True,
+        num_threads: int = 0,
+    ) -> None:
+        set_params(self, locals())
+
+    def _build_net(self, n_items: int) -> GRUNet:
+        check_int(self, "hidden_size")
+        check_int(self, "n_layers")
+        return GRUNet(n_items, self.n_factors, self.hidden_size, self.n_layers, self.dropout)

@@ -1,0 +1,93 @@
+"""A continuous-bag-of-words baseline: the next item is predicted from the mean embedding of the last items."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from recforge.models.params import check_int
+from recforge.models.registry import register
+from recforge.models.sequential.base import SequenceNet, SequentialRecommender, set_params, shifted_targets
+from recforge.neural.sequences import n_tokens
+
+
+class PoolingNet(SequenceNet):
+    """Mean of the last ``window`` input embeddings (all earlier ones when 0) → linear layer → dot product with
+    output item embeddings plus an item bias."""
+
+    def __init__(self, n_items: int, dim: int, window: int, dropout: float) -> None:
+        super().__init__()
+        self.n_items = n_items
+        self.window = window
+        self.item_emb = nn.Embedding(n_tokens(n_items), dim, padding_idx=0)
+        self.proj = nn.Linear(dim, dim)
+        self.drop = nn.Dropout(dropout)
+        self.out_emb = nn.Embedding(n_items, dim)
+        self.out_bias = nn.Parameter(torch.zeros(n_items))
+        nn.init.normal_(self.item_emb.weight, std=0.05)
+        nn.init.normal_(self.out_emb.weight, std=0.05)
+        with torch.no_grad():
+            self.item_emb.weight[0].zero_()
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Causal windowed mean at every position, via cumulative sums (no loop over positions)."""
+        emb = self.item_emb(tokens)
+        real = (tokens > 0).to(emb.dtype).unsqueeze(-1)
+        total = torch.cumsum(emb, dim=1)
+        count = torch.cumsum(real, dim=1)
+        if self.window and self.window < tokens.shape[1]:
+            total = total - F.pad(total, (0, 0, self.window, 0))[:, : tokens.shape[1]]
+            count = count - F.pad(count, (0, 0, self.window, 0))[:, : tokens.shape[1]]
+        return self.drop(self.proj(total / count.clamp(min=1.0)))
+
+    def encode_last(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        h = self.hidden(tokens)
+        return h[torch.arange(len(lengths), device=h.device), lengths - 1]
+
+    def score_items(self, query: torch.Tensor) -> torch.Tensor:
+        return query @ self.out_emb.weight.T + self.out_bias
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs, targets, mask = shifted_targets(batch["seq"], self.n_items)
+        return F.cross_entropy(self.score_items(self.hidden(inputs)[mask]).float(), targets[mask] - 1)
+
+
+@register("pooling", "cbow")
+class Pooling(SequentialRecommender):
+    """Order-free baseline over the recent history: how much do the sequential models gain from order?
+
+    ``window``: how many of the latest items are averaged (0 = the whole history seen by the model).
+    """
+
+    def __init__(
+        self,
+        n_factors: int = 64,
+        window: int = 20,
+        max_len: int = 200,
+        dropout: float = 0.1,
+        epochs: int = 100,
+        batch_size: int = 128,
+        lr: float = 1e-3,
+        weight_decay: float = 0.0,
+        grad_clip: float | None = 1.0,
+        schedule: str = "constant",
+        warmup_steps: int = 0,
+        validate_every: int = 0,
+        patience: int = 5,
+        valid_metric: str = "ndcg@10",
+        all_windows: bool = True,
+        min_item_count: int = 0,
+        device: str = "auto",
+        amp: bool = True,
+        checkpoint_dir: str | None = None,
+        resume: bool = False,
+        seed: int = 0,
+        progress: bool = True,
+        num_threads: int = 0,
+    ) -> None:
+        set_params(self, locals())
+
+    def _build_net(self, n_items: int) -> PoolingNet:
+        check_int(self, "window", 0)
+        return PoolingNet(n_items, self.n_factors, self.window, self.dropout)

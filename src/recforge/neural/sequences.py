@@ -1,0 +1,141 @@
+"""The sequence pipeline of the neural models: item tokens, training windows and padded batches, all as flat
+numpy arrays with offsets (no per-user Python lists anywhere on the hot path).
+
+Tokens: ``0`` is padding, item index ``i`` is token ``i + 1``, ``n_items + 1`` stands for an item outside the
+vocabulary (rarer than ``min_item_count``) and ``n_items + 2`` is BERT4Rec's mask token. Batches are
+right-padded: real events first, so a causal model never looks at padding.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from recforge.data.interactions import Interactions
+
+PAD = 0
+
+
+def n_tokens(n_items: int) -> int:
+    """Size of the token vocabulary for a catalogue of ``n_items``: pad, the items, OOV and MASK."""
+    return n_items + 3
+
+
+def pad_right(flat: np.ndarray, starts: np.ndarray, lengths: np.ndarray, width: int | None = None) -> np.ndarray:
+    """Rows ``flat[starts[r] : starts[r] + lengths[r]]`` left-aligned in an int64 matrix padded with 0."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    width = int(lengths.max(initial=0)) if width is None else int(width)
+    col = np.arange(width, dtype=np.int64)
+    idx = np.asarray(starts, dtype=np.int64)[:, None] + col
+    valid = col < lengths[:, None]
+    out = np.zeros((len(lengths), width), dtype=np.int64)
+    if len(flat):
+        out[valid] = flat[idx[valid]]
+    return out
+
+
+@dataclass
+class TokenSequences:
+    """Every user's time-ordered tokens, flat: user ``u`` owns ``tokens[offsets[u]:offsets[u+1]]``."""
+
+    tokens: np.ndarray
+    offsets: np.ndarray
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Number of events of every user."""
+        return np.diff(self.offsets)
+
+    @classmethod
+    def from_interactions(cls, inter: Interactions, vocab: np.ndarray) -> TokenSequences:
+        """Tokens of ``inter``'s sequences through ``vocab`` (item index → token, see :func:`vocabulary`)."""
+        seq = inter.sequences()
+        return cls(vocab[seq.items].astype(np.int64), seq.offsets.astype(np.int64))
+
+    def last(self, users: np.ndarray, max_len: int) -> tuple[np.ndarray, np.ndarray]:
+        """The last ``max_len`` tokens of each user, right-padded, and their lengths."""
+        users = np.asarray(users, dtype=np.int64)
+        ends = self.offsets[users + 1]
+        starts = np.maximum(self.offsets[users], ends - max_len)
+        lengths = ends - starts
+        return pad_right(self.tokens, starts, lengths), lengths
+
+    def keep_last(self, max_len: int) -> TokenSequences:
+        """Only the last ``max_len`` tokens of every user (what inference needs)."""
+        ends = self.offsets[1:]
+        starts = np.maximum(self.offsets[:-1], ends - max_len)
+        lengths = ends - starts
+        offsets = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return TokenSequences(self.tokens[flat], offsets)
+
+    def windows(self, max_len: int, all_windows: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """Training windows: (start, length) pairs of at most ``max_len + 1`` tokens (inputs and shifted targets).
+
+        Each user's sequence is cut from its end into consecutive windows overlapping by one event, so every
+        event but the first is a target exactly once; ``all_windows=False`` keeps only the most recent window of
+        each user (the SASRec paper's choice). Users with fewer than 2 events give no window.
+        """
+        lengths = self.lengths
+        usable = np.maximum(lengths - 1, 0)  # targets per user
+        per_user = -(-usable // max_len) if all_windows else np.minimum(usable, 1)
+        owner = np.repeat(np.arange(len(lengths), dtype=np.int64), per_user)
+        first = np.repeat(np.cumsum(per_user) - per_user, per_user)
+        k = np.arange(len(owner), dtype=np.int64) - first  # 0 = the most recent window
+        ends = self.offsets[owner + 1] - k * max_len
+        starts = np.maximum(self.offsets[owner], ends - max_len - 1)
+        return starts, ends - starts
+
+
+def vocabulary(inter: Interactions, min_item_count: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Item index → token (rare items → the OOV token) and the training count of every item."""
+    n_items = inter.n_items
+    counts = np.bincount(inter.items, minlength=n_items).astype(np.int64)
+    vocab = np.arange(1, n_items + 1, dtype=np.int64)
+    if min_item_count > 1:
+        vocab[counts < min_item_count] = n_items + 1
+    return vocab, counts
+
+
+def window_batches(
+    seqs: TokenSequences, starts: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
+    shuffle: bool = True,
+) -> Iterator[np.ndarray]:
+    """Shuffled batches of padded windows (B × (longest window in the batch)); the model splits each row into
+    inputs ``[:-1]`` and targets ``[1:]``."""
+    order = rng.permutation(len(starts)) if shuffle else np.arange(len(starts))
+    for lo in range(0, len(order), batch_size):
+        pick = order[lo : lo + batch_size]
+        yield pad_right(seqs.tokens, starts[pick], lengths[pick])
+
+
+def next_event_histories(
+    train: Interactions, events: Interactions, vocab: np.ndarray, max_len: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every event of ``events`` as one sample whose history is all earlier events of that user in ``train`` and
+    ``events`` (time order; at equal times train first). Returns the padded histories (last ``max_len`` tokens),
+    their lengths, the target item indices and the sample's user index; samples without history are dropped."""
+    n_tr = len(train)
+    users = np.concatenate([train.users, events.users]).astype(np.int64)
+    items = np.concatenate([train.items, events.items]).astype(np.int64)
+    is_event = np.r_[np.zeros(n_tr, bool), np.ones(len(events), bool)]
+    if train.timestamps is not None and events.timestamps is not None:
+        ts = np.concatenate([train.timestamps, events.timestamps])
+        order = np.lexsort((np.arange(len(users)), is_event, ts, users))
+    else:
+        order = np.lexsort((np.arange(len(users)), users))
+    users, items, is_event = users[order], items[order], is_event[order]
+    n_users = max(train.n_users, events.n_users)
+    offsets = np.zeros(n_users + 1, np.int64)
+    np.cumsum(np.bincount(users, minlength=n_users), out=offsets[1:])
+    pos = np.flatnonzero(is_event)
+    owner = users[pos]
+    starts = np.maximum(offsets[owner], pos - max_len)
+    lengths = pos - starts
+    keep = lengths > 0
+    pos, owner, starts, lengths = pos[keep], owner[keep], starts[keep], lengths[keep]
+    tokens = vocab[items]
+    return pad_right(tokens, starts, lengths), lengths, items[pos], owner
