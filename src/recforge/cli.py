@@ -168,26 +168,36 @@ def train_cmd(
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
-def _train_test_from_files(train: Path, test: Path) -> tuple[Any, Any]:
-    """Read TRAIN and TEST tables and index them with one shared id map (items of both are ranked)."""
+def _read_parts(**files: Path | None) -> tuple[Any, Any]:
+    """Read labelled tables (e.g. train/valid/test) into one Interactions with a shared id map, plus the part
+    number of every row (the order of the keyword arguments; absent files are skipped)."""
+    import numpy as np
     import pandas as pd
 
     from recforge.data import Interactions, read_table
     from recforge.errors import DataError
 
-    tr, te = read_table(train), read_table(test)
-    for label, df in (("TRAIN", tr), ("TEST", te)):
+    frames, labels = [], []
+    for number, (label, path) in enumerate(files.items()):
+        if path is None:
+            continue
+        df = read_table(path)
         missing = [c for c in ("user_id", "item_id") if c not in df.columns]
         if missing:
-            raise DataError(f"{label} file lacks column(s) {missing}; it has {list(df.columns)}")
+            raise DataError(f"{label.upper()} file lacks column(s) {missing}; it has {list(df.columns)}")
         if len(df) == 0:
-            raise DataError(f"{label} file has no rows")
-    cols = [c for c in ("user_id", "item_id", "rating", "timestamp") if c in tr.columns and c in te.columns]
-    both = Interactions.from_frame(pd.concat([tr[cols], te[cols]], ignore_index=True))
-    n = len(tr)
-    import numpy as np
+            raise DataError(f"{label.upper()} file has no rows")
+        frames.append(df)
+        labels.append(np.full(len(df), number, np.int8))
+    cols = [c for c in ("user_id", "item_id", "rating", "timestamp") if all(c in f.columns for f in frames)]
+    both = Interactions.from_frame(pd.concat([f[cols] for f in frames], ignore_index=True))
+    return both, np.concatenate(labels)
 
-    return both.subset(np.arange(n)), both.subset(np.arange(n, len(both)))
+
+def _train_test_from_files(train: Path, test: Path) -> tuple[Any, Any]:
+    """Read TRAIN and TEST tables and index them with one shared id map (items of both are ranked)."""
+    both, labels = _read_parts(train=train, test=test)
+    return both.subset(labels == 0), both.subset(labels == 1)
 
 
 @app.command("evaluate")
@@ -195,9 +205,16 @@ def evaluate_cmd(
     model: ModelOpt,
     train: Annotated[Path | None, typer.Option(help="Training file (CSV/Parquet: user_id,item_id[,rating,timestamp]).")] = None,
     test: Annotated[Path | None, typer.Option(help="Test file with the same columns.")] = None,
+    valid: Annotated[
+        Path | None, typer.Option(help="Validation file (next-event protocol): early stopping of neural models.")
+    ] = None,
     dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset to split instead of files.")] = None,
     protocol: Annotated[
-        str, typer.Option(help="Protocol when --dataset is used: loo, random, temporal, last5, users, folds.")
+        str,
+        typer.Option(
+            help="loo, random, temporal, last5, users, folds; next-event (temporal next-item samples, also on "
+            "--train/--test files) or sequence-mrr."
+        ),
     ] = "loo",
     set_: SetOpt = None,
     k: KOpt = [10],  # noqa: B006 - typer needs a literal default
@@ -206,25 +223,55 @@ def evaluate_cmd(
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
-    """Fit a model and report its metrics, on TRAIN/TEST files made elsewhere or on a dataset split here."""
+    """Fit a model and report its metrics, on TRAIN/TEST files made elsewhere or on a dataset split here.
+
+    With --protocol next-event every TEST row is one sample whose history is all earlier events of that user
+    (TRAIN, VALID and earlier TEST rows); metrics are HR/DCG/Coverage at 5, 10 and 20 with seen items kept.
+    """
     from recforge.errors import DataError
-    from recforge.evaluation.protocols import evaluate_protocol, make_splits
+    from recforge.evaluation.protocols import evaluate_protocol, make_splits, sequence_protocol
     from recforge.split import Split
 
     if (train is None) != (test is None):
         raise DataError("give both --train and --test, or neither (then --dataset and --protocol)")
-    if train is not None and test is not None:
-        splits = [Split(*_train_test_from_files(train, test))]
-    else:
-        splits = make_splits(dataset or DEFAULT_DATASET, protocol, seed)
+    seq = sequence_protocol(protocol)
+    if valid is not None and (seq != "next-event" or train is None):
+        raise DataError("--valid is used with --protocol next-event and --train/--test files")
     est = _model(model, set_, quiet or as_json)
-    result = evaluate_protocol(est, splits, k=k, exclude_seen=exclude_seen, progress=not quiet and not as_json)
+    show = not quiet and not as_json
+    if seq is not None:
+        from recforge.evaluation import next_event as NE
+
+        ks = NE.NEXT_EVENT_KS if k == [10] else k
+        if seq == "sequence-mrr":
+            if train is not None:
+                raise DataError("the sequence-mrr protocol splits a --dataset itself; it takes no files")
+            data = _load_dataset(dataset)
+            result = NE.evaluate_sequence_mrr(est, NE.sequence_windows(data, seed=seed))
+        elif train is not None and test is not None:
+            both, labels = _read_parts(train=train, valid=valid, test=test)  # parts 0, 1, 2 as task_from_labels wants
+            result = NE.evaluate_next_event_task(est, NE.task_from_labels(both, labels), k=ks, progress=show)
+        else:
+            result = NE.evaluate_next_event_task(est, NE.temporal_next_event(_load_dataset(dataset)), k=ks,
+                                                 progress=show)
+    else:
+        if train is not None and test is not None:
+            splits = [Split(*_train_test_from_files(train, test))]
+        else:
+            splits = make_splits(dataset or DEFAULT_DATASET, protocol, seed)
+        result = evaluate_protocol(est, splits, k=k, exclude_seen=exclude_seen, progress=show)
     summary = dict(result.summary)
     if as_json:
         _echo_json(summary)
     else:
         for key in sorted(summary):
             typer.echo(f"{key:>14}: {summary[key]:.4f}")
+
+
+def _load_dataset(name: str | None) -> Any:
+    from recforge.data.datasets import load
+
+    return load(name or DEFAULT_DATASET)
 
 
 # ---------------------------------------------------------------------------------------------- recommend

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,9 +115,10 @@ def evaluate_next_event(
 ) -> EvaluationResult:
     """Next-event protocol: each sample is one row whose single relevant item is the next event.
 
-    Non-sequential models score the sample's user as fitted; sequential models (issue #4) override scoring from
-    the history. Seen items are not excluded by default, as in the temporal protocol; with ``exclude_seen`` the
-    sample's earlier items are excluded.
+    Models with ``uses_history`` (sequential models) score each sample from its own history — every earlier
+    event of the user, whichever part of the split it is in; other models score the sample's user as fitted.
+    Seen items are not excluded by default, as in the temporal protocol; with ``exclude_seen`` the sample's
+    earlier items are excluded.
     """
     ks = _ks(k)
     model._check_fitted()
@@ -138,7 +139,11 @@ def evaluate_next_event(
         flat = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])
         excl = sp.csr_matrix((np.ones(len(flat), np.float32), seq.items[flat], indptr), shape=(n, n_items))
         excl.sum_duplicates()
-    out = rank_rows(model.score, n_items, samples.users, truth, max(ks), excl, batch_size, progress)
+    if model.uses_history:
+        score_fn = _history_scorer(model, samples)
+        out = rank_rows(score_fn, n_items, np.arange(n), truth, max(ks), excl, batch_size, progress)
+    else:
+        out = rank_rows(model.score, n_items, samples.users, truth, max(ks), excl, batch_size, progress)
     per_user = pd.DataFrame(M.per_user_metrics(out.hits, out.n_rel, out.first_rank, ks))
     per_user.insert(0, "user_id", model.user_map_.to_ids(samples.users))
     summary = {c: float(per_user[c].mean()) for c in per_user.columns if c != "user_id"}
@@ -146,6 +151,24 @@ def evaluate_next_event(
         summary[f"coverage@{kk}"] = M.coverage(out.top_items, kk, n_items)
     summary["samples"] = float(n)
     return EvaluationResult(name or model.name, per_user, summary)
+
+
+def _history_scorer(model: Recommender, samples: NextEventSamples) -> Callable[[np.ndarray], np.ndarray]:
+    """Scores of sample rows from their histories (the latest ``model.max_len`` events when the model has one)."""
+    seq = samples.sequences
+    window = int(getattr(model, "max_len", 0) or 0)
+
+    def score(rows: np.ndarray) -> np.ndarray:
+        first = seq.offsets[samples.users[rows]]
+        ends = first + samples.positions[rows]
+        starts = np.maximum(first, ends - window) if window else first
+        lengths = ends - starts
+        offsets = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        return model.score_histories((offsets, seq.items[flat]))
+
+    return score
 
 
 def evaluate_scores(

@@ -60,13 +60,31 @@ PROTOCOLS: dict[str, Protocol] = {
 }
 
 
+#: Protocols that score next-item samples instead of a train/test split (see recforge.evaluation.next_event).
+SEQUENCE_PROTOCOLS: dict[str, str] = {
+    "next-event": "temporal next-event: 5-core, cuts at the 80% / 90% timestamp quantiles, every test event a sample "
+    "with all earlier events as history; HR/DCG/Coverage@5/10/20, seen items not excluded (notebook 003)",
+    "sequence-mrr": "20% of users held out, their events cut into windows of 10; MRR of each window's last item "
+    "given the others, nothing excluded (notebook 004)",
+}
+
+
+def sequence_protocol(name: str) -> str | None:
+    """The canonical name when ``name`` is a next-item protocol (``next-event``, ``sequence-mrr``), else None."""
+    key = name.strip().lower().replace("_", "-")
+    aliases = {"temporal-next-event": "next-event", "nextevent": "next-event", "seq-mrr": "sequence-mrr",
+               "mrr": "sequence-mrr"}
+    key = aliases.get(key, key)
+    return key if key in SEQUENCE_PROTOCOLS else None
+
+
 def get_protocol(name: str) -> Protocol:
     """The protocol registered under ``name``; :class:`UnknownNameError` lists the valid names."""
     key = name.strip().lower().replace("_", "-")
     aliases = {"leave-one-out": "loo", "leave-last-one-out": "loo", "time": "temporal", "user": "users"}
     key = aliases.get(key, key)
     if key not in PROTOCOLS:
-        known = ", ".join([*PROTOCOLS, FOLD_PROTOCOLS[0]])
+        known = ", ".join([*PROTOCOLS, *SEQUENCE_PROTOCOLS, FOLD_PROTOCOLS[0]])
         raise UnknownNameError(f"unknown protocol {name!r}; available protocols: {known}")
     return PROTOCOLS[key]
 
@@ -146,7 +164,15 @@ def compare(
     ``models`` are registry names, model objects, or a mapping label → model. ``params`` maps a model name to
     constructor arguments. Rating models are skipped (with a warning) on data without ratings.
     """
-    splits = make_splits(data, protocol, seed)
+    seq_protocol = sequence_protocol(protocol)
+    if seq_protocol is not None:
+        if not isinstance(data, Interactions):
+            from recforge.data.datasets import load
+
+            data = load(data)
+        splits: list[S.Split] = []
+    else:
+        splits = make_splits(data, protocol, seed)
     if isinstance(models, Mapping):
         named = dict(models)
     else:
@@ -161,6 +187,9 @@ def compare(
                 named[str(m)] = create_model(str(m), **kwargs)
     if not named:
         raise DataError("give at least one model to compare")
+    if seq_protocol is not None:
+        assert isinstance(data, Interactions)
+        return _compare_sequence(data, named, seq_protocol, k, seed, metrics, progress)
     results: dict[str, EvaluationResult] = {}
     bar = tqdm(named.items(), desc=f"compare ({protocol})", unit="model", disable=not progress)
     for label, model in bar:
@@ -176,4 +205,50 @@ def compare(
     table = leaderboard(results, metrics=metrics or default_metrics, seed=seed)
     n_rows = sum(len(s.train) + len(s.test) for s in splits) // len(splits)
     table.attrs["title"] = f"{protocol} on {n_rows:,} interactions"
+    return table, results
+
+
+def _compare_sequence(
+    data: Interactions,
+    named: Mapping[str, Recommender],
+    protocol: str,
+    k: int | Sequence[int],
+    seed: int,
+    metrics: Sequence[str] | None,
+    progress: bool,
+) -> tuple[pd.DataFrame, dict[str, EvaluationResult]]:
+    """``compare`` for the next-item protocols: one task, every model fitted and scored on it."""
+    from recforge.errors import UnsupportedError
+    from recforge.evaluation.next_event import (
+        NEXT_EVENT_KS,
+        evaluate_next_event_task,
+        evaluate_sequence_mrr,
+        sequence_windows,
+        temporal_next_event,
+    )
+
+    results: dict[str, EvaluationResult] = {}
+    if protocol == "next-event":
+        task = temporal_next_event(data)
+        ks = NEXT_EVENT_KS if isinstance(k, int) and k == 10 else k
+        default = ["dcg@10", "hr@10", "dcg@5", "hr@5", "dcg@20", "hr@20", "coverage@10", "fit_seconds"]
+        title = f"{protocol} on {len(task.data):,} interactions, {len(task.samples):,} test samples"
+    else:
+        windows = sequence_windows(data, seed=seed)
+        default = ["mrr", "hr@10", "ndcg@10", "fit_seconds"]
+        title = f"{protocol} on {len(windows):,} test windows"
+    bar = tqdm(named.items(), desc=f"compare ({protocol})", unit="model", disable=not progress)
+    for label, model in bar:
+        bar.set_postfix_str(label)
+        try:
+            if protocol == "next-event":
+                results[label] = evaluate_next_event_task(model, task, k=ks, name=label)
+            else:
+                results[label] = evaluate_sequence_mrr(model, windows, name=label)
+        except UnsupportedError as exc:
+            log.warning("skipping %s: %s", label, exc)
+    if not results:
+        raise DataError(f"no model could be evaluated with the {protocol} protocol")
+    table = leaderboard(results, metrics=metrics or default, seed=seed)
+    table.attrs["title"] = title
     return table, results

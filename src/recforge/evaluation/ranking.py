@@ -117,4 +117,7 @@ def rank_rows(
         )
         bar.update(hi - lo)
     bar.close()
+    if k_eff < k:  # a catalogue smaller than k: the missing ranks are empty (never a hit)
+        top = np.pad(top, ((0, 0), (0, k - k_eff)), constant_values=-1)
+        hits = np.pad(hits, ((0, 0), (0, k - k_eff)), constant_values=False)
     return RankingOutput(users, top, hits, np.diff(targets.indptr), first)

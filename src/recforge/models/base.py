@@ -19,6 +19,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 import recforge
@@ -392,7 +393,7 @@ class Recommender:
             with np.load(p / "ids.npz", allow_pickle=False) as ids:
                 user_ids, item_ids = ids["users"], ids["items"]
                 titles = ids["item_titles"] if "item_titles" in ids.files else None
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, SafetensorError) as exc:
             raise ArtifactError(f"{str(p)!r} is incomplete or corrupt: {exc}") from None
         model = model_cls(**meta["params"])
         model.user_map_ = IdMap(user_ids)

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from recforge.data.io import atomic_directory
@@ -84,6 +85,6 @@ def load_checkpoint(
         if optimizer is not None and "optimizer" in meta:
             tensors = load_file(str(p / "optimizer.safetensors"), device=str(device))
             optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"]))
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise ArtifactError(f"{str(p)!r} is not a usable training checkpoint: {exc}") from None
     return meta["trainer"]

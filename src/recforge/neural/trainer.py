@@ -181,7 +181,7 @@ class Trainer:
 
         def run_validation(epoch_done: bool) -> bool:
             nonlocal best_weights, running, n_running
-            row = {"epoch": state["epoch"] + (1 if epoch_done else 0), "step": state["step"],
+            row = {"epoch": state["epoch"], "step": state["step"],
                    "loss": running / max(1, n_running), "lr": self.optimizer.param_groups[0]["lr"],
                    "seconds": time.perf_counter() - start}
             running, n_running = 0.0, 0

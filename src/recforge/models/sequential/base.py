@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from abc import ABCMeta, abstractmethod
 from collections.abc import Iterator
 from typing import Any, ClassVar
 
@@ -64,7 +65,7 @@ def shifted_targets(seq: torch.Tensor, n_items: int) -> tuple[torch.Tensor, torc
     return inputs, targets, mask
 
 
-class SequentialRecommender(Recommender):
+class SequentialRecommender(Recommender, metaclass=ABCMeta):
     """Base class of next-item models trained by :class:`recforge.neural.Trainer`.
 
     Shared hyper-parameters (subclasses add their architecture's): ``max_len`` (events of history the model
@@ -73,7 +74,8 @@ class SequentialRecommender(Recommender):
     ``patience`` and ``validate_every`` (early stopping on ``valid_metric`` when ``fit`` gets ``valid``),
     ``all_windows`` (train on every ``max_len`` window of long histories instead of the last one only),
     ``min_item_count`` (rarer items become one out-of-vocabulary token on input and are never targets),
-    ``device`` ("auto" = CUDA if present), ``amp`` (mixed precision on GPU), ``checkpoint_dir``/``resume``,
+    ``valid_exclude_seen`` (rank the validation event among items not in its history, like the leave-one-out
+    test; set False for the next-event protocol, which keeps seen items), ``device`` ("auto" = CUDA if present), ``amp`` (mixed precision on GPU), ``checkpoint_dir``/``resume``,
     ``seed``, ``progress``, ``num_threads``.
     """
 
@@ -95,8 +97,9 @@ class SequentialRecommender(Recommender):
         check_choice(self, "schedule", ("constant", "cosine", "linear"))
 
     # ------------------------------------------------------------------ to implement
+    @abstractmethod
     def _build_net(self, n_items: int) -> SequenceNet:
-        raise NotImplementedError
+        """The network for a catalogue of ``n_items`` (built again, then loaded, when an artifact is read)."""
 
     def _window_len(self) -> int:
         """Tokens per training window: ``max_len`` inputs plus the shifted target."""
@@ -169,6 +172,11 @@ class SequentialRecommender(Recommender):
                 ln = torch.from_numpy(lengths[lo : lo + _INFER_ROWS]).to(device)
                 tg = torch.from_numpy(targets[lo : lo + _INFER_ROWS]).to(device)
                 scores = net.score_items(net.encode_last(tok, ln)).float()
+                if self.valid_exclude_seen:  # as the test ranking will (leave-one-out); not for next-event
+                    items = (tok - 1).clamp(0, scores.shape[1] - 1)
+                    real = (tok > 0) & (tok <= scores.shape[1])
+                    # padding points at the row's first event (always real), so every write is -inf
+                    scores.scatter_(1, torch.where(real, items, items[:, :1]), float("-inf"))
                 own = scores.gather(1, tg.unsqueeze(1))
                 ranks.append(((scores > own).sum(1) + 1).cpu().numpy())
             r = np.concatenate(ranks).astype(np.float64)
@@ -186,6 +194,8 @@ class SequentialRecommender(Recommender):
         device = next(net.parameters()).device
         net.eval()
         empty = lengths == 0
+        if tokens.shape[1] == 0:  # only empty histories: one padding column keeps the shapes valid
+            tokens = np.zeros((n, 1), np.int64)
         with torch.no_grad(), torch_threads(self.num_threads):
             for lo in range(0, n, _INFER_ROWS):
                 hi = min(n, lo + _INFER_ROWS)

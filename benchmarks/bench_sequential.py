@@ -1,0 +1,237 @@
+"""Sequential-model benchmark: SASRec (four losses), BERT4Rec, GRU4Rec and pooling against classic models and
+RecTools, on three protocols.
+
+Usage::
+
+    python benchmarks/bench_sequential.py                        # everything, ML-100K and ml-latest-small
+    python benchmarks/bench_sequential.py --parts loo,speed       # some parts only
+    python benchmarks/bench_sequential.py --datasets ml-100k --threads 2
+
+Parts:
+
+``loo``      leave-last-one-out (:func:`recforge.split.leave_one_out`). Each neural model trains on ``train`` with
+             the validation event for early stopping (NDCG@10, seen items excluded, patience 5 epochs); it is then
+             refitted on train + validation for the best number of epochs and tested on the last event (seen
+             items excluded). Classic models use the grids chosen in ``bench_implicit.py``. RecTools' SASRec and
+             BERT4Rec figures come from ``benchmarks/results/rectools_seq.json``, written by
+             ``/work/peers/bin/python benchmarks/peers_rectools_seq.py --threads 1`` on the same split (RecTools
+             needs its own virtualenv); ratios compare NDCG@10 and the training time to the best validation score.
+``temporal`` notebook 003's protocol (:func:`recforge.evaluation.next_event.temporal_next_event`): 5-core, global
+             cuts at the 80% / 90% timestamp quantiles, every test event a sample whose history is all earlier
+             events; HR/DCG/Coverage at 5/10/20, seen items not excluded. Neural models stop early on the
+             validation events; classic models fit on train + validation.
+``mrr``      notebook 004's protocol (:func:`recforge.evaluation.next_event.sequence_windows`): 20% of users held
+             out, their events cut into windows of 10; MRR of the 10th item given the first 9 (nothing excluded).
+``speed``    seconds per SASRec epoch on ml-latest-small (2 layers, 64 dims, max_len 200, full softmax) and the
+             time to score every user of ml-latest-small.
+
+Threads: ``--threads N`` (default 1) limits torch, BLAS and numba to N threads (set before numpy is imported);
+every model gets ``num_threads=N``. Results are printed as markdown and saved to
+``benchmarks/results/sequential.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+DATA = HERE.parent.parent / "shared" / "data"
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--datasets", default="ml-100k,ml-latest-small")
+    p.add_argument("--parts", default="loo,temporal,mrr,speed")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--max-epochs", type=int, default=200, help="upper bound for early-stopped neural models")
+    p.add_argument("--out", default=str(HERE / "results" / "sequential.json"))
+    return p.parse_args()
+
+
+ARGS = _args() if __name__ == "__main__" else None
+if ARGS is not None:
+    for var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ[var] = str(ARGS.threads)
+
+import numpy as np
+
+from recforge import split as S
+from recforge.data.datasets import load
+from recforge.evaluation import evaluate
+from recforge.evaluation import next_event as NE
+from recforge.models import create_model
+
+#: Neural models of the tables: registry name and parameters (the rest are the defaults).
+NEURAL = {
+    "SASRec softmax": ("sasrec", {"loss": "softmax"}),
+    "SASRec BCE": ("sasrec", {"loss": "bce"}),
+    "SASRec in-batch": ("sasrec", {"loss": "inbatch"}),
+    "SASRec logQ": ("sasrec", {"loss": "logq"}),
+    "BERT4Rec": ("bert4rec", {}),
+    "GRU4Rec": ("gru4rec", {}),
+    "Pooling": ("pooling", {}),
+}
+LOO_NEURAL = ("SASRec softmax", "BERT4Rec", "GRU4Rec", "Pooling")
+#: Classic rows with the parameters bench_implicit.py selected on validation.
+CLASSIC = {
+    "MostPopular": ("pop", {}),
+    "EASE": ("ease", {"reg": 300.0}),
+    "BPR": ("bpr", {"factors": 128, "epochs": 100, "lr": 0.05, "reg": 0.001}),
+}
+
+
+def dataset(name: str):  # type: ignore[no-untyped-def]
+    local = DATA / name
+    return load(str(local) if local.exists() else name)
+
+
+def neural(label: str, threads: int, max_epochs: int, **extra):  # type: ignore[no-untyped-def]
+    name, params = NEURAL[label]
+    return create_model(name, **{"epochs": max_epochs, "num_threads": threads, "progress": False, **params, **extra})
+
+
+def classic(label: str, threads: int):  # type: ignore[no-untyped-def]
+    name, params = CLASSIC[label]
+    model = create_model(name, **params)
+    for key in ("num_threads", "progress"):
+        if key in model.get_params():
+            model.set_params(**{key: threads if key == "num_threads" else False})
+    return model
+
+
+def md(rows: list[dict], cols: list[str]) -> str:
+    head = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    body = ""
+    for r in rows:
+        cells = []
+        for c in cols:
+            v = r.get(c, "")
+            cells.append(f"{v:.4f}" if isinstance(v, float) and c not in ("fit s", "to best s", "epochs") else
+                         (f"{v:.1f}" if isinstance(v, float) else str(v)))
+        body += "| " + " | ".join(cells) + " |\n"
+    return head + body
+
+
+def part_loo(ds: str, threads: int, max_epochs: int) -> list[dict]:
+    data = dataset(ds)
+    split = S.leave_one_out(data)
+    rows = []
+    for label in LOO_NEURAL:
+        tuned = neural(label, threads, max_epochs).fit(split.train, valid=split.valid)
+        best = int(tuned.best_epoch_ or max_epochs)
+        final = neural(label, threads, best).fit(split.train_valid)
+        res = evaluate(final, split.test)
+        rows.append({"model": label, "ndcg@10": res["ndcg@10"], "hr@10": res["hr@10"], "coverage@10": res["coverage@10"],
+                     "epochs": best, "to best s": float(tuned.seconds_to_best_ or 0.0), "fit s": final.fit_seconds_,
+                     "valid ndcg@10": float(tuned.best_score_ or 0.0)})
+        print(rows[-1], flush=True)
+    for label in CLASSIC:
+        model = classic(label, threads).fit(split.train_valid)
+        res = evaluate(model, split.test)
+        rows.append({"model": label, "ndcg@10": res["ndcg@10"], "hr@10": res["hr@10"], "coverage@10": res["coverage@10"],
+                     "fit s": model.fit_seconds_})
+        print(rows[-1], flush=True)
+    peers = HERE / "results" / "rectools_seq.json"
+    if peers.exists():
+        ref = json.loads(peers.read_text()).get(ds, {})
+        ours = next(r for r in rows if r["model"] == "SASRec softmax")
+        for key, label in (("sasrec", "RecTools SASRec"), ("bert4rec", "RecTools BERT4Rec")):
+            if key in ref:
+                r = ref[key]
+                tuning = r.get("tuning", [])
+                to_best = next((t["fit_seconds"] for t in tuning if t.get("epochs") == r.get("epochs")), r["fit_seconds"])
+                rows.append({"model": label, "ndcg@10": r["ndcg@10"], "hr@10": r["hr@10"],
+                             "coverage@10": r["coverage@10"], "epochs": r.get("epochs"), "to best s": float(to_best),
+                             "fit s": r["fit_seconds"],
+                             "ours/peer ndcg": ours["ndcg@10"] / max(r["ndcg@10"], 1e-12),
+                             "ours/peer to-best time": ours["to best s"] / max(float(to_best), 1e-12)})
+    else:
+        print(f"(no {peers.name}: run benchmarks/peers_rectools_seq.py in the peer venv for the RecTools rows)")
+    return rows
+
+
+def part_temporal(ds: str, threads: int, max_epochs: int) -> list[dict]:
+    task = NE.temporal_next_event(dataset(ds))
+    rows = []
+    # the protocol keeps seen items, so validation does too
+    models = {label: neural(label, threads, max_epochs, valid_exclude_seen=False) for label in NEURAL}
+    models.update({label: classic(label, threads) for label in CLASSIC})
+    for label, model in models.items():
+        res = NE.evaluate_next_event_task(model, task)
+        row = {"model": label, **{m: res[m] for m in NE.NEXT_EVENT_METRICS}, "fit s": res["fit_seconds"]}
+        if getattr(model, "best_epoch_", None):
+            row["epochs"] = float(model.best_epoch_)
+        rows.append(row)
+        print(rows[-1], flush=True)
+    return rows
+
+
+def part_mrr(ds: str, threads: int, max_epochs: int) -> list[dict]:
+    data = dataset(ds)
+    windows = NE.sequence_windows(data, seed=0)
+    holdout = NE.sequence_windows(windows.train, seed=1)  # validation users inside the training users
+    rows = []
+    for label in ("SASRec softmax", "GRU4Rec", "Pooling"):
+        # choose the epoch count on held-out training users, then refit on all training users
+        tuned = neural(label, threads, max_epochs, max_len=50)
+        best, best_mrr = 1, -1.0
+        for ep in (5, 10, 20, 40):
+            mrr = NE.evaluate_sequence_mrr(tuned.set_params(epochs=ep), holdout)["mrr"]
+            if mrr > best_mrr:
+                best, best_mrr = ep, mrr
+        res = NE.evaluate_sequence_mrr(neural(label, threads, best, max_len=50), windows)
+        rows.append({"model": label, "mrr": res["mrr"], "hr@10": res["hr@10"], "epochs": best, "fit s": res["fit_seconds"]})
+        print(rows[-1], flush=True)
+    for label in ("MostPopular",):
+        res = NE.evaluate_sequence_mrr(classic(label, threads), windows)
+        rows.append({"model": label, "mrr": res["mrr"], "hr@10": res["hr@10"], "fit s": res["fit_seconds"]})
+    rows.append({"model": "Spotlight pooling (notebook 004)", "mrr": 0.0416})
+    return rows
+
+
+def part_speed(threads: int) -> list[dict]:
+    data = dataset("ml-latest-small")
+    model = create_model("sasrec", n_layers=2, n_factors=64, max_len=200, epochs=2, num_threads=threads,
+                         progress=False)
+    model.fit(data)
+    epoch_s = float(np.diff([0.0, *model.training_history_["seconds"].tolist()])[-1])
+    t = time.perf_counter()
+    model.recommend(k=10)
+    infer = time.perf_counter() - t
+    return [{"what": "SASRec epoch, ml-latest-small (2x64, max_len 200, softmax)", "seconds": epoch_s},
+            {"what": f"recommend top-10 for all {data.n_users} users of ml-latest-small", "seconds": infer}]
+
+
+def main() -> None:
+    assert ARGS is not None
+    out_path = Path(ARGS.out)
+    results = json.loads(out_path.read_text()) if out_path.exists() else {}
+    results["meta"] = {"threads": ARGS.threads, "date": time.strftime("%Y-%m-%d"), "python": sys.version.split()[0]}
+    parts = ARGS.parts.split(",")
+    for ds in ARGS.datasets.split(","):
+        for part, fn in (("loo", part_loo), ("temporal", part_temporal), ("mrr", part_mrr)):
+            if part in parts and not (part == "mrr" and ds != "ml-100k"):
+                start = time.perf_counter()
+                rows = fn(ds, ARGS.threads, ARGS.max_epochs)
+                results.setdefault(ds, {})[part] = rows
+                cols = sorted({c for r in rows for c in r}, key=lambda c: (c != "model", c))
+                print(f"\n### {part} on {ds} ({time.perf_counter() - start:.0f} s)\n\n{md(rows, cols)}", flush=True)
+                tmp = out_path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(results, indent=1))
+                os.replace(tmp, out_path)
+    if "speed" in parts:
+        rows = part_speed(ARGS.threads)
+        results[f"speed_threads{ARGS.threads}"] = rows
+        print(f"\n### speed ({ARGS.threads} threads)\n\n{md(rows, ['what', 'seconds'])}")
+        tmp = out_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        os.replace(tmp, out_path)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,408 @@
+"""Sequential models and their pipeline: tokens and windows, losses, the trainer, history scoring, protocols."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import torch.nn.functional as F
+from typer.testing import CliRunner
+
+from recforge import split as S
+from recforge.cli import app
+from recforge.data import Interactions
+from recforge.data.datasets import make_synthetic
+from recforge.errors import ArtifactError, DataError, UnsupportedError
+from recforge.evaluation import evaluate_next_event
+from recforge.evaluation import next_event as NE
+from recforge.models import Recommender, create_model
+from recforge.neural import Trainer, TrainerConfig, resolve_device
+from recforge.neural import losses as L
+from recforge.neural.checkpoint import flatten_optimizer_state, unflatten_optimizer_state
+from recforge.neural.sequences import TokenSequences, next_event_histories, pad_right, vocabulary
+
+FAST = {"max_len": 30, "n_factors": 32, "epochs": 15, "lr": 3e-3, "batch_size": 64, "num_threads": 1,
+        "progress": False}
+
+
+@pytest.fixture(scope="module")
+def chains() -> Interactions:
+    """Strongly sequential synthetic data: most events are the successor of the previous one."""
+    return make_synthetic(n_users=200, n_items=60, n_interactions=8_000, n_clusters=3, sequential_strength=0.8,
+                          seed=3)
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+def test_pad_right_hand_example() -> None:
+    flat = np.array([5, 6, 7, 8, 9])
+    out = pad_right(flat, np.array([0, 3, 4]), np.array([3, 2, 0]))
+    assert out.tolist() == [[5, 6, 7], [8, 9, 0], [0, 0, 0]]
+
+
+def test_windows_make_every_event_but_the_first_a_target_once() -> None:
+    lengths = np.array([1, 2, 5, 9, 4])
+    offsets = np.r_[0, np.cumsum(lengths)]
+    seqs = TokenSequences(np.arange(1, offsets[-1] + 1), offsets)
+    starts, lens = seqs.windows(max_len=3)
+    targets = np.concatenate([seqs.tokens[s + 1 : s + n] for s, n in zip(starts, lens)])
+    expected = np.concatenate([seqs.tokens[offsets[u] + 1 : offsets[u + 1]] for u in range(len(lengths))])
+    assert sorted(targets.tolist()) == sorted(expected.tolist())
+    assert lens.max() <= 4 and lens.min() >= 2
+    last_starts, last_lens = seqs.windows(max_len=3, all_windows=False)
+    assert len(last_starts) == 4  # one per user with >= 2 events, the most recent
+    assert (last_starts + last_lens == offsets[1:][lengths >= 2]).all()
+
+
+def test_keep_last_and_last() -> None:
+    seqs = TokenSequences(np.array([1, 2, 3, 4, 5, 6]), np.array([0, 4, 4, 6]))
+    kept = seqs.keep_last(2)
+    assert kept.tokens.tolist() == [3, 4, 5, 6] and kept.offsets.tolist() == [0, 2, 2, 4]
+    tok, ln = seqs.last(np.array([0, 1, 2]), 3)
+    assert tok.tolist() == [[2, 3, 4], [0, 0, 0], [5, 6, 0]] and ln.tolist() == [3, 0, 2]
+
+
+def test_vocabulary_maps_rare_items_to_oov() -> None:
+    inter = Interactions.from_frame(pd.DataFrame({"user_id": [1, 1, 2, 2, 3], "item_id": [1, 2, 1, 2, 3]}))
+    vocab, counts = vocabulary(inter, min_item_count=2)
+    assert counts.tolist() == [2, 2, 1] and vocab.tolist() == [1, 2, 4]  # OOV token = n_items + 1
+
+
+def test_next_event_histories_use_all_earlier_events() -> None:
+    df = pd.DataFrame({"user_id": [1, 1, 1, 1, 2, 2], "item_id": [10, 11, 12, 13, 10, 12],
+                       "timestamp": [1, 2, 5, 6, 3, 4]})
+    inter = Interactions.from_frame(df)
+    train = inter.subset(inter.timestamps < 4)
+    events = inter.subset(inter.timestamps >= 4)
+    vocab, _ = vocabulary(inter)
+    hist, lengths, targets, owner = next_event_histories(train, events, vocab, max_len=10)
+    # user 1: 12 after [10, 11]; 13 after [10, 11, 12] (an earlier validation event); user 2: 12 after [10]
+    got = sorted((int(o), int(t), tuple(h[:n].tolist())) for o, t, h, n in zip(owner, targets, hist, lengths))
+    assert got == [(0, 2, (1, 2)), (0, 3, (1, 2, 3)), (1, 2, (1,))]
+
+
+# ------------------------------------------------------------------------------------------------ losses
+def test_full_softmax_is_cross_entropy_over_items() -> None:
+    torch.manual_seed(0)
+    items = torch.randn(6, 4)  # pad + 5 items
+    q = torch.randn(3, 4)
+    pos = torch.tensor([1, 5, 3])
+    logits = q @ items[1:].T
+    manual = -(logits.log_softmax(1)[torch.arange(3), pos - 1]).mean()
+    assert torch.allclose(L.full_softmax(q, pos, items), manual)
+
+
+def test_in_batch_masks_accidental_hits_and_applies_logq() -> None:
+    items = torch.eye(4)  # pad, items 1..3 (one-hot embeddings)
+    q = torch.tensor([[0.0, 2.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0], [0.0, 2.0, 0.0, 0.0]])
+    pos = torch.tensor([1, 2, 1])
+    torch.manual_seed(0)
+    got = L.in_batch_softmax(q, pos, items, n_negatives=10)
+    # rows 0 and 2 (item 1) see item 2 as their only real negative; row 1 sees item 1 twice (its positive masked)
+    def row(pos_logit: float, negs: list[float]) -> float:
+        return -(pos_logit - math.log(sum(math.exp(x) for x in [pos_logit, *negs])))
+    expected = (row(2.0, [0.0]) + row(1.0, [0.0, 0.0]) + row(2.0, [0.0])) / 3
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    log_q = torch.log(torch.tensor([1e-9, 0.5, 0.25, 0.25]))
+    corrected = L.in_batch_softmax(q, pos, items, n_negatives=10, log_q=log_q)
+    # every candidate logit is shifted by -log Q: item 1 by +log 2, item 2 by +log 4
+    expected = (row(2 + math.log(2), [math.log(4)]) + row(1 + math.log(4), [math.log(2)] * 2)
+                + row(2 + math.log(2), [math.log(4)])) / 3
+    assert corrected.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_bce_one_negative_rewards_separating_positive() -> None:
+    items = torch.eye(3) * 5
+    pos = torch.tensor([1, 1])
+    good = L.bce_one_negative(torch.tensor([[0.0, 1.0, -1.0]] * 2), pos, items)
+    bad = L.bce_one_negative(torch.tensor([[0.0, -1.0, 1.0]] * 2), pos, items)
+    assert good < bad
+
+
+# ------------------------------------------------------------------------------------------------ trainer
+class _Quadratic(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(2))
+
+
+def _run(cfg: TrainerConfig, scores: list[float] | None = None) -> tuple[Trainer, object, list[float]]:
+    net = _Quadratic()
+    seen: list[float] = []
+    target = torch.tensor([1.0, -2.0])
+
+    def loss(batch: dict) -> torch.Tensor:
+        return ((net.w - target) ** 2).sum() * batch["scale"].float().mean()
+
+    def batches(epoch: int, rng: np.random.Generator):
+        for _ in range(3):
+            yield {"scale": rng.integers(1, 3, size=4)}
+
+    it = iter(scores or [])
+
+    def validate() -> dict[str, float]:
+        value = next(it, 0.0)
+        seen.append(float(net.w[0]))
+        return {"ndcg@10": value}
+
+    trainer = Trainer(net, cfg)
+    result = trainer.fit(loss, batches, 3, validate if scores is not None else None)
+    return trainer, result, seen
+
+
+def test_trainer_learns_and_restores_best_weights() -> None:
+    cfg = TrainerConfig(epochs=6, lr=0.1, progress=False, patience=2)
+    trainer, result, seen = _run(cfg, [0.1, 0.5, 0.4, 0.3, 0.9])
+    assert result.best_epoch == 2 and result.stopped_early and result.steps == 12  # stops after 2 bad validations
+    assert float(trainer.module.w[0].detach()) == pytest.approx(seen[1])  # the weights of the best validation
+    assert list(result.history.columns[:5]) == ["epoch", "step", "loss", "lr", "seconds"]
+
+
+def test_trainer_loss_decreases_without_validation() -> None:
+    _, result, _ = _run(TrainerConfig(epochs=5, lr=0.1, progress=False))
+    losses = result.history["loss"].tolist()
+    assert len(losses) == 5 and losses[-1] < losses[0] / 2
+
+
+def test_trainer_resume_retraces_an_uninterrupted_run(tmp_path: Path) -> None:
+    full, _, _ = _run(TrainerConfig(epochs=4, lr=0.05, progress=False, seed=1))
+    ckpt = str(tmp_path / "ckpt")
+    _run(TrainerConfig(epochs=2, lr=0.05, progress=False, seed=1, checkpoint_dir=ckpt))
+    resumed, result, _ = _run(TrainerConfig(epochs=4, lr=0.05, progress=False, seed=1, checkpoint_dir=ckpt,
+                                            resume=True))
+    assert torch.equal(resumed.module.w, full.module.w)
+    assert result.steps == 12 and len(result.history) == 4
+    assert (tmp_path / "ckpt" / "training_curves.csv").is_file() and (tmp_path / "ckpt" / "training_curves.png").is_file()
+    assert not list((tmp_path / "ckpt").rglob("*.pt")) and not list((tmp_path / "ckpt").rglob("*.pkl"))
+
+
+def test_trainer_schedule_and_bad_settings() -> None:
+    trainer = Trainer(_Quadratic(), TrainerConfig(schedule="cosine", warmup_steps=10, progress=False))
+    assert trainer._lr_factor(0, 110) == pytest.approx(0.1)
+    assert trainer._lr_factor(10, 110) == pytest.approx(1.0)
+    assert trainer._lr_factor(60, 110) == pytest.approx(0.5)
+    with pytest.raises(DataError, match="schedule"):
+        TrainerConfig(schedule="step").check()
+    with pytest.raises(DataError, match="epochs"):
+        TrainerConfig(epochs=0).check()
+    with pytest.raises(DataError, match="no CUDA GPU|device"):
+        resolve_device("cuda") if not torch.cuda.is_available() else resolve_device("tpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_trainer_reports_a_diverging_loss() -> None:
+    net = _Quadratic()
+    trainer = Trainer(net, TrainerConfig(epochs=1, progress=False))
+    with pytest.raises(DataError, match="loss became"):
+        trainer.fit(lambda b: net.w.sum() * float("nan"), lambda e, r: iter([{}]), 1)
+
+
+def test_optimizer_state_round_trips_without_pickle() -> None:
+    net = _Quadratic()
+    opt = torch.optim.Adam(net.parameters(), lr=0.1)
+    net.w.sum().backward()
+    opt.step()
+    tensors, meta = flatten_optimizer_state(opt.state_dict())
+    json.dumps(meta)
+    again = unflatten_optimizer_state(tensors, json.loads(json.dumps(meta)))
+    assert torch.equal(again["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+
+
+# ------------------------------------------------------------------------------------------------ models
+@pytest.mark.parametrize("name", ["sasrec", "gru4rec", "bert4rec"])
+def test_learns_successor_chains(name: str, chains: Interactions) -> None:
+    """On chain data the next item is mostly the successor of the last one: ordered models must find it."""
+    # masked-item training sees each target less often than next-item training: BERT4Rec needs more epochs
+    model = create_model(name, **{**FAST, "epochs": 40 if name == "bert4rec" else FAST["epochs"]}).fit(chains)
+    data = chains.item_data
+    succ = dict(zip(data.index, data["successor"]))
+    items = list(data.index[:20])
+    hits = sum(model.recommend_for_history([i], k=3, exclude_history=False)["item_id"].iloc[:3].eq(succ[i]).any()
+               for i in items)
+    assert hits >= 14, f"{name}: successor in the top 3 for only {hits}/20 items"
+
+
+def test_pooling_ignores_order_and_sasrec_uses_it(chains: Interactions) -> None:
+    pool = create_model("pooling", **{**FAST, "window": 0}).fit(chains)
+    sas = create_model("sasrec", **FAST).fit(chains)
+    hist = [0, 5, 9, 17]
+    for model, same in ((pool, True), (sas, False)):
+        a, b = model.score_histories([hist, hist[::-1]])
+        assert np.allclose(a, b, atol=1e-5) == same
+
+
+def test_recommend_for_history_excludes_and_handles_unknown(chains: Interactions, caplog: pytest.LogCaptureFixture) -> None:
+    model = create_model("sasrec", **FAST).fit(chains)
+    hist = list(chains.item_map.ids[:5])
+    recs = model.recommend_for_history(hist, k=10)
+    assert len(recs) == 10 and not set(recs["item_id"]) & set(hist)
+    assert list(recs.columns) == ["item_id", "score", "rank"] and recs["rank"].tolist() == list(range(1, 11))
+    with caplog.at_level(logging.WARNING):
+        with_unknown = model.recommend_for_history([*hist, 10**9], k=10)
+    assert "unknown" in caplog.text.lower() or "not known" in caplog.text.lower()
+    pd.testing.assert_frame_equal(with_unknown, recs)
+    empty = model.recommend_for_history([], k=5)  # a brand-new session: popularity
+    assert len(empty) == 5
+
+
+def test_history_scoring_for_classic_models(chains: Interactions) -> None:
+    pop = create_model("pop").fit(chains)
+    assert np.allclose(pop.score_histories([[1, 2]])[0], pop.popularity_)
+    knn = create_model("itemknn").fit(chains)
+    user0 = chains.sequences()[0]
+    assert np.allclose(knn.score_histories([user0])[0], knn.score(np.array([0]))[0], atol=1e-5)
+    with pytest.raises(UnsupportedError, match="known users only"):
+        create_model("als", n_factors=4, iterations=1, progress=False).fit(chains).score_histories([[1]])
+
+
+def test_saved_model_scores_histories_identically(chains: Interactions, tmp_path: Path) -> None:
+    model = create_model("bert4rec", **{**FAST, "epochs": 2}).fit(chains)
+    model.save(tmp_path / "m")
+    again = Recommender.load(tmp_path / "m")
+    hist = [[1, 2, 3], [4], []]
+    assert np.allclose(model.score_histories(hist), again.score_histories(hist), atol=1e-5)
+    assert not list((tmp_path / "m").rglob("*.pkl"))
+    (tmp_path / "m" / "arrays.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ArtifactError):
+        Recommender.load(tmp_path / "m")
+
+
+def test_bad_hyper_parameters_name_the_problem(chains: Interactions) -> None:
+    with pytest.raises(DataError, match="loss"):
+        create_model("sasrec", **{**FAST, "loss": "hinge"}).fit(chains)
+    with pytest.raises(DataError, match="divisible"):
+        create_model("sasrec", **{**FAST, "n_factors": 30, "n_heads": 4}).fit(chains)
+    with pytest.raises(DataError, match="max_len"):
+        create_model("gru4rec", **{**FAST, "max_len": 1}).fit(chains)
+
+
+@pytest.mark.parametrize("loss", ["bce", "inbatch", "logq"])
+def test_every_sasrec_loss_learns(loss: str, chains: Interactions) -> None:
+    split = S.leave_one_out(chains)
+    pop = create_model("pop").fit(split.train_valid)
+    model = create_model("sasrec", **{**FAST, "loss": loss}).fit(split.train_valid)
+    from recforge.evaluation import evaluate
+
+    assert evaluate(model, split.test)["ndcg@10"] > evaluate(pop, split.test)["ndcg@10"] + 0.05
+
+
+def test_early_stopping_with_validation(chains: Interactions, tmp_path: Path) -> None:
+    split = S.leave_one_out(chains)
+    model = create_model("sasrec", **{**FAST, "epochs": 40, "patience": 2, "lr": 1e-2},
+                         checkpoint_dir=str(tmp_path / "run"))
+    model.fit(split.train, valid=split.valid)
+    hist = model.training_history_
+    assert "valid_ndcg@10" in hist.columns and model.best_score_ == pytest.approx(hist["valid_ndcg@10"].max())
+    assert model.stopped_early_ and len(hist) < 40
+    assert (tmp_path / "run" / "training_curves.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------------ protocols
+@pytest.fixture()
+def timeline() -> Interactions:
+    return Interactions.from_frame(pd.DataFrame({
+        "user_id": [1, 1, 1, 1, 2, 2, 2, 3],
+        "item_id": [10, 11, 12, 13, 11, 12, 13, 10],
+        "timestamp": [1, 2, 8, 9, 3, 7, 10, 9],
+    }))
+
+
+def test_task_from_labels_histories(timeline: Interactions) -> None:
+    labels = np.where(timeline.timestamps >= 8, 2, np.where(timeline.timestamps >= 7, 1, 0))
+    task = NE.task_from_labels(timeline, labels)
+    hist = {(int(u), int(i)): tuple(task.samples.history(s).tolist())
+            for s, (u, i) in enumerate(zip(task.samples.users, task.samples.items))}
+    # user 3's only event has no history and is dropped; user 1's 13 sees the earlier test event 12
+    assert hist == {(0, 2): (0, 1), (0, 3): (0, 1, 2), (1, 3): (1, 2)}
+    assert len(task.train) == 3 and len(task.valid) == 1
+
+
+def test_next_event_evaluation_scores_each_sample_from_its_history(timeline: Interactions) -> None:
+    class LastItemNext(Recommender):
+        """Scores item (last + 1) highest: a hand-checkable sequential model."""
+
+        name = "lastnext"
+        uses_history = True
+
+        def _fit(self, interactions: Interactions) -> None:
+            pass
+
+        def _score_histories(self, offsets: np.ndarray, items: np.ndarray) -> np.ndarray:
+            out = np.zeros((len(offsets) - 1, self.n_items_), np.float32)
+            last = items[offsets[1:] - 1]
+            out[np.arange(len(last)), np.minimum(last + 1, self.n_items_ - 1)] = 1.0
+            return out
+
+    labels = np.where(timeline.timestamps >= 8, 2, 0)
+    task = NE.task_from_labels(timeline, labels)
+    result = NE.evaluate_next_event_task(LastItemNext(), task, k=[1, 5])
+    assert result["hr@1"] == 1.0 and result["dcg@1"] == 1.0 and result["samples"] == 3
+
+
+def test_temporal_next_event_cuts(chains: Interactions) -> None:
+    task = NE.temporal_next_event(chains, core=5)
+    ts = task.data.timestamps
+    assert task.train.timestamps.max() < task.valid.timestamps.min() <= task.valid.timestamps.max()
+    assert len(task.samples) <= (ts >= np.quantile(ts, 0.9, method="lower")).sum()
+    assert (task.samples.positions > 0).all()
+
+
+def test_sequence_windows_cut_from_the_end() -> None:
+    df = pd.DataFrame({"user_id": [1] * 23 + [2] * 5, "item_id": list(range(23)) + list(range(5)),
+                       "timestamp": list(range(28))})
+    inter = Interactions.from_frame(df)
+    win = NE.sequence_windows(inter, test_users=0.5, window=10, seed=0)
+    held_user = 0 if len(win.train.to_frame().query("user_id == 1")) == 0 else 1
+    lens = np.diff(win.offsets).tolist()
+    assert lens == ([10, 10, 3] if held_user == 0 else [5])
+    if held_user == 0:
+        assert win.items[: 10].tolist() == list(range(13, 23))  # the most recent window first
+
+
+def test_sequence_mrr_by_hand() -> None:
+    df = pd.DataFrame({"user_id": [1, 1, 1, 2, 2, 2, 2, 3, 3], "item_id": [1, 1, 2, 3, 3, 3, 1, 2, 3],
+                       "timestamp": range(9)})
+    inter = Interactions.from_frame(df)
+    win = NE.sequence_windows(inter, test_users=1 / 3, window=10, seed=1)
+    pop = create_model("pop")
+    res = NE.evaluate_sequence_mrr(pop, win)
+    pop_rank = np.argsort(-pop.popularity_, kind="stable")
+    targets = win.items[win.offsets[1:] - 1]
+    expected = np.mean([1 / (1 + np.flatnonzero(pop_rank == t)[0]) for t in targets])
+    assert res["mrr"] == pytest.approx(expected)
+
+
+def test_cli_next_event_on_files(tmp_path: Path, chains: Interactions) -> None:
+    df = chains.to_frame()
+    cut1, cut2 = np.quantile(df["timestamp"], [0.8, 0.9])
+    df[df.timestamp < cut1].to_csv(tmp_path / "train.csv", index=False)
+    df[(df.timestamp >= cut1) & (df.timestamp < cut2)].to_csv(tmp_path / "valid.csv", index=False)
+    df[df.timestamp >= cut2].to_csv(tmp_path / "test.csv", index=False)
+    runner = CliRunner()
+    args = ["evaluate", "--protocol", "next-event", "--train", str(tmp_path / "train.csv"), "--test",
+            str(tmp_path / "test.csv"), "--json"]
+    out = runner.invoke(app, [*args, "--model", "pop"])
+    assert out.exit_code == 0, out.output
+    res = json.loads(out.output)
+    for key in ("hr@5", "hr@10", "hr@20", "dcg@5", "dcg@10", "dcg@20", "coverage@10", "fit_seconds"):
+        assert key in res
+    assert res["hr@5"] <= res["hr@10"] <= res["hr@20"]
+    sas = runner.invoke(app, [*args, "--valid", str(tmp_path / "valid.csv"), "--model", "sasrec",
+                              "--set", "epochs=8", "--set", "max_len=30", "--set", "num_threads=1"])
+    assert sas.exit_code == 0, sas.output
+    assert json.loads(sas.output)["dcg@10"] > res["dcg@10"]
+
+
+def test_compare_on_next_item_protocols(chains: Interactions) -> None:
+    from recforge.evaluation.protocols import compare
+
+    table, results = compare(chains, {"pop": create_model("pop"), "sasrec": create_model("sasrec", **FAST)},
+                             protocol="next-event", progress=False)
+    assert table.iloc[0]["model"] == "sasrec" and "dcg@10" in table.columns and "hr@20" in table.columns
+    table, results = compare(chains, ["pop", "als"], protocol="sequence-mrr", progress=False)
+    assert list(results) == ["pop"]  # als cannot score a session and is skipped with a warning
