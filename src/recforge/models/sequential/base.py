@@ -145,6 +145,7 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
             steps = math.ceil(len(starts) / self.batch_size)
             result = trainer.fit(net.loss, batches, steps, validate)
         self.net_ = net
+        self._user_queries = None
         self.device_ = trainer.device
         self.training_history_ = result.history
         self.best_epoch_ = result.best_epoch
@@ -186,30 +187,47 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
         return validate
 
     # ------------------------------------------------------------------ inference
-    def _score_tokens(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
-        """Scores for right-padded token histories; empty histories get the training popularity instead."""
+    def _encode_tokens(self, tokens: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
+        """Query vectors (on the model's device) for right-padded token histories, 512 at a time."""
         n = len(lengths)
-        out = np.empty((n, self.n_items_), np.float32)
         net = self.net_
         device = next(net.parameters()).device
         net.eval()
-        empty = lengths == 0
         if tokens.shape[1] == 0:  # only empty histories: one padding column keeps the shapes valid
             tokens = np.zeros((n, 1), np.int64)
+        parts = []
         with torch.no_grad(), torch_threads(self.num_threads):
             for lo in range(0, n, _INFER_ROWS):
                 hi = min(n, lo + _INFER_ROWS)
                 ln = np.maximum(lengths[lo:hi], 1)
-                tok = tokens[lo:hi, : max(1, int(ln.max()))]
-                q = net.encode_last(torch.from_numpy(np.ascontiguousarray(tok)).to(device), torch.from_numpy(ln).to(device))
-                out[lo:hi] = net.score_items(q).float().cpu().numpy()[:, : self.n_items_]
+                tok = np.ascontiguousarray(tokens[lo:hi, : int(ln.max())])
+                parts.append(net.encode_last(torch.from_numpy(tok).to(device), torch.from_numpy(ln).to(device)))
+        return torch.cat(parts) if parts else torch.zeros((0, 1), device=device)
+
+    def _scores_from_queries(self, queries: torch.Tensor, empty: np.ndarray) -> np.ndarray:
+        """Catalogue scores for query vectors; empty histories get the training popularity instead."""
+        out = np.empty((len(empty), self.n_items_), np.float32)
+        with torch.no_grad(), torch_threads(self.num_threads):
+            for lo in range(0, len(empty), _INFER_ROWS):
+                out[lo : lo + _INFER_ROWS] = self.net_.score_items(queries[lo : lo + _INFER_ROWS]).float().cpu().numpy()
         if empty.any():
             out[empty] = np.log1p(self.item_counts_[: self.n_items_]).astype(np.float32)
         return out
 
+    def _score_tokens(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+        """Scores for right-padded token histories."""
+        return self._scores_from_queries(self._encode_tokens(tokens, lengths), lengths == 0)
+
     def _score(self, users: np.ndarray) -> np.ndarray:
-        tokens, lengths = self.history_.last(np.asarray(users, dtype=np.int64), self._history_len())
-        return self._score_tokens(tokens, lengths)
+        # Known users' histories are fixed after fit: encode them all once and keep the query vectors, so
+        # recommending (and serving) costs one matrix product per block of users.
+        if getattr(self, "_user_queries", None) is None:
+            every = np.arange(len(self.history_.offsets) - 1, dtype=np.int64)
+            tokens, lengths = self.history_.last(every, self._history_len())
+            self._user_queries = (self._encode_tokens(tokens, lengths), lengths == 0)
+        queries, empty = self._user_queries
+        users = np.asarray(users, dtype=np.int64)
+        return self._scores_from_queries(queries[torch.from_numpy(users).to(queries.device)], empty[users])
 
     def _score_histories(self, offsets: np.ndarray, items: np.ndarray) -> np.ndarray:
         tokens_flat = self.vocab_[items] if len(items) else np.zeros(0, np.int64)
