@@ -11,7 +11,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-import torch.nn.functional as F
 from typer.testing import CliRunner
 
 from recforge import split as S
@@ -19,7 +18,6 @@ from recforge.cli import app
 from recforge.data import Interactions
 from recforge.data.datasets import make_synthetic
 from recforge.errors import ArtifactError, DataError, UnsupportedError
-from recforge.evaluation import evaluate_next_event
 from recforge.evaluation import next_event as NE
 from recforge.models import Recommender, create_model
 from recforge.neural import Trainer, TrainerConfig, resolve_device
