@@ -54,6 +54,19 @@ class Sequences:
         return self.items[self.offsets[user] : self.offsets[user + 1]]
 
 
+def gather_ranges(starts: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Concatenate the ranges ``[starts[r], starts[r] + lengths[r])`` without a Python loop.
+
+    Returns the offsets of the result (range ``r`` lands at ``flat[offsets[r]:offsets[r+1]]``) and the flat
+    positions to take, e.g. ``sequences.items[flat]``.
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    offsets = np.zeros(len(lengths) + 1, np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    flat = np.repeat(np.asarray(starts, dtype=np.int64) - offsets[:-1], lengths) + np.arange(offsets[-1])
+    return offsets, flat
+
+
 def _to_frame(df: Any) -> pd.DataFrame:
     """Accept pandas or polars (or anything with ``to_pandas``) and return a pandas DataFrame."""
     if isinstance(df, pd.DataFrame):

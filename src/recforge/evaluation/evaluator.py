@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from recforge.data.interactions import Interactions
+from recforge.data.interactions import Interactions, gather_ranges
 from recforge.errors import DataError, EmptyDatasetError
 from recforge.evaluation import metrics as M
 from recforge.evaluation.ranking import rank_rows
@@ -134,9 +134,7 @@ def evaluate_next_event(
         seq = samples.sequences
         starts = seq.offsets[samples.users]
         lengths = samples.positions
-        indptr = np.zeros(n + 1, np.int64)
-        np.cumsum(lengths, out=indptr[1:])
-        flat = np.repeat(starts - indptr[:-1], lengths) + np.arange(indptr[-1])
+        indptr, flat = gather_ranges(starts, lengths)
         excl = sp.csr_matrix((np.ones(len(flat), np.float32), seq.items[flat], indptr), shape=(n, n_items))
         excl.sum_duplicates()
     if model.uses_history:
@@ -162,10 +160,7 @@ def _history_scorer(model: Recommender, samples: NextEventSamples) -> Callable[[
         first = seq.offsets[samples.users[rows]]
         ends = first + samples.positions[rows]
         starts = np.maximum(first, ends - window) if window else first
-        lengths = ends - starts
-        offsets = np.zeros(len(rows) + 1, np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        flat = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        offsets, flat = gather_ranges(starts, ends - starts)
         return model.score_histories((offsets, seq.items[flat]))
 
     return score

@@ -19,7 +19,7 @@ import scipy.sparse as sp
 
 from recforge import split as S
 from recforge.data.filters import k_core
-from recforge.data.interactions import Interactions
+from recforge.data.interactions import Interactions, gather_ranges
 from recforge.errors import DataError, EmptyDatasetError
 from recforge.evaluation import metrics as M
 from recforge.evaluation.evaluator import EvaluationResult, evaluate_next_event
@@ -154,10 +154,7 @@ def sequence_windows(
     starts = np.maximum(seq.offsets[owner], ends - window)
     keep = ends - starts >= 2
     starts, ends = starts[keep], ends[keep]
-    lens = ends - starts
-    offsets = np.zeros(len(lens) + 1, np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    flat = np.repeat(starts - offsets[:-1], lens) + np.arange(offsets[-1])
+    offsets, flat = gather_ranges(starts, ends - starts)
     train = inter.subset(~held[inter.users])
     return SequenceWindows(train, offsets, seq.items[flat].astype(np.int64))
 
@@ -174,18 +171,11 @@ def evaluate_sequence_mrr(
         raise EmptyDatasetError("there are no test windows")
     ends = windows.offsets[1:]
     targets = windows.items[ends - 1]
-    lens = np.diff(windows.offsets) - 1
-    h_off = np.zeros(n + 1, np.int64)
-    np.cumsum(lens, out=h_off[1:])
-    flat = np.repeat(windows.offsets[:-1] - h_off[:-1], lens) + np.arange(h_off[-1])
-    hist_items = windows.items[flat]
+    lens = np.diff(windows.offsets) - 1  # every window's history: all but its last item
 
     def score(rows: np.ndarray) -> np.ndarray:
-        sub_len = lens[rows]
-        offs = np.zeros(len(rows) + 1, np.int64)
-        np.cumsum(sub_len, out=offs[1:])
-        sub = np.repeat(h_off[rows] - offs[:-1], sub_len) + np.arange(offs[-1])
-        return model.score_histories((offs, hist_items[sub]))
+        offs, flat = gather_ranges(windows.offsets[rows], lens[rows])
+        return model.score_histories((offs, windows.items[flat]))
 
     truth = sp.csr_matrix((np.ones(n, np.float32), targets, np.arange(n + 1)), shape=(n, model.n_items_))
     out = rank_rows(score, model.n_items_, np.arange(n), truth, 10, None)

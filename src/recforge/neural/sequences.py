@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from recforge.data.interactions import Interactions
+from recforge.data.interactions import Interactions, gather_ranges
 
 PAD = 0
 
@@ -66,10 +66,7 @@ class TokenSequences:
         """Only the last ``max_len`` tokens of every user (what inference needs)."""
         ends = self.offsets[1:]
         starts = np.maximum(self.offsets[:-1], ends - max_len)
-        lengths = ends - starts
-        offsets = np.zeros(len(lengths) + 1, np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        flat = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+        offsets, flat = gather_ranges(starts, ends - starts)
         return TokenSequences(self.tokens[flat], offsets)
 
     def windows(self, max_len: int, all_windows: bool = True) -> tuple[np.ndarray, np.ndarray]:

@@ -248,7 +248,7 @@ class Trainer:
                 running += float(loss.detach())
                 n_running += 1
                 bar.update(1)
-                if not cfg.progress or validate is None:
+                if cfg.progress and validate is None:
                     bar.set_postfix(loss=f"{running / n_running:.4f}")
                 if cfg.validate_every and state["step"] % cfg.validate_every == 0:
                     improved = run_validation(False)

@@ -257,11 +257,6 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
         self.net_ = net.to(self.device_).eval()
 
 
-def n_vocab(n_items: int) -> int:
-    """Rows of a sequential model's item embedding table (see :mod:`recforge.neural.sequences`)."""
-    return n_tokens(n_items)
-
-
 def set_params(model: Recommender, params: dict[str, Any]) -> None:
     """Store constructor arguments (``locals()`` of ``__init__``) under their own names, sklearn-style."""
     for key, value in params.items():

@@ -3,41 +3,22 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
 
 from recforge.models.params import check_choice, check_int, check_number
 from recforge.models.registry import register
-from recforge.models.sequential.base import SequenceNet, SequentialRecommender, set_params, token_log_q
-from recforge.neural.layers import TransformerStack, reverse_positions, truncated_normal_init
+from recforge.models.sequential.base import SequentialRecommender, set_params, token_log_q
+from recforge.models.sequential.sasrec import SASRecNet
 from recforge.neural.losses import LOSSES, next_item_loss
-from recforge.neural.sequences import n_tokens
 
 
-class BERT4RecNet(SequenceNet):
-    """Item + position embeddings, a bidirectional pre-norm transformer; a mask token marks what to predict."""
+class BERT4RecNet(SASRecNet):
+    """SASRec's embeddings and layers without the causal mask; a mask token marks what to predict."""
 
     def __init__(self, n_items: int, dim: int, max_len: int, n_layers: int, n_heads: int, dropout: float,
                  mask_prob: float, loss: str, n_negatives: int, log_q: torch.Tensor) -> None:
-        super().__init__()
-        self.n_items = n_items
+        super().__init__(n_items, dim, max_len, n_layers, n_heads, dropout, loss, n_negatives, log_q, causal=False)
         self.mask_token = n_items + 2
         self.mask_prob = mask_prob
-        self.loss_name = loss
-        self.n_negatives = n_negatives
-        self.item_emb = nn.Embedding(n_tokens(n_items), dim, padding_idx=0)
-        self.pos_emb = nn.Embedding(max_len + 1, dim)
-        self.drop = nn.Dropout(dropout)
-        self.encoder = TransformerStack(dim, n_layers, n_heads, dropout, causal=False)
-        self.register_buffer("log_q", log_q)
-        truncated_normal_init(self)
-        with torch.no_grad():
-            self.item_emb.weight[0].zero_()
-
-    def hidden(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Encoder output at every position; padding is masked out of attention."""
-        pos = reverse_positions(lengths, tokens.shape[1])
-        x = self.drop(self.item_emb(tokens) + self.pos_emb(pos))
-        return self.encoder(x, padding=tokens == 0)
 
     def encode_last(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         # Append the mask token after each history and read the prediction at its place.
@@ -45,9 +26,6 @@ class BERT4RecNet(SequenceNet):
         ext = torch.cat([tokens, tokens.new_zeros(len(lengths), 1)], dim=1)
         ext[rows, lengths] = self.mask_token
         return self.hidden(ext, lengths + 1)[rows, lengths]
-
-    def score_items(self, query: torch.Tensor) -> torch.Tensor:
-        return query @ self.item_emb.weight[1 : self.n_items + 1].T
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         seq = batch["seq"]

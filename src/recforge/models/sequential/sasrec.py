@@ -26,7 +26,7 @@ class SASRecNet(SequenceNet):
     embeddings (shared between input and output)."""
 
     def __init__(self, n_items: int, dim: int, max_len: int, n_layers: int, n_heads: int, dropout: float,
-                 loss: str, n_negatives: int, log_q: torch.Tensor) -> None:
+                 loss: str, n_negatives: int, log_q: torch.Tensor, causal: bool = True) -> None:
         super().__init__()
         self.n_items = n_items
         self.loss_name = loss
@@ -34,17 +34,17 @@ class SASRecNet(SequenceNet):
         self.item_emb = nn.Embedding(n_tokens(n_items), dim, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len + 1, dim)
         self.drop = nn.Dropout(dropout)
-        self.encoder = TransformerStack(dim, n_layers, n_heads, dropout, causal=True)
+        self.encoder = TransformerStack(dim, n_layers, n_heads, dropout, causal=causal)
         self.register_buffer("log_q", log_q)
         truncated_normal_init(self)
         with torch.no_grad():
             self.item_emb.weight[0].zero_()
 
     def hidden(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """Encoder output at every position (batch × length × dim)."""
+        """Encoder output at every position (batch × length × dim); a bidirectional encoder masks padding."""
         pos = reverse_positions(lengths, tokens.shape[1])
         x = self.drop(self.item_emb(tokens) + self.pos_emb(pos))
-        return self.encoder(x)
+        return self.encoder(x, padding=tokens == 0)
 
     def encode_last(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         h = self.hidden(tokens, lengths)
