@@ -57,10 +57,21 @@ def _row_topk(row: np.ndarray, k: int, out_i: np.ndarray, out_s: np.ndarray) -> 
     hs = np.empty(k, np.float32)
     hi = np.empty(k, np.int32)
     size = 0
-    for j in range(row.shape[0]):
+    n = row.shape[0]
+    j = 0
+    while j < n and size < k:  # fill the heap
         s = row[j]
         if s > -np.inf:  # skips NaN and -inf (excluded)
             size = heap_push(hs, hi, size, s, j)
+        j += 1
+    worst = hs[0] if size else np.float32(np.inf)
+    while j < n:
+        s = row[j]
+        # Most entries lose to the current worst kept score; test that first (later ties lose to smaller indices).
+        if s > worst:
+            heap_push(hs, hi, size, s, j)
+            worst = hs[0]
+        j += 1
     for t in range(k):
         out_i[t] = -1
         out_s[t] = -np.inf
