@@ -28,7 +28,9 @@ def planted_str(planted: Interactions) -> Interactions:
     df = planted.to_frame()
     df["user_id"] = "u" + df["user_id"].astype(str)
     df["item_id"] = "i" + df["item_id"].astype(str)
-    return Interactions.from_frame(df)
+    items = planted.item_data.reset_index(names="item_id")
+    items["item_id"] = "i" + items["item_id"].astype(str)
+    return Interactions.from_frame(df, item_data=items, item_data_id_col="item_id")
 
 
 @pytest.fixture()
@@ -40,6 +42,18 @@ def tiny_frame() -> pd.DataFrame:
             "item_id": ["a", "b", "c", "a", "d", "b", "c", "d", "e", "a", "a", "e"],
             "rating": [5, 3, 4, 4, 2, 5, 5, 1, 3, 4, 2, 5],
             "timestamp": [10, 30, 20, 5, 6, 1, 2, 3, 4, 7, 8, 9],
+        }
+    )
+
+
+@pytest.fixture()
+def tiny_items() -> pd.DataFrame:
+    """Titles and genres of the five items of ``tiny_frame``."""
+    return pd.DataFrame(
+        {
+            "item_id": ["a", "b", "c", "d", "e"],
+            "title": ["Alpha Story", "Beta Story", "Gamma Night", "Delta Night", "Epsilon Day"],
+            "genres": ["Drama", "Drama|Comedy", "Horror", "Horror|Thriller", "Comedy"],
         }
     )
 

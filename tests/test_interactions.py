@@ -160,3 +160,15 @@ def test_min_counts_and_threshold(tiny_frame: pd.DataFrame) -> None:
     assert liked.ratings is None and len(liked) == 7
     with pytest.raises(DataError, match="rating"):
         rating_threshold(Interactions.from_frame(tiny_frame.drop(columns="rating")), 4)
+
+
+def test_side_data_items_join_the_item_map() -> None:
+    events = pd.DataFrame({"user_id": [1, 2], "item_id": ["a", "b"]})
+    items = pd.DataFrame({"item_id": ["a", "b", "c"], "title": ["A", "B", "C"]})
+    plain = Interactions.from_frame(events, item_data=items)
+    assert list(plain.item_map.ids) == ["a", "b"] and len(plain.item_data) == 2
+    cold = Interactions.from_frame(events, item_data=items, side_data_items=True)
+    assert list(cold.item_map.ids) == ["a", "b", "c"]
+    assert cold.item_data["title"].tolist() == ["A", "B", "C"] and cold.item_counts().tolist() == [1, 1, 0]
+    with pytest.raises(DataError, match="side_data_items"):
+        Interactions.from_frame(events, side_data_items=True)

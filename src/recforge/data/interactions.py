@@ -168,6 +168,7 @@ class Interactions:
         user_data: pd.DataFrame | None = None,
         item_data_id_col: str | None = None,
         user_data_id_col: str | None = None,
+        side_data_items: bool = False,
     ) -> Interactions:
         """Build interactions from a pandas or polars DataFrame.
 
@@ -178,8 +179,24 @@ class Interactions:
         repeated consumption counts in implicit matrices), keep the ``first``/``last`` by time, ``sum`` their
         weights (the number of rows becomes the weight when there is no weight column; ratings are averaged),
         ``mean`` ratings and weights, or ``raise``.
+
+        ``item_data`` rows are aligned with the item map; rows for items without interactions are dropped unless
+        ``side_data_items=True``, which puts them in the item map as well: cold items that content and hybrid
+        models can recommend from their side data alone.
         """
         frame = _to_frame(df)
+        if side_data_items:
+            if item_data is None or item_map is not None:
+                raise DataError("side_data_items=True builds the item map from the data and item_data: pass "
+                                "item_data and no item_map")
+            side = _to_frame(item_data)
+            key = item_data_id_col or item_col
+            side_ids = side[key] if key in side.columns else side.index.to_series()
+            if item_col in frame.columns:
+                item_map, _ = IdMap.from_values(
+                    pd.concat([pd.Series(frame[item_col].to_numpy()), pd.Series(side_ids.to_numpy())]),
+                    what="item ids of the data and item_data",
+                )
         for arg, name in (("user_col", user_col), ("item_col", item_col)):
             if name not in frame.columns:
                 raise DataError(

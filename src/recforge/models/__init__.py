@@ -1,7 +1,8 @@
-"""Models: one interface (:class:`Recommender`), a registry by name, and the built-in models."""
+"""Models: one interface (:class:`Recommender`), a registry by name, and the built-in models.
 
-import importlib as _importlib
-import pkgutil as _pkgutil
+The built-in model modules are imported on the first registry lookup (``create_model``, ``get_model_class``,
+``available_models``, ``Recommender.load``), where each registers itself; new model modules need no edit here.
+"""
 
 from recforge.models.base import RatingPredictor, Recommender
 from recforge.models.baselines import BiasBaseline, GlobalMean, MostPopular, Random
@@ -21,7 +22,3 @@ __all__ = [
     "register",
 ]
 
-
-# Import every module of this package so that each model registers itself; new model modules need no edit here.
-for _info in _pkgutil.iter_modules(__path__, __name__ + "."):
-    _importlib.import_module(_info.name)

@@ -262,6 +262,42 @@ class Recommender:
             out["title"] = self.item_titles_[top[0][valid]]
         return out
 
+    def similar_items(
+        self,
+        items: Any,
+        k: int = 10,
+        on_unknown: Literal["raise", "warn", "ignore"] = "raise",
+        with_titles: bool = False,
+    ) -> pd.DataFrame:
+        """"More like this": the ``k`` items most similar to each given item id, as a DataFrame
+        ``item_id, similar_item_id, score, rank[, title]`` (the item itself is never listed).
+
+        Available on models with an item-to-item similarity (content, item-kNN, factor and two-tower models);
+        others raise :class:`~recforge.errors.UnsupportedError`. Unknown items follow ``on_unknown``.
+        """
+        self._check_fitted()
+        k = check_k(k)
+        ids = np.atleast_1d(np.asarray(items))
+        idx = self.item_map_.to_index(ids, on_unknown=on_unknown, what="items") if ids.size else np.zeros(0, np.int32)
+        top, top_s = self._similar_indices(np.asarray(idx, dtype=np.int64), min(k, max(self.n_items_ - 1, 1)))
+        valid = top >= 0
+        rows = np.repeat(np.arange(len(idx)), valid.sum(axis=1))
+        out = pd.DataFrame(
+            {
+                "item_id": self.item_map_.to_ids(np.asarray(idx)[rows]),
+                "similar_item_id": self.item_map_.to_ids(top[valid]),
+                "score": top_s[valid],
+                "rank": np.broadcast_to(np.arange(1, top.shape[1] + 1, dtype=np.int32), top.shape)[valid],
+            }
+        )
+        if with_titles and getattr(self, "item_titles_", None) is not None:
+            out["title"] = self.item_titles_[top[valid]]
+        return out
+
+    def _similar_indices(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` similar item indices and scores per item index (itself excluded); ``-1`` pads."""
+        raise UnsupportedError(f"{type(self).__name__} has no item-to-item similarity")
+
     def recommend_indices(
         self,
         users: np.ndarray,

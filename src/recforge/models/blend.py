@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 from typing import Any
@@ -12,7 +11,8 @@ from scipy.optimize import nnls
 
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError, UnknownModelError
-from recforge.models.base import RatingPredictor, Recommender
+from recforge.models.base import RatingPredictor
+from recforge.models.members import build_member, members_state, restore_members, sync_member
 from recforge.models.registry import get_model_class, register
 
 log = logging.getLogger(__name__)
@@ -24,10 +24,6 @@ DEFAULT_MEMBERS = ("svdpp", "funksvd", "biasedals", "bias")
 DEFAULT_PARAMS: dict[str, dict[str, Any]] = {"svdpp": {"n_factors": 200}}
 #: Below this many validation rows per member the weights are not learned; members are averaged instead.
 _MIN_VALID_PER_MEMBER = 20
-
-
-def _accepts(cls: type, name: str) -> bool:
-    return name in inspect.signature(cls.__init__).parameters
 
 
 @register("blend")
@@ -99,16 +95,8 @@ class Blend(RatingPredictor):
         return out
 
     def _make_member(self, name: str) -> RatingPredictor:
-        cls = get_model_class(name)
-        given = {**DEFAULT_PARAMS.get(cls.name, {}), **(self.params or {}).get(name, {})}
-        for shared in ("seed", "progress", "num_threads"):
-            if shared not in given and _accepts(cls, shared):
-                given[shared] = getattr(self, shared)
-        valid = cls._param_names()
-        unknown = [p for p in given if p not in valid]
-        if unknown:
-            raise DataError(f"Blend.params[{name!r}] has unknown parameter(s) {unknown}; valid parameters: {valid}")
-        return cls(**given)
+        defaults = DEFAULT_PARAMS.get(get_model_class(name).name, {})
+        return build_member(name, (self.params or {}).get(name), self, "Blend.params", defaults)  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ fitting
     def _fit(self, interactions: Interactions) -> None:
@@ -168,14 +156,9 @@ class Blend(RatingPredictor):
         members = getattr(self, "members_", None)
         return bool(members) and all(m.supports_partial_fit for m in members)
 
-    def _sync_member(self, member: Recommender) -> None:
-        member.user_map_, member.item_map_ = self.user_map_, self.item_map_
-        member.seen_ = self.seen_
-        member.item_titles_ = getattr(self, "item_titles_", None)
-
     def _grow(self, n_new_users: int, n_new_items: int) -> None:
         for member in self.members_:
-            self._sync_member(member)
+            sync_member(self, member)
             member._grow(n_new_users, n_new_items)
 
     def _partial_fit(self, new: Interactions) -> None:
@@ -189,12 +172,9 @@ class Blend(RatingPredictor):
             "intercept": float(self.intercept_),
             "rating_min": self.rating_min_,
             "rating_max": self.rating_max_,
-            "members": json.dumps([{"name": m.name, "params": m.get_params()} for m in self.members_]),
             "valid_rmse": json.dumps(self.valid_rmse_),
+            **members_state(self.members_),
         }
-        for i, member in enumerate(self.members_):
-            for key, value in member._state().items():
-                state[f"m{i}.{key}"] = value
         return state
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -203,13 +183,7 @@ class Blend(RatingPredictor):
         self.rating_min_ = float(state["rating_min"])
         self.rating_max_ = float(state["rating_max"])
         self.valid_rmse_ = json.loads(state.get("valid_rmse", "{}"))
-        self.members_ = []
-        for i, spec in enumerate(json.loads(state["members"])):
-            member = get_model_class(spec["name"])(**spec["params"])
-            self._sync_member(member)
-            prefix = f"m{i}."
-            member._load_state({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
-            self.members_.append(member)
+        self.members_ = restore_members(self, state)
 
 
 def _nonneg_least_squares(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:

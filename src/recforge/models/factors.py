@@ -13,6 +13,7 @@ import numpy as np
 
 from recforge.data.interactions import Interactions
 from recforge.models.base import RatingPredictor, Recommender
+from recforge.retrieval import similar_by_vectors
 
 _OPTIONAL = ("user_bias", "item_bias")
 
@@ -35,6 +36,9 @@ class FactorModel(Recommender):
         if self.global_bias_:
             scores += np.float32(self.global_bias_)
         return scores
+
+    def _similar_indices(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return similar_by_vectors(self.item_factors_, items, k)
 
     def _state(self) -> dict[str, Any]:
         state: dict[str, Any] = {

@@ -29,9 +29,27 @@ def register(name: str, *aliases: str) -> Callable[[T], T]:
     return deco
 
 
+_LOADED = False
+
+
 def _ensure_builtin_models() -> None:
-    # Importing the package registers every built-in model.
-    import recforge.models  # noqa: F401
+    """Import every module of ``recforge.models`` (each built-in model registers itself) on the first lookup.
+
+    Done lazily, not when the package is imported: helpers such as ``recforge.models.topk`` are imported by
+    evaluation, retrieval and neural code that the models themselves import, and loading every model at that
+    point would make those imports circular.
+    """
+    global _LOADED
+    if _LOADED:
+        return
+    import importlib
+    import pkgutil
+
+    import recforge.models
+
+    for info in pkgutil.iter_modules(recforge.models.__path__, "recforge.models."):
+        importlib.import_module(info.name)
+    _LOADED = True
 
 
 def available_models() -> list[str]:

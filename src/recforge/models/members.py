@@ -1,0 +1,67 @@
+"""Member models of ensembles (rating blend, score blend, slate mixing): creation, shared state and persistence."""
+
+from __future__ import annotations
+
+import inspect
+import json
+from typing import Any
+
+from recforge.errors import DataError
+from recforge.models.base import Recommender
+from recforge.models.registry import get_model_class
+
+#: Settings an ensemble passes down to members that take them, unless the member's own params say otherwise.
+SHARED_SETTINGS = ("seed", "progress", "num_threads")
+
+
+def accepts(cls: type, name: str) -> bool:
+    """Whether ``cls``'s constructor takes a parameter ``name``."""
+    return name in inspect.signature(cls.__init__).parameters
+
+
+def build_member(name: str, params: dict[str, Any] | None, parent: Recommender, owner: str,
+                 defaults: dict[str, Any] | None = None) -> Recommender:
+    """An unfitted member ``name`` with ``params`` over ``defaults``; shared settings come from ``parent``.
+
+    Unknown parameter names raise :class:`DataError` naming the ensemble (``owner``) and the valid ones.
+    """
+    cls = get_model_class(name)
+    if params is not None and not isinstance(params, dict):
+        raise DataError(f"{owner} parameters for {name!r} must be a dict, got {params!r}")
+    given = {**(defaults or {}), **(params or {})}
+    for shared in SHARED_SETTINGS:
+        if shared not in given and accepts(cls, shared) and hasattr(parent, shared):
+            given[shared] = getattr(parent, shared)
+    valid = cls._param_names()
+    unknown = [p for p in given if p not in valid]
+    if unknown:
+        raise DataError(f"{owner} parameters for {name!r} have unknown parameter(s) {unknown}; valid parameters: {valid}")
+    return cls(**given)
+
+
+def sync_member(parent: Recommender, member: Recommender) -> None:
+    """Share the ensemble's id maps, seen items and titles with a member (they were fitted on the same data)."""
+    member.user_map_, member.item_map_ = parent.user_map_, parent.item_map_
+    member.seen_ = parent.seen_
+    member.item_titles_ = getattr(parent, "item_titles_", None)
+
+
+def members_state(members: list[Recommender]) -> dict[str, Any]:
+    """The members' names, parameters and fitted arrays, flattened under ``m{i}.`` prefixes."""
+    state: dict[str, Any] = {"members": json.dumps([{"name": m.name, "params": m.get_params()} for m in members])}
+    for i, member in enumerate(members):
+        for key, value in member._state().items():
+            state[f"m{i}.{key}"] = value
+    return state
+
+
+def restore_members(parent: Recommender, state: dict[str, Any]) -> list[Recommender]:
+    """Rebuild the members saved by :func:`members_state`, sharing ``parent``'s maps and seen items."""
+    out = []
+    for i, spec in enumerate(json.loads(state["members"])):
+        member = get_model_class(spec["name"])(**spec["params"])
+        sync_member(parent, member)
+        prefix = f"m{i}."
+        member._load_state({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        out.append(member)
+    return out
