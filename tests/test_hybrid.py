@@ -37,18 +37,18 @@ def loo(planted: Interactions) -> S.Split:
 
 def test_slatemix_fills_each_slate_with_its_quotas(loo: S.Split) -> None:
     model = create_model("slatemix", params=MEMBERS, slate_size=5, n_content=3, progress=False).fit(loo.train)
-    cf, content = model.members_
     users = np.arange(30)
-    mixed, _ = model.recommend_indices(users, 5, model.seen_)
-    cf_top, _ = cf.recommend_indices(users, 5, model.seen_)
-    last = content.last_items_[users]
+    mixed, _ = model.recommend_indices(users, 10, model.seen_)
+    cf_scores, content_scores = model.members_[0].score(users), model._content_scores(users)
     for row, u in enumerate(users):
-        assert list(mixed[row, :2]) == list(cf_top[row, :2])  # two collaborative picks first
-        sims = content.item_vectors_ @ content.item_vectors_[last[row]]
-        sims[model.seen_[u].indices] = -np.inf
-        sims[mixed[row, :2]] = -np.inf  # de-duplicated: the content picks skip items already placed
-        expected = np.argsort(-sims, kind="stable")[:3]
-        assert list(mixed[row, 2:5]) == list(expected)
+        seen = set(model.seen_[u].indices)
+        cf_list = [i for i in np.argsort(-cf_scores[row], kind="stable") if i not in seen]
+        ct_list = [i for i in np.argsort(-content_scores[row], kind="stable") if i not in seen]
+        expected: list[int] = []
+        for pos in range(10):  # 2 collaborative then 3 content picks per slate, skipping items already placed
+            source = cf_list if pos % 5 < 2 else ct_list
+            expected.append(next(i for i in source if i not in expected))
+        assert list(mixed[row]) == expected
     with pytest.raises(DataError, match="n_content"):
         create_model("slatemix", n_content=6, slate_size=5).fit(loo.train)
 

@@ -212,7 +212,7 @@ def evaluate_cmd(
     protocol: Annotated[
         str,
         typer.Option(
-            help="loo, random, temporal, last5, users, folds; next-event (temporal next-item samples, also on "
+            help="loo, random, temporal, last5, users, cold-items, folds; next-event (temporal next-item samples, also on "
             "--train/--test files) or sequence-mrr."
         ),
     ] = "loo",
@@ -288,7 +288,7 @@ def recommend_cmd(
     """Top-k recommendations from a saved model, in the original ids, with titles when known."""
     import numpy as np
 
-    from recforge.data.io import atomic_path, read_table
+    from recforge.data.io import read_table
     from recforge.errors import DataError
     from recforge.models import Recommender
 
@@ -306,18 +306,22 @@ def recommend_cmd(
             ids += [line.strip() for line in users_file.read_text().splitlines() if line.strip()]
     if not ids:
         raise DataError("give at least one --user or a --users-file")
-    if not est.user_map_.is_string:
-        try:
-            ids = [int(x) for x in ids]
-        except ValueError:
-            raise DataError("this model's user ids are integers; got a non-integer id") from None
+    ids = _typed_ids([str(x) for x in ids], est.user_map_, "user")
     recs = est.recommend(np.asarray(ids), k=k, exclude_seen=not include_seen, with_titles=True)
+    _write_frame(recs, fmt, out, "recommendations")
+
+
+def _write_frame(frame: Any, fmt: str, out: Path | None, what: str) -> None:
+    """Print a result frame as a table, CSV or JSON lines, or write it atomically to ``out``."""
+    from recforge.data.io import atomic_path
+    from recforge.errors import DataError
+
     if fmt == "csv":
-        text = recs.to_csv(index=False)
+        text = frame.to_csv(index=False)
     elif fmt == "json":
-        text = recs.to_json(orient="records", lines=True)
+        text = frame.to_json(orient="records", lines=True)
     elif fmt == "table":
-        text = recs.to_string(index=False) + "\n"
+        text = frame.to_string(index=False) + "\n"
     else:
         raise DataError(f"--format must be table, csv or json, not {fmt!r}")
     if out is None:
@@ -325,7 +329,36 @@ def recommend_cmd(
     else:
         with atomic_path(out) as tmp:
             tmp.write_text(text)
-        typer.echo(f"{len(recs)} recommendations -> {out}")
+        typer.echo(f"{len(frame)} {what} -> {out}")
+
+
+def _typed_ids(values: list[str], id_map: Any, what: str) -> list[Any]:
+    from recforge.errors import DataError
+
+    if id_map.is_string:
+        return list(values)
+    try:
+        return [int(x) for x in values]
+    except ValueError:
+        raise DataError(f"this model's {what} ids are integers; got a non-integer id") from None
+
+
+@app.command("similar")
+def similar_cmd(
+    artifact: Annotated[Path, typer.Argument(help="Model artifact folder written by `recforge train`.")],
+    item: Annotated[list[str], typer.Option("--item", "-i", help="Item id; repeatable.")],
+    k: Annotated[int, typer.Option("--k", "-k", help="Number of similar items per item.")] = 10,
+    fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write to this file instead of stdout.")] = None,
+) -> None:
+    """"More like this": the k most similar items of each item (content, item-kNN, factor and two-tower models)."""
+    import numpy as np
+
+    from recforge.models import Recommender
+
+    est = Recommender.load(artifact)
+    ids = _typed_ids(item, est.item_map_, "item")
+    _write_frame(est.similar_items(np.asarray(ids), k=k, with_titles=True), fmt, out, "similar items")
 
 
 # ---------------------------------------------------------------------------------------------- compare
@@ -333,7 +366,11 @@ def recommend_cmd(
 def compare_cmd(
     dataset: DatasetOpt = DEFAULT_DATASET,
     models: Annotated[str, typer.Option(help="Comma-separated model names.")] = DEFAULT_MODELS,
-    protocol: Annotated[str, typer.Option(help="loo, random, temporal, last5, users or folds (ML-100K u1..u5).")] = "loo",
+    protocol: Annotated[
+        str,
+        typer.Option(help="loo, random, temporal, last5, users, cold-items, folds (ML-100K u1..u5), next-event or "
+                     "sequence-mrr."),
+    ] = "loo",
     k: Annotated[int, typer.Option("--k", "-k", help="List length for the metrics.")] = 10,
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for leaderboard.md/.csv/.png.")] = Path("results/compare"),
     seed: SeedOpt = 0,

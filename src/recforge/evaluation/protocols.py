@@ -56,8 +56,21 @@ PROTOCOLS: dict[str, Protocol] = {
             "20% of users held out; the first half of each one's history is known (in train), the rest test",
             lambda inter, seed=0: S.user_split(inter, 0.2, 0.5, seed=seed),
         ),
+        Protocol(
+            "cold-items",
+            "10% of the items held out of training entirely; their events are test; only the cold items are ranked "
+            "(random tie-break), cold_share@k = share of full-catalogue top-k slots given to cold items",
+            lambda inter, seed=0: _cold_item_split(inter, seed),
+            fit_on_valid=False,
+        ),
     ]
 }
+
+
+def _cold_item_split(inter: Interactions, seed: int) -> S.Split:
+    from recforge.evaluation.cold_start import cold_item_split
+
+    return cold_item_split(inter, fraction=0.1, seed=seed)
 
 
 #: Protocols that score next-item samples instead of a train/test split (see recforge.evaluation.next_event).
@@ -142,10 +155,15 @@ def evaluate_protocol(
     model: Recommender, splits: Sequence[S.Split], k: int | Sequence[int] = 10, name: str | None = None, **kwargs: Any
 ) -> EvaluationResult:
     """Fit ``model`` on every split's train part and evaluate on its test part; results merged over splits."""
+    from recforge.evaluation.cold_start import evaluate_cold_items
+
     results = []
     for split in splits:
         model.fit(split.train)
-        results.append(evaluate(model, split.test, k=k, name=name, **kwargs))
+        if split.name == "cold-items":
+            results.append(evaluate_cold_items(model, split, k=k, name=name))
+        else:
+            results.append(evaluate(model, split.test, k=k, name=name, **kwargs))
     return merge_results(results)
 
 
@@ -200,6 +218,8 @@ def compare(
         results[label] = evaluate_protocol(model, splits, k=k, name=label)
     ks = [k] if isinstance(k, int) else list(k)
     default_metrics = [f"ndcg@{ks[0]}", f"hr@{ks[0]}", f"recall@{ks[0]}", f"map@{ks[0]}", "mrr", f"coverage@{ks[0]}"]
+    if splits[0].name == "cold-items":
+        default_metrics.append(f"cold_share@{ks[0]}")
     if any(r.squared_errors is not None for r in results.values()):
         default_metrics.append("rmse")
     table = leaderboard(results, metrics=metrics or default_metrics, seed=seed)

@@ -94,13 +94,18 @@ class TfidfEncoder(TextEncoder):
             log.warning("TF-IDF: the texts have no words; every vector is zero")
             return np.zeros((len(docs), self.n_components or 1), np.float32)
         n_comp = self.n_components
-        if n_comp is None or n_comp >= min(tfidf.shape) - 1:
+        if n_comp is None or tfidf.shape[1] <= n_comp:  # the vocabulary fits: keep TF-IDF itself
             dense = tfidf.toarray()
-            if n_comp is not None:  # keep the promised width even for a tiny vocabulary
-                dense = np.pad(dense, ((0, 0), (0, max(0, n_comp - dense.shape[1]))))[:, :n_comp]
+            if n_comp is not None:  # pad to the promised width
+                dense = np.pad(dense, ((0, 0), (0, n_comp - dense.shape[1])))
             return normalize_rows(dense)
-        svd = TruncatedSVD(n_components=n_comp, algorithm="randomized", n_iter=7, random_state=self.seed)
-        return normalize_rows(svd.fit_transform(tfidf))
+        # An SVD has at most min(n_docs, vocabulary) - 1 useful components; few documents get fewer, zero-padded.
+        rank = min(n_comp, min(tfidf.shape) - 1)
+        if rank < 1:  # a single document: one direction, nothing to compare it with
+            return np.pad(np.ones((1, 1), np.float32), ((0, 0), (0, n_comp - 1)))
+        svd = TruncatedSVD(n_components=rank, algorithm="randomized", n_iter=7, random_state=self.seed)
+        reduced = svd.fit_transform(tfidf)
+        return normalize_rows(np.pad(reduced, ((0, 0), (0, n_comp - rank))))
 
 
 def bundled_minilm_path() -> Path | None:

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,16 @@ class TrainerConfig:
     checkpoint_dir: str | None = None
     resume: bool = False
     desc: str = "training"
+
+    @classmethod
+    def from_model(cls, model: Any, **overrides: Any) -> TrainerConfig:
+        """Settings from a model's constructor parameters of the same names (``epochs``, ``lr``, ...), with the
+        optimizer AdamW when the model has a ``weight_decay``, Adam otherwise; ``overrides`` win."""
+        names = set(model._param_names())
+        shared = {f.name: getattr(model, f.name) for f in fields(cls) if f.name in names}
+        shared["optimizer"] = "adamw" if shared.get("weight_decay") else "adam"
+        shared["desc"] = type(model).__name__
+        return cls(**{**shared, **overrides})
 
     def check(self) -> TrainerConfig:
         """Raise :class:`DataError` naming the first invalid setting."""

@@ -111,13 +111,7 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
 
     # ------------------------------------------------------------------ fitting
     def _trainer_config(self) -> TrainerConfig:
-        return TrainerConfig(
-            epochs=self.epochs, lr=self.lr, weight_decay=self.weight_decay, optimizer="adamw" if self.weight_decay else "adam",
-            schedule=self.schedule, warmup_steps=self.warmup_steps, grad_clip=self.grad_clip,
-            validate_every=self.validate_every, patience=self.patience, metric=self.valid_metric, device=self.device,
-            amp=self.amp, seed=self.seed, progress=self.progress, checkpoint_dir=self.checkpoint_dir,
-            resume=self.resume, desc=type(self).__name__,
-        )
+        return TrainerConfig.from_model(self, metric=self.valid_metric)
 
     def _fit(self, interactions: Interactions, valid: Interactions | None = None) -> None:
         self._check_common()
