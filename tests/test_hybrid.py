@@ -117,8 +117,19 @@ def test_cold_ranking_breaks_ties_at_random_not_by_index(cold: S.Split) -> None:
     """A model blind to cold items must score like chance, whatever the item order."""
     model = create_model("pop").fit(cold.train)
     n_cold = len(cold_items(cold))
-    hits = [evaluate_cold_items(model, cold, k=10, seed=s)["hr@10"] for s in range(5)]
+    hits = [evaluate_cold_items(model, cold, k=10, seed=s)["hr@10"] for s in range(3)]
     per_user = cold.test.csr("ones")
     n_rel = np.diff(per_user.indptr)[np.diff(per_user.indptr) > 0]
     chance = np.mean(1 - np.prod([(n_cold - n_rel - j) / (n_cold - j) for j in range(10)], axis=0))
-    assert abs(np.mean(hits) - chance) < 0.06
+    assert abs(np.mean(hits) - chance) < 0.03
+
+
+def test_random_tiebreak_keeps_order_and_shuffles_ties() -> None:
+    from recforge.evaluation.cold_start import random_tiebreak
+
+    rows = np.array([[3.0, 1.0, 1.0, 1.0, -np.inf, 2.0]] * 400, np.float32)
+    out = random_tiebreak(rows, np.random.default_rng(0))
+    order = np.argsort(-out, axis=1)
+    assert (order[:, 0] == 0).all() and (order[:, 1] == 5).all() and (order[:, 5] == 4).all()
+    firsts = np.bincount(order[:, 2], minlength=6)[[1, 2, 3]]
+    assert firsts.min() > 100  # each tied item comes first among the ties about a third of the time

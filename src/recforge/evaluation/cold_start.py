@@ -61,6 +61,25 @@ def cold_items(split: S.Split) -> np.ndarray:
     return np.setdiff1d(np.unique(split.test.items), np.flatnonzero(in_train)).astype(np.int64)
 
 
+def random_tiebreak(scores: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Scores with the same order, except that tied entries of a row come in random order.
+
+    Each row becomes ``-dense_rank + u`` with ``u`` uniform in [0, 0.5): distinct scores keep their order (their
+    dense ranks differ by at least one), equal ones are shuffled. Non-finite scores stay last.
+    """
+    scores = np.asarray(scores, dtype=np.float64)
+    order = np.argsort(-scores, axis=1, kind="stable")
+    ranked = np.take_along_axis(scores, order, axis=1)
+    new_value = np.ones(ranked.shape, bool)
+    new_value[:, 1:] = ranked[:, 1:] != ranked[:, :-1]
+    dense = np.cumsum(new_value, axis=1).astype(np.float64)
+    keyed = -dense + 0.5 * rng.random(dense.shape)
+    keyed[~np.isfinite(ranked)] = -np.inf
+    out = np.empty_like(keyed)
+    np.put_along_axis(out, order, keyed, axis=1)
+    return out.astype(np.float32)
+
+
 def evaluate_cold_items(
     model: Recommender,
     split: S.Split,
@@ -71,19 +90,21 @@ def evaluate_cold_items(
     """Rank only the cold items for every test user (metrics as usual, e.g. ``ndcg@10``), plus ``cold_share@k``:
     the share of the full-catalogue top-``k`` positions (seen items excluded) that go to cold items.
 
-    Ties among cold items are broken in a seeded random order, not by item index: a model that knows nothing
-    about cold items scores them all alike, and index order often follows release date and popularity
-    (MovieLens), which would hand such a model a free, meaningless advantage.
+    Ties among cold items are broken at random for every user (seeded), not by item index: a model that knows
+    nothing about cold items scores them all alike, and index order often follows release date and popularity
+    (MovieLens), which would hand such a model a free, meaningless advantage; one shared random order would make
+    its score a lottery on which ten items that order puts first. Per-user draws give it chance level.
     """
     ks = _ks(k)
     model._check_fitted()
     _same_maps(model, split.test)
-    candidates = np.random.default_rng(seed).permutation(cold_items(split))
+    candidates = cold_items(split)
     if not len(candidates):
         raise DataError("the split has no cold item (every test item occurs in train)")
     truth = split.test.csr("ones")
     users = np.flatnonzero(np.diff(truth.indptr) > 0)
-    out = rank_rows(lambda rows: model.score(rows)[:, candidates], len(candidates), users,
+    rng = np.random.default_rng(seed)
+    out = rank_rows(lambda rows: random_tiebreak(model.score(rows)[:, candidates], rng), len(candidates), users,
                     truth[users][:, candidates], max(ks), None)
     per_user = pd.DataFrame(M.per_user_metrics(out.hits, out.n_rel, out.first_rank, ks))
     per_user.insert(0, "user_id", model.user_map_.to_ids(users))
