@@ -145,3 +145,18 @@ def test_folds_protocol_needs_a_folder(planted: Interactions) -> None:
 
     with pytest.raises(DataError, match="ml-100k folder"):
         make_splits(planted, "folds")
+
+
+def test_factorized_top_k_counts_events_not_users() -> None:
+    from recforge.evaluation import factorized_top_k
+
+    frame = pd.DataFrame({"user_id": [1, 1, 2, 2, 2, 3], "item_id": [1, 2, 1, 2, 3, 4]})
+    train = Interactions.from_frame(frame)
+    model = create_model("pop").fit(train)  # ranking: 1, 2 (2 events each), then 3, 4; ties by index
+    test = Interactions.from_frame(pd.DataFrame({"user_id": [1, 1, 3], "item_id": [3, 1, 4]}),
+                                   user_map=train.user_map, item_map=train.item_map)
+    acc = factorized_top_k(model, test, ks=(1, 3, 4))
+    assert acc == {"top1_accuracy": 1 / 3, "top3_accuracy": 2 / 3, "top4_accuracy": 1.0}
+    excl = factorized_top_k(model, test, ks=(1,), exclude_seen=True)
+    # seen items removed: user 1 sees 3 first (1 and 2 are seen), user 3's list starts with 1
+    assert excl == {"top1_accuracy": 1 / 3}

@@ -183,3 +183,36 @@ def evaluate_scores(
     for kk in ks:
         res[f"coverage@{kk}"] = M.coverage(out.top_items, kk, scores.shape[1])
     return res
+
+
+def factorized_top_k(
+    model: Recommender,
+    test: Interactions,
+    ks: Sequence[int] = (1, 5, 10, 50, 100),
+    exclude_seen: bool = False,
+    batch_size: int | None = None,
+) -> dict[str, float]:
+    """Top-k accuracy per test *event*, like TensorFlow Recommenders' ``FactorizedTopK``: the share of test
+    events whose item is among the model's top ``k`` of the whole catalogue for that user (nothing excluded by
+    default, as in TFRS). Keys ``top{k}_accuracy``. Unlike ``hr@k`` (per user: any hit), a user with five test
+    events counts five times."""
+    ks = _ks(list(ks))
+    model._check_fitted()
+    if len(test) == 0:
+        raise EmptyDatasetError("the test set is empty")
+    _same_maps(model, test)
+    counts = test.csr("ones")  # repeated (user, item) events are summed: they count as often as they occur
+    users = np.flatnonzero(np.diff(counts.indptr) > 0)
+    kmax = max(ks)
+    top, _ = model.recommend_indices(users, kmax, model.seen_ if exclude_seen else None, batch_size)
+    row_of_user = np.full(counts.shape[0], -1, np.int64)
+    row_of_user[users] = np.arange(len(users))
+    event_rows = row_of_user[np.repeat(np.arange(counts.shape[0]), np.diff(counts.indptr))]
+    position = np.full(counts.nnz, kmax, np.int64)
+    step = max(1, 2**24 // max(1, kmax))
+    for lo in range(0, counts.nnz, step):
+        match = top[event_rows[lo : lo + step]] == counts.indices[lo : lo + step, None]
+        found = match.any(axis=1)
+        position[lo : lo + step][found] = match.argmax(axis=1)[found]
+    weights = counts.data.astype(np.float64)
+    return {f"top{k}_accuracy": float(weights[position < k].sum() / weights.sum()) for k in ks}
