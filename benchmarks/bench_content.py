@@ -155,6 +155,19 @@ def part_loo(ds: str, threads: int) -> list[dict]:
         run(f"ScoreBlend EASE+{tag}", blend)
     if "twotower" in _registered():
         run("TwoTower", lambda: _neural_refit("twotower", {}, split, threads))
+
+        def blend3():  # type: ignore[no-untyped-def]
+            names = ["ease", "twotower", "content"]
+            params = {**_members(threads), "twotower": {"num_threads": threads}}
+            tuned = _with_threads("scoreblend", {"models": names, "params": params}, threads)
+            tuned.fit(split.train, valid=split.valid)
+            weights = [float(w) for w in tuned.weights_]
+            epochs = int(tuned.members_[1].best_epoch_ or 30)
+            params["twotower"] = {**params["twotower"], "epochs": epochs}
+            final = _with_threads("scoreblend", {"models": names, "params": params, "weights": weights}, threads)
+            return final.fit(split.train_valid), {"weights": str([round(w, 2) for w in weights]), "epochs": epochs}
+
+        run("ScoreBlend EASE+TwoTower+TF-IDF", blend3)
     run("SASRec", lambda: _neural_refit("sasrec", {"loss": "softmax", "epochs": 200}, split, threads, SASREC_EPOCHS.get(ds)))
     return rows
 

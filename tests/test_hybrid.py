@@ -133,3 +133,8 @@ def test_random_tiebreak_keeps_order_and_shuffles_ties() -> None:
     assert (order[:, 0] == 0).all() and (order[:, 1] == 5).all() and (order[:, 5] == 4).all()
     firsts = np.bincount(order[:, 2], minlength=6)[[1, 2, 3]]
     assert firsts.min() > 100  # each tied item comes first among the ties about a third of the time
+
+
+def test_slatemix_needs_a_content_member(loo: S.Split) -> None:
+    with pytest.raises(DataError, match="content model"):
+        create_model("slatemix", content="pop", params={"ease": {"reg": 50.0}}).fit(loo.train)

@@ -161,8 +161,9 @@ class SlateMix(_Ensemble):
             raise DataError(f"SlateMix.n_content ({self.n_content}) cannot exceed slate_size ({self.slate_size})")
         check_choice(self, "anchor", ("last", "profile"))
         self.members_ = [m.fit(interactions) for m in self._build([self.collaborative, self.content])]
-        if not hasattr(self.members_[1], "item_vectors_"):
-            raise DataError(f"SlateMix.content must be a content model with item vectors, got {self.content!r}")
+        if not hasattr(self.members_[1], "last_items_"):
+            raise DataError(f"SlateMix.content must be a content model (item vectors and each user's last item), "
+                            f"got {self.content!r}")
 
     def _content_scores(self, users: np.ndarray) -> np.ndarray:
         content = self.members_[1]

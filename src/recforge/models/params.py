@@ -46,3 +46,10 @@ def check_params(
         check_number(model, name, strict=True)
     for name in non_negative:
         check_number(model, name)
+
+
+def set_params(model: Any, params: dict[str, Any]) -> None:
+    """Store constructor arguments (``locals()`` of ``__init__``) under their own names, sklearn-style."""
+    for key, value in params.items():
+        if key not in ("self", "__class__"):
+            setattr(model, key, value)

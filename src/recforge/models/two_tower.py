@@ -26,9 +26,9 @@ from recforge.data.interactions import Interactions
 from recforge.errors import DataError
 from recforge.evaluation.metrics import per_user_metrics
 from recforge.models.base import Recommender
-from recforge.models.params import check_choice, check_int, check_number
+from recforge.models.params import check_choice, check_int, check_number, set_params
 from recforge.models.registry import register
-from recforge.models.sequential.base import set_params, token_log_q
+from recforge.models.sequential.base import token_log_q
 from recforge.neural.checkpoint import numpy_to_state, state_to_numpy
 from recforge.neural.device import resolve_device, torch_threads
 from recforge.neural.losses import full_softmax, in_batch_softmax

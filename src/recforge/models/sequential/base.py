@@ -251,13 +251,6 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
         self.net_ = net.to(self.device_).eval()
 
 
-def set_params(model: Recommender, params: dict[str, Any]) -> None:
-    """Store constructor arguments (``locals()`` of ``__init__``) under their own names, sklearn-style."""
-    for key, value in params.items():
-        if key not in ("self", "__class__"):
-            setattr(model, key, value)
-
-
 def token_log_q(item_counts: np.ndarray | None, n_items: int) -> torch.Tensor:
     """log of every token's share of the training events (for the logQ correction); special tokens get ~0."""
     counts = np.zeros(n_tokens(n_items), np.float64)

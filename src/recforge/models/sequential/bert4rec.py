@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from recforge.models.params import check_choice, check_int, check_number
+from recforge.models.params import check_choice, check_int, check_number, set_params
 from recforge.models.registry import register
-from recforge.models.sequential.base import SequentialRecommender, set_params, token_log_q
+from recforge.models.sequential.base import SequentialRecommender, token_log_q
 from recforge.models.sequential.sasrec import SASRecNet
 from recforge.neural.losses import LOSSES, next_item_loss
 

@@ -7,9 +7,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recforge.models.params import check_int
+from recforge.models.params import check_int, set_params
 from recforge.models.registry import register
-from recforge.models.sequential.base import SequenceNet, SequentialRecommender, set_params, shifted_targets
+from recforge.models.sequential.base import SequenceNet, SequentialRecommender, shifted_targets
 from recforge.neural.sequences import n_tokens
 
 

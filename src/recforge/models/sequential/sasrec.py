@@ -7,12 +7,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from recforge.models.params import check_choice, check_int
+from recforge.models.params import check_choice, check_int, set_params
 from recforge.models.registry import register
 from recforge.models.sequential.base import (
     SequenceNet,
     SequentialRecommender,
-    set_params,
     shifted_targets,
     token_log_q,
 )
