@@ -112,3 +112,22 @@ def test_datasets_commands() -> None:
     assert info["interactions"] == 100_836 and info["users"] == 610
     out = run("models")
     assert "pop" in out.stdout and "bias" in out.stdout
+
+
+def test_train_content_similar_and_cold_items_compare(tmp_path: Path) -> None:
+    art = tmp_path / "content"
+    out = run("train", "--model", "content", "--out", str(art), "--quiet")
+    assert out.returncode == 0, out.stderr
+    out = run("similar", str(art), "--item", "1", "--item", "260", "--k", "3", "--format", "csv")
+    assert out.returncode == 0, out.stderr
+    sim = pd.read_csv(pd.io.common.StringIO(out.stdout))
+    assert list(sim.columns) == ["item_id", "similar_item_id", "score", "rank", "title"]
+    assert sim.query("item_id == 1")["title"].iloc[0] == "Toy Story 2 (1999)"
+    assert sim.query("item_id == 260")["title"].str.startswith("Star Wars").all()
+    out = run("similar", str(art), "--item", "not-a-number")
+    assert out.returncode == 2 and "integers" in out.stderr
+    out = run("compare", "--models", "pop,content", "--protocol", "cold-items", "--out", str(tmp_path / "cmp"), "--quiet")
+    assert out.returncode == 0, out.stderr
+    table = pd.read_csv(tmp_path / "cmp" / "leaderboard.csv").set_index("model")
+    assert table.loc["content", "ndcg@10"] > 2 * table.loc["pop", "ndcg@10"]
+    assert table.loc["pop", "cold_share@10"] == 0.0
