@@ -12,7 +12,7 @@ from scipy.optimize import nnls
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError, UnknownModelError
 from recforge.models.base import RatingPredictor
-from recforge.models.members import build_member, members_state, restore_members, sync_member
+from recforge.models.members import EnsembleUpdates, build_member, members_state, restore_members
 from recforge.models.registry import get_model_class, register
 
 log = logging.getLogger(__name__)
@@ -27,7 +27,7 @@ _MIN_VALID_PER_MEMBER = 20
 
 
 @register("blend")
-class Blend(RatingPredictor):
+class Blend(EnsembleUpdates, RatingPredictor):
     """A rating model that stacks several recforge rating models linearly: ``r̂ = b + Σ_m w_m r̂_m``, ``w ≥ 0``.
 
     ``fit`` holds out a seeded random ``valid_fraction`` of the rows, fits every member on the rest, learns
@@ -148,22 +148,6 @@ class Blend(RatingPredictor):
             if w:
                 scores += np.float32(w) * member.score(users)
         return scores
-
-    # ------------------------------------------------------------------ incremental updates
-    @property
-    def supports_partial_fit(self) -> bool:  # type: ignore[override]
-        """True once fitted when every member supports incremental updates."""
-        members = getattr(self, "members_", None)
-        return bool(members) and all(m.supports_partial_fit for m in members)
-
-    def _grow(self, n_new_users: int, n_new_items: int) -> None:
-        for member in self.members_:
-            sync_member(self, member)
-            member._grow(n_new_users, n_new_items)
-
-    def _partial_fit(self, new: Interactions) -> None:
-        for member in self.members_:
-            member._partial_fit(new)
 
     # ------------------------------------------------------------------ persistence
     def _state(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import numpy as np
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
 from recforge.models.base import Recommender, batch_rows
-from recforge.models.members import build_member, members_state, restore_members, sync_member
+from recforge.models.members import EnsembleUpdates, build_member, members_state, restore_members
 from recforge.models.params import check_choice, check_int, check_number
 from recforge.models.registry import get_model_class, register
 
@@ -27,7 +27,7 @@ _FILLER = np.float32(-1e30)  # at or below: a member's "cannot rank this item" f
 _UNRANKABLE_Z = -1e3  # far below any z-score a catalogue can produce
 
 
-class _Ensemble(Recommender):
+class _Ensemble(EnsembleUpdates, Recommender):
     """Shared plumbing of the hybrids: members built from names + params, shared maps, persistence, updates."""
 
     params: dict[str, dict[str, Any]] | None
@@ -47,21 +47,6 @@ class _Ensemble(Recommender):
             if isinstance(self, get_model_class(name)):
                 raise DataError(f"{type(self).__name__} cannot contain itself")
         return [build_member(name, params.get(name), self, owner) for name in names]
-
-    @property
-    def supports_partial_fit(self) -> bool:  # type: ignore[override]
-        """True once fitted when every member supports incremental updates."""
-        members = getattr(self, "members_", None)
-        return bool(members) and all(m.supports_partial_fit for m in members)
-
-    def _grow(self, n_new_users: int, n_new_items: int) -> None:
-        for member in self.members_:
-            sync_member(self, member)
-            member._grow(n_new_users, n_new_items)
-
-    def _partial_fit(self, new: Interactions) -> None:
-        for member in self.members_:
-            member._partial_fit(new)
 
     def _state(self) -> dict[str, Any]:
         return members_state(self.members_)

@@ -6,6 +6,7 @@ import inspect
 import json
 from typing import Any
 
+from recforge.data.interactions import Interactions
 from recforge.errors import DataError
 from recforge.models.base import Recommender
 from recforge.models.registry import get_model_class
@@ -65,3 +66,27 @@ def restore_members(parent: Recommender, state: dict[str, Any]) -> list[Recommen
         member._load_state({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
         out.append(member)
     return out
+
+
+class EnsembleUpdates:
+    """Mixin for ensembles holding fitted ``members_``: incremental updates are passed on to every member.
+
+    Put it before the Recommender base class so that its ``supports_partial_fit`` property wins.
+    """
+
+    members_: list[Recommender]
+
+    @property
+    def supports_partial_fit(self) -> bool:
+        """True once fitted when every member supports incremental updates."""
+        members = getattr(self, "members_", None)
+        return bool(members) and all(m.supports_partial_fit for m in members)
+
+    def _grow(self, n_new_users: int, n_new_items: int) -> None:
+        for member in self.members_:
+            sync_member(self, member)  # type: ignore[arg-type]
+            member._grow(n_new_users, n_new_items)
+
+    def _partial_fit(self, new: Interactions) -> None:
+        for member in self.members_:
+            member._partial_fit(new)

@@ -32,7 +32,7 @@ from recforge.models.sequential.base import token_log_q
 from recforge.neural.checkpoint import numpy_to_state, state_to_numpy
 from recforge.neural.device import resolve_device, torch_threads
 from recforge.neural.losses import full_softmax, in_batch_softmax
-from recforge.neural.trainer import Trainer, TrainerConfig
+from recforge.neural.trainer import Trainer, TrainerConfig, keep_training_result
 from recforge.retrieval import similar_by_vectors
 
 log = logging.getLogger(__name__)
@@ -467,12 +467,7 @@ class TwoTower(Recommender):
             self.net_ = net
             self.device_ = trainer.device
             self._cache_vectors()
-        self.training_history_ = result.history
-        self.best_epoch_ = result.best_epoch
-        self.best_score_ = result.best_metric
-        self.seconds_to_best_ = result.seconds_to_best
-        self.stopped_early_ = result.stopped_early
-        self.loss_history_ = result.history["loss"].tolist() if len(result.history) else []
+        keep_training_result(self, result)
 
     def _encode(self, net: TwoTowerNet, users: np.ndarray | None, items: np.ndarray | None) -> np.ndarray:
         """Tower outputs (float32 numpy) of user indices (request time = last training timestamp) or items."""

@@ -291,6 +291,17 @@ class Trainer:
                               state["seconds_to_best"], seconds, state["step"], stop, {"config": asdict(cfg)})
 
 
+def keep_training_result(model: Any, result: TrainingResult) -> None:
+    """Store a training run on the model as fitted attributes: ``training_history_``, ``best_epoch_``,
+    ``best_score_``, ``seconds_to_best_``, ``stopped_early_`` and ``loss_history_``."""
+    model.training_history_ = result.history
+    model.best_epoch_ = result.best_epoch
+    model.best_score_ = result.best_metric
+    model.seconds_to_best_ = result.seconds_to_best
+    model.stopped_early_ = result.stopped_early
+    model.loss_history_ = result.history["loss"].tolist() if len(result.history) else []
+
+
 def write_training_curves(history: pd.DataFrame, folder: str | Path, metric: str = "ndcg@10") -> tuple[Path, Path]:
     """Save ``training_curves.csv`` and ``training_curves.png`` (loss and validation metric by step)."""
     folder = Path(folder)

@@ -55,7 +55,10 @@ class VectorIndex(ABC):
         """Top-``k`` vector indices and inner products for each query row, skipping the ``exclude`` pattern
         (a CSR matrix with one row per query, columns = vector indices)."""
 
-    def _check_query(self, queries: np.ndarray, k: int, exclude: sp.csr_matrix | None) -> tuple[np.ndarray, int]:
+    def _prepare(
+        self, queries: np.ndarray, k: int, exclude: sp.csr_matrix | None
+    ) -> tuple[np.ndarray, int, np.ndarray, np.ndarray]:
+        """Checked queries, the effective k, and the padded outputs (``-1`` / ``-inf``) to fill."""
         q = _as_matrix(np.atleast_2d(queries), "queries")
         if q.shape[1] != self.vectors.shape[1]:
             raise DataError(f"queries have {q.shape[1]} dimensions, the index {self.vectors.shape[1]}")
@@ -63,7 +66,8 @@ class VectorIndex(ABC):
             raise DataError(f"k must be a positive integer, got {k!r}")
         if exclude is not None and exclude.shape != (len(q), self.n):
             raise DataError(f"exclude must have shape {(len(q), self.n)}, got {exclude.shape}")
-        return q, int(k)
+        k_eff = min(int(k), self.n)
+        return q, k_eff, np.full((len(q), k_eff), -1, np.int32), np.full((len(q), k_eff), -np.inf, np.float32)
 
 
 class ExactIndex(VectorIndex):
@@ -79,10 +83,7 @@ class ExactIndex(VectorIndex):
         from recforge.models.threads import thread_limits
         from recforge.models.topk import mask_and_topk
 
-        q, k = self._check_query(queries, k, exclude)
-        k_eff = min(k, self.n)
-        out_i = np.full((len(q), k_eff), -1, np.int32)
-        out_s = np.full((len(q), k_eff), -np.inf, np.float32)
+        q, k_eff, out_i, out_s = self._prepare(queries, k, exclude)
         step = max(1, _BLOCK_BYTES // max(1, 4 * self.n))
         with thread_limits(self.num_threads):
             for lo in range(0, len(q), step):
@@ -142,10 +143,7 @@ class HNSWIndex(VectorIndex):
     ) -> tuple[np.ndarray, np.ndarray]:
         from recforge.models.threads import resolve_threads
 
-        q, k = self._check_query(queries, k, exclude)
-        k_eff = min(k, self.n)
-        out_i = np.full((len(q), k_eff), -1, np.int32)
-        out_s = np.full((len(q), k_eff), -np.inf, np.float32)
+        q, k_eff, out_i, out_s = self._prepare(queries, k, exclude)
         if not len(q) or not k_eff:
             return out_i, out_s
         # Excluded items are dropped after the search, so ask for enough extra candidates to still fill k.

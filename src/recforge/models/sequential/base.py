@@ -31,7 +31,7 @@ from recforge.neural.sequences import (
     vocabulary,
     window_batches,
 )
-from recforge.neural.trainer import Trainer, TrainerConfig
+from recforge.neural.trainer import Trainer, TrainerConfig, keep_training_result
 
 log = logging.getLogger(__name__)
 
@@ -141,12 +141,7 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
         self.net_ = net
         self._user_queries = None
         self.device_ = trainer.device
-        self.training_history_ = result.history
-        self.best_epoch_ = result.best_epoch
-        self.best_score_ = result.best_metric
-        self.seconds_to_best_ = result.seconds_to_best
-        self.stopped_early_ = result.stopped_early
-        self.loss_history_ = result.history["loss"].tolist() if len(result.history) else []
+        keep_training_result(self, result)
 
     def _validator(
         self, train: Interactions, valid: Interactions, net: SequenceNet, device: torch.device, max_samples: int = 10_000
