@@ -131,3 +131,17 @@ def test_train_content_similar_and_cold_items_compare(tmp_path: Path) -> None:
     table = pd.read_csv(tmp_path / "cmp" / "leaderboard.csv").set_index("model")
     assert table.loc["content", "ndcg@10"] > 2 * table.loc["pop", "ndcg@10"]
     assert table.loc["pop", "cold_share@10"] == 0.0
+
+
+def test_simulate_writes_results_and_scores(tmp_path: Path) -> None:
+    out = run("simulate", "--policies", "random,greedy-static,linucb", "--test-episodes", "2", "--quiet",
+              "--set", "linucb.alpha=0.2", "--out", str(tmp_path / "sim"))
+    assert out.returncode == 0, out.stderr
+    table = pd.read_csv(tmp_path / "sim" / "results.csv").set_index("policy")
+    assert table.loc["linucb", "test ctr"] > table.loc["greedy-static", "test ctr"] > table.loc["random", "test ctr"]
+    scores = pd.read_csv(tmp_path / "sim" / "scores_linucb.csv")
+    assert list(scores.columns) == ["user_id", "avg_score"]
+    out = run("simulate", "--policies", "nope", "--quiet", "--out", str(tmp_path / "x"))
+    assert out.returncode == 2 and "unknown policy" in out.stderr
+    out = run("simulate", "--set", "alpha=3", "--quiet", "--out", str(tmp_path / "x"))
+    assert out.returncode == 2 and "name the policy" in out.stderr

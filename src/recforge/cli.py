@@ -387,6 +387,61 @@ def compare_cmd(
     typer.echo("saved: " + ", ".join(str(p) for p in paths.values()))
 
 
+# ---------------------------------------------------------------------------------------------- simulate
+DEFAULT_POLICIES = "random,pop,greedy-static,greedy,hybrid,linucb,thompson"
+
+
+@app.command("simulate")
+def simulate_cmd(
+    dataset: DatasetOpt = DEFAULT_DATASET,
+    policies: Annotated[
+        str,
+        typer.Option(help="Comma-separated policies: random, pop, greedy (ALS updated by clicks), greedy-static, "
+                     "egreedy, hybrid (notebook 000), linucb, thompson, sequential, oracle."),
+    ] = DEFAULT_POLICIES,
+    assignments: Annotated[
+        list[str] | None, typer.Option("--set", help="Policy parameter as policy.name=value; repeatable.")
+    ] = None,
+    train_episodes: Annotated[int, typer.Option(help="Training episodes (the policy learns online).")] = 1,
+    test_episodes: Annotated[int, typer.Option(help="Test episodes, each from the best training state.")] = 5,
+    train_users: Annotated[int | None, typer.Option(help="Training users (default: a third of the eligible).")] = None,
+    test_users: Annotated[int | None, typer.Option(help="Testing users (default: the other eligible users).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results and per-user scores.")] = Path(
+        "results/simulate"
+    ),
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Simulate slate recommendation on a real dataset: train policies online, test them, save scores and plots."""
+    from recforge.errors import DataError
+    from recforge.interactive import create_policy, make_environments, save_results, simulate
+    from recforge.interactive.harness import markdown_table, results_table
+    from recforge.models import parse_params
+
+    if train_episodes < 0 or test_episodes < 1:
+        raise DataError("--train-episodes must be >= 0 and --test-episodes >= 1")
+    data = _load(dataset)
+    envs = make_environments(data, n_train_users=train_users, n_test_users=test_users, seed=seed)
+    settings: dict[str, dict] = {}
+    for key, value in parse_params(assignments or []).items():
+        policy, _, param = key.partition(".")
+        if not param:
+            raise DataError(f"--set {key}=...: name the policy, as in linucb.alpha=0.2")
+        settings.setdefault(policy.replace("_", "-"), {})[param] = value
+    results = []
+    for label in [p.strip() for p in policies.split(",") if p.strip()]:
+        name, params = label, dict(settings.get(label, {}))
+        if label == "greedy-static":
+            name, params = "greedy", {"learn": False, **params}
+        if label == "oracle":
+            params["truth"] = envs.truth
+        policy = create_policy(name, seed=seed, **params)
+        results.append(simulate(policy, envs, train_episodes, test_episodes, progress=not quiet, name=label))
+    typer.echo(markdown_table(results_table(results)), nl=False)
+    paths = save_results(results, out)
+    typer.echo("saved: " + ", ".join(str(p) for p in paths.values()))
+
+
 def main() -> None:
     """Entry point: run the CLI, turning recforge errors into one-line messages and exit status 2."""
     try:

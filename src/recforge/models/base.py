@@ -153,7 +153,8 @@ class Recommender:
             return self
         user_map, _ = self.user_map_.extend(frame["user_id"])
         item_map, _ = self.item_map_.extend(frame["item_id"])
-        new = Interactions.from_frame(frame, user_map=user_map, item_map=item_map)
+        weight_col = "weight" if "weight" in frame.columns else None  # documented above; from_frame ignores it otherwise
+        new = Interactions.from_frame(frame, user_map=user_map, item_map=item_map, weight_col=weight_col)
         if self.predicts_ratings and new.ratings is None:
             raise DataError(f"{type(self).__name__} updates need a rating column")
         n_new_users, n_new_items = len(user_map) - self.n_users_, len(item_map) - self.n_items_
