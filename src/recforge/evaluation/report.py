@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from recforge.data.io import atomic_path, write_table
+from recforge.data.io import atomic_path, save_figure, write_table
 from recforge.errors import DataError
 from recforge.evaluation.evaluator import EvaluationResult
 from recforge.evaluation.stats import bootstrap_ci, paired_test
@@ -152,11 +152,7 @@ def plot_leaderboard(table: pd.DataFrame, metric: str, path: str | Path) -> Path
     ax.set_xlabel(f"{metric} (95% bootstrap CI)")
     ax.set_title(table.attrs.get("title", "recforge leaderboard"))
     fig.tight_layout()
-    p = Path(path)
-    with atomic_path(p) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
-    return p
+    return save_figure(fig, path, dpi=120)
 
 
 def save_leaderboard(table: pd.DataFrame, out_dir: str | Path, metric: str | None = None) -> dict[str, Path]:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from recforge.data.io import atomic_path, write_table
+from recforge.data.io import atomic_path, save_figure, write_table
 from recforge.interactive.environment import Environments, SlateEnvironment
 from recforge.interactive.policies import Policy
 
@@ -174,11 +174,7 @@ def plot_ctr_curves(results: list[SimulationResult], path: str | Path, window: i
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    p = Path(path)
-    with atomic_path(p) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return p
+    return save_figure(fig, path, dpi=110)
 
 
 def save_results(results: list[SimulationResult], folder: str | Path) -> dict[str, Path]:

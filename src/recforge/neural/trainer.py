@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from recforge.data.io import atomic_path
+from recforge.data.io import atomic_path, save_figure
 from recforge.errors import DataError
 from recforge.neural.checkpoint import load_checkpoint, save_checkpoint
 from recforge.neural.device import amp_dtype, resolve_device
@@ -333,7 +333,4 @@ def plot_training_curves(history: pd.DataFrame, path: str | Path, metric: str = 
             ax2.set_ylabel(f"validation {metric}", color="tab:orange")
     ax.set_title("training curves")
     fig.tight_layout()
-    with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-    return Path(path)
+    return save_figure(fig, path, dpi=110)
