@@ -28,8 +28,8 @@ from recforge.models import RatingPredictor, Recommender, available_models, crea
 _SEQ = {"max_len": 50, "n_factors": 32, "epochs": 20, "lr": 3e-3, "batch_size": 64, "num_threads": 1, "progress": False}
 FAST_PARAMS: dict[str, dict] = {
     "sasrec": _SEQ,
-    "gru4rec": {**_SEQ, "hidden_size": 64},
-    "pooling": _SEQ,
+    "gru4rec": {**_SEQ, "hidden_size": 32, "epochs": 30, "dropout": 0.0},
+    "pooling": {**_SEQ, "epochs": 40},
     "bert4rec": _SEQ,
     "twotower": {"epochs": 10, "batch_size": 256, "num_threads": 1, "progress": False},
 }

@@ -404,3 +404,26 @@ def test_compare_on_next_item_protocols(chains: Interactions) -> None:
     assert table.iloc[0]["model"] == "sasrec" and "dcg@10" in table.columns and "hr@20" in table.columns
     table, results = compare(chains, ["pop", "als"], protocol="sequence-mrr", progress=False)
     assert list(results) == ["pop"]  # als cannot score a session and is skipped with a warning
+
+
+def test_partial_fit_appends_history_without_touching_weights(planted, tmp_path) -> None:
+    """New events extend the histories: recommending afterwards equals scoring the whole history as a session."""
+    model = create_model("sasrec", max_len=20, n_factors=16, epochs=2, num_threads=1, progress=False).fit(planted)
+    weights = {k: v.clone() for k, v in model.net_.state_dict().items()}
+    model.score(np.arange(3))  # fill the query cache: partial_fit must refresh the touched users only
+    user = planted.user_map.ids[5]
+    extra = planted.item_map.ids[[3, 7, 11]]
+    ts = planted.timestamps.max() + np.arange(1, 4)
+    model.partial_fit(pd.DataFrame({"user_id": [user] * 3 + [10**6], "item_id": [*extra, 10**7],
+                                    "timestamp": [*ts, ts[-1]]}))
+    for key, value in model.net_.state_dict().items():
+        assert torch.equal(value, weights[key])
+    frame = planted.to_frame()
+    history = [*frame.sort_values(["timestamp"], kind="stable").query("user_id == @user")["item_id"], *extra]
+    expected = model.recommend_for_history(history, k=10, exclude_history=False)["item_id"].tolist()
+    got = model.recommend([user], k=10, exclude_seen=False)["item_id"].tolist()
+    assert got == expected
+    assert model.score(model.user_map_.to_index([10**6])).shape == (1, model.n_items_)
+    assert model.score(np.arange(2))[:, -1].max() < -1e30  # the new item is unknown to the network: last
+    loaded = Recommender.load(model.save(tmp_path / "m"))
+    assert loaded.recommend([user], k=10, exclude_seen=False)["item_id"].tolist() == got

@@ -36,6 +36,7 @@ from recforge.neural.trainer import Trainer, TrainerConfig, keep_training_result
 log = logging.getLogger(__name__)
 
 _INFER_ROWS = 512  # histories encoded per forward pass at inference
+_UNTRAINED = np.float32(np.finfo(np.float32).min / 2)  # score of items the network never saw (finite: they still fill lists)
 _VALID_METRICS = ("ndcg@10", "hr@10", "mrr")
 
 
@@ -81,6 +82,9 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
 
     uses_history: ClassVar[bool] = True
     supports_validation: ClassVar[bool] = True
+    #: ``partial_fit`` appends new events to the users' histories (the weights stay): the next recommendation
+    #: conditions on them. Items added by it are unknown to the network and rank last.
+    supports_partial_fit: ClassVar[bool] = True
     net_: SequenceNet
 
     def _check_common(self) -> None:
@@ -196,9 +200,13 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
     def _scores_from_queries(self, queries: torch.Tensor, empty: np.ndarray) -> np.ndarray:
         """Catalogue scores for query vectors; empty histories get the training popularity instead."""
         out = np.empty((len(empty), self.n_items_), np.float32)
+        known = self.net_.n_items  # items added by partial_fit have no embedding: they rank last
+        out[:, known:] = _UNTRAINED
         with torch.no_grad(), torch_threads(self.num_threads):
             for lo in range(0, len(empty), _INFER_ROWS):
-                out[lo : lo + _INFER_ROWS] = self.net_.score_items(queries[lo : lo + _INFER_ROWS]).float().cpu().numpy()
+                out[lo : lo + _INFER_ROWS, :known] = (
+                    self.net_.score_items(queries[lo : lo + _INFER_ROWS]).float().cpu().numpy()
+                )
         if empty.any():
             out[empty] = np.log1p(self.item_counts_[: self.n_items_]).astype(np.float32)
         return out
@@ -218,6 +226,49 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
         users = np.asarray(users, dtype=np.int64)
         return self._scores_from_queries(queries[torch.from_numpy(users).to(queries.device)], empty[users])
 
+    # ------------------------------------------------------------------ incremental updates
+    def _grow(self, n_new_users: int, n_new_items: int) -> None:
+        offsets = self.history_.offsets
+        self.history_ = TokenSequences(self.history_.tokens, np.concatenate([offsets, np.full(n_new_users, offsets[-1])]))
+        oov = self.net_.n_items + 1
+        self.vocab_ = np.concatenate([self.vocab_, np.full(n_new_items, oov, self.vocab_.dtype)])
+        self.item_counts_ = np.concatenate([self.item_counts_, np.zeros(n_new_items, self.item_counts_.dtype)])
+        cache = getattr(self, "_user_queries", None)
+        if cache is not None and n_new_users:
+            queries, empty = cache
+            pad = queries.new_zeros((n_new_users, queries.shape[1]))
+            self._user_queries = (torch.cat([queries, pad]), np.concatenate([empty, np.ones(n_new_users, bool)]))
+
+    def _partial_fit(self, new: Interactions) -> None:
+        if self.min_item_count <= 1:
+            # Without rare items in training the OOV token was never learned: items the network does not know
+            # would feed it a random vector, so they stay out of the histories (they still count as seen).
+            trained = self.vocab_[new.items] <= self.net_.n_items
+            if not trained.all():
+                np.add.at(self.item_counts_, new.items[~trained], 1)
+                new = new.subset(trained)
+        seq = new.sequences()
+        n_users = len(self.history_.offsets) - 1
+        old_len, add_len = self.history_.lengths, np.diff(seq.offsets)
+        # Merge each user's kept history with its new events (in time order), keeping the last history_len.
+        merged_len = old_len + add_len
+        starts = np.zeros(n_users + 1, np.int64)
+        np.cumsum(merged_len, out=starts[1:])
+        tokens = np.empty(int(starts[-1]), np.int64)
+        old_pos = np.repeat(starts[:-1], old_len) + (np.arange(len(self.history_.tokens)) - np.repeat(self.history_.offsets[:-1], old_len))
+        tokens[old_pos] = self.history_.tokens
+        new_pos = np.repeat(starts[:-1] + old_len, add_len) + (np.arange(len(seq.items)) - np.repeat(seq.offsets[:-1], add_len))
+        tokens[new_pos] = self.vocab_[seq.items]
+        self.history_ = TokenSequences(tokens, starts).keep_last(self._history_len())
+        np.add.at(self.item_counts_, new.items, 1)
+        changed = np.flatnonzero(add_len)
+        cache = getattr(self, "_user_queries", None)
+        if cache is not None and len(changed):  # re-encode only the users whose history moved
+            queries, empty = cache
+            toks, lengths = self.history_.last(changed, self._history_len())
+            queries[torch.from_numpy(changed).to(queries.device)] = self._encode_tokens(toks, lengths)
+            empty[changed] = lengths == 0
+
     def _score_histories(self, offsets: np.ndarray, items: np.ndarray) -> np.ndarray:
         tokens_flat = self.vocab_[items] if len(items) else np.zeros(0, np.int64)
         ends = offsets[1:]
@@ -233,6 +284,7 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
             "item_counts": self.item_counts_,
             "history.tokens": self.history_.tokens,
             "history.offsets": self.history_.offsets,
+            "net_items": int(self.net_.n_items),
         }
 
     def _load_state(self, state: dict[str, Any]) -> None:
@@ -240,7 +292,7 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
         self.item_counts_ = state["item_counts"]
         self.history_ = TokenSequences(state["history.tokens"], state["history.offsets"])
         with torch.random.fork_rng(devices=[]):
-            net = self._build_net(len(self.vocab_))
+            net = self._build_net(int(state.get("net_items", len(self.vocab_))))
         net.load_state_dict(numpy_to_state(state, "net."))
         self.device_ = resolve_device(self.device)
         self.net_ = net.to(self.device_).eval()
