@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -385,6 +386,40 @@ def compare_cmd(
     print_leaderboard(table, title=f"{dataset} · {table.attrs['title']} · k={k}")
     paths = save_leaderboard(table, out)
     typer.echo("saved: " + ", ".join(str(p) for p in paths.values()))
+
+
+# ---------------------------------------------------------------------------------------------- serve
+@app.command("serve")
+def serve_cmd(
+    artifact: Annotated[Path, typer.Argument(help="Model artifact folder written by `recforge train`.")],
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    workers: Annotated[int, typer.Option(help="Worker processes (each loads the model; feedback is shared).")] = 1,
+    feedback_dir: Annotated[
+        Path | None, typer.Option(help="Folder of the durable feedback log (default: ARTIFACT/feedback).")
+    ] = None,
+    api_key: Annotated[
+        str | None, typer.Option(envvar="RECFORGE_API_KEY", help="Require this X-API-Key on POST /feedback.")
+    ] = None,
+    max_body: Annotated[int, typer.Option(help="Largest request body in bytes.")] = 1 << 20,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
+) -> None:
+    """Serve a saved model over HTTP: /recommend, /similar, /feedback (durable), /health, /metrics, /docs."""
+    import uvicorn
+
+    from recforge.errors import DataError
+    from recforge.models import Recommender
+
+    if workers < 1:
+        raise DataError("--workers must be at least 1")
+    Recommender.load(artifact)  # fail here, with a one-line message, on a missing or corrupt artifact
+    os.environ["RECFORGE_SERVE_ARTIFACT"] = str(artifact)
+    os.environ["RECFORGE_SERVE_FEEDBACK"] = str(feedback_dir or "")
+    os.environ["RECFORGE_SERVE_MAX_BODY"] = str(max_body)
+    if api_key:
+        os.environ["RECFORGE_API_KEY"] = api_key
+    uvicorn.run("recforge.serve.app:create_app_from_env", factory=True, host=host, port=port, workers=workers,
+                log_level=log_level, access_log=False)
 
 
 # ---------------------------------------------------------------------------------------------- simulate

@@ -26,7 +26,7 @@ from recforge.models.base import Recommender
 from recforge.models.params import check_choice, check_int, check_number
 from recforge.models.registry import register
 from recforge.models.threads import thread_limits
-from recforge.models.topk import heap_push
+from recforge.models.topk import heap_push, mask_and_topk
 
 log = logging.getLogger(__name__)
 
@@ -332,6 +332,12 @@ class ItemItemModel(Recommender):
         if self.n_fitted_items_ < out.shape[1]:
             out[:, self.n_fitted_items_ :] = _LOWEST
         return out
+
+    def _similar_indices(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        # "More like this" is the score row of a one-item history: the item's row of W.
+        n = len(items)
+        scores = self._score_histories(np.arange(n + 1, dtype=np.int64), np.asarray(items, dtype=np.int64))
+        return mask_and_topk(scores, k, np.arange(n + 1, dtype=np.int64), np.asarray(items, dtype=np.int32))
 
     # ------------------------------------------------------------------ incremental updates
     def _grow(self, n_new_users: int, n_new_items: int) -> None:

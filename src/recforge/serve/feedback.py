@@ -1,0 +1,150 @@
+"""A durable feedback log: every acknowledged event is on disk (fsync'd) before the service answers.
+
+Records are lines ``<crc32 hex> <json>\\n`` in segment files ``feedback-YYYYMMDD-<pid>-<n>.log`` (one per day and
+writer process, so several workers never write the same file). Replaying reads every segment in name order; a
+record whose line is incomplete (a crash in the middle of a write) or whose checksum does not match is skipped
+with a warning, never an exception. ``read_new`` returns records other writers appended since the last call, which
+is how several worker processes see each other's feedback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+import zlib
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_PREFIX = "feedback-"
+
+
+def encode_record(event: dict[str, Any]) -> bytes:
+    """One log line: the CRC32 of the JSON body (8 hex digits), a space, the JSON body, a newline."""
+    body = json.dumps(event, separators=(",", ":"), sort_keys=True).encode()
+    return b"%08x %s\n" % (zlib.crc32(body), body)
+
+
+def decode_line(line: bytes) -> dict[str, Any] | None:
+    """The event of a complete line, or ``None`` when the line is damaged (bad checksum, bad JSON, truncated)."""
+    if not line.endswith(b"\n") or len(line) < 10 or line[8:9] != b" ":
+        return None
+    body = line[9:-1]
+    try:
+        if int(line[:8], 16) != zlib.crc32(body):
+            return None
+        event = json.loads(body)
+    except ValueError:
+        return None
+    return event if isinstance(event, dict) else None
+
+
+class FeedbackLog:
+    """Append-only, fsync'd event log in ``folder`` (created if missing)."""
+
+    def __init__(self, folder: str | os.PathLike[str]) -> None:
+        self.folder = Path(folder)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self._day = ""
+        self._file: Any = None
+        self._path: Path | None = None
+        self._offsets: dict[str, int] = {}
+        self.n_written = 0
+
+    # ------------------------------------------------------------------ writing
+    def _segment(self) -> Any:
+        day = time.strftime("%Y%m%d", time.gmtime())
+        if self._file is None or day != self._day:
+            if self._file is not None:
+                self._file.close()
+            n = 0
+            while True:
+                path = self.folder / f"{_PREFIX}{day}-{os.getpid()}-{n}.log"
+                if not path.exists():
+                    break
+                n += 1
+            self._file = open(path, "ab")  # noqa: SIM115 - kept open for appends; closed in close()
+            self._path, self._day = path, day
+            self._sync_folder()  # the new file's directory entry must survive a crash too
+        return self._file
+
+    def _sync_folder(self) -> None:
+        try:
+            fd = os.open(self.folder, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def append(self, events: Iterable[dict[str, Any]]) -> int:
+        """Write events and fsync; returns how many. When this returns, the events survive a crash."""
+        data = b"".join(encode_record(e) for e in events)
+        if not data:
+            return 0
+        fh = self._segment()
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+        n = data.count(b"\n")
+        self.n_written += n
+        assert self._path is not None
+        self._offsets[self._path.name] = fh.tell()  # our own records are applied when written, not re-read
+        return n
+
+    def close(self) -> None:
+        """Close the current segment."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    # ------------------------------------------------------------------ reading
+    def segments(self) -> list[Path]:
+        """Every segment file, oldest name first."""
+        return sorted(self.folder.glob(f"{_PREFIX}*.log"))
+
+    def _read(self, path: Path, start: int) -> tuple[list[dict[str, Any]], int]:
+        with open(path, "rb") as fh:
+            fh.seek(start)
+            data = fh.read()
+        events, pos = [], start
+        for line in data.splitlines(keepends=True):
+            if not line.endswith(b"\n"):
+                break  # an incomplete last line: a write in progress or a crash; not consumed
+            pos += len(line)
+            event = decode_line(line)
+            if event is None:
+                log.warning("feedback log %s: skipping a damaged record at byte %d", path.name, pos - len(line))
+                continue
+            events.append(event)
+        return events, pos
+
+    def replay(self) -> Iterator[dict[str, Any]]:
+        """Every valid record of every segment (damaged ones skipped with a warning); marks them as read."""
+        for path in self.segments():
+            events, end = self._read(path, 0)
+            size = path.stat().st_size
+            if end < size:
+                log.warning("feedback log %s: skipping a half-written last record (%d bytes)", path.name, size - end)
+            self._offsets[path.name] = end
+            yield from events
+
+    def read_new(self) -> list[dict[str, Any]]:
+        """Records appended by other writers since the last ``replay``/``read_new``."""
+        out: list[dict[str, Any]] = []
+        for path in self.segments():
+            start = self._offsets.get(path.name, 0)
+            try:
+                if path.stat().st_size <= start:
+                    continue
+            except FileNotFoundError:
+                continue
+            events, end = self._read(path, start)
+            self._offsets[path.name] = end
+            out.extend(events)
+        return out

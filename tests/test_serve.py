@@ -1,0 +1,206 @@
+"""The HTTP service: through the ASGI test client, one real uvicorn process, and kill -9 durability."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from recforge.data import Interactions
+from recforge.models import create_model
+from recforge.serve import FeedbackLog, create_app
+from recforge.serve.feedback import decode_line, encode_record
+
+
+@pytest.fixture(scope="module")
+def artifact(planted: Interactions, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("serve") / "ease"
+    create_model("ease", reg=50.0).fit(planted).save(path)
+    return path
+
+
+@pytest.fixture()
+def client(artifact: Path, tmp_path: Path) -> TestClient:
+    return TestClient(create_app(artifact, feedback_dir=tmp_path / "fb", api_key="s3cret", max_body_bytes=4096))
+
+
+# ---------------------------------------------------------------------------------------------------- feedback log
+def test_records_round_trip_and_damage_is_detected() -> None:
+    line = encode_record({"user": 1, "item": "a"})
+    assert decode_line(line) == {"item": "a", "user": 1}
+    assert decode_line(line[:-1]) is None  # no newline: half-written
+    assert decode_line(line.replace(b'"a"', b'"b"')) is None  # checksum mismatch
+    assert decode_line(b"garbage\n") is None
+
+
+def test_log_replays_skipping_a_half_written_last_record(tmp_path: Path, caplog) -> None:
+    log = FeedbackLog(tmp_path)
+    assert log.append([{"user": 1, "item": 2}, {"user": 1, "item": 3}]) == 2
+    log.close()
+    segment = log.segments()[0]
+    with open(segment, "ab") as fh:
+        fh.write(encode_record({"user": 9, "item": 9})[:12])  # a crash in the middle of a write
+    with caplog.at_level(logging.WARNING):
+        events = list(FeedbackLog(tmp_path).replay())
+    assert events == [{"user": 1, "item": 2}, {"user": 1, "item": 3}]
+    assert "half-written" in caplog.text
+
+
+def test_other_writers_records_are_read_incrementally(tmp_path: Path) -> None:
+    reader, writer = FeedbackLog(tmp_path), FeedbackLog(tmp_path)
+    assert list(reader.replay()) == []
+    writer.append([{"user": 1, "item": 1}])
+    assert reader.read_new() == [{"user": 1, "item": 1}]
+    assert reader.read_new() == []
+    writer.append([{"user": 2, "item": 2}])
+    assert reader.read_new() == [{"user": 2, "item": 2}]
+    assert writer.read_new() == []  # a writer does not re-read its own records
+
+
+# ---------------------------------------------------------------------------------------------------- endpoints
+def test_recommend_similar_and_health(client: TestClient, planted: Interactions) -> None:
+    health = client.get("/health").json()
+    assert health["status"] == "ok" and health["model"] == "ease" and health["items"] == planted.n_items
+    user = int(planted.user_map.ids[3])
+    recs = client.get("/recommend", params={"user": user, "k": 5}).json()
+    items = [r["item_id"] for r in recs["items"]]
+    assert len(items) == 5 and [r["rank"] for r in recs["items"]] == [1, 2, 3, 4, 5] and "title" in recs["items"][0]
+    seen = set(planted.to_frame().query("user_id == @user")["item_id"])
+    assert not seen & set(items)
+    session = client.post("/recommend", json={"items": items[:2], "k": 3}).json()["items"]
+    assert len(session) == 3 and not {r["item_id"] for r in session} & set(items[:2])
+    sim = client.get(f"/similar/{items[0]}", params={"k": 4}).json()["items"]
+    assert len(sim) == 4 and items[0] not in [r["item_id"] for r in sim]
+    assert client.get("/docs").status_code == 200 and "/feedback" in client.get("/openapi.json").text
+
+
+@pytest.mark.parametrize(
+    ("method", "url", "kwargs", "status", "message"),
+    [
+        ("get", "/recommend", {"params": {"user": 999999}}, 404, "unknown user"),
+        ("get", "/recommend", {"params": {"user": 1, "k": 0}}, 422, "k: Input should be greater"),
+        ("get", "/recommend", {"params": {"user": 1, "k": 1001}}, 422, "k: Input should be less"),
+        ("get", "/recommend", {"params": {"user": "abc"}}, 422, "integers"),
+        ("get", "/recommend", {}, 422, "user: Field required"),
+        ("get", "/similar/424242", {}, 404, "unknown item"),
+        ("post", "/recommend", {"json": {"items": [1], "k": 5, "bogus": 1}}, 422, "bogus"),
+        ("post", "/feedback", {"json": {"events": []}, "headers": {"X-API-Key": "s3cret"}}, 422, "events"),
+        ("post", "/feedback", {"json": {"events": [{"user": 1, "item": 1}]}}, 401, "X-API-Key"),
+        ("post", "/feedback", {"json": {"events": [{"user": 1, "item": 1}]}, "headers": {"X-API-Key": "wrong"}}, 401, "X-API-Key"),
+        ("post", "/recommend", {"content": b"[" + b"1," * 4000 + b"1]", "headers": {"content-type": "application/json"}}, 413, "larger"),
+    ],
+)
+def test_bad_requests_get_clear_4xx(client: TestClient, method: str, url: str, kwargs: dict, status: int, message: str) -> None:
+    response = getattr(client, method)(url, **kwargs)
+    assert response.status_code == status, response.text
+    assert message in response.json()["detail"]
+
+
+def test_unexpected_errors_are_500_without_a_trace(client: TestClient, monkeypatch) -> None:
+    def boom(*args, **kwargs):
+        raise RuntimeError("secret internals")
+
+    monkeypatch.setattr(client.app.state.service.model, "score", boom)
+    response = TestClient(client.app, raise_server_exceptions=False).get("/recommend", params={"user": 1})
+    assert response.status_code == 500 and response.json() == {"detail": "internal error"}
+    assert "secret" not in response.text
+
+
+def test_feedback_is_logged_and_applied_at_once(client: TestClient, planted: Interactions, tmp_path: Path) -> None:
+    key = {"X-API-Key": "s3cret"}
+    user = int(planted.user_map.ids[3])
+    top = client.get("/recommend", params={"user": user, "k": 3}).json()["items"][0]["item_id"]
+    ack = client.post("/feedback", json={"events": [{"user": user, "item": top, "rating": 5}]}, headers=key).json()
+    assert ack == {"accepted": 1, "total": 1}
+    after = [r["item_id"] for r in client.get("/recommend", params={"user": user, "k": 3}).json()["items"]]
+    assert top not in after  # seen at once
+    # a brand-new user becomes known through feedback (EASE folds it in)
+    items = [int(i) for i in planted.item_map.ids[:5]]
+    client.post("/feedback", json={"events": [{"user": 777777, "item": i} for i in items]}, headers=key)
+    recs = client.get("/recommend", params={"user": 777777, "k": 5}).json()["items"]
+    assert len(recs) == 5 and not {r["item_id"] for r in recs} & set(items)
+    logged = list(FeedbackLog(tmp_path / "fb").replay())
+    assert len(logged) == 6 and logged[0]["item"] == top and "timestamp" in logged[0]
+    metrics = client.get("/metrics").text
+    assert 'recforge_requests_total{endpoint="feedback",status="200"} 2.0' in metrics
+    assert "recforge_request_seconds_bucket" in metrics
+
+
+def test_models_without_partial_fit_still_exclude_feedback(planted: Interactions, tmp_path: Path) -> None:
+    path = tmp_path / "tt"
+    create_model("twotower", epochs=1, num_threads=1, progress=False).fit(planted).save(path)
+    client = TestClient(create_app(path, feedback_dir=tmp_path / "fb"))
+    user = int(planted.user_map.ids[0])
+    top = client.get("/recommend", params={"user": user, "k": 1}).json()["items"][0]["item_id"]
+    assert client.post("/feedback", json={"events": [{"user": user, "item": top}]}).status_code == 200
+    assert top not in [r["item_id"] for r in client.get("/recommend", params={"user": user, "k": 5}).json()["items"]]
+    # and after a restart, from the log alone
+    again = TestClient(create_app(path, feedback_dir=tmp_path / "fb"))
+    assert again.get("/health").json()["feedback_events"] == 1
+    assert top not in [r["item_id"] for r in again.get("/recommend", params={"user": user, "k": 5}).json()["items"]]
+
+
+# ---------------------------------------------------------------------------------------------------- real process
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(artifact: Path, port: int, feedback: Path) -> subprocess.Popen:
+    env = {**os.environ, "RECFORGE_API_KEY": "k"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recforge", "serve", str(artifact), "--port", str(port), "--feedback-dir", str(feedback)],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            raise AssertionError(proc.stderr.read().decode() if proc.stderr else "server exited")
+    proc.kill()
+    raise AssertionError("server did not start")
+
+
+def test_acknowledged_feedback_survives_kill_9(artifact: Path, planted: Interactions, tmp_path: Path) -> None:
+    port, feedback = _free_port(), tmp_path / "fb"
+    proc = _start(artifact, port, feedback)
+    base = f"http://127.0.0.1:{port}"
+    acked = 0
+    user = int(planted.user_map.ids[7])
+    items = [int(i) for i in planted.item_map.ids[np.arange(40)]]
+    try:
+        for batch in range(8):
+            events = [{"user": user, "item": items[5 * batch + j]} for j in range(5)]
+            r = httpx.post(f"{base}/feedback", json={"events": events}, headers={"X-API-Key": "k"}, timeout=10)
+            assert r.status_code == 200
+            acked += r.json()["accepted"]
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+    segment = max(feedback.glob("feedback-*.log"))
+    with open(segment, "ab") as fh:  # what a crash in the middle of the next write leaves behind
+        fh.write(encode_record({"user": user, "item": 123})[:15])
+    proc = _start(artifact, port, feedback)
+    try:
+        health = httpx.get(f"{base}/health", timeout=5).json()
+        assert health["feedback_events"] == acked == 40
+        recs = httpx.get(f"{base}/recommend", params={"user": user, "k": 50}, timeout=5).json()["items"]
+        assert not {r["item_id"] for r in recs} & set(items)  # every acknowledged event is applied again
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
