@@ -31,7 +31,8 @@ def artifact(planted: Interactions, tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def client(artifact: Path, tmp_path: Path) -> TestClient:
-    return TestClient(create_app(artifact, feedback_dir=tmp_path / "fb", api_key="s3cret", max_body_bytes=4096))
+    return TestClient(create_app(artifact, feedback_dir=tmp_path / "fb", api_key="s3cret", max_body_bytes=4096,
+                                 apply_seconds=0))
 
 
 # ---------------------------------------------------------------------------------------------------- feedback log
@@ -134,6 +135,22 @@ def test_feedback_is_logged_and_applied_at_once(client: TestClient, planted: Int
     metrics = client.get("/metrics").text
     assert 'recforge_requests_total{endpoint="feedback",status="200"} 2.0' in metrics
     assert "recforge_request_seconds_bucket" in metrics
+
+
+def test_background_application_excludes_at_once_and_learns_soon(artifact: Path, planted: Interactions,
+                                                                 tmp_path: Path) -> None:
+    client = TestClient(create_app(artifact, feedback_dir=tmp_path / "fb", apply_seconds=0.05))
+    user = int(planted.user_map.ids[3])
+    top = client.get("/recommend", params={"user": user, "k": 3}).json()["items"][0]["item_id"]
+    items = [int(i) for i in planted.item_map.ids[:5]]
+    events = [{"user": user, "item": top}] + [{"user": 888888, "item": i} for i in items]
+    assert client.post("/feedback", json={"events": events}).json()["accepted"] == 6
+    assert top not in [r["item_id"] for r in client.get("/recommend", params={"user": user, "k": 3}).json()["items"]]
+    deadline = time.monotonic() + 5  # the new user appears once the micro-batch is applied
+    while client.get("/recommend", params={"user": 888888}).status_code == 404 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert client.get("/recommend", params={"user": 888888, "k": 3}).status_code == 200
+    assert client.get("/health").json()["feedback_events"] == 6
 
 
 def test_models_without_partial_fit_still_exclude_feedback(planted: Interactions, tmp_path: Path) -> None:

@@ -76,7 +76,7 @@ class Service:
     """The loaded model, its feedback log and the lock that keeps updates and reads apart."""
 
     def __init__(self, artifact: str | os.PathLike[str], feedback_dir: str | os.PathLike[str] | None,
-                 sync_seconds: float = 0.5) -> None:
+                 sync_seconds: float = 0.5, apply_seconds: float = 0.05) -> None:
         self.model: Recommender = Recommender.load(artifact)
         self.artifact = str(artifact)
         self.lock = threading.Lock()
@@ -84,11 +84,40 @@ class Service:
         self.sync_seconds = sync_seconds
         self._last_sync = 0.0
         self.n_events = 0
-        self.extra_seen: dict[int, set[int]] = {}  # models without partial_fit: feedback items excluded here
+        # Feedback items of each user, excluded from that user's lists from the moment they are acknowledged
+        # (the model itself learns from them in the background, within ``apply_seconds``).
+        self.extra_seen: dict[int, set[int]] = {}
+        self.apply_seconds = apply_seconds
+        self._pending: list[dict[str, Any]] = []
+        self._wake = threading.Event()
+        self._write_lock = threading.Lock()
         replayed = list(self.log.replay())
         if replayed:
             self._apply(replayed)
             log.info("replayed %d feedback events from %s", len(replayed), self.log.folder)
+        if apply_seconds > 0:
+            threading.Thread(target=self._applier, name="recforge-feedback", daemon=True).start()
+
+    def _applier(self) -> None:
+        """Apply queued feedback in micro-batches, so a burst costs one ``partial_fit``, not one per request."""
+        while True:
+            self._wake.wait()
+            time.sleep(self.apply_seconds)  # gather what arrives meanwhile
+            self._wake.clear()
+            with self._write_lock:
+                batch, self._pending = self._pending, []
+            if batch:
+                try:
+                    self._apply(batch)
+                except Exception:  # keep serving: the events are durable and replay on restart
+                    log.exception("applying %d feedback events failed", len(batch))
+
+    def flush(self) -> None:
+        """Apply queued feedback now (tests, shutdown)."""
+        with self._write_lock:
+            batch, self._pending = self._pending, []
+        if batch:
+            self._apply(batch)
 
     # ------------------------------------------------------------------ ids
     def user_index(self, user: Id) -> int:
@@ -124,12 +153,27 @@ class Service:
         now = int(time.time())
         for row in rows:
             row.setdefault("timestamp", now)
-        for row in rows:  # validate ids' types before anything is written
-            _typed(row["user"], self.model.user_map_.is_string, "user")
-            _typed(row["item"], self.model.item_map_.is_string, "item")
-        n = self.log.append(rows)
-        self._apply(rows)
+        m = self.model
+        users = [_typed(row["user"], m.user_map_.is_string, "user") for row in rows]  # validated before writing
+        items = [_typed(row["item"], m.item_map_.is_string, "item") for row in rows]
+        with self._write_lock:
+            n = self.log.append(rows)
+            self._mark_seen(users, items)
+            if self.apply_seconds > 0:
+                self._pending.extend(rows)
+        if self.apply_seconds > 0:
+            self._wake.set()
+        else:
+            self._apply(rows)
         return n
+
+    def _mark_seen(self, users: list[Id], items: list[Id]) -> None:
+        m = self.model
+        u_idx = m.user_map_.to_index(np.asarray(users), on_unknown="keep")
+        i_idx = m.item_map_.to_index(np.asarray(items), on_unknown="keep")
+        for u, i in zip(u_idx, i_idx):
+            if u >= 0 and i >= 0:
+                self.extra_seen.setdefault(int(u), set()).add(int(i))
 
     def _apply(self, rows: list[dict[str, Any]]) -> None:
         m = self.model
@@ -147,12 +191,7 @@ class Service:
         with self.lock:
             if m.supports_partial_fit and not (m.predicts_ratings and frame.get("rating", pd.Series()).isna().any()):
                 m.partial_fit(frame)
-            else:  # no incremental learning: the items are at least never recommended to that user again
-                users = m.user_map_.to_index(frame["user_id"].to_numpy(), on_unknown="keep")
-                items = m.item_map_.to_index(frame["item_id"].to_numpy(), on_unknown="keep")
-                for u, i in zip(users, items):
-                    if u >= 0 and i >= 0:
-                        self.extra_seen.setdefault(int(u), set()).add(int(i))
+            self._mark_seen(frame["user_id"].tolist(), frame["item_id"].tolist())  # also without partial_fit
             self.n_events += len(rows)
 
 
@@ -184,15 +223,65 @@ def _items_payload(model: Recommender, items: np.ndarray, scores: np.ndarray) ->
     return out
 
 
+class _Guard:
+    """Pure ASGI middleware (no per-request task or body copy): request counts and latencies for Prometheus, and
+    the body-size limit — by Content-Length up front, and by counting streamed chunks otherwise."""
+
+    def __init__(self, app: Any, requests: Counter, latency: Histogram, max_body_bytes: int) -> None:
+        self.app, self.requests, self.latency, self.max_body = app, requests, latency, max_body_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        route = scope["path"].split("/")[1] or "root"
+        status = {"code": 500}
+
+        async def send_wrapper(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        size = dict(scope.get("headers", ())).get(b"content-length")
+        too_big = size is not None and (not size.isdigit() or int(size) > self.max_body)
+        received = {"n": 0}
+
+        async def receive_limited() -> dict[str, Any]:
+            message = await receive()
+            if message["type"] == "http.request":
+                received["n"] += len(message.get("body", b""))
+                if received["n"] > self.max_body:
+                    raise _BodyTooLarge
+            return message
+
+        try:
+            if too_big:
+                raise _BodyTooLarge
+            await self.app(scope, receive_limited, send_wrapper)
+        except _BodyTooLarge:
+            response = JSONResponse({"detail": f"request body larger than {self.max_body} bytes"}, 413)
+            await response(scope, receive, send_wrapper)
+        self.requests.labels(route, str(status["code"])).inc()
+        self.latency.labels(route).observe(time.perf_counter() - start)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
 def create_app(
     artifact: str | os.PathLike[str],
     feedback_dir: str | os.PathLike[str] | None = None,
     api_key: str | None = None,
     max_body_bytes: int = 1 << 20,
     sync_seconds: float = 0.5,
+    apply_seconds: float = 0.05,
 ) -> FastAPI:
-    """The service for a saved model; ``feedback_dir`` defaults to ``<artifact>/feedback``."""
-    service = Service(artifact, feedback_dir, sync_seconds)
+    """The service for a saved model; ``feedback_dir`` defaults to ``<artifact>/feedback``. Feedback is durable
+    and excluded from the user's lists when ``POST /feedback`` answers; the model learns from it in micro-batches
+    every ``apply_seconds`` (0: synchronously, inside the request)."""
+    service = Service(artifact, feedback_dir, sync_seconds, apply_seconds)
     m = service.model
     app = FastAPI(title="recforge", version="0.1.0",
                   description=f"Recommendations from a {type(m).__name__} ({m.n_users_:,} users, {m.n_items_:,} items)")
@@ -201,30 +290,7 @@ def create_app(
     requests = Counter("recforge_requests", "HTTP requests", ["endpoint", "status"], registry=registry)
     latency = Histogram("recforge_request_seconds", "Request latency", ["endpoint"], registry=registry,
                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next: Any) -> Response:
-        start = time.perf_counter()
-        route = request.url.path.split("/")[1] or "root"
-        size = request.headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > max_body_bytes):
-            response: Response = JSONResponse({"detail": f"request body larger than {max_body_bytes} bytes"}, 413)
-        elif size is None and request.method in ("POST", "PUT", "PATCH"):
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > max_body_bytes:
-                    break
-            if len(body) > max_body_bytes:
-                response = JSONResponse({"detail": f"request body larger than {max_body_bytes} bytes"}, 413)
-            else:
-                request._body = body  # type: ignore[attr-defined]  # already consumed: hand it on
-                response = await call_next(request)
-        else:
-            response = await call_next(request)
-        requests.labels(route, str(response.status_code)).inc()
-        latency.labels(route).observe(time.perf_counter() - start)
-        return response
+    app.add_middleware(_Guard, requests=requests, latency=latency, max_body_bytes=max_body_bytes)
 
     @app.exception_handler(RecforgeError)
     async def recforge_error(request: Request, exc: RecforgeError) -> JSONResponse:
@@ -249,22 +315,24 @@ def create_app(
             raise HTTPException(401, "missing or wrong X-API-Key header")
 
     @app.get("/health")
-    def health() -> dict[str, Any]:
+    async def health() -> dict[str, Any]:
         """Liveness and what is loaded."""
         return {"status": "ok", "model": m.name, "users": m.n_users_, "items": m.n_items_,
-                "feedback_events": service.n_events, "artifact": service.artifact}
+                "feedback_events": service.n_events + len(service._pending), "artifact": service.artifact}
 
     @app.get("/metrics")
-    def metrics() -> Response:
+    async def metrics() -> Response:
         """Prometheus text format: ``recforge_requests_total`` and ``recforge_request_seconds``."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
+    # Reads are async: they take a millisecond or two of CPU, and a thread-pool hop would cost as much. Writes
+    # (fsync, partial_fit) stay in the thread pool.
     @app.get("/recommend")
-    def recommend(
+    async def recommend(
         user: str = Query(min_length=1, max_length=200, description="User id"),
         k: int = Query(10, ge=1, le=MAX_K),
         exclude_seen: bool = True,
-    ) -> dict[str, Any]:
+    ) -> JSONResponse:
         """Top-k items for a known user, seen items (training + feedback) excluded by default."""
         service.sync()
         u = service.user_index(user)
@@ -277,7 +345,7 @@ def create_app(
                 if extra:
                     cols = np.union1d(cols, np.fromiter(extra, np.int64))
         items, top = mask_and_topk(scores, min(k, m.n_items_), np.array([0, len(cols)]), np.asarray(cols, np.int32))
-        return {"user": user, "items": _items_payload(m, items[0], top[0])}
+        return JSONResponse({"user": user, "items": _items_payload(m, items[0], top[0])})
 
     @app.post("/recommend")
     def recommend_history(body: HistoryBody) -> dict[str, Any]:
@@ -293,7 +361,7 @@ def create_app(
         return {"items": _items_payload(m, np.asarray(items), recs["score"].to_numpy())}
 
     @app.get("/similar/{item}")
-    def similar(item: str, k: int = Query(10, ge=1, le=MAX_K)) -> dict[str, Any]:
+    async def similar(item: str, k: int = Query(10, ge=1, le=MAX_K)) -> dict[str, Any]:
         """The k items most similar to ``item``."""
         idx = service.item_indices([item])
         with service.lock:
@@ -307,7 +375,7 @@ def create_app(
     def feedback(body: FeedbackBody) -> dict[str, Any]:
         """Append events to the durable log (fsync'd before this answers) and apply them."""
         n = service.record(body.events)
-        return {"accepted": n, "total": service.n_events}
+        return {"accepted": n, "total": service.log.n_written}
 
     return app
 

@@ -1,0 +1,211 @@
+"""Serving benchmark: a real `recforge serve` process on loopback under an open-loop load generator.
+
+Usage::
+
+    python benchmarks/bench_serve.py                       # EASE and SASRec on ml-latest-small, every part
+    python benchmarks/bench_serve.py --models ease --parts sustained --seconds 20
+
+The load generator (asyncio + aiohttp, one process) sends requests on a fixed schedule — request ``i`` at
+``t0 + i / rate`` whatever the server does — and measures each latency from its *scheduled* time, so a stalled
+server shows up as latency instead of silently slowing the load (no coordinated omission). Users are drawn
+uniformly from the dataset's users.
+
+Parts:
+
+``sustained``  ``GET /recommend?user=..&k=10`` at ``--rate`` (500) requests/s for ``--seconds`` (60): p50/p95/p99,
+               errors, achieved rate.
+``max``        10-second steps at increasing rates; the highest rate with 0 errors and p99 under 25 ms.
+``mixed``      90% recommend, 10% ``POST /feedback`` (one event) at ``--rate`` for ``--seconds``; then the server is
+               killed with SIGKILL, restarted, and the acknowledged events are counted in the replayed log.
+
+Models are trained on the embedded ml-latest-small (SASRec: softmax loss, 200 max length, 5 epochs — latency
+does not depend on how long it trained). One server worker, one thread for numpy/torch in the server; the load
+generator runs on the other core. Results: ``benchmarks/results/serve.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="ease,sasrec")
+    p.add_argument("--parts", default="sustained,max,mixed")
+    p.add_argument("--rate", type=float, default=500.0)
+    p.add_argument("--seconds", type=float, default=60.0)
+    p.add_argument("--steps", default="500,750,1000,1250,1500,2000")
+    p.add_argument("--out", default=str(HERE / "results" / "serve.json"))
+    return p.parse_args()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(artifact: Path, port: int, feedback: Path) -> subprocess.Popen:
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1",
+           "RECFORGE_API_KEY": "bench"}
+    proc = subprocess.Popen([sys.executable, "-m", "recforge", "serve", str(artifact), "--port", str(port),
+                             "--feedback-dir", str(feedback)], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    import urllib.request
+
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start")
+
+
+async def _load(port: int, rate: float, seconds: float, users: list, items: list, feedback_share: float,
+                seed: int = 0) -> dict:
+    import aiohttp
+
+    rng = random.Random(seed)
+    n = int(rate * seconds)
+    latencies = np.full(n, np.nan)
+    status = np.zeros(n, np.int32)
+    kinds = np.zeros(n, np.int8)
+    base = f"http://127.0.0.1:{port}"
+    conn = aiohttp.TCPConnector(limit=512)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=10)) as session:
+        t0 = time.perf_counter() + 0.1
+
+        async def one(i: int) -> None:
+            scheduled = t0 + i / rate
+            try:
+                if rng.random() < feedback_share:
+                    kinds[i] = 1
+                    body = {"events": [{"user": rng.choice(users), "item": rng.choice(items)}]}
+                    async with session.post(f"{base}/feedback", json=body, headers={"X-API-Key": "bench"}) as r:
+                        await r.read()
+                        status[i] = r.status
+                else:
+                    async with session.get(f"{base}/recommend", params={"user": str(rng.choice(users)), "k": "10"}) as r:
+                        await r.read()
+                        status[i] = r.status
+            except Exception:  # noqa: BLE001 - any failure is an error of the run
+                status[i] = -1
+            latencies[i] = time.perf_counter() - scheduled
+
+        tasks = []
+        for i in range(n):  # open loop: each request is started at its scheduled time, answered or not
+            delay = t0 + i / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(i)))
+        await asyncio.gather(*tasks)
+        elapsed = time.perf_counter() - t0
+    ok = status == 200
+    lat = latencies[ok] * 1000
+    return {
+        "rate": rate, "seconds": seconds, "requests": n, "errors": int((~ok).sum()),
+        "achieved rps": n / elapsed, "p50 ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
+        "p95 ms": float(np.percentile(lat, 95)) if len(lat) else float("nan"),
+        "p99 ms": float(np.percentile(lat, 99)) if len(lat) else float("nan"),
+        "max ms": float(lat.max()) if len(lat) else float("nan"),
+        "feedback acked": int((ok & (kinds == 1)).sum()),
+    }
+
+
+def load(port: int, rate: float, seconds: float, users: list, items: list, feedback_share: float = 0.0) -> dict:
+    return asyncio.run(_load(port, rate, seconds, users, items, feedback_share))
+
+
+def train(name: str, folder: Path):  # type: ignore[no-untyped-def]
+    from recforge.datasets import load as load_dataset
+    from recforge.models import create_model
+
+    data = load_dataset("ml-latest-small")
+    params = {"ease": {}, "sasrec": {"loss": "softmax", "max_len": 200, "epochs": 5, "progress": False}}[name]
+    model = create_model(name, **params).fit(data)
+    path = model.save(folder / name)
+    return path, [int(u) for u in data.user_map.ids], [int(i) for i in data.item_map.ids]
+
+
+def md(rows: list[dict]) -> str:
+    cols = list(rows[0].keys())
+    out = "| " + " | ".join(cols) + " |\n|" + "---|" * len(cols) + "\n"
+    for r in rows:
+        out += "| " + " | ".join(f"{v:.1f}" if isinstance(v, float) else str(v) for v in r.values()) + " |\n"
+    return out
+
+
+def main() -> None:
+    args = _args()
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    parts = args.parts.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            artifact, users, items = train(name, Path(tmp))
+            port, feedback = _free_port(), Path(tmp) / f"feedback-{name}"
+            proc = start_server(artifact, port, feedback)
+            rows = results.setdefault(name, {})
+            try:
+                load(port, 200, 3, users, items)  # warm-up: JIT, caches
+                if "sustained" in parts:
+                    rows["sustained"] = load(port, args.rate, args.seconds, users, items)
+                    print(name, "sustained", rows["sustained"], flush=True)
+                if "max" in parts:
+                    steps = []
+                    for rate in [float(r) for r in args.steps.split(",")]:
+                        res = load(port, rate, 10, users, items)
+                        steps.append(res)
+                        print(name, "step", res, flush=True)
+                        if res["errors"] or res["p99 ms"] >= 25:
+                            break
+                    good = [s["rate"] for s in steps if not s["errors"] and s["p99 ms"] < 25]
+                    rows["max"] = {"steps": steps, "max sustainable rps": max(good) if good else 0.0}
+                if "mixed" in parts:
+                    res = load(port, args.rate, args.seconds, users, items, feedback_share=0.1)
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait()
+                    proc = start_server(artifact, port, feedback)
+                    import urllib.request
+
+                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+                        replayed = json.loads(r.read())["feedback_events"]
+                    res["replayed after kill -9"] = replayed
+                    res["lost"] = res["feedback acked"] - replayed if replayed < res["feedback acked"] else 0
+                    rows["mixed"] = res
+                    print(name, "mixed", res, flush=True)
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait(timeout=20)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    for name in args.models.split(","):
+        r = results.get(name, {})
+        table = [v for k, v in r.items() if k in ("sustained", "mixed")]
+        if table:
+            print(f"\n### {name}\n\n" + md([{k: v for k, v in t.items()} for t in table]))
+        if "max" in r:
+            print(f"{name}: max sustainable {r['max']['max sustainable rps']} rps\n" + md(r["max"]["steps"]))
+
+
+if __name__ == "__main__":
+    main()
