@@ -53,6 +53,7 @@ class FeedbackLog:
         self._file: Any = None
         self._path: Path | None = None
         self._offsets: dict[str, int] = {}
+        self._own: set[str] = set()  # segments this writer created: never re-read (their records are applied)
         self.n_written = 0
 
     # ------------------------------------------------------------------ writing
@@ -69,6 +70,7 @@ class FeedbackLog:
                 n += 1
             self._file = open(path, "ab")  # noqa: SIM115 - kept open for appends; closed in close()
             self._path, self._day = path, day
+            self._own.add(path.name)
             self._sync_folder()  # the new file's directory entry must survive a crash too
         return self._file
 
@@ -93,8 +95,6 @@ class FeedbackLog:
         os.fsync(fh.fileno())
         n = data.count(b"\n")
         self.n_written += n
-        assert self._path is not None
-        self._offsets[self._path.name] = fh.tell()  # our own records are applied when written, not re-read
         return n
 
     def close(self) -> None:
@@ -138,6 +138,8 @@ class FeedbackLog:
         """Records appended by other writers since the last ``replay``/``read_new``."""
         out: list[dict[str, Any]] = []
         for path in self.segments():
+            if path.name in self._own:
+                continue
             start = self._offsets.get(path.name, 0)
             try:
                 if path.stat().st_size <= start:
