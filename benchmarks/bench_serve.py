@@ -215,14 +215,20 @@ def main() -> None:
                 proc.wait(timeout=20)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
+    cols = ["model", "load", "rate", "achieved rps", "errors", "p50 ms", "p95 ms", "p99 ms", "max ms",
+            "feedback acked", "replayed after kill -9"]
+    rows = []
     for name in args.models.split(","):
         r = results.get(name, {})
-        table = [v for k, v in r.items() if k in ("sustained", "mixed")]
-        if table:
-            print(f"\n### {name}\n\n" + md([{k: v for k, v in t.items()} for t in table]))
+        for part in ("sustained", "mixed"):
+            if part in r:
+                rows.append({c: r[part].get(c, "") for c in cols} | {"model": name, "load": part})
         if "max" in r:
-            print(f"{name}: max sustainable {r['max']['max sustainable rps']} rps\n" + md(r["max"]["steps"]))
-
+            for step in r["max"]["steps"]:
+                rows.append({c: step.get(c, "") for c in cols} | {"model": name, "load": "step"})
+            print(f"{name}: max sustainable {r['max']['max sustainable rps']:.0f} rps (0 errors, p99 < 25 ms)")
+    if rows:
+        print(md(rows))
 
 if __name__ == "__main__":
     main()
