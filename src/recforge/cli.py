@@ -388,6 +388,25 @@ def compare_cmd(
     typer.echo("saved: " + ", ".join(str(p) for p in paths.values()))
 
 
+# ---------------------------------------------------------------------------------------------- run
+@app.command("run")
+def run_cmd(
+    config: Annotated[Path, typer.Argument(help="Experiment config (.yaml, .toml or .json).")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Results folder (default: results/<name>).")] = None,
+    workers: Annotated[int | None, typer.Option(help="Trials in parallel (default: the config's).")] = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Run an experiment config: grids tuned on validation, every trial saved, resumable; prints the leaderboard."""
+    from recforge.evaluation import print_leaderboard
+    from recforge.experiments import ExperimentConfig, run_experiment
+
+    cfg = ExperimentConfig.from_file(config)
+    folder = out or Path("results") / cfg.name
+    table = run_experiment(cfg, folder, workers=workers, progress=not quiet)
+    print_leaderboard(table, title=table.attrs.get("title"))
+    typer.echo(f"results: {folder}")
+
+
 # ---------------------------------------------------------------------------------------------- serve
 @app.command("serve")
 def serve_cmd(

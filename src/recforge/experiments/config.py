@@ -1,0 +1,130 @@
+"""Typed experiment configs: read from YAML, TOML or JSON, validated with messages that name the field, and written
+back as JSON (the resolved config doubles as the results folder's metadata)."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from recforge.errors import DataError
+
+FILTERS = ("k_core", "min_user_count", "min_item_count", "rating_threshold", "deduplicate")
+
+
+@dataclass
+class ModelSpec:
+    """One model of an experiment: registry ``name``, fixed ``params``, and a ``grid`` of values to search
+    (every combination is a trial; with a validation part the best one on ``select_metric`` is kept)."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    label: str | None = None
+
+    def combinations(self) -> list[dict[str, Any]]:
+        """Every parameter set of the grid laid over ``params`` (one set without a grid)."""
+        keys = sorted(self.grid)
+        values = [self.grid[k] for k in keys]
+        return [{**self.params, **dict(zip(keys, combo))} for combo in itertools.product(*values)] or [dict(self.params)]
+
+    @property
+    def display(self) -> str:
+        """The label of the model in tables (``label`` or ``name``)."""
+        return self.label or self.name
+
+
+@dataclass
+class ExperimentConfig:
+    """An experiment: dataset (+ filters) → split protocol → models (with grids) → metrics.
+
+    ``dataset``: a dataset name or path, or ``{"name": ..., "options": {...}}`` (e.g. ``synthetic`` with generator
+    options). ``filters``: applied in order, e.g. ``{"k_core": 5}``. ``protocol``: any protocol of ``recforge
+    compare`` (``loo``, ``random``, ``temporal``, ``last5``, ``users``, ``cold-items``, ``folds``). ``k``: list
+    lengths; ``select_metric``: what grids are tuned on (validation part when the protocol has one).
+    """
+
+    name: str
+    dataset: str | dict[str, Any]
+    models: list[ModelSpec]
+    protocol: str = "loo"
+    filters: dict[str, Any] = field(default_factory=dict)
+    k: list[int] = field(default_factory=lambda: [10])
+    metrics: list[str] | None = None
+    select_metric: str = "ndcg@10"
+    seed: int = 0
+    workers: int = 1
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ExperimentConfig:
+        """Validate a plain dict (as read from a file); unknown or missing fields raise :class:`DataError`."""
+        if not isinstance(raw, dict):
+            raise DataError(f"an experiment config must be a mapping, got {type(raw).__name__}")
+        known = set(cls.__dataclass_fields__)
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise DataError(f"experiment config has unknown field(s) {unknown}; valid fields: {sorted(known)}")
+        for required in ("name", "dataset", "models"):
+            if required not in raw:
+                raise DataError(f"experiment config needs a {required!r} field")
+        models_raw = raw["models"]
+        if not isinstance(models_raw, list) or not models_raw:
+            raise DataError("experiment config 'models' must be a non-empty list")
+        models = []
+        for i, spec in enumerate(models_raw):
+            if isinstance(spec, str):
+                spec = {"name": spec}
+            if not isinstance(spec, dict) or "name" not in spec:
+                raise DataError(f"models[{i}] must be a model name or a mapping with a 'name'")
+            extra = sorted(set(spec) - {"name", "params", "grid", "label"})
+            if extra:
+                raise DataError(f"models[{i}] has unknown field(s) {extra}; use name, params, grid, label")
+            grid = spec.get("grid") or {}
+            if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
+                raise DataError(f"models[{i}].grid must map parameter names to non-empty lists of values")
+            models.append(ModelSpec(spec["name"], dict(spec.get("params") or {}), grid, spec.get("label")))
+        labels = [m.display for m in models]
+        if len(set(labels)) != len(labels):
+            raise DataError(f"two models share a label {labels}; give one of them a 'label'")
+        cfg = cls(**{**raw, "models": models})
+        cfg.k = [cfg.k] if isinstance(cfg.k, int) else list(cfg.k)
+        for name in cfg.filters:
+            if name not in FILTERS:
+                raise DataError(f"unknown filter {name!r}; available filters: {list(FILTERS)}")
+        if isinstance(cfg.workers, bool) or not isinstance(cfg.workers, int) or cfg.workers < 1:
+            raise DataError(f"workers must be a positive integer, got {cfg.workers!r}")
+        return cfg
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> ExperimentConfig:
+        """Read a ``.yaml``/``.yml``, ``.toml`` or ``.json`` file."""
+        p = Path(path)
+        if not p.is_file():
+            raise DataError(f"experiment config not found: {str(p)!r}")
+        text = p.read_text()
+        suffix = p.suffix.lower()
+        try:
+            if suffix in (".yaml", ".yml"):
+                import yaml
+
+                raw = yaml.safe_load(text)
+            elif suffix == ".toml":
+                import tomllib
+
+                raw = tomllib.loads(text)
+            elif suffix == ".json":
+                raw = json.loads(text)
+            else:
+                raise DataError(f"experiment config {str(p)!r} must be .yaml, .toml or .json")
+        except DataError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - parser errors of three libraries, shown as one message
+            raise DataError(f"could not parse {str(p)!r}: {exc}") from None
+        return cls.from_dict(raw)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-ready dict that :meth:`from_dict` reads back to an equal config."""
+        return asdict(self)

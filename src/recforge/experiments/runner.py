@@ -1,0 +1,292 @@
+"""Run an experiment config: every trial (model × parameter set × split) once, in parallel, resumable.
+
+Results folder::
+
+    config.json          the resolved config (a different config in the same folder is refused)
+    environment.json     versions, platform, CPU count
+    trials/<id>.json     one finished trial: what ran, its metrics, seconds (written atomically)
+    trials/<id>.csv      its per-user metrics (for confidence intervals and paired tests)
+    trials.csv           every trial in one table
+    leaderboard.{md,csv,png}  the final models with 95% bootstrap CIs and paired tests against the best
+
+With a validation part (e.g. ``loo``, ``temporal``) every grid point is fitted on train and scored on validation;
+the best on ``select_metric`` is refitted on train + validation and scored on test. Interrupted runs resume: a trial
+whose file exists is read back, not rerun; the seed fixes every split and model, so a rerun gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import platform
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from recforge import split as S
+from recforge.data.interactions import Interactions
+from recforge.data.io import atomic_path, write_table
+from recforge.errors import DataError
+from recforge.experiments.config import ExperimentConfig, ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+def load_data(cfg: ExperimentConfig) -> Interactions:
+    """The dataset of the config with its filters applied in order."""
+    from recforge.data import filters as F
+    from recforge.data.datasets import load
+
+    if isinstance(cfg.dataset, dict):
+        data = load(cfg.dataset["name"], **dict(cfg.dataset.get("options") or {}))
+    else:
+        data = load(cfg.dataset)
+    for name, value in cfg.filters.items():
+        fn = getattr(F, name)
+        data = fn(data, **value) if isinstance(value, dict) else fn(data, value)
+    return data
+
+
+def trial_id(model: str, params: dict[str, Any], part: str, split_index: int, seed: int) -> str:
+    """A stable id for a trial (same inputs, same id; the resume key)."""
+    key = json.dumps({"model": model, "params": params, "part": part, "split": split_index, "seed": seed},
+                     sort_keys=True, default=str)
+    return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(cfg_dict: dict[str, Any]) -> None:
+    """Process-pool initializer: one BLAS/numba/torch thread per worker (the workers are the parallelism), and
+    the experiment's splits rebuilt once from the config (seeded, so identical) instead of shipped per task."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1)
+    try:
+        import numba
+
+        numba.set_num_threads(1)
+    except (ImportError, ValueError):  # pragma: no cover
+        pass
+    import torch
+
+    torch.set_num_threads(1)
+    cfg = ExperimentConfig.from_dict(cfg_dict)
+    _WORKER["splits"] = _splits(cfg)
+    _WORKER["threads"] = 1
+
+
+def _splits(cfg: ExperimentConfig) -> list[S.Split]:
+    from recforge.evaluation.protocols import make_splits
+
+    data = load_data(cfg) if cfg.protocol not in ("folds", "ml100k-folds", "official-folds") else cfg.dataset
+    return make_splits(data, cfg.protocol, seed=cfg.seed, merge_valid=False)  # type: ignore[arg-type]
+
+
+def _materialise(task: dict[str, Any], splits: list[S.Split]) -> dict[str, Any]:
+    split = splits[task["split_index"]]
+    has_valid = split.valid is not None and len(split.valid) > 0
+    if task["part"] == "select":
+        train, test = split.train, split.valid
+    else:
+        train, test = (split.train_valid if has_valid else split.train), split.test
+    return {**task, "train": train, "test": test, "valid": None, "split_name": split.name}
+
+
+def _run_in_worker(task: dict[str, Any]) -> dict[str, Any]:
+    return _run_trial(_materialise(task, _WORKER["splits"]), _WORKER.get("threads"))
+
+
+def _run_trial(task: dict[str, Any], threads: int | None = None) -> dict[str, Any]:
+    """Fit and evaluate one trial; returns its record and per-user metrics."""
+    from recforge.evaluation import evaluate
+    from recforge.evaluation.cold_start import evaluate_cold_items
+    from recforge.models import create_model, get_model_class
+
+    cls = get_model_class(task["model"])
+    params = dict(task["params"])
+    for key, value in (("seed", task["seed"]), ("progress", False), ("num_threads", threads)):
+        if key in cls._param_names() and value is not None:
+            params.setdefault(key, value)
+    start = time.perf_counter()
+    model = create_model(task["model"], **params)
+    valid = task.get("valid")
+    model.fit(task["train"], valid=valid) if cls.supports_validation and valid is not None else model.fit(task["train"])
+    if task["split_name"] == "cold-items":
+        res = evaluate_cold_items(model, S.Split(task["train"], task["test"], name="cold-items"), k=task["k"])
+    else:
+        res = evaluate(model, task["test"], k=task["k"])
+    record = {"id": task["id"], "label": task["label"], "model": task["model"], "params": task["params"],
+              "part": task["part"], "split": task["split_index"], "seconds": time.perf_counter() - start,
+              "metrics": {k: float(v) for k, v in res.summary.items()}}
+    return {"record": record, "per_user": res.per_user}
+
+
+class ExperimentRunner:
+    """Runs one :class:`ExperimentConfig` into a results folder (see the module docstring)."""
+
+    def __init__(self, cfg: ExperimentConfig, out: str | os.PathLike[str], workers: int | None = None,
+                 progress: bool = True) -> None:
+        self.cfg = cfg
+        self.out = Path(out)
+        self.workers = workers or cfg.workers
+        self.progress = progress
+
+    # ------------------------------------------------------------------ bookkeeping
+    def _prepare_folder(self) -> None:
+        (self.out / "trials").mkdir(parents=True, exist_ok=True)
+        resolved = self.cfg.to_dict()
+        existing = self.out / "config.json"
+        if existing.exists():
+            old = json.loads(existing.read_text())
+            if old != json.loads(json.dumps(resolved, default=str)):
+                raise DataError(f"{str(self.out)!r} holds results of a different experiment config; use another "
+                                "--out folder (or delete it) to start afresh")
+        with atomic_path(existing) as tmp:
+            tmp.write_text(json.dumps(resolved, indent=2, default=str))
+        with atomic_path(self.out / "environment.json") as tmp:
+            tmp.write_text(json.dumps(environment(), indent=2))
+
+    def _done(self, tid: str) -> dict[str, Any] | None:
+        path = self.out / "trials" / f"{tid}.json"
+        per_user = self.out / "trials" / f"{tid}.csv"
+        if path.exists() and per_user.exists():
+            return {"record": json.loads(path.read_text()), "per_user": pd.read_csv(per_user)}
+        return None
+
+    def _save(self, result: dict[str, Any]) -> None:
+        rec = result["record"]
+        write_table(result["per_user"], self.out / "trials" / f"{rec['id']}.csv")
+        with atomic_path(self.out / "trials" / f"{rec['id']}.json") as tmp:  # last: marks the trial complete
+            tmp.write_text(json.dumps(rec, indent=2, default=str))
+
+    def _run(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Run the tasks not done yet (in a process pool when ``workers > 1``); results in task order."""
+        from tqdm.auto import tqdm
+
+        results: dict[str, dict[str, Any]] = {}
+        todo = []
+        for task in tasks:
+            done = self._done(task["id"])
+            if done is not None:
+                results[task["id"]] = done
+            else:
+                todo.append(task)
+        if todo:
+            bar = tqdm(total=len(todo), desc=f"{self.cfg.name} trials", disable=not self.progress)
+            if self.workers > 1 and len(todo) > 1:
+                # spawn, not fork: forking a process whose OpenMP/BLAS threads are running can deadlock it
+                ctx = multiprocessing.get_context("spawn")
+                light = [{k: v for k, v in t.items() if k not in ("train", "test", "valid")} for t in todo]
+                with ProcessPoolExecutor(max_workers=min(self.workers, len(todo)), mp_context=ctx,
+                                         initializer=_init_worker, initargs=(self.cfg.to_dict(),)) as pool:
+                    for res in pool.map(_run_in_worker, light):
+                        self._save(res)
+                        results[res["record"]["id"]] = res
+                        bar.update(1)
+            else:
+                for task in todo:
+                    res = _run_trial(_materialise(task, self._splits))
+                    self._save(res)
+                    results[res["record"]["id"]] = res
+                    bar.update(1)
+            bar.close()
+        return [results[t["id"]] for t in tasks]
+
+    # ------------------------------------------------------------------ the experiment
+    def run(self) -> pd.DataFrame:
+        """Run (or resume) every trial and write the tables; returns the leaderboard."""
+        from recforge.evaluation import leaderboard, save_leaderboard
+        from recforge.evaluation.evaluator import EvaluationResult
+
+        cfg = self.cfg
+        self._prepare_folder()
+        splits = self._splits = _splits(cfg)
+        has_valid = all(s.valid is not None and len(s.valid) for s in splits)
+        for spec in cfg.models:
+            if len(spec.combinations()) > 1 and not has_valid:
+                raise DataError(f"model {spec.display!r} has a grid, but protocol {cfg.protocol!r} has no validation "
+                                "part to choose on; use loo, temporal or another protocol with validation")
+
+        def task(spec: ModelSpec, params: dict[str, Any], part: str, i: int, split: S.Split) -> dict[str, Any]:
+            return {"id": trial_id(spec.name, params, part, i, cfg.seed), "label": spec.display, "model": spec.name,
+                    "params": params, "part": part, "split_index": i, "seed": cfg.seed, "k": cfg.k}
+
+        select_tasks = [task(spec, params, "select", i, split)
+                        for spec in cfg.models if len(spec.combinations()) > 1
+                        for params in spec.combinations() for i, split in enumerate(splits)]
+        selected = self._run(select_tasks)
+        best: dict[str, dict[str, Any]] = {}
+        for spec in cfg.models:
+            combos = spec.combinations()
+            if len(combos) == 1:
+                best[spec.display] = combos[0]
+                continue
+            scores = []
+            for params in combos:
+                vals = [r["record"]["metrics"].get(cfg.select_metric, np.nan) for r in selected
+                        if r["record"]["label"] == spec.display and r["record"]["params"] == params]
+                scores.append(float(np.mean(vals)))
+            best[spec.display] = combos[int(np.nanargmax(scores))]
+        final = self._run([task(spec, best[spec.display], "test", i, split)
+                           for spec in cfg.models for i, split in enumerate(splits)])
+        rows = [{"label": r["record"]["label"], "part": r["record"]["part"], "split": r["record"]["split"],
+                 "params": json.dumps(r["record"]["params"], sort_keys=True), "seconds": r["record"]["seconds"],
+                 **r["record"]["metrics"]} for r in selected + final]
+        write_table(pd.DataFrame(rows), self.out / "trials.csv")
+        results = {}
+        for spec in cfg.models:
+            parts = [r for r in final if r["record"]["label"] == spec.display]
+            per_user = pd.concat([p["per_user"] for p in parts], ignore_index=True)
+            summary = {k: float(np.mean([p["record"]["metrics"][k] for p in parts]))
+                       for k in parts[0]["record"]["metrics"]}
+            for col in per_user.columns.drop("user_id", errors="ignore"):
+                summary[col] = float(per_user[col].mean())
+            results[spec.display] = EvaluationResult(spec.display, per_user, summary,
+                                                     info={"params": best[spec.display]})
+        ks = cfg.k
+        metrics = cfg.metrics or [f"ndcg@{ks[0]}", f"hr@{ks[0]}", f"recall@{ks[0]}", "mrr", f"coverage@{ks[0]}"]
+        table = leaderboard(results, metrics=metrics, seed=cfg.seed)
+        table.attrs["title"] = f"{cfg.name}: {cfg.protocol}"
+        save_leaderboard(table, self.out)
+        with atomic_path(self.out / "selected_params.json") as tmp:
+            tmp.write_text(json.dumps(best, indent=2, default=str))
+        return table
+
+
+def environment() -> dict[str, Any]:
+    """Versions and hardware, for the results folder."""
+    import numpy
+    import scipy
+
+    import recforge
+
+    info: dict[str, Any] = {
+        "recforge": recforge.__version__, "python": sys.version.split()[0], "numpy": numpy.__version__,
+        "scipy": scipy.__version__, "pandas": pd.__version__, "platform": platform.platform(),
+        "machine": platform.machine(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    try:
+        import torch
+
+        info["torch"] = torch.__version__
+        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+    return info
+
+
+def run_experiment(config: ExperimentConfig | str | os.PathLike[str], out: str | os.PathLike[str],
+                   workers: int | None = None, progress: bool = True) -> pd.DataFrame:
+    """Run an experiment config (object or file) into ``out``; returns the leaderboard."""
+    cfg = config if isinstance(config, ExperimentConfig) else ExperimentConfig.from_file(config)
+    return ExperimentRunner(cfg, out, workers, progress).run()

@@ -1,0 +1,69 @@
+"""Config-driven experiments: typed configs, validation-tuned grids, resumable and parallel runs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from recforge.errors import DataError
+from recforge.experiments import ExperimentConfig, run_experiment
+
+SYNTH = {"name": "synthetic", "options": {"n_users": 200, "n_items": 120, "n_interactions": 6000, "n_clusters": 4, "seed": 3}}
+
+
+def config(**extra) -> ExperimentConfig:
+    raw = {"name": "t", "dataset": SYNTH, "protocol": "loo", "filters": {"deduplicate": "last"},
+           "models": ["pop", {"name": "ease", "grid": {"reg": [1.0, 1000.0]}}], **extra}
+    return ExperimentConfig.from_dict(raw)
+
+
+def test_config_round_trips_and_rejects_bad_fields(tmp_path: Path) -> None:
+    cfg = config()
+    assert ExperimentConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    assert [m.name for m in cfg.models] == ["pop", "ease"] and len(cfg.models[1].combinations()) == 2
+    for bad, message in (({"colour": 1}, "unknown field"), ({"filters": {"k_cores": 5}}, "unknown filter"),
+                         ({"models": []}, "non-empty"), ({"workers": 0}, "workers"),
+                         ({"models": [{"name": "ease", "grid": {"reg": 3}}]}, "grid")):
+        with pytest.raises(DataError, match=message):
+            config(**bad)
+    path = tmp_path / "c.toml"
+    path.write_text("name = \"x\"\ndataset = \"ml-latest-small\"\nmodels = [\"pop\"]\n")
+    assert ExperimentConfig.from_file(path).name == "x"
+    (tmp_path / "c.yaml").write_text("name: [unclosed")
+    with pytest.raises(DataError, match="could not parse"):
+        ExperimentConfig.from_file(tmp_path / "c.yaml")
+
+
+def test_run_tunes_on_validation_writes_results_and_resumes(tmp_path: Path) -> None:
+    out = tmp_path / "res"
+    table = run_experiment(config(), out, progress=False)
+    assert set(table["model"]) == {"pop", "ease"}
+    trials = pd.read_csv(out / "trials.csv")
+    assert (trials["part"] == "select").sum() == 2 and (trials["part"] == "test").sum() == 2
+    select = trials[trials["part"] == "select"].set_index("params")["ndcg@10"]
+    chosen = json.loads((out / "selected_params.json").read_text())["ease"]
+    assert json.dumps(chosen, sort_keys=True) == select.idxmax()  # the validation winner was kept
+    assert {"config.json", "environment.json", "leaderboard.md", "leaderboard.png"} <= {p.name for p in out.iterdir()}
+    files = sorted((out / "trials").glob("*.json"))
+    stamps = [f.stat().st_mtime_ns for f in files]
+    (files[0]).unlink()  # an interrupted run: one trial missing
+    again = run_experiment(config(), out, progress=False)
+    pd.testing.assert_frame_equal(again.drop(columns="fit_seconds"), table.drop(columns="fit_seconds"))  # same seed
+    assert [f.stat().st_mtime_ns for f in files[1:]] == stamps[1:]  # finished trials were not rerun
+    with pytest.raises(DataError, match="different experiment"):
+        run_experiment(config(seed=5), out, progress=False)
+
+
+def test_parallel_workers_give_the_same_numbers(tmp_path: Path) -> None:
+    serial = run_experiment(config(), tmp_path / "a", progress=False)
+    parallel = run_experiment(config(workers=2), tmp_path / "b", progress=False)
+    pd.testing.assert_frame_equal(serial.drop(columns=["fit_seconds"], errors="ignore"),
+                                  parallel.drop(columns=["fit_seconds"], errors="ignore"))
+
+
+def test_grids_need_a_validation_part(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="no validation"):
+        run_experiment(config(protocol="random"), tmp_path / "r", progress=False)
