@@ -67,3 +67,20 @@ def test_parallel_workers_give_the_same_numbers(tmp_path: Path) -> None:
 def test_grids_need_a_validation_part(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="no validation"):
         run_experiment(config(protocol="random"), tmp_path / "r", progress=False)
+
+
+def test_optuna_search_on_validation_is_seeded_and_resumable(tmp_path: Path) -> None:
+    pytest.importorskip("optuna")
+    cfg = config(models=[{"name": "ease", "space": {"reg": {"low": 1.0, "high": 3000.0, "log": True}}}],
+                 search={"n_trials": 5, "timeout": None})
+    table = run_experiment(cfg, tmp_path / "o", progress=False)
+    trials = pd.read_csv(tmp_path / "o" / "trials.csv")
+    assert (trials["part"] == "select").sum() == 5 and (trials["part"] == "test").sum() == 1
+    chosen = json.loads((tmp_path / "o" / "selected_params.json").read_text())["ease"]["reg"]
+    best_row = trials[trials["part"] == "select"].sort_values("ndcg@10", ascending=False).iloc[0]
+    assert json.loads(best_row["params"])["reg"] == chosen
+    again = run_experiment(cfg, tmp_path / "o2", progress=False)  # same seed: the same search
+    assert json.loads((tmp_path / "o2" / "selected_params.json").read_text())["ease"]["reg"] == chosen
+    pd.testing.assert_frame_equal(again.drop(columns="fit_seconds"), table.drop(columns="fit_seconds"))
+    with pytest.raises(DataError, match="both a grid and a search space"):
+        config(models=[{"name": "ease", "grid": {"reg": [1.0]}, "space": {"reg": {"low": 1, "high": 2}}}])

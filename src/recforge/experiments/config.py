@@ -17,13 +17,16 @@ FILTERS = ("k_core", "min_user_count", "min_item_count", "rating_threshold", "de
 
 @dataclass
 class ModelSpec:
-    """One model of an experiment: registry ``name``, fixed ``params``, and a ``grid`` of values to search
-    (every combination is a trial; with a validation part the best one on ``select_metric`` is kept)."""
+    """One model of an experiment: registry ``name``, fixed ``params``, and either a ``grid`` of values (every
+    combination is a trial) or a search ``space`` for Optuna (``{"reg": {"low": 1, "high": 1000, "log": true},
+    "n_factors": {"choices": [32, 64]}, "epochs": {"low": 5, "high": 50, "int": true}}``), searched for
+    ``search.n_trials`` trials / ``search.timeout`` seconds. The best on ``select_metric`` (validation) is kept."""
 
     name: str
     params: dict[str, Any] = field(default_factory=dict)
     grid: dict[str, list[Any]] = field(default_factory=dict)
     label: str | None = None
+    space: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def combinations(self) -> list[dict[str, Any]]:
         """Every parameter set of the grid laid over ``params`` (one set without a grid)."""
@@ -57,6 +60,7 @@ class ExperimentConfig:
     select_metric: str = "ndcg@10"
     seed: int = 0
     workers: int = 1
+    search: dict[str, Any] = field(default_factory=lambda: {"n_trials": 20, "timeout": None})
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ExperimentConfig:
@@ -79,13 +83,19 @@ class ExperimentConfig:
                 spec = {"name": spec}
             if not isinstance(spec, dict) or "name" not in spec:
                 raise DataError(f"models[{i}] must be a model name or a mapping with a 'name'")
-            extra = sorted(set(spec) - {"name", "params", "grid", "label"})
+            extra = sorted(set(spec) - {"name", "params", "grid", "label", "space"})
             if extra:
-                raise DataError(f"models[{i}] has unknown field(s) {extra}; use name, params, grid, label")
+                raise DataError(f"models[{i}] has unknown field(s) {extra}; use name, params, grid, space, label")
+            space = spec.get("space") or {}
+            if space and spec.get("grid"):
+                raise DataError(f"models[{i}] has both a grid and a search space; give one")
+            for pname, dist in space.items():
+                if not isinstance(dist, dict) or not ({"low", "high"} <= set(dist) or "choices" in dist):
+                    raise DataError(f"models[{i}].space.{pname} needs low and high (optional log, int) or choices")
             grid = spec.get("grid") or {}
             if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
                 raise DataError(f"models[{i}].grid must map parameter names to non-empty lists of values")
-            models.append(ModelSpec(spec["name"], dict(spec.get("params") or {}), grid, spec.get("label")))
+            models.append(ModelSpec(spec["name"], dict(spec.get("params") or {}), grid, spec.get("label"), dict(space)))
         labels = [m.display for m in models]
         if len(set(labels)) != len(labels):
             raise DataError(f"two models share a label {labels}; give one of them a 'label'")

@@ -202,6 +202,35 @@ class ExperimentRunner:
             bar.close()
         return [results[t["id"]] for t in tasks]
 
+    def _search(self, spec: ModelSpec, splits: list[S.Split], task: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Optuna TPE over ``spec.space`` on the validation parts; every trial is saved (and resumed) like a grid
+        point, and the seeded sampler proposes the same sequence again, so a resumed search retraces its steps."""
+        try:
+            import optuna
+        except ImportError:
+            raise DataError("search spaces need Optuna: pip install optuna") from None
+        cfg = self.cfg
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=cfg.seed))
+        runs: list[dict[str, Any]] = []
+
+        def objective(trial: Any) -> float:
+            params = dict(spec.params)
+            for pname, dist in sorted(spec.space.items()):
+                if "choices" in dist:
+                    params[pname] = trial.suggest_categorical(pname, list(dist["choices"]))
+                elif dist.get("int"):
+                    params[pname] = trial.suggest_int(pname, int(dist["low"]), int(dist["high"]), log=bool(dist.get("log")))
+                else:
+                    params[pname] = trial.suggest_float(pname, float(dist["low"]), float(dist["high"]), log=bool(dist.get("log")))
+            done = self._run([task(spec, params, "select", i, split) for i, split in enumerate(splits)])
+            runs.extend(done)
+            return float(np.mean([d["record"]["metrics"].get(cfg.select_metric, np.nan) for d in done]))
+
+        search = cfg.search or {}
+        study.optimize(objective, n_trials=search.get("n_trials", 20), timeout=search.get("timeout"))
+        return {**spec.params, **study.best_params}, runs
+
     # ------------------------------------------------------------------ the experiment
     def run(self) -> pd.DataFrame:
         """Run (or resume) every trial and write the tables; returns the leaderboard."""
@@ -213,7 +242,7 @@ class ExperimentRunner:
         splits = self._splits = _splits(cfg)
         has_valid = all(s.valid is not None and len(s.valid) for s in splits)
         for spec in cfg.models:
-            if len(spec.combinations()) > 1 and not has_valid:
+            if (len(spec.combinations()) > 1 or spec.space) and not has_valid:
                 raise DataError(f"model {spec.display!r} has a grid, but protocol {cfg.protocol!r} has no validation "
                                 "part to choose on; use loo, temporal or another protocol with validation")
 
@@ -227,6 +256,10 @@ class ExperimentRunner:
         selected = self._run(select_tasks)
         best: dict[str, dict[str, Any]] = {}
         for spec in cfg.models:
+            if spec.space:
+                best[spec.display], searched = self._search(spec, splits, task)
+                selected += searched
+                continue
             combos = spec.combinations()
             if len(combos) == 1:
                 best[spec.display] = combos[0]
