@@ -84,3 +84,15 @@ def test_optuna_search_on_validation_is_seeded_and_resumable(tmp_path: Path) -> 
     pd.testing.assert_frame_equal(again.drop(columns="fit_seconds"), table.drop(columns="fit_seconds"))
     with pytest.raises(DataError, match="both a grid and a search space"):
         config(models=[{"name": "ease", "grid": {"reg": [1.0]}, "space": {"reg": {"low": 1, "high": 2}}}])
+
+
+def test_kfold_protocol_gives_every_row_one_test_fold(tmp_path: Path) -> None:
+    from recforge.data.datasets import load
+    from recforge.evaluation.protocols import make_splits
+
+    data = load("synthetic", **SYNTH["options"])
+    folds = make_splits(data, "kfold3", seed=1)
+    assert len(folds) == 3 and sum(len(f.test) for f in folds) == len(data)
+    table = run_experiment(config(protocol="kfold3", models=["pop", "itemknn"]), tmp_path / "k", progress=False)
+    assert set(table["model"]) == {"pop", "itemknn"}
+    assert (pd.read_csv(tmp_path / "k" / "trials.csv")["split"].nunique()) == 3

@@ -97,7 +97,7 @@ def get_protocol(name: str) -> Protocol:
     aliases = {"leave-one-out": "loo", "leave-last-one-out": "loo", "time": "temporal", "user": "users"}
     key = aliases.get(key, key)
     if key not in PROTOCOLS:
-        known = ", ".join([*PROTOCOLS, *SEQUENCE_PROTOCOLS, FOLD_PROTOCOLS[0]])
+        known = ", ".join([*PROTOCOLS, *SEQUENCE_PROTOCOLS, FOLD_PROTOCOLS[0], "kfold[N]"])
         raise UnknownNameError(f"unknown protocol {name!r}; available protocols: {known}")
     return PROTOCOLS[key]
 
@@ -115,6 +115,16 @@ def make_splits(
         from recforge.data.datasets import load_movielens_folds
 
         return load_movielens_folds(data)
+    key = protocol.strip().lower()
+    if key.startswith("kfold"):  # "kfold" (5 folds) or "kfold3", "kfold10", ...: seeded k-fold over rows
+        digits = key[len("kfold"):].lstrip("-")
+        if digits and not digits.isdigit():
+            raise UnknownNameError(f"unknown protocol {protocol!r}; k-fold protocols look like kfold or kfold3")
+        if not isinstance(data, Interactions):
+            from recforge.data.datasets import load
+
+            data = load(data)
+        return list(S.kfold(data, int(digits) if digits else 5, seed=seed))
     proto = get_protocol(protocol)
     if not isinstance(data, Interactions):
         from recforge.data.datasets import load
