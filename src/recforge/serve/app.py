@@ -350,11 +350,11 @@ def create_app(
     @app.post("/recommend")
     def recommend_history(body: HistoryBody) -> dict[str, Any]:
         """Top-k items for a session (items oldest first); unknown items are ignored."""
-        idx = service.item_indices(body.items, on_unknown="ignore")
+        typed = np.asarray([_typed(i, m.item_map_.is_string, "item") for i in body.items])
         with service.lock:
             try:
-                recs = m.recommend_for_history(m.item_map_.to_ids(idx), k=body.k,
-                                               exclude_history=body.exclude_history, on_unknown="ignore")
+                recs = m.recommend_for_history(typed, k=body.k, exclude_history=body.exclude_history,
+                                               on_unknown="ignore")
             except UnsupportedError as exc:
                 raise HTTPException(400, str(exc)) from None
         items = m.item_map_.to_index(recs["item_id"].to_numpy(), on_unknown="keep")
