@@ -57,11 +57,56 @@ def test_run_tunes_on_validation_writes_results_and_resumes(tmp_path: Path) -> N
         run_experiment(config(seed=5), out, progress=False)
 
 
-def test_parallel_workers_give_the_same_numbers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("backend", ["process", "ray"])
+def test_parallel_workers_give_the_same_numbers(tmp_path: Path, backend: str) -> None:
+    if backend == "ray":
+        pytest.importorskip("ray")
     serial = run_experiment(config(), tmp_path / "a", progress=False)
-    parallel = run_experiment(config(workers=2), tmp_path / "b", progress=False)
+    parallel = run_experiment(config(workers=2), tmp_path / "b", progress=False, backend=backend)
     pd.testing.assert_frame_equal(serial.drop(columns=["fit_seconds"], errors="ignore"),
                                   parallel.drop(columns=["fit_seconds"], errors="ignore"))
+    assert len(list((tmp_path / "b" / "trials").glob("*.json"))) == 4  # every trial saved by the driver
+
+
+def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
+    from recforge.errors import UnknownNameError
+    from recforge.experiments import executors as E
+
+    assert E.resolve_backend("auto", 1, None) == "serial"
+    assert E.resolve_backend("process", 4, None) == "process"
+    with pytest.raises(UnknownNameError, match="available backends"):
+        E.resolve_backend("dask", 2, None)
+    with pytest.raises(DataError, match="ray backend"):
+        E.resolve_backend("process", 2, "ray://head:10001")
+    monkeypatch.setattr(E, "ray_available", lambda: False)
+    assert E.resolve_backend("auto", 2, None) == "process"  # without Ray, the local pool
+    with pytest.raises(DataError, match="pip install"):
+        E.resolve_backend("auto", 2, "auto")
+    monkeypatch.setattr(E, "ray_available", lambda: True)
+    assert E.resolve_backend("auto", 2, None) == "ray"  # Ray by default when installed
+
+
+def test_search_prunes_neural_trials_through_trainer_callbacks(tmp_path: Path) -> None:
+    pytest.importorskip("optuna")
+    sasrec = {"name": "sasrec", "params": {"epochs": 6, "n_factors": 16, "max_len": 10, "patience": 0,
+                                           "num_threads": 1},
+              "space": {"lr": {"low": 1e-5, "high": 1e-2, "log": True}}}
+    cfg = config(models=[sasrec], search={"n_trials": 8, "pruner": "median"})
+    run_experiment(cfg, tmp_path / "p", progress=False)
+    trials = pd.read_csv(tmp_path / "p" / "trials.csv")
+    select = trials[trials["part"] == "select"]
+    assert len(select) == 8 and select["pruned"].sum() >= 1  # some trials were stopped early ...
+    assert select.loc[select["pruned"], "ndcg@10"].isna().all()
+    pruned = [json.loads(f.read_text()) for f in (tmp_path / "p" / "trials").glob("*.json")]
+    curves = [r["curve"] for r in pruned if r.get("pruned")]
+    assert all(1 <= len(c) < 6 for c in curves)  # ... after a few epochs' validation, not at the end
+    finished = [r for r in pruned if r["part"] == "select" and not r.get("pruned")]
+    assert all(len(r["curve"]) == 6 for r in finished)
+    stamps = {f.name: f.stat().st_mtime_ns for f in (tmp_path / "p" / "trials").iterdir()}
+    run_experiment(cfg, tmp_path / "p", progress=False)  # resumed: pruned and finished trials are replayed
+    assert {f.name: f.stat().st_mtime_ns for f in (tmp_path / "p" / "trials").iterdir()} == stamps
+    with pytest.raises(DataError, match="pruner"):
+        config(search={"n_trials": 2, "pruner": "sometimes"})
 
 
 def test_grids_need_a_validation_part(tmp_path: Path) -> None:

@@ -161,11 +161,15 @@ def train_cmd(
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Fit a model on a whole dataset and save it as an artifact (safetensors + JSON, no pickle)."""
+    """Fit a model on a whole dataset and save it as an artifact (safetensors + JSON, no pickle). Under torchrun,
+    neural models train data-parallel over the processes (one per GPU, or gloo on CPUs) and rank 0 saves."""
+    from recforge.neural.distributed import is_main_process
+
     inter = _load(dataset)
     est = _model(model, set_, quiet).fit(inter)
-    est.save(out)
-    typer.echo(f"trained {est!r} on {len(inter):,} interactions in {est.fit_seconds_:.2f}s -> {out}")
+    if is_main_process():  # under torchrun every rank trains its share; rank 0 saves
+        est.save(out)
+        typer.echo(f"trained {est!r} on {len(inter):,} interactions in {est.fit_seconds_:.2f}s -> {out}")
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
@@ -394,17 +398,28 @@ def run_cmd(
     config: Annotated[Path, typer.Argument(help="Experiment config (.yaml, .toml or .json).")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Results folder (default: results/<name>).")] = None,
     workers: Annotated[int | None, typer.Option(help="Trials in parallel (default: the config's).")] = None,
+    backend: Annotated[str, typer.Option(
+        help="auto (Ray when installed and workers > 1, else a process pool), serial, process or ray.")] = "auto",
+    ray_address: Annotated[str | None, typer.Option(
+        "--ray-address", help="Run the trials on this Ray cluster ('auto', or ray://head:10001).")] = None,
+    threads_per_worker: Annotated[int | None, typer.Option(
+        help="BLAS/numba/torch threads per trial (default: all cores serially, 1 per worker).")] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run an experiment config: grids tuned on validation, every trial saved, resumable; prints the leaderboard."""
+    """Run an experiment config: grids tuned on validation, every trial saved, resumable; prints the leaderboard.
+    Under torchrun, neural models train data-parallel across the processes and only rank 0 writes."""
     from recforge.evaluation import print_leaderboard
     from recforge.experiments import ExperimentConfig, run_experiment
 
     cfg = ExperimentConfig.from_file(config)
     folder = out or Path("results") / cfg.name
-    table = run_experiment(cfg, folder, workers=workers, progress=not quiet)
-    print_leaderboard(table, title=table.attrs.get("title"))
-    typer.echo(f"results: {folder}")
+    from recforge.neural.distributed import is_main_process
+
+    table = run_experiment(cfg, folder, workers=workers, progress=not quiet, backend=backend, ray_address=ray_address,
+                           threads_per_worker=threads_per_worker)
+    if is_main_process():
+        print_leaderboard(table, title=table.attrs.get("title"))
+        typer.echo(f"results: {folder}")
 
 
 # ---------------------------------------------------------------------------------------------- serve

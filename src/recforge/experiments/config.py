@@ -15,12 +15,18 @@ from recforge.errors import DataError
 FILTERS = ("k_core", "min_user_count", "min_item_count", "rating_threshold", "deduplicate")
 
 
+#: Optuna pruners a search may name.
+PRUNERS = ("median", "hyperband", "none")
+
+
 @dataclass
 class ModelSpec:
     """One model of an experiment: registry ``name``, fixed ``params``, and either a ``grid`` of values (every
     combination is a trial) or a search ``space`` for Optuna (``{"reg": {"low": 1, "high": 1000, "log": true},
     "n_factors": {"choices": [32, 64]}, "epochs": {"low": 5, "high": 50, "int": true}}``), searched for
-    ``search.n_trials`` trials / ``search.timeout`` seconds. The best on ``select_metric`` (validation) is kept."""
+    ``search.n_trials`` trials / ``search.timeout`` seconds. The best on ``select_metric`` (validation) is kept.
+    Models trained by the neural trainer report their validation score every epoch, and ``search.pruner``
+    (``median``, the default, ``hyperband`` or ``none``) stops unpromising trials early."""
 
     name: str
     params: dict[str, Any] = field(default_factory=dict)
@@ -106,6 +112,12 @@ class ExperimentConfig:
                 raise DataError(f"unknown filter {name!r}; available filters: {list(FILTERS)}")
         if isinstance(cfg.workers, bool) or not isinstance(cfg.workers, int) or cfg.workers < 1:
             raise DataError(f"workers must be a positive integer, got {cfg.workers!r}")
+        search = cfg.search or {}
+        extra = sorted(set(search) - {"n_trials", "timeout", "pruner"})
+        if extra:
+            raise DataError(f"search has unknown field(s) {extra}; use n_trials, timeout, pruner")
+        if search.get("pruner", "median") not in PRUNERS:
+            raise DataError(f"search.pruner must be one of {list(PRUNERS)}, got {search['pruner']!r}")
         return cfg
 
     @classmethod

@@ -19,12 +19,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import platform
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -62,29 +60,6 @@ def trial_id(model: str, params: dict[str, Any], part: str, split_index: int, se
     return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
 
 
-_WORKER: dict[str, Any] = {}
-
-
-def _init_worker(cfg_dict: dict[str, Any]) -> None:
-    """Process-pool initializer: one BLAS/numba/torch thread per worker (the workers are the parallelism), and
-    the experiment's splits rebuilt once from the config (seeded, so identical) instead of shipped per task."""
-    from threadpoolctl import threadpool_limits
-
-    threadpool_limits(1)
-    try:
-        import numba
-
-        numba.set_num_threads(1)
-    except (ImportError, ValueError):  # pragma: no cover
-        pass
-    import torch
-
-    torch.set_num_threads(1)
-    cfg = ExperimentConfig.from_dict(cfg_dict)
-    _WORKER["splits"] = _splits(cfg)
-    _WORKER["threads"] = 1
-
-
 def _splits(cfg: ExperimentConfig) -> list[S.Split]:
     from recforge.evaluation.protocols import make_splits
 
@@ -95,15 +70,15 @@ def _splits(cfg: ExperimentConfig) -> list[S.Split]:
 def _materialise(task: dict[str, Any], splits: list[S.Split]) -> dict[str, Any]:
     split = splits[task["split_index"]]
     has_valid = split.valid is not None and len(split.valid) > 0
-    if task["part"] == "select":
-        train, test = split.train, split.valid
-    else:
-        train, test = (split.train_valid if has_valid else split.train), split.test
-    return {**task, "train": train, "test": test, "valid": None, "split_name": split.name}
+    if task["part"] == "select":  # models that validate while training (early stopping, pruning) see it too
+        return {**task, "train": split.train, "test": split.valid, "valid": split.valid, "split_name": split.name}
+    train = split.train_valid if has_valid else split.train
+    return {**task, "train": train, "test": split.test, "valid": None, "split_name": split.name}
 
 
-def _run_in_worker(task: dict[str, Any]) -> dict[str, Any]:
-    return _run_trial(_materialise(task, _WORKER["splits"]), _WORKER.get("threads"))
+def run_task(task: dict[str, Any], splits: list[S.Split], threads: int | None = None) -> dict[str, Any]:
+    """Run one trial description (model, params, part, split index) against the experiment's splits."""
+    return _run_trial(_materialise(task, splits), threads)
 
 
 def _run_trial(task: dict[str, Any], threads: int | None = None) -> dict[str, Any]:
@@ -135,14 +110,26 @@ class ExperimentRunner:
     """Runs one :class:`ExperimentConfig` into a results folder (see the module docstring)."""
 
     def __init__(self, cfg: ExperimentConfig, out: str | os.PathLike[str], workers: int | None = None,
-                 progress: bool = True) -> None:
+                 progress: bool = True, backend: str = "auto", ray_address: str | None = None,
+                 threads_per_worker: int | None = None) -> None:
+        from recforge.experiments.executors import resolve_backend
+
         self.cfg = cfg
         self.out = Path(out)
         self.workers = workers or cfg.workers
         self.progress = progress
+        self.backend = backend
+        self.ray_address = ray_address
+        self.threads_per_worker = threads_per_worker
+        resolve_backend(backend, self.workers, ray_address)  # a bad name or a missing Ray fails before any work
+        self._exec: Any = None
+        self._main = True  # False on the ranks > 0 of a torchrun launch: they train, rank 0 writes
+        self._distributed = False
 
     # ------------------------------------------------------------------ bookkeeping
     def _prepare_folder(self) -> None:
+        if not self._main:
+            return
         (self.out / "trials").mkdir(parents=True, exist_ok=True)
         resolved = self.cfg.to_dict()
         existing = self.out / "config.json"
@@ -157,20 +144,26 @@ class ExperimentRunner:
             tmp.write_text(json.dumps(environment(), indent=2))
 
     def _done(self, tid: str) -> dict[str, Any] | None:
+        from recforge.neural.distributed import broadcast_object
+
         path = self.out / "trials" / f"{tid}.json"
         per_user = self.out / "trials" / f"{tid}.csv"
-        if path.exists() and per_user.exists():
-            return {"record": json.loads(path.read_text()), "per_user": pd.read_csv(per_user)}
-        return None
+        found = None
+        if self._main and path.exists() and per_user.exists():
+            found = {"record": json.loads(path.read_text()), "per_user": pd.read_csv(per_user)}
+        # under torchrun every rank must skip the same trials, or one would wait forever in a gradient exchange
+        return broadcast_object(found) if self._distributed else found
 
     def _save(self, result: dict[str, Any]) -> None:
+        if not self._main:
+            return
         rec = result["record"]
         write_table(result["per_user"], self.out / "trials" / f"{rec['id']}.csv")
         with atomic_path(self.out / "trials" / f"{rec['id']}.json") as tmp:  # last: marks the trial complete
             tmp.write_text(json.dumps(rec, indent=2, default=str))
 
     def _run(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Run the tasks not done yet (in a process pool when ``workers > 1``); results in task order."""
+        """Run the tasks not done yet on the executor; each result is saved as it arrives; results in task order."""
         from tqdm.auto import tqdm
 
         results: dict[str, dict[str, Any]] = {}
@@ -182,36 +175,49 @@ class ExperimentRunner:
             else:
                 todo.append(task)
         if todo:
-            bar = tqdm(total=len(todo), desc=f"{self.cfg.name} trials", disable=not self.progress)
-            if self.workers > 1 and len(todo) > 1:
-                # spawn, not fork: forking a process whose OpenMP/BLAS threads are running can deadlock it
-                ctx = multiprocessing.get_context("spawn")
-                light = [{k: v for k, v in t.items() if k not in ("train", "test", "valid")} for t in todo]
-                with ProcessPoolExecutor(max_workers=min(self.workers, len(todo)), mp_context=ctx,
-                                         initializer=_init_worker, initargs=(self.cfg.to_dict(),)) as pool:
-                    for res in pool.map(_run_in_worker, light):
-                        self._save(res)
-                        results[res["record"]["id"]] = res
-                        bar.update(1)
-            else:
-                for task in todo:
-                    res = _run_trial(_materialise(task, self._splits))
-                    self._save(res)
-                    results[res["record"]["id"]] = res
-                    bar.update(1)
+            executor = self._executor()
+            bar = tqdm(total=len(todo), desc=f"{self.cfg.name} trials ({executor.name})", disable=not self.progress)
+            for res in executor.map(todo):
+                self._save(res)
+                results[res["record"]["id"]] = res
+                bar.update(1)
             bar.close()
         return [results[t["id"]] for t in tasks]
 
+    def _executor(self) -> Any:
+        """The executor of this run, started on first use and kept until the run ends."""
+        if self._exec is None:
+            from recforge.experiments.executors import make_executor
+
+            self._exec = make_executor(self.backend, self.workers, self._splits, self.cfg.to_dict(), self.ray_address,
+                                       self.threads_per_worker)
+            log.info("%s: trials on the %s backend with %d worker(s)", self.cfg.name, self._exec.name,
+                     self._exec.workers)
+        return self._exec
+
     def _search(self, spec: ModelSpec, splits: list[S.Split], task: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Optuna TPE over ``spec.space`` on the validation parts; every trial is saved (and resumed) like a grid
-        point, and the seeded sampler proposes the same sequence again, so a resumed search retraces its steps."""
+        point, and the seeded sampler proposes the same sequence again, so a resumed search retraces its steps.
+
+        Models trained by the neural trainer are pruned: their trials run in this process, the trainer reports
+        the validation score after every epoch of the first split, and the pruner stops trials that fall behind
+        (a pruned trial is saved with its curve, so a resumed search replays it to the pruner)."""
         try:
             import optuna
         except ImportError:
             raise DataError("search spaces need Optuna: pip install optuna") from None
+        from recforge.models import get_model_class
+
         cfg = self.cfg
+        search = cfg.search or {}
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=cfg.seed))
+        prune = get_model_class(spec.name).supports_validation and search.get("pruner", "median") != "none"
+        pruner: Any = optuna.pruners.NopPruner()
+        if prune:
+            pruner = (optuna.pruners.HyperbandPruner() if search.get("pruner") == "hyperband"
+                      else optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2))
+        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=cfg.seed),
+                                    pruner=pruner)
         runs: list[dict[str, Any]] = []
 
         def objective(trial: Any) -> float:
@@ -223,17 +229,79 @@ class ExperimentRunner:
                     params[pname] = trial.suggest_int(pname, int(dist["low"]), int(dist["high"]), log=bool(dist.get("log")))
                 else:
                     params[pname] = trial.suggest_float(pname, float(dist["low"]), float(dist["high"]), log=bool(dist.get("log")))
-            done = self._run([task(spec, params, "select", i, split) for i, split in enumerate(splits)])
-            runs.extend(done)
+            tasks = [task(spec, params, "select", i, split) for i, split in enumerate(splits)]
+            if prune:
+                done = self._run_pruned(tasks, trial, runs)
+            else:
+                done = self._run(tasks)
+                runs.extend(done)
             return float(np.mean([d["record"]["metrics"].get(cfg.select_metric, np.nan) for d in done]))
 
-        search = cfg.search or {}
         study.optimize(objective, n_trials=search.get("n_trials", 20), timeout=search.get("timeout"))
         return {**spec.params, **study.best_params}, runs
+
+    def _run_pruned(self, tasks: list[dict[str, Any]], trial: Any, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """Run one search trial's tasks here, reporting the first split's validation curve to the pruner; every
+        result, pruned ones included, is also appended to ``runs``."""
+        import optuna
+
+        from recforge.neural.trainer import training_callbacks
+
+        metric = f"valid_{self.cfg.select_metric}"
+        results = []
+        for i, t in enumerate(tasks):
+            done = self._done(t["id"])
+            if done is None:
+                curve: list[float] = []
+
+                def report(row: dict[str, Any], curve: list[float] = curve, first: bool = i == 0) -> None:
+                    value = row.get(metric, next((v for k, v in row.items() if k.startswith("valid_")), None))
+                    if value is None or not first:
+                        return
+                    curve.append(float(value))
+                    trial.report(float(value), len(curve))
+                    if trial.should_prune():
+                        raise optuna.TrialPruned(f"validation {metric} {value:.4f} after {len(curve)} epochs")
+
+                try:
+                    with training_callbacks(report):
+                        done = run_task(t, self._splits)
+                except optuna.TrialPruned:
+                    record = {"id": t["id"], "label": t["label"], "model": t["model"], "params": t["params"],
+                              "part": t["part"], "split": t["split_index"], "pruned": True, "curve": curve,
+                              "metrics": {}}
+                    runs.append({"record": record, "per_user": pd.DataFrame({"user_id": []})})
+                    self._save(runs[-1])
+                    raise
+                done["record"]["curve"] = curve
+                self._save(done)
+            else:  # resumed: give the pruner the same history it saw the first time
+                for step, value in enumerate(done["record"].get("curve", []), start=1):
+                    trial.report(value, step)
+                if done["record"].get("pruned"):
+                    runs.append(done)
+                    raise optuna.TrialPruned("pruned in an earlier run")
+            results.append(done)
+            runs.append(done)
+        return results
 
     # ------------------------------------------------------------------ the experiment
     def run(self) -> pd.DataFrame:
         """Run (or resume) every trial and write the tables; returns the leaderboard."""
+        from recforge.neural import distributed as D
+
+        self._distributed = D.init_distributed()
+        if self._distributed:  # torchrun: the ranks go through the trials together, each neural fit data-parallel
+            self._main = D.is_main_process()
+            self.workers, self.backend = 1, "serial"
+        try:
+            return self._run_all()
+        finally:
+            if self._exec is not None:
+                self._exec.close()
+                self._exec = None
+
+    def _run_all(self) -> pd.DataFrame:
         from recforge.evaluation import leaderboard, save_leaderboard
         from recforge.evaluation.evaluator import EvaluationResult
 
@@ -273,9 +341,10 @@ class ExperimentRunner:
         final = self._run([task(spec, best[spec.display], "test", i, split)
                            for spec in cfg.models for i, split in enumerate(splits)])
         rows = [{"label": r["record"]["label"], "part": r["record"]["part"], "split": r["record"]["split"],
-                 "params": json.dumps(r["record"]["params"], sort_keys=True), "seconds": r["record"]["seconds"],
-                 **r["record"]["metrics"]} for r in selected + final]
-        write_table(pd.DataFrame(rows), self.out / "trials.csv")
+                 "params": json.dumps(r["record"]["params"], sort_keys=True), "seconds": r["record"].get("seconds"),
+                 "pruned": bool(r["record"].get("pruned")), **r["record"]["metrics"]} for r in selected + final]
+        if self._main:  # every rank computes the report, rank 0 writes it
+            write_table(pd.DataFrame(rows), self.out / "trials.csv")
         results = {}
         for spec in cfg.models:
             parts = [r for r in final if r["record"]["label"] == spec.display]
@@ -290,9 +359,10 @@ class ExperimentRunner:
         metrics = cfg.metrics or [f"ndcg@{ks[0]}", f"hr@{ks[0]}", f"recall@{ks[0]}", "mrr", f"coverage@{ks[0]}"]
         table = leaderboard(results, metrics=metrics, seed=cfg.seed)
         table.attrs["title"] = f"{cfg.name}: {cfg.protocol}"
-        save_leaderboard(table, self.out)
-        with atomic_path(self.out / "selected_params.json") as tmp:
-            tmp.write_text(json.dumps(best, indent=2, default=str))
+        if self._main:
+            save_leaderboard(table, self.out)
+            with atomic_path(self.out / "selected_params.json") as tmp:
+                tmp.write_text(json.dumps(best, indent=2, default=str))
         return table
 
 
@@ -319,7 +389,11 @@ def environment() -> dict[str, Any]:
 
 
 def run_experiment(config: ExperimentConfig | str | os.PathLike[str], out: str | os.PathLike[str],
-                   workers: int | None = None, progress: bool = True) -> pd.DataFrame:
-    """Run an experiment config (object or file) into ``out``; returns the leaderboard."""
+                   workers: int | None = None, progress: bool = True, backend: str = "auto",
+                   ray_address: str | None = None, threads_per_worker: int | None = None) -> pd.DataFrame:
+    """Run an experiment config (object or file) into ``out``; returns the leaderboard. ``backend``: ``auto``
+    (Ray when installed and ``workers > 1``, else a process pool), ``serial``, ``process`` or ``ray``;
+    ``ray_address`` connects to a Ray cluster; ``threads_per_worker`` caps each trial's BLAS/numba/torch threads
+    (default: all cores serially, 1 per worker otherwise)."""
     cfg = config if isinstance(config, ExperimentConfig) else ExperimentConfig.from_file(config)
-    return ExperimentRunner(cfg, out, workers, progress).run()
+    return ExperimentRunner(cfg, out, workers, progress, backend, ray_address, threads_per_worker).run()

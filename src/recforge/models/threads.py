@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import Iterator
 
 import numba
@@ -18,10 +19,12 @@ _warned = False
 
 
 def resolve_threads(num_threads: int | None) -> int:
-    """``None`` or ``0`` means every thread numba may use; otherwise at most that many."""
+    """``None`` or ``0`` means every thread numba may use (this process's share of the cores when a launcher
+    such as torchrun runs several ranks on the machine); otherwise at most that many."""
     limit = numba.config.NUMBA_NUM_THREADS
     if not num_threads or num_threads <= 0:
-        return limit
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        return max(1, limit // ranks_here) if ranks_here > 1 else limit
     return max(1, min(int(num_threads), limit))
 
 

@@ -7,14 +7,23 @@ checkpoints that a later run resumes from, and training curves as CSV and PNG.
 
 A model hands the trainer a ``torch.nn.Module``, a ``loss_fn(batch) -> scalar tensor``, a
 ``batches(epoch, rng) -> iterator of dicts of numpy arrays`` and optionally ``validate() -> {metric: value}``.
+
+Callbacks see every validation row (epoch, step, loss, ``valid_<metric>``); they are given to the trainer or
+installed around any code that trains with :func:`training_callbacks`, which is how a tuner prunes a model's
+training without the model knowing. A callback raises :class:`StopTraining` to end a run early (the best
+weights are kept) or any other exception to abandon it.
+
+Under ``torchrun`` the loop trains data-parallel (see :mod:`recforge.neural.distributed`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -26,13 +35,31 @@ from tqdm.auto import tqdm
 
 from recforge.data.io import atomic_path, save_figure
 from recforge.errors import DataError
+from recforge.neural import distributed as D
 from recforge.neural.checkpoint import load_checkpoint, save_checkpoint
 from recforge.neural.device import amp_dtype, resolve_device
 
 log = logging.getLogger(__name__)
 
 Batch = dict[str, Any]
+Callback = Callable[[dict[str, Any]], None]
 SCHEDULES = ("constant", "cosine", "linear")
+_CALLBACKS: contextvars.ContextVar[tuple[Callback, ...]] = contextvars.ContextVar("recforge_training_callbacks",
+                                                                                   default=())
+
+
+class StopTraining(Exception):
+    """Raised by a callback to end training now; the best weights so far are kept."""
+
+
+@contextlib.contextmanager
+def training_callbacks(*callbacks: Callback) -> Iterator[None]:
+    """Every :class:`Trainer` created inside the block also calls ``callbacks`` after each validation."""
+    token = _CALLBACKS.set(_CALLBACKS.get() + tuple(callbacks))
+    try:
+        yield
+    finally:
+        _CALLBACKS.reset(token)
 OPTIMIZERS = ("adam", "adamw")
 
 
@@ -110,9 +137,14 @@ class TrainingResult:
 class Trainer:
     """Train ``module`` with the settings of a :class:`TrainerConfig` (see the module docstring)."""
 
-    def __init__(self, module: torch.nn.Module, config: TrainerConfig) -> None:
+    def __init__(self, module: torch.nn.Module, config: TrainerConfig,
+                 callbacks: Sequence[Callback] = ()) -> None:
         self.config = config.check()
+        self.callbacks = [*callbacks, *_CALLBACKS.get()]
+        self.distributed = D.init_distributed()
         self.device = resolve_device(config.device)
+        if self.distributed and self.device.type == "cuda":  # one GPU per rank on each machine
+            self.device = torch.device("cuda", D.local_rank())
         self.module = module.to(self.device)
         self.amp = amp_dtype(self.device, config.amp)
         params = [p for p in module.parameters() if p.requires_grad]
@@ -186,8 +218,11 @@ class Trainer:
         start = time.perf_counter() - state["elapsed"]
         stop = state.get("stopped", False)
         running, n_running = 0.0, 0
-        bar = tqdm(total=total_steps, initial=state["step"], desc=cfg.desc, unit="step", disable=not cfg.progress,
-                   leave=False)
+        main = D.is_main_process()
+        parts, part = D.world_size(), D.rank()
+        forward = D.wrap_ddp(self.module, loss_fn, self.device) if self.distributed else loss_fn
+        bar = tqdm(total=total_steps, initial=state["step"], desc=cfg.desc, unit="step",
+                   disable=not (cfg.progress and main), leave=False)
 
         def run_validation(epoch_done: bool) -> bool:
             nonlocal best_weights, running, n_running
@@ -201,6 +236,7 @@ class Trainer:
                 with torch.no_grad(), self.autocast():
                     scores = validate()
                 self.module.train()
+                scores = D.broadcast_object(scores)  # every rank takes the same early-stopping decisions
                 if metric not in scores:
                     raise DataError(f"validation metric {metric!r} is not among {sorted(scores)}")
                 row.update({f"valid_{k}": float(v) for k, v in scores.items()})
@@ -214,10 +250,15 @@ class Trainer:
                     state["bad"] += 1
                 bar.set_postfix(loss=f"{row['loss']:.4f}", **{metric: f"{value:.4f}"})
             state["history"].append(row)
+            for callback in self.callbacks:
+                try:
+                    callback(dict(row))
+                except StopTraining:
+                    state["halt"] = True
             return improved
 
         def checkpoint(improved: bool) -> None:
-            if ckpt is None:
+            if ckpt is None or not main:
                 return
             state["elapsed"] = time.perf_counter() - start
             save_checkpoint(ckpt / "last", self.module, self.optimizer, state)
@@ -236,10 +277,13 @@ class Trainer:
                 factor = self._lr_factor(state["step"], total_steps)
                 for group in self.optimizer.param_groups:
                     group["lr"] = cfg.lr * factor
+                if self.distributed:
+                    batch = D.shard_batch(batch, part, parts)
                 with self.autocast():
-                    loss = loss_fn(self.to_device(batch))
-                if not torch.isfinite(loss):
-                    raise DataError(f"{cfg.desc}: the loss became {loss.item()} at step {state['step']}; "
+                    loss = forward(self.to_device(batch))
+                loss_value = D.mean_across_ranks(float(loss.detach()))  # the same on every rank
+                if not math.isfinite(loss_value):
+                    raise DataError(f"{cfg.desc}: the loss became {loss_value} at step {state['step']}; "
                                     "lower lr or raise grad_clip")
                 self.optimizer.zero_grad(set_to_none=True)
                 if self.scaler is not None:
@@ -255,7 +299,7 @@ class Trainer:
                 else:
                     self.optimizer.step()
                 state["step"] += 1
-                running += float(loss.detach())
+                running += loss_value
                 n_running += 1
                 bar.update(1)
                 if cfg.progress and validate is None:
@@ -263,7 +307,7 @@ class Trainer:
                 if cfg.validate_every and state["step"] % cfg.validate_every == 0:
                     improved = run_validation(False)
                     checkpoint(improved)
-                    if cfg.patience and state["bad"] >= cfg.patience:
+                    if (cfg.patience and state["bad"] >= cfg.patience) or state.get("halt"):
                         stop = True
                         break
             if stop:
@@ -272,7 +316,7 @@ class Trainer:
             if not cfg.validate_every or validate is None:
                 improved = run_validation(True) if (not cfg.validate_every or n_running) else False
                 checkpoint(improved)
-                if validate is not None and cfg.patience and state["bad"] >= cfg.patience:
+                if (validate is not None and cfg.patience and state["bad"] >= cfg.patience) or state.get("halt"):
                     stop = True
         bar.close()
         state["stopped"] = stop
@@ -281,14 +325,15 @@ class Trainer:
             self.module.load_state_dict(best_weights)
         self.module.eval()
         history = pd.DataFrame(state["history"])
-        if ckpt is not None:
+        if ckpt is not None and main:
             write_training_curves(history, ckpt, metric)
         if validate is not None and state["best"] is not None:
             log.info("%s: best %s %.5f at epoch %s (step %s, %.1fs); %d steps in %.1fs", cfg.desc, metric,
                      state["best"], state["best_epoch"], state["best_step"], state["seconds_to_best"], state["step"],
                      seconds)
         return TrainingResult(history, state["best"], state["best_step"], state["best_epoch"],
-                              state["seconds_to_best"], seconds, state["step"], stop, {"config": asdict(cfg)})
+                              state["seconds_to_best"], seconds, state["step"], stop,
+                              {"config": asdict(cfg), "world_size": parts})
 
 
 def keep_training_result(model: Any, result: TrainingResult) -> None:

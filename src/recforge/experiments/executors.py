@@ -1,0 +1,236 @@
+"""Where an experiment's trials run: in this process, in a local process pool, or on Ray (local or a cluster).
+
+Every executor keeps its workers for the whole experiment (started on first use, stopped by ``close``), so the
+cost of starting a worker and giving it the data is paid once, not once per batch of trials. Workers get the
+experiment's splits once: the process pool rebuilds them from the (seeded) config, Ray puts the driver's splits in
+its object store, from where every actor on every node reads them (numpy arrays without a copy on the same node).
+Results come back as trials finish, so each is saved at once and an interrupted run loses at most the running ones.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from typing import Any
+
+from recforge import split as S
+from recforge.errors import DataError, UnknownNameError
+
+log = logging.getLogger(__name__)
+
+Task = dict[str, Any]
+Result = dict[str, Any]
+BACKENDS = ("auto", "serial", "process", "ray")
+
+
+def ray_available() -> bool:
+    """True when Ray can be imported."""
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_backend(backend: str, workers: int, ray_address: str | None) -> str:
+    """The backend to use: ``auto`` means Ray when it is installed (or an address is given), the process pool
+    when it is not, and this process when one worker is asked for; a cluster address forces Ray."""
+    name = (backend or "auto").strip().lower()
+    if name not in BACKENDS:
+        raise UnknownNameError(f"unknown backend {backend!r}; available backends: {', '.join(BACKENDS)}")
+    if ray_address and name not in ("auto", "ray"):
+        raise DataError(f"--ray-address needs the ray backend, not {name!r}")
+    if name == "ray" or (name == "auto" and ray_address):
+        if not ray_available():
+            raise DataError("the ray backend needs Ray: pip install 'recforge[ray]' (or pip install ray)")
+        return "ray"
+    if name == "auto":
+        if workers <= 1:
+            return "serial"
+        return "ray" if ray_available() else "process"
+    return name
+
+
+def limit_threads(threads: int = 1) -> None:
+    """Cap BLAS, numba and torch threads in a worker: the workers are the parallelism, and N workers each
+    starting one thread per core would oversubscribe the machine."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(threads)
+    try:
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+    except (ImportError, ValueError):  # pragma: no cover
+        pass
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+class SerialExecutor:
+    """Runs trials one after another in this process (all cores to each trial's BLAS/numba/torch)."""
+
+    name = "serial"
+    workers = 1
+
+    def __init__(self, splits: list[S.Split], run: Callable[[Task, list[S.Split], int | None], Result],
+                 threads: int | None = None) -> None:
+        self._splits = splits
+        self._run = run
+        self._threads = threads
+
+    def map(self, tasks: list[Task]) -> Iterator[Result]:
+        """Results in task order, each as soon as it is computed."""
+        if not self._threads:
+            for task in tasks:
+                yield self._run(task, self._splits, None)
+            return
+        from threadpoolctl import threadpool_limits
+
+        from recforge.neural.device import torch_threads
+
+        for task in tasks:  # the cap also reaches BLAS calls of models without a num_threads parameter
+            with threadpool_limits(self._threads), torch_threads(self._threads):
+                result = self._run(task, self._splits, self._threads)
+            yield result
+
+    def close(self) -> None:
+        """Nothing to stop."""
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_process_worker(cfg_dict: dict[str, Any], threads: int) -> None:
+    from recforge.experiments.config import ExperimentConfig
+    from recforge.experiments.runner import _splits
+
+    limit_threads(threads)
+    _WORKER["splits"] = _splits(ExperimentConfig.from_dict(cfg_dict))
+    _WORKER["threads"] = threads
+
+
+def _run_in_process_worker(task: Task) -> Result:
+    from recforge.experiments.runner import run_task
+
+    return run_task(task, _WORKER["splits"], _WORKER["threads"])
+
+
+class ProcessExecutor:
+    """A local pool of ``workers`` spawned processes, started once per experiment, one thread each."""
+
+    name = "process"
+
+    def __init__(self, cfg_dict: dict[str, Any], workers: int, threads_per_worker: int = 1) -> None:
+        self.workers = workers
+        self._cfg = cfg_dict
+        self._threads = threads_per_worker
+        self._pool: ProcessPoolExecutor | None = None
+
+    def map(self, tasks: list[Task]) -> Iterator[Result]:
+        """Results in completion order."""
+        if self._pool is None:
+            # spawn, not fork: forking a process whose OpenMP/BLAS threads are running can deadlock the child
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=_init_process_worker, initargs=(self._cfg, self._threads))
+        pending: set[Future[Result]] = {self._pool.submit(_run_in_process_worker, t) for t in tasks}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                yield fut.result()
+
+    def close(self) -> None:
+        """Stop the pool's processes."""
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None
+
+
+class _RayTrialWorker:
+    """A Ray actor holding the splits; its ``run`` fits and scores one trial."""
+
+    def __init__(self, splits: list[S.Split], threads: int) -> None:
+        limit_threads(threads)
+        self._splits = splits
+        self._threads = threads
+
+    def run(self, task: Task) -> Result:
+        from recforge.experiments.runner import run_task
+
+        return run_task(task, self._splits, self._threads)
+
+
+class RayExecutor:
+    """Trials on Ray actors: a local Ray started for this run by default, or the cluster at ``address``
+    (``"auto"`` = the one this machine belongs to, ``ray://host:10001`` = a remote one). ``workers`` actors of
+    ``threads_per_worker`` CPUs each; without ``workers`` on a cluster, one actor per CPU of the cluster."""
+
+    name = "ray"
+
+    def __init__(self, splits: list[S.Split], workers: int | None, address: str | None = None,
+                 threads_per_worker: int = 1) -> None:
+        import ray
+
+        self._ray = ray
+        self._started = False
+        if not ray.is_initialized():
+            kwargs: dict[str, Any] = {"include_dashboard": False, "log_to_driver": False,
+                                      "logging_level": logging.WARNING}
+            address = address or os.environ.get("RAY_ADDRESS")
+            if address:
+                kwargs["address"] = address
+            else:  # a private local instance sized to the workers asked for
+                kwargs["num_cpus"] = max(1, (workers or os.cpu_count() or 1) * threads_per_worker)
+            # the workers import recforge from the same environment; keep Ray from shipping the working dir
+            ray.init(**kwargs)
+            self._started = True
+        if not workers:
+            workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads_per_worker)
+        self.workers = workers
+        actor = ray.remote(num_cpus=threads_per_worker)(_RayTrialWorker)
+        ref = ray.put(splits)
+        self._actors = [actor.remote(ref, threads_per_worker) for _ in range(workers)]
+        log.info("ray: %d trial workers on %s", workers, ray.get_runtime_context().gcs_address)
+
+    def map(self, tasks: list[Task]) -> Iterator[Result]:
+        """Results in completion order; every actor has one trial in flight, the next goes to whichever frees."""
+        ray = self._ray
+        queue = list(reversed(tasks))
+        running: dict[Any, Any] = {}
+        idle = list(self._actors)
+        while queue or running:
+            while queue and idle:
+                actor = idle.pop()
+                running[actor.run.remote(queue.pop())] = actor
+            done, _ = ray.wait(list(running), num_returns=1)
+            for ref in done:
+                idle.append(running.pop(ref))
+                yield ray.get(ref)
+
+    def close(self) -> None:
+        """Stop the actors (and the local Ray instance this executor started)."""
+        for actor in self._actors:
+            self._ray.kill(actor)
+        self._actors = []
+        if self._started:
+            self._ray.shutdown()
+
+
+def make_executor(backend: str, workers: int, splits: list[S.Split], cfg_dict: dict[str, Any],
+                  ray_address: str | None = None, threads_per_worker: int | None = None,
+                  ) -> SerialExecutor | ProcessExecutor | RayExecutor:
+    """The executor for ``backend`` (see :func:`resolve_backend`). ``threads_per_worker``: BLAS/numba/torch
+    threads of each trial (default: all cores in this process, 1 per pool or Ray worker)."""
+    from recforge.experiments.runner import run_task
+
+    name = resolve_backend(backend, workers, ray_address)
+    if name == "serial":
+        return SerialExecutor(splits, run_task, threads_per_worker)
+    threads = threads_per_worker or 1
+    if name == "process":
+        return ProcessExecutor(cfg_dict, max(1, workers), threads)
+    return RayExecutor(splits, workers if workers > 1 or not ray_address else None, ray_address, threads)
