@@ -233,4 +233,10 @@ def make_executor(backend: str, workers: int, splits: list[S.Split], cfg_dict: d
     threads = threads_per_worker or 1
     if name == "process":
         return ProcessExecutor(cfg_dict, max(1, workers), threads)
-    return RayExecutor(splits, workers if workers > 1 or not ray_address else None, ray_address, threads)
+    try:
+        return RayExecutor(splits, workers if workers > 1 or not ray_address else None, ray_address, threads)
+    except Exception as exc:  # Ray start-up failures come in many types
+        if backend != "auto" or ray_address:
+            raise
+        log.warning("could not start a local Ray (%s); running the trials in a process pool instead", exc)
+        return ProcessExecutor(cfg_dict, max(1, workers), threads)
