@@ -258,6 +258,20 @@ def temporal_split(
     return _parts(inter, label, "temporal")
 
 
+def warm_temporal_split(inter: Interactions, valid: float = 0.1, test: float = 0.1) -> Split:
+    """:func:`temporal_split` whose validation and test parts keep only users with training events, so every
+    scored user has a history before the cut (notebook 002's session protocol)."""
+    split = temporal_split(inter, valid, test)
+    known = np.zeros(inter.n_users, bool)
+    known[split.train.users] = True
+    valid_part = split.valid.subset(known[split.valid.users]) if split.valid is not None else None
+    warm_test = split.test.subset(known[split.test.users])
+    if len(warm_test) == 0:
+        raise EmptyDatasetError("no test user has training events; the temporal cut leaves nothing to score")
+    return Split(split.train, warm_test, valid_part if valid_part is not None and len(valid_part) else None,
+                 name="session")
+
+
 def next_event_samples(inter: Interactions, start: int, end: int | None = None) -> NextEventSamples:
     """Every event with ``start <= timestamp < end`` as one sample whose history is all of that user's earlier
     events (ordered by time, then item index), across train, validation and test alike."""

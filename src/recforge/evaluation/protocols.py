@@ -63,6 +63,12 @@ PROTOCOLS: dict[str, Protocol] = {
             lambda inter, seed=0: _cold_item_split(inter, seed),
             fit_on_valid=False,
         ),
+        Protocol(
+            "session",
+            "temporal 80/10/10 split (timestamp quantiles) whose validation and test keep only users with training "
+            "events: each user's later events are the targets of their earlier ones (notebook 002)",
+            lambda inter, seed=0: S.warm_temporal_split(inter, 0.1, 0.1),
+        ),
     ]
 }
 
@@ -97,7 +103,7 @@ def get_protocol(name: str) -> Protocol:
     aliases = {"leave-one-out": "loo", "leave-last-one-out": "loo", "time": "temporal", "user": "users"}
     key = aliases.get(key, key)
     if key not in PROTOCOLS:
-        known = ", ".join([*PROTOCOLS, *SEQUENCE_PROTOCOLS, FOLD_PROTOCOLS[0], "kfold[N]"])
+        known = ", ".join([*PROTOCOLS, *SEQUENCE_PROTOCOLS, FOLD_PROTOCOLS[0], "kfold[N]", "user-folds"])
         raise UnknownNameError(f"unknown protocol {name!r}; available protocols: {known}")
     return PROTOCOLS[key]
 
@@ -116,6 +122,12 @@ def make_splits(
 
         return load_movielens_folds(data)
     key = protocol.strip().lower()
+    if key in ("user-folds", "userfolds", "user-folds-last5"):  # notebook 001: LensKit partition_users + LastN(5)
+        if not isinstance(data, Interactions):
+            from recforge.data.datasets import load
+
+            data = load(data)
+        return list(S.user_folds_last_n(data, 5, 5, seed=seed))
     if key.startswith("kfold"):  # "kfold" (5 folds) or "kfold3", "kfold10", ...: seeded k-fold over rows
         digits = key[len("kfold"):].lstrip("-")
         if digits and not digits.isdigit():

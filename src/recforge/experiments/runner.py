@@ -61,9 +61,13 @@ def trial_id(model: str, params: dict[str, Any], part: str, split_index: int, se
 
 
 def _splits(cfg: ExperimentConfig) -> list[S.Split]:
-    from recforge.evaluation.protocols import make_splits
+    from recforge.evaluation.protocols import make_splits, sequence_protocol
+    from recforge.experiments.tasks import sequence_splits
 
     data = load_data(cfg) if cfg.protocol not in ("folds", "ml100k-folds", "official-folds") else cfg.dataset
+    seq = sequence_protocol(cfg.protocol)
+    if seq is not None:  # next-event / sequence-mrr: test events become next-item samples in _run_trial
+        return sequence_splits(data, seq, seed=cfg.seed)  # type: ignore[arg-type]
     return make_splits(data, cfg.protocol, seed=cfg.seed, merge_valid=False)  # type: ignore[arg-type]
 
 
@@ -85,6 +89,11 @@ def _run_trial(task: dict[str, Any], threads: int | None = None) -> dict[str, An
     """Fit and evaluate one trial; returns its record and per-user metrics."""
     from recforge.evaluation import evaluate
     from recforge.evaluation.cold_start import evaluate_cold_items
+    from recforge.experiments.tasks import (
+        RUNNER_SEQUENCE_PROTOCOLS,
+        evaluate_sequence_trial,
+        rating_user_metrics,
+    )
     from recforge.models import create_model, get_model_class
 
     cls = get_model_class(task["model"])
@@ -98,8 +107,14 @@ def _run_trial(task: dict[str, Any], threads: int | None = None) -> dict[str, An
     model.fit(task["train"], valid=valid) if cls.supports_validation and valid is not None else model.fit(task["train"])
     if task["split_name"] == "cold-items":
         res = evaluate_cold_items(model, S.Split(task["train"], task["test"], name="cold-items"), k=task["k"])
+    elif task["split_name"] in RUNNER_SEQUENCE_PROTOCOLS:
+        res = evaluate_sequence_trial(model, task["train"], task["test"], task["split_name"], task["k"])
     else:
         res = evaluate(model, task["test"], k=task["k"])
+        extra = rating_user_metrics(model, task["test"])
+        if extra is not None:  # rating models: rating-graded NDCG and the sums behind a user-level RMSE CI
+            res.per_user = res.per_user.merge(extra, on="user_id", how="left")
+            res.summary["rating_ndcg"] = float(extra["rating_ndcg"].mean())
     record = {"id": task["id"], "label": task["label"], "model": task["model"], "params": task["params"],
               "part": task["part"], "split": task["split_index"], "seconds": time.perf_counter() - start,
               "metrics": {k: float(v) for k, v in res.summary.items()}}
@@ -358,6 +373,14 @@ class ExperimentRunner:
         ks = cfg.k
         metrics = cfg.metrics or [f"ndcg@{ks[0]}", f"hr@{ks[0]}", f"recall@{ks[0]}", "mrr", f"coverage@{ks[0]}"]
         table = leaderboard(results, metrics=metrics, seed=cfg.seed)
+        if "rmse" in metrics and "rmse" in table.columns and "rmse_lo" not in table.columns:
+            from recforge.experiments.tasks import user_bootstrap_rmse
+
+            cis = [user_bootstrap_rmse(results[m].per_user, seed=cfg.seed) if "rating_sse" in results[m].per_user
+                   else (np.nan, np.nan) for m in table["model"]]
+            at = table.columns.get_loc("rmse") + 1
+            table.insert(at, "rmse_lo", [c[0] for c in cis])
+            table.insert(at + 1, "rmse_hi", [c[1] for c in cis])
         table.attrs["title"] = f"{cfg.name}: {cfg.protocol}"
         if self._main:
             save_leaderboard(table, self.out)
