@@ -6,8 +6,9 @@ Usage::
     python benchmarks/bench_parallel.py --backends serial,ray --repeats 1
 
 The experiment is the same config for every backend: ``kfold3`` on ML-100K (every row in one test fold) and three
-models with settings heavy enough to be worth distributing (BPR 300 epochs, pointwise MF 60 epochs, SASRec 8
-epochs). Each figure is the wall time of the whole ``run_experiment`` call into a fresh folder, including
+models. ``--grid sequential`` (default): SASRec, GRU4Rec and BERT4Rec, 10 epochs each, nine trials of about
+40 s on one thread. ``--grid mixed``: BPR 300 epochs, pointwise MF 60 epochs and SASRec 8 epochs, three long trials
+and six short ones. Each figure is the wall time of the whole ``run_experiment`` call into a fresh folder, including
 starting and stopping the workers (and Ray itself), and reading the data. Two serial baselines:
 
 - ``serial``: one trial at a time with every core to each trial (BLAS, numba and torch threads), what a user gets
@@ -15,7 +16,7 @@ starting and stopping the workers (and Ray itself), and reading the data. Two se
 - ``serial-1t``: one trial at a time with one thread, the same per-trial resources as each parallel worker.
 
 The median of ``--repeats`` runs is reported, with the ratio to both baselines. Results:
-``benchmarks/results/parallel.json``.
+``benchmarks/results/parallel_<grid>.json``.
 """
 
 from __future__ import annotations
@@ -32,26 +33,33 @@ HERE = Path(__file__).resolve().parent
 ML100K = HERE.parents[1] / "shared" / "data" / "ml-100k"
 
 
-def config(data: str) -> dict:
-    return {"name": "parallel-3x3", "dataset": data, "protocol": "kfold3", "k": [10], "seed": 0,
-            "models": [{"name": "bpr", "params": {"epochs": 300}},
-                       {"name": "pointwise", "params": {"epochs": 60}},
-                       {"name": "sasrec", "params": {"epochs": 8}}]}
+GRIDS = {
+    "sequential": [{"name": "sasrec", "params": {"epochs": 10}}, {"name": "gru4rec", "params": {"epochs": 10}},
+                   {"name": "bert4rec", "params": {"epochs": 10}}],
+    "mixed": [{"name": "bpr", "params": {"epochs": 300}}, {"name": "pointwise", "params": {"epochs": 60}},
+              {"name": "sasrec", "params": {"epochs": 8}}],
+}
+
+
+def config(data: str, grid: str) -> dict:
+    return {"name": f"parallel-3x3-{grid}", "dataset": data, "protocol": "kfold3", "k": [10], "seed": 0,
+            "models": GRIDS[grid]}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(ML100K), help="the ml-100k folder (or any dataset name/path)")
+    p.add_argument("--grid", choices=sorted(GRIDS), default="sequential")
     p.add_argument("--backends", default="serial,serial-1t,ray,process")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--out", default=str(HERE / "results" / "parallel.json"))
+    p.add_argument("--out", default=None, help="default: benchmarks/results/parallel_<grid>.json")
     args = p.parse_args()
 
     from recforge.experiments import ExperimentConfig, run_experiment
     from recforge.experiments.executors import ray_available
 
-    cfg = ExperimentConfig.from_dict(config(args.data))
+    cfg = ExperimentConfig.from_dict(config(args.data, args.grid))
     runs: dict[str, list[float]] = {}
     ndcg: dict[str, float] = {}
     for backend in [b.strip() for b in args.backends.split(",")]:
@@ -72,16 +80,17 @@ def main() -> None:
             shutil.rmtree(folder, ignore_errors=True)
             print(f"{backend}: {runs[backend][-1]:.1f} s", flush=True)
     med = {b: median(v) for b, v in runs.items()}
-    print(f"\n3 models × 3 folds on {Path(args.data).name}, {args.workers} workers, median of {args.repeats}\n")
+    print(f"\n{args.grid} grid, 3 models × 3 folds on {Path(args.data).name}, {args.workers} workers, "
+          f"median of {args.repeats}\n")
     print("| backend | wall s | vs serial | vs serial-1t | best NDCG@10 |")
     print("|---|---:|---:|---:|---:|")
     for b, sec in med.items():
         r1 = f"{sec / med['serial']:.2f}" if "serial" in med else "-"
         r2 = f"{sec / med['serial-1t']:.2f}" if "serial-1t" in med else "-"
         print(f"| {b} | {sec:.1f} | {r1} | {r2} | {ndcg[b]:.4f} |")
-    out = Path(args.out)
+    out = Path(args.out or HERE / "results" / f"parallel_{args.grid}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"config": config(args.data), "workers": args.workers, "runs": runs, "median": med,
+    out.write_text(json.dumps({"config": config(args.data, args.grid), "workers": args.workers, "runs": runs, "median": med,
                                "best_ndcg@10": ndcg}, indent=1))
 
 

@@ -80,6 +80,17 @@ def _materialise(task: dict[str, Any], splits: list[S.Split]) -> dict[str, Any]:
     return {**task, "train": train, "test": split.test, "valid": None, "split_name": split.name}
 
 
+def _expected_cost(task: dict[str, Any]) -> int:
+    """A rough rank of a trial's duration for scheduling: models trained by the neural trainer first (they take
+    the longest), then models trained for epochs, then closed-form and neighbourhood models; test refits on more
+    data before validation trials."""
+    from recforge.models import get_model_class
+
+    names = set(get_model_class(task["model"])._param_names())
+    rank = 2 if {"batch_size", "patience"} <= names else 1 if {"epochs", "iterations"} & names else 0
+    return 2 * rank + (task["part"] != "select")
+
+
 def run_task(task: dict[str, Any], splits: list[S.Split], threads: int | None = None) -> dict[str, Any]:
     """Run one trial description (model, params, part, split index) against the experiment's splits."""
     return _run_trial(_materialise(task, splits), threads)
@@ -191,6 +202,8 @@ class ExperimentRunner:
                 todo.append(task)
         if todo:
             executor = self._executor()
+            if executor.workers > 1:  # longest first: a long trial started last would leave the others idle
+                todo.sort(key=_expected_cost, reverse=True)
             bar = tqdm(total=len(todo), desc=f"{self.cfg.name} trials ({executor.name})", disable=not self.progress)
             for res in executor.map(todo):
                 self._save(res)
