@@ -86,6 +86,17 @@ def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert E.resolve_backend("auto", 2, None) == "ray"  # Ray by default when installed
 
 
+def test_parallel_trials_are_scheduled_longest_first() -> None:
+    from recforge.experiments.runner import _expected_cost
+
+    def task(model: str, part: str = "select") -> dict:
+        return {"model": model, "part": part}
+
+    # neural trainer > epoch-trained > closed form; a test refit before a validation trial of the same model
+    order = [task("sasrec", "test"), task("sasrec"), task("bpr"), task("ease")]
+    assert sorted(order[::-1], key=_expected_cost, reverse=True) == order
+
+
 def test_search_prunes_neural_trials_through_trainer_callbacks(tmp_path: Path) -> None:
     pytest.importorskip("optuna")
     sasrec = {"name": "sasrec", "params": {"epochs": 6, "n_factors": 16, "max_len": 10, "patience": 0,

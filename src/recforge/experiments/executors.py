@@ -185,7 +185,6 @@ class RayExecutor:
                 kwargs["address"] = address
             else:  # a private local instance sized to the workers asked for
                 kwargs["num_cpus"] = max(1, (workers or os.cpu_count() or 1) * threads_per_worker)
-            # the workers import recforge from the same environment; keep Ray from shipping the working dir
             ray.init(**kwargs)
             self._started = True
         if not workers:
