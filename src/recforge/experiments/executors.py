@@ -185,6 +185,9 @@ class RayExecutor:
                 kwargs["address"] = address
             else:  # a private local instance sized to the workers asked for
                 kwargs["num_cpus"] = max(1, (workers or os.cpu_count() or 1) * threads_per_worker)
+                # Ray turns token auth on for new local instances (the safe default, kept) and warns that it did
+                # on every start; for an instance private to this run that warning is only noise
+                logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
             ray.init(**kwargs)
             self._started = True
         if not workers:
