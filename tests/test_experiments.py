@@ -88,6 +88,17 @@ def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert E.resolve_backend("auto", 2, None) == "ray"  # Ray by default when installed
 
 
+def test_ray_address_variable_works_like_the_flag(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from recforge.experiments import executors as E
+    from recforge.experiments.runner import ExperimentRunner
+
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    monkeypatch.setattr(E, "ray_available", lambda: False)
+    with pytest.raises(DataError, match="needs Ray"):  # one worker, auto: the cluster, not a serial run here
+        ExperimentRunner(config(), tmp_path)
+    assert ExperimentRunner(config(), tmp_path, backend="process").ray_address is None  # an explicit pool wins
+
+
 def test_parallel_trials_are_scheduled_longest_first() -> None:
     from recforge.experiments.runner import _expected_cost
 

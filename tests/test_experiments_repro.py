@@ -4,6 +4,7 @@ sequence MRR and rating metrics with user-level RMSE intervals (004), all throug
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 
 from recforge import split as S
 from recforge.data import Interactions
+from recforge.errors import DataError
 from recforge.evaluation.next_event import sequence_windows
 from recforge.evaluation.protocols import compare, make_splits
 from recforge.experiments import ExperimentConfig, run_experiment
@@ -143,3 +145,22 @@ def test_run_session_protocol_map_matches_the_notebook_definition(tmp_path: Path
 def test_reproduction_configs_are_valid(path: Path) -> None:
     cfg = ExperimentConfig.from_file(path)
     assert cfg.name.startswith("nb00") and cfg.metrics
+
+
+def test_error_metrics_are_tuned_downwards(tmp_path: Path) -> None:
+    # a huge regulariser pulls every prediction to the global mean: the worse RMSE, which must not be kept
+    grid = {"name": "bias", "grid": {"item_reg": [1.0, 1e6], "user_reg": [1.0, 1e6]}}
+    cfg = config("loo", [grid], metrics=["rmse"], select_metric="rmse")
+    run_experiment(cfg, tmp_path / "rmse", progress=False)
+    trials = pd.read_csv(tmp_path / "rmse" / "trials.csv")
+    select = trials[trials["part"] == "select"].set_index("params")["rmse"]
+    chosen = json.loads((tmp_path / "rmse" / "selected_params.json").read_text())["bias"]
+    assert json.dumps(chosen, sort_keys=True) == select.idxmin() != select.idxmax()
+
+
+def test_select_metric_that_is_never_computed_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="cut-off in k"):
+        config("loo", ["pop"], k=[20])  # the default select_metric is ndcg@10
+    cfg = config("loo", [{"name": "ease", "grid": {"reg": [1.0, 10.0]}}], select_metric="nonsense")
+    with pytest.raises(DataError, match="'nonsense' was not computed.*ndcg@10"):
+        run_experiment(cfg, tmp_path / "bad", progress=False)

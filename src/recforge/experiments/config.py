@@ -110,6 +110,9 @@ class ExperimentConfig:
         for name in cfg.filters:
             if name not in FILTERS:
                 raise DataError(f"unknown filter {name!r}; available filters: {list(FILTERS)}")
+        at = cfg.select_metric.partition("@")[2]
+        if at and (not at.isdigit() or int(at) not in cfg.k):
+            raise DataError(f"select_metric {cfg.select_metric!r} needs its cut-off in k, but k is {cfg.k}")
         if isinstance(cfg.workers, bool) or not isinstance(cfg.workers, int) or cfg.workers < 1:
             raise DataError(f"workers must be a positive integer, got {cfg.workers!r}")
         search = cfg.search or {}

@@ -145,6 +145,8 @@ class ExperimentRunner:
         self.workers = workers or cfg.workers
         self.progress = progress
         self.backend = backend
+        if ray_address is None and (backend or "auto").strip().lower() in ("auto", "ray"):
+            ray_address = os.environ.get("RAY_ADDRESS") or None  # as documented: the variable works like the flag
         self.ray_address = ray_address
         self.threads_per_worker = threads_per_worker
         resolve_backend(backend, self.workers, ray_address)  # a bad name or a missing Ray fails before any work
@@ -244,8 +246,8 @@ class ExperimentRunner:
         if prune:
             pruner = (optuna.pruners.HyperbandPruner() if search.get("pruner") == "hyperband"
                       else optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2))
-        study = optuna.create_study(direction="maximize", sampler=optuna.samplers.TPESampler(seed=cfg.seed),
-                                    pruner=pruner)
+        study = optuna.create_study(direction="minimize" if self._minimise else "maximize",
+                                    sampler=optuna.samplers.TPESampler(seed=cfg.seed), pruner=pruner)
         runs: list[dict[str, Any]] = []
 
         def objective(trial: Any) -> float:
@@ -266,7 +268,21 @@ class ExperimentRunner:
             return float(np.mean([d["record"]["metrics"].get(cfg.select_metric, np.nan) for d in done]))
 
         study.optimize(objective, n_trials=search.get("n_trials", 20), timeout=search.get("timeout"))
+        if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
+            raise DataError(self._missing_metric_message(runs, spec.display))
         return {**spec.params, **study.best_params}, runs
+
+    @property
+    def _minimise(self) -> bool:
+        """Whether the selection metric is an error (RMSE, MAE), where lower is better."""
+        from recforge.evaluation.report import LOWER_IS_BETTER
+
+        return self.cfg.select_metric.split("@")[0] in LOWER_IS_BETTER
+
+    def _missing_metric_message(self, runs: list[dict[str, Any]], label: str) -> str:
+        names = sorted({m for r in runs if r["record"]["label"] == label for m in r["record"]["metrics"]})
+        return (f"select_metric {self.cfg.select_metric!r} was not computed for model {label!r} on validation "
+                f"(check k: {self.cfg.k}); computed metrics: {names or 'none'}")
 
     def _run_pruned(self, tasks: list[dict[str, Any]], trial: Any, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Run one search trial's tasks here, reporting the first split's validation curve to the pruner; every
@@ -365,7 +381,10 @@ class ExperimentRunner:
                 vals = [r["record"]["metrics"].get(cfg.select_metric, np.nan) for r in selected
                         if r["record"]["label"] == spec.display and r["record"]["params"] == params]
                 scores.append(float(np.mean(vals)))
-            best[spec.display] = combos[int(np.nanargmax(scores))]
+            if np.isnan(scores).all():
+                raise DataError(self._missing_metric_message(selected, spec.display))
+            pick = np.nanargmin if self._minimise else np.nanargmax
+            best[spec.display] = combos[int(pick(scores))]
         final = self._run([task(spec, best[spec.display], "test", i, split)
                            for spec in cfg.models for i, split in enumerate(splits)])
         rows = [{"label": r["record"]["label"], "part": r["record"]["part"], "split": r["record"]["split"],
