@@ -156,6 +156,27 @@ def test_optuna_search_on_validation_is_seeded_and_resumable(tmp_path: Path) -> 
         config(models=[{"name": "ease", "grid": {"reg": [1.0]}, "space": {"reg": {"low": 1, "high": 2}}}])
 
 
+def test_search_batches_run_together_and_do_not_depend_on_workers(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("optuna")
+    from recforge.experiments.runner import ExperimentRunner
+
+    cfg = config(models=[{"name": "ease", "space": {"reg": {"low": 1.0, "high": 3000.0, "log": True}}}],
+                 search={"n_trials": 5, "batch": 3})
+    sizes: list[int] = []
+    run = ExperimentRunner._run
+    monkeypatch.setattr(ExperimentRunner, "_run", lambda self, tasks: sizes.append(len(tasks)) or run(self, tasks))
+    serial = run_experiment(cfg, tmp_path / "s", progress=False)
+    assert sizes == [0, 3, 2, 1]  # no grid; two search batches of the 5 trials (one split each); the test refit
+    pooled = run_experiment(cfg, tmp_path / "p", workers=2, backend="process", progress=False)
+    pd.testing.assert_frame_equal(serial.drop(columns="fit_seconds"), pooled.drop(columns="fit_seconds"))
+    timed = config(models=cfg.to_dict()["models"], search={"n_trials": None, "timeout": 0.5})
+    run_experiment(timed, tmp_path / "t", progress=False)  # a budget in time only
+    assert (pd.read_csv(tmp_path / "t" / "trials.csv")["part"] == "select").sum() >= 1
+    with pytest.raises(DataError, match="search.batch"):
+        config(search={"batch": 0})
+
+
 def test_kfold_protocol_gives_every_row_one_test_fold(tmp_path: Path) -> None:
     from recforge.data.datasets import load
     from recforge.evaluation.protocols import make_splits

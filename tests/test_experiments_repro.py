@@ -160,7 +160,8 @@ def test_error_metrics_are_tuned_downwards(tmp_path: Path) -> None:
 
 def test_select_metric_that_is_never_computed_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="cut-off in k"):
-        config("loo", ["pop"], k=[20])  # the default select_metric is ndcg@10
+        config("loo", [{"name": "ease", "grid": {"reg": [1.0, 10.0]}}], k=[20])  # the default is ndcg@10
+    config("loo", ["pop"], k=[20])  # nothing to tune: select_metric is not used
     cfg = config("loo", [{"name": "ease", "grid": {"reg": [1.0, 10.0]}}], select_metric="nonsense")
     with pytest.raises(DataError, match="'nonsense' was not computed.*ndcg@10"):
         run_experiment(cfg, tmp_path / "bad", progress=False)

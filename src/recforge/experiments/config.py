@@ -24,7 +24,8 @@ class ModelSpec:
     """One model of an experiment: registry ``name``, fixed ``params``, and either a ``grid`` of values (every
     combination is a trial) or a search ``space`` for Optuna (``{"reg": {"low": 1, "high": 1000, "log": true},
     "n_factors": {"choices": [32, 64]}, "epochs": {"low": 5, "high": 50, "int": true}}``), searched for
-    ``search.n_trials`` trials / ``search.timeout`` seconds. The best on ``select_metric`` (validation) is kept.
+    ``search.n_trials`` trials / ``search.timeout`` seconds (``n_trials: null`` with a timeout: time only),
+    ``search.batch`` proposals at a time. The best on ``select_metric`` (validation) is kept.
     Models trained by the neural trainer report their validation score every epoch, and ``search.pruner``
     (``median``, the default, ``hyperband`` or ``none``) stops unpromising trials early."""
 
@@ -111,14 +112,21 @@ class ExperimentConfig:
             if name not in FILTERS:
                 raise DataError(f"unknown filter {name!r}; available filters: {list(FILTERS)}")
         at = cfg.select_metric.partition("@")[2]
-        if at and (not at.isdigit() or int(at) not in cfg.k):
+        tuned = any(len(m.combinations()) > 1 or m.space for m in models)
+        if tuned and at and (not at.isdigit() or int(at) not in cfg.k):  # untuned configs never use it
             raise DataError(f"select_metric {cfg.select_metric!r} needs its cut-off in k, but k is {cfg.k}")
         if isinstance(cfg.workers, bool) or not isinstance(cfg.workers, int) or cfg.workers < 1:
             raise DataError(f"workers must be a positive integer, got {cfg.workers!r}")
         search = cfg.search or {}
-        extra = sorted(set(search) - {"n_trials", "timeout", "pruner"})
+        extra = sorted(set(search) - {"n_trials", "timeout", "pruner", "batch"})
         if extra:
-            raise DataError(f"search has unknown field(s) {extra}; use n_trials, timeout, pruner")
+            raise DataError(f"search has unknown field(s) {extra}; use n_trials, timeout, pruner, batch")
+        for key in ("n_trials", "batch"):
+            value = search.get(key, 1)
+            if key == "n_trials" and value is None and search.get("timeout"):
+                continue  # a budget in time only
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise DataError(f"search.{key} must be a positive integer, got {value!r}")
         if search.get("pruner", "median") not in PRUNERS:
             raise DataError(f"search.pruner must be one of {list(PRUNERS)}, got {search['pruner']!r}")
         return cfg

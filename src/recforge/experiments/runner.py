@@ -231,7 +231,9 @@ class ExperimentRunner:
 
         Models trained by the neural trainer are pruned: their trials run in this process, the trainer reports
         the validation score after every epoch of the first split, and the pruner stops trials that fall behind
-        (a pruned trial is saved with its curve, so a resumed search replays it to the pruner)."""
+        (a pruned trial is saved with its curve, so a resumed search replays it to the pruner). Other models take
+        ``search.batch`` proposals at a time and run them (and their splits) together on the workers; the batch
+        size, not the number of workers, shapes the sampler's sequence, so the numbers do not depend on workers."""
         try:
             import optuna
         except ImportError:
@@ -250,7 +252,7 @@ class ExperimentRunner:
                                     sampler=optuna.samplers.TPESampler(seed=cfg.seed), pruner=pruner)
         runs: list[dict[str, Any]] = []
 
-        def objective(trial: Any) -> float:
+        def suggest(trial: Any) -> dict[str, Any]:
             params = dict(spec.params)
             for pname, dist in sorted(spec.space.items()):
                 if "choices" in dist:
@@ -259,15 +261,40 @@ class ExperimentRunner:
                     params[pname] = trial.suggest_int(pname, int(dist["low"]), int(dist["high"]), log=bool(dist.get("log")))
                 else:
                     params[pname] = trial.suggest_float(pname, float(dist["low"]), float(dist["high"]), log=bool(dist.get("log")))
-            tasks = [task(spec, params, "select", i, split) for i, split in enumerate(splits)]
-            if prune:
-                done = self._run_pruned(tasks, trial, runs)
-            else:
-                done = self._run(tasks)
-                runs.extend(done)
+            return params
+
+        def score(done: list[dict[str, Any]]) -> float:
             return float(np.mean([d["record"]["metrics"].get(cfg.select_metric, np.nan) for d in done]))
 
-        study.optimize(objective, n_trials=search.get("n_trials", 20), timeout=search.get("timeout"))
+        # ask/tell rather than study.optimize: a batch of proposals runs at once on the workers, and under torchrun
+        # rank 0 alone decides whether time is left, so every rank runs the same trials
+        from recforge.neural import distributed as D
+
+        n_trials, timeout = search.get("n_trials", 20), search.get("timeout")
+        n_trials = int(n_trials) if n_trials is not None else np.inf
+        batch = 1 if prune else int(search.get("batch", 1))
+        started, asked = time.monotonic(), 0
+        while asked < n_trials and D.broadcast_object(timeout is None or time.monotonic() - started < timeout):
+            trials = [study.ask() for _ in range(int(min(batch, n_trials - asked)))]
+            asked += len(trials)
+            proposals = [suggest(trial) for trial in trials]
+            tasks = [[task(spec, params, "select", i, split) for i, split in enumerate(splits)] for params in proposals]
+            if prune:
+                try:
+                    values = [score(self._run_pruned(tasks[0], trials[0], runs))]
+                except optuna.TrialPruned:
+                    study.tell(trials[0], state=optuna.trial.TrialState.PRUNED)
+                    continue
+            else:
+                done = self._run([t for group in tasks for t in group])
+                runs.extend(done)
+                by_id = {d["record"]["id"]: d for d in done}
+                values = [score([by_id[t["id"]] for t in group]) for group in tasks]
+            for trial, value in zip(trials, values):
+                if np.isfinite(value):
+                    study.tell(trial, value)
+                else:
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
         if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
             raise DataError(self._missing_metric_message(runs, spec.display))
         return {**spec.params, **study.best_params}, runs
