@@ -177,6 +177,18 @@ def test_search_batches_run_together_and_do_not_depend_on_workers(tmp_path: Path
         config(search={"batch": 0})
 
 
+def test_two_labels_of_one_model_share_trials_but_both_are_reported(tmp_path: Path) -> None:
+    models = [{"name": "ease", "label": "ease-a", "grid": {"reg": [1.0, 1000.0]}},
+              {"name": "ease", "label": "ease-b", "grid": {"reg": [1000.0, 3000.0]}}]
+    table = run_experiment(config(models=models), tmp_path / "l", progress=False).set_index("model")
+    assert set(table.index) == {"ease-a", "ease-b"}
+    select = pd.read_csv(tmp_path / "l" / "trials.csv").query("part == 'select'")
+    assert len(select) == 3  # reg=1000 ran once for both labels
+    chosen = json.loads((tmp_path / "l" / "selected_params.json").read_text())
+    best = json.loads(select.set_index("params")["ndcg@10"].idxmax())["reg"]
+    assert chosen["ease-a"]["reg"] == best or chosen["ease-b"]["reg"] == best
+
+
 def test_kfold_protocol_gives_every_row_one_test_fold(tmp_path: Path) -> None:
     from recforge.data.datasets import load
     from recforge.evaluation.protocols import make_splits

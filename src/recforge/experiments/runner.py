@@ -6,7 +6,7 @@ Results folder::
     environment.json     versions, platform, CPU count
     trials/<id>.json     one finished trial: what ran, its metrics, seconds (written atomically)
     trials/<id>.csv      its per-user metrics (for confidence intervals and paired tests)
-    trials.csv           every trial in one table
+    trials.csv           every distinct trial in one table (a trial two labels or two search proposals share, once)
     leaderboard.{md,csv,png}  the final models with 95% bootstrap CIs and paired tests against the best
 
 With a validation part (e.g. ``loo``, ``temporal``) every grid point is fitted on train and scored on validation;
@@ -296,7 +296,7 @@ class ExperimentRunner:
                 else:
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
         if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
-            raise DataError(self._missing_metric_message(runs, spec.display))
+            raise DataError(self._missing_metric_message(runs, spec))
         return {**spec.params, **study.best_params}, runs
 
     @property
@@ -306,9 +306,9 @@ class ExperimentRunner:
 
         return self.cfg.select_metric.split("@")[0] in LOWER_IS_BETTER
 
-    def _missing_metric_message(self, runs: list[dict[str, Any]], label: str) -> str:
-        names = sorted({m for r in runs if r["record"]["label"] == label for m in r["record"]["metrics"]})
-        return (f"select_metric {self.cfg.select_metric!r} was not computed for model {label!r} on validation "
+    def _missing_metric_message(self, runs: list[dict[str, Any]], spec: ModelSpec) -> str:
+        names = sorted({m for r in runs if r["record"]["model"] == spec.name for m in r["record"]["metrics"]})
+        return (f"select_metric {self.cfg.select_metric!r} was not computed for model {spec.display!r} on validation "
                 f"(check k: {self.cfg.k}); computed metrics: {names or 'none'}")
 
     def _run_pruned(self, tasks: list[dict[str, Any]], trial: Any, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -406,22 +406,26 @@ class ExperimentRunner:
             scores = []
             for params in combos:
                 vals = [r["record"]["metrics"].get(cfg.select_metric, np.nan) for r in selected
-                        if r["record"]["label"] == spec.display and r["record"]["params"] == params]
+                        if r["record"]["model"] == spec.name and r["record"]["params"] == params]
                 scores.append(float(np.mean(vals)))
             if np.isnan(scores).all():
-                raise DataError(self._missing_metric_message(selected, spec.display))
+                raise DataError(self._missing_metric_message(selected, spec))
             pick = np.nanargmin if self._minimise else np.nanargmax
             best[spec.display] = combos[int(pick(scores))]
         final = self._run([task(spec, best[spec.display], "test", i, split)
                            for spec in cfg.models for i, split in enumerate(splits)])
+        # by position, not by the label saved in the record: two labels with the same model and parameters share
+        # one trial (same id), whose record carries only one of the labels
+        by_label = {spec.display: final[j * len(splits):(j + 1) * len(splits)] for j, spec in enumerate(cfg.models)}
         rows = [{"label": r["record"]["label"], "part": r["record"]["part"], "split": r["record"]["split"],
                  "params": json.dumps(r["record"]["params"], sort_keys=True), "seconds": r["record"].get("seconds"),
-                 "pruned": bool(r["record"].get("pruned")), **r["record"]["metrics"]} for r in selected + final]
+                 "pruned": bool(r["record"].get("pruned")), **r["record"]["metrics"]}
+                for r in {r["record"]["id"]: r for r in selected + final}.values()]  # a shared trial once
         if self._main:  # every rank computes the report, rank 0 writes it
             write_table(pd.DataFrame(rows), self.out / "trials.csv")
         results = {}
         for spec in cfg.models:
-            parts = [r for r in final if r["record"]["label"] == spec.display]
+            parts = by_label[spec.display]
             per_user = pd.concat([p["per_user"] for p in parts], ignore_index=True)
             summary = {k: float(np.mean([p["record"]["metrics"][k] for p in parts]))
                        for k in parts[0]["record"]["metrics"]}
