@@ -165,3 +165,10 @@ def test_select_metric_that_is_never_computed_is_a_clear_error(tmp_path: Path) -
     cfg = config("loo", [{"name": "ease", "grid": {"reg": [1.0, 10.0]}}], select_metric="nonsense")
     with pytest.raises(DataError, match="'nonsense' was not computed.*ndcg@10"):
         run_experiment(cfg, tmp_path / "bad", progress=False)
+
+
+def test_official_folds_protocol_refuses_filters(tmp_path: Path) -> None:
+    cfg = ExperimentConfig.from_dict({"name": "f", "dataset": str(tmp_path / "ml-100k"), "protocol": "folds",
+                                      "filters": {"deduplicate": "last"}, "models": ["pop"]})
+    with pytest.raises(DataError, match="official u1..u5 files as they are"):
+        run_experiment(cfg, tmp_path / "f", progress=False)

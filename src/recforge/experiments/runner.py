@@ -64,7 +64,13 @@ def _splits(cfg: ExperimentConfig) -> list[S.Split]:
     from recforge.evaluation.protocols import make_splits, sequence_protocol
     from recforge.experiments.tasks import sequence_splits
 
-    data = load_data(cfg) if cfg.protocol not in ("folds", "ml100k-folds", "official-folds") else cfg.dataset
+    if cfg.protocol in ("folds", "ml100k-folds", "official-folds"):  # the official files, read as they are
+        if cfg.filters or not isinstance(cfg.dataset, str):
+            raise DataError(f"protocol {cfg.protocol!r} reads ML-100K's official u1..u5 files as they are: give "
+                            "'dataset' as the ml-100k folder or zip (a string) and no 'filters'")
+        data: Any = cfg.dataset
+    else:
+        data = load_data(cfg)
     seq = sequence_protocol(cfg.protocol)
     if seq is not None:  # next-event / sequence-mrr: test events become next-item samples in _run_trial
         return sequence_splits(data, seq, seed=cfg.seed)  # type: ignore[arg-type]
@@ -325,9 +331,17 @@ class ExperimentRunner:
             if done is None:
                 curve: list[float] = []
 
-                def report(row: dict[str, Any], curve: list[float] = curve, first: bool = i == 0) -> None:
-                    value = row.get(metric, next((v for k, v in row.items() if k.startswith("valid_")), None))
-                    if value is None or not first:
+                def report(row: dict[str, Any], curve: list[float] = curve, first: bool = i == 0,
+                           model: str = t["model"]) -> None:
+                    if not first:
+                        return
+                    value = row.get(metric)
+                    if value is None:  # the trainer validates on its own metric: prune on that, and say so
+                        key, value = next(((k, v) for k, v in row.items() if k.startswith("valid_")), (None, None))
+                        if key is not None and not curve:
+                            log.warning("%s reports no %s while training; pruning follows %s instead",
+                                        model, metric, key)
+                    if value is None:
                         return
                     curve.append(float(value))
                     trial.report(float(value), len(curve))
