@@ -189,6 +189,20 @@ def test_two_labels_of_one_model_share_trials_but_both_are_reported(tmp_path: Pa
     assert chosen["ease-a"]["reg"] == best or chosen["ease-b"]["reg"] == best
 
 
+def test_a_finished_search_can_be_extended_in_place(tmp_path: Path) -> None:
+    pytest.importorskip("optuna")
+    space = [{"name": "ease", "space": {"reg": {"low": 1.0, "high": 3000.0, "log": True}}}]
+    out = tmp_path / "x"
+    run_experiment(config(models=space, search={"n_trials": 3}), out, progress=False)
+    stamps = {f.name: f.stat().st_mtime_ns for f in (out / "trials").glob("*.json")}
+    run_experiment(config(models=space, search={"n_trials": 5}, workers=2), out, backend="serial", progress=False)
+    trials = pd.read_csv(out / "trials.csv")
+    assert (trials["part"] == "select").sum() == 5
+    assert all((out / "trials" / name).stat().st_mtime_ns == ns for name, ns in stamps.items())  # retraced, not rerun
+    env = json.loads((out / "environment.json").read_text())
+    assert "python" in env and len(env["resumed"]) == 1  # the first run's machine, then the resume's
+
+
 def test_kfold_protocol_gives_every_row_one_test_fold(tmp_path: Path) -> None:
     from recforge.data.datasets import load
     from recforge.evaluation.protocols import make_splits

@@ -60,6 +60,13 @@ def trial_id(model: str, params: dict[str, Any], part: str, split_index: int, se
     return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
 
 
+def _results_identity(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The part of a resolved config that fixes the trials' numbers: the worker count and the search budget
+    (trials, time) may change between a run and its resume, so a finished search can be extended."""
+    search = {k: v for k, v in (cfg.get("search") or {}).items() if k not in ("n_trials", "timeout")}
+    return {**{k: v for k, v in cfg.items() if k != "workers"}, "search": search}
+
+
 def _splits(cfg: ExperimentConfig) -> list[S.Split]:
     from recforge.evaluation.protocols import make_splits, sequence_protocol
     from recforge.experiments.tasks import sequence_splits
@@ -165,17 +172,21 @@ class ExperimentRunner:
         if not self._main:
             return
         (self.out / "trials").mkdir(parents=True, exist_ok=True)
-        resolved = self.cfg.to_dict()
+        resolved = json.loads(json.dumps(self.cfg.to_dict(), default=str))
         existing = self.out / "config.json"
+        env = environment()
+        env_path = self.out / "environment.json"
         if existing.exists():
-            old = json.loads(existing.read_text())
-            if old != json.loads(json.dumps(resolved, default=str)):
+            if _results_identity(json.loads(existing.read_text())) != _results_identity(resolved):
                 raise DataError(f"{str(self.out)!r} holds results of a different experiment config; use another "
                                 "--out folder (or delete it) to start afresh")
+            if env_path.exists():  # keep what the first run ran on; later runs are listed after it
+                first = json.loads(env_path.read_text())
+                env = {**first, "resumed": [*first.get("resumed", []), env]}
         with atomic_path(existing) as tmp:
-            tmp.write_text(json.dumps(resolved, indent=2, default=str))
-        with atomic_path(self.out / "environment.json") as tmp:
-            tmp.write_text(json.dumps(environment(), indent=2))
+            tmp.write_text(json.dumps(resolved, indent=2))
+        with atomic_path(env_path) as tmp:
+            tmp.write_text(json.dumps(env, indent=2))
 
     def _done(self, tid: str) -> dict[str, Any] | None:
         from recforge.neural.distributed import broadcast_object
