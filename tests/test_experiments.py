@@ -111,6 +111,14 @@ def test_parallel_trials_are_scheduled_longest_first() -> None:
     assert sorted(shuffled, key=_expected_cost, reverse=True) == order
 
 
+def test_only_models_trained_by_the_neural_trainer_are_pruned() -> None:
+    from recforge.models import available_models, get_model_class
+
+    pruned = {n for n in available_models() if get_model_class(n).uses_trainer}
+    assert pruned == {"bert4rec", "gru4rec", "pooling", "sasrec", "twotower"}
+    assert get_model_class("scoreblend").supports_validation  # validates, but reports no epochs: not pruned
+
+
 def test_search_prunes_neural_trials_through_trainer_callbacks(tmp_path: Path) -> None:
     pytest.importorskip("optuna")
     sasrec = {"name": "sasrec", "params": {"epochs": 6, "n_factors": 16, "max_len": 10, "patience": 0,

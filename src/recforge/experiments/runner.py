@@ -99,8 +99,8 @@ def _expected_cost(task: dict[str, Any]) -> int:
     data before validation trials."""
     from recforge.models import get_model_class
 
-    names = set(get_model_class(task["model"])._param_names())
-    rank = 2 if {"batch_size", "patience"} <= names else 1 if {"epochs", "iterations"} & names else 0
+    cls = get_model_class(task["model"])
+    rank = 2 if cls.uses_trainer else 1 if {"epochs", "iterations"} & set(cls._param_names()) else 0
     return 2 * rank + (task["part"] != "select")
 
 
@@ -260,7 +260,7 @@ class ExperimentRunner:
         cfg = self.cfg
         search = cfg.search or {}
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        prune = get_model_class(spec.name).supports_validation and search.get("pruner", "median") != "none"
+        prune = get_model_class(spec.name).uses_trainer and search.get("pruner", "median") != "none"
         pruner: Any = optuna.pruners.NopPruner()
         if prune:
             pruner = (optuna.pruners.HyperbandPruner() if search.get("pruner") == "hyperband"

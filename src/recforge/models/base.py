@@ -66,6 +66,9 @@ class Recommender:
     uses_history: ClassVar[bool] = False
     #: True for models that use a validation set during ``fit`` (early stopping of neural models).
     supports_validation: ClassVar[bool] = False
+    #: True for models trained by :class:`recforge.neural.trainer.Trainer`: they report a validation score after
+    #: every epoch through its callbacks (Optuna pruning listens there).
+    uses_trainer: ClassVar[bool] = False
 
     # ------------------------------------------------------------------ parameters
     @classmethod

@@ -299,6 +299,7 @@ class TwoTower(Recommender):
 
     supports_validation: ClassVar[bool] = True
     supports_partial_fit: ClassVar[bool] = False
+    uses_trainer: ClassVar[bool] = True
     losses: ClassVar[tuple[str, ...]] = LOSSES
 
     def __init__(

@@ -82,6 +82,7 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
 
     uses_history: ClassVar[bool] = True
     supports_validation: ClassVar[bool] = True
+    uses_trainer: ClassVar[bool] = True
     #: ``partial_fit`` appends new events to the users' histories (the weights stay): the next recommendation
     #: conditions on them. Items added by it are unknown to the network and rank last.
     supports_partial_fit: ClassVar[bool] = True
