@@ -19,6 +19,11 @@ log = logging.getLogger(__name__)
 LOWER_IS_BETTER = ("rmse", "mae", "fit_seconds")
 
 
+def lower_is_better(metric: str) -> bool:
+    """Whether smaller values of ``metric`` (``rmse``, ``mae@10``, ...) are better: errors and times."""
+    return metric.split("@")[0] in LOWER_IS_BETTER
+
+
 def leaderboard(
     results: Mapping[str, EvaluationResult],
     metrics: Sequence[str] | None = None,
@@ -58,7 +63,7 @@ def leaderboard(
     table = pd.DataFrame(rows)
     if primary not in table.columns:
         raise DataError(f"primary metric {primary!r} was not computed; available: {list(table.columns)}")
-    ascending = primary.split("@")[0] in LOWER_IS_BETTER
+    ascending = lower_is_better(primary)
     table = table.sort_values(primary, ascending=ascending, kind="stable").reset_index(drop=True)
     best = table.loc[0, "model"]
     if primary in first.per_user.columns:

@@ -33,6 +33,7 @@ from recforge import split as S
 from recforge.data.interactions import Interactions
 from recforge.data.io import atomic_path, write_table
 from recforge.errors import DataError
+from recforge.evaluation.report import lower_is_better
 from recforge.experiments.config import ExperimentConfig, ModelSpec
 
 log = logging.getLogger(__name__)
@@ -65,6 +66,11 @@ def _results_identity(cfg: dict[str, Any]) -> dict[str, Any]:
     (trials, time) may change between a run and its resume, so a finished search can be extended."""
     search = {k: v for k, v in (cfg.get("search") or {}).items() if k not in ("n_trials", "timeout")}
     return {**{k: v for k, v in cfg.items() if k != "workers"}, "search": search}
+
+
+def _selection_score(results: list[dict[str, Any]], metric: str) -> float:
+    """One parameter set's validation score: the mean of ``metric`` over its splits (NaN where not computed)."""
+    return float(np.mean([r["record"]["metrics"].get(metric, np.nan) for r in results]))
 
 
 def _splits(cfg: ExperimentConfig) -> list[S.Split]:
@@ -265,7 +271,7 @@ class ExperimentRunner:
         if prune:
             pruner = (optuna.pruners.HyperbandPruner() if search.get("pruner") == "hyperband"
                       else optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2))
-        study = optuna.create_study(direction="minimize" if self._minimise else "maximize",
+        study = optuna.create_study(direction="minimize" if lower_is_better(cfg.select_metric) else "maximize",
                                     sampler=optuna.samplers.TPESampler(seed=cfg.seed), pruner=pruner)
         runs: list[dict[str, Any]] = []
 
@@ -279,9 +285,6 @@ class ExperimentRunner:
                 else:
                     params[pname] = trial.suggest_float(pname, float(dist["low"]), float(dist["high"]), log=bool(dist.get("log")))
             return params
-
-        def score(done: list[dict[str, Any]]) -> float:
-            return float(np.mean([d["record"]["metrics"].get(cfg.select_metric, np.nan) for d in done]))
 
         # ask/tell rather than study.optimize: a batch of proposals runs at once on the workers, and under torchrun
         # rank 0 alone decides whether time is left, so every rank runs the same trials
@@ -298,7 +301,7 @@ class ExperimentRunner:
             tasks = [[task(spec, params, "select", i, split) for i, split in enumerate(splits)] for params in proposals]
             if prune:
                 try:
-                    values = [score(self._run_pruned(tasks[0], trials[0], runs))]
+                    values = [_selection_score(self._run_pruned(tasks[0], trials[0], runs), cfg.select_metric)]
                 except optuna.TrialPruned:
                     study.tell(trials[0], state=optuna.trial.TrialState.PRUNED)
                     continue
@@ -306,7 +309,7 @@ class ExperimentRunner:
                 done = self._run([t for group in tasks for t in group])
                 runs.extend(done)
                 by_id = {d["record"]["id"]: d for d in done}
-                values = [score([by_id[t["id"]] for t in group]) for group in tasks]
+                values = [_selection_score([by_id[t["id"]] for t in group], cfg.select_metric) for group in tasks]
             for trial, value in zip(trials, values):
                 if np.isfinite(value):
                     study.tell(trial, value)
@@ -315,13 +318,6 @@ class ExperimentRunner:
         if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
             raise DataError(self._missing_metric_message(runs, spec))
         return {**spec.params, **study.best_params}, runs
-
-    @property
-    def _minimise(self) -> bool:
-        """Whether the selection metric is an error (RMSE, MAE), where lower is better."""
-        from recforge.evaluation.report import LOWER_IS_BETTER
-
-        return self.cfg.select_metric.split("@")[0] in LOWER_IS_BETTER
 
     def _missing_metric_message(self, runs: list[dict[str, Any]], spec: ModelSpec) -> str:
         names = sorted({m for r in runs if r["record"]["model"] == spec.name for m in r["record"]["metrics"]})
@@ -428,14 +424,11 @@ class ExperimentRunner:
             if len(combos) == 1:
                 best[spec.display] = combos[0]
                 continue
-            scores = []
-            for params in combos:
-                vals = [r["record"]["metrics"].get(cfg.select_metric, np.nan) for r in selected
-                        if r["record"]["model"] == spec.name and r["record"]["params"] == params]
-                scores.append(float(np.mean(vals)))
+            scores = [_selection_score([r for r in selected if r["record"]["model"] == spec.name
+                                        and r["record"]["params"] == params], cfg.select_metric) for params in combos]
             if np.isnan(scores).all():
                 raise DataError(self._missing_metric_message(selected, spec))
-            pick = np.nanargmin if self._minimise else np.nanargmax
+            pick = np.nanargmin if lower_is_better(cfg.select_metric) else np.nanargmax
             best[spec.display] = combos[int(pick(scores))]
         final = self._run([task(spec, best[spec.display], "test", i, split)
                            for spec in cfg.models for i, split in enumerate(splits)])
