@@ -99,6 +99,16 @@ def test_ray_address_variable_works_like_the_flag(monkeypatch: pytest.MonkeyPatc
     assert ExperimentRunner(config(), tmp_path, backend="process").ray_address is None  # an explicit pool wins
 
 
+def test_unreachable_ray_cluster_fails_fast_with_a_clear_error() -> None:
+    from recforge.experiments import executors as E
+
+    with pytest.raises(DataError, match="not 'auto', HOST:PORT"):
+        E.check_ray_address("head-without-port")
+    with pytest.raises(DataError, match="cannot reach the Ray cluster at '127.0.0.1:1'"):
+        E.check_ray_address("127.0.0.1:1", timeout=2)  # nothing listens on port 1; ray.init would retry for minutes
+    E.check_ray_address("auto")  # left to Ray
+
+
 def test_parallel_trials_are_scheduled_longest_first() -> None:
     from recforge.experiments.runner import _expected_cost
 

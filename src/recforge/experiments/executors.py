@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import multiprocessing
 import os
+import socket
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any
@@ -164,6 +165,21 @@ class _RayTrialWorker:
         return run_task(task, self._splits, self._threads)
 
 
+def check_ray_address(address: str, timeout: float = 5.0) -> None:
+    """Fail fast, with a clear message, when a Ray cluster address cannot be reached: ``ray.init`` itself keeps
+    retrying an unreachable head for minutes. ``auto`` (the cluster of this machine) is left to Ray."""
+    if address == "auto":
+        return
+    host, _, port = address.split("://", 1)[-1].rpartition(":")
+    if not host or not port.isdigit():
+        raise DataError(f"Ray address {address!r} is not 'auto', HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise DataError(f"cannot reach the Ray cluster at {address!r} ({exc}); is 'ray start --head' running "
+                        "there, and is the port open?") from None
+
+
 class RayExecutor:
     """Trials on Ray actors: a local Ray started for this run by default, or the cluster at ``address``
     (``"auto"`` = the one this machine belongs to, ``ray://host:10001`` = a remote one). ``workers`` actors of
@@ -182,13 +198,17 @@ class RayExecutor:
                                       "logging_level": logging.WARNING}
             address = address or os.environ.get("RAY_ADDRESS")
             if address:
+                check_ray_address(address)
                 kwargs["address"] = address
             else:  # a private local instance sized to the workers asked for
                 kwargs["num_cpus"] = max(1, (workers or os.cpu_count() or 1) * threads_per_worker)
                 # Ray turns token auth on for new local instances (the safe default, kept) and warns that it did
                 # on every start; for an instance private to this run that warning is only noise
                 logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
-            ray.init(**kwargs)
+            try:
+                ray.init(**kwargs)
+            except ConnectionError as exc:  # e.g. address "auto" with no cluster on this machine
+                raise DataError(f"could not connect to a Ray cluster at {address!r}: {exc}") from None
             self._started = True
         if not workers:
             workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads_per_worker)
