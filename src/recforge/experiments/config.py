@@ -42,6 +42,11 @@ class ModelSpec:
         return [{**self.params, **dict(zip(keys, combo))} for combo in itertools.product(*values)] or [dict(self.params)]
 
     @property
+    def tuned(self) -> bool:
+        """Whether parameters are chosen on validation: a grid of several points or a search space."""
+        return bool(self.space) or len(self.combinations()) > 1
+
+    @property
     def display(self) -> str:
         """The label of the model in tables (``label`` or ``name``)."""
         return self.label or self.name
@@ -112,8 +117,7 @@ class ExperimentConfig:
             if name not in FILTERS:
                 raise DataError(f"unknown filter {name!r}; available filters: {list(FILTERS)}")
         at = cfg.select_metric.partition("@")[2]
-        tuned = any(len(m.combinations()) > 1 or m.space for m in models)
-        if tuned and at and (not at.isdigit() or int(at) not in cfg.k):  # untuned configs never use it
+        if any(m.tuned for m in models) and at and (not at.isdigit() or int(at) not in cfg.k):  # untuned configs never use it
             raise DataError(f"select_metric {cfg.select_metric!r} needs its cut-off in k, but k is {cfg.k}")
         if isinstance(cfg.workers, bool) or not isinstance(cfg.workers, int) or cfg.workers < 1:
             raise DataError(f"workers must be a positive integer, got {cfg.workers!r}")

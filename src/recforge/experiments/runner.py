@@ -402,7 +402,7 @@ class ExperimentRunner:
         splits = self._splits = _splits(cfg)
         has_valid = all(s.valid is not None and len(s.valid) for s in splits)
         for spec in cfg.models:
-            if (len(spec.combinations()) > 1 or spec.space) and not has_valid:
+            if spec.tuned and not has_valid:
                 raise DataError(f"model {spec.display!r} has a grid, but protocol {cfg.protocol!r} has no validation "
                                 "part to choose on; use loo, temporal or another protocol with validation")
 
