@@ -146,10 +146,10 @@ def run_lenskit_nb001() -> dict:
     sys.path.insert(0, str(HERE))
     from bench_explicit import lenskit_runner
     from lenskit.funksvd import FunkSVDScorer
+    from recforge.experiments.tasks import rating_gain_ndcg
 
     from recforge.evaluation.protocols import make_splits
     from recforge.experiments.runner import load_data
-    from recforge.experiments.tasks import rating_gain_ndcg
 
     cfg = ExperimentConfig.from_file(ROOT / "examples" / CONFIGS["nb001"][0])
     rmses, ndcgs, seconds = [], [], []

@@ -72,7 +72,7 @@ def main() -> None:
             stage("EASE", t, outcome=f"refused: {str(exc)[:120]}")
     if "als" in models:
         t = time.perf_counter()
-        als = create_model("als", n_factors=64, iterations=15, progress=False).fit(split.train)
+        als = create_model("als", n_factors=64, epochs=15, progress=False).fit(split.train)
         stage("ALS fit (64 factors, 15 iterations)", t)
         t = time.perf_counter()
         res = evaluate(als, test, k=10)

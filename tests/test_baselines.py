@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 
 from recforge.data import Interactions
-from recforge.errors import DataError
+from recforge.errors import DataError, ParameterError
 from recforge.models import create_model
 
 
@@ -24,7 +24,7 @@ def test_most_popular_counts_and_decay(ratings: Interactions) -> None:
     decayed = create_model("pop", half_life_days=10).fit(ratings)
     # ages 20, 10, 0 days -> weights 1/4, 1/2, 1: a = 1/4 + 1, b = 1/2
     np.testing.assert_allclose(decayed.popularity_, [1.25, 0.5])
-    with pytest.raises(DataError, match="positive"):
+    with pytest.raises(ParameterError, match="half_life_days"):
         create_model("pop", half_life_days=0).fit(ratings)
 
 
@@ -34,14 +34,14 @@ def test_global_mean(ratings: Interactions) -> None:
 
 
 def test_bias_one_round_by_hand(ratings: Interactions) -> None:
-    model = create_model("bias", item_reg=1.0, user_reg=1.0, n_iter=1).fit(ratings)
+    model = create_model("bias", item_reg=1.0, user_reg=1.0, epochs=1).fit(ratings)
     # b_a = (2 + 0) / (2 + 1) = 2/3, b_b = -2 / (1 + 1) = -1
     np.testing.assert_allclose(model.item_bias_, [2 / 3, -1.0], rtol=1e-6)
     # b_1 = ((2 - 2/3) + (-2 + 1)) / (2 + 1) = 1/9, b_2 = (0 - 2/3) / (1 + 1) = -1/3
     np.testing.assert_allclose(model.user_bias_, [1 / 9, -1 / 3], rtol=1e-6)
     pred = model.predict([1, 2, 99], ["a", "b", "a"])
     np.testing.assert_allclose(pred, [3 + 1 / 9 + 2 / 3, 3 - 1 / 3 - 1, 3 + 2 / 3], rtol=1e-6)
-    clamped = create_model("bias", item_reg=0.0, user_reg=0.0, n_iter=5).fit(ratings).predict([1], ["a"])
+    clamped = create_model("bias", item_reg=0.0, user_reg=0.0, epochs=5).fit(ratings).predict([1], ["a"])
     assert 1.0 <= clamped[0] <= 5.0
 
 

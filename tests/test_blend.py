@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 from recforge import split as S
 from recforge.data import Interactions
-from recforge.errors import DataError, UnsupportedError
+from recforge.errors import ParameterError, UnsupportedError
 from recforge.evaluation import evaluate
 from recforge.models import Recommender, create_model
 from recforge.models.blend import Blend, _nonneg_least_squares
@@ -114,18 +114,18 @@ def test_tiny_data_averages_members(tiny_frame: pd.DataFrame, caplog: pytest.Log
 @pytest.mark.parametrize(
     ("params", "match"),
     [
-        ({"models": ["no-such-model"]}, "no usable member"),
+        ({"models": ["no-such-model"]}, "no registered rating model"),
         ({"models": ["pop"]}, "rating models"),
         ({"models": ["blend"]}, "rating models"),
-        ({"models": "bias"}, "list of model names"),
+        ({"models": "bias"}, "list of"),
         ({"valid_fraction": 1.0}, "valid_fraction"),
         ({"valid_fraction": 0}, "valid_fraction"),
         ({"models": ["bias"], "params": {"funksvd": {}}}, "not members"),
-        ({"models": ["bias"], "params": {"bias": {"n_factors": 3}}}, "unknown parameter"),
+        ({"models": ["bias"], "params": {"bias": {"n_factors": 3}}}, "no parameter"),
     ],
 )
 def test_bad_parameters(params: dict, match: str, planted: Interactions) -> None:
-    with pytest.raises(DataError, match=match):
+    with pytest.raises(ParameterError, match=match):
         Blend(progress=False, **params).fit(planted)
 
 

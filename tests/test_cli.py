@@ -42,14 +42,14 @@ def test_evaluate_files_json(files: tuple[Path, Path]) -> None:
 
 
 def test_evaluate_matches_python_api(files: tuple[Path, Path]) -> None:
-    from recforge.cli import _train_test_from_files
     from recforge.evaluation import evaluate
+    from recforge.experiments.trials import read_split_files
     from recforge.models import create_model
 
     train, test = files
     out = run("evaluate", "--train", str(train), "--test", str(test), "--model", "pop", "--k", "5", "--json")
-    tr, te = _train_test_from_files(train, test)
-    api = evaluate(create_model("pop").fit(tr), te, k=5)
+    split = read_split_files({"train": train, "test": test})
+    api = evaluate(create_model("pop").fit(split.train), split.test, k=5)
     assert json.loads(out.stdout)["ndcg@5"] == pytest.approx(api["ndcg@5"])
 
 

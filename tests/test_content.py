@@ -207,7 +207,7 @@ def test_content_recommends_by_genre_and_reaches_unseen_items(movies: Interactio
     assert top[0] in ("h", "z") and set(top[:2]) == {"h", "z"}  # horror, including the never-watched movie
     assert model.recommend([1], k=1)["item_id"].tolist() == ["d"]  # the remaining sci-fi movie
     # recency: user 4 watched horror twice, then sci-fi last; with a short half-life sci-fi leads
-    short = create_model("content", genre_weight=0.5, half_life=0.5).fit(movies)
+    short = create_model("content", genre_weight=0.5, half_life_events=0.5).fit(movies)
     assert short.recommend([4], k=1)["item_id"].tolist()[0] in ("b", "c", "d")
     sim = model.similar_items(["h"], k=3)
     assert list(sim.columns) == ["item_id", "similar_item_id", "score", "rank"]
@@ -227,8 +227,8 @@ def test_content_partial_fit_equals_refit(movies: Interactions) -> None:
     items = movies.item_data.reset_index(names="item_id")
     base = Interactions.from_frame(first, item_map=movies.item_map, user_map=movies.user_map, item_data=items,
                                    item_data_id_col="item_id")
-    updated = create_model("content", half_life=2.0).fit(base).partial_fit(later)
-    full = create_model("content", half_life=2.0).fit(movies)
+    updated = create_model("content", half_life_events=2.0).fit(base).partial_fit(later)
+    full = create_model("content", half_life_events=2.0).fit(movies)
     np.testing.assert_allclose(updated.user_profiles_, full.user_profiles_, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(updated.last_items_, full.last_items_)
 
@@ -252,7 +252,7 @@ def test_content_with_hnsw_round_trips(movies: Interactions, tmp_path) -> None:
 
 
 def test_similar_items_on_factor_models_and_unsupported_ones(planted: Interactions) -> None:
-    als = create_model("als", n_factors=8, iterations=3, progress=False).fit(planted)
+    als = create_model("als", n_factors=8, epochs=3, progress=False).fit(planted)
     sim = als.similar_items(planted.item_map.ids[:2], k=4)
     assert len(sim) == 8 and not (sim["item_id"] == sim["similar_item_id"]).any()
     with pytest.raises(UnsupportedError):

@@ -39,7 +39,7 @@ def test_config_round_trips_and_rejects_bad_fields(tmp_path: Path) -> None:
 
 def test_run_tunes_on_validation_writes_results_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "res"
-    table = run_experiment(config(), out, progress=False)
+    table = run_experiment(config(), out, progress=False).leaderboard
     assert set(table["model"]) == {"pop", "ease"}
     trials = pd.read_csv(out / "trials.csv")
     assert (trials["part"] == "select").sum() == 2 and (trials["part"] == "test").sum() == 2
@@ -50,7 +50,7 @@ def test_run_tunes_on_validation_writes_results_and_resumes(tmp_path: Path) -> N
     files = sorted((out / "trials").glob("*.json"))
     stamps = [f.stat().st_mtime_ns for f in files]
     (files[0]).unlink()  # an interrupted run: one trial missing
-    again = run_experiment(config(), out, progress=False)
+    again = run_experiment(config(), out, progress=False).leaderboard
     pd.testing.assert_frame_equal(again.drop(columns="fit_seconds"), table.drop(columns="fit_seconds"))  # same seed
     assert [f.stat().st_mtime_ns for f in files[1:]] == stamps[1:]  # finished trials were not rerun
     with pytest.raises(DataError, match="different experiment"):
@@ -62,8 +62,8 @@ def test_parallel_workers_give_the_same_numbers(tmp_path: Path, backend: str,
                                                capfd: pytest.CaptureFixture[str]) -> None:
     if backend == "ray":
         pytest.importorskip("ray")
-    serial = run_experiment(config(), tmp_path / "a", progress=False)
-    parallel = run_experiment(config(workers=2), tmp_path / "b", progress=False, backend=backend)
+    serial = run_experiment(config(), tmp_path / "a", progress=False).leaderboard
+    parallel = run_experiment(config(workers=2), tmp_path / "b", progress=False, backend=backend).leaderboard
     assert "Token authentication" not in capfd.readouterr().err  # a private local Ray starts quietly
     pd.testing.assert_frame_equal(serial.drop(columns=["fit_seconds"], errors="ignore"),
                                   parallel.drop(columns=["fit_seconds"], errors="ignore"))
@@ -111,9 +111,10 @@ def test_unreachable_ray_cluster_fails_fast_with_a_clear_error() -> None:
 
 def test_parallel_trials_are_scheduled_longest_first() -> None:
     from recforge.experiments.runner import _expected_cost
+    from recforge.experiments.trials import Trial
 
-    def task(model: str, part: str = "select") -> dict:
-        return {"model": model, "part": part}
+    def task(model: str, part: str = "select") -> Trial:
+        return Trial(f"{model}-{part}", model, model, {}, part, 0, 0, (10,), "loo")  # type: ignore[arg-type]
 
     # neural trainer > epoch-trained > closed form; a test refit before a validation trial of the same model
     order = [task("sasrec", "test"), task("sasrec"), task("bpr"), task("ease")]
@@ -161,13 +162,13 @@ def test_optuna_search_on_validation_is_seeded_and_resumable(tmp_path: Path) -> 
     pytest.importorskip("optuna")
     cfg = config(models=[{"name": "ease", "space": {"reg": {"low": 1.0, "high": 3000.0, "log": True}}}],
                  search={"n_trials": 5, "timeout": None})
-    table = run_experiment(cfg, tmp_path / "o", progress=False)
+    table = run_experiment(cfg, tmp_path / "o", progress=False).leaderboard
     trials = pd.read_csv(tmp_path / "o" / "trials.csv")
     assert (trials["part"] == "select").sum() == 5 and (trials["part"] == "test").sum() == 1
     chosen = json.loads((tmp_path / "o" / "selected_params.json").read_text())["ease"]["reg"]
     best_row = trials[trials["part"] == "select"].sort_values("ndcg@10", ascending=False).iloc[0]
     assert json.loads(best_row["params"])["reg"] == chosen
-    again = run_experiment(cfg, tmp_path / "o2", progress=False)  # same seed: the same search
+    again = run_experiment(cfg, tmp_path / "o2", progress=False).leaderboard  # same seed: the same search
     assert json.loads((tmp_path / "o2" / "selected_params.json").read_text())["ease"]["reg"] == chosen
     pd.testing.assert_frame_equal(again.drop(columns="fit_seconds"), table.drop(columns="fit_seconds"))
     with pytest.raises(DataError, match="both a grid and a search space"):
@@ -184,9 +185,9 @@ def test_search_batches_run_together_and_do_not_depend_on_workers(tmp_path: Path
     sizes: list[int] = []
     run = ExperimentRunner._run
     monkeypatch.setattr(ExperimentRunner, "_run", lambda self, tasks: sizes.append(len(tasks)) or run(self, tasks))
-    serial = run_experiment(cfg, tmp_path / "s", progress=False)
+    serial = run_experiment(cfg, tmp_path / "s", progress=False).leaderboard
     assert sizes == [0, 3, 2, 1]  # no grid; two search batches of the 5 trials (one split each); the test refit
-    pooled = run_experiment(cfg, tmp_path / "p", workers=2, backend="process", progress=False)
+    pooled = run_experiment(cfg, tmp_path / "p", workers=2, backend="process", progress=False).leaderboard
     pd.testing.assert_frame_equal(serial.drop(columns="fit_seconds"), pooled.drop(columns="fit_seconds"))
     timed = config(models=cfg.to_dict()["models"], search={"n_trials": None, "timeout": 0.5})
     run_experiment(timed, tmp_path / "t", progress=False)  # a budget in time only
@@ -198,7 +199,7 @@ def test_search_batches_run_together_and_do_not_depend_on_workers(tmp_path: Path
 def test_two_labels_of_one_model_share_trials_but_both_are_reported(tmp_path: Path) -> None:
     models = [{"name": "ease", "label": "ease-a", "grid": {"reg": [1.0, 1000.0]}},
               {"name": "ease", "label": "ease-b", "grid": {"reg": [1000.0, 3000.0]}}]
-    table = run_experiment(config(models=models), tmp_path / "l", progress=False).set_index("model")
+    table = run_experiment(config(models=models), tmp_path / "l", progress=False).leaderboard.set_index("model")
     assert set(table.index) == {"ease-a", "ease-b"}
     select = pd.read_csv(tmp_path / "l" / "trials.csv").query("part == 'select'")
     assert len(select) == 3  # reg=1000 ran once for both labels
@@ -223,11 +224,12 @@ def test_a_finished_search_can_be_extended_in_place(tmp_path: Path) -> None:
 
 def test_kfold_protocol_gives_every_row_one_test_fold(tmp_path: Path) -> None:
     from recforge.data.datasets import load
-    from recforge.evaluation.protocols import make_splits
+    from recforge.evaluation import get_protocol
 
     data = load("synthetic", **SYNTH["options"])
-    folds = make_splits(data, "kfold3", seed=1)
+    folds = get_protocol("kfold3").splits(data, seed=1)
     assert len(folds) == 3 and sum(len(f.test) for f in folds) == len(data)
-    table = run_experiment(config(protocol="kfold3", models=["pop", "itemknn"]), tmp_path / "k", progress=False)
+    table = run_experiment(config(protocol="kfold3", models=["pop", "itemknn"]), tmp_path / "k",
+                           progress=False).leaderboard
     assert set(table["model"]) == {"pop", "itemknn"}
     assert (pd.read_csv(tmp_path / "k" / "trials.csv")["split"].nunique()) == 3

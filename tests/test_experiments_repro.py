@@ -11,14 +11,17 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from recforge import split as S
 from recforge.data import Interactions
 from recforge.errors import DataError
-from recforge.evaluation.next_event import sequence_windows
-from recforge.evaluation.protocols import compare, make_splits
+from recforge.evaluation import get_protocol
+from recforge.evaluation.rating import rating_gain_ndcg, user_bootstrap_rmse
 from recforge.experiments import ExperimentConfig, run_experiment
-from recforge.experiments.runner import load_data
-from recforge.experiments.tasks import cut_windows, rating_gain_ndcg, user_bootstrap_rmse
+from recforge.experiments.trials import load_data
+from recforge.models import create_model
+
+
+def make_splits(data: Interactions, protocol: str, seed: int = 0) -> list:
+    return get_protocol(protocol).splits(data, seed=seed)
 
 SYNTH = {"name": "synthetic", "options": {"n_users": 150, "n_items": 80, "n_interactions": 4000, "n_clusters": 4,
                                           "seed": 5}}
@@ -74,40 +77,27 @@ def test_session_protocol_keeps_only_warm_users() -> None:
                           "item_id": [1, 2, 3, 1, 4, 5, 2, 3, 4, 5, 6, 7],
                           "timestamp": [1, 2, 10, 3, 11, 12, 4, 5, 6, 7, 8, 9]})
     inter = Interactions.from_frame(frame, rating_col=None)
-    warm = make_splits(inter, "session", merge_valid=False)[0]
+    warm = make_splits(inter, "session")[0]
     ids = inter.user_map.to_ids
     assert sorted(ids(warm.test.users).tolist()) == [1, 2]  # user 3's only event is dropped
     assert ids(warm.valid.users).tolist() == [4] and len(warm.train) == 8
 
 
-def test_cut_windows_matches_sequence_windows(planted: Interactions) -> None:
-    ref = sequence_windows(planted, seed=3)
-    split = make_splits_sequence(planted, "sequence-mrr", seed=3)
-    got = cut_windows(split.train, split.test)
-    np.testing.assert_array_equal(got.offsets, ref.offsets)
-    np.testing.assert_array_equal(got.items, ref.items)
-
-
-def make_splits_sequence(data: Interactions, protocol: str, seed: int) -> S.Split:
-    from recforge.experiments.tasks import sequence_splits
-
-    return sequence_splits(data, protocol, seed)[0]
-
-
 @pytest.mark.parametrize("protocol", ["next-event", "sequence-mrr"])
-def test_run_next_item_protocols_match_compare(tmp_path: Path, protocol: str) -> None:
+def test_run_next_item_protocols_match_the_protocol(tmp_path: Path, protocol: str) -> None:
     cfg = config(protocol, ["pop"], k=[5, 10, 20], metrics=["mrr", "hr@10"])
-    table = run_experiment(cfg, tmp_path / protocol, progress=False)
-    ref, _ = compare(load_data(cfg), ["pop"], protocol=protocol, k=[5, 10, 20], metrics=["mrr", "hr@10"],
-                     progress=False)
-    assert table.loc[0, "mrr"] == pytest.approx(ref.loc[0, "mrr"])
-    assert table.loc[0, "hr@10"] == pytest.approx(ref.loc[0, "hr@10"])
+    table = run_experiment(cfg, tmp_path / protocol, progress=False).leaderboard
+    proto = get_protocol(protocol)
+    (split,) = proto.splits(load_data(cfg))
+    ref = proto.evaluate(create_model("pop").fit(split.train_valid), split.train_valid, split.test, k=[5, 10, 20])
+    assert table.loc[0, "mrr"] == pytest.approx(ref["mrr"])
+    assert table.loc[0, "hr@10"] == pytest.approx(ref["hr@10"])
 
 
 def test_run_rating_models_report_rmse_with_user_intervals(tmp_path: Path) -> None:
     cfg = config("random", ["globalmean", {"name": "funksvd", "params": {"n_factors": 8, "epochs": 5}}],
                  metrics=["rmse", "rating_ndcg", "mae"])
-    table = run_experiment(cfg, tmp_path / "rating", progress=False).set_index("model")
+    table = run_experiment(cfg, tmp_path / "rating", progress=False).leaderboard.set_index("model")
     split = make_splits(load_data(cfg), "random", seed=0)[0]
     mean_rmse = np.sqrt(np.mean((split.test.ratings - split.train.ratings.mean()) ** 2))
     assert table.loc["globalmean", "rmse"] == pytest.approx(mean_rmse, rel=1e-5)
@@ -120,10 +110,8 @@ def test_run_rating_models_report_rmse_with_user_intervals(tmp_path: Path) -> No
 
 def test_run_session_protocol_map_matches_the_notebook_definition(tmp_path: Path) -> None:
     cfg = config("session", ["pop"], k=[1, 5, 20], metrics=["map@20", "precision@1", "precision@5"])
-    table = run_experiment(cfg, tmp_path / "session", progress=False)
+    table = run_experiment(cfg, tmp_path / "session", progress=False).leaderboard
     split = make_splits(load_data(cfg), "session")[0]
-    from recforge.models import create_model
-
     model = create_model("pop").fit(split.train_valid)
     users = np.unique(split.test.users)
     top, _ = model.recommend_indices(users, 20, model.seen_)

@@ -7,7 +7,7 @@ import pytest
 
 from recforge import split as S
 from recforge.data import Interactions
-from recforge.errors import DataError
+from recforge.errors import DataError, ParameterError
 from recforge.evaluation import evaluate
 from recforge.evaluation.cold_start import cold_item_split, cold_items, evaluate_cold_items
 from recforge.models import create_model
@@ -49,7 +49,7 @@ def test_slatemix_fills_each_slate_with_its_quotas(loo: S.Split) -> None:
             source = cf_list if pos % 5 < 2 else ct_list
             expected.append(next(i for i in source if i not in expected))
         assert list(mixed[row]) == expected
-    with pytest.raises(DataError, match="n_content"):
+    with pytest.raises(ParameterError, match="n_content"):
         create_model("slatemix", n_content=6, slate_size=5).fit(loo.train)
 
 
@@ -63,9 +63,9 @@ def test_scoreblend_weights_pick_the_best_validation_mix(loo: S.Split) -> None:
     ease = fixed.members_[0]
     np.testing.assert_array_equal(fixed.recommend_indices(np.arange(20), 10, fixed.seen_)[0],
                                   ease.recommend_indices(np.arange(20), 10, fixed.seen_)[0])
-    with pytest.raises(DataError, match="weights"):
+    with pytest.raises(ParameterError, match="weights"):
         create_model("scoreblend", params=MEMBERS, weights=[1.0]).fit(loo.train)
-    with pytest.raises(DataError, match="not members"):
+    with pytest.raises(ParameterError, match="not members"):
         create_model("scoreblend", params={"als": {}}).fit(loo.train)
 
 

@@ -74,12 +74,6 @@ def test_max_items_refuses_with_a_clear_message(small: Interactions) -> None:
     EASE(max_items=5).fit(small)
 
 
-@pytest.mark.parametrize("params", [{"reg": 0}, {"reg": -1.0}, {"values": "stars"}, {"max_items": 0}])
-def test_bad_parameters(small: Interactions, params: dict) -> None:
-    with pytest.raises(DataError):
-        EASE(**params).fit(small)
-
-
 def test_learns_planted_structure(planted: Interactions) -> None:
     loo = S.leave_one_out(planted)
     ours = ndcg_of(create_model("ease"), loo.train_valid, loo.test)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from recforge.core import metrics as M
 from recforge.errors import DataError
-from recforge.evaluation import metrics as M
 
 HITS = np.array([[1, 0, 1, 0, 0], [0, 0, 0, 0, 0], [0, 1, 0, 0, 0]], dtype=bool)
 N_REL = np.array([2, 1, 3])

@@ -22,7 +22,8 @@ from conftest import ndcg_of
 import recforge.models
 from recforge import split as S
 from recforge.data import Interactions
-from recforge.errors import DataError, NotFittedError, UnknownIdError, UnsupportedError
+from recforge.core.params import SYNONYMS
+from recforge.errors import DataError, NotFittedError, ParameterError, UnknownIdError, UnsupportedError
 from recforge.models import RatingPredictor, Recommender, available_models, create_model, get_model_class
 
 _SEQ = {"max_len": 50, "n_factors": 32, "epochs": 20, "lr": 3e-3, "batch_size": 64, "num_threads": 1, "progress": False}
@@ -143,8 +144,10 @@ class TestContract:
         assert [p.name for p in tmp_path.iterdir()] == ["artifact"]
 
     def test_deterministic_with_seed(self, name: str, planted: Interactions) -> None:
-        a = make(name).fit(planted).score(np.arange(20))
-        b = make(name).fit(planted).score(np.arange(20))
+        # repeatable for a seed and a fixed thread count; one thread, since Hogwild SGD (BPR, pointwise) is not
+        serial = {"num_threads": 1} if "num_threads" in get_model_class(name)._param_names() else {}
+        a = make(name, **serial).fit(planted).score(np.arange(20))
+        b = make(name, **serial).fit(planted).score(np.arange(20))
         np.testing.assert_array_equal(a, b)
 
     def test_string_ids_round_trip(self, name: str, planted_str: Interactions) -> None:
@@ -194,6 +197,41 @@ class TestContract:
         ours = evaluate(make(name).fit(split.train), split.test)["rmse"]
         theirs = evaluate(make(RMSE_MUST_BEAT.get(name, "bias")).fit(split.train), split.test)["rmse"]
         assert ours < theirs
+
+    def test_fit_with_validation_then_refit_with_what_was_tuned(self, name: str, loo: S.Split) -> None:
+        """Every model takes ``fit(train, valid=valid)``; models that tune themselves on it say what they chose,
+        and a copy built with that choice refits on train + validation without validation."""
+        model = make(name)
+        assert model.fit(loo.train, valid=loo.valid) is model
+        tuned = model.tuned_params_
+        assert isinstance(tuned, dict) and (bool(tuned) == model.supports_validation), tuned
+        refit = make(name, **tuned).fit(loo.train_valid)
+        assert refit.tuned_params_ == {} and refit.n_users_ == model.n_users_
+        if "epochs" in tuned:
+            assert 1 <= tuned["epochs"] <= model.epochs
+
+    def test_every_parameter_is_constrained_and_in_the_vocabulary(self, name: str) -> None:
+        cls = get_model_class(name)
+        params = cls._param_names()
+        assert sorted(cls.param_constraints) == sorted(params), "one constraint per constructor parameter"
+        synonyms = {p: SYNONYMS[p] for p in params if p in SYNONYMS}
+        assert not synonyms, f"{name} uses {synonyms}: use the vocabulary's names"
+        defaults = {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()}
+        if "num_threads" in params:
+            assert defaults["num_threads"] == 0, "num_threads defaults to 0 (all cores)"
+        make(name).check_params()  # the defaults pass their own constraints
+        for old, new in cls.renamed_params.items():
+            with pytest.warns(FutureWarning, match=f"'{old}' is renamed '{new}'"):
+                moved = create_model(name, **{old: defaults[new]})
+            assert getattr(moved, new) == defaults[new] and old not in moved.get_params()
+
+    def test_bad_parameter_values_raise_a_parameter_error(self, name: str, tiny: Interactions) -> None:
+        """Every parameter is probed with values its constraint must refuse (sklearn's common-test idea)."""
+        cls = get_model_class(name)
+        for param, constraint in cls.param_constraints.items():
+            for bad in constraint.rejects():
+                with pytest.raises(ParameterError, match=rf"{cls.__name__}\.{param} must be"):
+                    make(name, **{param: bad}).fit(tiny)
 
     def test_rating_models_predict_in_range(self, name: str, planted: Interactions) -> None:
         model = make(name)

@@ -11,7 +11,6 @@ from conftest import ndcg_of
 
 from recforge import split as S
 from recforge.data import Interactions
-from recforge.errors import DataError
 from recforge.models import Recommender, create_model
 from recforge.models.pointwise import PointwiseMF, loss_and_grad
 
@@ -51,10 +50,10 @@ def test_learns_planted_and_loss_decreases(planted: Interactions) -> None:
 
 
 def test_seed_and_threads(planted: Interactions) -> None:
-    a = PointwiseMF(n_factors=8, epochs=2, progress=False).fit(planted).item_factors_
-    b = PointwiseMF(n_factors=8, epochs=2, progress=False).fit(planted).item_factors_
-    np.testing.assert_array_equal(a, b)
-    c = PointwiseMF(n_factors=8, epochs=2, seed=5, progress=False).fit(planted).item_factors_
+    a = PointwiseMF(n_factors=8, epochs=2, num_threads=1, progress=False).fit(planted).item_factors_
+    b = PointwiseMF(n_factors=8, epochs=2, num_threads=1, progress=False).fit(planted).item_factors_
+    np.testing.assert_array_equal(a, b)  # one thread: serial and exactly repeatable
+    c = PointwiseMF(n_factors=8, epochs=2, seed=5, num_threads=1, progress=False).fit(planted).item_factors_
     assert not np.array_equal(a, c)
     hog = PointwiseMF(n_factors=8, epochs=2, num_threads=2, progress=False).fit(planted)
     assert np.isfinite(hog.item_factors_).all()
@@ -65,14 +64,6 @@ def test_class_weight_shifts_the_global_bias(planted: Interactions) -> None:
     balanced = PointwiseMF(n_factors=4, epochs=5, n_negatives=4, pos_weight=None, progress=False).fit(planted)
     plain = PointwiseMF(n_factors=4, epochs=5, n_negatives=4, pos_weight=1.0, progress=False).fit(planted)
     assert balanced.global_bias_ > plain.global_bias_ + 0.5
-
-
-def test_bad_parameters_raise(planted: Interactions) -> None:
-    bad_values = ({"loss": "mse"}, {"optimizer": "adam"}, {"label_smoothing": 1.0}, {"pos_weight": 0.0},
-                  {"n_negatives": -1}, {"gamma": -1.0}, {"lr": float("inf")})
-    for bad in bad_values:
-        with pytest.raises(DataError, match=next(iter(bad))):
-            PointwiseMF(progress=False, **bad).fit(planted)
 
 
 def test_online_click_updates(planted: Interactions, tmp_path: Path) -> None:

@@ -15,12 +15,15 @@ from typer.testing import CliRunner
 
 from recforge import split as S
 from recforge.cli import app
+from recforge.core.device import resolve_device
 from recforge.data import Interactions
 from recforge.data.datasets import make_synthetic
-from recforge.errors import ArtifactError, DataError, UnsupportedError
+from recforge.errors import ArtifactError, DataError, ParameterError, UnsupportedError
+from recforge.evaluation import get_protocol
 from recforge.evaluation import next_event as NE
+from recforge.experiments import compare
 from recforge.models import Recommender, create_model
-from recforge.neural import Trainer, TrainerConfig, resolve_device
+from recforge.neural import Trainer, TrainerConfig
 from recforge.neural import losses as L
 from recforge.neural.checkpoint import flatten_optimizer_state, unflatten_optimizer_state
 from recforge.neural.sequences import TokenSequences, next_event_histories, pad_right, vocabulary
@@ -78,10 +81,16 @@ def test_next_event_histories_use_all_earlier_events() -> None:
     train = inter.subset(inter.timestamps < 4)
     events = inter.subset(inter.timestamps >= 4)
     vocab, _ = vocabulary(inter)
-    hist, lengths, targets, owner = next_event_histories(train, events, vocab, max_len=10)
+    s = next_event_histories(train, events, vocab, max_len=10)
     # user 1: 12 after [10, 11]; 13 after [10, 11, 12] (an earlier validation event); user 2: 12 after [10]
-    got = sorted((int(o), int(t), tuple(h[:n].tolist())) for o, t, h, n in zip(owner, targets, hist, lengths))
+    got = sorted((int(o), int(t), tuple(h[:n].tolist())) for o, t, h, n in zip(s.users, s.targets, s.tokens, s.lengths))
     assert got == [(0, 2, (1, 2)), (0, 3, (1, 2, 3)), (1, 2, (1,))]
+    # the full history (item indices) of each sample, also beyond the token window
+    short = next_event_histories(train, events, vocab, max_len=1)
+    rows = {(int(o), int(t)): sorted(short.history[r].indices.tolist()) for r, (o, t) in
+            enumerate(zip(short.users, short.targets))}
+    assert rows == {(0, 2): [0, 1], (0, 3): [0, 1, 2], (1, 2): [0]}
+    assert short.lengths.tolist() == [1, 1, 1]
 
 
 # ------------------------------------------------------------------------------------------------ losses
@@ -184,11 +193,11 @@ def test_trainer_schedule_and_bad_settings() -> None:
     assert trainer._lr_factor(0, 110) == pytest.approx(0.1)
     assert trainer._lr_factor(10, 110) == pytest.approx(1.0)
     assert trainer._lr_factor(60, 110) == pytest.approx(0.5)
-    with pytest.raises(DataError, match="schedule"):
+    with pytest.raises(ParameterError, match="schedule"):
         TrainerConfig(schedule="step").check()
-    with pytest.raises(DataError, match="epochs"):
+    with pytest.raises(ParameterError, match="epochs"):
         TrainerConfig(epochs=0).check()
-    with pytest.raises(DataError, match="no CUDA GPU|device"):
+    with pytest.raises(ParameterError, match="no CUDA GPU|device"):
         resolve_device("cuda") if not torch.cuda.is_available() else resolve_device("tpu")
     assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -255,7 +264,7 @@ def test_history_scoring_for_classic_models(chains: Interactions) -> None:
     user0 = chains.sequences()[0]
     assert np.allclose(knn.score_histories([user0])[0], knn.score(np.array([0]))[0], atol=1e-5)
     with pytest.raises(UnsupportedError, match="known users only"):
-        create_model("als", n_factors=4, iterations=1, progress=False).fit(chains).score_histories([[1]])
+        create_model("als", n_factors=4, epochs=1, progress=False).fit(chains).score_histories([[1]])
 
 
 def test_saved_model_scores_histories_identically(chains: Interactions, tmp_path: Path) -> None:
@@ -271,11 +280,11 @@ def test_saved_model_scores_histories_identically(chains: Interactions, tmp_path
 
 
 def test_bad_hyper_parameters_name_the_problem(chains: Interactions) -> None:
-    with pytest.raises(DataError, match="loss"):
+    with pytest.raises(ParameterError, match="loss"):
         create_model("sasrec", **{**FAST, "loss": "hinge"}).fit(chains)
-    with pytest.raises(DataError, match="divisible"):
+    with pytest.raises(ParameterError, match="divisible"):
         create_model("sasrec", **{**FAST, "n_factors": 30, "n_heads": 4}).fit(chains)
-    with pytest.raises(DataError, match="max_len"):
+    with pytest.raises(ParameterError, match="max_len"):
         create_model("gru4rec", **{**FAST, "max_len": 1}).fit(chains)
 
 
@@ -310,14 +319,13 @@ def timeline() -> Interactions:
     }))
 
 
-def test_task_from_labels_histories(timeline: Interactions) -> None:
-    labels = np.where(timeline.timestamps >= 8, 2, np.where(timeline.timestamps >= 7, 1, 0))
-    task = NE.task_from_labels(timeline, labels)
-    hist = {(int(u), int(i)): tuple(task.samples.history(s).tolist())
-            for s, (u, i) in enumerate(zip(task.samples.users, task.samples.items))}
-    # user 3's only event has no history and is dropped; user 1's 13 sees the earlier test event 12
+def test_next_event_samples_see_earlier_scored_events(timeline: Interactions) -> None:
+    late = timeline.timestamps >= 8
+    samples = S.next_event_samples(timeline.subset(~late), timeline.subset(late))
+    hist = {(int(u), int(i)): tuple(samples.history(s).tolist())
+            for s, (u, i) in enumerate(zip(samples.users, samples.items))}
+    # user 3's only event has no history and is dropped; user 1's 13 sees the earlier scored event 12
     assert hist == {(0, 2): (0, 1), (0, 3): (0, 1, 2), (1, 3): (1, 2)}
-    assert len(task.train) == 3 and len(task.valid) == 1
 
 
 def test_next_event_evaluation_scores_each_sample_from_its_history(timeline: Interactions) -> None:
@@ -336,26 +344,27 @@ def test_next_event_evaluation_scores_each_sample_from_its_history(timeline: Int
             out[np.arange(len(last)), np.minimum(last + 1, self.n_items_ - 1)] = 1.0
             return out
 
-    labels = np.where(timeline.timestamps >= 8, 2, 0)
-    task = NE.task_from_labels(timeline, labels)
-    result = NE.evaluate_next_event_task(LastItemNext(), task, k=[1, 5])
+    late = timeline.timestamps >= 8
+    train, scored = timeline.subset(~late), timeline.subset(late)
+    result = get_protocol("next-event").evaluate(LastItemNext().fit(train), train, scored, k=[1, 5])
     assert result["hr@1"] == 1.0 and result["dcg@1"] == 1.0 and result["samples"] == 3
 
 
-def test_temporal_next_event_cuts(chains: Interactions) -> None:
-    task = NE.temporal_next_event(chains, core=5)
-    ts = task.data.timestamps
-    assert task.train.timestamps.max() < task.valid.timestamps.min() <= task.valid.timestamps.max()
-    assert len(task.samples) <= (ts >= np.quantile(ts, 0.9, method="lower")).sum()
-    assert (task.samples.positions > 0).all()
+def test_next_event_split_cuts(chains: Interactions) -> None:
+    split = NE.next_event_split(chains, core=5)
+    assert split.train.timestamps.max() < split.valid.timestamps.min() <= split.valid.timestamps.max()
+    assert split.valid.timestamps.max() < split.test.timestamps.min()
+    samples = S.next_event_samples(split.train_valid, split.test)
+    assert 0 < len(samples) <= len(split.test) and (samples.positions > 0).all()
 
 
 def test_sequence_windows_cut_from_the_end() -> None:
     df = pd.DataFrame({"user_id": [1] * 23 + [2] * 5, "item_id": list(range(23)) + list(range(5)),
                        "timestamp": list(range(28))})
     inter = Interactions.from_frame(df)
-    win = NE.sequence_windows(inter, test_users=0.5, window=10, seed=0)
-    held_user = 0 if len(win.train.to_frame().query("user_id == 1")) == 0 else 1
+    split = NE.sequence_mrr_split(inter, test_users=0.5, seed=0)
+    win = NE.cut_windows(split.test, window=10)
+    held_user = 0 if len(split.train.to_frame().query("user_id == 1")) == 0 else 1
     lens = np.diff(win.offsets).tolist()
     assert lens == ([10, 10, 3] if held_user == 0 else [5])
     if held_user == 0:
@@ -366,9 +375,10 @@ def test_sequence_mrr_by_hand() -> None:
     df = pd.DataFrame({"user_id": [1, 1, 1, 2, 2, 2, 2, 3, 3], "item_id": [1, 1, 2, 3, 3, 3, 1, 2, 3],
                        "timestamp": range(9)})
     inter = Interactions.from_frame(df)
-    win = NE.sequence_windows(inter, test_users=1 / 3, window=10, seed=1)
-    pop = create_model("pop")
-    res = NE.evaluate_sequence_mrr(pop, win)
+    split = NE.sequence_mrr_split(inter, test_users=1 / 3, seed=1)
+    win = NE.cut_windows(split.test)
+    pop = create_model("pop").fit(split.train)
+    res = NE.evaluate_windows(pop, win)
     pop_rank = np.argsort(-pop.popularity_, kind="stable")
     targets = win.items[win.offsets[1:] - 1]
     expected = np.mean([1 / (1 + np.flatnonzero(pop_rank == t)[0]) for t in targets])
@@ -397,13 +407,13 @@ def test_cli_next_event_on_files(tmp_path: Path, chains: Interactions) -> None:
 
 
 def test_compare_on_next_item_protocols(chains: Interactions) -> None:
-    from recforge.evaluation.protocols import compare
-
-    table, results = compare(chains, {"pop": create_model("pop"), "sasrec": create_model("sasrec", **FAST)},
-                             protocol="next-event", progress=False)
+    res = compare(chains, {"pop": {"name": "pop"}, "sasrec": {"name": "sasrec", "params": FAST}},
+                  protocol="next-event", progress=False)
+    table = res.leaderboard
     assert table.iloc[0]["model"] == "sasrec" and "dcg@10" in table.columns and "hr@20" in table.columns
-    table, results = compare(chains, ["pop", "als"], protocol="sequence-mrr", progress=False)
-    assert list(results) == ["pop"]  # als cannot score a session and is skipped with a warning
+    assert res.params["sasrec"]["epochs"] <= FAST["epochs"]  # early-stopped on validation, then refitted
+    res = compare(chains, ["pop", "als"], protocol="sequence-mrr", progress=False)
+    assert list(res.results) == ["pop"] and "als" in res.skipped  # als cannot score a session: skipped
 
 
 def test_partial_fit_appends_history_without_touching_weights(planted, tmp_path) -> None:

@@ -106,13 +106,14 @@ def test_temporal_split_cuts(planted: Interactions) -> None:
 
 def test_next_event_samples_history(tiny_frame: pd.DataFrame) -> None:
     inter = Interactions.from_frame(tiny_frame)
-    samples = S.next_event_samples(inter, start=9)  # events at t >= 9: (5,e,9), (1,a,10), (1,c,20), (1,b,30)
+    late = inter.timestamps >= 9  # scored events: (5,e,9), (1,a,10), (1,c,20), (1,b,30)
+    samples = S.next_event_samples(inter.subset(~late), inter.subset(late))
     ids = inter.item_map.ids
     got = sorted(
         (int(inter.user_map.ids[u]), ids[i], "".join(ids[samples.history(s)]))
         for s, (u, i) in enumerate(zip(samples.users, samples.items))
     )
-    assert got == [(1, "a", ""), (1, "b", "ac"), (1, "c", "a"), (5, "e", "a")]
+    assert got == [(1, "b", "ac"), (1, "c", "a"), (5, "e", "a")]  # (1, a) has no earlier event: dropped
 
 
 def test_split_errors() -> None:

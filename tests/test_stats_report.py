@@ -10,7 +10,8 @@ from recforge import split as S
 from recforge.errors import DataError, UnknownNameError
 from recforge.evaluation import bootstrap_ci, leaderboard, paired_test, save_leaderboard, to_markdown
 from recforge.evaluation.evaluator import EvaluationResult
-from recforge.evaluation.protocols import compare, get_protocol
+from recforge.evaluation.protocols import get_protocol
+from recforge.experiments import compare
 
 
 def test_bootstrap_ci_covers_mean_and_shrinks() -> None:
@@ -58,13 +59,14 @@ def test_leaderboard_order_ci_and_pvalues(tmp_path) -> None:
 
 
 def test_compare_runs_models(planted) -> None:
-    table, _results = compare(planted, ["random", "pop", "bias"], protocol="loo", progress=False)
-    assert set(table["model"]) == {"random", "pop", "bias"}
-    assert table["model"].tolist()[0] == "pop"
-    assert "rmse" in table.columns and np.isnan(table.set_index("model").loc["pop", "rmse"])
-    assert table.set_index("model").loc["bias", "rmse"] > 0
+    res = compare(planted, ["random", "pop", "bias"], protocol="loo", progress=False)
+    assert res.leaderboard["model"].tolist() == ["pop", "random"]  # top-N models
+    assert res.ratings["model"].tolist() == ["bias"] and res.ratings.loc[0, "rmse"] > 0  # rating models apart
+    assert "recall@10" not in res.leaderboard.columns  # one test item per user: recall@10 would repeat hr@10
+    both = compare(planted, ["pop", "bias"], protocol="loo", progress=False, rank_rating_models=True)
+    assert set(both.leaderboard["model"]) == {"pop", "bias"}
     with pytest.raises(UnknownNameError, match="available protocols"):
         get_protocol("nope")
     for name in ("loo", "random", "temporal", "last5", "users"):
-        split = get_protocol(name).make(planted, seed=0)
+        (split,) = get_protocol(name).splits(planted, seed=0)
         assert isinstance(split, S.Split) and len(split.test) > 0

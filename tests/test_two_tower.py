@@ -123,16 +123,6 @@ def test_other_losses_learn(loo: S.Split, loss: str, rival: str) -> None:
     assert ours > theirs
 
 
-@pytest.mark.parametrize(
-    ("param", "value"),
-    [("loss", "hinge"), ("temperature", 0.0), ("hidden_sizes", [64, 0]), ("n_time_buckets", -1),
-     ("user_features", 3), ("valid_metric", "auc"), ("max_title_tokens", 0), ("text_encoder", 5)],
-)
-def test_bad_parameters_raise(planted: Interactions, param: str, value: object) -> None:
-    with pytest.raises(DataError, match=param):
-        TwoTower(**{**FAST, param: value}).fit(planted)
-
-
 def test_unknown_user_feature_column(planted: Interactions) -> None:
     with pytest.raises(DataError, match="nope"):
         TwoTower(**FAST, user_features=["nope"]).fit(planted)

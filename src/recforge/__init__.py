@@ -1,6 +1,6 @@
 """recforge: build, evaluate, simulate and serve recommender systems."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from recforge.data import Interactions
 from recforge.errors import RecforgeError

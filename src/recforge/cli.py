@@ -1,7 +1,8 @@
 """The ``recforge`` command line: a thin layer over the Python API.
 
-Every command maps onto public functions (datasets.load, split, create_model, evaluate, compare); errors that
-recforge raises on purpose are printed as one line and exit with status 2.
+Every command maps onto public functions (datasets.load, protocols, create_model, the fitting pipeline of
+``recforge.experiments``); errors that recforge raises on purpose are printed as one line and exit with status 2.
+Commands import what they need when they run, so ``recforge --help`` answers without loading torch.
 """
 
 from __future__ import annotations
@@ -132,17 +133,17 @@ def models_list() -> None:
 def split_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for train/valid/test files.")],
     dataset: DatasetOpt = DEFAULT_DATASET,
-    protocol: Annotated[str, typer.Option(help="loo, random, temporal, last5, users or folds.")] = "loo",
+    protocol: Annotated[str, typer.Option(help="A protocol of the registry (see `recforge protocols`).")] = "loo",
     fmt: Annotated[str, typer.Option("--format", help="csv or parquet.")] = "csv",
     seed: SeedOpt = 0,
 ) -> None:
     """Split a dataset and write train/valid/test files with the original ids."""
     from recforge.data.io import write_table
-    from recforge.evaluation.protocols import make_splits
+    from recforge.evaluation import get_protocol
 
     if fmt not in ("csv", "parquet"):
         raise typer.BadParameter("--format must be csv or parquet")
-    splits = make_splits(dataset, protocol, seed=seed, merge_valid=False)
+    splits = get_protocol(protocol).splits(dataset, seed=seed)
     for split in splits:
         folder = out if len(splits) == 1 else out / split.name
         for part in ("train", "valid", "test", "history"):
@@ -173,36 +174,36 @@ def train_cmd(
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
-def _read_parts(**files: Path | None) -> tuple[Any, Any]:
-    """Read labelled tables (e.g. train/valid/test) into one Interactions with a shared id map, plus the part
-    number of every row (the order of the keyword arguments; absent files are skipped)."""
-    import numpy as np
-    import pandas as pd
-
-    from recforge.data import Interactions, read_table
-    from recforge.errors import DataError
-
-    frames, labels = [], []
-    for number, (label, path) in enumerate(files.items()):
-        if path is None:
-            continue
-        df = read_table(path)
-        missing = [c for c in ("user_id", "item_id") if c not in df.columns]
-        if missing:
-            raise DataError(f"{label.upper()} file lacks column(s) {missing}; it has {list(df.columns)}")
-        if len(df) == 0:
-            raise DataError(f"{label.upper()} file has no rows")
-        frames.append(df)
-        labels.append(np.full(len(df), number, np.int8))
-    cols = [c for c in ("user_id", "item_id", "rating", "timestamp") if all(c in f.columns for f in frames)]
-    both = Interactions.from_frame(pd.concat([f[cols] for f in frames], ignore_index=True))
-    return both, np.concatenate(labels)
+ValidationOpt = Annotated[str, typer.Option(
+    help="Models that tune themselves on validation (early stopping, blend weights): refit (fit on train with "
+    "validation, refit on train + validation with what they chose, test), reuse (test the tuned model without a "
+    "second fit) or off (fit on train + validation as configured).")]
+WorkersOpt = Annotated[int, typer.Option(help="Trials in parallel (process pool or Ray).")]
+BackendOpt = Annotated[str, typer.Option(help="auto, serial, process or ray (with --workers > 1).")]
 
 
-def _train_test_from_files(train: Path, test: Path) -> tuple[Any, Any]:
-    """Read TRAIN and TEST tables and index them with one shared id map (items of both are ranked)."""
-    both, labels = _read_parts(train=train, test=test)
-    return both.subset(labels == 0), both.subset(labels == 1)
+def _model_params(assignments: list[str] | None, names: list[str]) -> dict[str, dict[str, Any]]:
+    """``--set MODEL.PARAM=VALUE`` pairs as parameters per model (``--set PARAM=VALUE`` with a single model)."""
+    from recforge.errors import ParameterError
+    from recforge.models import parse_params
+
+    out: dict[str, dict[str, Any]] = {}
+    for key, value in parse_params(assignments or []).items():
+        model, dot, param = key.rpartition(".")
+        if not dot:
+            if len(names) != 1:
+                raise ParameterError(f"--set {key}=...: name the model, as in ease.reg=300")
+            model, param = names[0], key
+        if model not in names:
+            raise ParameterError(f"--set {key}=...: {model!r} is not among the models {names}")
+        out.setdefault(model, {})[param] = value
+    return out
+
+
+def _split_files(**files: Path | None) -> dict[str, str] | None:
+    """The split files given on the command line as a dataset (None without --train)."""
+    given = {part: str(path) for part, path in files.items() if path is not None}
+    return given if "train" in given else None
 
 
 @app.command("evaluate")
@@ -211,72 +212,48 @@ def evaluate_cmd(
     train: Annotated[Path | None, typer.Option(help="Training file (CSV/Parquet: user_id,item_id[,rating,timestamp]).")] = None,
     test: Annotated[Path | None, typer.Option(help="Test file with the same columns.")] = None,
     valid: Annotated[
-        Path | None, typer.Option(help="Validation file (next-event protocol): early stopping of neural models.")
+        Path | None, typer.Option(help="Validation file: what models tune themselves on (epochs, weights).")
     ] = None,
+    items: Annotated[Path | None, typer.Option(help="Item side data (item_id, title, genres, ...) for the files.")] = None,
+    users: Annotated[Path | None, typer.Option(help="User side data (user_id, features) for the files.")] = None,
     dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset to split instead of files.")] = None,
-    protocol: Annotated[
-        str,
-        typer.Option(
-            help="loo, random, temporal, last5, users, cold-items, folds; next-event (temporal next-item samples, also on "
-            "--train/--test files) or sequence-mrr."
-        ),
-    ] = "loo",
+    protocol: Annotated[str, typer.Option(
+        help="A protocol of the registry (see `recforge protocols`); with --train/--test files it only says how to "
+        "score (e.g. next-event: every TEST row a sample with all earlier events as history).")] = "loo",
     set_: SetOpt = None,
-    k: KOpt = [10],  # noqa: B006 - typer needs a literal default
+    k: Annotated[list[int] | None, typer.Option("--k", "-k", help="List length(s); repeatable (default: the "
+                                                "protocol's).")] = None,
     exclude_seen: Annotated[bool, typer.Option(help="Exclude each user's training items.")] = True,
+    validation: ValidationOpt = "refit",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Keep the trials in this folder (resumable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with lower-case metric names.")] = False,
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
-    """Fit a model and report its metrics, on TRAIN/TEST files made elsewhere or on a dataset split here.
-
-    With --protocol next-event every TEST row is one sample whose history is all earlier events of that user
-    (TRAIN, VALID and earlier TEST rows); metrics are HR/DCG/Coverage at 5, 10 and 20 with seen items kept.
-    """
+    """Fit, tune and test one model through the fitting pipeline, on TRAIN/TEST files made elsewhere or on a
+    dataset split here, and report its metrics (and the parameters it was tested with)."""
     from recforge.errors import DataError
-    from recforge.evaluation.protocols import evaluate_protocol, make_splits, sequence_protocol
-    from recforge.split import Split
+    from recforge.experiments import compare
 
     if (train is None) != (test is None):
         raise DataError("give both --train and --test, or neither (then --dataset and --protocol)")
-    seq = sequence_protocol(protocol)
-    if valid is not None and (seq != "next-event" or train is None):
-        raise DataError("--valid is used with --protocol next-event and --train/--test files")
-    est = _model(model, set_, quiet or as_json)
-    show = not quiet and not as_json
-    if seq is not None:
-        from recforge.evaluation import next_event as NE
-
-        ks = NE.NEXT_EVENT_KS if k == [10] else k
-        if seq == "sequence-mrr":
-            if train is not None:
-                raise DataError("the sequence-mrr protocol splits a --dataset itself; it takes no files")
-            data = _load_dataset(dataset)
-            result = NE.evaluate_sequence_mrr(est, NE.sequence_windows(data, seed=seed))
-        elif train is not None and test is not None:
-            both, labels = _read_parts(train=train, valid=valid, test=test)  # parts 0, 1, 2 as task_from_labels wants
-            result = NE.evaluate_next_event_task(est, NE.task_from_labels(both, labels), k=ks, progress=show)
-        else:
-            result = NE.evaluate_next_event_task(est, NE.temporal_next_event(_load_dataset(dataset)), k=ks,
-                                                 progress=show)
-    else:
-        if train is not None and test is not None:
-            splits = [Split(*_train_test_from_files(train, test))]
-        else:
-            splits = make_splits(dataset or DEFAULT_DATASET, protocol, seed)
-        result = evaluate_protocol(est, splits, k=k, exclude_seen=exclude_seen, progress=show)
-    summary = dict(result.summary)
+    if train is None and (valid or items or users):
+        raise DataError("--valid, --items and --users go with --train/--test files")
+    data: Any = _split_files(train=train, valid=valid, test=test, items=items, users=users) or (
+        dataset or DEFAULT_DATASET)
+    params = _model_params(set_, [model])
+    result = compare(data, {model: {"name": model, "params": params.get(model, {})}}, protocol=protocol, k=k,
+                     seed=seed, progress=not quiet and not as_json, out=out, validation=validation,
+                     exclude_seen=exclude_seen, name="evaluate")
+    if model in result.skipped:
+        raise DataError(f"{model} could not be evaluated: {result.skipped[model]}")
+    summary = dict(result.results[model].summary)
     if as_json:
-        _echo_json(summary)
+        _echo_json({**summary, "params": result.params[model]})
     else:
         for key in sorted(summary):
             typer.echo(f"{key:>14}: {summary[key]:.4f}")
-
-
-def _load_dataset(name: str | None) -> Any:
-    from recforge.data.datasets import load
-
-    return load(name or DEFAULT_DATASET)
+        typer.echo(f"{'params':>14}: {json.dumps(result.params[model], sort_keys=True, default=str)}")
 
 
 # ---------------------------------------------------------------------------------------------- recommend
@@ -367,29 +344,70 @@ def similar_cmd(
 
 
 # ---------------------------------------------------------------------------------------------- compare
+def _print_tables(result: Any, title: str) -> None:
+    from recforge.evaluation import print_leaderboard
+
+    if len(result.leaderboard):
+        print_leaderboard(result.leaderboard, title=title)
+    if result.ratings is not None:
+        print_leaderboard(result.ratings, title=f"{title} · rating models")
+
+
+def _records(table: Any) -> list[dict[str, Any]] | None:
+    return None if table is None else json.loads(table.to_json(orient="records"))
+
+
+def _default_compare_folder(dataset: str, protocol: str, k: int | None, seed: int, validation: str) -> Path:
+    """results/compare/<dataset>-<protocol>[-k<k>][-seed<seed>][-<validation>]: one folder per experiment, so
+    comparing more models on the same split resumes the trials already run."""
+    from recforge.evaluation import get_protocol
+    from recforge.experiments.compare import dataset_slug
+
+    parts = [dataset_slug(dataset), get_protocol(protocol).name]
+    parts += [f"k{k}"] if k is not None else []
+    parts += [f"seed{seed}"] if seed else []
+    parts += [validation] if validation != "refit" else []
+    return Path("results") / "compare" / "-".join(parts)
+
+
 @app.command("compare")
 def compare_cmd(
     dataset: DatasetOpt = DEFAULT_DATASET,
     models: Annotated[str, typer.Option(help="Comma-separated model names.")] = DEFAULT_MODELS,
-    protocol: Annotated[
-        str,
-        typer.Option(help="loo, random, temporal, last5, users, cold-items, folds (ML-100K u1..u5), next-event or "
-                     "sequence-mrr."),
-    ] = "loo",
-    k: Annotated[int, typer.Option("--k", "-k", help="List length for the metrics.")] = 10,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for leaderboard.md/.csv/.png.")] = Path("results/compare"),
+    protocol: Annotated[str, typer.Option(help="A protocol of the registry (see `recforge protocols`): loo, "
+                                          "random, temporal, cold-items, folds, next-event, sequence-mrr, ...")] = "loo",
+    k: Annotated[int | None, typer.Option("--k", "-k", help="List length for the metrics (default: the "
+                                          "protocol's).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Model parameter as MODEL.PARAM=VALUE; "
+                                                   "repeatable.")] = None,
+    metrics: Annotated[str | None, typer.Option(help="Comma-separated leaderboard columns (every model in one "
+                                                "table).")] = None,
+    validation: ValidationOpt = "refit",
+    rank_rating_models: Annotated[bool, typer.Option(help="Rank rating models in the top-N leaderboard too.")] = False,
+    workers: WorkersOpt = 1,
+    backend: BackendOpt = "auto",
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Results folder (default: results/compare/"
+                                             "<dataset>-<protocol>); resumable.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the tables as JSON.")] = False,
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
-    """Fit several models on one split and print a leaderboard with 95% CIs (also saved as md, csv, png)."""
-    from recforge.evaluation import print_leaderboard, save_leaderboard
-    from recforge.evaluation.protocols import compare
+    """Fit, tune and test several models on the same split(s) and print a leaderboard with 95% CIs (rating
+    models in a separate rating table); every trial is saved, and a rerun resumes."""
+    from recforge.experiments import compare
 
     names = [m.strip() for m in models.split(",") if m.strip()]
-    table, _ = compare(dataset, names, protocol=protocol, k=k, seed=seed, progress=not quiet)
-    print_leaderboard(table, title=f"{dataset} · {table.attrs['title']} · k={k}")
-    paths = save_leaderboard(table, out)
-    typer.echo("saved: " + ", ".join(str(p) for p in paths.values()))
+    folder = out or _default_compare_folder(dataset, protocol, k, seed, validation)
+    result = compare(dataset, names, protocol=protocol, k=k, seed=seed, params=_model_params(set_, names),
+                     metrics=[m.strip() for m in metrics.split(",")] if metrics else None,
+                     progress=not quiet and not as_json, out=folder, workers=workers, backend=backend,
+                     validation=validation, rank_rating_models=rank_rating_models)
+    if as_json:
+        _echo_json({"leaderboard": _records(result.leaderboard), "ratings": _records(result.ratings),
+                    "params": result.params, "skipped": result.skipped, "out": str(folder)})
+        return
+    _print_tables(result, f"{dataset} · {result.leaderboard.attrs.get('title', protocol)}")
+    typer.echo(f"saved: {folder}")
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -406,20 +424,28 @@ def run_cmd(
         help="BLAS/numba/torch threads per trial (default: all cores serially, 1 per worker).")] = None,
     quiet: QuietOpt = False,
 ) -> None:
-    """Run an experiment config: grids tuned on validation, every trial saved, resumable; prints the leaderboard.
-    Under torchrun, neural models train data-parallel across the processes and only rank 0 writes."""
-    from recforge.evaluation import print_leaderboard
+    """Run an experiment config: tuned on validation, refitted and tested, every trial saved, resumable; prints
+    the leaderboard. Under torchrun, neural models train data-parallel across the processes and only rank 0
+    writes."""
     from recforge.experiments import ExperimentConfig, run_experiment
+    from recforge.neural.distributed import is_main_process
 
     cfg = ExperimentConfig.from_file(config)
     folder = out or Path("results") / cfg.name
-    from recforge.neural.distributed import is_main_process
-
-    table = run_experiment(cfg, folder, workers=workers, progress=not quiet, backend=backend, ray_address=ray_address,
-                           threads_per_worker=threads_per_worker)
+    result = run_experiment(cfg, folder, workers=workers, progress=not quiet, backend=backend,
+                            ray_address=ray_address, threads_per_worker=threads_per_worker)
     if is_main_process():
-        print_leaderboard(table, title=table.attrs.get("title"))
+        _print_tables(result, result.leaderboard.attrs.get("title", cfg.name))
         typer.echo(f"results: {folder}")
+
+
+@app.command("protocols")
+def protocols_list() -> None:
+    """List the evaluation protocols."""
+    from recforge.evaluation import PROTOCOLS
+
+    for name, proto in PROTOCOLS.items():
+        typer.echo(f"{name:<13} {proto.description}")
 
 
 # ---------------------------------------------------------------------------------------------- serve

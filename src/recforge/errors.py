@@ -15,6 +15,11 @@ class DataError(RecforgeError, ValueError):
     """Input data is malformed: a missing column, NaN or empty ids, an unreadable file, bad values."""
 
 
+class ParameterError(RecforgeError, ValueError):
+    """A hyper-parameter or setting is out of range, of the wrong type or unknown; the message names the model,
+    the parameter and what is allowed."""
+
+
 class EmptyDatasetError(DataError):
     """A dataset has no interactions (for example after filtering)."""
 

@@ -15,6 +15,7 @@ import pandas as pd
 import scipy.sparse as sp
 
 from recforge.data.idmap import IdMap, _as_id_array
+from recforge.data.io import read_table
 from recforge.data.sidedata import align_side_data
 from recforge.errors import DataError, DuplicateInteractionError, EmptyDatasetError, UnknownIdError
 
@@ -260,8 +261,6 @@ class Interactions:
     @classmethod
     def from_file(cls, path: str | PathLike[str], *, sep: str | None = None, **kwargs: Any) -> Interactions:
         """Read CSV, TSV, Parquet or JSON-lines (by extension) and build interactions; kwargs go to :meth:`from_frame`."""
-        from recforge.data.io import read_table
-
         return cls.from_frame(read_table(path, sep=sep), **kwargs)
 
     # ------------------------------------------------------------------ basic facts

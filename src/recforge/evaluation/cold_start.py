@@ -14,12 +14,12 @@ from collections.abc import Sequence
 import numpy as np
 import pandas as pd
 
-from recforge import split as S
+from recforge.core import metrics as M
+from recforge.core.ranking import rank_rows
+from recforge.data import split as S
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
-from recforge.evaluation import metrics as M
-from recforge.evaluation.evaluator import EvaluationResult, _ks, _same_maps
-from recforge.evaluation.ranking import rank_rows
+from recforge.evaluation.evaluator import EvaluationResult, check_ks, check_same_maps
 from recforge.models.base import Recommender
 
 
@@ -95,9 +95,9 @@ def evaluate_cold_items(
     (MovieLens), which would hand such a model a free, meaningless advantage; one shared random order would make
     its score a lottery on which ten items that order puts first. Per-user draws give it chance level.
     """
-    ks = _ks(k)
+    ks = check_ks(k)
     model._check_fitted()
-    _same_maps(model, split.test)
+    check_same_maps(model, split.test)
     candidates = cold_items(split)
     if not len(candidates):
         raise DataError("the split has no cold item (every test item occurs in train)")

@@ -11,12 +11,13 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from recforge.core import metrics as M
+from recforge.core.params import check_k
+from recforge.core.ranking import rank_rows
 from recforge.data.interactions import Interactions, gather_ranges
+from recforge.data.split import NextEventSamples
 from recforge.errors import DataError, EmptyDatasetError
-from recforge.evaluation import metrics as M
-from recforge.evaluation.ranking import rank_rows
-from recforge.models.base import RatingPredictor, Recommender, check_k
-from recforge.split import NextEventSamples
+from recforge.models.base import RatingPredictor, Recommender
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +42,16 @@ class EvaluationResult:
         return self.summary[metric]
 
 
-def _ks(k: int | Sequence[int]) -> list[int]:
+def check_ks(k: int | Sequence[int]) -> list[int]:
+    """The sorted distinct list lengths of ``k`` (one or several positive integers)."""
     ks = [k] if isinstance(k, (int, np.integer)) else list(k)
     if not ks:
         raise DataError("give at least one k")
     return sorted({check_k(x) for x in ks})
 
 
-def _same_maps(model: Recommender, test: Interactions) -> None:
+def check_same_maps(model: Recommender, test: Interactions) -> None:
+    """The test data must share the fitted model's id maps (indices are compared, not ids)."""
     if test.item_map is not model.item_map_ and test.item_map != model.item_map_:
         raise DataError("the test data and the model use different item id maps; split one Interactions object")
     if test.user_map is not model.user_map_ and test.user_map != model.user_map_:
@@ -71,11 +74,11 @@ def evaluate(
     model's training items (or ``exclude``, when given) are removed first. Ties are broken by the smaller item
     index. Rating models also get RMSE and MAE over the test rows (when the test data has ratings).
     """
-    ks = _ks(k)
+    ks = check_ks(k)
     model._check_fitted()
     if len(test) == 0:
         raise EmptyDatasetError("the test set is empty")
-    _same_maps(model, test)
+    check_same_maps(model, test)
     truth = test.csr("ones")
     users = np.flatnonzero(np.diff(truth.indptr) > 0)
     if exclude is not None:
@@ -120,7 +123,7 @@ def evaluate_next_event(
     Seen items are not excluded by default, as in the temporal protocol; with ``exclude_seen`` the sample's
     earlier items are excluded.
     """
-    ks = _ks(k)
+    ks = check_ks(k)
     model._check_fitted()
     if len(samples) == 0:
         raise EmptyDatasetError("there are no next-event samples to evaluate")
@@ -174,7 +177,7 @@ def evaluate_scores(
 ) -> dict[str, float]:
     """Metrics straight from a dense users × items score matrix (no model needed): mean of every per-user metric
     over users with test items, plus coverage."""
-    ks = _ks(k)
+    ks = check_ks(k)
     scores = np.asarray(scores, dtype=np.float32)
     test = test.tocsr()
     users = np.flatnonzero(np.diff(test.indptr) > 0)
@@ -196,11 +199,11 @@ def factorized_top_k(
     events whose item is among the model's top ``k`` of the whole catalogue for that user (nothing excluded by
     default, as in TFRS). Keys ``top{k}_accuracy``. Unlike ``hr@k`` (per user: any hit), a user with five test
     events counts five times."""
-    ks = _ks(list(ks))
+    ks = check_ks(list(ks))
     model._check_fitted()
     if len(test) == 0:
         raise EmptyDatasetError("the test set is empty")
-    _same_maps(model, test)
+    check_same_maps(model, test)
     counts = test.csr("ones")  # repeated (user, item) events are summed: they count as often as they occur
     users = np.flatnonzero(np.diff(counts.indptr) > 0)
     kmax = max(ks)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from rich.console import Console
+from rich.table import Table
 
 from recforge.data.io import atomic_path, save_figure, write_table
 from recforge.errors import DataError
@@ -122,9 +124,6 @@ def to_markdown(table: pd.DataFrame) -> str:
 
 def print_leaderboard(table: pd.DataFrame, title: str | None = None) -> None:
     """Print a leaderboard as a rich terminal table."""
-    from rich.console import Console
-    from rich.table import Table
-
     spec = display_columns(table)
     rt = Table(title=title, show_lines=False, caption="± = half-width of the 95% bootstrap CI; p_vs_best = paired t-test")
     for header, _ in spec:
@@ -160,13 +159,17 @@ def plot_leaderboard(table: pd.DataFrame, metric: str, path: str | Path) -> Path
     return save_figure(fig, path, dpi=120)
 
 
-def save_leaderboard(table: pd.DataFrame, out_dir: str | Path, metric: str | None = None) -> dict[str, Path]:
-    """Write ``leaderboard.md``, ``leaderboard.csv`` and ``leaderboard.png`` into ``out_dir``."""
+def save_leaderboard(
+    table: pd.DataFrame, out_dir: str | Path, metric: str | None = None, stem: str = "leaderboard"
+) -> dict[str, Path]:
+    """Write ``<stem>.md``, ``<stem>.csv`` and ``<stem>.png`` (default stem ``leaderboard``) into ``out_dir``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"csv": write_table(table, out / "leaderboard.csv")}
-    with atomic_path(out / "leaderboard.md") as tmp:
+    paths = {"csv": write_table(table, out / f"{stem}.csv")}
+    with atomic_path(out / f"{stem}.md") as tmp:
         tmp.write_text(to_markdown(table))
-    paths["md"] = out / "leaderboard.md"
-    paths["png"] = plot_leaderboard(table, metric or table.attrs.get("primary", table.columns[1]), out / "leaderboard.png")
+    paths["md"] = out / f"{stem}.md"
+    if len(table):
+        paths["png"] = plot_leaderboard(table, metric or table.attrs.get("primary", table.columns[1]),
+                                        out / f"{stem}.png")
     return paths

@@ -11,12 +11,19 @@ from pathlib import Path
 from typing import Any
 
 from recforge.errors import DataError
+from recforge.evaluation.protocols import get_protocol
+from recforge.models import get_model_class
 
 FILTERS = ("k_core", "min_user_count", "min_item_count", "rating_threshold", "deduplicate")
-
-
 #: Optuna pruners a search may name.
 PRUNERS = ("median", "hyperband", "none")
+#: How models that tune themselves on validation (early stopping, blend weights) are tested:
+#: ``refit`` (fit on train with validation, refit on train + validation with what was chosen, test),
+#: ``reuse`` (test the model fitted on train, the validation events added to its histories where it can take
+#: them, without a second fit) or ``off`` (fit on train + validation without validation, as configured).
+VALIDATION_MODES = ("refit", "reuse", "off")
+#: The parts of a dataset given as split files (``dataset: {train: ..., test: ...}``).
+SPLIT_FILES = ("train", "valid", "test", "items", "users")
 
 
 @dataclass
@@ -41,6 +48,15 @@ class ModelSpec:
         values = [self.grid[k] for k in keys]
         return [{**self.params, **dict(zip(keys, combo))} for combo in itertools.product(*values)] or [dict(self.params)]
 
+    def check(self) -> None:
+        """Fail early, before any data is read: an unknown model, unknown parameter names (grid and search space
+        included) or a fixed value a parameter does not accept."""
+        cls = get_model_class(self.name)
+        names = {**self.params, **{k: None for k in self.grid}, **{k: None for k in self.space}}
+        cls.check_param_names(names)
+        for params in self.combinations():
+            cls(**cls.check_param_names(params)).check_params()
+
     @property
     def tuned(self) -> bool:
         """Whether parameters are chosen on validation: a grid of several points or a search space."""
@@ -56,10 +72,16 @@ class ModelSpec:
 class ExperimentConfig:
     """An experiment: dataset (+ filters) → split protocol → models (with grids) → metrics.
 
-    ``dataset``: a dataset name or path, or ``{"name": ..., "options": {...}}`` (e.g. ``synthetic`` with generator
-    options). ``filters``: applied in order, e.g. ``{"k_core": 5}``. ``protocol``: any protocol of ``recforge
-    compare`` (``loo``, ``random``, ``temporal``, ``last5``, ``users``, ``cold-items``, ``folds``). ``k``: list
-    lengths; ``select_metric``: what grids are tuned on (validation part when the protocol has one).
+    ``dataset``: a dataset name or path, ``{"name": ..., "options": {...}}`` (e.g. ``synthetic`` with generator
+    options), or a split made elsewhere as files ``{"train": ..., "test": ..., "valid": ..., "items": ...,
+    "users": ...}`` (``valid``, ``items`` and ``users`` optional; the protocol then only says how to score).
+    ``filters``: applied in order, e.g. ``{"k_core": 5}``. ``protocol``: a name of the protocol registry
+    (:mod:`recforge.evaluation.protocols`). ``k``: list lengths (default: the protocol's); ``select_metric``:
+    what grids are tuned on (validation part when the protocol has one). ``validation``: how models that tune
+    themselves on validation are tested (:data:`VALIDATION_MODES`). ``metrics``: leaderboard columns (default:
+    the protocol's, top-N models in the leaderboard and rating models in a separate rating table; with
+    ``rank_rating_models`` rating models are also ranked in the leaderboard). ``exclude_seen``: top-N rankings
+    leave out each user's training items (protocols that keep them, such as next-event, ignore it).
     """
 
     name: str
@@ -67,12 +89,15 @@ class ExperimentConfig:
     models: list[ModelSpec]
     protocol: str = "loo"
     filters: dict[str, Any] = field(default_factory=dict)
-    k: list[int] = field(default_factory=lambda: [10])
+    k: list[int] | None = None
     metrics: list[str] | None = None
     select_metric: str = "ndcg@10"
     seed: int = 0
     workers: int = 1
     search: dict[str, Any] = field(default_factory=lambda: {"n_trials": 20, "timeout": None})
+    validation: str = "refit"
+    rank_rating_models: bool = False
+    exclude_seen: bool = True
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ExperimentConfig:
@@ -107,12 +132,29 @@ class ExperimentConfig:
             grid = spec.get("grid") or {}
             if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
                 raise DataError(f"models[{i}].grid must map parameter names to non-empty lists of values")
-            models.append(ModelSpec(spec["name"], dict(spec.get("params") or {}), grid, spec.get("label"), dict(space)))
+            model = ModelSpec(spec["name"], dict(spec.get("params") or {}), grid, spec.get("label"), dict(space))
+            model.check()
+            models.append(model)
         labels = [m.display for m in models]
         if len(set(labels)) != len(labels):
             raise DataError(f"two models share a label {labels}; give one of them a 'label'")
         cfg = cls(**{**raw, "models": models})
+        protocol = get_protocol(cfg.protocol)
+        cfg.protocol = protocol.name
+        if cfg.k is None:
+            cfg.k = list(protocol.ks)
         cfg.k = [cfg.k] if isinstance(cfg.k, int) else list(cfg.k)
+        if not cfg.k or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in cfg.k):
+            raise DataError(f"k must be a positive integer or a list of them, got {cfg.k!r}")
+        if cfg.validation not in VALIDATION_MODES:
+            raise DataError(f"validation must be one of {list(VALIDATION_MODES)}, got {cfg.validation!r}")
+        if isinstance(cfg.dataset, dict) and "name" not in cfg.dataset:
+            extra = sorted(set(cfg.dataset) - set(SPLIT_FILES))
+            if extra or "train" not in cfg.dataset or "test" not in cfg.dataset:
+                raise DataError(f"dataset must be a name, {{name, options}} or split files {{train, test[, valid, "
+                                f"items, users]}}; got keys {sorted(cfg.dataset)}")
+            if cfg.filters:
+                raise DataError("split files are used as they are: give no 'filters'")
         for name in cfg.filters:
             if name not in FILTERS:
                 raise DataError(f"unknown filter {name!r}; available filters: {list(FILTERS)}")

@@ -2,9 +2,9 @@
 
 Every executor keeps its workers for the whole experiment (started on first use, stopped by ``close``), so the
 cost of starting a worker and giving it the data is paid once, not once per batch of trials. Workers get the
-experiment's splits once: the process pool rebuilds them from the (seeded) config, Ray puts the driver's splits in
-its object store, from where every actor on every node reads them (numpy arrays without a copy on the same node).
-Results come back as trials finish, so each is saved at once and an interrupted run loses at most the running ones.
+experiment's splits once: the process pool with its initialiser, Ray through its object store, from where every
+actor on every node reads them (numpy arrays without a copy on the same node). Results come back as trials finish,
+so each is saved at once and an interrupted run loses at most the running ones.
 """
 
 from __future__ import annotations
@@ -13,17 +13,21 @@ import logging
 import multiprocessing
 import os
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any
 
-from recforge import split as S
+import numba
+import torch
+from threadpoolctl import threadpool_limits
+
+from recforge.core.device import torch_threads
+from recforge.data import split as S
 from recforge.errors import DataError, UnknownNameError
+from recforge.experiments.trials import Trial, TrialResult, run_trial
 
 log = logging.getLogger(__name__)
 
-Task = dict[str, Any]
-Result = dict[str, Any]
 BACKENDS = ("auto", "serial", "process", "ray")
 
 
@@ -58,17 +62,8 @@ def resolve_backend(backend: str, workers: int, ray_address: str | None) -> str:
 def limit_threads(threads: int = 1) -> None:
     """Cap BLAS, numba and torch threads in a worker: the workers are the parallelism, and N workers each
     starting one thread per core would oversubscribe the machine."""
-    from threadpoolctl import threadpool_limits
-
     threadpool_limits(threads)
-    try:
-        import numba
-
-        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
-    except (ImportError, ValueError):  # pragma: no cover
-        pass
-    import torch
-
+    numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
     torch.set_num_threads(threads)
 
 
@@ -78,25 +73,19 @@ class SerialExecutor:
     name = "serial"
     workers = 1
 
-    def __init__(self, splits: list[S.Split], run: Callable[[Task, list[S.Split], int | None], Result],
-                 threads: int | None = None) -> None:
+    def __init__(self, splits: list[S.Split], threads: int | None = None) -> None:
         self._splits = splits
-        self._run = run
         self._threads = threads
 
-    def map(self, tasks: list[Task]) -> Iterator[Result]:
+    def map(self, tasks: list[Trial]) -> Iterator[TrialResult]:
         """Results in task order, each as soon as it is computed."""
         if not self._threads:
             for task in tasks:
-                yield self._run(task, self._splits, None)
+                yield run_trial(task, self._splits, None)
             return
-        from threadpoolctl import threadpool_limits
-
-        from recforge.neural.device import torch_threads
-
         for task in tasks:  # the cap also reaches BLAS calls of models without a num_threads parameter
             with threadpool_limits(self._threads), torch_threads(self._threads):
-                result = self._run(task, self._splits, self._threads)
+                result = run_trial(task, self._splits, self._threads)
             yield result
 
     def close(self) -> None:
@@ -106,39 +95,35 @@ class SerialExecutor:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_process_worker(cfg_dict: dict[str, Any], threads: int) -> None:
-    from recforge.experiments.config import ExperimentConfig
-    from recforge.experiments.runner import _splits
-
+def _init_process_worker(splits: list[S.Split], threads: int) -> None:
     limit_threads(threads)
-    _WORKER["splits"] = _splits(ExperimentConfig.from_dict(cfg_dict))
+    _WORKER["splits"] = splits
     _WORKER["threads"] = threads
 
 
-def _run_in_process_worker(task: Task) -> Result:
-    from recforge.experiments.runner import run_task
-
-    return run_task(task, _WORKER["splits"], _WORKER["threads"])
+def _run_in_process_worker(task: Trial) -> TrialResult:
+    return run_trial(task, _WORKER["splits"], _WORKER["threads"])
 
 
 class ProcessExecutor:
-    """A local pool of ``workers`` spawned processes, started once per experiment, one thread each."""
+    """A local pool of ``workers`` spawned processes, started once per experiment, one thread each; every worker
+    receives the splits once, when it starts."""
 
     name = "process"
 
-    def __init__(self, cfg_dict: dict[str, Any], workers: int, threads_per_worker: int = 1) -> None:
+    def __init__(self, splits: list[S.Split], workers: int, threads_per_worker: int = 1) -> None:
         self.workers = workers
-        self._cfg = cfg_dict
+        self._splits = splits
         self._threads = threads_per_worker
         self._pool: ProcessPoolExecutor | None = None
 
-    def map(self, tasks: list[Task]) -> Iterator[Result]:
+    def map(self, tasks: list[Trial]) -> Iterator[TrialResult]:
         """Results in completion order."""
         if self._pool is None:
             # spawn, not fork: forking a process whose OpenMP/BLAS threads are running can deadlock the child
             self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_init_process_worker, initargs=(self._cfg, self._threads))
-        pending: set[Future[Result]] = {self._pool.submit(_run_in_process_worker, t) for t in tasks}
+                                             initializer=_init_process_worker, initargs=(self._splits, self._threads))
+        pending: set[Future[TrialResult]] = {self._pool.submit(_run_in_process_worker, t) for t in tasks}
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
@@ -159,10 +144,9 @@ class _RayTrialWorker:
         self._splits = splits
         self._threads = threads
 
-    def run(self, task: Task) -> Result:
-        from recforge.experiments.runner import run_task
-
-        return run_task(task, self._splits, self._threads)
+    def run(self, task: Trial) -> TrialResult:
+        """Fit and score one trial."""
+        return run_trial(task, self._splits, self._threads)
 
 
 def check_ray_address(address: str, timeout: float = 5.0) -> None:
@@ -218,7 +202,7 @@ class RayExecutor:
         self._actors = [actor.remote(ref, threads_per_worker) for _ in range(workers)]
         log.info("ray: %d trial workers on %s", workers, ray.get_runtime_context().gcs_address)
 
-    def map(self, tasks: list[Task]) -> Iterator[Result]:
+    def map(self, tasks: list[Trial]) -> Iterator[TrialResult]:
         """Results in completion order; every actor has one trial in flight, the next goes to whichever frees."""
         ray = self._ray
         queue = list(reversed(tasks))
@@ -242,23 +226,20 @@ class RayExecutor:
             self._ray.shutdown()
 
 
-def make_executor(backend: str, workers: int, splits: list[S.Split], cfg_dict: dict[str, Any],
-                  ray_address: str | None = None, threads_per_worker: int | None = None,
-                  ) -> SerialExecutor | ProcessExecutor | RayExecutor:
+def make_executor(backend: str, workers: int, splits: list[S.Split], ray_address: str | None = None,
+                  threads_per_worker: int | None = None) -> SerialExecutor | ProcessExecutor | RayExecutor:
     """The executor for ``backend`` (see :func:`resolve_backend`). ``threads_per_worker``: BLAS/numba/torch
     threads of each trial (default: all cores in this process, 1 per pool or Ray worker)."""
-    from recforge.experiments.runner import run_task
-
     name = resolve_backend(backend, workers, ray_address)
     if name == "serial":
-        return SerialExecutor(splits, run_task, threads_per_worker)
+        return SerialExecutor(splits, threads_per_worker)
     threads = threads_per_worker or 1
     if name == "process":
-        return ProcessExecutor(cfg_dict, max(1, workers), threads)
+        return ProcessExecutor(splits, max(1, workers), threads)
     try:
         return RayExecutor(splits, workers if workers > 1 or not ray_address else None, ray_address, threads)
     except Exception as exc:  # Ray start-up failures come in many types
         if backend != "auto" or ray_address:
             raise
         log.warning("could not start a local Ray (%s); running the trials in a process pool instead", exc)
-        return ProcessExecutor(cfg_dict, max(1, workers), threads)
+        return ProcessExecutor(splits, max(1, workers), threads)

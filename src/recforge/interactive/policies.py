@@ -10,18 +10,17 @@ from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Callable
 from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from recforge.core.topk import mask_and_topk
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError, UnknownNameError
 from recforge.models.base import Recommender
 from recforge.models.registry import create_model, get_model_class
-from recforge.models.topk import mask_and_topk
 
 log = logging.getLogger(__name__)
 
@@ -429,5 +428,3 @@ class OraclePolicy(Policy):
     def scores(self, users: np.ndarray) -> np.ndarray:
         return self.truth.z_all(users)
 
-
-PolicyFactory = Callable[[], Policy]

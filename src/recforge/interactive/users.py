@@ -21,6 +21,7 @@ import numpy as np
 
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
+from recforge.models import create_model
 
 
 @dataclass
@@ -125,8 +126,6 @@ class TruePreferences:
 
         ``intent_features``: a ``|``-separated item column (default ``genres``) whose labels users' intents are
         made of, when the data has it; otherwise the item factors' axes."""
-        from recforge.models import create_model
-
         defaults = {"als": {"n_factors": 64, "progress": False}}.get(model, {})
         est = create_model(model, **{**defaults, "seed": seed, **params}).fit(data)
         if not hasattr(est, "user_factors_"):

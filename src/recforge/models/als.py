@@ -11,20 +11,21 @@ half-sweep (``YᵀY``) is BLAS.
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numba
 import numpy as np
 import scipy.sparse as sp
 from numba import njit, prange
 
+from recforge.core.params import Boolean, Choice, Constraint, Integer, Real
+from recforge.core.progress import EpochProgress
+from recforge.core.sparse import csr_from_state, csr_to_state, merge_csr
+from recforge.core.threads import thread_limits
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
 from recforge.models.factors import FactorModel, FactorRatingModel
-from recforge.models.params import check_choice, check_int, check_number
-from recforge.models.progress import EpochProgress
 from recforge.models.registry import register
-from recforge.models.threads import thread_limits
 
 log = logging.getLogger(__name__)
 
@@ -329,42 +330,6 @@ def implicit_half_step(
         _implicit_exact(R.indptr, R.indices, conf, rows, X, Y, G, _n_chunks(len(rows)))
 
 
-def _merge_csr(old: sp.csr_matrix, new: sp.csr_matrix, how: Literal["sum", "replace"]) -> sp.csr_matrix:
-    """``old`` resized to ``new``'s shape with ``new``'s entries added (``sum``) or overwriting (``replace``).
-
-    Works on coordinates rather than sparse arithmetic so that explicit zero entries (a rating of 0) survive."""
-    n_rows, n_cols = new.shape
-    o, n = old.tocoo(), new.tocoo()
-    keys = np.concatenate([o.row.astype(np.int64) * n_cols + o.col, n.row.astype(np.int64) * n_cols + n.col])
-    vals = np.concatenate([o.data, n.data]).astype(np.float64)
-    if how == "sum":
-        uniq, inv = np.unique(keys, return_inverse=True)
-        data = np.bincount(inv, weights=vals, minlength=len(uniq))
-    else:
-        # the last occurrence of a key wins: unique over the reversed arrays finds it first
-        uniq, first = np.unique(keys[::-1], return_index=True)
-        data = vals[::-1][first]
-    out = sp.csr_matrix(
-        (data.astype(np.float32), (uniq // n_cols, uniq % n_cols)), shape=(n_rows, n_cols), dtype=np.float32
-    )
-    out.sort_indices()
-    return out
-
-
-def _csr_state(prefix: str, mat: sp.csr_matrix) -> dict[str, np.ndarray]:
-    return {
-        f"{prefix}_indptr": mat.indptr.astype(np.int64),
-        f"{prefix}_indices": mat.indices.astype(np.int32),
-        f"{prefix}_data": mat.data.astype(np.float32),
-    }
-
-
-def _csr_from_state(prefix: str, state: dict[str, Any], shape: tuple[int, int]) -> sp.csr_matrix:
-    return sp.csr_matrix(
-        (state[f"{prefix}_data"], state[f"{prefix}_indices"], state[f"{prefix}_indptr"]), shape=shape
-    )
-
-
 # ---------------------------------------------------------------------------------------------------- models
 @register("als", "wals", "implicit-als")
 class ImplicitALS(FactorModel):
@@ -374,7 +339,7 @@ class ImplicitALS(FactorModel):
     Every (user, item) cell is fitted: preference ``p_ui = 1`` where the user interacted, else 0, with
     confidence ``c_ui = 1 + alpha·r_ui`` (``confidence="linear"``) or ``1 + alpha·log(1 + r_ui/eps)``
     (``"log"``), where ``r_ui`` is the interaction count or summed weight (``interactions.csr("auto")``); unseen
-    cells weigh 1. Loss ``Σ c_ui (p_ui - x_u·y_i)² + reg (‖X‖² + ‖Y‖²)``. Each of the ``iterations`` sweeps
+    cells weigh 1. Loss ``Σ c_ui (p_ui - x_u·y_i)² + reg (‖X‖² + ‖Y‖²)``. Each of the ``epochs`` sweeps
     solves all users then all items: ``solver="cg"`` takes ``cg_steps`` conjugate-gradient steps per row from the
     previous factors (cheap, converges over the sweeps); ``"cholesky"`` solves each row exactly (O(k³) per row,
     for checking and small problems). Rows are independent, so any ``num_threads`` gives the same factors.
@@ -386,21 +351,37 @@ class ImplicitALS(FactorModel):
     Note ``alpha`` differs from the ``implicit`` library's, whose confidence is ``alpha·r`` without the 1.
 
     Defaults were chosen on the leave-one-out validation event (train → valid) of ML-100K and
-    ml-latest-small, NDCG@10, with 64 factors, 15 iterations and 3 CG steps fixed: grid reg ∈ {1, 3, 5, 10, 15,
+    ml-latest-small, NDCG@10, with 64 factors, 15 epochs and 3 CG steps fixed: grid reg ∈ {1, 3, 5, 10, 15,
     20, 30, 50, 100, 200, 300, 1000} × alpha ∈ {0, 0.1, 0.25, 0.5, 1, 2, 5, 10, 20, 40, 50, 100} (partly
     crossed: reg 5-10 with alpha ≤ 0.5 is a flat plateau, larger reg needs proportionally larger alpha) and
     confidence linear/log (the same thing on
     data without repeats). The defaults (reg 10, alpha 0.25) have the best mean over both datasets (validation
     NDCG@10 0.0674 / 0.0365); per dataset the best were reg 10, alpha 0.1 (ML-100K, 0.0682) and reg 100,
-    alpha 20 (ml-latest-small, 0.0414, an isolated peak).
+    alpha 20 (ml-latest-small, 0.0414, an isolated peak). (``epochs`` was called ``iterations`` before 0.2.)
     """
+
+    renamed_params: ClassVar[dict[str, str]] = {"iterations": "epochs"}
+    param_constraints: ClassVar[dict[str, Constraint]] = {
+        "n_factors": Integer(1),
+        "reg": Real(0),
+        "alpha": Real(0),
+        "epochs": Integer(0),
+        "confidence": Choice("linear", "log"),
+        "eps": Real(0, strict=True),
+        "solver": Choice("cg", "cholesky"),
+        "cg_steps": Integer(1),
+        "init_std": Real(0),
+        "seed": Integer(0),
+        "progress": Boolean(),
+        "num_threads": Integer(0),
+    }
 
     def __init__(
         self,
         n_factors: int = 64,
         reg: float = 10.0,
         alpha: float = 0.25,
-        iterations: int = 15,
+        epochs: int = 15,
         confidence: Literal["linear", "log"] = "linear",
         eps: float = 1.0,
         solver: Literal["cg", "cholesky"] = "cg",
@@ -413,7 +394,7 @@ class ImplicitALS(FactorModel):
         self.n_factors = n_factors
         self.reg = reg
         self.alpha = alpha
-        self.iterations = iterations
+        self.epochs = epochs
         self.confidence = confidence
         self.eps = eps
         self.solver = solver
@@ -425,17 +406,6 @@ class ImplicitALS(FactorModel):
 
     supports_partial_fit = True
 
-    def _check_params(self) -> None:
-        check_int(self, "n_factors")
-        check_int(self, "iterations", 0)
-        check_int(self, "cg_steps")
-        check_number(self, "reg")
-        check_number(self, "alpha")
-        check_number(self, "eps", strict=True)
-        check_number(self, "init_std")
-        check_choice(self, "confidence", ("linear", "log"))
-        check_choice(self, "solver", ("cg", "cholesky"))
-
     def _confidence(self, values: np.ndarray) -> np.ndarray:
         v = values.astype(np.float64)
         if self.confidence == "log":
@@ -445,7 +415,6 @@ class ImplicitALS(FactorModel):
         return c.astype(np.float32)
 
     def _fit(self, interactions: Interactions) -> None:
-        self._check_params()
         R = interactions.csr("auto").astype(np.float32)
         if R.data.size and R.data.min() < 0:
             raise DataError("ImplicitALS needs non-negative counts or weights; drop or shift negative weights")
@@ -458,7 +427,7 @@ class ImplicitALS(FactorModel):
         Rt = R.T.tocsr()
         Rt.sort_indices()
         conf_i = self._confidence(Rt.data)
-        bar = EpochProgress(self.iterations, "ImplicitALS", enabled=self.progress)
+        bar = EpochProgress(self.epochs, "ImplicitALS", enabled=self.progress)
         with thread_limits(self.num_threads):
             for _ in bar:
                 implicit_half_step(R, conf_u, X, Y, self.reg, self.solver, self.cg_steps)
@@ -478,8 +447,7 @@ class ImplicitALS(FactorModel):
         return (full + corr + penalty) / max(1, R.nnz)
 
     def _partial_fit(self, new: Interactions) -> None:
-        self._check_params()
-        R = _merge_csr(self.interactions_, new.csr("auto").astype(np.float32), "sum")
+        R = merge_csr(self.interactions_, new.csr("auto").astype(np.float32), "sum")
         self.interactions_ = R
         Rt = R.T.tocsr()
         Rt.sort_indices()
@@ -491,12 +459,12 @@ class ImplicitALS(FactorModel):
         self.user_factors_, self.item_factors_ = X, Y
 
     def _state(self) -> dict[str, Any]:
-        return {**super()._state(), **_csr_state("interactions", self.interactions_)}
+        return {**super()._state(), **csr_to_state("interactions", self.interactions_, "_")}
 
     def _load_state(self, state: dict[str, Any]) -> None:
         super()._load_state(state)
         shape = (self.user_factors_.shape[0], self.item_factors_.shape[0])
-        self.interactions_ = _csr_from_state("interactions", state, shape)
+        self.interactions_ = csr_from_state("interactions", state, shape, "_")
 
 
 @register("biasedals", "als-explicit")
@@ -504,7 +472,7 @@ class BiasedALS(FactorRatingModel):
     """Explicit-rating matrix factorisation with biases by alternating least squares:
     ``r_ui ≈ μ + b_u + b_i + p_u·q_i``.
 
-    ``μ`` is the mean training rating; biases start from damped means (``damping``). Each of the ``iterations``
+    ``μ`` is the mean training rating; biases start from damped means (``damping``). Each of the ``epochs``
     sweeps solves every user's ``[p_u, b_u]`` exactly (Cholesky per row) by regressing ``r_ui - μ - b_i`` on the
     augmented design ``[q_i, 1]``, then every item's ``[q_i, b_i]`` symmetrically, so biases and factors are fitted
     jointly. Regularisation ``reg`` (factors) and ``bias_reg`` (biases) is multiplied by the row's rating count
@@ -514,17 +482,32 @@ class BiasedALS(FactorRatingModel):
 
     Defaults were chosen on a random 10% validation carve of ML-100K ``u1.base`` (``random_split(u1.train,
     0.1, seed=0)``; the test file is never used), RMSE, 50 factors: grid reg ∈ {0.05, 0.08, 0.1, 0.15, 0.2, 0.3}
-    × bias_reg ∈ {0, 0.02, 0.05, 0.1, 0.2} × iterations ∈ {5, 10, 20, 30}, and unweighted regularisation with
+    × bias_reg ∈ {0, 0.02, 0.05, 0.1, 0.2} × epochs ∈ {5, 10, 20, 30}, and unweighted regularisation with
     reg ∈ {5, 10, 20} × bias_reg ∈ {1, 5}. Winner reg 0.15, bias_reg 0.05 (validation RMSE 0.9196 at 10
-    iterations; 20 or 30 iterations gain 0.0007 at two or three times the cost, so 10 as in LensKit).
+    epochs; 20 or 30 epochs gain 0.0007 at two or three times the cost, so 10 as in LensKit). (``epochs`` was
+    called ``iterations`` before 0.2.)
     """
+
+    renamed_params: ClassVar[dict[str, str]] = {"iterations": "epochs"}
+    param_constraints: ClassVar[dict[str, Constraint]] = {
+        "n_factors": Integer(1),
+        "reg": Real(0),
+        "bias_reg": Real(0),
+        "epochs": Integer(0),
+        "weighted_reg": Boolean(),
+        "damping": Real(0),
+        "init_std": Real(0),
+        "seed": Integer(0),
+        "progress": Boolean(),
+        "num_threads": Integer(0),
+    }
 
     def __init__(
         self,
         n_factors: int = 50,
         reg: float = 0.15,
         bias_reg: float = 0.05,
-        iterations: int = 10,
+        epochs: int = 10,
         weighted_reg: bool = True,
         damping: float = 5.0,
         init_std: float = 0.1,
@@ -535,7 +518,7 @@ class BiasedALS(FactorRatingModel):
         self.n_factors = n_factors
         self.reg = reg
         self.bias_reg = bias_reg
-        self.iterations = iterations
+        self.epochs = epochs
         self.weighted_reg = weighted_reg
         self.damping = damping
         self.init_std = init_std
@@ -545,19 +528,7 @@ class BiasedALS(FactorRatingModel):
 
     supports_partial_fit = True
 
-    def _check_params(self) -> None:
-        cls = type(self).__name__
-        check_int(self, "n_factors")
-        check_int(self, "iterations", 0)
-        check_number(self, "reg")
-        check_number(self, "bias_reg")
-        check_number(self, "damping")
-        check_number(self, "init_std")
-        if not isinstance(self.weighted_reg, (bool, np.bool_)):
-            raise DataError(f"{cls}.weighted_reg must be True or False, got {self.weighted_reg!r}")
-
     def _fit(self, interactions: Interactions) -> None:
-        self._check_params()
         self._fit_rating_range(interactions)
         R = interactions.csr("rating").astype(np.float32)
         self.ratings_ = R
@@ -570,7 +541,7 @@ class BiasedALS(FactorRatingModel):
         k = self.n_factors
         X = (rng.standard_normal((R.shape[0], k)) * self.init_std).astype(np.float32)
         Y = (rng.standard_normal((R.shape[1], k)) * self.init_std).astype(np.float32)
-        bar = EpochProgress(self.iterations, "BiasedALS", enabled=self.progress)
+        bar = EpochProgress(self.epochs, "BiasedALS", enabled=self.progress)
         with thread_limits(self.num_threads):
             for _ in bar:
                 self._half(R, X, bu, Y, bi, np.arange(R.shape[0]))
@@ -582,8 +553,8 @@ class BiasedALS(FactorRatingModel):
         self.user_bias_, self.item_bias_ = bu, bi
 
     def _damped_biases(self, R: sp.csr_matrix, Rt: sp.csr_matrix, mu: float) -> tuple[np.ndarray, np.ndarray]:
-        """Item then user damped means of the residuals, the usual starting point (and all a factor-free
-        iteration count of zero leaves)."""
+        """Item then user damped means of the residuals, the usual starting point (and all that zero
+        epochs leave)."""
         n_i = np.diff(Rt.indptr)
         sum_i = np.add.reduceat(np.r_[Rt.data.astype(np.float64) - mu, 0.0], Rt.indptr[:-1]) * (n_i > 0)
         bi = sum_i / (n_i + self.damping + (n_i == 0))
@@ -604,8 +575,7 @@ class BiasedALS(FactorRatingModel):
             )
 
     def _partial_fit(self, new: Interactions) -> None:
-        self._check_params()
-        R = _merge_csr(self.ratings_, new.csr("rating").astype(np.float32), "replace")
+        R = merge_csr(self.ratings_, new.csr("rating").astype(np.float32), "replace")
         self.ratings_ = R
         Rt = R.T.tocsr()
         Rt.sort_indices()
@@ -622,9 +592,9 @@ class BiasedALS(FactorRatingModel):
         self.rating_max_ = max(self.rating_max_, float(new.ratings.max()))
 
     def _state(self) -> dict[str, Any]:
-        return {**super()._state(), **_csr_state("ratings", self.ratings_)}
+        return {**super()._state(), **csr_to_state("ratings", self.ratings_, "_")}
 
     def _load_state(self, state: dict[str, Any]) -> None:
         super()._load_state(state)
         shape = (self.user_factors_.shape[0], self.item_factors_.shape[0])
-        self.ratings_ = _csr_from_state("ratings", state, shape)
+        self.ratings_ = csr_from_state("ratings", state, shape, "_")

@@ -8,11 +8,13 @@ top-k, batching, save/load — lives here once.
 
 from __future__ import annotations
 
+import functools
 import inspect
 import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -23,29 +25,26 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 import recforge
+from recforge.core.params import Constraint, check_k, check_params, translate_renamed
+from recforge.core.sparse import merge_csr, pad_csr, pattern
+from recforge.core.topk import batch_rows, mask_and_topk
 from recforge.data.idmap import IdMap
 from recforge.data.interactions import Interactions
 from recforge.data.io import atomic_directory
-from recforge.errors import ArtifactError, DataError, EmptyDatasetError, NotFittedError, UnsupportedError
-from recforge.models.topk import mask_and_topk
+from recforge.errors import (
+    ArtifactError,
+    DataError,
+    EmptyDatasetError,
+    NotFittedError,
+    ParameterError,
+    UnsupportedError,
+)
+from recforge.models.registry import get_model_class
 
 log = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = "recforge-model"
 ARTIFACT_VERSION = 1
-_SCORE_BLOCK_BYTES = 64 * 2**20  # bound on one dense score block while recommending
-
-
-def check_k(k: int) -> int:
-    """Validate a list length ``k`` (a positive integer)."""
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
-        raise DataError(f"k must be a positive integer, got {k!r}")
-    return int(k)
-
-
-def batch_rows(n_items: int, budget_bytes: int = _SCORE_BLOCK_BYTES) -> int:
-    """How many users to score at once so a float32 block stays within the budget."""
-    return max(1, min(65536, budget_bytes // max(1, 4 * n_items)))
 
 
 class Recommender:
@@ -69,6 +68,21 @@ class Recommender:
     #: True for models trained by :class:`recforge.neural.trainer.Trainer`: they report a validation score after
     #: every epoch through its callbacks (Optuna pruning listens there).
     uses_trainer: ClassVar[bool] = False
+    #: What every constructor parameter accepts (checked by ``fit``; see :mod:`recforge.core.params`).
+    param_constraints: ClassVar[dict[str, Constraint]] = {}
+    #: Old parameter names still accepted for one release (old name -> vocabulary name), with a FutureWarning.
+    renamed_params: ClassVar[dict[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        init = cls.__dict__.get("__init__")
+        if init is not None and cls.renamed_params:
+
+            @functools.wraps(init)  # inspect.signature follows __wrapped__: the parameters stay the new names
+            def renaming_init(self: Recommender, *args: Any, **params: Any) -> None:
+                init(self, *args, **translate_renamed(type(self).__name__, type(self).renamed_params, params))
+
+            cls.__init__ = renaming_init  # type: ignore[method-assign]
 
     # ------------------------------------------------------------------ parameters
     @classmethod
@@ -76,18 +90,31 @@ class Recommender:
         sig = inspect.signature(cls.__init__)
         return [p.name for p in sig.parameters.values() if p.name != "self" and p.kind == p.POSITIONAL_OR_KEYWORD]
 
+    @classmethod
+    def check_param_names(cls, params: dict[str, Any]) -> dict[str, Any]:
+        """``params`` with renamed parameters translated (FutureWarning); unknown names raise
+        :class:`~recforge.errors.ParameterError` listing the valid ones."""
+        params = translate_renamed(cls.__name__, cls.renamed_params, dict(params))
+        valid = cls._param_names()
+        unknown = [p for p in params if p not in valid]
+        if unknown:
+            raise ParameterError(f"{cls.__name__} has no parameter(s) {unknown}; valid parameters: {valid}")
+        return params
+
     def get_params(self) -> dict[str, Any]:
         """Hyper-parameters as a dict (JSON-serialisable), as given to the constructor."""
         return {name: getattr(self, name) for name in self._param_names()}
 
     def set_params(self, **params: Any) -> Recommender:
-        """Set hyper-parameters; unknown names raise :class:`DataError` listing the valid ones."""
-        valid = self._param_names()
-        for key, value in params.items():
-            if key not in valid:
-                raise DataError(f"{type(self).__name__} has no parameter {key!r}; valid parameters: {valid}")
+        """Set hyper-parameters; unknown names raise :class:`~recforge.errors.ParameterError`."""
+        for key, value in self.check_param_names(params).items():
             setattr(self, key, value)
         return self
+
+    def check_params(self) -> None:
+        """Check every hyper-parameter against ``param_constraints`` (``fit`` does this first); the first bad
+        one raises :class:`~recforge.errors.ParameterError` naming the model, the parameter and the range."""
+        check_params(self, self.param_constraints, self.get_params())
 
     def __repr__(self) -> str:
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_params().items())
@@ -97,10 +124,13 @@ class Recommender:
     def fit(self, interactions: Interactions, valid: Interactions | None = None) -> Recommender:
         """Fit on interactions; returns ``self``.
 
-        ``valid`` (same id maps as ``interactions``) is used by models with ``supports_validation`` for early
-        stopping — each of its events is a next-item target whose history is the user's earlier events — and
-        ignored by the others.
+        ``valid`` (same id maps as ``interactions``) is used by models with ``supports_validation`` to choose
+        what they tune while fitting (the number of epochs by early stopping, blend weights) — each validation
+        event is a held-out target whose history is the user's earlier events — and ignored by the others.
+        What was chosen is kept in ``tuned_params_``: refitting a copy of the model with those parameters on
+        train + validation, without ``valid``, reproduces the choice on more data.
         """
+        self.check_params()
         if not isinstance(interactions, Interactions):
             raise DataError(f"fit expects recforge Interactions, got {type(interactions).__name__}")
         if len(interactions) == 0:
@@ -123,6 +153,7 @@ class Recommender:
             if data is not None and "title" in data.columns
             else None
         )
+        self.tuned_params_: dict[str, Any] = {}
         if self.supports_validation:
             self._fit(interactions, valid)  # type: ignore[call-arg]
         else:
@@ -162,7 +193,8 @@ class Recommender:
             raise DataError(f"{type(self).__name__} updates need a rating column")
         n_new_users, n_new_items = len(user_map) - self.n_users_, len(item_map) - self.n_items_
         self.user_map_, self.item_map_ = user_map, item_map
-        self.seen_ = _grow_csr(self.seen_, len(user_map), len(item_map), new.users, new.items)
+        self.seen_ = merge_csr(pad_csr(self.seen_, len(user_map), len(item_map)),
+                               pattern(new.users, new.items, (len(user_map), len(item_map))), "ones")
         if getattr(self, "item_titles_", None) is not None and n_new_items:
             self.item_titles_ = np.concatenate([self.item_titles_, np.full(n_new_items, "", dtype=self.item_titles_.dtype)])
         self._grow(n_new_users, n_new_items)
@@ -249,8 +281,7 @@ class Recommender:
         idx = self.item_map_.to_index(ids, on_unknown=on_unknown, what="items") if ids.size else np.zeros(0, np.int32)
         scores = self.score_histories([idx])
         if exclude_history and idx.size:
-            excl = sp.csr_matrix((np.ones(idx.size, np.float32), idx, [0, idx.size]), shape=(1, self.n_items_))
-            excl.sum_duplicates()
+            excl = pattern(np.zeros(idx.size, np.int64), idx, (1, self.n_items_))
             top, top_s = mask_and_topk(scores, min(k, self.n_items_), excl.indptr, excl.indices)
         else:
             top, top_s = mask_and_topk(scores, min(k, self.n_items_))
@@ -283,7 +314,7 @@ class Recommender:
         k = check_k(k)
         ids = np.atleast_1d(np.asarray(items))
         idx = self.item_map_.to_index(ids, on_unknown=on_unknown, what="items") if ids.size else np.zeros(0, np.int32)
-        top, top_s = self._similar_indices(np.asarray(idx, dtype=np.int64), min(k, max(self.n_items_ - 1, 1)))
+        top, top_s = self.similar_indices(idx, k)
         valid = top >= 0
         rows = np.repeat(np.arange(len(idx)), valid.sum(axis=1))
         out = pd.DataFrame(
@@ -298,6 +329,17 @@ class Recommender:
             out["title"] = self.item_titles_[top[valid]]
         return out
 
+    def similar_indices(self, items: np.ndarray, k: int = 10) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` similar item indices and scores for item *indices* (each item itself excluded), padded with
+        ``-1`` / ``-inf``; models without an item-to-item similarity raise
+        :class:`~recforge.errors.UnsupportedError`."""
+        self._check_fitted()
+        k = check_k(k)
+        items = np.asarray(items, dtype=np.int64).reshape(-1)
+        if items.size and (items.min() < 0 or items.max() >= self.n_items_):
+            raise DataError(f"item indices must lie in [0, {self.n_items_}); translate ids with item_map_ first")
+        return self._similar_indices(items, min(k, max(self.n_items_ - 1, 1)))
+
     def _similar_indices(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` similar item indices and scores per item index (itself excluded); ``-1`` pads."""
         raise UnsupportedError(f"{type(self).__name__} has no item-to-item similarity")
@@ -308,11 +350,17 @@ class Recommender:
         k: int = 10,
         exclude: sp.csr_matrix | None = None,
         batch_size: int | None = None,
+        extra_exclude: Sequence[np.ndarray] | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-``k`` item indices and scores for user indices, excluding the items of ``exclude`` (a user × item
-        CSR pattern, e.g. ``seen_``). Padded with ``-1`` / ``-inf`` when fewer than ``k`` items are left."""
+        CSR pattern indexed by user, e.g. ``seen_``) and, per requested user, the item indices of
+        ``extra_exclude`` (e.g. feedback not yet learned). Padded with ``-1`` / ``-inf`` when fewer than ``k``
+        items are left."""
+        self._check_fitted()
         k = check_k(k)
         users = np.asarray(users, dtype=np.int64).reshape(-1)
+        if extra_exclude is not None and len(extra_exclude) != len(users):
+            raise DataError(f"extra_exclude needs one array per user ({len(users)}), got {len(extra_exclude)}")
         k_eff = min(k, self.n_items_)
         out_i = np.full((len(users), k_eff), -1, np.int32)
         out_s = np.full((len(users), k_eff), -np.inf, np.float32)
@@ -320,8 +368,13 @@ class Recommender:
         for lo in range(0, len(users), step):
             block_users = users[lo : lo + step]
             scores = self.score(block_users)
-            if exclude is not None:
-                sub = exclude[block_users]
+            sub = None if exclude is None else exclude[block_users]
+            if extra_exclude is not None:
+                rows = np.repeat(np.arange(len(block_users)), [len(e) for e in extra_exclude[lo : lo + step]])
+                cols = np.concatenate([np.asarray(e, np.int64) for e in extra_exclude[lo : lo + step]] or [[]])
+                more = pattern(rows, cols.astype(np.int64), (len(block_users), self.n_items_))
+                sub = more if sub is None else merge_csr(sub, more, "ones")
+            if sub is not None:
                 idx, sc = mask_and_topk(scores, k_eff, sub.indptr, sub.indices)
             else:
                 idx, sc = mask_and_topk(scores, k_eff)
@@ -410,8 +463,6 @@ class Recommender:
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Recommender:
         """Load a model saved by :meth:`save`. Called on the base class, it returns whatever model was saved."""
-        from recforge.models.registry import get_model_class
-
         p = Path(path)
         meta_path = p / "model.json"
         if not meta_path.is_file():
@@ -452,11 +503,11 @@ class RatingPredictor(Recommender):
 
     predicts_ratings: ClassVar[bool] = True
 
-    def fit(self, interactions: Interactions) -> RatingPredictor:
-        """Fit on interactions with ratings; returns ``self``."""
+    def fit(self, interactions: Interactions, valid: Interactions | None = None) -> RatingPredictor:
+        """Fit on interactions with ratings; returns ``self`` (``valid`` as for :meth:`Recommender.fit`)."""
         if isinstance(interactions, Interactions) and interactions.ratings is None and len(interactions):
             raise DataError(f"{type(self).__name__} predicts ratings and needs a rating column; the data has none")
-        super().fit(interactions)
+        super().fit(interactions, valid)
         return self
 
     def predict(self, users: Any, items: Any) -> np.ndarray:
@@ -485,17 +536,6 @@ def flat_histories(histories: Any) -> tuple[np.ndarray, np.ndarray]:
     offsets = np.zeros(len(parts) + 1, np.int64)
     np.cumsum([len(p) for p in parts], out=offsets[1:])
     return offsets, (np.concatenate(parts) if parts else np.zeros(0, np.int64))
-
-
-def _grow_csr(mat: sp.csr_matrix, n_rows: int, n_cols: int, rows: np.ndarray, cols: np.ndarray) -> sp.csr_matrix:
-    """A 0/1 pattern resized to (n_rows, n_cols) with the (rows, cols) pairs added."""
-    indptr = np.concatenate([mat.indptr, np.full(n_rows - mat.shape[0], mat.indptr[-1], dtype=mat.indptr.dtype)])
-    grown = sp.csr_matrix((mat.data, mat.indices, indptr), shape=(n_rows, n_cols))
-    added = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=(n_rows, n_cols))
-    out = (grown + added).tocsr()
-    out.data[:] = 1.0
-    out.sort_indices()
-    return out
 
 
 def _json_default(value: Any) -> Any:

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
+from recforge.core.params import Choice, Constraint, Integer, Real
+from recforge.core.rng import uniform_hash
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
 from recforge.models.base import RatingPredictor, Recommender
 from recforge.models.registry import register
-
-_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
-
-
-def _mix64(x: np.ndarray) -> np.ndarray:
-    """splitmix64 finaliser: a fast, well-distributed integer hash (vectorised)."""
-    with np.errstate(over="ignore"):
-        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return x ^ (x >> np.uint64(31))
 
 
 @register("random", "rand")
@@ -29,6 +21,8 @@ class Random(Recommender):
     Scores are a hash of (seed, user, item), so they do not depend on batching or call order.
     """
 
+    param_constraints: ClassVar[dict[str, Constraint]] = {"seed": Integer(0)}
+
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
 
@@ -36,10 +30,7 @@ class Random(Recommender):
         pass
 
     def _score(self, users: np.ndarray) -> np.ndarray:
-        with np.errstate(over="ignore"):
-            base = _mix64(np.uint64(self.seed) * _GOLDEN + users.astype(np.uint64)[:, None] * np.uint64(0xD1B54A32D192ED03))
-            h = _mix64(base + np.arange(self.n_items_, dtype=np.uint64)[None, :] * _GOLDEN)
-        return ((h >> np.uint64(40)).astype(np.float32)) / np.float32(2**24)
+        return uniform_hash(self.seed, users, self.n_items_)
 
 
 @register("pop", "popular", "mostpopular", "most-popular")
@@ -51,20 +42,21 @@ class MostPopular(Recommender):
     Ties go to the smaller item index.
     """
 
+    param_constraints: ClassVar[dict[str, Constraint]] = {
+        "by": Choice("count", "users"),
+        "half_life_days": Real(0, strict=True, optional=True),
+    }
+
     def __init__(self, by: Literal["count", "users"] = "count", half_life_days: float | None = None) -> None:
         self.by = by
         self.half_life_days = half_life_days
 
     def _fit(self, interactions: Interactions) -> None:
-        if self.by not in ("count", "users"):
-            raise DataError(f"MostPopular.by must be 'count' or 'users', not {self.by!r}")
         inter = interactions.deduplicate("last") if self.by == "users" else interactions
         weights = None
         if self.half_life_days is not None:
             if inter.timestamps is None:
                 raise DataError("MostPopular with half_life_days needs timestamps")
-            if self.half_life_days <= 0:
-                raise DataError("half_life_days must be positive")
             age_days = (inter.timestamps.max() - inter.timestamps).astype(np.float64) / 86400.0
             weights = np.power(0.5, age_days / self.half_life_days)
         self.popularity_ = np.bincount(inter.items, weights=weights, minlength=inter.n_items).astype(np.float32)
@@ -130,6 +122,8 @@ class _RatingBaseline(RatingPredictor):
 class GlobalMean(_RatingBaseline):
     """Predicts the mean training rating for every pair (recommendations are then ordered by item index)."""
 
+    param_constraints: ClassVar[dict[str, Constraint]] = {}
+
     def _fit(self, interactions: Interactions) -> None:
         self._fit_range(interactions)
 
@@ -138,22 +132,28 @@ class GlobalMean(_RatingBaseline):
 class BiasBaseline(_RatingBaseline):
     """Regularised user + item biases: ``r_ui ≈ μ + b_u + b_i``.
 
-    Fitted by ``n_iter`` rounds of alternating ridge updates, ``b_i = Σ(r - μ - b_u) / (n_i + item_reg)`` then
+    Fitted by ``epochs`` rounds of alternating ridge updates, ``b_i = Σ(r - μ - b_u) / (n_i + item_reg)`` then
     ``b_u = Σ(r - μ - b_i) / (n_u + user_reg)`` (one round is the classic damped-means estimate). Recommends by
     the item bias, i.e. a rating-aware popularity.
 
-    Defaults were chosen by grid search (item_reg 0-25, user_reg 0-25, n_iter 1/3/10) on a random 10% validation
+    Defaults were chosen by grid search (item_reg 0-25, user_reg 0-25, epochs 1/3/10) on a random 10% validation
     holdout of ML-100K ``u1.base``; with them the mean RMSE over the official folds u1..u5 is 0.9413.
+    (``epochs`` was called ``n_iter`` before 0.2.)
     """
 
-    def __init__(self, item_reg: float = 2.0, user_reg: float = 5.0, n_iter: int = 10) -> None:
+    param_constraints: ClassVar[dict[str, Constraint]] = {
+        "item_reg": Real(0),
+        "user_reg": Real(0),
+        "epochs": Integer(1),
+    }
+    renamed_params: ClassVar[dict[str, str]] = {"n_iter": "epochs"}
+
+    def __init__(self, item_reg: float = 2.0, user_reg: float = 5.0, epochs: int = 10) -> None:
         self.item_reg = item_reg
         self.user_reg = user_reg
-        self.n_iter = n_iter
+        self.epochs = epochs
 
     def _fit(self, interactions: Interactions) -> None:
-        if self.item_reg < 0 or self.user_reg < 0 or self.n_iter < 1:
-            raise DataError("BiasBaseline needs item_reg >= 0, user_reg >= 0 and n_iter >= 1")
         r = self._fit_range(interactions) - self.global_mean_
         u, i = interactions.users, interactions.items
         n_u = np.bincount(u, minlength=interactions.n_users)
@@ -162,7 +162,7 @@ class BiasBaseline(_RatingBaseline):
         bi = np.zeros(interactions.n_items)
         den_i = n_i + self.item_reg
         den_u = n_u + self.user_reg
-        for _ in range(self.n_iter):
+        for _ in range(self.epochs):
             # where= keeps users/items without data at zero bias even with zero regularisation (no 0/0)
             bi = np.divide(np.bincount(i, weights=r - bu[u], minlength=len(bi)), den_i, out=np.zeros(len(bi)), where=den_i > 0)
             bu = np.divide(np.bincount(u, weights=r - bi[i], minlength=len(bu)), den_u, out=np.zeros(len(bu)), where=den_u > 0)

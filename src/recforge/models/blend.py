@@ -4,15 +4,22 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from scipy.optimize import nnls
 
+from recforge.core.params import Boolean, Constraint, Integer, ListOf, Real, Text, parameter_error
 from recforge.data.interactions import Interactions
-from recforge.errors import DataError, UnknownModelError
+from recforge.errors import UnknownModelError
 from recforge.models.base import RatingPredictor
-from recforge.models.members import EnsembleUpdates, build_member, members_state, restore_members
+from recforge.models.members import (
+    MEMBER_PARAMS,
+    EnsembleUpdates,
+    build_member,
+    members_state,
+    restore_members,
+)
 from recforge.models.registry import get_model_class, register
 
 log = logging.getLogger(__name__)
@@ -50,8 +57,17 @@ class Blend(EnsembleUpdates, RatingPredictor):
     Persistence: the members' fitted arrays are stored in the blend's own artifact under ``m{i}.`` prefixes,
     their names and parameters in its JSON metadata (no pickle); all members share the blend's id maps and
     seen items, since they were all fitted on the same data. ``partial_fit`` is available when every member
-    has it (it updates every member; the weights stay).
+    has it (it updates every member; the weights stay). Any registered rating model can be a member.
     """
+
+    param_constraints: ClassVar[dict[str, Constraint]] = {
+        "models": ListOf(Text(), min_len=1, optional=True),
+        "params": MEMBER_PARAMS,
+        "valid_fraction": Real(0, 0.99, strict=True),
+        "seed": Integer(0),
+        "progress": Boolean(),
+        "num_threads": Integer(0),
+    }
 
     def __init__(
         self,
@@ -72,14 +88,9 @@ class Blend(EnsembleUpdates, RatingPredictor):
     # ------------------------------------------------------------------ members
     def _member_names(self) -> list[str]:
         names = list(DEFAULT_MEMBERS if self.models is None else self.models)
-        if isinstance(self.models, str) or not all(isinstance(n, str) for n in names):
-            raise DataError(f"Blend.models must be a list of model names, got {self.models!r}")
-        params = self.params or {}
-        if not isinstance(params, dict) or not all(isinstance(v, dict) for v in params.values()):
-            raise DataError(f"Blend.params must map model names to parameter dicts, got {self.params!r}")
-        unused = set(params) - set(names)
+        unused = set(self.params or {}) - set(names)
         if unused:  # most likely a typo or an alias of a member: say so instead of silently using defaults
-            raise DataError(f"Blend.params names models that are not members: {sorted(unused)}; members: {names}")
+            raise parameter_error(self, "params", f"names models that are not members ({names})", sorted(unused))
         out = []
         for name in names:
             try:
@@ -88,10 +99,10 @@ class Blend(EnsembleUpdates, RatingPredictor):
                 log.warning("Blend: model %r is not registered; skipping it", name)
                 continue
             if not cls.predicts_ratings or cls is Blend:
-                raise DataError(f"Blend members must be rating models other than blend; {name!r} is not")
+                raise parameter_error(self, "models", "must name rating models other than blend", name)
             out.append(name)
         if not out:
-            raise DataError(f"Blend has no usable member among {names}")
+            raise parameter_error(self, "models", "names no registered rating model", names)
         return out
 
     def _make_member(self, name: str) -> RatingPredictor:
@@ -101,8 +112,6 @@ class Blend(EnsembleUpdates, RatingPredictor):
     # ------------------------------------------------------------------ fitting
     def _fit(self, interactions: Interactions) -> None:
         vf = self.valid_fraction
-        if isinstance(vf, bool) or not isinstance(vf, (int, float)) or not 0 < vf < 1:
-            raise DataError(f"Blend.valid_fraction must be a fraction in (0, 1), got {vf!r}")
         names = self._member_names()
         ratings = interactions.ratings
         assert ratings is not None

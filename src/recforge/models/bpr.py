@@ -1,121 +1,24 @@
 """Bayesian personalised ranking (Rendle et al., 2009): matrix factorisation with item biases trained by SGD on
-(user, positive item, sampled negative item) triples.
-
-Also home of the small seeded sampling kernels shared by the SGD models (xorshift random numbers, uniform
-negatives rejected when the user already has them, Fisher-Yates shuffles), so that a fixed seed gives the same
-model on any machine regardless of numpy's global random state.
-"""
+(user, positive item, sampled negative item) triples."""
 
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import scipy.sparse as sp
 from numba import njit, prange
 
+from recforge.core.params import Boolean, Choice, Constraint, Integer, Real
+from recforge.core.progress import EpochProgress
+from recforge.core.threads import thread_limits
 from recforge.data.interactions import Interactions
 from recforge.models.factors import FactorModel
-from recforge.models.params import check_choice, check_params
-from recforge.models.progress import EpochProgress
 from recforge.models.registry import register
-from recforge.models.threads import thread_limits
+from recforge.models.sampling import epoch_streams, negative_pool, positive_pairs, sample_negative
 
 log = logging.getLogger(__name__)
-
-_MAX_TRIES = 64  # negative draws per sample before giving up (a user who has nearly every item)
-
-
-# ---------------------------------------------------------------------------------------------------- sampling
-def seed_states(seed: int, stream: int, n: int) -> np.ndarray:
-    """``n`` independent non-zero 64-bit generator states for ``(seed, stream)`` (e.g. stream = epoch)."""
-    ss = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(stream) & 0xFFFFFFFF, n])
-    states = ss.generate_state(n, dtype=np.uint64)
-    states[states == 0] = np.uint64(0x9E3779B97F4A7C15)  # xorshift must not start at zero
-    return states
-
-
-@njit(cache=True, inline="always")
-def rand_u64(states: np.ndarray, t: int) -> np.uint64:
-    """Next number of xorshift64* stream ``t`` (advances ``states[t]``)."""
-    x = states[t]
-    x ^= x >> np.uint64(12)
-    x ^= x << np.uint64(25)
-    x ^= x >> np.uint64(27)
-    states[t] = x
-    return x * np.uint64(2685821657736338717)
-
-
-@njit(cache=True, inline="always")
-def rand_below(states: np.ndarray, t: int, n: int) -> int:
-    """Uniform integer in ``[0, n)`` from stream ``t`` (32 high bits times ``n``: no modulo bias worth noting)."""
-    return np.int64(((rand_u64(states, t) >> np.uint64(32)) * np.uint64(n)) >> np.uint64(32))
-
-
-@njit(cache=True, inline="always")
-def row_contains(indptr: np.ndarray, indices: np.ndarray, row: int, col: int) -> bool:
-    """Whether sorted CSR row ``row`` holds column ``col`` (binary search)."""
-    lo = indptr[row]
-    hi = indptr[row + 1]
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        v = indices[mid]
-        if v < col:
-            lo = mid + 1
-        elif v > col:
-            hi = mid
-        else:
-            return True
-    return False
-
-
-@njit(cache=True, inline="always")
-def sample_negative(
-    states: np.ndarray,
-    t: int,
-    n_items: int,
-    indptr: np.ndarray,
-    indices: np.ndarray,
-    user: int,
-    reject: bool,
-    pool: np.ndarray,
-) -> int:
-    """A random item the user has not interacted with (``-1`` after ``_MAX_TRIES`` failures); without
-    ``reject``, any item. Uniform over items when ``pool`` is empty, else uniform over ``pool`` (pass the item
-    of every interaction to draw in proportion to popularity)."""
-    for _ in range(_MAX_TRIES):
-        if pool.shape[0] > 0:
-            j = np.int64(pool[rand_below(states, t, pool.shape[0])])
-        else:
-            j = rand_below(states, t, n_items)
-        if not reject or not row_contains(indptr, indices, user, j):
-            return j
-    return np.int64(-1)
-
-
-def negative_pool(mode: str, seen: sp.csr_matrix) -> np.ndarray:
-    """The pool :func:`sample_negative` draws from: empty for uniform sampling, every interaction's item for
-    popularity-proportional sampling."""
-    if mode == "uniform":
-        return np.empty(0, np.int32)
-    return np.ascontiguousarray(seen.indices, dtype=np.int32)
-
-
-@njit(cache=True)
-def shuffle_in_place(arr: np.ndarray, states: np.ndarray) -> None:
-    """Fisher-Yates shuffle driven by stream 0 of ``states``."""
-    for i in range(arr.shape[0] - 1, 0, -1):
-        j = rand_below(states, 0, i + 1)
-        tmp = arr[i]
-        arr[i] = arr[j]
-        arr[j] = tmp
-
-
-def positive_pairs(mat: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray]:
-    """(user, item) of every stored entry of a CSR matrix, as int32 arrays in row order."""
-    users = np.repeat(np.arange(mat.shape[0], dtype=np.int32), np.diff(mat.indptr))
-    return users, mat.indices.astype(np.int32)
 
 
 # ---------------------------------------------------------------------------------------------------- kernel
@@ -196,9 +99,9 @@ class BPR(FactorModel):
     to item popularity (``"popularity"``: the item of a random interaction, as the ``implicit`` library does). The per-sample update of ``p_u``, ``q_i``,
     ``q_j``, ``b_i``, ``b_j`` uses learning rate ``lr`` and L2 ``reg`` (applied to the touched parameters).
 
-    Threads: ``num_threads=1`` (default) is serial and bit-for-bit repeatable for a seed. ``num_threads > 1``
-    (or 0 = all cores) runs Hogwild: chunks of each epoch update the shared factors in parallel without locks;
-    faster on many cores and as accurate, but results are not bit-repeatable.
+    Threads: ``num_threads=0`` (default: all cores) or ``> 1`` runs Hogwild: chunks of each epoch update the
+    shared factors in parallel without locks; faster on many cores and as accurate, but not bit-repeatable.
+    ``num_threads=1`` is serial and bit-for-bit repeatable for a seed.
 
     ``partial_fit`` runs ``partial_epochs`` SGD epochs over the new (user, item) pairs only, with fresh negatives
     (new users and items start from small random factors).
@@ -223,7 +126,7 @@ class BPR(FactorModel):
         partial_epochs: int = 10,
         seed: int = 0,
         progress: bool = True,
-        num_threads: int = 1,
+        num_threads: int = 0,
     ) -> None:
         self.n_factors = n_factors
         self.lr = lr
@@ -237,15 +140,20 @@ class BPR(FactorModel):
         self.num_threads = num_threads
 
     supports_partial_fit = True
-
-    def _check_params(self) -> None:
-        check_params(
-            self, {"n_factors": 1, "epochs": 0, "partial_epochs": 0, "num_threads": 0}, ("lr",), ("reg", "init_std")
-        )
-        check_choice(self, "neg_sampling", ("uniform", "popularity"))
+    param_constraints: ClassVar[dict[str, Constraint]] = {
+        "n_factors": Integer(1),
+        "lr": Real(0, strict=True),
+        "reg": Real(0),
+        "epochs": Integer(0),
+        "neg_sampling": Choice("uniform", "popularity"),
+        "init_std": Real(0),
+        "partial_epochs": Integer(0),
+        "seed": Integer(0),
+        "progress": Boolean(),
+        "num_threads": Integer(0),
+    }
 
     def _fit(self, interactions: Interactions) -> None:
-        self._check_params()
         seen = self.seen_  # sorted 0/1 pattern of the training pairs
         rng = np.random.default_rng(self.seed)
         k = self.n_factors
@@ -273,8 +181,7 @@ class BPR(FactorModel):
         bar = EpochProgress(epochs, "BPR", enabled=self.progress)
         with thread_limits(self.num_threads) as n_chunks:  # one chunk per thread; one thread = serial
             for epoch in bar:
-                shuffle_in_place(order, seed_states(self.seed, 2 * (stream * 100_003 + epoch), 1))
-                states = seed_states(self.seed, 2 * (stream * 100_003 + epoch) + 1, n_chunks)
+                states = epoch_streams(self.seed, stream, epoch, order, n_chunks)
                 loss, skipped = _bpr_epoch(
                     users, items, order, seen.indptr, seen.indices, P, Q, bq, float(self.lr), float(self.reg),
                     pool, states,
@@ -285,7 +192,6 @@ class BPR(FactorModel):
         return bar.history
 
     def _partial_fit(self, new: Interactions) -> None:
-        self._check_params()
         self.n_updates_ = int(getattr(self, "n_updates_", 0)) + 1
         P = np.array(self.user_factors_, dtype=np.float32)
         Q = np.array(self.item_factors_, dtype=np.float32)

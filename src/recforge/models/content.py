@@ -3,26 +3,27 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import scipy.sparse as sp
 
+from recforge.core.params import Choice, Constraint, Integer, ListOf, Real, Text
+from recforge.core.threads import thread_limits
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
 from recforge.features import item_feature_matrix, make_encoder
 from recforge.features.items import DEFAULT_TEXT_COLUMNS
 from recforge.models.base import Recommender
-from recforge.models.params import check_choice, check_int, check_number
 from recforge.models.registry import register
-from recforge.models.threads import thread_limits
-from recforge.retrieval import HNSWIndex, VectorIndex, all_neighbors, make_index
+from recforge.retrieval import HNSWIndex, VectorIndex, all_neighbors, make_index, similar_by_vectors
 
 log = logging.getLogger(__name__)
 
 
 def recency_weights(offsets: np.ndarray, half_life: float | None) -> np.ndarray:
-    """Weight of every event of flat histories (oldest first): ``0.5 ** (events after it / half_life)``."""
+    """Weight of every event of flat histories (oldest first): ``0.5 ** (events after it / half_life)``
+    (``half_life`` counted in events; None or 0: every event weighs 1)."""
     lengths = np.diff(offsets)
     n = int(offsets[-1])
     if not half_life:
@@ -41,7 +42,8 @@ class ContentBased(Recommender):
     model name or folder — mixed with multi-hot ``genre_column`` at cosine share ``genre_weight``.
 
     A user's profile is the recency-weighted sum of the vectors of the items in their history: an event's weight
-    halves every ``half_life`` later events (``None``: plain mean). Scores are profile · item vector. The
+    halves every ``half_life_events`` later events (``None``: plain mean; called ``half_life`` before 0.2).
+    Scores are profile · item vector. The
     profiles are kept, so ``partial_fit`` updates them exactly (old profile × decay + new events); items added by
     ``partial_fit`` have no content (zero vectors) until the model is refitted with their side data.
 
@@ -49,13 +51,26 @@ class ContentBased(Recommender):
     search, or an HNSW index from ``index="hnsw"`` / ``"auto"`` on catalogues of a million items and more) and kept
     for ``similar_items``; larger ``k`` searches the index again.
 
-    Defaults (TF-IDF with 256 SVD dimensions, ``genre_weight`` 0.3, ``half_life`` 3) were chosen on the
+    Defaults (TF-IDF with 256 SVD dimensions, ``genre_weight`` 0.3, ``half_life_events`` 3) were chosen on the
     validation event of ML-100K leave-one-out (``benchmarks/bench_content.py --parts tune``): half-lives of 2-3
     events beat 10, 30 and the plain mean by 15-100%; genre weight 0.3 beat 0 and 0.6; MiniLM scored within
     noise of TF-IDF (0.0247 vs 0.0231), so the dependency-free encoder is the default.
     """
 
     supports_partial_fit = True
+    renamed_params: ClassVar[dict[str, str]] = {"half_life": "half_life_events"}
+    param_constraints: ClassVar[dict[str, Constraint]] = {
+        "encoder": Text(),
+        "text_columns": ListOf(Text(), min_len=1, optional=True),
+        "genre_column": Text(optional=True),
+        "genre_weight": Real(0, 1.0),
+        "half_life_events": Real(0, strict=True, optional=True),
+        "n_neighbors": Integer(1),
+        "index": Choice("auto", "exact", "hnsw"),
+        "n_components": Integer(1),
+        "seed": Integer(0),
+        "num_threads": Integer(0),
+    }
 
     def __init__(
         self,
@@ -63,7 +78,7 @@ class ContentBased(Recommender):
         text_columns: list[str] | None = None,
         genre_column: str | None = "genres",
         genre_weight: float = 0.3,
-        half_life: float | None = 3.0,
+        half_life_events: float | None = 3.0,
         n_neighbors: int = 100,
         index: str = "auto",
         n_components: int = 256,
@@ -74,7 +89,7 @@ class ContentBased(Recommender):
         self.text_columns = text_columns
         self.genre_column = genre_column
         self.genre_weight = genre_weight
-        self.half_life = half_life
+        self.half_life_events = half_life_events
         self.n_neighbors = n_neighbors
         self.index = index
         self.n_components = n_components
@@ -82,14 +97,6 @@ class ContentBased(Recommender):
         self.num_threads = num_threads
 
     # ------------------------------------------------------------------ fitting
-    def _check_params(self) -> None:
-        check_int(self, "n_neighbors", 1)
-        check_int(self, "n_components", 1)
-        check_number(self, "genre_weight", maximum=1.0)
-        if self.half_life is not None:
-            check_number(self, "half_life", strict=True)
-        check_choice(self, "index", ("auto", "exact", "hnsw"))
-
     def _make_encoder(self) -> Any:
         if isinstance(self.encoder, str) and self.encoder.lower() == "tfidf":
             return make_encoder("tfidf", n_components=self.n_components, seed=self.seed)
@@ -104,7 +111,6 @@ class ContentBased(Recommender):
         return item_feature_matrix(item_data, encoder, columns, genre_col, self.genre_weight if encoder else 1.0)
 
     def _fit(self, interactions: Interactions) -> None:
-        self._check_params()
         if interactions.item_data is None:
             raise DataError("ContentBased needs item side data (titles, genres, text); the interactions carry none")
         with thread_limits(self.num_threads):  # the SVD / encoder must not oversubscribe BLAS threads
@@ -116,7 +122,7 @@ class ContentBased(Recommender):
         self._build_neighbors()
 
     def _profiles(self, offsets: np.ndarray, items: np.ndarray) -> np.ndarray:
-        weights = recency_weights(offsets, self.half_life)
+        weights = recency_weights(offsets, self.half_life_events)
         rows = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
         mix = sp.csr_matrix((weights, (rows, items)), shape=(len(offsets) - 1, len(self.item_vectors_)))
         return np.ascontiguousarray(mix @ self.item_vectors_, dtype=np.float32)
@@ -140,8 +146,6 @@ class ContentBased(Recommender):
     def _similar_indices(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         if k <= self.neighbors_.shape[1]:
             return self.neighbors_[items, :k], self.neighbor_scores_[items, :k]
-        from recforge.retrieval import similar_by_vectors
-
         return similar_by_vectors(self.item_vectors_, items, k, index=self.index_)
 
     # ------------------------------------------------------------------ incremental updates
@@ -161,8 +165,9 @@ class ContentBased(Recommender):
         offsets = np.asarray(seqs.offsets, np.int64)
         counts = np.diff(offsets)
         users = np.flatnonzero(counts)
-        if self.half_life:  # the old events are now counts[u] events further from the end
-            self.user_profiles_[users] *= np.power(0.5, counts[users] / self.half_life).astype(np.float32)[:, None]
+        if self.half_life_events:  # the old events are now counts[u] events further from the end
+            decay = np.power(0.5, counts[users] / self.half_life_events).astype(np.float32)
+            self.user_profiles_[users] *= decay[:, None]
         self.user_profiles_ += self._profiles(offsets, np.asarray(seqs.items, np.int64))
         self.last_items_[users] = seqs.items[offsets[users + 1] - 1]
 

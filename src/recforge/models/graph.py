@@ -4,15 +4,16 @@ scalable recommendations for interactive applications", 2016)."""
 from __future__ import annotations
 
 import logging
+from typing import ClassVar
 
 import numpy as np
 
+from recforge.core.params import Boolean, Constraint, Integer, Real
+from recforge.core.threads import thread_limits
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
-from recforge.models.neighbors import ItemItemModel, Values, check_values, item_knn_rows, l1_normalize_rows
-from recforge.models.params import check_int, check_number
+from recforge.models.neighbors import VALUES, ItemItemModel, Values, item_knn_rows, l1_normalize_rows
 from recforge.models.registry import register
-from recforge.models.threads import thread_limits
 
 log = logging.getLogger(__name__)
 
@@ -34,45 +35,51 @@ class RP3beta(ItemItemModel):
 
         W_ij = Σ_u P_iu^alpha · P_uj^alpha / pop_j^beta        (j ≠ i; pop_j = Σ_u x_uj)
 
-    only the ``k`` largest ``W_ij`` of every row ``i`` are kept, optionally l1-normalised (``normalize``), and
+    only the ``n_neighbors`` largest ``W_ij`` of every row ``i`` are kept, optionally l1-normalised (``normalize``), and
     ``score_uj = Σ_i x_ui W_ij``. ``alpha = 1, beta = 0`` is the plain P3 random walk; ``beta > 0`` lifts the
     long tail.
 
     Parameters:
         alpha: exponent of the transition probabilities (> 0).
         beta: popularity penalty exponent (>= 0).
-        k: neighbours kept per item (>= 1).
+        n_neighbors: neighbours kept per item (>= 1; called ``k`` before 0.2).
         normalize: divide each item's row of kept weights by its sum.
         values: what ``X`` holds, see :func:`recforge.models.neighbors.interaction_matrix`.
         num_threads: threads for the kernel and scoring (0 = all cores); results do not depend on it.
 
-    Defaults (alpha=0.75, beta=0.6, k=200) had the best mean validation NDCG@10 (relative to each dataset's
-    best) over alpha 0.5-1, beta 0-0.6, k 10-200 on leave-last-one-out splits of ML-100K and ml-latest-small
+    Defaults (alpha=0.75, beta=0.6, n_neighbors=200) had the best mean validation NDCG@10 (relative to each
+    dataset's best) over alpha 0.5-1, beta 0-0.6, 10-200 neighbours on leave-last-one-out splits of ML-100K and ml-latest-small
     (``benchmarks/bench_implicit.py``). On those next-item splits RP3beta trails EASE and item-kNN. Cost as
     :class:`~recforge.models.neighbors.ItemKNN`: ``Σ_u n_u²`` multiply-adds, ``O(n_items)`` memory per thread.
     """
+
+    renamed_params: ClassVar[dict[str, str]] = {"k": "n_neighbors"}
+    param_constraints: ClassVar[dict[str, Constraint]] = {
+        "alpha": Real(0, strict=True),
+        "beta": Real(0),
+        "n_neighbors": Integer(1),
+        "normalize": Boolean(),
+        "values": VALUES,
+        "num_threads": Integer(0),
+    }
 
     def __init__(
         self,
         alpha: float = 0.75,
         beta: float = 0.6,
-        k: int = 200,
+        n_neighbors: int = 200,
         normalize: bool = False,
         values: Values = "binary",
         num_threads: int = 0,
     ) -> None:
         self.alpha = alpha
         self.beta = beta
-        self.k = k
+        self.n_neighbors = n_neighbors
         self.normalize = normalize
         self.values = values
         self.num_threads = num_threads
 
     def _fit(self, interactions: Interactions) -> None:
-        check_number(self, "alpha", strict=True)
-        check_number(self, "beta")
-        check_int(self, "k")
-        check_values(self.values)
         x = self._set_matrix(interactions)
         if (x.data < 0).any():
             raise DataError("RP3beta needs non-negative interaction values (transition probabilities)")
@@ -83,7 +90,7 @@ class RP3beta(ItemItemModel):
         xa.data = np.power(xa.data, self.alpha)
         with thread_limits(self.num_threads):
             w = item_knn_rows(
-                xa.T.tocsr(), xa, self.k,
+                xa.T.tocsr(), xa, self.n_neighbors,
                 user_weight=_inv_power(user_deg, self.alpha),
                 row_scale=_inv_power(item_deg, self.alpha),
                 col_scale=_inv_power(item_deg, self.beta),

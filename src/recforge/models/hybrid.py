@@ -9,21 +9,29 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import numba as nb
 import numpy as np
 
+from recforge.core.params import Boolean, Choice, Constraint, Integer, ListOf, Real, Text, parameter_error
+from recforge.core.topk import batch_rows, is_unscored
+from recforge.core.validation import RankingValidator
 from recforge.data.interactions import Interactions
+from recforge.data.split import leave_one_out
 from recforge.errors import DataError
-from recforge.models.base import Recommender, batch_rows
-from recforge.models.members import EnsembleUpdates, build_member, members_state, restore_members
-from recforge.models.params import check_choice, check_int, check_number
+from recforge.models.base import Recommender
+from recforge.models.members import (
+    MEMBER_PARAMS,
+    EnsembleUpdates,
+    build_member,
+    members_state,
+    restore_members,
+)
 from recforge.models.registry import get_model_class, register
 
 log = logging.getLogger(__name__)
 
-_FILLER = np.float32(-1e30)  # at or below: a member's "cannot rank this item" filler, not a score
 _UNRANKABLE_Z = -1e3  # far below any z-score a catalogue can produce
 
 
@@ -33,19 +41,16 @@ class _Ensemble(EnsembleUpdates, Recommender):
     params: dict[str, dict[str, Any]] | None
     members_: list[Recommender]
 
-    def _build(self, names: list[str]) -> list[Recommender]:
+    def _build(self, names: list[str], params: dict[str, dict[str, Any]] | None = None) -> list[Recommender]:
+        """Unfitted members ``names`` with ``params`` (default: the ensemble's ``params``) by member name."""
         owner = f"{type(self).__name__}.params"
-        params = self.params or {}
-        if not isinstance(params, dict):
-            raise DataError(f"{owner} must map member names to parameter dicts, got {params!r}")
+        params = self.params or {} if params is None else params
         unused = set(params) - set(names)
         if unused:
-            raise DataError(f"{owner} names models that are not members: {sorted(unused)}; members: {names}")
+            raise parameter_error(self, "params", f"names models that are not members ({names})", sorted(unused))
         for name in names:
-            if not isinstance(name, str):
-                raise DataError(f"{type(self).__name__} members must be model names, got {name!r}")
             if isinstance(self, get_model_class(name)):
-                raise DataError(f"{type(self).__name__} cannot contain itself")
+                raise parameter_error(self, "models", "cannot contain the ensemble itself", name)
         return [build_member(name, params.get(name), self, owner) for name in names]
 
     def _state(self) -> dict[str, Any]:
@@ -117,6 +122,18 @@ class SlateMix(_Ensemble):
     :class:`ScoreBlend`.
     """
 
+    param_constraints: ClassVar[dict[str, Constraint]] = {
+        "collaborative": Text(),
+        "content": Text(),
+        "params": MEMBER_PARAMS,
+        "slate_size": Integer(1),
+        "n_content": Integer(0),
+        "anchor": Choice("last", "profile"),
+        "seed": Integer(0),
+        "progress": Boolean(),
+        "num_threads": Integer(0),
+    }
+
     def __init__(
         self,
         collaborative: str = "ease",
@@ -140,11 +157,8 @@ class SlateMix(_Ensemble):
         self.num_threads = num_threads
 
     def _fit(self, interactions: Interactions) -> None:
-        check_int(self, "slate_size", 1)
-        check_int(self, "n_content", 0)
         if self.n_content > self.slate_size:
-            raise DataError(f"SlateMix.n_content ({self.n_content}) cannot exceed slate_size ({self.slate_size})")
-        check_choice(self, "anchor", ("last", "profile"))
+            raise parameter_error(self, "n_content", f"cannot exceed slate_size ({self.slate_size})", self.n_content)
         self.members_ = [m.fit(interactions) for m in self._build([self.collaborative, self.content])]
         if not hasattr(self.members_[1], "last_items_"):
             raise DataError(f"SlateMix.content must be a content model (item vectors and each user's last item), "
@@ -176,11 +190,11 @@ class SlateMix(_Ensemble):
 def _zscore_rows(scores: np.ndarray) -> np.ndarray:
     """Each row centred and scaled to unit variance, so members share one scale.
 
-    Entries a member marks as unrankable (non-finite, or the huge negative filler some models give items they
-    know nothing about) are left out of the statistics and placed far below every regular entry.
+    Entries a member marks as unrankable (non-finite, or ``UNSCORED``: items it knows nothing about) are left out
+    of the statistics and placed far below every regular entry.
     """
     scores = np.asarray(scores, dtype=np.float32)
-    odd = ~np.isfinite(scores) | (scores <= _FILLER)
+    odd = is_unscored(scores)
     if odd.any():
         regular = np.where(odd, np.nan, scores).astype(np.float64)
         with np.errstate(all="ignore"):
@@ -209,11 +223,27 @@ class ScoreBlend(_Ensemble):
     ``weights``: fixed weights (one per model) — when ``None`` they are searched on a simplex grid of
     ``weight_step``: with ``fit(train, valid=...)`` on the given validation events (members fitted on ``train``,
     the fitted model keeps them), otherwise on each user's last event held out from the data (members fitted on
-    the rest), after which the members are refitted on all of it. At most ``max_valid_users`` validation users
-    (a seeded sample) are scored. Each member's score row is z-scored before mixing.
+    the rest), after which the members are refitted on all of it. Members that validate while they train
+    (neural models) get the same validation events for early stopping, and what they chose (their epochs) is
+    used when they are refitted. At most ``max_valid_users`` validation users (a seeded sample) are scored, by
+    the same ranking kernel as the test metrics. Each member's score row is z-scored before mixing. Any
+    registered model can be a member, rating models included (they rank by predicted rating).
+
+    ``tuned_params_`` holds the chosen ``weights`` and the members' tuned ``params``: a ScoreBlend built with
+    them and fitted without validation reproduces this one on more data.
     """
 
     supports_validation = True
+    param_constraints: ClassVar[dict[str, Constraint]] = {
+        "models": ListOf(Text(), min_len=1, optional=True),
+        "params": MEMBER_PARAMS,
+        "weights": ListOf(Real(0), min_len=1, optional=True),
+        "weight_step": Real(0, 1.0, strict=True),
+        "max_valid_users": Integer(1),
+        "seed": Integer(0),
+        "progress": Boolean(),
+        "num_threads": Integer(0),
+    }
 
     def __init__(
         self,
@@ -236,51 +266,45 @@ class ScoreBlend(_Ensemble):
         self.num_threads = num_threads
 
     def _names(self) -> list[str]:
-        names = ["ease", "content"] if self.models is None else self.models
-        if isinstance(names, str) or not isinstance(names, (list, tuple)) or not names:
-            raise DataError(f"ScoreBlend.models must be a non-empty list of model names, got {self.models!r}")
-        return list(names)
+        return ["ease", "content"] if self.models is None else list(self.models)
 
     def _fit(self, interactions: Interactions, valid: Interactions | None = None) -> None:
         names = self._names()
-        check_number(self, "weight_step", strict=True, maximum=1.0)
-        check_int(self, "max_valid_users", 1)
         if self.weights is not None:
             w = np.asarray(self.weights, dtype=np.float64)
-            if w.shape != (len(names),) or not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-                raise DataError(f"ScoreBlend.weights must be {len(names)} non-negative numbers, got {self.weights!r}")
+            if w.shape != (len(names),) or w.sum() <= 0:
+                raise parameter_error(self, "weights", f"must be {len(names)} non-negative numbers, not all 0",
+                                      self.weights)
             self.weights_ = w / w.sum()
             self.valid_scores_: dict[str, float] = {}
             self.members_ = [m.fit(interactions) for m in self._build(names)]
             return
         if valid is not None and len(valid):
-            self.members_ = [m.fit(interactions, valid) for m in self._build(names)]
-            self._tune(interactions, valid)
-            return
-        from recforge.split import leave_one_out
-
-        held = leave_one_out(interactions, valid=False, min_events=3)
-        if len(held.test) == 0:
-            raise DataError("ScoreBlend found no user with 3+ events to tune its weights on; pass weights=")
-        self.members_ = [m.fit(held.train) for m in self._build(names)]
-        self._tune(held.train, held.test)
-        log.info("ScoreBlend: refitting %d members on all the data", len(names))
-        self.members_ = [m.fit(interactions) for m in self._build(names)]
+            tune_train, tune_valid = interactions, valid
+        else:
+            held = leave_one_out(interactions, valid=False, min_events=3)
+            if len(held.test) == 0:
+                raise DataError("ScoreBlend found no user with 3+ events to tune its weights on; pass weights=")
+            tune_train, tune_valid = held.train, held.test
+        self.members_ = [m.fit(tune_train, tune_valid) for m in self._build(names)]
+        self._tune(tune_train, tune_valid)
+        member_params = {name: {**(self.params or {}).get(name, {}), **m.tuned_params_}
+                         for name, m in zip(names, self.members_)}
+        member_params = {name: p for name, p in member_params.items() if p}
+        self.tuned_params_ = {"weights": [float(w) for w in self.weights_], "params": member_params or None}
+        if tune_train is not interactions:
+            log.info("ScoreBlend: refitting %d members on all the data", len(names))
+            self.members_ = [m.fit(interactions) for m in self._build(names, member_params)]
 
     def _tune(self, train: Interactions, valid: Interactions) -> None:
-        from recforge.evaluation.evaluator import evaluate_scores
-
-        truth = valid.csr("ones")
-        users = np.flatnonzero(np.diff(truth.indptr) > 0)
-        if len(users) > self.max_valid_users:
-            users = np.sort(np.random.default_rng(self.seed).choice(users, self.max_valid_users, replace=False))
-        z = [_zscore_rows(m.score(users)) for m in self.members_]
-        seen = train.csr("ones")[users]
+        validator = RankingValidator(valid.csr("ones"), train.csr("ones"), k=10, max_rows=self.max_valid_users,
+                                     seed=self.seed)
+        z = [_zscore_rows(m.score(validator.rows)) for m in self.members_]
         grid = simplex_grid(len(z), self.weight_step)
         results = []
         for w in grid:
             mixed = sum(np.float32(wi) * zi for wi, zi in zip(w, z) if wi)
-            results.append(evaluate_scores(mixed, truth[users], k=10, exclude=seen)["ndcg@10"])
+            results.append(validator.of_scores(mixed)["ndcg@10"])
         best = int(np.argmax(results))  # first best: the grid lists heavier weights on later members last
         self.weights_ = grid[best]
         names = [m.name for m in self.members_]

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
+from typing import ClassVar
 
 import numba as nb
 import numpy as np
 from scipy.linalg import lapack
 
+from recforge.core.params import Constraint, Integer, Real
+from recforge.core.threads import thread_limits
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
-from recforge.models.neighbors import ItemItemModel, Values, check_values
+from recforge.models.neighbors import VALUES, ItemItemModel, Values
 from recforge.models.registry import register
-from recforge.models.threads import thread_limits
 
 log = logging.getLogger(__name__)
 
@@ -119,27 +121,30 @@ class EASE(ItemItemModel):
     score and rank after every fitted item) until it is refitted.
     """
 
-    def __init__(self, reg: float = 100.0, values: Values = "binary", max_items: int | None = 30_000, num_threads: int = 0) -> None:
+    param_constraints: ClassVar[dict[str, Constraint]] = {
+        "reg": Real(0, strict=True),
+        "values": VALUES,
+        "max_items": Integer(1, optional=True),
+        "num_threads": Integer(0),
+    }
+
+    def __init__(
+        self, reg: float = 100.0, values: Values = "binary", max_items: int | None = 30_000, num_threads: int = 0
+    ) -> None:
         self.reg = reg
         self.values = values
         self.max_items = max_items
         self.num_threads = num_threads
 
     def _fit(self, interactions: Interactions) -> None:
-        if isinstance(self.reg, bool) or not isinstance(self.reg, (int, float, np.number)) or not self.reg > 0:
-            raise DataError(f"EASE.reg must be a number > 0, got {self.reg!r}")
-        check_values(self.values)
         n = interactions.n_items
-        if self.max_items is not None:
-            if isinstance(self.max_items, bool) or not isinstance(self.max_items, (int, np.integer)) or self.max_items < 1:
-                raise DataError(f"EASE.max_items must be a positive integer or None, got {self.max_items!r}")
-            if n > self.max_items:
-                gb = 4 * n * n / 1e9
-                raise DataError(
-                    f"EASE needs a dense {n:,} x {n:,} float32 matrix (about {gb:.1f} GB, and O(n^3) time) but "
-                    f"max_items={self.max_items:,}; drop rare items first (recforge.data.filters.min_item_count), "
-                    f"use a factor model such as 'als', or raise max_items (None = no limit) if you have the memory"
-                )
+        if self.max_items is not None and n > self.max_items:
+            gb = 4 * n * n / 1e9
+            raise DataError(
+                f"EASE needs a dense {n:,} x {n:,} float32 matrix (about {gb:.1f} GB, and O(n^3) time) but "
+                f"max_items={self.max_items:,}; drop rare items first (recforge.data.filters.min_item_count), "
+                f"use a factor model such as 'als', or raise max_items (None = no limit) if you have the memory"
+            )
         x = self._set_matrix(interactions)
         with thread_limits(self.num_threads):
             self.weights_ = ease_weights(x, x.T.tocsr(), float(self.reg))

@@ -6,13 +6,21 @@ import inspect
 import json
 from typing import Any
 
+from recforge.core.params import Custom
 from recforge.data.interactions import Interactions
-from recforge.errors import DataError
+from recforge.errors import ParameterError
 from recforge.models.base import Recommender
 from recforge.models.registry import get_model_class
 
 #: Settings an ensemble passes down to members that take them, unless the member's own params say otherwise.
 SHARED_SETTINGS = ("seed", "progress", "num_threads")
+#: The ``params`` of an ensemble: member name -> that member's hyper-parameters.
+MEMBER_PARAMS = Custom(
+    lambda v: isinstance(v, dict) and all(isinstance(k, str) and isinstance(p, dict) for k, p in v.items()),
+    "a mapping of member model names to parameter dicts",
+    ("ease", {"ease": 3}, [1]),
+    optional=True,
+)
 
 
 def accepts(cls: type, name: str) -> bool:
@@ -24,20 +32,17 @@ def build_member(name: str, params: dict[str, Any] | None, parent: Recommender, 
                  defaults: dict[str, Any] | None = None) -> Recommender:
     """An unfitted member ``name`` with ``params`` over ``defaults``; shared settings come from ``parent``.
 
-    Unknown parameter names raise :class:`DataError` naming the ensemble (``owner``) and the valid ones.
+    Unknown parameter names raise :class:`ParameterError` naming the ensemble (``owner``) and the valid ones.
     """
     cls = get_model_class(name)
-    if params is not None and not isinstance(params, dict):
-        raise DataError(f"{owner} parameters for {name!r} must be a dict, got {params!r}")
     given = {**(defaults or {}), **(params or {})}
     for shared in SHARED_SETTINGS:
         if shared not in given and accepts(cls, shared) and hasattr(parent, shared):
             given[shared] = getattr(parent, shared)
-    valid = cls._param_names()
-    unknown = [p for p in given if p not in valid]
-    if unknown:
-        raise DataError(f"{owner} parameters for {name!r} have unknown parameter(s) {unknown}; valid parameters: {valid}")
-    return cls(**given)
+    try:
+        return cls(**cls.check_param_names(given))
+    except ParameterError as exc:
+        raise ParameterError(f"{owner} for {name!r}: {exc}") from None
 
 
 def sync_member(parent: Recommender, member: Recommender) -> None:

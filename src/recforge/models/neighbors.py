@@ -20,36 +20,31 @@ import numba as nb
 import numpy as np
 import scipy.sparse as sp
 
+from recforge.core.params import Boolean, Choice, Constraint, Integer, Real
+from recforge.core.sparse import csr_from_state, csr_to_state, merge_csr, pad_csr
+from recforge.core.threads import thread_limits
+from recforge.core.topk import UNSCORED, heap_push, mask_and_topk
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
 from recforge.models.base import Recommender
-from recforge.models.params import check_choice, check_int, check_number
 from recforge.models.registry import register
-from recforge.models.threads import thread_limits
-from recforge.models.topk import heap_push, mask_and_topk
 
 log = logging.getLogger(__name__)
 
 Values = Literal["binary", "count", "weight", "rating"]
-_VALUES = ("binary", "count", "weight", "rating")
-_LOWEST = np.finfo(np.float32).min  # finite, so such items still fill lists longer than the known catalogue
+#: The ``values`` parameter of every item-item model: what the user × item matrix holds.
+VALUES = Choice("binary", "count", "weight", "rating")
 
 
 # ====================================================================== the user × item matrix
-def check_values(values: str) -> str:
-    """Validate the ``values`` hyper-parameter shared by the item-item models."""
-    if values not in _VALUES:
-        raise DataError(f"values must be one of {', '.join(_VALUES)}; got {values!r}")
-    return values
-
-
 def interaction_matrix(interactions: Interactions, values: str = "binary") -> sp.csr_matrix:
     """The user × item matrix ``X`` (float32 CSR, sorted indices) the item-item models learn from.
 
     ``values``: ``"binary"`` (1 for every interacted pair), ``"count"`` (number of interactions), ``"weight"``
     (summed weight column) or ``"rating"`` (the latest rating of the pair).
     """
-    check_values(values)
+    if not VALUES.accepts(values):
+        raise DataError(f"values must be {VALUES.describe()}, got {values!r}")
     if values == "binary":
         csr = interactions.csr("ones")
         mat = sp.csr_matrix((np.ones(csr.nnz, np.float32), csr.indices.copy(), csr.indptr.copy()), shape=csr.shape)
@@ -58,30 +53,6 @@ def interaction_matrix(interactions: Interactions, values: str = "binary") -> sp
         mat = interactions.csr(source).copy()  # type: ignore[arg-type]
     mat.sort_indices()
     return mat.astype(np.float32)
-
-
-def _merge_matrix(old: sp.csr_matrix, add: sp.csr_matrix, values: str) -> sp.csr_matrix:
-    """``old`` updated with new events ``add`` (same shape) following the ``values`` semantics."""
-    if values == "rating":
-        # The newest rating of a pair replaces the old one.
-        pattern = add.copy()
-        pattern.data[:] = 1.0
-        out = old - old.multiply(pattern) + add
-    else:
-        out = old + add
-    out = sp.csr_matrix(out, dtype=np.float32)
-    out.eliminate_zeros()
-    if values == "binary":
-        out.data[:] = 1.0
-    out.sort_indices()
-    return out
-
-
-def _pad_csr(mat: sp.csr_matrix, n_rows: int, n_cols: int) -> sp.csr_matrix:
-    """The same matrix with empty rows and columns appended."""
-    extra = n_rows - mat.shape[0]
-    indptr = np.concatenate([mat.indptr, np.full(extra, mat.indptr[-1], dtype=mat.indptr.dtype)])
-    return sp.csr_matrix((mat.data, mat.indices, indptr), shape=(n_rows, n_cols))
 
 
 # ====================================================================== weighting schemes
@@ -291,7 +262,7 @@ class ItemItemModel(Recommender):
 
     Incremental updates (``partial_fit``): new events are added to ``X_`` (so existing and new users score with
     their whole history at once, no refit); new items get empty rows and columns in ``W`` — they contribute
-    nothing to scores and rank after every fitted item (lowest finite score) until the next ``fit``.
+    nothing to scores and rank after every fitted item (score ``UNSCORED``) until the next ``fit``.
     """
 
     supports_partial_fit: ClassVar[bool] = True
@@ -313,7 +284,7 @@ class ItemItemModel(Recommender):
             _score_sparse(x.indptr, x.indices, x.data, users, w.indptr, w.indices, w.data, out)
         if self.n_fitted_items_ < out.shape[1]:
             # Items added by partial_fit have no weights yet: rank them after every fitted item.
-            out[:, self.n_fitted_items_ :] = _LOWEST
+            out[:, self.n_fitted_items_ :] = UNSCORED
         return out
 
     def _score_histories(self, offsets: np.ndarray, items: np.ndarray) -> np.ndarray:
@@ -330,7 +301,7 @@ class ItemItemModel(Recommender):
             w = self.weights_
             _score_sparse(x.indptr.astype(np.int64), x.indices, x.data, rows, w.indptr, w.indices, w.data, out)
         if self.n_fitted_items_ < out.shape[1]:
-            out[:, self.n_fitted_items_ :] = _LOWEST
+            out[:, self.n_fitted_items_ :] = UNSCORED
         return out
 
     def _similar_indices(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -342,7 +313,7 @@ class ItemItemModel(Recommender):
     # ------------------------------------------------------------------ incremental updates
     def _grow(self, n_new_users: int, n_new_items: int) -> None:
         n_users, n_items = self.n_users_, self.n_items_  # the maps are already extended
-        self.X_ = _pad_csr(self.X_, n_users, n_items)
+        self.X_ = pad_csr(self.X_, n_users, n_items)
         if n_new_items:
             w = self.weights_
             if isinstance(w, np.ndarray):
@@ -350,7 +321,7 @@ class ItemItemModel(Recommender):
                 grown[: w.shape[0], : w.shape[1]] = w
                 self.weights_ = grown
             else:
-                self.weights_ = _pad_csr(w, n_items, n_items)
+                self.weights_ = pad_csr(w, n_items, n_items)
 
     def _partial_fit(self, new: Interactions) -> None:
         if self.values == "weight" and new.weights is None:
@@ -360,34 +331,26 @@ class ItemItemModel(Recommender):
         if self.values == "rating" and new.ratings is None:
             raise DataError(f"{type(self).__name__}(values='rating') updates need a rating column")
         add = interaction_matrix(new, self.values)
-        self.X_ = _merge_matrix(self.X_, add, self.values)
+        # a pair's newest rating replaces the old one; counts and weights add up
+        self.X_ = merge_csr(self.X_, add, {"rating": "replace", "binary": "ones"}.get(self.values, "sum"))
 
     # ------------------------------------------------------------------ persistence
     def _state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {
-            "n_fitted_items": int(self.n_fitted_items_),
-            "X.indptr": self.X_.indptr.astype(np.int64),
-            "X.indices": self.X_.indices.astype(np.int32),
-            "X.data": self.X_.data.astype(np.float32),
-        }
+        state: dict[str, Any] = {"n_fitted_items": int(self.n_fitted_items_), **csr_to_state("X", self.X_)}
         if isinstance(self.weights_, np.ndarray):
             state["W"] = self.weights_
         else:
-            state["W.indptr"] = self.weights_.indptr.astype(np.int64)
-            state["W.indices"] = self.weights_.indices.astype(np.int32)
-            state["W.data"] = self.weights_.data.astype(np.float32)
+            state.update(csr_to_state("W", self.weights_))
         return state
 
     def _load_state(self, state: dict[str, Any]) -> None:
         n_users, n_items = self.n_users_, self.n_items_
-        self.X_ = sp.csr_matrix((state["X.data"], state["X.indices"], state["X.indptr"]), shape=(n_users, n_items))
+        self.X_ = csr_from_state("X", state, (n_users, n_items))
         self.n_fitted_items_ = int(state.get("n_fitted_items", n_items))
         if "W" in state:
             self.weights_ = np.ascontiguousarray(state["W"], dtype=np.float32)
         else:
-            self.weights_ = sp.csr_matrix(
-                (state["W.data"], state["W.indices"], state["W.indptr"]), shape=(n_items, n_items)
-            )
+            self.weights_ = csr_from_state("W", state, (n_items, n_items))
 
 
 # ====================================================================== item-based kNN
@@ -397,12 +360,12 @@ class ItemKNN(ItemItemModel):
 
     ``s_ij = y_i · y_j / (‖y_i‖ ‖y_j‖ + shrink)`` where ``y_i`` is item ``i``'s column of the (optionally
     re-weighted) user × item matrix; ``similarity="dot"`` drops the denominator (plain ``y_i · y_j``). For every
-    *target* item ``j`` only its ``k`` most similar other items are kept, so an item is scored from its own
-    neighbourhood (the item itself never counts as its neighbour — so ``k`` here is ``K − 1`` of libraries that
-    include it). Only positive similarities are kept.
+    *target* item ``j`` only its ``n_neighbors`` most similar other items are kept, so an item is scored from its
+    own neighbourhood (the item itself never counts as its neighbour — so ``n_neighbors`` here is ``K − 1`` of
+    libraries that include it). Only positive similarities are kept.
 
     Parameters:
-        k: neighbours kept per item (>= 1).
+        n_neighbors: neighbours kept per item (>= 1; called ``k`` before 0.2).
         shrink: added to the cosine denominator (>= 0); damps similarities resting on few co-occurrences.
         weighting: ``"none"``, ``"tfidf"`` or ``"bm25"`` weighting of the item × user matrix before the
             similarity (users are the "terms": heavy users count less; BM25 also damps popular items by ``B``).
@@ -412,18 +375,31 @@ class ItemKNN(ItemItemModel):
         values: what ``X`` holds, see :func:`interaction_matrix`; scores use the unweighted ``X``.
         num_threads: threads for the similarity kernel and scoring (0 = all cores); results do not depend on it.
 
-    Defaults (k=5, shrink=10, weighting="none") come from validation NDCG@10 on leave-last-one-out splits of
-    ML-100K and ml-latest-small (``benchmarks/bench_implicit.py``; k 2-200, shrink 0-50): they are within 6% of
-    each dataset's best. Next-item protocols favour very small neighbourhoods (k=2 was best on both);
-    random-holdout protocols and larger catalogues usually want larger ``k`` (50-200): tune ``k``.
+    Defaults (n_neighbors=5, shrink=10, weighting="none") come from validation NDCG@10 on leave-last-one-out
+    splits of ML-100K and ml-latest-small (``benchmarks/bench_implicit.py``; 2-200 neighbours, shrink 0-50): they
+    are within 6% of each dataset's best. Next-item protocols favour very small neighbourhoods (2 was best on
+    both); random-holdout protocols and larger catalogues usually want more (50-200): tune ``n_neighbors``.
 
     Cost: ``Σ_u n_u²`` multiply-adds (``n_u`` = items of user ``u``), ``O(n_items)`` memory per thread plus the
     ``n_items × k`` result; the catalogue size itself is not limited.
     """
 
+    renamed_params: ClassVar[dict[str, str]] = {"k": "n_neighbors"}
+    param_constraints: ClassVar[dict[str, Constraint]] = {
+        "n_neighbors": Integer(1),
+        "shrink": Real(0),
+        "weighting": Choice("none", "tfidf", "bm25"),
+        "K1": Real(0, strict=True),
+        "B": Real(0, 1.0),
+        "similarity": Choice("cosine", "dot"),
+        "normalize": Boolean(),
+        "values": VALUES,
+        "num_threads": Integer(0),
+    }
+
     def __init__(
         self,
-        k: int = 5,
+        n_neighbors: int = 5,
         shrink: float = 10.0,
         weighting: Literal["none", "tfidf", "bm25"] = "none",
         K1: float = 1.2,
@@ -433,7 +409,7 @@ class ItemKNN(ItemItemModel):
         values: Values = "binary",
         num_threads: int = 0,
     ) -> None:
-        self.k = k
+        self.n_neighbors = n_neighbors
         self.shrink = shrink
         self.weighting = weighting
         self.K1 = K1
@@ -443,17 +419,7 @@ class ItemKNN(ItemItemModel):
         self.values = values
         self.num_threads = num_threads
 
-    def _check(self) -> None:
-        check_int(self, "k")
-        check_number(self, "shrink")
-        check_choice(self, "weighting", ("none", "tfidf", "bm25"))
-        check_number(self, "K1", strict=True)
-        check_number(self, "B", maximum=1.0)
-        check_choice(self, "similarity", ("cosine", "dot"))
-        check_values(self.values)
-
     def _fit(self, interactions: Interactions) -> None:
-        self._check()
         x = self._set_matrix(interactions)
         item_users = x.T.tocsr()
         if self.weighting == "tfidf":
@@ -466,7 +432,7 @@ class ItemKNN(ItemItemModel):
         with thread_limits(self.num_threads):
             # Cosine is symmetric: row j's top-k over i is target item j's neighbourhood, i.e. column j of W.
             rows = item_knn_rows(
-                item_users, item_users.T.tocsr(), self.k, row_norm=norm, col_norm=norm,
+                item_users, item_users.T.tocsr(), self.n_neighbors, row_norm=norm, col_norm=norm,
                 shrink=self.shrink if self.similarity == "cosine" else 0.0,
             )  # fmt: skip
         w = rows.T.tocsr()

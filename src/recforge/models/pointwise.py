@@ -9,26 +9,19 @@ classes weigh the same, labels can be smoothed, and the model keeps learning onl
 from __future__ import annotations
 
 import logging
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 import scipy.sparse as sp
 from numba import njit, prange
 
+from recforge.core.params import Boolean, Choice, Constraint, Integer, Real
+from recforge.core.progress import EpochProgress
+from recforge.core.threads import thread_limits
 from recforge.data.interactions import Interactions
-from recforge.errors import DataError
-from recforge.models.bpr import (
-    negative_pool,
-    positive_pairs,
-    sample_negative,
-    seed_states,
-    shuffle_in_place,
-)
 from recforge.models.factors import FactorModel
-from recforge.models.params import check_choice, check_params
-from recforge.models.progress import EpochProgress
 from recforge.models.registry import register
-from recforge.models.threads import thread_limits
+from recforge.models.sampling import epoch_streams, negative_pool, positive_pairs, sample_negative
 
 log = logging.getLogger(__name__)
 
@@ -194,8 +187,8 @@ class PointwiseMF(FactorModel):
     Optimiser: plain ``"sgd"`` or ``"adagrad"`` (per-parameter step sizes), L2 ``reg`` on factors and
     ``bias_reg`` on biases. Recommendation ranks by the logit (the user bias does not change it).
 
-    Threads: ``num_threads=1`` (default) is serial and repeatable for a seed; more threads run Hogwild (faster,
-    not bit-repeatable). ``partial_fit`` learns online as in a click loop: ``partial_epochs`` passes over the new
+    Threads: ``num_threads=0`` (default: all cores) or ``> 1`` runs Hogwild (faster, not bit-repeatable);
+    ``num_threads=1`` is serial and repeatable for a seed. ``partial_fit`` learns online as in a click loop: ``partial_epochs`` passes over the new
     positives, each with fresh negatives; the Adagrad accumulators carry over (and are saved with the model).
 
     Defaults were chosen on the leave-one-out validation event (train → valid) of ML-100K and ml-latest-small,
@@ -227,7 +220,7 @@ class PointwiseMF(FactorModel):
         partial_epochs: int = 5,
         seed: int = 0,
         progress: bool = True,
-        num_threads: int = 1,
+        num_threads: int = 0,
     ) -> None:
         self.n_factors = n_factors
         self.epochs = epochs
@@ -250,32 +243,28 @@ class PointwiseMF(FactorModel):
 
     supports_partial_fit = True
 
-    def _check_params(self) -> None:
-        cls = type(self).__name__
-        check_params(
-            self,
-            {"n_factors": 1, "epochs": 0, "partial_epochs": 0, "n_negatives": 0, "num_threads": 0},
-            ("lr",),
-            ("reg", "bias_reg", "gamma", "init_std"),
-        )
-        if self.loss not in ("bce", "focal"):
-            raise DataError(f"{cls}.loss must be 'bce' or 'focal', got {self.loss!r}")
-        if self.optimizer not in ("adagrad", "sgd"):
-            raise DataError(f"{cls}.optimizer must be 'adagrad' or 'sgd', got {self.optimizer!r}")
-        ls = self.label_smoothing
-        if isinstance(ls, bool) or not isinstance(ls, (int, float, np.integer, np.floating)) or not 0 <= ls < 1:
-            raise DataError(f"{cls}.label_smoothing must be in [0, 1), got {ls!r}")
-        pw = self.pos_weight
-        if pw is not None and (
-            isinstance(pw, bool) or not isinstance(pw, (int, float, np.integer, np.floating)) or not np.isfinite(pw) or pw <= 0
-        ):
-            raise DataError(f"{cls}.pos_weight must be a positive number or None (= n_negatives), got {pw!r}")
-        check_choice(self, "neg_sampling", ("uniform", "popularity"))
-        if not isinstance(self.reject_seen, (bool, np.bool_)):
-            raise DataError(f"{cls}.reject_seen must be True or False, got {self.reject_seen!r}")
+    param_constraints: ClassVar[dict[str, Constraint]] = {
+        "n_factors": Integer(1),
+        "epochs": Integer(0),
+        "lr": Real(0, strict=True),
+        "reg": Real(0),
+        "bias_reg": Real(0),
+        "n_negatives": Integer(0),
+        "loss": Choice("bce", "focal"),
+        "gamma": Real(0),
+        "label_smoothing": Real(0, 0.999),
+        "pos_weight": Real(0, strict=True, optional=True),
+        "optimizer": Choice("adagrad", "sgd"),
+        "reject_seen": Boolean(),
+        "neg_sampling": Choice("uniform", "popularity"),
+        "init_std": Real(0),
+        "partial_epochs": Integer(0),
+        "seed": Integer(0),
+        "progress": Boolean(),
+        "num_threads": Integer(0),
+    }
 
     def _fit(self, interactions: Interactions) -> None:
-        self._check_params()
         n_users, n_items = self.seen_.shape
         rng = np.random.default_rng(self.seed)
         k = self.n_factors
@@ -307,8 +296,7 @@ class PointwiseMF(FactorModel):
         bar = EpochProgress(epochs, "PointwiseMF", enabled=self.progress)
         with thread_limits(self.num_threads) as n_chunks:
             for epoch in bar:
-                shuffle_in_place(order, seed_states(self.seed, 2 * (stream * 100_003 + epoch), 1))
-                states = seed_states(self.seed, 2 * (stream * 100_003 + epoch) + 1, n_chunks)
+                states = epoch_streams(self.seed, stream, epoch, order, n_chunks)
                 total = _pointwise_epoch(
                     users, items, order, seen.indptr, seen.indices,
                     self.user_factors_, self.item_factors_, self.user_bias_, self.item_bias_, g,
@@ -330,7 +318,6 @@ class PointwiseMF(FactorModel):
         self.grad_sq_item_bias_ = np.concatenate([self.grad_sq_item_bias_, np.zeros(n_new_items, np.float32)])
 
     def _partial_fit(self, new: Interactions) -> None:
-        self._check_params()
         self.n_updates_ = int(getattr(self, "n_updates_", 0)) + 1
         # work on copies so a failed update cannot leave half-written arrays behind
         for name in ("user_factors_", "item_factors_", "user_bias_", "item_bias_"):

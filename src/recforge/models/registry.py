@@ -1,4 +1,7 @@
-"""Models by name: ``register`` a class, then ``create_model("ease", ...)`` from code, configs or the CLI."""
+"""Models by name: ``register`` a class, then ``create_model("ease", ...)`` from code, configs or the CLI.
+
+Every built-in model registers itself when :mod:`recforge.models` is imported (it imports all of them).
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import json
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
-from recforge.errors import DataError, UnknownModelError
+from recforge.errors import ParameterError, UnknownModelError
 
 _REGISTRY: dict[str, type] = {}
 _ALIASES: dict[str, str] = {}
@@ -29,38 +32,13 @@ def register(name: str, *aliases: str) -> Callable[[T], T]:
     return deco
 
 
-_LOADED = False
-
-
-def _ensure_builtin_models() -> None:
-    """Import every module of ``recforge.models`` (each built-in model registers itself) on the first lookup.
-
-    Done lazily, not when the package is imported: helpers such as ``recforge.models.topk`` are imported by
-    evaluation, retrieval and neural code that the models themselves import, and loading every model at that
-    point would make those imports circular.
-    """
-    global _LOADED
-    if _LOADED:
-        return
-    import importlib
-    import pkgutil
-
-    import recforge.models
-
-    for info in pkgutil.iter_modules(recforge.models.__path__, "recforge.models."):
-        importlib.import_module(info.name)
-    _LOADED = True
-
-
 def available_models() -> list[str]:
     """Registered model names, sorted."""
-    _ensure_builtin_models()
     return sorted(_REGISTRY)
 
 
 def get_model_class(name: str) -> type:
     """The class registered under ``name`` (or an alias); :class:`UnknownModelError` lists the valid names."""
-    _ensure_builtin_models()
     key = str(name).strip().lower()
     key = _ALIASES.get(key, key)
     if key not in _REGISTRY:
@@ -69,13 +47,10 @@ def get_model_class(name: str) -> type:
 
 
 def create_model(name: str, **params: Any) -> Any:
-    """Instantiate a registered model; unknown parameters raise :class:`DataError` naming the valid ones."""
+    """Instantiate a registered model; unknown parameters raise :class:`ParameterError` naming the valid ones
+    (renamed parameters are translated, with a FutureWarning)."""
     cls = get_model_class(name)
-    valid = cls._param_names()
-    unknown = [p for p in params if p not in valid]
-    if unknown:
-        raise DataError(f"model {cls.name!r} has no parameter(s) {unknown}; valid parameters: {valid}")
-    return cls(**params)
+    return cls(**cls.check_param_names(params))
 
 
 def parse_params(assignments: Iterable[str]) -> dict[str, Any]:
@@ -83,11 +58,11 @@ def parse_params(assignments: Iterable[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in assignments:
         if "=" not in item:
-            raise DataError(f"parameter {item!r} must look like name=value")
+            raise ParameterError(f"parameter {item!r} must look like name=value")
         key, raw = item.split("=", 1)
         key = key.strip().replace("-", "_")
         if not key:
-            raise DataError(f"parameter {item!r} has an empty name")
+            raise ParameterError(f"parameter {item!r} has an empty name")
         lowered = raw.strip().lower()
         if lowered in ("none", "null"):
             value: Any = None

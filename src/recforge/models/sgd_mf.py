@@ -6,7 +6,7 @@ SVD++ stores ``p̃_u`` as its user factors, so scoring, saving and loading are t
 :class:`~recforge.models.factors.FactorRatingModel`.
 
 Training is serial and deterministic: every epoch visits the ratings (FunkSVD) or the users and each user's
-ratings (SVD++) in an order drawn from a splitmix64 generator seeded by ``(seed, epoch)``. The SGD kernels are
+ratings (SVD++) in an order drawn from the seeded generator of :mod:`recforge.core.rng` (stream ``epoch``). The SGD kernels are
 compiled with ``fastmath`` (it lets LLVM vectorise the dot products: about 1.8x faster), so results are
 identical run to run on one machine but may differ in the last bits between CPUs with different SIMD widths.
 """
@@ -14,46 +14,20 @@ identical run to run on one machine but may differ in the last bits between CPUs
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, ClassVar
 
 import numba
 import numpy as np
 
+from recforge.core.params import Boolean, Constraint, Integer, Real, parameter_error
+from recforge.core.progress import EpochProgress
+from recforge.core.rng import seed_states, shuffle_in_place
+from recforge.core.threads import thread_limits
 from recforge.data.interactions import Interactions
-from recforge.errors import DataError
 from recforge.models.factors import FactorRatingModel
-from recforge.models.params import check_int, check_number
-from recforge.models.progress import EpochProgress
 from recforge.models.registry import register
 
 log = logging.getLogger(__name__)
-
-_U64 = np.uint64
-
-
-# --------------------------------------------------------------------------------------------- random order
-@numba.njit(cache=True, inline="always")
-def _splitmix(state: np.uint64) -> tuple[np.uint64, np.uint64]:
-    state = state + _U64(0x9E3779B97F4A7C15)
-    z = state
-    z = (z ^ (z >> _U64(30))) * _U64(0xBF58476D1CE4E5B9)
-    z = (z ^ (z >> _U64(27))) * _U64(0x94D049BB133111EB)
-    return state, z ^ (z >> _U64(31))
-
-
-@numba.njit(cache=True)
-def _shuffle(out: np.ndarray, state: np.uint64) -> np.uint64:
-    """Fisher-Yates shuffle in place; returns the advanced generator state (same order on every platform)."""
-    for k in range(len(out) - 1, 0, -1):
-        state, r = _splitmix(state)
-        j = np.int64(r % _U64(k + 1))
-        out[k], out[j] = out[j], out[k]
-    return state
-
-
-def _epoch_state(seed: int, epoch: int) -> np.uint64:
-    """A generator state for one epoch, mixed so that neighbouring seeds/epochs give unrelated orders."""
-    return np.uint64((int(seed) * 0x2545F4914F6CDD1D + int(epoch) * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % 2**64)
 
 
 # --------------------------------------------------------------------------------------------- kernels
@@ -117,7 +91,7 @@ def _svdpp_epoch(
     lr_bias: float,
     bias_reg: float,
     implicit_reg: float,
-    state: np.uint64,
+    states: np.ndarray,
 ) -> float:
     """One SVD++ epoch, user by user, in O(nnz · k).
 
@@ -155,7 +129,7 @@ def _svdpp_epoch(
             pos = np.empty(n_u, np.int64)
         for m in range(n_u):
             pos[m] = lo + m
-        state = _shuffle(pos[:n_u], state)
+        shuffle_in_place(pos[:n_u], states)
         for m in range(n_u):
             idx = pos[m]
             i = items[idx]
@@ -182,7 +156,7 @@ def _svdpp_epoch(
     return sse / max(count, 1)
 
 
-@numba.njit(cache=True)
+@numba.njit(cache=True, parallel=True)
 def _fold_in(
     indptr: np.ndarray,
     items: np.ndarray,
@@ -200,9 +174,9 @@ def _fold_in(
     """Closed-form rows ``[b_u, p_u]`` for users ``rows[r]`` with items fixed: ridge regression of
     ``r - μ - b_i - q_i · offset[r]`` on ``[1, q_i]`` over the events ``indptr[r]:indptr[r+1]``, with the
     penalty the SGD objective puts on them (``reg`` / ``bias_reg`` per rating, so times the user's event
-    count; a tiny ridge keeps the system solvable when both are zero)."""
+    count; a tiny ridge keeps the system solvable when both are zero). Rows are independent: in parallel."""
     k = Q.shape[1]
-    for r in range(len(rows)):
+    for r in numba.prange(len(rows)):
         u = rows[r]
         lo = indptr[r]
         hi = indptr[r + 1]
@@ -232,11 +206,11 @@ def _fold_in(
             P[u, f] = sol[f + 1]
 
 
-@numba.njit(cache=True, fastmath=True)
+@numba.njit(cache=True, fastmath=True, parallel=True)
 def _implicit_sums(indptr: np.ndarray, items: np.ndarray, Y: np.ndarray, out: np.ndarray) -> None:
-    """``out[u] = |N(u)|^-½ Σ_{j∈N(u)} Y[j]`` (zero for users without items)."""
+    """``out[u] = |N(u)|^-½ Σ_{j∈N(u)} Y[j]`` (zero for users without items); rows in parallel."""
     k = Y.shape[1]
-    for u in range(len(indptr) - 1):
+    for u in numba.prange(len(indptr) - 1):
         lo = indptr[u]
         hi = indptr[u + 1]
         for f in range(k):
@@ -259,27 +233,31 @@ def _rating_arrays(interactions: Interactions) -> tuple[np.ndarray, np.ndarray, 
     return mat.indptr.astype(np.int64), mat.indices.astype(np.int32), mat.data.astype(np.float64)
 
 
+_SGD_CONSTRAINTS: dict[str, Constraint] = {
+    "n_factors": Integer(1),
+    "epochs": Integer(1),
+    "lr": Real(0, strict=True),
+    "reg": Real(0),
+    "bias_reg": Real(0),
+    "lr_bias": Real(0, strict=True, optional=True),
+    "lr_decay": Real(0, 1.0, strict=True),
+    "init_std": Real(0),
+    "partial_epochs": Integer(0),
+    "seed": Integer(0),
+    "progress": Boolean(),
+    "num_threads": Integer(0),
+}
+
+
 class _SGDRatingModel(FactorRatingModel):
     """Shared parts: parameter checks, initialisation and the bookkeeping of ``partial_fit``."""
 
     supports_partial_fit = True
 
-    def _check_common(self) -> None:
-        owner = type(self).__name__
-        check_int(self, "n_factors")
-        check_int(self, "epochs")
-        check_int(self, "partial_epochs", 0)
-        check_number(self, "lr", strict=True)
-        check_number(self, "reg")
-        check_number(self, "bias_reg")
-        check_number(self, "init_std")
-        if self.lr_bias is not None:
-            check_number(self, "lr_bias", strict=True)
+    def _check_learning_rate(self) -> None:
         if self.lr * max(self.reg, self.bias_reg) >= 1:
-            raise DataError(
-                f"{owner}: lr * max(reg, bias_reg) must be below 1 (got lr={self.lr}, reg={self.reg}, "
-                f"bias_reg={self.bias_reg}); lower lr"
-            )
+            raise parameter_error(self, "lr", f"times max(reg, bias_reg) = {self.lr * max(self.reg, self.bias_reg):g} "
+                                  "must be below 1 (lower lr)", self.lr)
 
     def _init_factors(self, n_users: int, n_items: int) -> tuple[np.ndarray, np.ndarray, np.random.Generator]:
         rng = np.random.default_rng(self.seed)
@@ -319,10 +297,11 @@ class _SGDRatingModel(FactorRatingModel):
         rows, counts = np.unique(new.users[pick], return_counts=True)
         indptr = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         off = np.zeros((len(rows), P.shape[1])) if offset is None else np.ascontiguousarray(offset[rows])
-        _fold_in(
-            indptr, new.items[pick], new.ratings[pick].astype(np.float64), rows.astype(np.int64), Q, bi, off,
-            float(self.global_bias_), float(self.reg), float(self.bias_reg), P, bu,
-        )
+        with thread_limits(self.num_threads):
+            _fold_in(
+                indptr, new.items[pick], new.ratings[pick].astype(np.float64), rows.astype(np.int64), Q, bi, off,
+                float(self.global_bias_), float(self.reg), float(self.bias_reg), P, bu,
+            )
 
     def _sgd_new_events(
         self, new: Interactions, P: np.ndarray, Q: np.ndarray, bu: np.ndarray, bi: np.ndarray
@@ -333,7 +312,7 @@ class _SGDRatingModel(FactorRatingModel):
         order = np.arange(len(new), dtype=np.int64)
         item_start = int(getattr(self, "_n_items_before", 0))
         for epoch in range(self.partial_epochs):
-            _shuffle(order, _epoch_state(self.seed, 10**6 + epoch))
+            shuffle_in_place(order, seed_states(self.seed, 10**6 + epoch, 1))
             _funk_epoch(
                 new.users, new.items, ratings, order, P, Q, bu, bi, float(self.global_bias_),
                 float(self.lr), self.reg, self._lr_bias, self.bias_reg, item_start,
@@ -356,8 +335,8 @@ class FunkSVD(_SGDRatingModel):
     ratings, a handful of new events would mostly add noise) — so a new user is folded in against the
     learned item space.
 
-    ``lr_bias`` (default: ``lr``) is the learning rate of the biases. Parameters are checked at ``fit``:
-    ``n_factors``/``epochs`` >= 1, ``lr`` > 0, ``reg``/``bias_reg``/``init_std`` >= 0, ``lr_decay`` in (0, 1].
+    ``lr_bias`` (default: ``lr``) is the learning rate of the biases. SGD epochs are serial (repeatable); ``num_threads``
+    (0 = all cores) runs the closed-form fold-in of new users in ``partial_fit`` in parallel.
 
     Defaults were tuned on a validation split carved from ML-100K ``u1.base`` only (a seeded random 10% of
     its rows held out, the model fitted on the other 90%; the test files were never used), in successive
@@ -384,6 +363,7 @@ class FunkSVD(_SGDRatingModel):
         partial_epochs: int = 30,
         seed: int = 0,
         progress: bool = True,
+        num_threads: int = 0,
     ) -> None:
         self.n_factors = n_factors
         self.epochs = epochs
@@ -396,15 +376,12 @@ class FunkSVD(_SGDRatingModel):
         self.partial_epochs = partial_epochs
         self.seed = seed
         self.progress = progress
+        self.num_threads = num_threads
 
-    def _check(self) -> None:
-        self._check_common()
-        check_number(self, "lr_decay", strict=True)
-        if self.lr_decay > 1:
-            raise DataError(f"FunkSVD.lr_decay must be in (0, 1], got {self.lr_decay}")
+    param_constraints: ClassVar[dict[str, Constraint]] = _SGD_CONSTRAINTS
 
     def _fit(self, interactions: Interactions) -> None:
-        self._check()
+        self._check_learning_rate()
         self._fit_rating_range(interactions)
         indptr, items, ratings = _rating_arrays(interactions)
         users = np.repeat(np.arange(interactions.n_users, dtype=np.int32), np.diff(indptr))
@@ -416,7 +393,7 @@ class FunkSVD(_SGDRatingModel):
         lr, lr_b = float(self.lr), self._lr_bias
         bar = EpochProgress(self.epochs, "FunkSVD", enabled=self.progress)
         for epoch in bar:
-            _shuffle(order, _epoch_state(self.seed, epoch))
+            shuffle_in_place(order, seed_states(self.seed, epoch, 1))
             bar.log(_funk_epoch(users, items, ratings, order, P, Q, bu, bi, mu, lr, self.reg, lr_b, self.bias_reg, 0))
             lr *= self.lr_decay
             lr_b *= self.lr_decay
@@ -480,6 +457,7 @@ class SVDpp(_SGDRatingModel):
         partial_epochs: int = 30,
         seed: int = 0,
         progress: bool = True,
+        num_threads: int = 0,
     ) -> None:
         self.n_factors = n_factors
         self.epochs = epochs
@@ -493,16 +471,12 @@ class SVDpp(_SGDRatingModel):
         self.partial_epochs = partial_epochs
         self.seed = seed
         self.progress = progress
+        self.num_threads = num_threads
 
-    def _check(self) -> None:
-        self._check_common()
-        check_number(self, "implicit_reg")
-        check_number(self, "lr_decay", strict=True)
-        if self.lr_decay > 1:
-            raise DataError(f"SVDpp.lr_decay must be in (0, 1], got {self.lr_decay}")
+    param_constraints: ClassVar[dict[str, Constraint]] = {**_SGD_CONSTRAINTS, "implicit_reg": Real(0)}
 
     def _fit(self, interactions: Interactions) -> None:
-        self._check()
+        self._check_learning_rate()
         self._fit_rating_range(interactions)
         indptr, items, ratings = _rating_arrays(interactions)
         mu = float(ratings.mean())
@@ -514,17 +488,19 @@ class SVDpp(_SGDRatingModel):
         lr, lr_b = float(self.lr), self._lr_bias
         bar = EpochProgress(self.epochs, "SVD++", enabled=self.progress)
         for epoch in bar:
-            state = np.uint64(_shuffle(user_order, _epoch_state(self.seed, epoch)))
+            states = seed_states(self.seed, epoch, 1)
+            shuffle_in_place(user_order, states)
             loss = _svdpp_epoch(
                 indptr, items, ratings, user_order, P, Q, Y, bu, bi, mu, lr, self.reg, lr_b, self.bias_reg,
-                self.implicit_reg, state,
+                self.implicit_reg, states,
             )
             bar.log(loss)
             lr *= self.lr_decay
             lr_b *= self.lr_decay
         self.loss_history_ = bar.history
         Z = np.empty_like(P)
-        _implicit_sums(indptr, items, Y, Z)
+        with thread_limits(self.num_threads):
+            _implicit_sums(indptr, items, Y, Z)
         self.global_bias_ = mu
         self.user_explicit_ = np.ascontiguousarray(P, dtype=np.float32)
         self.item_implicit_ = np.ascontiguousarray(Y, dtype=np.float32)
@@ -558,7 +534,8 @@ class SVDpp(_SGDRatingModel):
         Y = self.item_implicit_.astype(np.float64)
         Z = np.zeros((self.n_users_, Y.shape[1]))
         z_touched = np.zeros((len(touched), Y.shape[1]))
-        _implicit_sums(sub.indptr.astype(np.int64), sub.indices.astype(np.int32), Y, z_touched)
+        with thread_limits(self.num_threads):
+            _implicit_sums(sub.indptr.astype(np.int64), sub.indices.astype(np.int32), Y, z_touched)
         Z[touched] = z_touched
         P = self.user_explicit_.astype(np.float64)
         Q = self.item_factors_.astype(np.float64)

@@ -22,23 +22,23 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from recforge.core.device import resolve_device, torch_threads
+from recforge.core.params import AnyOf, Boolean, Choice, Constraint, Integer, ListOf, Real, Text, store_params
+from recforge.core.validation import RankingValidator
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
-from recforge.evaluation.metrics import per_user_metrics
+from recforge.features import genre_matrix, item_texts, make_encoder
 from recforge.models.base import Recommender
-from recforge.models.params import check_choice, check_int, check_number, set_params
 from recforge.models.registry import register
 from recforge.models.sequential.base import token_log_q
 from recforge.neural.checkpoint import numpy_to_state, state_to_numpy
-from recforge.neural.device import resolve_device, torch_threads
 from recforge.neural.losses import full_softmax, in_batch_softmax
-from recforge.neural.trainer import Trainer, TrainerConfig, keep_training_result
+from recforge.neural.trainer import MODEL_TRAINER_CONSTRAINTS, Trainer, TrainerConfig, keep_training_result
 from recforge.retrieval import similar_by_vectors
 
 log = logging.getLogger(__name__)
 
 LOSSES = ("inbatch_logq", "inbatch", "softmax")
-_VALID_METRICS = ("ndcg@10", "hr@10", "mrr")
 _INFER_ROWS = 4096  # rows per forward pass when the towers encode every user / item
 _WORD = re.compile(r"\w+")
 
@@ -301,6 +301,23 @@ class TwoTower(Recommender):
     supports_partial_fit: ClassVar[bool] = False
     uses_trainer: ClassVar[bool] = True
     losses: ClassVar[tuple[str, ...]] = LOSSES
+    param_constraints: ClassVar[dict[str, Constraint]] = {
+        **MODEL_TRAINER_CONSTRAINTS,
+        "n_factors": Integer(1),
+        "embedding_dim": Integer(1),
+        "feature_dim": Integer(1),
+        "hidden_sizes": ListOf(Integer(1)),
+        "normalize": Boolean(),
+        "temperature": Real(0, strict=True),
+        "loss": Choice(*LOSSES),
+        "user_features": AnyOf(Choice("auto"), ListOf(Text()), optional=True),
+        "use_time": Boolean(),
+        "n_time_buckets": Integer(0),
+        "max_title_tokens": Integer(1),
+        "text_encoder": Text(optional=True),
+        "batch_size": Integer(1),
+        "num_threads": Integer(0),
+    }
 
     def __init__(
         self,
@@ -334,35 +351,12 @@ class TwoTower(Recommender):
         progress: bool = True,
         num_threads: int = 0,
     ) -> None:
-        set_params(self, locals())
+        store_params(self, locals())
         # lists, not tuples, so the parameters survive a JSON round trip unchanged (artifacts, get_params)
         if isinstance(hidden_sizes, tuple):
             self.hidden_sizes = list(hidden_sizes)
         if isinstance(user_features, tuple):
             self.user_features = list(user_features)
-
-    # ------------------------------------------------------------------ checks
-    def _check_params(self) -> None:
-        for name in ("n_factors", "embedding_dim", "feature_dim", "epochs", "batch_size", "max_title_tokens"):
-            check_int(self, name, 1)
-        for name in ("n_time_buckets", "patience", "validate_every", "warmup_steps"):
-            check_int(self, name, 0)
-        check_number(self, "temperature", strict=True)
-        check_number(self, "lr", strict=True)
-        check_number(self, "weight_decay")
-        check_choice(self, "loss", LOSSES)
-        check_choice(self, "valid_metric", _VALID_METRICS)
-        hidden = self.hidden_sizes
-        if not isinstance(hidden, (list, tuple)) or any(
-            isinstance(h, bool) or not isinstance(h, (int, np.integer)) or h < 1 for h in hidden
-        ):
-            raise DataError(f"TwoTower.hidden_sizes must be a list of positive integers (may be empty), got {hidden!r}")
-        if self.text_encoder is not None and not isinstance(self.text_encoder, str):
-            raise DataError(f"TwoTower.text_encoder must be None or an encoder name such as 'tfidf', got "
-                            f"{self.text_encoder!r}")
-        uf = self.user_features
-        if not (uf is None or uf == "auto" or (isinstance(uf, (list, tuple)) and all(isinstance(c, str) for c in uf))):
-            raise DataError(f"TwoTower.user_features must be None, 'auto' or a list of column names, got {uf!r}")
 
     def _trainer_config(self) -> TrainerConfig:
         return TrainerConfig.from_model(self, metric=self.valid_metric)
@@ -380,8 +374,6 @@ class TwoTower(Recommender):
                 arrays["titles"] = titles
                 arrays["n_words"] = len(vocab)
         if item_data is not None and "genres" in item_data.columns:
-            from recforge.features import genre_matrix
-
             mat, gvocab = genre_matrix(item_data, "genres")
             if gvocab:
                 lists = np.split(mat.indices.astype(np.int64) + 1, mat.indptr[1:-1])
@@ -391,8 +383,6 @@ class TwoTower(Recommender):
             if item_data is None:
                 log.warning("TwoTower: text_encoder=%r ignored, the interactions carry no item data", self.text_encoder)
             else:
-                from recforge.features import item_texts, make_encoder
-
                 text = make_encoder(self.text_encoder).encode(item_texts(item_data))
                 arrays["text"] = np.ascontiguousarray(text, dtype=np.float32)
         num, cat, num_names, cat_names = user_feature_table(interactions.user_data, self.user_features)
@@ -444,7 +434,6 @@ class TwoTower(Recommender):
 
     # ------------------------------------------------------------------ fitting
     def _fit(self, interactions: Interactions, valid: Interactions | None = None) -> None:
-        self._check_params()
         n_users, n_items = interactions.n_users, interactions.n_items
         self.prep_ = self._prepare(interactions)
         users = interactions.users.astype(np.int64)
@@ -497,23 +486,15 @@ class TwoTower(Recommender):
 
     def _validator(self, train: Interactions, valid: Interactions, net: TwoTowerNet, device: torch.device,
                    max_users: int = 10_000) -> Any:
-        """A closure computing NDCG@10, HR@10 and MRR of the validation events, each user's training items
-        excluded, over the full catalogue (a fixed random subset of ``max_users`` users on big data)."""
-        truth = valid.csr("ones")
-        vusers = np.flatnonzero(np.diff(truth.indptr) > 0)
-        if len(vusers) > max_users:
-            vusers = np.sort(np.random.default_rng(self.seed).choice(vusers, max_users, replace=False))
-        targets, exclude = truth[vusers], train.csr("ones")[vusers]
+        """A closure ranking the validation events, each user's training items excluded, over the full catalogue
+        with the test metrics' kernel (a fixed random subset of ``max_users`` users on big data)."""
+        validator = RankingValidator(valid.csr("ones"), train.csr("ones"), k=10, max_rows=max_users, seed=self.seed)
         all_items = np.arange(train.n_items)
 
         def validate() -> dict[str, float]:
-            uvec = self._encode(net, vusers, None)
+            uvec = self._encode(net, validator.rows, None)
             ivec = self._encode(net, None, all_items)
-            from recforge.evaluation.ranking import rank_rows  # evaluation imports recforge.models
-
-            out = rank_rows(lambda rows: uvec[rows] @ ivec.T, len(ivec), np.arange(len(vusers)), targets, 10, exclude)
-            m = per_user_metrics(out.hits, out.n_rel, out.first_rank, [10])
-            return {name: float(m[name].mean()) for name in _VALID_METRICS}
+            return validator(lambda rows: uvec[np.searchsorted(validator.rows, rows)] @ ivec.T)
 
         return validate
 

@@ -1,6 +1,11 @@
-"""Shared machinery of the neural models: device choice, the training loop, losses, layers and checkpoints."""
+"""Shared machinery of the neural models: the training loop, losses, layers, sequences and checkpoints."""
 
-from recforge.neural.device import resolve_device, torch_threads
-from recforge.neural.trainer import Trainer, TrainerConfig, plot_training_curves
+from recforge.neural.trainer import (
+    Trainer,
+    TrainerConfig,
+    TrainingResult,
+    TrainingState,
+    plot_training_curves,
+)
 
-__all__ = ["Trainer", "TrainerConfig", "plot_training_curves", "resolve_device", "torch_threads"]
+__all__ = ["Trainer", "TrainerConfig", "TrainingResult", "TrainingState", "plot_training_curves"]

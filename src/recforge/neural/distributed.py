@@ -68,12 +68,6 @@ def is_main_process() -> bool:
     return rank() == 0
 
 
-def local_cpu_share() -> int:
-    """CPU threads for this rank when several ranks share the machine (all cores when alone)."""
-    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-    return max(1, (os.cpu_count() or 1) // max(1, per_node))
-
-
 def shard_rows(n: int, part: int, parts: int) -> slice:
     """The contiguous rows ``part`` takes of ``n``; never empty, so every rank joins every gradient exchange
     (with fewer rows than ranks, the surplus ranks repeat the last row)."""

@@ -12,10 +12,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
+import scipy.sparse as sp
 
 from recforge.data.interactions import Interactions, gather_ranges
-
-PAD = 0
 
 
 def n_tokens(n_items: int) -> int:
@@ -109,12 +108,24 @@ def window_batches(
         yield pad_right(seqs.tokens, starts[pick], lengths[pick])
 
 
-def next_event_histories(
-    train: Interactions, events: Interactions, vocab: np.ndarray, max_len: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+@dataclass
+class HistorySamples:
+    """Next-event samples: each with its latest ``max_len`` tokens (right-padded), their count, the target item
+    index, the user index, and ``history`` (CSR, one row per sample: every earlier item of the user)."""
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    targets: np.ndarray
+    users: np.ndarray
+    history: sp.csr_matrix
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+
+def next_event_histories(train: Interactions, events: Interactions, vocab: np.ndarray, max_len: int) -> HistorySamples:
     """Every event of ``events`` as one sample whose history is all earlier events of that user in ``train`` and
-    ``events`` (time order; at equal times train first). Returns the padded histories (last ``max_len`` tokens),
-    their lengths, the target item indices and the sample's user index; samples without history are dropped."""
+    ``events`` (time order; at equal times train first). Samples without history are dropped."""
     n_tr = len(train)
     users = np.concatenate([train.users, events.users]).astype(np.int64)
     items = np.concatenate([train.items, events.items]).astype(np.int64)
@@ -130,9 +141,12 @@ def next_event_histories(
     np.cumsum(np.bincount(users, minlength=n_users), out=offsets[1:])
     pos = np.flatnonzero(is_event)
     owner = users[pos]
-    starts = np.maximum(offsets[owner], pos - max_len)
+    first = offsets[owner]
+    keep = pos > first
+    pos, owner, first = pos[keep], owner[keep], first[keep]
+    starts = np.maximum(first, pos - max_len)
     lengths = pos - starts
-    keep = lengths > 0
-    pos, owner, starts, lengths = pos[keep], owner[keep], starts[keep], lengths[keep]
-    tokens = vocab[items]
-    return pad_right(tokens, starts, lengths), lengths, items[pos], owner
+    indptr, flat = gather_ranges(first, pos - first)
+    history = sp.csr_matrix((np.ones(len(flat), np.float32), items[flat], indptr), shape=(len(pos), train.n_items))
+    history.sum_duplicates()
+    return HistorySamples(pad_right(vocab[items], starts, lengths), lengths, items[pos], owner, history)

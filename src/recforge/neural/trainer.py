@@ -33,11 +33,13 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from recforge.core.device import amp_dtype, resolve_device
+from recforge.core.params import Boolean, Choice, Constraint, Integer, Real, Text, check_params
+from recforge.core.validation import VALIDATION_METRICS
 from recforge.data.io import atomic_path, save_figure
 from recforge.errors import DataError
 from recforge.neural import distributed as D
 from recforge.neural.checkpoint import load_checkpoint, save_checkpoint
-from recforge.neural.device import amp_dtype, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +63,34 @@ def training_callbacks(*callbacks: Callback) -> Iterator[None]:
     finally:
         _CALLBACKS.reset(token)
 OPTIMIZERS = ("adam", "adamw")
+#: The trainer's settings as model parameters: every model trained by :class:`Trainer` checks these.
+TRAINER_CONSTRAINTS: dict[str, Constraint] = {
+    "epochs": Integer(1),
+    "lr": Real(0, strict=True),
+    "weight_decay": Real(0),
+    "optimizer": Choice(*OPTIMIZERS),
+    "schedule": Choice(*SCHEDULES),
+    "warmup_steps": Integer(0),
+    "grad_clip": Real(0, strict=True, optional=True),
+    "validate_every": Integer(0),
+    "patience": Integer(0),
+    "metric": Text(),
+    "device": Text(),
+    "amp": Boolean(),
+    "seed": Integer(0),
+    "progress": Boolean(),
+    "checkpoint_dir": Text(optional=True),
+    "resume": Boolean(),
+    "desc": Text(),
+}
+#: The trainer settings models expose as constructor parameters of the same names (the metric: ``valid_metric``,
+#: one of what :class:`~recforge.core.validation.RankingValidator` reports).
+MODEL_TRAINER_CONSTRAINTS: dict[str, Constraint] = {
+    **{name: TRAINER_CONSTRAINTS[name] for name in (
+        "epochs", "lr", "weight_decay", "grad_clip", "schedule", "warmup_steps", "validate_every", "patience",
+        "device", "amp", "checkpoint_dir", "resume", "seed", "progress")},
+    "valid_metric": Choice(*VALIDATION_METRICS),
+}
 
 
 @dataclass
@@ -101,27 +131,15 @@ class TrainerConfig:
         return cls(**{**shared, **overrides})
 
     def check(self) -> TrainerConfig:
-        """Raise :class:`DataError` naming the first invalid setting."""
-        if not isinstance(self.epochs, int) or self.epochs < 1:
-            raise DataError(f"epochs must be a positive integer, got {self.epochs!r}")
-        if not self.lr > 0:
-            raise DataError(f"lr must be > 0, got {self.lr!r}")
-        if self.weight_decay < 0:
-            raise DataError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
-        if self.optimizer not in OPTIMIZERS:
-            raise DataError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.schedule not in SCHEDULES:
-            raise DataError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.warmup_steps < 0 or self.validate_every < 0 or self.patience < 0:
-            raise DataError("warmup_steps, validate_every and patience must be >= 0")
-        if self.grad_clip is not None and not self.grad_clip > 0:
-            raise DataError(f"grad_clip must be > 0 or None, got {self.grad_clip!r}")
+        """Raise :class:`~recforge.errors.ParameterError` naming the first invalid setting."""
+        check_params(self, TRAINER_CONSTRAINTS, {f.name: getattr(self, f.name) for f in fields(self)})
         return self
 
 
 @dataclass
 class TrainingResult:
-    """What a run produced: the per-validation ``history`` and where/when the best score was reached."""
+    """What a run produced: the per-validation ``history`` and where/when the best score was reached;
+    ``tuned_epochs`` is the number of epochs that reaches the best validated step (None without validation)."""
 
     history: pd.DataFrame
     best_metric: float | None
@@ -131,7 +149,35 @@ class TrainingResult:
     seconds: float
     steps: int
     stopped_early: bool = False
+    tuned_epochs: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrainingState:
+    """Where a run stands: what a checkpoint stores (as JSON) and a resumed run continues from."""
+
+    epoch: int = 0
+    step: int = 0
+    best: float | None = None
+    best_step: int | None = None
+    best_epoch: int | None = None
+    seconds_to_best: float | None = None
+    bad: int = 0  # validations since the last improvement
+    history: list[dict[str, Any]] = field(default_factory=list)
+    elapsed: float = 0.0
+    stopped: bool = False
+    halted: bool = False  # a callback raised StopTraining
+
+    @classmethod
+    def from_json(cls, info: dict[str, Any]) -> TrainingState:
+        """A state from a checkpoint's ``trainer`` entry (unknown keys of other versions are ignored)."""
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in info.items() if k in names})
+
+    def to_json(self) -> dict[str, Any]:
+        """The state as a JSON-ready dict."""
+        return asdict(self)
 
 
 class Trainer:
@@ -152,6 +198,10 @@ class Trainer:
         self.optimizer = opt_cls(params, lr=config.lr, weight_decay=config.weight_decay)
         # float16 needs loss scaling to keep small gradients; bfloat16 and float32 do not
         self.scaler = torch.amp.GradScaler("cuda") if self.amp is torch.float16 else None
+        self.main = D.is_main_process()
+        self._best_weights: dict[str, torch.Tensor] | None = None
+        self._running = 0.0  # summed loss since the last validation row
+        self._n_running = 0
 
     # ------------------------------------------------------------------ helpers
     def to_device(self, batch: Batch) -> Batch:
@@ -188,6 +238,100 @@ class Trainer:
     def _snapshot(self) -> dict[str, torch.Tensor]:
         return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
 
+    # ------------------------------------------------------------------ the steps of a run
+    def _restore(self, ckpt: Path | None) -> TrainingState:
+        """A fresh state, or the last checkpoint's (with the best weights so far) when resuming."""
+        if ckpt is None or not self.config.resume or not (ckpt / "last" / "trainer.json").is_file():
+            return TrainingState()
+        state = TrainingState.from_json(load_checkpoint(ckpt / "last", self.module, self.optimizer))
+        if (ckpt / "best" / "trainer.json").is_file():
+            current = self._snapshot()
+            load_checkpoint(ckpt / "best", self.module)
+            self._best_weights = self._snapshot()
+            self.module.load_state_dict(current)
+        log.info("resumed %s from %s at epoch %d, step %d", self.config.desc, ckpt / "last", state.epoch, state.step)
+        return state
+
+    def _train_step(self, forward: Callable[[Batch], torch.Tensor], batch: Batch, state: TrainingState,
+                    total_steps: int) -> float:
+        """One optimiser step on ``batch``; returns the loss (the mean over ranks)."""
+        cfg = self.config
+        factor = self._lr_factor(state.step, total_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = cfg.lr * factor
+        if self.distributed:
+            batch = D.shard_batch(batch, D.rank(), D.world_size())
+        with self.autocast():
+            loss = forward(self.to_device(batch))
+        loss_value = D.mean_across_ranks(float(loss.detach()))  # the same on every rank
+        if not math.isfinite(loss_value):
+            raise DataError(f"{cfg.desc}: the loss became {loss_value} at step {state.step}; "
+                            "lower lr or raise grad_clip")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        state.step += 1
+        self._running += loss_value
+        self._n_running += 1
+        return loss_value
+
+    def _validate(self, state: TrainingState, validate: Callable[[], dict[str, float]] | None, start: float,
+                  bar: Any) -> bool:
+        """Append a history row (loss since the last row, validation scores), keep the best weights, call the
+        callbacks; True when the validation metric improved."""
+        metric = self.config.metric
+        row = {"epoch": state.epoch, "step": state.step, "loss": self._running / max(1, self._n_running),
+               "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
+        self._running, self._n_running = 0.0, 0
+        improved = False
+        if validate is not None:
+            self.module.eval()
+            with torch.no_grad(), self.autocast():
+                scores = validate()
+            self.module.train()
+            scores = D.broadcast_object(scores)  # every rank takes the same early-stopping decisions
+            if metric not in scores:
+                raise DataError(f"validation metric {metric!r} is not among {sorted(scores)}")
+            row.update({f"valid_{k}": float(v) for k, v in scores.items()})
+            value = float(scores[metric])
+            if state.best is None or value > state.best + 1e-9:
+                state.best, state.best_step, state.best_epoch = value, state.step, row["epoch"]
+                state.seconds_to_best, state.bad = row["seconds"], 0
+                self._best_weights = self._snapshot()
+                improved = True
+            else:
+                state.bad += 1
+            bar.set_postfix(loss=f"{row['loss']:.4f}", **{metric: f"{value:.4f}"})
+        state.history.append(row)
+        for callback in self.callbacks:
+            try:
+                callback(dict(row))
+            except StopTraining:
+                state.halted = True
+        return improved
+
+    def _checkpoint(self, ckpt: Path | None, state: TrainingState, start: float, improved: bool) -> None:
+        if ckpt is None or not self.main:
+            return
+        state.elapsed = time.perf_counter() - start
+        save_checkpoint(ckpt / "last", self.module, self.optimizer, state.to_json())
+        if improved:
+            save_checkpoint(ckpt / "best", self.module, None, state.to_json())
+
+    def _should_stop(self, state: TrainingState, validating: bool) -> bool:
+        patience = self.config.patience
+        return state.halted or (validating and bool(patience) and state.bad >= patience)
+
     # ------------------------------------------------------------------ the loop
     def fit(
         self,
@@ -201,144 +345,69 @@ class Trainer:
         torch seed derived the same way, so a run resumed from an epoch-end checkpoint retraces an uninterrupted
         one."""
         cfg = self.config
-        total_steps = cfg.epochs * max(1, steps_per_epoch)
+        steps_per_epoch = max(1, steps_per_epoch)
+        total_steps = cfg.epochs * steps_per_epoch
         ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-        state = {"epoch": 0, "step": 0, "best": None, "best_step": None, "best_epoch": None, "seconds_to_best": None,
-                 "bad": 0, "history": [], "elapsed": 0.0}
-        best_weights: dict[str, torch.Tensor] | None = None
-        if ckpt is not None and cfg.resume and (ckpt / "last" / "trainer.json").is_file():
-            state = load_checkpoint(ckpt / "last", self.module, self.optimizer)
-            if (ckpt / "best" / "trainer.json").is_file():
-                current = self._snapshot()
-                load_checkpoint(ckpt / "best", self.module)
-                best_weights = self._snapshot()
-                self.module.load_state_dict(current)
-            log.info("resumed %s from %s at epoch %d, step %d", cfg.desc, ckpt / "last", state["epoch"], state["step"])
-        metric = cfg.metric
-        start = time.perf_counter() - state["elapsed"]
-        stop = state.get("stopped", False)
-        running, n_running = 0.0, 0
-        main = D.is_main_process()
-        parts, part = D.world_size(), D.rank()
+        state = self._restore(ckpt)
+        start = time.perf_counter() - state.elapsed
         forward = D.wrap_ddp(self.module, loss_fn, self.device) if self.distributed else loss_fn
-        bar = tqdm(total=total_steps, initial=state["step"], desc=cfg.desc, unit="step",
-                   disable=not (cfg.progress and main), leave=False)
-
-        def run_validation(epoch_done: bool) -> bool:
-            nonlocal best_weights, running, n_running
-            row = {"epoch": state["epoch"], "step": state["step"],
-                   "loss": running / max(1, n_running), "lr": self.optimizer.param_groups[0]["lr"],
-                   "seconds": time.perf_counter() - start}
-            running, n_running = 0.0, 0
-            improved = False
-            if validate is not None:
-                self.module.eval()
-                with torch.no_grad(), self.autocast():
-                    scores = validate()
-                self.module.train()
-                scores = D.broadcast_object(scores)  # every rank takes the same early-stopping decisions
-                if metric not in scores:
-                    raise DataError(f"validation metric {metric!r} is not among {sorted(scores)}")
-                row.update({f"valid_{k}": float(v) for k, v in scores.items()})
-                value = float(scores[metric])
-                if state["best"] is None or value > state["best"] + 1e-9:
-                    state.update(best=value, best_step=state["step"], best_epoch=row["epoch"],
-                                 seconds_to_best=row["seconds"], bad=0)
-                    best_weights = self._snapshot()
-                    improved = True
-                else:
-                    state["bad"] += 1
-                bar.set_postfix(loss=f"{row['loss']:.4f}", **{metric: f"{value:.4f}"})
-            state["history"].append(row)
-            for callback in self.callbacks:
-                try:
-                    callback(dict(row))
-                except StopTraining:
-                    state["halt"] = True
-            return improved
-
-        def checkpoint(improved: bool) -> None:
-            if ckpt is None or not main:
-                return
-            state["elapsed"] = time.perf_counter() - start
-            save_checkpoint(ckpt / "last", self.module, self.optimizer, state)
-            if improved:
-                save_checkpoint(ckpt / "best", self.module, None, state)
-
+        bar = tqdm(total=total_steps, initial=state.step, desc=cfg.desc, unit="step",
+                   disable=not (cfg.progress and self.main), leave=False)
+        validating = validate is not None
         self.module.train()
-        while state["epoch"] < cfg.epochs and not stop:
-            epoch = state["epoch"]
-            rng = np.random.default_rng([cfg.seed, epoch])
-            torch.manual_seed(cfg.seed * 1_000_003 + epoch)
-            skip = state["step"] - epoch * steps_per_epoch  # steps of this epoch already done before a resume
-            for i, batch in enumerate(batches(epoch, rng)):
+        while state.epoch < cfg.epochs and not state.stopped:
+            rng = np.random.default_rng([cfg.seed, state.epoch])
+            torch.manual_seed(cfg.seed * 1_000_003 + state.epoch)
+            skip = state.step - state.epoch * steps_per_epoch  # steps of this epoch already done before a resume
+            for i, batch in enumerate(batches(state.epoch, rng)):
                 if i < skip:
                     continue
-                factor = self._lr_factor(state["step"], total_steps)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = cfg.lr * factor
-                if self.distributed:
-                    batch = D.shard_batch(batch, part, parts)
-                with self.autocast():
-                    loss = forward(self.to_device(batch))
-                loss_value = D.mean_across_ranks(float(loss.detach()))  # the same on every rank
-                if not math.isfinite(loss_value):
-                    raise DataError(f"{cfg.desc}: the loss became {loss_value} at step {state['step']}; "
-                                    "lower lr or raise grad_clip")
-                self.optimizer.zero_grad(set_to_none=True)
-                if self.scaler is not None:
-                    self.scaler.scale(loss).backward()
-                    self.scaler.unscale_(self.optimizer)
-                else:
-                    loss.backward()
-                if cfg.grad_clip:
-                    torch.nn.utils.clip_grad_norm_(self.module.parameters(), cfg.grad_clip)
-                if self.scaler is not None:
-                    self.scaler.step(self.optimizer)
-                    self.scaler.update()
-                else:
-                    self.optimizer.step()
-                state["step"] += 1
-                running += loss_value
-                n_running += 1
+                self._train_step(forward, batch, state, total_steps)
                 bar.update(1)
-                if cfg.progress and validate is None:
-                    bar.set_postfix(loss=f"{running / n_running:.4f}")
-                if cfg.validate_every and state["step"] % cfg.validate_every == 0:
-                    improved = run_validation(False)
-                    checkpoint(improved)
-                    if (cfg.patience and state["bad"] >= cfg.patience) or state.get("halt"):
-                        stop = True
+                if cfg.progress and not validating:
+                    bar.set_postfix(loss=f"{self._running / self._n_running:.4f}")
+                if cfg.validate_every and state.step % cfg.validate_every == 0:
+                    self._checkpoint(ckpt, state, start, self._validate(state, validate, start, bar))
+                    if self._should_stop(state, validating):
+                        state.stopped = True
                         break
-            if stop:
+            if state.stopped:
                 break
-            state["epoch"] += 1
-            if not cfg.validate_every or validate is None:
-                improved = run_validation(True) if (not cfg.validate_every or n_running) else False
-                checkpoint(improved)
-                if (validate is not None and cfg.patience and state["bad"] >= cfg.patience) or state.get("halt"):
-                    stop = True
+            state.epoch += 1
+            if not cfg.validate_every or not validating:
+                improved = self._validate(state, validate, start, bar) if (not cfg.validate_every or
+                                                                            self._n_running) else False
+                self._checkpoint(ckpt, state, start, improved)
+                state.stopped = self._should_stop(state, validating)
         bar.close()
-        state["stopped"] = stop
+        return self._finish(state, start, ckpt, steps_per_epoch)
+
+    def _finish(self, state: TrainingState, start: float, ckpt: Path | None, steps_per_epoch: int) -> TrainingResult:
+        """Restore the best weights and describe the run."""
         seconds = time.perf_counter() - start
-        if best_weights is not None:
-            self.module.load_state_dict(best_weights)
+        if self._best_weights is not None:
+            self.module.load_state_dict(self._best_weights)
         self.module.eval()
-        history = pd.DataFrame(state["history"])
-        if ckpt is not None and main:
+        history = pd.DataFrame(state.history)
+        metric = self.config.metric
+        if ckpt is not None and self.main:
             write_training_curves(history, ckpt, metric)
-        if validate is not None and state["best"] is not None:
-            log.info("%s: best %s %.5f at epoch %s (step %s, %.1fs); %d steps in %.1fs", cfg.desc, metric,
-                     state["best"], state["best_epoch"], state["best_step"], state["seconds_to_best"], state["step"],
-                     seconds)
-        return TrainingResult(history, state["best"], state["best_step"], state["best_epoch"],
-                              state["seconds_to_best"], seconds, state["step"], stop,
-                              {"config": asdict(cfg), "world_size": parts})
+        tuned = None
+        if state.best is not None:
+            tuned = max(1, math.ceil(state.best_step / steps_per_epoch))
+            log.info("%s: best %s %.5f at epoch %s (step %s, %.1fs); %d steps in %.1fs", self.config.desc, metric,
+                     state.best, state.best_epoch, state.best_step, state.seconds_to_best, state.step, seconds)
+        return TrainingResult(history, state.best, state.best_step, state.best_epoch, state.seconds_to_best, seconds,
+                              state.step, state.stopped, tuned, {"config": asdict(self.config),
+                                                                 "world_size": D.world_size()})
 
 
 def keep_training_result(model: Any, result: TrainingResult) -> None:
     """Store a training run on the model as fitted attributes: ``training_history_``, ``best_epoch_``,
-    ``best_score_``, ``seconds_to_best_``, ``stopped_early_`` and ``loss_history_``."""
+    ``best_score_``, ``seconds_to_best_``, ``stopped_early_``, ``loss_history_`` and, after early stopping on
+    validation, ``tuned_params_ = {"epochs": ...}`` (what a refit on train + validation should train for)."""
+    if result.tuned_epochs is not None:
+        model.tuned_params_ = {"epochs": int(result.tuned_epochs)}
     model.training_history_ = result.history
     model.best_epoch_ = result.best_epoch
     model.best_score_ = result.best_metric

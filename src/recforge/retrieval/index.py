@@ -17,10 +17,10 @@ from typing import Any, Literal
 import numpy as np
 import scipy.sparse as sp
 
+from recforge.core.threads import resolve_threads, thread_limits
+from recforge.core.topk import mask_and_topk
+from recforge.core.vectors import normalize_rows
 from recforge.errors import DataError
-
-# recforge.models imports this package (content and hybrid models), so the shared top-k and thread helpers from
-# recforge.models are imported inside the functions that use them.
 
 log = logging.getLogger(__name__)
 
@@ -80,9 +80,6 @@ class ExactIndex(VectorIndex):
     def search(
         self, queries: np.ndarray, k: int, exclude: sp.csr_matrix | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        from recforge.models.threads import thread_limits
-        from recforge.models.topk import mask_and_topk
-
         q, k_eff, out_i, out_s = self._prepare(queries, k, exclude)
         step = max(1, _BLOCK_BYTES // max(1, 4 * self.n))
         with thread_limits(self.num_threads):
@@ -117,9 +114,7 @@ class HNSWIndex(VectorIndex):
     ) -> None:
         if importlib.util.find_spec("usearch") is None:
             raise DataError("approximate search needs usearch: pip install 'recforge[ann]'")
-        from usearch.index import Index
-
-        from recforge.models.threads import resolve_threads
+        from usearch.index import Index  # optional dependency (recforge[ann])
 
         self.vectors = _as_matrix(vectors, "vectors")
         self.num_threads = num_threads
@@ -141,8 +136,6 @@ class HNSWIndex(VectorIndex):
     def search(
         self, queries: np.ndarray, k: int, exclude: sp.csr_matrix | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        from recforge.models.threads import resolve_threads
-
         q, k_eff, out_i, out_s = self._prepare(queries, k, exclude)
         if not len(q) or not k_eff:
             return out_i, out_s
@@ -208,8 +201,6 @@ def similar_by_vectors(
     ``index`` (built over the unit-norm ``vectors``) is reused when given; otherwise an exact pass over the
     normalised vectors is made, which is what a model whose vectors change (``partial_fit``) needs.
     """
-    from recforge.features.text import normalize_rows
-
     items = np.asarray(items, dtype=np.int64).reshape(-1)
     if index is None:
         index = ExactIndex(normalize_rows(vectors))

@@ -35,9 +35,9 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
 from pydantic import BaseModel, ConfigDict, Field
 
+import recforge
 from recforge.errors import RecforgeError, UnknownIdError, UnsupportedError
 from recforge.models.base import Recommender
-from recforge.models.topk import mask_and_topk
 from recforge.serve.feedback import FeedbackLog
 
 log = logging.getLogger(__name__)
@@ -283,7 +283,7 @@ def create_app(
     every ``apply_seconds`` (0: synchronously, inside the request)."""
     service = Service(artifact, feedback_dir, sync_seconds, apply_seconds)
     m = service.model
-    app = FastAPI(title="recforge", version="0.1.0",
+    app = FastAPI(title="recforge", version=recforge.__version__,
                   description=f"Recommendations from a {type(m).__name__} ({m.n_users_:,} users, {m.n_items_:,} items)")
     app.state.service = service
     registry = CollectorRegistry()
@@ -337,14 +337,9 @@ def create_app(
         service.sync()
         u = service.user_index(user)
         with service.lock:
-            scores = m.score(np.array([u]))
-            cols = np.zeros(0, np.int32)
-            if exclude_seen:
-                cols = m.seen_[u].indices
-                extra = service.extra_seen.get(u)
-                if extra:
-                    cols = np.union1d(cols, np.fromiter(extra, np.int64))
-        items, top = mask_and_topk(scores, min(k, m.n_items_), np.array([0, len(cols)]), np.asarray(cols, np.int32))
+            extra = [np.fromiter(service.extra_seen.get(u, ()), np.int64)] if exclude_seen else None
+            items, top = m.recommend_indices(np.array([u]), k, m.seen_ if exclude_seen else None,
+                                             extra_exclude=extra)
         return JSONResponse({"user": user, "items": _items_payload(m, items[0], top[0])})
 
     @app.post("/recommend")
@@ -366,7 +361,7 @@ def create_app(
         idx = service.item_indices([item])
         with service.lock:
             try:
-                top, scores = m._similar_indices(np.asarray(idx, np.int64), min(k, max(m.n_items_ - 1, 1)))
+                top, scores = m.similar_indices(idx, k)
             except UnsupportedError as exc:
                 raise HTTPException(400, str(exc)) from None
         return {"item": item, "items": _items_payload(m, top[0], scores[0])}

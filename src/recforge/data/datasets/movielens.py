@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 
 from recforge.data.interactions import Interactions
+from recforge.data.split import Split
 from recforge.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -359,14 +360,14 @@ def _movies_frame(movies: pd.DataFrame | None, tags: pd.DataFrame | None) -> pd.
     return out[cols].reset_index(drop=True)
 
 
-def load_movielens_folds(source: str | os.PathLike[str], folds: tuple[str, ...] = ("u1", "u2", "u3", "u4", "u5")) -> list:
+def load_movielens_folds(
+    source: str | os.PathLike[str], folds: tuple[str, ...] = ("u1", "u2", "u3", "u4", "u5")
+) -> list[Split]:
     """The official ML-100K splits (``u1.base``/``u1.test`` … ``u5``, or ``ua``/``ub``) as :class:`Split` objects.
 
     All folds share the id maps and side data of the full release, so results are comparable across folds and
     with other protocols on the same data.
     """
-    from recforge.split import Split
-
     path = Path(source).expanduser()
     full = load_movielens(path, variant="100k")
     folder = path if (path / "u.data").exists() else next((p.parent for p in path.glob("*/u.data")), path)

@@ -18,6 +18,7 @@ import pandas as pd
 
 from recforge.data.datasets.download import ARCHIVES, cached_path, default_cache_dir, fetch
 from recforge.data.datasets.movielens import load_movielens
+from recforge.data.datasets.synthetic import make_synthetic
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError, UnknownDatasetError
 
@@ -135,8 +136,6 @@ def load(
 
 def _load_named(name: str, download: bool, cache_dir: str | os.PathLike[str] | None, kwargs: dict) -> Interactions:
     if name == "synthetic":
-        from recforge.data.datasets.synthetic import make_synthetic
-
         return make_synthetic(**kwargs)
     if kwargs:
         raise DataError(f"dataset {name!r} takes no options, got {sorted(kwargs)}; filter the result instead")

@@ -10,19 +10,22 @@ from __future__ import annotations
 import logging
 import math
 from abc import ABCMeta, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, ClassVar
 
 import numpy as np
+import scipy.sparse as sp
 import torch
 from torch import nn
 
+from recforge.core.device import resolve_device, torch_threads
+from recforge.core.params import Boolean, Constraint, Integer, Real, parameter_error
+from recforge.core.topk import UNSCORED
+from recforge.core.validation import RankingValidator
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
 from recforge.models.base import Recommender
-from recforge.models.params import check_choice, check_int, check_number
 from recforge.neural.checkpoint import numpy_to_state, state_to_numpy
-from recforge.neural.device import resolve_device, torch_threads
 from recforge.neural.sequences import (
     TokenSequences,
     n_tokens,
@@ -31,13 +34,23 @@ from recforge.neural.sequences import (
     vocabulary,
     window_batches,
 )
-from recforge.neural.trainer import Trainer, TrainerConfig, keep_training_result
+from recforge.neural.trainer import MODEL_TRAINER_CONSTRAINTS, Trainer, TrainerConfig, keep_training_result
 
 log = logging.getLogger(__name__)
 
 _INFER_ROWS = 512  # histories encoded per forward pass at inference
-_UNTRAINED = np.float32(np.finfo(np.float32).min / 2)  # score of items the network never saw (finite: they still fill lists)
-_VALID_METRICS = ("ndcg@10", "hr@10", "mrr")
+#: The parameters every sequential model shares (subclasses add their architecture's).
+SEQUENCE_CONSTRAINTS: dict[str, Constraint] = {
+    **MODEL_TRAINER_CONSTRAINTS,
+    "n_factors": Integer(1),
+    "max_len": Integer(2),
+    "batch_size": Integer(1),
+    "dropout": Real(0, 0.99),
+    "valid_exclude_seen": Boolean(),
+    "all_windows": Boolean(),
+    "min_item_count": Integer(0),
+    "num_threads": Integer(0),
+}
 
 
 class SequenceNet(nn.Module):
@@ -72,7 +85,8 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
     Shared hyper-parameters (subclasses add their architecture's): ``max_len`` (events of history the model
     sees), ``n_factors`` (embedding size), ``epochs``, ``batch_size`` (windows per step), ``lr``,
     ``weight_decay``, ``dropout``, ``grad_clip``, ``schedule``/``warmup_steps`` (learning-rate schedule),
-    ``patience`` and ``validate_every`` (early stopping on ``valid_metric`` when ``fit`` gets ``valid``),
+    ``patience`` and ``validate_every`` (early stopping on ``valid_metric`` when ``fit`` gets ``valid``; the
+    number of epochs to the best validation score is kept in ``tuned_params_``),
     ``all_windows`` (train on every ``max_len`` window of long histories instead of the last one only),
     ``min_item_count`` (rarer items become one out-of-vocabulary token on input and are never targets),
     ``valid_exclude_seen`` (rank the validation event among items not in its history, like the leave-one-out
@@ -88,18 +102,13 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
     supports_partial_fit: ClassVar[bool] = True
     net_: SequenceNet
 
-    def _check_common(self) -> None:
-        for name in ("max_len", "n_factors", "epochs", "batch_size"):
-            check_int(self, name, 2 if name == "max_len" else 1)
-        check_int(self, "min_item_count", 0)
-        check_int(self, "patience", 0)
-        check_int(self, "validate_every", 0)
-        check_int(self, "warmup_steps", 0)
-        check_number(self, "lr", strict=True)
-        check_number(self, "weight_decay")
-        check_number(self, "dropout", maximum=0.99)
-        check_choice(self, "valid_metric", _VALID_METRICS)
-        check_choice(self, "schedule", ("constant", "cosine", "linear"))
+    def check_params(self) -> None:
+        """The constraints, and for attention models ``n_factors`` divisible by ``n_heads`` (the heads split the
+        dimensions)."""
+        super().check_params()
+        heads = getattr(self, "n_heads", None)
+        if heads and self.n_factors % heads:
+            raise parameter_error(self, "n_factors", f"must be divisible by n_heads ({heads})", self.n_factors)
 
     # ------------------------------------------------------------------ to implement
     @abstractmethod
@@ -119,7 +128,6 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
         return TrainerConfig.from_model(self, metric=self.valid_metric)
 
     def _fit(self, interactions: Interactions, valid: Interactions | None = None) -> None:
-        self._check_common()
         n_items = interactions.n_items
         vocab, counts = vocabulary(interactions, self.min_item_count)
         seqs = TokenSequences.from_interactions(interactions, vocab)
@@ -150,41 +158,31 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
 
     def _validator(
         self, train: Interactions, valid: Interactions, net: SequenceNet, device: torch.device, max_samples: int = 10_000
-    ) -> Any:
-        """A closure computing NDCG@10, HR@10 and MRR of the next validation event over the full catalogue."""
-        hist, lengths, targets, _ = next_event_histories(train, valid, self.vocab_, self._history_len())
-        if len(targets) == 0:
+    ) -> Callable[[], dict[str, float]] | None:
+        """A closure ranking each validation event (its history: the user's earlier events) over the whole
+        catalogue with the test metrics' kernel; with ``valid_exclude_seen`` the history's items are excluded."""
+        samples = next_event_histories(train, valid, self.vocab_, self._history_len())
+        if len(samples) == 0:
             log.warning("%s: no validation event has a history; training without validation", type(self).__name__)
             return None
-        if len(targets) > max_samples:  # a fixed random subset keeps validation cheap on big data
-            keep = np.sort(np.random.default_rng(self.seed).choice(len(targets), max_samples, replace=False))
-            hist, lengths, targets = hist[keep], lengths[keep], targets[keep]
+        targets = sp.csr_matrix((np.ones(len(samples), np.float32), samples.targets, np.arange(len(samples) + 1)),
+                                shape=(len(samples), train.n_items))
+        exclude = samples.history if self.valid_exclude_seen else None
+        validator = RankingValidator(targets, exclude, k=10, max_rows=max_samples, seed=self.seed)
 
-        def validate() -> dict[str, float]:
-            ranks = []
-            for lo in range(0, len(targets), _INFER_ROWS):
-                tok = torch.from_numpy(hist[lo : lo + _INFER_ROWS]).to(device)
-                ln = torch.from_numpy(lengths[lo : lo + _INFER_ROWS]).to(device)
-                tg = torch.from_numpy(targets[lo : lo + _INFER_ROWS]).to(device)
-                scores = net.score_items(net.encode_last(tok, ln)).float()
-                if self.valid_exclude_seen:  # as the test ranking will (leave-one-out); not for next-event
-                    items = (tok - 1).clamp(0, scores.shape[1] - 1)
-                    real = (tok > 0) & (tok <= scores.shape[1])
-                    # padding points at the row's first event (always real), so every write is -inf
-                    scores.scatter_(1, torch.where(real, items, items[:, :1]), float("-inf"))
-                own = scores.gather(1, tg.unsqueeze(1))
-                ranks.append(((scores > own).sum(1) + 1).cpu().numpy())
-            r = np.concatenate(ranks).astype(np.float64)
-            return {"ndcg@10": float(np.mean(np.where(r <= 10, 1 / np.log2(r + 1), 0.0))),
-                    "hr@10": float(np.mean(r <= 10)), "mrr": float(np.mean(1 / r))}
+        def score(rows: np.ndarray) -> np.ndarray:
+            queries = self._encode_tokens(samples.tokens[rows], samples.lengths[rows], net)
+            return net.score_items(queries).float().cpu().numpy()
 
-        return validate
+        return lambda: validator(score)
 
     # ------------------------------------------------------------------ inference
-    def _encode_tokens(self, tokens: np.ndarray, lengths: np.ndarray) -> torch.Tensor:
-        """Query vectors (on the model's device) for right-padded token histories, 512 at a time."""
+    def _encode_tokens(self, tokens: np.ndarray, lengths: np.ndarray, net: SequenceNet | None = None) -> torch.Tensor:
+        """Query vectors (on the network's device) for right-padded token histories, 512 at a time (``net``:
+        the fitted network by default)."""
         n = len(lengths)
-        net = self.net_
+        net = self.net_ if net is None else net
+        training = net.training
         device = next(net.parameters()).device
         net.eval()
         if tokens.shape[1] == 0:  # only empty histories: one padding column keeps the shapes valid
@@ -196,13 +194,14 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
                 ln = np.maximum(lengths[lo:hi], 1)
                 tok = np.ascontiguousarray(tokens[lo:hi, : int(ln.max())])
                 parts.append(net.encode_last(torch.from_numpy(tok).to(device), torch.from_numpy(ln).to(device)))
+        net.train(training)
         return torch.cat(parts) if parts else torch.zeros((0, 1), device=device)
 
     def _scores_from_queries(self, queries: torch.Tensor, empty: np.ndarray) -> np.ndarray:
         """Catalogue scores for query vectors; empty histories get the training popularity instead."""
         out = np.empty((len(empty), self.n_items_), np.float32)
         known = self.net_.n_items  # items added by partial_fit have no embedding: they rank last
-        out[:, known:] = _UNTRAINED
+        out[:, known:] = UNSCORED
         with torch.no_grad(), torch_threads(self.num_threads):
             for lo in range(0, len(empty), _INFER_ROWS):
                 out[lo : lo + _INFER_ROWS, :known] = (

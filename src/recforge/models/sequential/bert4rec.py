@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
-from recforge.models.params import check_choice, check_int, check_number, set_params
+from recforge.core.params import Choice, Constraint, Integer, Real, store_params
 from recforge.models.registry import register
-from recforge.models.sequential.base import SequentialRecommender, token_log_q
+from recforge.models.sequential.base import SEQUENCE_CONSTRAINTS, SequentialRecommender, token_log_q
 from recforge.models.sequential.sasrec import SASRecNet
 from recforge.neural.losses import LOSSES, next_item_loss
 
@@ -51,6 +53,15 @@ class BERT4Rec(SequentialRecommender):
     recovered from both sides; the last event is masked in half of the windows so training matches inference
     (predict what follows the history). ``loss`` as in :class:`SASRec` (full softmax by default)."""
 
+    param_constraints: ClassVar[dict[str, Constraint]] = {
+        **SEQUENCE_CONSTRAINTS,
+        "n_layers": Integer(1),
+        "n_heads": Integer(1),
+        "mask_prob": Real(0, 1.0, strict=True),
+        "loss": Choice(*LOSSES),
+        "n_negatives": Integer(1),
+    }
+
     def __init__(
         self,
         n_factors: int = 64,
@@ -82,7 +93,7 @@ class BERT4Rec(SequentialRecommender):
         progress: bool = True,
         num_threads: int = 0,
     ) -> None:
-        set_params(self, locals())
+        store_params(self, locals())
 
     def _window_len(self) -> int:
         return self.max_len - 1  # windows of max_len tokens; no shifted target
@@ -91,10 +102,6 @@ class BERT4Rec(SequentialRecommender):
         return self.max_len - 1  # room for the appended mask token
 
     def _build_net(self, n_items: int) -> BERT4RecNet:
-        check_choice(self, "loss", LOSSES)
-        check_int(self, "n_layers")
-        check_int(self, "n_heads")
-        check_number(self, "mask_prob", strict=True, maximum=1.0)
         log_q = token_log_q(getattr(self, "item_counts_", None), n_items)
         return BERT4RecNet(n_items, self.n_factors, self.max_len, self.n_layers, self.n_heads, self.dropout,
                            self.mask_prob, self.loss, self.n_negatives, log_q)

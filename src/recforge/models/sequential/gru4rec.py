@@ -3,13 +3,20 @@ position ("Improved Recurrent Neural Networks for Session-based Recommendations"
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recforge.models.params import check_int, set_params
+from recforge.core.params import Constraint, Integer, store_params
 from recforge.models.registry import register
-from recforge.models.sequential.base import SequenceNet, SequentialRecommender, shifted_targets
+from recforge.models.sequential.base import (
+    SEQUENCE_CONSTRAINTS,
+    SequenceNet,
+    SequentialRecommender,
+    shifted_targets,
+)
 from recforge.neural.sequences import n_tokens
 
 
@@ -50,6 +57,12 @@ class GRU4Rec(SequentialRecommender):
     0.1, Adam lr 1e-3; see :class:`SequentialRecommender` for the shared parameters.
     """
 
+    param_constraints: ClassVar[dict[str, Constraint]] = {
+        **SEQUENCE_CONSTRAINTS,
+        "hidden_size": Integer(1),
+        "n_layers": Integer(1),
+    }
+
     def __init__(
         self,
         n_factors: int = 128,
@@ -78,9 +91,7 @@ class GRU4Rec(SequentialRecommender):
         progress: bool = True,
         num_threads: int = 0,
     ) -> None:
-        set_params(self, locals())
+        store_params(self, locals())
 
     def _build_net(self, n_items: int) -> GRUNet:
-        check_int(self, "hidden_size")
-        check_int(self, "n_layers")
         return GRUNet(n_items, self.n_factors, self.hidden_size, self.n_layers, self.dropout)

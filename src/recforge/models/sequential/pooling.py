@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recforge.models.params import check_int, set_params
+from recforge.core.params import Constraint, Integer, store_params
 from recforge.models.registry import register
-from recforge.models.sequential.base import SequenceNet, SequentialRecommender, shifted_targets
+from recforge.models.sequential.base import (
+    SEQUENCE_CONSTRAINTS,
+    SequenceNet,
+    SequentialRecommender,
+    shifted_targets,
+)
 from recforge.neural.sequences import n_tokens
 
 
@@ -60,6 +67,8 @@ class Pooling(SequentialRecommender):
     ``window``: how many of the latest items are averaged (0 = the whole history seen by the model).
     """
 
+    param_constraints: ClassVar[dict[str, Constraint]] = {**SEQUENCE_CONSTRAINTS, "window": Integer(0)}
+
     def __init__(
         self,
         n_factors: int = 64,
@@ -87,8 +96,7 @@ class Pooling(SequentialRecommender):
         progress: bool = True,
         num_threads: int = 0,
     ) -> None:
-        set_params(self, locals())
+        store_params(self, locals())
 
     def _build_net(self, n_items: int) -> PoolingNet:
-        check_int(self, "window", 0)
         return PoolingNet(n_items, self.n_factors, self.window, self.dropout)

@@ -7,9 +7,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from recforge.models.params import check_choice, check_int, set_params
+from recforge.core.params import Choice, Constraint, Integer, store_params
 from recforge.models.registry import register
 from recforge.models.sequential.base import (
+    SEQUENCE_CONSTRAINTS,
     SequenceNet,
     SequentialRecommender,
     shifted_targets,
@@ -73,6 +74,13 @@ class SASRec(SequentialRecommender):
     """
 
     losses: ClassVar[tuple[str, ...]] = LOSSES
+    param_constraints: ClassVar[dict[str, Constraint]] = {
+        **SEQUENCE_CONSTRAINTS,
+        "n_layers": Integer(1),
+        "n_heads": Integer(1),
+        "loss": Choice(*LOSSES),
+        "n_negatives": Integer(1),
+    }
 
     def __init__(
         self,
@@ -104,17 +112,9 @@ class SASRec(SequentialRecommender):
         progress: bool = True,
         num_threads: int = 0,
     ) -> None:
-        set_params(self, locals())
+        store_params(self, locals())
 
     def _build_net(self, n_items: int) -> SASRecNet:
-        check_choice(self, "loss", LOSSES)
-        check_int(self, "n_layers")
-        check_int(self, "n_heads")
-        check_int(self, "n_negatives")
-        if self.n_factors % self.n_heads:
-            from recforge.errors import DataError
-
-            raise DataError(f"SASRec.n_factors ({self.n_factors}) must be divisible by n_heads ({self.n_heads})")
         log_q = token_log_q(getattr(self, "item_counts_", None), n_items)
         return SASRecNet(n_items, self.n_factors, self.max_len, self.n_layers, self.n_heads, self.dropout,
                          self.loss, self.n_negatives, log_q)

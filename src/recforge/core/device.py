@@ -1,17 +1,14 @@
-"""Where neural models run: CUDA when present, else the CPU; and how many CPU threads torch may use."""
+"""Where torch work runs: CUDA when present, else the CPU; how many CPU threads torch may use; mixed precision."""
 
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Iterator
 
 import torch
 
-from recforge.errors import DataError
-from recforge.models.threads import resolve_threads
-
-log = logging.getLogger(__name__)
+from recforge.core.threads import resolve_threads
+from recforge.errors import ParameterError
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -22,9 +19,9 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:
-        raise DataError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r} ({exc})") from None
+        raise ParameterError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r} ({exc})") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DataError(f"device {device!r} was asked for, but no CUDA GPU is available; use device='auto' or 'cpu'")
+        raise ParameterError(f"device {device!r} was asked for, but no CUDA GPU is available; use device='auto' or 'cpu'")
     return dev
 
 

@@ -1,6 +1,7 @@
-"""Batched full-catalogue ranking for evaluation: scores → exclusions → top-k, hits and first relevant rank.
+"""Batched full-catalogue ranking: scores → exclusions → top-k, hits and the first relevant rank.
 
-Users are scored in blocks so memory stays bounded (100k users × 20k items never exist as one matrix).
+The one ranking kernel behind the reported metrics and early stopping. Rows are scored in blocks so memory stays
+bounded (100k users × 20k items never exist as one matrix); ties are broken as in :mod:`recforge.core.topk`.
 """
 
 from __future__ import annotations
@@ -13,8 +14,7 @@ import numpy as np
 import scipy.sparse as sp
 from tqdm.auto import tqdm
 
-from recforge.models.base import batch_rows
-from recforge.models.topk import _row_topk
+from recforge.core.topk import batch_rows, row_topk
 
 
 @nb.njit(parallel=True, cache=True)
@@ -35,7 +35,7 @@ def _rank_block(
         for p in range(ex_ptr[r], ex_ptr[r + 1]):
             row[ex_idx[p]] = -np.inf
         top_s = np.empty(k, np.float32)
-        _row_topk(row, k, out_items[r], top_s)
+        row_topk(row, k, out_items[r], top_s)
         t0 = t_ptr[r]
         t1 = t_ptr[r + 1]
         targets = t_idx[t0:t1]  # sorted

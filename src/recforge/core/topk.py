@@ -1,13 +1,30 @@
-"""Top-k selection over dense score blocks, with exclusions and a deterministic tie-break.
+"""Top-k selection over dense score blocks, with exclusions and the one tie-break of recforge.
 
-Shared by every model's ``recommend`` and by the evaluator, so both rank items identically: higher score first,
-ties broken by the smaller item index; NaN and excluded items are never selected.
+Shared by every model's ``recommend``, the evaluator and the early-stopping validator, so all rank items
+identically: higher score first, ties broken by the smaller item index; NaN, ``-inf`` and excluded items are never
+selected. A model that cannot score an item gives it :data:`UNSCORED`: finite, so such items still fill a list
+longer than what the model knows, but below every real score.
 """
 
 from __future__ import annotations
 
 import numba as nb
 import numpy as np
+
+#: The score of an item a model cannot score (an item added after fitting, one the network never saw). Half the
+#: lowest float32, so sums of a few such scores stay finite; anything at or below it is "unscored".
+UNSCORED = np.float32(np.finfo(np.float32).min / 2)
+_SCORE_BLOCK_BYTES = 64 * 2**20  # bound on one dense score block
+
+
+def is_unscored(scores: np.ndarray) -> np.ndarray:
+    """Where ``scores`` holds no real score: :data:`UNSCORED` (or below), NaN or an infinity."""
+    return ~np.isfinite(scores) | (scores <= UNSCORED)
+
+
+def batch_rows(n_items: int, budget_bytes: int = _SCORE_BLOCK_BYTES) -> int:
+    """How many rows to score at once so a float32 block of ``n_items`` columns stays within the budget."""
+    return max(1, min(65536, budget_bytes // max(1, 4 * n_items)))
 
 
 @nb.njit(cache=True, inline="always")
@@ -53,7 +70,8 @@ def heap_push(hs: np.ndarray, hi: np.ndarray, size: int, s: float, j: int) -> in
 
 
 @nb.njit(cache=True)
-def _row_topk(row: np.ndarray, k: int, out_i: np.ndarray, out_s: np.ndarray) -> None:
+def row_topk(row: np.ndarray, k: int, out_i: np.ndarray, out_s: np.ndarray) -> None:
+    """The ``k`` best entries of one score row into ``out_i`` / ``out_s``, best first; ``-1`` / ``-inf`` pad."""
     hs = np.empty(k, np.float32)
     hi = np.empty(k, np.int32)
     size = 0
@@ -91,7 +109,7 @@ def _block_topk(scores: np.ndarray, k: int, ex_ptr: np.ndarray, ex_idx: np.ndarr
         row = scores[r]
         for p in range(ex_ptr[r], ex_ptr[r + 1]):
             row[ex_idx[p]] = -np.inf
-        _row_topk(row, k, out_i[r], out_s[r])
+        row_topk(row, k, out_i[r], out_s[r])
 
 
 def mask_and_topk(

@@ -113,10 +113,6 @@ def _pair(y_true: np.ndarray, y_pred: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return a, b
 
 
-#: Names of per-user ranking metrics that take ``@k``.
-RANKING_AT_K = ("hr", "recall", "precision", "ndcg", "dcg", "map", "mrr")
-
-
 def per_user_metrics(
     hits: np.ndarray, n_rel: np.ndarray, first_rank: np.ndarray, ks: list[int]
 ) -> dict[str, np.ndarray]:

@@ -1,0 +1,69 @@
+"""Sparse-matrix helpers for incremental updates and artifacts: grow a CSR matrix, merge new entries into it,
+and store it as flat arrays.
+
+Merging works on coordinates rather than sparse arithmetic, so explicit zero entries (a rating of 0) survive.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+import scipy.sparse as sp
+
+Merge = Literal["sum", "replace", "ones"]
+
+
+def pad_csr(mat: sp.csr_matrix, n_rows: int, n_cols: int) -> sp.csr_matrix:
+    """The same matrix with empty rows and columns appended up to ``(n_rows, n_cols)``."""
+    extra = n_rows - mat.shape[0]
+    indptr = np.concatenate([mat.indptr, np.full(extra, mat.indptr[-1], dtype=mat.indptr.dtype)])
+    return sp.csr_matrix((mat.data, mat.indices, indptr), shape=(n_rows, n_cols))
+
+
+def merge_csr(old: sp.csr_matrix, new: sp.csr_matrix, how: Merge) -> sp.csr_matrix:
+    """``old`` grown to ``new``'s shape with ``new``'s entries merged in: added (``"sum"``), overwriting
+    (``"replace"``: the newest value of a cell wins) or as a 0/1 pattern (``"ones"``). float32, sorted indices."""
+    n_rows, n_cols = new.shape
+    o, n = old.tocoo(), new.tocoo()
+    keys = np.concatenate([o.row.astype(np.int64) * n_cols + o.col, n.row.astype(np.int64) * n_cols + n.col])
+    vals = np.concatenate([o.data, n.data]).astype(np.float64)
+    if how == "sum":
+        uniq, inv = np.unique(keys, return_inverse=True)
+        data = np.bincount(inv, weights=vals, minlength=len(uniq))
+    elif how == "replace":
+        # the last occurrence of a key wins: unique over the reversed arrays finds it first
+        uniq, first = np.unique(keys[::-1], return_index=True)
+        data = vals[::-1][first]
+    else:
+        uniq = np.unique(keys)
+        data = np.ones(len(uniq))
+    out = sp.csr_matrix(
+        (data.astype(np.float32), (uniq // n_cols, uniq % n_cols)), shape=(n_rows, n_cols), dtype=np.float32
+    )
+    out.sort_indices()
+    return out
+
+
+def pattern(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> sp.csr_matrix:
+    """The 0/1 float32 CSR pattern of (row, col) pairs (repeats count once), sorted indices."""
+    out = sp.csr_matrix((np.ones(len(rows), np.float32), (rows, cols)), shape=shape)
+    out.sum_duplicates()
+    out.data[:] = 1.0
+    return out
+
+
+def csr_to_state(prefix: str, mat: sp.csr_matrix, sep: str = ".") -> dict[str, np.ndarray]:
+    """A CSR matrix as three flat arrays named ``<prefix><sep>indptr/indices/data`` (for safetensors)."""
+    return {
+        f"{prefix}{sep}indptr": mat.indptr.astype(np.int64),
+        f"{prefix}{sep}indices": mat.indices.astype(np.int32),
+        f"{prefix}{sep}data": mat.data.astype(np.float32),
+    }
+
+
+def csr_from_state(prefix: str, state: dict[str, Any], shape: tuple[int, int], sep: str = ".") -> sp.csr_matrix:
+    """The inverse of :func:`csr_to_state`."""
+    return sp.csr_matrix(
+        (state[f"{prefix}{sep}data"], state[f"{prefix}{sep}indices"], state[f"{prefix}{sep}indptr"]), shape=shape
+    )

@@ -1,0 +1,38 @@
+"""Thread control: numba's parallel loops and BLAS must not oversubscribe the cores.
+
+Models with a ``num_threads`` parameter (0 = all cores) run their work inside :func:`thread_limits`, which sets
+numba's thread count and caps BLAS (OpenBLAS/MKL via threadpoolctl) for the duration, then restores both; torch's
+threads are capped by :func:`recforge.core.device.torch_threads`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import numba
+from threadpoolctl import threadpool_limits
+
+
+def resolve_threads(num_threads: int | None) -> int:
+    """``None`` or ``0`` means every thread numba may use (this process's share of the cores when a launcher
+    such as torchrun runs several ranks on the machine); otherwise at most that many."""
+    limit = numba.config.NUMBA_NUM_THREADS
+    if not num_threads or num_threads <= 0:
+        ranks_here = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        return max(1, limit // ranks_here) if ranks_here > 1 else limit
+    return max(1, min(int(num_threads), limit))
+
+
+@contextlib.contextmanager
+def thread_limits(num_threads: int | None, blas_threads: int | None = None) -> Iterator[int]:
+    """Run a block with ``num_threads`` numba threads and ``blas_threads`` BLAS threads (default: the same)."""
+    n = resolve_threads(num_threads)
+    previous = numba.get_num_threads()
+    numba.set_num_threads(n)
+    try:
+        with threadpool_limits(limits=blas_threads or n, user_api="blas"):
+            yield n
+    finally:
+        numba.set_num_threads(previous)

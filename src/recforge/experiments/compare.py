@@ -1,0 +1,101 @@
+"""``compare`` and ``evaluate``: thin fronts of the fitting pipeline for a list of models or one model.
+
+Both build an :class:`~recforge.experiments.config.ExperimentConfig` and run it with the
+:class:`~recforge.experiments.runner.ExperimentRunner`, so a model compared here is tuned, refitted and tested
+exactly as in ``recforge run`` and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recforge.data.interactions import Interactions
+from recforge.experiments.config import ExperimentConfig
+from recforge.experiments.runner import ExperimentResult, run_experiment
+from recforge.models import get_model_class
+
+
+def data_fingerprint(data: Interactions) -> str:
+    """A short hash of the interactions (ids, ratings, times): results of in-memory data are told apart by it."""
+    digest = hashlib.blake2b(digest_size=8)
+    for arr in (data.users, data.items, data.ratings, data.timestamps, data.user_map.ids, data.item_map.ids):
+        if arr is not None:
+            digest.update(np.ascontiguousarray(arr).tobytes())
+    return digest.hexdigest()
+
+
+def dataset_slug(dataset: Any) -> str:
+    """A folder-friendly name of a dataset (``ml-latest-small``, ``ml-100k``, ``files-<train file>``)."""
+    if isinstance(dataset, dict):
+        name = f"files-{Path(str(dataset['train'])).stem}" if "train" in dataset else str(dataset.get("name"))
+    else:
+        name = Path(str(dataset)).name.removesuffix(".zip") or str(dataset)
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-") or "data"
+
+
+def compare(
+    data: Interactions | str | os.PathLike[str] | Mapping[str, Any],
+    models: Sequence[str] | Mapping[str, Mapping[str, Any]],
+    protocol: str = "loo",
+    k: int | Sequence[int] | None = None,
+    seed: int = 0,
+    params: Mapping[str, Mapping[str, Any]] | None = None,
+    metrics: Sequence[str] | None = None,
+    progress: bool = True,
+    out: str | os.PathLike[str] | None = None,
+    workers: int = 1,
+    backend: str = "auto",
+    validation: str = "refit",
+    rank_rating_models: bool = False,
+    exclude_seen: bool = True,
+    name: str = "compare",
+) -> ExperimentResult:
+    """Fit, tune and test several models on the same split(s) through the fitting pipeline.
+
+    ``data``: interactions, a dataset name or path, or split files ``{"train": ..., "test": ...}``. ``models``:
+    registry names (``params`` maps a name to constructor arguments) or a mapping label → ``{"name": ...,
+    "params": {...}}``. ``out``: the results folder (trials saved, resumable); None: a temporary one.
+    ``validation``: ``refit`` (default), ``reuse`` or ``off`` (see :mod:`recforge.experiments.runner`);
+    ``exclude_seen``: leave each user's training items out of the rankings. Rating models are skipped (with a
+    warning) on data without ratings.
+    """
+    specs: list[dict[str, Any]] = []
+    if isinstance(models, Mapping):
+        for label, spec in models.items():
+            specs.append({"label": label, "name": spec.get("name", label), "params": dict(spec.get("params") or {})})
+    else:
+        for m in models:
+            specs.append({"name": str(m), "params": dict((params or {}).get(str(m), {}))})
+    if not progress:
+        for spec in specs:
+            spec["params"].setdefault("progress", False)
+    in_memory = isinstance(data, Interactions)
+    dataset = f"in-memory:{data_fingerprint(data)}" if in_memory else data  # type: ignore[arg-type]
+    raw = {"name": name, "dataset": dict(dataset) if isinstance(dataset, Mapping) else str(dataset),
+           "protocol": protocol, "models": specs, "seed": seed, "validation": validation,
+           "rank_rating_models": rank_rating_models, "workers": workers, "exclude_seen": exclude_seen}
+    if k is not None:
+        raw["k"] = [k] if isinstance(k, int) else list(k)
+    if metrics:
+        raw["metrics"] = list(metrics)
+    cfg = ExperimentConfig.from_dict(_drop_progress_where_unknown(raw))
+    if out is not None:
+        return run_experiment(cfg, out, progress=progress, backend=backend, data=data if in_memory else None)
+    with tempfile.TemporaryDirectory(prefix="recforge-compare-") as tmp:
+        return run_experiment(cfg, tmp, progress=progress, backend=backend, data=data if in_memory else None)
+
+
+def _drop_progress_where_unknown(raw: dict[str, Any]) -> dict[str, Any]:
+    """``progress=False`` only for models that have the parameter (quiet runs silence their training bars)."""
+    for spec in raw["models"]:
+        if "progress" not in get_model_class(spec["name"])._param_names():
+            spec["params"].pop("progress", None)
+    return raw

@@ -1,0 +1,232 @@
+"""One trial of an experiment: a model with fixed parameters fitted and scored on one part of one split.
+
+A ``select`` trial fits on the split's train part (models that validate while they train see the validation part
+too) and scores the validation part; a ``test`` trial fits on train + validation (or train, without a validation
+part) and scores the test part. :func:`run_trial` runs one anywhere (this process, a pool worker, a Ray actor);
+its :class:`TrialResult` is what the results folder stores, one JSON record and one per-user CSV per trial.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pandas as pd
+
+from recforge.data import filters as F
+from recforge.data import split as S
+from recforge.data.datasets import load
+from recforge.data.interactions import Interactions
+from recforge.data.io import atomic_path, read_table, write_table
+from recforge.errors import DataError, UnsupportedError
+from recforge.evaluation.protocols import get_protocol
+from recforge.experiments.config import ExperimentConfig
+from recforge.models import create_model, get_model_class
+
+log = logging.getLogger(__name__)
+
+Part = Literal["select", "test"]
+
+
+@dataclass(frozen=True)
+class Trial:
+    """What to run: ``model`` with ``params`` on ``part`` of split ``split``.
+
+    ``score_test``: a select trial of ``validation: reuse`` also scores the test part with the model it fitted
+    (the validation events added to its inputs where it can take them), so no second fit is needed.
+    """
+
+    id: str
+    label: str
+    model: str
+    params: dict[str, Any]
+    part: Part
+    split: int
+    seed: int
+    k: tuple[int, ...]
+    protocol: str
+    exclude_seen: bool = True
+    score_test: bool = False
+
+
+@dataclass
+class TrialResult:
+    """What a trial produced: its metrics (means), per-user metrics, seconds, and what the model tuned on
+    validation (``tuned_params``); ``pruned`` trials carry their validation ``curve``; a model that cannot be
+    scored under the protocol is ``skipped`` (the reason). ``reused_test``: the test result of a reuse trial."""
+
+    id: str
+    label: str
+    model: str
+    params: dict[str, Any]
+    part: Part
+    split: int
+    seconds: float = 0.0
+    metrics: dict[str, float] = field(default_factory=dict)
+    per_user: pd.DataFrame = field(default_factory=lambda: pd.DataFrame({"user_id": []}))
+    tuned_params: dict[str, Any] = field(default_factory=dict)
+    pruned: bool = False
+    curve: list[float] = field(default_factory=list)
+    skipped: str | None = None
+    reused_test: TrialResult | None = None
+
+    def record(self) -> dict[str, Any]:
+        """The JSON record (everything but the per-user table)."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("per_user", "reused_test")}
+        if self.reused_test is not None:
+            out["reused_test"] = self.reused_test.record()
+        return out
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any], per_user: pd.DataFrame) -> TrialResult:
+        """The inverse of :meth:`record` (the per-user table read separately)."""
+        fields = {k: v for k, v in record.items() if k in cls.__dataclass_fields__ and k != "reused_test"}
+        out = cls(**fields, per_user=per_user)
+        if record.get("reused_test") is not None:
+            out.reused_test = cls.from_record(record["reused_test"], pd.DataFrame({"user_id": []}))
+        return out
+
+    def save(self, folder: Path) -> None:
+        """Write ``<id>.csv`` (per-user), ``<id>.test.csv`` for a reused test, then ``<id>.json`` (written last,
+        atomically: its presence marks the trial complete)."""
+        write_table(self.per_user, folder / f"{self.id}.csv")
+        if self.reused_test is not None:
+            write_table(self.reused_test.per_user, folder / f"{self.id}.test.csv")
+        with atomic_path(folder / f"{self.id}.json") as tmp:
+            tmp.write_text(json.dumps(self.record(), indent=2, default=str))
+
+    @classmethod
+    def load(cls, folder: Path, trial_id: str) -> TrialResult | None:
+        """A finished trial read back from ``folder``, or None when it is not complete there."""
+        path = folder / f"{trial_id}.json"
+        if not (path.exists() and (folder / f"{trial_id}.csv").exists()):
+            return None
+        out = cls.from_record(json.loads(path.read_text()), pd.read_csv(folder / f"{trial_id}.csv"))
+        if out.reused_test is not None:
+            test_csv = folder / f"{trial_id}.test.csv"
+            if not test_csv.exists():
+                return None
+            out.reused_test.per_user = pd.read_csv(test_csv)
+        return out
+
+
+def trial_id(model: str, params: dict[str, Any], part: str, split_index: int, seed: int) -> str:
+    """A stable id for a trial (same inputs, same id; the resume key)."""
+    key = json.dumps({"model": model, "params": params, "part": part, "split": split_index, "seed": seed},
+                     sort_keys=True, default=str)
+    return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
+
+
+def load_data(cfg: ExperimentConfig) -> Interactions:
+    """The dataset of the config with its filters applied in order."""
+    if isinstance(cfg.dataset, dict):
+        data = load(cfg.dataset["name"], **dict(cfg.dataset.get("options") or {}))
+    else:
+        data = load(cfg.dataset)
+    for name, value in cfg.filters.items():
+        fn = getattr(F, name)
+        data = fn(data, **value) if isinstance(value, dict) else fn(data, value)
+    return data
+
+
+def read_split_files(files: dict[str, Any]) -> S.Split:
+    """A split made elsewhere: train/valid/test tables (CSV, Parquet, ...: ``user_id,item_id[,rating,timestamp]``)
+    indexed with one shared id map, with optional item and user side data (``items``, ``users``: tables with an
+    ``item_id`` / ``user_id`` column)."""
+    frames, parts = [], []
+    for part in ("train", "valid", "test"):
+        if files.get(part) is None:
+            continue
+        df = read_table(files[part])
+        missing = [c for c in ("user_id", "item_id") if c not in df.columns]
+        if missing:
+            raise DataError(f"{part.upper()} file lacks column(s) {missing}; it has {list(df.columns)}")
+        if len(df) == 0:
+            raise DataError(f"{part.upper()} file has no rows")
+        frames.append(df)
+        parts.append(part)
+    cols = [c for c in ("user_id", "item_id", "rating", "timestamp") if all(c in f.columns for f in frames)]
+    side = {key: read_table(files[key]) for key in ("items", "users") if files.get(key) is not None}
+    for key, col in (("items", "item_id"), ("users", "user_id")):
+        if key in side and col not in side[key].columns:
+            raise DataError(f"the {key} file needs an {col!r} column; it has {list(side[key].columns)}")
+    both = Interactions.from_frame(pd.concat([f[cols] for f in frames], ignore_index=True),
+                                   item_data=side.get("items"), item_data_id_col="item_id",
+                                   user_data=side.get("users"), user_data_id_col="user_id")
+    label = np.repeat(np.array(parts), [len(f) for f in frames])
+    got = {p: both.subset(label == p) for p in parts}
+    return S.Split(got["train"], got["test"], got.get("valid"), name="files")
+
+
+def make_splits(cfg: ExperimentConfig, data: Interactions | None = None) -> list[S.Split]:
+    """The splits of an experiment: its protocol applied to its dataset (or to ``data``, already loaded), or the
+    split files it names; validation parts kept."""
+    protocol = get_protocol(cfg.protocol)
+    if isinstance(cfg.dataset, dict) and "train" in cfg.dataset:
+        return [read_split_files(cfg.dataset)]
+    if data is None and isinstance(cfg.dataset, str) and cfg.dataset.startswith("in-memory:"):
+        raise DataError("this experiment ran on interactions held in memory; pass them again (data=...)")
+    if protocol.reads_files:  # the official files, read as they are
+        if cfg.filters or not isinstance(cfg.dataset, str) or data is not None:
+            raise DataError(f"protocol {cfg.protocol!r} reads ML-100K's official u1..u5 files as they are: give "
+                            "'dataset' as the ml-100k folder or zip (a string) and no 'filters'")
+        return protocol.splits(cfg.dataset, seed=cfg.seed)
+    return protocol.splits(load_data(cfg) if data is None else data, seed=cfg.seed)
+
+
+def _fit_scored(trial: Trial, split: S.Split) -> tuple[Interactions, Interactions | None, Interactions]:
+    """(what to fit on, the validation part the model may tune on, what to score) for a trial."""
+    has_valid = split.valid is not None and len(split.valid) > 0
+    if trial.part == "select":
+        return split.train, split.valid, split.valid  # type: ignore[return-value]
+    return (split.train_valid if has_valid else split.train), None, split.test
+
+
+def run_trial(trial: Trial, splits: Sequence[S.Split], threads: int | None = None) -> TrialResult:
+    """Fit and score one trial against the experiment's splits; ``threads`` caps the model's threads."""
+    cls = get_model_class(trial.model)
+    split = splits[trial.split]
+    protocol = get_protocol(trial.protocol)
+    params = dict(trial.params)
+    for key, value in (("seed", trial.seed), ("progress", False), ("num_threads", threads)):
+        if key in cls._param_names() and value is not None:
+            params.setdefault(key, value)
+    start = time.perf_counter()
+    fit_on, valid, scored = _fit_scored(trial, split)
+    result = TrialResult(trial.id, trial.label, trial.model, trial.params, trial.part, trial.split)
+    try:
+        model = create_model(trial.model, **params).fit(fit_on, valid=valid)
+        res = protocol.evaluate(model, fit_on, scored, k=list(trial.k), exclude_seen=trial.exclude_seen)
+    except UnsupportedError as exc:  # e.g. a model that cannot score histories under a next-item protocol
+        log.warning("%s cannot be evaluated with the %s protocol: %s", trial.label, protocol.name, exc)
+        result.skipped = str(exc)
+        return result
+    result.metrics = {k: float(v) for k, v in res.summary.items()}
+    result.per_user = res.per_user
+    result.tuned_params = dict(getattr(model, "tuned_params_", {}) or {})
+    if trial.score_test:
+        result.reused_test = reused_test(trial, split, model, protocol)
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def reused_test(trial: Trial, split: S.Split, model: Any, protocol: Any) -> TrialResult:
+    """The test result of a model fitted on train with validation: the validation events are added to what it
+    knows (``partial_fit``, where it can take them: sequential models extend their histories) and excluded from
+    its rankings, and it is scored on the test part without a second fit."""
+    start = time.perf_counter()
+    if model.supports_partial_fit and split.valid is not None and len(split.valid):
+        model.partial_fit(split.valid)
+    history = split.train_valid
+    res = protocol.evaluate(model, history, split.test, k=list(trial.k), exclude_seen=trial.exclude_seen)
+    out = TrialResult(trial.id, trial.label, trial.model, trial.params, "test", trial.split,
+                      seconds=time.perf_counter() - start, per_user=res.per_user)
+    out.metrics = {k: float(v) for k, v in res.summary.items()}
+    return out
