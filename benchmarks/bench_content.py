@@ -8,18 +8,21 @@ Usage::
 
 Parts:
 
-``tune``  the content model's defaults: encoder × genre_weight × half_life, fitted on ``train`` of a leave-one-out
-          split and scored on its validation event (never the test event).
-``loo``   leave-last-one-out (:func:`recforge.split.leave_one_out`), seen items excluded. Classic rows use the
-          parameters chosen in ``bench_implicit.py``; models fit on train + validation and are tested on the last
-          event. ``ScoreBlend`` tunes its weights on the validation event with members fitted on train, then is
-          refitted on train + validation with those weights. The two-tower model and SASRec stop early on the
-          validation event and are refitted for their best epoch count (SASRec on ml-latest-small uses the 54
-          epochs ``bench_sequential.py`` selected, to save 30 minutes). ``top100`` is TFRS's FactorizedTopK: the
-          share of test events whose item is in the model's top 100 of the whole catalogue, nothing excluded.
-``cold``  :func:`recforge.evaluation.cold_start.cold_item_split` (10% of the items held out of training
-          entirely); NDCG/HR@10 rank the cold items only (random tie-break), ``cold_share@10`` is the share of
-          full-catalogue top-10 slots given to cold items.
+Every protocol comes from recforge's registry and every model goes through its fitting pipeline
+(:func:`recforge.experiments.compare`: tuned on validation, refitted on train + validation, tested).
+
+``tune``  the content model's defaults: encoder × genre_weight × half_life_events as a grid on the validation event
+          of the ``loo`` protocol (never the test event); the same for SlateMix's anchor and content share.
+``loo``   leave-last-one-out, seen items excluded. Classic rows use the parameters chosen in
+          ``bench_implicit.py``; models fit on train + validation and are tested on the last event. ``ScoreBlend``
+          tunes its weights on the validation event with members fitted on train (neural members stop early on
+          it), then is refitted on train + validation with those weights and epochs. The two-tower model and SASRec
+          stop early on the validation event and are refitted for their best epoch count. ``top100`` is TFRS's
+          FactorizedTopK: the share of test events whose item is in the model's top 100 of the whole catalogue,
+          nothing excluded.
+``cold``  the ``cold-items`` protocol (10% of the items held out of training entirely); NDCG/HR@10 rank the cold
+          items only (random tie-break), ``cold_share@10`` is the share of full-catalogue top-10 slots given to
+          cold items.
 ``speed`` MiniLM encoding of all 9,742 ml-latest-small titles (``movies.csv``) in a fresh cache, the cached re-run,
           and item-to-item top-100 for every item, exact and HNSW (with HNSW's recall against exact).
 
@@ -47,6 +50,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--parts", default="loo,cold,speed")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rows", default=None, help="comma-separated row labels of loo/cold (default: all)")
+    p.add_argument("--work", default="results/bench/content", help="folder of the trials (resumable)")
     p.add_argument("--out", default=str(HERE / "results" / "content.json"))
     return p.parse_args()
 
@@ -61,20 +65,24 @@ import numpy as np
 sys.path.insert(0, str(HERE))
 from bench_sequential import CLASSIC, dataset, md
 
-from recforge import split as S
-from recforge.evaluation import evaluate, factorized_top_k
-from recforge.evaluation.cold_start import cold_item_split, evaluate_cold_items
-from recforge.models import create_model, get_model_class
+from recforge.data.datasets import load
+from recforge.evaluation import factorized_top_k, get_protocol
+from recforge.experiments import compare
+from recforge.models import available_models, get_model_class
 
-#: SASRec epochs on ml-latest-small from bench_sequential.py's validation (its run to best takes ~30 min).
-SASREC_EPOCHS = {"ml-latest-small": 54}
 CONTENT = {"Content TF-IDF": ("content", {"encoder": "tfidf"}), "Content MiniLM": ("content", {"encoder": "minilm"})}
 
 
-def _with_threads(name: str, params: dict, threads: int):  # type: ignore[no-untyped-def]
+def _spec(name: str, params: dict, threads: int, grid: dict | None = None) -> dict:
     cls = get_model_class(name)
     extra = {k: v for k, v in (("num_threads", threads), ("progress", False)) if k in cls._param_names()}
-    return create_model(name, **{**extra, **params})
+    return {"name": name, "params": {**extra, **params}, **({"grid": grid} if grid else {})}
+
+
+def _run(ds: str, protocol: str, models: dict[str, dict], tag: str = "", keep: bool = False):  # type: ignore[no-untyped-def]
+    assert ARGS is not None
+    work = Path(ARGS.work) / f"{ds}-{protocol}{tag}-t{ARGS.threads}"
+    return compare(dataset(ds), models, protocol=protocol, out=work, backend="serial", keep_models=keep)
 
 
 def _members(threads: int, encoder: str = "tfidf") -> dict:
@@ -86,9 +94,9 @@ def rows_wanted() -> set[str] | None:
     return None if ARGS is None or ARGS.rows is None else set(ARGS.rows.split(","))
 
 
-def _row(label: str, res, model, extra: dict | None = None) -> dict:  # type: ignore[no-untyped-def]
+def _row(label: str, res, extra: dict | None = None) -> dict:  # type: ignore[no-untyped-def]
     row = {"model": label, "ndcg@10": res["ndcg@10"], "hr@10": res["hr@10"], "coverage@10": res["coverage@10"],
-           "fit s": float(getattr(model, "fit_seconds_", 0.0)), **(extra or {})}
+           "fit s": res["fit_seconds"], **(extra or {})}
     print(row, flush=True)
     return row
 
@@ -99,102 +107,68 @@ def top100(model, test) -> float:  # type: ignore[no-untyped-def]
 
 
 def part_tune(ds: str, threads: int) -> list[dict]:
-    split = S.leave_one_out(dataset(ds))
+    grid = {"encoder": ["tfidf", "minilm"], "genre_weight": [0.0, 0.3, 0.6], "half_life_events": [None, 3.0, 10.0, 30.0]}
+    res = _run(ds, "loo", {"content": _spec("content", {}, threads, grid),
+                           "slatemix": _spec("slatemix", {"params": _members(threads)}, threads,
+                                             {"anchor": ["last", "profile"], "n_content": [1, 2, 3]})}, "-tune")
     rows = []
-    for encoder in ("tfidf", "minilm"):
-        for gw in (0.0, 0.3, 0.6):
-            for hl in (None, 3.0, 10.0, 30.0):
-                model = _with_threads("content", {"encoder": encoder, "genre_weight": gw, "half_life": hl}, threads)
-                res = evaluate(model.fit(split.train), split.valid)
-                rows.append({"encoder": encoder, "genre_weight": gw, "half_life": str(hl),
-                             "valid ndcg@10": res["ndcg@10"], "valid hr@10": res["hr@10"], "fit s": model.fit_seconds_})
+    for label, keys in (("content", list(grid)), ("slatemix", ["anchor", "n_content"])):
+        for t in res.trials[label]:
+            if t.part == "select":
+                rows.append({"model": label, **{k: str(t.params[k]) for k in keys},
+                             "valid ndcg@10": t.metrics["ndcg@10"], "valid hr@10": t.metrics["hr@10"],
+                             "fit s": t.metrics["fit_seconds"]})
                 print(rows[-1], flush=True)
-    for anchor in ("last", "profile"):
-        for n_content in (1, 2, 3):
-            model = _with_threads("slatemix", {"anchor": anchor, "n_content": n_content, "params": _members(threads)}, threads)
-            res = evaluate(model.fit(split.train), split.valid)
-            rows.append({"encoder": f"slatemix {anchor} {n_content}/5", "valid ndcg@10": res["ndcg@10"],
-                         "valid hr@10": res["hr@10"], "fit s": model.fit_seconds_})
-            print(rows[-1], flush=True)
     return rows
 
 
-def _neural_refit(name: str, params: dict, split: S.Split, threads: int, fixed_epochs: int | None = None):  # type: ignore[no-untyped-def]
-    if fixed_epochs:
-        return _with_threads(name, {**params, "epochs": fixed_epochs}, threads).fit(split.train_valid), {"epochs": fixed_epochs}
-    tuned = _with_threads(name, params, threads).fit(split.train, valid=split.valid)
-    best = int(getattr(tuned, "best_epoch_", None) or params.get("epochs", 50))
-    final = _with_threads(name, {**params, "epochs": best}, threads).fit(split.train_valid)
-    return final, {"epochs": best, "to best s": float(getattr(tuned, "seconds_to_best_", 0.0) or 0.0)}
+def _loo_models(threads: int) -> dict[str, dict]:
+    models = {label: _spec(name, params, threads) for label, (name, params) in
+              {**{k: CLASSIC[k] for k in ("MostPopular", "EASE", "BPR")}, **CONTENT}.items()}
+    for encoder, tag in (("tfidf", "TF-IDF"), ("minilm", "MiniLM")):
+        models[f"SlateMix EASE+{tag}"] = _spec("slatemix", {"params": _members(threads, encoder)}, threads)
+        models[f"ScoreBlend EASE+{tag}"] = _spec("scoreblend", {"params": _members(threads, encoder)}, threads)
+    if "twotower" in available_models():
+        models["TwoTower"] = _spec("twotower", {}, threads)
+        models["ScoreBlend EASE+TwoTower+TF-IDF"] = _spec("scoreblend", {
+            "models": ["ease", "twotower", "content"],
+            "params": {**_members(threads), "twotower": {"num_threads": threads}}}, threads)
+    models["SASRec"] = _spec("sasrec", {"loss": "softmax", "epochs": 200}, threads)
+    want = rows_wanted()
+    return {k: v for k, v in models.items() if want is None or k in want}
 
 
 def part_loo(ds: str, threads: int) -> list[dict]:
-    split = S.leave_one_out(dataset(ds))
-    want = rows_wanted()
+    models = _loo_models(threads)
+    res = _run(ds, "loo", models, keep=True)
+    (split,) = get_protocol("loo").splits(load(dataset(ds)))
     rows = []
-
-    def run(label: str, build) -> None:  # type: ignore[no-untyped-def]
-        if want is not None and label not in want:
-            return
-        model, extra = build()
-        rows.append(_row(label, evaluate(model, split.test), model, {"top100": top100(model, split.test), **extra}))
-
-    for label, (name, params) in {**{k: CLASSIC[k] for k in ("MostPopular", "EASE", "BPR")}, **CONTENT}.items():
-        run(label, lambda name=name, params=params: (_with_threads(name, params, threads).fit(split.train_valid), {}))
-    for encoder in ("tfidf", "minilm"):
-        tag = "TF-IDF" if encoder == "tfidf" else "MiniLM"
-        run(f"SlateMix EASE+{tag}", lambda e=encoder: (
-            _with_threads("slatemix", {"params": _members(threads, e)}, threads).fit(split.train_valid), {}))
-
-        def blend(e: str = encoder):  # type: ignore[no-untyped-def]
-            tuned = _with_threads("scoreblend", {"params": _members(threads, e)}, threads).fit(split.train, valid=split.valid)
-            weights = [float(w) for w in tuned.weights_]
-            final = _with_threads("scoreblend", {"params": _members(threads, e), "weights": weights}, threads)
-            return final.fit(split.train_valid), {"weights": str([round(w, 2) for w in weights])}
-
-        run(f"ScoreBlend EASE+{tag}", blend)
-    if "twotower" in _registered():
-        run("TwoTower", lambda: _neural_refit("twotower", {}, split, threads))
-
-        def blend3():  # type: ignore[no-untyped-def]
-            names = ["ease", "twotower", "content"]
-            params = {**_members(threads), "twotower": {"num_threads": threads}}
-            tuned = _with_threads("scoreblend", {"models": names, "params": params}, threads)
-            tuned.fit(split.train, valid=split.valid)
-            weights = [float(w) for w in tuned.weights_]
-            epochs = int(tuned.members_[1].best_epoch_ or 30)
-            params["twotower"] = {**params["twotower"], "epochs": epochs}
-            final = _with_threads("scoreblend", {"models": names, "params": params, "weights": weights}, threads)
-            return final.fit(split.train_valid), {"weights": str([round(w, 2) for w in weights]), "epochs": epochs}
-
-        run("ScoreBlend EASE+TwoTower+TF-IDF", blend3)
-    run("SASRec", lambda: _neural_refit("sasrec", {"loss": "softmax", "epochs": 200}, split, threads, SASREC_EPOCHS.get(ds)))
+    for label in models:
+        extra = {"top100": top100(res.models[label][0], split.test)}
+        tuned = res.params[label]
+        if "weights" in tuned:
+            extra["weights"] = str([round(w, 2) for w in tuned["weights"]])
+        epochs = tuned.get("epochs", (tuned.get("params") or {}).get("twotower", {}).get("epochs"))
+        if epochs is not None:
+            extra["epochs"] = epochs
+        rows.append(_row(label, res.results[label], extra))
     return rows
-
-
-def _registered() -> set[str]:
-    from recforge.models import available_models
-
-    return set(available_models())
 
 
 def part_cold(ds: str, threads: int) -> list[dict]:
-    split = cold_item_split(dataset(ds), fraction=0.1, seed=0)
-    want = rows_wanted()
-    models = {"Random": ("random", {}), "MostPopular": ("pop", {}), "EASE": CLASSIC["EASE"], **CONTENT}
+    models = {"Random": _spec("random", {}, threads), "MostPopular": _spec("pop", {}, threads),
+              "EASE": _spec(*CLASSIC["EASE"], threads),
+              **{label: _spec(name, params, threads) for label, (name, params) in CONTENT.items()}}
     for encoder, tag in (("tfidf", "TF-IDF"), ("minilm", "MiniLM")):
-        models[f"SlateMix EASE+{tag}"] = ("slatemix", {"params": _members(threads, encoder)})
-        models[f"ScoreBlend EASE+{tag}"] = ("scoreblend", {"params": _members(threads, encoder)})
-    if "twotower" in _registered():
-        models["TwoTower"] = ("twotower", {})
-    rows = []
-    for label, (name, params) in models.items():
-        if want is not None and label not in want:
-            continue
-        model = _with_threads(name, params, threads).fit(split.train)
-        res = evaluate_cold_items(model, split, k=10)
-        rows.append(_row(label, res, model, {"cold_share@10": res["cold_share@10"]}))
-    return rows
+        models[f"SlateMix EASE+{tag}"] = _spec("slatemix", {"params": _members(threads, encoder)}, threads)
+        models[f"ScoreBlend EASE+{tag}"] = _spec("scoreblend", {"params": _members(threads, encoder)}, threads)
+    if "twotower" in available_models():
+        models["TwoTower"] = _spec("twotower", {}, threads)
+    want = rows_wanted()
+    models = {k: v for k, v in models.items() if want is None or k in want}
+    res = _run(ds, "cold-items", models)
+    return [_row(label, res.results[label], {"cold_share@10": res.results[label]["cold_share@10"]})
+            for label in models]
 
 
 def part_speed(threads: int) -> list[dict]:

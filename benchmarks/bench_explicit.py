@@ -3,13 +3,14 @@
 Usage::
 
     python benchmarks/bench_explicit.py            # folds u1..u5
-    python benchmarks/bench_explicit.py --quick    # fold u1 only
     /work/peers/bin/python benchmarks/bench_explicit.py   # with the peers (Surprise, LensKit) when importable
 
-Protocol: every model is fitted on ``uN.base`` and scored by RMSE on ``uN.test`` (the GroupLens splits in
-``<repo>/../shared/data/ml-100k``); the table gives the mean RMSE over the folds and the mean fit seconds per
-fold. Each model is fitted once, untimed, on the first 5,000 rows of ``u1.base`` before the timed fits, so
-numba's compile/cache load and the peers' lazy imports do not count.
+Protocol: the registry's ``folds`` protocol: every model is fitted on ``uN.base`` and scored by RMSE on
+``uN.test`` (the GroupLens splits in ``<repo>/../shared/data/ml-100k``); the table gives the mean RMSE over the
+folds and the mean fit seconds per fold. recforge's models run through its fitting pipeline
+(:func:`recforge.experiments.compare`), the peers on the same splits. Each model is fitted once, untimed, on the
+first 5,000 rows of ``u1.base`` before the timed fits, so numba's compile/cache load and the peers' lazy imports
+do not count.
 
 Threads: everything runs on ONE thread. ``NUMBA_NUM_THREADS``, ``OMP_NUM_THREADS``, ``OPENBLAS_NUM_THREADS``,
 ``MKL_NUM_THREADS`` and LensKit's ``LK_NUM_PROCS``/``LK_NUM_THREADS``/``LK_NUM_BACKEND_THREADS`` are set to 1
@@ -49,9 +50,10 @@ import numpy as np
 import pandas as pd
 
 from recforge.data import Interactions
-from recforge.data.datasets import load_movielens_folds
+from recforge.data.split import Split
+from recforge.evaluation import get_protocol
+from recforge.experiments import compare
 from recforge.models import available_models, create_model, get_model_class
-from recforge.split import Split
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ML100K_DIR = (REPO_ROOT / ".." / "shared" / "data" / "ml-100k").resolve()
@@ -91,17 +93,18 @@ def recforge_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
     return {**extra, **params}
 
 
-def recforge_runner(name: str, params: dict[str, Any], keep: list | None = None) -> Runner:
-    def run(split: Split) -> tuple[np.ndarray, float]:
-        model = create_model(name, **recforge_params(name, params))
-        start = time.perf_counter()
-        model.fit(split.train)
-        seconds = time.perf_counter() - start
-        if keep is not None:
-            keep.append(model)
-        return model.predict_indices(split.test.users, split.test.items), seconds
-
-    return run
+def run_ours(rows: list[tuple[Row, str, dict[str, Any]]], data: str, warm: Split, work: Path) -> dict[str, list]:
+    """Our rows through the fitting pipeline on the folds protocol; fills each row's per-fold RMSE and fit
+    seconds and returns the fitted models per row (one per fold)."""
+    for _, name, params in rows:  # numba compiles / loads its cache here, not in the timed fits
+        create_model(name, **recforge_params(name, params)).fit(warm.train)
+    specs = {row.name: {"name": name, "params": recforge_params(name, params)} for row, name, params in rows}
+    res = compare(data, specs, protocol="folds", out=work, backend="serial", progress=False, keep_models=True)
+    for row, _, _ in rows:
+        for trial in sorted((t for t in res.trials[row.name] if t.part == "test"), key=lambda t: t.split):
+            row.rmse.append(trial.metrics["rmse"])
+            row.fit_s.append(trial.metrics["fit_seconds"])
+    return res.models
 
 
 # ============================================================================ peers
@@ -188,22 +191,21 @@ def peer_rows() -> list[tuple[Row, Runner]]:
 
 
 # ============================================================================ main
-def our_rows(blends: list) -> list[tuple[Row, Runner]]:
+def our_rows() -> list[tuple[Row, str, dict[str, Any]]]:
     funk = get_model_class("funksvd")()
     notebook = {"n_factors": 40, "epochs": 120}  # reference notebooks 001/004, with our tuned lr/reg
     rows = [
-        (Row("GlobalMean", "recforge"), recforge_runner("globalmean", {})),
-        (Row("Bias", "recforge"), recforge_runner("bias", {})),
+        (Row("GlobalMean", "recforge"), "globalmean", {}),
+        (Row("Bias", "recforge"), "bias", {}),
         (Row("FunkSVD (tuned defaults)", "recforge", "Surprise SVD",
-             note=f"{funk.n_factors}f/{funk.epochs}ep lr={funk.lr} reg={funk.reg}"),
-         recforge_runner("funksvd", {})),
+             note=f"{funk.n_factors}f/{funk.epochs}ep lr={funk.lr} reg={funk.reg}"), "funksvd", {}),
         (Row("FunkSVD 40f/120ep", "recforge", "LensKit FunkSVD 40f/120ep", note=f"lr={funk.lr} reg={funk.reg}"),
-         recforge_runner("funksvd", notebook)),
-        (Row("SVDpp", "recforge", "Surprise SVD++"), recforge_runner("svdpp", {})),
+         "funksvd", notebook),
+        (Row("SVDpp", "recforge", "Surprise SVD++"), "svdpp", {}),
     ]
     if "biasedals" in available_models():
-        rows.append((Row("BiasedALS", "recforge", "LensKit BiasedMF-ALS 50f"), recforge_runner("biasedals", {})))
-    rows.append((Row("Blend", "recforge", "Surprise KNNBaseline item"), recforge_runner("blend", {}, keep=blends)))
+        rows.append((Row("BiasedALS", "recforge", "LensKit BiasedMF-ALS 50f"), "biasedals", {}))
+    rows.append((Row("Blend", "recforge", "Surprise KNNBaseline item"), "blend", {}))
     return rows
 
 
@@ -263,31 +265,33 @@ def goal_lines(rows: list[Row]) -> list[str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fold u1 only")
     parser.add_argument("--data", default=str(ML100K_DIR), help="the ml-100k folder")
     parser.add_argument("--no-peers", action="store_true", help="skip Surprise/LensKit even when importable")
     parser.add_argument("--per-fold", action="store_true", help="also print each fold's RMSE")
+    parser.add_argument("--work", default="results/bench/explicit", help="folder of recforge's trials")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
-    fold_names = ("u1",) if args.quick else ("u1", "u2", "u3", "u4", "u5")
-    splits = load_movielens_folds(args.data, folds=fold_names)
+    fold_names = ("u1", "u2", "u3", "u4", "u5")
+    splits = get_protocol("folds").splits(args.data)
     warm = Split(train=splits[0].train.subset(np.arange(WARMUP_ROWS)), test=splits[0].test, name="warm-up")
 
-    blends: list = []
-    plan = our_rows(blends) + ([] if args.no_peers else peer_rows())
+    ours = our_rows()
+    models = run_ours(ours, args.data, warm, Path(args.work))
     rows = []
-    for row, run in plan:
+    for row, _, _ in ours:
+        log.warning("%-28s RMSE %.4f  fit %.3f s/fold", row.name, np.mean(row.rmse), np.mean(row.fit_s))
+        rows.append(row)
+        if row.name == "Blend":
+            rows.append(best_on_validation(models["Blend"], splits))
+    for row, run in [] if args.no_peers else peer_rows():
         run(warm)
-        blends.clear()
         for split in splits:
             pred, seconds = run(split)
             row.rmse.append(rmse(pred, split.test.ratings))
             row.fit_s.append(seconds)
         log.warning("%-28s RMSE %.4f  fit %.3f s/fold", row.name, np.mean(row.rmse), np.mean(row.fit_s))
         rows.append(row)
-        if row.name == "Blend":
-            rows.append(best_on_validation(blends, splits))
 
     print(markdown(rows, list(fold_names)))
     print()

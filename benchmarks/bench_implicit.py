@@ -10,7 +10,7 @@ Usage (peers need the peer venv; without it the peer rows are skipped)::
 
 Protocol (for every model, ours and the peers' alike):
 
-1. leave-last-one-out (:func:`recforge.split.leave_one_out`): each user's last event is test, the one before it
+1. leave-last-one-out (the registry's ``loo`` protocol): each user's last event is test, the one before it
    validation, the rest train (users with fewer than 3 events stay in train);
 2. every combination of the model's grid (``GRIDS`` / ``PEER_GRIDS`` below) is fitted on ``train`` and scored on
    the validation event by NDCG@10 (seen = train items excluded); the best wins (ties: the first listed);
@@ -67,11 +67,12 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from recforge import split as S
 from recforge.data import Interactions
 from recforge.data.datasets import load
-from recforge.evaluation import bootstrap_ci, evaluate
-from recforge.models import Recommender, available_models, create_model, get_model_class
+from recforge.data.split import Split
+from recforge.evaluation import bootstrap_ci, evaluate, get_protocol
+from recforge.experiments import compare
+from recforge.models import Recommender, available_models, get_model_class
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ML100K_DIR = (REPO_ROOT / ".." / "shared" / "data" / "ml-100k").resolve()
@@ -86,15 +87,15 @@ GRIDS: dict[str, dict[str, Any]] = {
     "itemknn cosine": {
         "model": "itemknn",
         "fixed": {"weighting": "none"},
-        "grid": {"k": [2, 3, 5, 10, 20, 50, 100, 200], "shrink": [0, 10, 50]},
-        "quick": {"k": [10, 50], "shrink": [0, 10]},
+        "grid": {"n_neighbors": [2, 3, 5, 10, 20, 50, 100, 200], "shrink": [0, 10, 50]},
+        "quick": {"n_neighbors": [10, 50], "shrink": [0, 10]},
         "peer": "implicit Cosine",
     },
     "itemknn bm25": {
         "model": "itemknn",
         "fixed": {"weighting": "bm25", "B": 0.75},
-        "grid": {"k": [5, 10, 20, 50, 100, 200], "K1": [1.2, 100.0], "similarity": ["dot", "cosine"]},
-        "quick": {"k": [10, 100], "similarity": ["dot", "cosine"]},
+        "grid": {"n_neighbors": [5, 10, 20, 50, 100, 200], "K1": [1.2, 100.0], "similarity": ["dot", "cosine"]},
+        "quick": {"n_neighbors": [10, 100], "similarity": ["dot", "cosine"]},
         "peer": "implicit BM25",
     },
     "ease": {
@@ -105,8 +106,8 @@ GRIDS: dict[str, dict[str, Any]] = {
     },
     "rp3beta": {
         "model": "rp3beta",
-        "grid": {"alpha": [0.5, 0.75, 1.0], "beta": [0.0, 0.3, 0.6], "k": [10, 50, 200]},
-        "quick": {"alpha": [0.75, 1.0], "beta": [0.3, 0.6], "k": [200]},
+        "grid": {"alpha": [0.5, 0.75, 1.0], "beta": [0.0, 0.3, 0.6], "n_neighbors": [10, 50, 200]},
+        "quick": {"alpha": [0.75, 1.0], "beta": [0.3, 0.6], "n_neighbors": [200]},
     },
     # Grids around the values the models' own tuning picked per dataset (see their docstrings).
     "als": {
@@ -204,26 +205,23 @@ def runtime_params(name: str) -> dict[str, Any]:
     return out
 
 
-def run_ours(label: str, spec: dict[str, Any], split: S.Split, quick: bool) -> Row:
-    """Tune one of our models on the validation event, refit on train + valid, evaluate on test."""
+def run_ours(label: str, spec: dict[str, Any], data: Interactions, quick: bool, work: Path) -> Row:
+    """Tune one of our models on the validation event, refit on train + valid, evaluate on test: recforge's
+    fitting pipeline (:func:`recforge.experiments.compare`, the grid tuned on validation NDCG@10)."""
     name = spec["model"]
     grid = spec.get("quick", spec["grid"]) if quick else spec["grid"]
     fixed = {**spec.get("fixed", {}), **runtime_params(name)}
-    row = Row(label, {}, peer=spec.get("peer"))
-    best: tuple[float, dict[str, Any]] | None = None
-    for params in combos(grid):
-        score = ndcg10(create_model(name, **fixed, **params).fit(split.train), split.valid)
-        row.valid_scores.append((params, score))
-        log.info("%s %s valid NDCG@10 %.4f", label, params, score)
-        if best is None or score > best[0]:
-            best = (score, params)
-    assert best is not None
-    row.params = {**spec.get("fixed", {}), **best[1]}
-    model = create_model(name, **fixed, **best[1])
-    t0 = time.perf_counter()
-    model.fit(split.train_valid)
-    row.fit_s = time.perf_counter() - t0
-    final_metrics(row, model, split.test)
+    res = compare(data, {label: {"name": name, "params": fixed, "grid": grid}}, protocol="loo", k=[10, 100],
+                  out=work / label.replace(" ", "-"), backend="serial", progress=False)
+    row = Row(label, {k: v for k, v in res.params[label].items() if k not in runtime_params(name)},
+              peer=spec.get("peer"))
+    for trial in res.trials[label]:
+        if trial.part == "select":
+            row.valid_scores.append(({k: trial.params[k] for k in grid}, trial.metrics["ndcg@10"]))
+    final = res.results[label]
+    row.hr, row.ndcg, row.mrr = final["hr@10"], final["ndcg@10"], final["mrr@100"]
+    row.cov, row.fit_s = final["coverage@10"], final["fit_seconds"]
+    row.ci = bootstrap_ci(final.per_user["ndcg@10"].to_numpy())
     return row
 
 
@@ -310,7 +308,7 @@ def peer_fitters() -> dict[str, Callable[[Interactions, dict[str, Any]], np.ndar
     return out
 
 
-def run_peer(label: str, fit: Callable[..., np.ndarray], split: S.Split, quick: bool, fixed_params: dict | None) -> Row:
+def run_peer(label: str, fit: Callable[..., np.ndarray], split: Split, quick: bool, fixed_params: dict | None) -> Row:
     """Tune a peer on the validation event (unless ``fixed_params``), refit on train + valid, evaluate."""
     spec = PEER_GRIDS.get(label, {"grid": {}})
     grid = spec.get("quick", spec["grid"]) if quick else spec["grid"]
@@ -366,7 +364,7 @@ def markdown(title: str, rows: list[Row]) -> str:
 
 # ====================================================================== main
 def run_dataset(title: str, data: Interactions, args: argparse.Namespace, peers: dict[str, Callable]) -> list[Row]:
-    split = S.leave_one_out(data)
+    (split,) = get_protocol("loo").splits(data)
     print(f"\n{title}: {len(data):,} interactions, {data.n_users:,} users x {data.n_items:,} items; "
           f"test users {split.test.csr('ones').getnnz(axis=1).astype(bool).sum():,}", flush=True)  # fmt: skip
     registered = set(available_models())
@@ -379,7 +377,7 @@ def run_dataset(title: str, data: Interactions, args: argparse.Namespace, peers:
             rows.append(Row(label, {}, note=f"skipped: model {spec['model']!r} is not registered"))
             continue
         t0 = time.perf_counter()
-        row = run_ours(label, spec, split, args.quick)
+        row = run_ours(label, spec, data, args.quick, Path(args.work) / f"{title}-t{THREADS}")
         rows.append(row)
         print(f"  {label}: NDCG@10 {row.ndcg:.4f}, fit {row.fit_s:.2f}s ({time.perf_counter() - t0:.0f}s with tuning)", flush=True)
         peer_name = spec.get("peer")
@@ -407,6 +405,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="threads for every library (default 1)")
     parser.add_argument("--models", default="", help="comma-separated row labels or registry names to run")
     parser.add_argument("--verbose", action="store_true", help="log every validation score")
+    parser.add_argument("--work", default="results/bench/implicit", help="folder of recforge's trials (resumable)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     warnings.filterwarnings("ignore", module="implicit")

@@ -90,7 +90,7 @@ def main() -> None:
             elif backend != "serial":
                 kwargs = {"backend": backend, "workers": args.workers}
             start = time.perf_counter()
-            table = run_experiment(cfg, folder, progress=False, **kwargs)
+            table = run_experiment(cfg, folder, progress=False, **kwargs).leaderboard
             runs.setdefault(backend, []).append(time.perf_counter() - start)
             ndcg[backend] = float(table["ndcg@10"].max())
             trials[backend] = sorted(json.loads(f.read_text())["seconds"] for f in (folder / "trials").glob("*.json"))

@@ -80,6 +80,7 @@ if ARGS is not None:
 
 import numpy as np
 
+from recforge.evaluation.rating import rating_gain_ndcg
 from recforge.experiments import ExperimentConfig, run_experiment
 
 
@@ -108,7 +109,7 @@ def run_config(key: str, is_quick: bool) -> dict:
         cfg = quick(cfg)
     out = ROOT / "results" / ("repro-quick" if is_quick else "repro") / cfg.name
     start = time.perf_counter()
-    table = run_experiment(cfg, out, progress=False)
+    table = run_experiment(cfg, out, progress=False).leaderboard
     seconds = time.perf_counter() - start
     selected = json.loads((out / "selected_params.json").read_text())
     import pandas as pd
@@ -146,14 +147,12 @@ def run_lenskit_nb001() -> dict:
     sys.path.insert(0, str(HERE))
     from bench_explicit import lenskit_runner
     from lenskit.funksvd import FunkSVDScorer
-    from recforge.experiments.tasks import rating_gain_ndcg
 
-    from recforge.evaluation.protocols import make_splits
-    from recforge.experiments.runner import load_data
+    from recforge.experiments.trials import make_splits
 
     cfg = ExperimentConfig.from_file(ROOT / "examples" / CONFIGS["nb001"][0])
     rmses, ndcgs, seconds = [], [], []
-    for split in make_splits(load_data(cfg), cfg.protocol, seed=cfg.seed):
+    for split in make_splits(cfg):
         pred, fit_s = lenskit_runner(lambda: FunkSVDScorer(embedding_size=40, epochs=120))(split)
         truth = split.test.ratings.astype(np.float64)
         rmses.append(float(np.sqrt(np.mean((pred - truth) ** 2))))

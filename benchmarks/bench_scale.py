@@ -6,7 +6,7 @@ Usage::
     python benchmarks/bench_scale.py --n-interactions 2000000 --n-users 20000 --n-items 5000
 
 Each stage reports its wall time and the process's peak resident memory so far (``ru_maxrss``). ALS: 64 factors,
-15 iterations; SASRec: 64 factors, the last 50 events, logQ-corrected sampled softmax over 512 in-batch
+15 epochs; SASRec: 64 factors, the last 50 events, logQ-corrected sampled softmax over 512 in-batch
 negatives (a full softmax over 50k items would need 512 × 50 × 50k logits per step), ``--sasrec-epochs`` epochs;
 evaluation: full-catalogue ranking of ``--eval-users`` (10,000) sampled test users, seen items excluded.
 ``--models`` picks the stages (default ``ease,als,sasrec``). Results: ``benchmarks/results/scale.json``.
@@ -40,10 +40,9 @@ def main() -> None:
     p.add_argument("--out", default=str(HERE / "results" / "scale.json"))
     args = p.parse_args()
 
-    from recforge import split as S
     from recforge.data.datasets import make_synthetic
     from recforge.errors import DataError
-    from recforge.evaluation import evaluate
+    from recforge.evaluation import evaluate, get_protocol
     from recforge.models import create_model
 
     rows = []
@@ -57,8 +56,8 @@ def main() -> None:
     data = make_synthetic(args.n_users, args.n_items, args.n_interactions, n_clusters=50, seed=0)
     stage("generate", t, interactions=len(data))
     t = time.perf_counter()
-    split = S.random_split(data, 0.1, seed=0)
-    stage("split (random 90/10)", t, train=len(split.train), test=len(split.test))
+    (split,) = get_protocol("random").splits(data, seed=0)
+    stage("split (the 'random' protocol: 80/20)", t, train=len(split.train), test=len(split.test))
     models = {m.strip() for m in args.models.split(",")}
     users = np.unique(split.test.users)
     pick = np.sort(np.random.default_rng(0).choice(users, min(args.eval_users, len(users)), replace=False))
@@ -73,7 +72,7 @@ def main() -> None:
     if "als" in models:
         t = time.perf_counter()
         als = create_model("als", n_factors=64, epochs=15, progress=False).fit(split.train)
-        stage("ALS fit (64 factors, 15 iterations)", t)
+        stage("ALS fit (64 factors, 15 epochs)", t)
         t = time.perf_counter()
         res = evaluate(als, test, k=10)
         stage(f"ALS: evaluate {len(pick):,} users (full ranking)", t, ndcg10=round(res["ndcg@10"], 4),

@@ -7,27 +7,31 @@ Usage::
     python benchmarks/bench_sequential.py --parts loo,speed       # some parts only
     python benchmarks/bench_sequential.py --datasets ml-100k --threads 2
 
-Parts:
+Parts (every protocol comes from recforge's registry, every model is fitted, tuned and tested by recforge's
+fitting pipeline, :func:`recforge.experiments.compare`, as ``recforge compare`` does):
 
-``loo``      leave-last-one-out (:func:`recforge.split.leave_one_out`). Each neural model trains on ``train`` with
-             the validation event for early stopping (NDCG@10, seen items excluded, patience 5 epochs); it is then
-             refitted on train + validation for the best number of epochs and tested on the last event (seen
-             items excluded). Classic models use the grids chosen in ``bench_implicit.py``. RecTools' SASRec and
-             BERT4Rec figures come from ``benchmarks/results/rectools_seq.json``, written by
-             ``/work/peers/bin/python benchmarks/peers_rectools_seq.py --threads 1`` on the same split (RecTools
-             needs its own virtualenv); ratios compare NDCG@10 and the training time to the best validation score.
-``temporal`` notebook 003's protocol (:func:`recforge.evaluation.next_event.temporal_next_event`): 5-core, global
-             cuts at the 80% / 90% timestamp quantiles, every test event a sample whose history is all earlier
-             events; HR/DCG/Coverage at 5/10/20, seen items not excluded. Neural models stop early on the
-             validation events; classic models fit on train + validation.
-``mrr``      notebook 004's protocol (:func:`recforge.evaluation.next_event.sequence_windows`): 20% of users held
-             out, their events cut into windows of 10; MRR of the 10th item given the first 9 (nothing excluded).
+``loo``      leave-last-one-out. Each neural model trains on ``train`` with the validation event for early stopping
+             (NDCG@10, seen items excluded, ``patience`` of the model); it is then refitted on train + validation
+             for the best number of epochs and tested on the last event (seen items excluded); ``--validation
+             reuse`` tests the early-stopped model instead (the validation event added to its history). Classic
+             models use the parameters chosen in ``bench_implicit.py``. RecTools' SASRec and BERT4Rec figures come
+             from ``benchmarks/results/rectools_seq.json``, written by ``/work/peers/bin/python
+             benchmarks/peers_rectools_seq.py --threads 1`` on the same split (RecTools needs its own virtualenv);
+             ratios compare NDCG@10 and the training time to the best validation score.
+``temporal`` notebook 003's protocol (``next-event``): 5-core, global cuts at the 80% / 90% timestamp quantiles,
+             every test event a sample whose history is all earlier events; HR/DCG/Coverage at 5/10/20, seen items
+             not excluded (validation the same). Neural models stop early on the validation events and are
+             refitted; classic models fit on train + validation.
+``mrr``      notebook 004's protocol (``sequence-mrr``): 20% of users held out for test and 20% of the others for
+             validation, their events cut into windows of 10; MRR of the 10th item given the first 9 (nothing
+             excluded). Neural models (``max_len`` 50) stop early on the validation users' events and are refitted
+             on all training users.
 ``speed``    seconds per SASRec epoch on ml-latest-small (2 layers, 64 dims, max_len 200, full softmax) and the
              time to score every user of ml-latest-small.
 
 Threads: ``--threads N`` (default 1) limits torch, BLAS and numba to N threads (set before numpy is imported);
-every model gets ``num_threads=N``. Results are printed as markdown and saved to
-``benchmarks/results/sequential.json``.
+every model gets ``num_threads=N``. Trials are kept (and resumed) under ``--work``; results are printed as
+markdown and saved to ``benchmarks/results/sequential.json``.
 """
 
 from __future__ import annotations
@@ -50,6 +54,8 @@ def _args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--max-epochs", type=int, default=200, help="upper bound for early-stopped neural models")
     p.add_argument("--neural", default=None, help="comma-separated neural rows of the loo and temporal parts (default: all; '' = none)")
+    p.add_argument("--validation", default="refit", help="refit (default), reuse or off: see recforge.experiments")
+    p.add_argument("--work", default="results/bench/sequential", help="folder of the trials (resumable)")
     p.add_argument("--out", default=str(HERE / "results" / "sequential.json"))
     return p.parse_args()
 
@@ -61,10 +67,8 @@ if ARGS is not None:
 
 import numpy as np
 
-from recforge import split as S
 from recforge.data.datasets import load
-from recforge.evaluation import evaluate
-from recforge.evaluation import next_event as NE
+from recforge.experiments import compare
 from recforge.models import create_model
 
 #: Neural models of the tables: registry name and parameters (the rest are the defaults).
@@ -86,23 +90,22 @@ CLASSIC = {
 }
 
 
-def dataset(name: str):  # type: ignore[no-untyped-def]
+def dataset(name: str) -> str:
     local = DATA / name
-    return load(str(local) if local.exists() else name)
+    return str(local) if local.exists() else name
 
 
-def neural(label: str, threads: int, max_epochs: int, **extra):  # type: ignore[no-untyped-def]
+def neural(label: str, threads: int, max_epochs: int, **extra: object) -> dict:
     name, params = NEURAL[label]
-    return create_model(name, **{"epochs": max_epochs, "num_threads": threads, "progress": False, **params, **extra})
+    return {"name": name, "params": {"epochs": max_epochs, "num_threads": threads, "progress": False, **params,
+                                     **extra}}
 
 
-def classic(label: str, threads: int):  # type: ignore[no-untyped-def]
+def classic(label: str, threads: int) -> dict:
     name, params = CLASSIC[label]
-    model = create_model(name, **params)
-    for key in ("num_threads", "progress"):
-        if key in model.get_params():
-            model.set_params(**{key: threads if key == "num_threads" else False})
-    return model
+    owned = create_model(name).get_params()
+    extra = {k: v for k, v in (("num_threads", threads), ("progress", False)) if k in owned}
+    return {"name": name, "params": {**params, **extra}}
 
 
 def md(rows: list[dict], cols: list[str]) -> str:
@@ -118,26 +121,35 @@ def md(rows: list[dict], cols: list[str]) -> str:
     return head + body
 
 
-def part_loo(ds: str, threads: int, max_epochs: int) -> list[dict]:
-    data = dataset(ds)
-    split = S.leave_one_out(data)
+def run_part(ds: str, protocol: str, models: dict[str, dict], metrics: list[str]) -> list[dict]:
+    """Every model through the fitting pipeline on one protocol; one row per model."""
+    assert ARGS is not None
+    work = Path(ARGS.work) / f"{ds}-{protocol}-{ARGS.validation}-t{ARGS.threads}"
+    res = compare(dataset(ds), models, protocol=protocol, out=work, validation=ARGS.validation,
+                  backend="serial", progress=True)
     rows = []
+    for label in models:
+        if label in res.skipped:
+            print(f"{label}: skipped ({res.skipped[label]})")
+            continue
+        summary = res.results[label].summary
+        row = {"model": label, **{m: summary[m] for m in metrics if m in summary}, "fit s": summary["fit_seconds"]}
+        select = [t for t in res.trials[label] if t.part == "select" and not t.pruned]
+        if "epochs" in res.params[label] and select:
+            row["epochs"] = res.params[label]["epochs"] if ARGS.validation == "refit" else select[0].tuned_params.get(
+                "epochs")
+            row["to best s"] = select[0].metrics.get("seconds_to_best", float("nan"))
+            row["valid ndcg@10"] = select[0].metrics.get("ndcg@10", float("nan"))
+        rows.append(row)
+        print(rows[-1], flush=True)
+    return rows
+
+
+def part_loo(ds: str, threads: int, max_epochs: int) -> list[dict]:
     labels = LOO_NEURAL if ARGS is None or ARGS.neural is None else [x for x in ARGS.neural.split(",") if x]
-    for label in labels:
-        tuned = neural(label, threads, max_epochs).fit(split.train, valid=split.valid)
-        best = int(tuned.best_epoch_ or max_epochs)
-        final = neural(label, threads, best).fit(split.train_valid)
-        res = evaluate(final, split.test)
-        rows.append({"model": label, "ndcg@10": res["ndcg@10"], "hr@10": res["hr@10"], "coverage@10": res["coverage@10"],
-                     "epochs": best, "to best s": float(tuned.seconds_to_best_ or 0.0), "fit s": final.fit_seconds_,
-                     "valid ndcg@10": float(tuned.best_score_ or 0.0)})
-        print(rows[-1], flush=True)
-    for label in CLASSIC:
-        model = classic(label, threads).fit(split.train_valid)
-        res = evaluate(model, split.test)
-        rows.append({"model": label, "ndcg@10": res["ndcg@10"], "hr@10": res["hr@10"], "coverage@10": res["coverage@10"],
-                     "fit s": model.fit_seconds_})
-        print(rows[-1], flush=True)
+    models = {label: neural(label, threads, max_epochs) for label in labels}
+    models.update({label: classic(label, threads) for label in CLASSIC})
+    rows = run_part(ds, "loo", models, ["ndcg@10", "hr@10", "coverage@10"])
     peers = HERE / "results" / "rectools_seq.json"
     if peers.exists():
         ref = json.loads(peers.read_text()).get(ds, {})
@@ -151,54 +163,30 @@ def part_loo(ds: str, threads: int, max_epochs: int) -> list[dict]:
                              "coverage@10": r["coverage@10"], "epochs": r.get("epochs"), "to best s": float(to_best),
                              "fit s": r["fit_seconds"],
                              "ours/peer ndcg": ours["ndcg@10"] / max(r["ndcg@10"], 1e-12),
-                             "ours/peer to-best time": ours["to best s"] / max(float(to_best), 1e-12)})
+                             "ours/peer to-best time": ours.get("to best s", float("nan")) / max(float(to_best), 1e-12)})
     else:
         print(f"(no {peers.name}: run benchmarks/peers_rectools_seq.py in the peer venv for the RecTools rows)")
     return rows
 
 
 def part_temporal(ds: str, threads: int, max_epochs: int) -> list[dict]:
-    task = NE.temporal_next_event(dataset(ds))
-    rows = []
-    # the protocol keeps seen items, so validation does too
     labels = list(NEURAL) if ARGS is None or ARGS.neural is None else [x for x in ARGS.neural.split(",") if x]
-    models = {label: neural(label, threads, max_epochs, valid_exclude_seen=False) for label in labels}
+    models = {label: neural(label, threads, max_epochs) for label in labels}
     models.update({label: classic(label, threads) for label in CLASSIC})
-    for label, model in models.items():
-        res = NE.evaluate_next_event_task(model, task)
-        row = {"model": label, **{m: res[m] for m in NE.NEXT_EVENT_METRICS}, "fit s": res["fit_seconds"]}
-        if getattr(model, "best_epoch_", None):
-            row["epochs"] = float(model.best_epoch_)
-        rows.append(row)
-        print(rows[-1], flush=True)
-    return rows
+    return run_part(ds, "next-event", models, ["hr@5", "hr@10", "hr@20", "dcg@5", "dcg@10", "dcg@20",
+                                                "coverage@5", "coverage@10", "coverage@20"])
 
 
 def part_mrr(ds: str, threads: int, max_epochs: int) -> list[dict]:
-    data = dataset(ds)
-    windows = NE.sequence_windows(data, seed=0)
-    holdout = NE.sequence_windows(windows.train, seed=1)  # validation users inside the training users
-    rows = []
-    for label in ("SASRec softmax", "GRU4Rec", "Pooling"):
-        # choose the epoch count on held-out training users, then refit on all training users
-        tuned = neural(label, threads, max_epochs, max_len=50)
-        best, best_mrr = 1, -1.0
-        for ep in (5, 10, 20):
-            mrr = NE.evaluate_sequence_mrr(tuned.set_params(epochs=ep), holdout)["mrr"]
-            if mrr > best_mrr:
-                best, best_mrr = ep, mrr
-        res = NE.evaluate_sequence_mrr(neural(label, threads, best, max_len=50), windows)
-        rows.append({"model": label, "mrr": res["mrr"], "hr@10": res["hr@10"], "epochs": best, "fit s": res["fit_seconds"]})
-        print(rows[-1], flush=True)
-    for label in ("MostPopular",):
-        res = NE.evaluate_sequence_mrr(classic(label, threads), windows)
-        rows.append({"model": label, "mrr": res["mrr"], "hr@10": res["hr@10"], "fit s": res["fit_seconds"]})
+    models = {label: neural(label, threads, max_epochs, max_len=50) for label in ("SASRec softmax", "GRU4Rec", "Pooling")}
+    models["MostPopular"] = classic("MostPopular", threads)
+    rows = run_part(ds, "sequence-mrr", models, ["mrr", "hr@10"])
     rows.append({"model": "Spotlight pooling (notebook 004)", "mrr": 0.0416})
     return rows
 
 
 def part_speed(threads: int) -> list[dict]:
-    data = dataset("ml-latest-small")
+    data = load(dataset("ml-latest-small"))
     model = create_model("sasrec", n_layers=2, n_factors=64, max_len=200, epochs=2, num_threads=threads,
                          progress=False)
     model.fit(data)

@@ -1,7 +1,7 @@
 """Peer figures for the sequential benchmark: RecTools' SASRec and BERT4Rec on recforge's leave-one-out split.
 
 What it measures (per dataset, per model), on exactly recforge's ``loo`` protocol
-(:func:`recforge.split.leave_one_out`: each user's last event is test, the one before it validation, the rest
+(the ``loo`` protocol of recforge's registry: each user's last event is test, the one before it validation, the rest
 train; users with fewer than 3 events stay whole in train):
 
 1. epoch tuning: the model is fitted on ``train`` with the largest epoch count of its grid (``EPOCH_GRIDS``);
@@ -364,10 +364,10 @@ def run_model(name: str, split: Any, n_items: int, grid: list[int], threads: int
 
 def run_dataset(name: str, threads: int, models: list[str], grids: dict[str, list[int]]) -> dict[str, Any]:
     from recforge.data.datasets import load
-    from recforge.split import leave_one_out
+    from recforge.evaluation import get_protocol
 
     inter = load(DATASETS[name])
-    split = leave_one_out(inter)
+    (split,) = get_protocol("loo").splits(inter)
     n_items = len(inter.item_map)
     log.info("%s: %s, split %s", name, inter, split.summary())
     return {m: run_model(m, split, n_items, grids[m], threads) for m in models}

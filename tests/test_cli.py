@@ -145,3 +145,42 @@ def test_simulate_writes_results_and_scores(tmp_path: Path) -> None:
     assert out.returncode == 2 and "unknown policy" in out.stderr
     out = run("simulate", "--set", "alpha=3", "--quiet", "--out", str(tmp_path / "x"))
     assert out.returncode == 2 and "name the policy" in out.stderr
+
+
+def test_compare_sets_parameters_prints_json_and_separates_rating_models(tmp_path: Path) -> None:
+    out = run("compare", "--models", "pop,ease,bias", "--set", "ease.reg=50", "--json", "--out", str(tmp_path / "c"))
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert [r["model"] for r in res["leaderboard"]] == ["ease", "pop"]
+    assert [r["model"] for r in res["ratings"]] == ["bias"] and res["ratings"][0]["rmse"] > 0
+    assert res["params"]["ease"]["reg"] == 50
+    assert "recall@10" not in res["leaderboard"][0]  # one test item per user: hr@10 only
+    assert (tmp_path / "c" / "ratings.md").exists() and (tmp_path / "c" / "trials.csv").exists()
+    again = run("compare", "--models", "pop", "--json", "--out", str(tmp_path / "c"))  # resumes the same folder
+    assert again.returncode == 0, again.stderr
+    assert json.loads(again.stdout)["leaderboard"][0]["ndcg@10"] == res["leaderboard"][1]["ndcg@10"]
+    bad = run("compare", "--models", "pop,ease", "--set", "reg=1", "--out", str(tmp_path / "d"))
+    assert bad.returncode == 2 and "name the model" in bad.stderr
+
+
+def test_evaluate_with_item_side_data_and_validation(tmp_path: Path) -> None:
+    data = make_synthetic(n_users=120, n_items=60, n_interactions=3000, seed=4)
+    df = data.to_frame().sort_values(["user_id", "timestamp"])
+    last = df.groupby("user_id").tail(1)
+    rest = df.drop(last.index)
+    valid = rest.groupby("user_id").tail(1)
+    rest.drop(valid.index).to_csv(tmp_path / "train.csv", index=False)
+    valid.to_csv(tmp_path / "valid.csv", index=False)
+    last.to_csv(tmp_path / "test.csv", index=False)
+    data.item_data.reset_index(names="item_id").to_csv(tmp_path / "items.csv", index=False)
+    files = ["--train", str(tmp_path / "train.csv"), "--valid", str(tmp_path / "valid.csv"),
+             "--test", str(tmp_path / "test.csv"), "--items", str(tmp_path / "items.csv")]
+    out = run("evaluate", *files, "--model", "content", "--json")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["users"] == 120
+    sas = run("evaluate", *files, "--model", "sasrec", "--set", "epochs=4", "--set", "n_factors=16",
+              "--set", "max_len=20", "--set", "num_threads=1", "--json")
+    assert sas.returncode == 0, sas.stderr
+    assert 1 <= json.loads(sas.stdout)["params"]["epochs"] <= 4  # early-stopped on VALID, then refitted
+    no_items = run("evaluate", *files[:6], "--model", "content")
+    assert no_items.returncode == 2 and "side data" in no_items.stderr

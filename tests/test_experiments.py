@@ -233,3 +233,48 @@ def test_kfold_protocol_gives_every_row_one_test_fold(tmp_path: Path) -> None:
                            progress=False).leaderboard
     assert set(table["model"]) == {"pop", "itemknn"}
     assert (pd.read_csv(tmp_path / "k" / "trials.csv")["split"].nunique()) == 3
+
+
+SAS = {"name": "sasrec", "params": {"epochs": 8, "n_factors": 16, "max_len": 20, "patience": 2, "lr": 5e-3,
+                                    "num_threads": 1}}
+
+
+def _rows(out: Path, label: str) -> pd.DataFrame:
+    trials = pd.read_csv(out / "trials.csv")
+    return trials[trials["label"] == label].set_index("part")
+
+
+def test_models_that_validate_are_tuned_on_validation_then_refitted(tmp_path: Path) -> None:
+    res = run_experiment(config(models=["pop", SAS]), tmp_path / "r", progress=False)
+    sas = _rows(tmp_path / "r", "sasrec")
+    tuned = json.loads(sas.loc["select", "tuned"])["epochs"]
+    assert 1 <= tuned <= 8 and json.loads(sas.loc["test", "params"])["epochs"] == tuned  # refitted for that long
+    assert res.params["sasrec"] == {**SAS["params"], "epochs": tuned}
+    assert list(_rows(tmp_path / "r", "pop").index) == ["test"]  # nothing to tune: fitted once
+    with pytest.raises(DataError, match="validation must be one of"):
+        config(validation="sometimes")
+
+
+def test_reuse_tests_the_tuned_model_without_a_second_fit(tmp_path: Path) -> None:
+    res = run_experiment(config(models=[SAS], validation="reuse"), tmp_path / "u", progress=False)
+    assert len(list((tmp_path / "u" / "trials").glob("*.json"))) == 1  # one fit: validation and test scored
+    sas = _rows(tmp_path / "u", "sasrec")
+    assert sas.loc["test", "fit_seconds"] == sas.loc["select", "fit_seconds"]  # the same model
+    assert res.params["sasrec"] == SAS["params"]  # tested as configured, stopped early on validation
+    refit = run_experiment(config(models=[SAS]), tmp_path / "r", progress=False)
+    assert refit.results["sasrec"]["users"] == res.results["sasrec"]["users"]
+
+
+def test_validation_off_fits_on_train_and_validation_as_configured(tmp_path: Path) -> None:
+    res = run_experiment(config(models=[SAS], validation="off"), tmp_path / "o", progress=False)
+    assert list(_rows(tmp_path / "o", "sasrec").index) == ["test"]
+    assert res.params["sasrec"]["epochs"] == 8
+
+
+def test_scoreblend_with_any_member_is_tuned_and_refitted(tmp_path: Path) -> None:
+    blend = {"name": "scoreblend", "params": {"models": ["ease", "funksvd"], "weight_step": 0.5,
+                                             "params": {"funksvd": {"n_factors": 4, "epochs": 3}}}}
+    res = run_experiment(config(models=[blend]), tmp_path / "b", progress=False)
+    weights = res.params["scoreblend"]["weights"]
+    assert len(weights) == 2 and sum(weights) == pytest.approx(1.0)
+    assert set(_rows(tmp_path / "b", "scoreblend").index) == {"select", "test"}

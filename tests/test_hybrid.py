@@ -138,3 +138,14 @@ def test_random_tiebreak_keeps_order_and_shuffles_ties() -> None:
 def test_slatemix_needs_a_content_member(loo: S.Split) -> None:
     with pytest.raises(DataError, match="content model"):
         create_model("slatemix", content="pop", params={"ease": {"reg": 50.0}}).fit(loo.train)
+
+
+def test_scoreblend_takes_rating_members_and_validation(loo: S.Split) -> None:
+    """The call that used to fail (RatingPredictor.fit took no validation set)."""
+    model = create_model("scoreblend", models=["ease", "funksvd"], weight_step=0.5,
+                         params={"funksvd": {"n_factors": 4, "epochs": 3, "progress": False}})
+    model.fit(loo.train, valid=loo.valid)
+    assert [m.name for m in model.members_] == ["ease", "funksvd"]
+    assert model.tuned_params_["weights"] == [float(w) for w in model.weights_]
+    refit = create_model("scoreblend", models=["ease", "funksvd"], **model.tuned_params_).fit(loo.train_valid)
+    np.testing.assert_array_equal(refit.weights_, model.weights_)

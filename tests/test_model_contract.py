@@ -210,6 +210,20 @@ class TestContract:
         if "epochs" in tuned:
             assert 1 <= tuned["epochs"] <= model.epochs
 
+    def test_continue_fit_goes_on_from_the_fitted_model(self, name: str, loo: S.Split) -> None:
+        """The warm refit: models that can continue their training do so on more data, the others refuse."""
+        model = make(name).fit(loo.train)
+        if not model.supports_continue:
+            with pytest.raises(UnsupportedError, match="cannot continue"):
+                model.continue_fit(loo.train_valid, 1)
+            return
+        before = model.score(np.arange(5))
+        assert model.continue_fit(loo.train_valid, 1) is model
+        assert model.seen_.nnz == loo.train_valid.csr("ones").nnz  # the new events count as seen
+        assert not np.array_equal(before, model.score(np.arange(5)))  # the weights moved on
+        with pytest.raises(ParameterError, match="epochs"):
+            model.continue_fit(loo.train_valid, 0)
+
     def test_every_parameter_is_constrained_and_in_the_vocabulary(self, name: str) -> None:
         cls = get_model_class(name)
         params = cls._param_names()

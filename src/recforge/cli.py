@@ -175,9 +175,10 @@ def train_cmd(
 
 # ---------------------------------------------------------------------------------------------- evaluate
 ValidationOpt = Annotated[str, typer.Option(
-    help="Models that tune themselves on validation (early stopping, blend weights): refit (fit on train with "
-    "validation, refit on train + validation with what they chose, test), reuse (test the tuned model without a "
-    "second fit) or off (fit on train + validation as configured).")]
+    help="Models that tune themselves on validation (early stopping, blend weights) are fitted on train with it, "
+    "then: warm (continued on train + validation for a tenth of their epochs), refit (refitted on train + "
+    "validation from scratch with what they chose), reuse (tested as they are); off: every model fitted on "
+    "train + validation as configured.")]
 WorkersOpt = Annotated[int, typer.Option(help="Trials in parallel (process pool or Ray).")]
 BackendOpt = Annotated[str, typer.Option(help="auto, serial, process or ray (with --workers > 1).")]
 
@@ -224,7 +225,7 @@ def evaluate_cmd(
     k: Annotated[list[int] | None, typer.Option("--k", "-k", help="List length(s); repeatable (default: the "
                                                 "protocol's).")] = None,
     exclude_seen: Annotated[bool, typer.Option(help="Exclude each user's training items.")] = True,
-    validation: ValidationOpt = "refit",
+    validation: ValidationOpt = "warm",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Keep the trials in this folder (resumable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with lower-case metric names.")] = False,
     seed: SeedOpt = 0,
@@ -366,7 +367,7 @@ def _default_compare_folder(dataset: str, protocol: str, k: int | None, seed: in
     parts = [dataset_slug(dataset), get_protocol(protocol).name]
     parts += [f"k{k}"] if k is not None else []
     parts += [f"seed{seed}"] if seed else []
-    parts += [validation] if validation != "refit" else []
+    parts += [validation] if validation != "warm" else []
     return Path("results") / "compare" / "-".join(parts)
 
 
@@ -382,7 +383,7 @@ def compare_cmd(
                                                    "repeatable.")] = None,
     metrics: Annotated[str | None, typer.Option(help="Comma-separated leaderboard columns (every model in one "
                                                 "table).")] = None,
-    validation: ValidationOpt = "refit",
+    validation: ValidationOpt = "warm",
     rank_rating_models: Annotated[bool, typer.Option(help="Rank rating models in the top-N leaderboard too.")] = False,
     workers: WorkersOpt = 1,
     backend: BackendOpt = "auto",

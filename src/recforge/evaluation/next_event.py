@@ -4,9 +4,10 @@ Temporal next-event: iterative 5-core, global cuts at timestamp quantiles (80% /
 part is a sample whose history is all earlier events of that user (train, validation and earlier scored events);
 HitRate, DCG and Coverage at 5/10/20 over the full catalogue with seen items *not* excluded.
 
-Sequence MRR: a random share of the users is held out; each held-out user's time-ordered events are cut from the
-end into windows of 10, and the task is each window's last item given the window's earlier items (MRR over the
-full catalogue, nothing excluded). Models are fitted on the other users.
+Sequence MRR: a random share of the users is held out for test, and a share of the others for validation; each
+held-out user's time-ordered events are cut from the end into windows of 10, and the task is each window's last
+item given the window's earlier items (MRR over the full catalogue, nothing excluded). Models are fitted on the
+remaining users (tuned on the validation users, then refitted on both).
 """
 
 from __future__ import annotations
@@ -56,16 +57,27 @@ class SequenceWindows:
         return len(self.offsets) - 1
 
 
-def sequence_mrr_split(inter: Interactions, test_users: float = MRR_TEST_USERS, seed: int = 0) -> S.Split:
-    """Hold out a random ``test_users`` share of the users: ``train`` holds the other users' events, ``test``
-    the held-out users' (cut into windows by :func:`cut_windows` when scored)."""
+def sequence_mrr_split(
+    inter: Interactions, test_users: float = MRR_TEST_USERS, valid_users: float = MRR_TEST_USERS, seed: int = 0
+) -> S.Split:
+    """Hold out a random ``test_users`` share of the users (``test``), then a ``valid_users`` share of the others
+    (``valid``: what models tune on, scored the same way); ``train`` holds the rest. Held-out users' events are
+    cut into windows by :func:`cut_windows` when scored."""
     users = np.flatnonzero(inter.user_counts() > 0)
     n_test = round(test_users * len(users))
     if not 0 < n_test < len(users):
         raise DataError(f"test_users={test_users} leaves no training or no test users")
-    held = np.zeros(inter.n_users, bool)
-    held[np.random.default_rng(seed).choice(users, n_test, replace=False)] = True
-    return S.Split(inter.subset(~held[inter.users]), inter.subset(held[inter.users]), name="sequence-mrr")
+    rng = np.random.default_rng(seed)
+    part = np.zeros(inter.n_users, np.int8)  # 0 train, 1 valid, 2 test
+    part[rng.choice(users, n_test, replace=False)] = 2
+    rest = users[part[users] == 0]
+    n_valid = round(valid_users * len(rest))
+    if n_valid >= len(rest):
+        raise DataError(f"valid_users={valid_users} leaves no training users")
+    part[rng.choice(rest, n_valid, replace=False)] = 1
+    of_row = part[inter.users]
+    valid = inter.subset(of_row == 1) if n_valid else None
+    return S.Split(inter.subset(of_row == 0), inter.subset(of_row == 2), valid, name="sequence-mrr")
 
 
 def cut_windows(held: Interactions, window: int = MRR_WINDOW) -> SequenceWindows:

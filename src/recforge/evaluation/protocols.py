@@ -95,7 +95,15 @@ class Protocol:
                 result.summary["rating_ndcg"] = float(extra["rating_ndcg"].mean())
         if hasattr(model, "fit_seconds_"):
             result.summary["fit_seconds"] = float(model.fit_seconds_)
+        for attr in ("seconds_to_best_", "best_epoch_"):  # models that stopped early on validation
+            if getattr(model, attr, None) is not None:
+                result.summary[attr.rstrip("_")] = float(getattr(model, attr))
         return result
+
+    def excludes_seen(self, exclude_seen: bool = True) -> bool:
+        """Whether this protocol's rankings leave out each user's earlier items (the next-item protocols keep
+        them: a user may consume an item again); models validate the same way while they train."""
+        return exclude_seen and self.scoring in ("top-n", "cold-items")
 
     def default_metrics(self, ks: Sequence[int]) -> list[str]:
         """The leaderboard columns of this protocol for the list lengths ``ks`` (the first column ranks)."""
@@ -152,10 +160,10 @@ PROTOCOLS: dict[str, Protocol] = {
                  "event a sample with all earlier events as history; HR/DCG/Coverage@5/10/20, seen items not "
                  "excluded (notebook 003)", lambda inter, seed: [next_event_split(inter)], scoring="next-event",
                  has_validation=True, ks=NEXT_EVENT_KS, aliases=("temporal-next-event", "nextevent")),
-        Protocol("sequence-mrr", "20% of users held out, their events cut into windows of 10; MRR of each window's "
-                 "last item given the others, nothing excluded (notebook 004)",
-                 lambda inter, seed: [sequence_mrr_split(inter, seed=seed)], scoring="sequence-mrr",
-                 aliases=("seq-mrr", "mrr")),
+        Protocol("sequence-mrr", "20% of users held out for test (and 20% of the others for validation), their "
+                 "events cut into windows of 10; MRR of each window's last item given the others, nothing excluded "
+                 "(notebook 004)", lambda inter, seed: [sequence_mrr_split(inter, seed=seed)],
+                 scoring="sequence-mrr", has_validation=True, aliases=("seq-mrr", "mrr")),
     ]
 }
 _ALIASES = {alias: p.name for p in PROTOCOLS.values() for alias in p.aliases}

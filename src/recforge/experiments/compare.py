@@ -19,7 +19,7 @@ import numpy as np
 
 from recforge.data.interactions import Interactions
 from recforge.experiments.config import ExperimentConfig
-from recforge.experiments.runner import ExperimentResult, run_experiment
+from recforge.experiments.runner import ExperimentResult, ExperimentRunner
 from recforge.models import get_model_class
 
 
@@ -53,24 +53,28 @@ def compare(
     out: str | os.PathLike[str] | None = None,
     workers: int = 1,
     backend: str = "auto",
-    validation: str = "refit",
+    validation: str = "warm",
     rank_rating_models: bool = False,
     exclude_seen: bool = True,
+    keep_models: bool = False,
     name: str = "compare",
 ) -> ExperimentResult:
     """Fit, tune and test several models on the same split(s) through the fitting pipeline.
 
     ``data``: interactions, a dataset name or path, or split files ``{"train": ..., "test": ...}``. ``models``:
     registry names (``params`` maps a name to constructor arguments) or a mapping label → ``{"name": ...,
-    "params": {...}}``. ``out``: the results folder (trials saved, resumable); None: a temporary one.
-    ``validation``: ``refit`` (default), ``reuse`` or ``off`` (see :mod:`recforge.experiments.runner`);
-    ``exclude_seen``: leave each user's training items out of the rankings. Rating models are skipped (with a
+    "params": {...}, "grid": {...}}`` (a grid, or an Optuna ``space``, is tuned on the validation part). ``out``: the results folder (trials saved, resumable); None: a temporary one.
+    ``validation``: ``warm`` (default: models early-stopped on validation continue on train + validation for a
+    tenth of their epochs), ``refit`` (from scratch), ``reuse`` or ``off`` (see :mod:`recforge.experiments.runner`);
+    ``exclude_seen``: leave each user's training items out of the rankings; ``keep_models``: hand back the final
+    fitted models (``result.models``; they are fitted in this process). Rating models are skipped (with a
     warning) on data without ratings.
     """
     specs: list[dict[str, Any]] = []
     if isinstance(models, Mapping):
         for label, spec in models.items():
-            specs.append({"label": label, "name": spec.get("name", label), "params": dict(spec.get("params") or {})})
+            specs.append({"label": label, "name": spec.get("name", label), "params": dict(spec.get("params") or {}),
+                          **{key: dict(spec[key]) for key in ("grid", "space") if spec.get(key)}})
     else:
         for m in models:
             specs.append({"name": str(m), "params": dict((params or {}).get(str(m), {}))})
@@ -87,10 +91,10 @@ def compare(
     if metrics:
         raw["metrics"] = list(metrics)
     cfg = ExperimentConfig.from_dict(_drop_progress_where_unknown(raw))
-    if out is not None:
-        return run_experiment(cfg, out, progress=progress, backend=backend, data=data if in_memory else None)
     with tempfile.TemporaryDirectory(prefix="recforge-compare-") as tmp:
-        return run_experiment(cfg, tmp, progress=progress, backend=backend, data=data if in_memory else None)
+        runner = ExperimentRunner(cfg, tmp if out is None else out, progress=progress, backend=backend,
+                                  data=data if in_memory else None, keep_models=keep_models)
+        return runner.run()
 
 
 def _drop_progress_where_unknown(raw: dict[str, Any]) -> dict[str, Any]:

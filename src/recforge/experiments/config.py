@@ -18,10 +18,11 @@ FILTERS = ("k_core", "min_user_count", "min_item_count", "rating_threshold", "de
 #: Optuna pruners a search may name.
 PRUNERS = ("median", "hyperband", "none")
 #: How models that tune themselves on validation (early stopping, blend weights) are tested:
-#: ``refit`` (fit on train with validation, refit on train + validation with what was chosen, test),
-#: ``reuse`` (test the model fitted on train, the validation events added to its histories where it can take
-#: them, without a second fit) or ``off`` (fit on train + validation without validation, as configured).
-VALIDATION_MODES = ("refit", "reuse", "off")
+#: ``refit`` (fit on train with validation, refit on train + validation from scratch with what was chosen, test),
+#: ``warm`` (continue the model fitted on train on train + validation for a tenth of its epochs, then test; models
+#: that cannot continue are refitted), ``reuse`` (test the model fitted on train, the validation events added to
+#: its histories where it can take them) or ``off`` (fit on train + validation without validation, as configured).
+VALIDATION_MODES = ("refit", "warm", "reuse", "off")
 #: The parts of a dataset given as split files (``dataset: {train: ..., test: ...}``).
 SPLIT_FILES = ("train", "valid", "test", "items", "users")
 
@@ -139,6 +140,8 @@ class ExperimentConfig:
         if len(set(labels)) != len(labels):
             raise DataError(f"two models share a label {labels}; give one of them a 'label'")
         cfg = cls(**{**raw, "models": models})
+        if cfg.validation is False:  # YAML reads a bare `off` as false
+            cfg.validation = "off"
         protocol = get_protocol(cfg.protocol)
         cfg.protocol = protocol.name
         if cfg.k is None:

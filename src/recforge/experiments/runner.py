@@ -9,7 +9,8 @@
 2. the best parameters on ``select_metric`` are kept; a model with nothing to choose but that tunes itself is still
    fitted on train with validation once, to learn its epochs;
 3. the model is refitted on train + validation with the chosen parameters and what it tuned (``validation:
-   refit``), or the model of step 1 is tested as it is (``reuse``: no second fit), and scored on test.
+   refit``), or the model of step 1 is continued on train + validation for a tenth of its epochs (``warm``;
+   models that cannot continue their training are refitted) or tested as it is (``reuse``), and scored on test.
 
 ``validation: off`` skips step 1 for models without a grid (fitted on train + validation as configured).
 
@@ -69,8 +70,9 @@ log = logging.getLogger(__name__)
 @dataclass
 class ExperimentResult:
     """What an experiment produced: the leaderboard of top-N models, the rating table (rating models; None
-    without), every model's merged result, the parameters each was tested with, and models that could not be
-    evaluated under the protocol (label -> reason)."""
+    without), every model's merged result, the parameters each was tested with, models that could not be
+    evaluated under the protocol (label -> reason), and every validation (``select``) and final (``test``) trial
+    by label; ``models``: the final fitted models (one per split) when the runner was asked to keep them."""
 
     leaderboard: pd.DataFrame
     ratings: pd.DataFrame | None
@@ -78,6 +80,8 @@ class ExperimentResult:
     params: dict[str, dict[str, Any]]
     out: Path
     skipped: dict[str, str] = field(default_factory=dict)
+    trials: dict[str, list[TrialResult]] = field(default_factory=dict)
+    models: dict[str, list[Any]] = field(default_factory=dict)
 
 
 def _results_identity(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -116,12 +120,16 @@ def merge_trials(label: str, parts: Sequence[TrialResult], params: dict[str, Any
 
 class ExperimentRunner:
     """Runs one :class:`ExperimentConfig` into a results folder (see the module docstring). ``data``: the
-    dataset already loaded (for :func:`recforge.experiments.compare` on in-memory interactions)."""
+    dataset already loaded (for :func:`recforge.experiments.compare` on in-memory interactions).
+    ``keep_models``: hand back every model's final fitted models (``ExperimentResult.models``, one per split);
+    the trials that fit them are then run again, not read back from an earlier run."""
 
     def __init__(self, cfg: ExperimentConfig, out: str | os.PathLike[str], workers: int | None = None,
                  progress: bool = True, backend: str = "auto", ray_address: str | None = None,
-                 threads_per_worker: int | None = None, data: Interactions | None = None) -> None:
+                 threads_per_worker: int | None = None, data: Interactions | None = None,
+                 keep_models: bool = False) -> None:
         self.cfg = cfg
+        self.keep_models = keep_models
         self.out = Path(out)
         self.workers = workers or cfg.workers
         self.progress = progress
@@ -135,6 +143,7 @@ class ExperimentRunner:
         self.protocol = get_protocol(cfg.protocol)
         self._exec: Any = None
         self._splits: list[S.Split] = []
+        self._rerun: set[str] = set()  # trials to run again whatever is on disk (they must hand back a model)
         self._models: list[ModelSpec] = list(cfg.models)
         self._has_valid = False
         self._main = True  # False on the ranks > 0 of a torchrun launch: they train, rank 0 writes
@@ -166,6 +175,8 @@ class ExperimentRunner:
             tmp.write_text(json.dumps(env, indent=2))
 
     def _done(self, tid: str) -> TrialResult | None:
+        if tid in self._rerun:
+            return None
         found = TrialResult.load(self._trials_dir, tid) if self._main else None
         # under torchrun every rank must skip the same trials, or one would wait forever in a gradient exchange
         return D.broadcast_object(found) if self._distributed else found
@@ -208,12 +219,22 @@ class ExperimentRunner:
 
     def _task(self, spec: ModelSpec, params: dict[str, Any], part: str, i: int) -> Trial:
         cfg = self.cfg
-        reuse = part == "select" and cfg.validation == "reuse" and self._validates(spec)
-        key_part = "select+test" if reuse else part
+        then_test = cfg.validation if part == "select" and self._without_refit(spec) else None
+        key_part = {"reuse": "select+test", "warm": "select+warm"}.get(then_test or "", part)
+        keep = self.keep_models and (part == "test" or then_test is not None)
         assert cfg.k is not None
-        return Trial(trial_id(spec.name, params, key_part, i, cfg.seed), spec.display, spec.name, params,
-                     part, i, cfg.seed, tuple(cfg.k), cfg.protocol, cfg.exclude_seen,  # type: ignore[arg-type]
-                     score_test=reuse)
+        tid = trial_id(spec.name, params, key_part, i, cfg.seed)
+        if keep:
+            self._rerun.add(tid)
+        return Trial(tid, spec.display, spec.name, params, part, i, cfg.seed, tuple(cfg.k),  # type: ignore[arg-type]
+                     cfg.protocol, cfg.exclude_seen, then_test=then_test, keep_model=keep)
+
+    def _without_refit(self, spec: ModelSpec) -> bool:
+        """Whether this model's test comes from its validation trial (``warm``: continued on train + validation,
+        for models that can continue their training; ``reuse``: as it is) instead of a refit from scratch."""
+        if not self._validates(spec) or self.cfg.validation not in ("warm", "reuse"):
+            return False
+        return self.cfg.validation == "reuse" or bool(get_model_class(spec.name).supports_continue)
 
     def _validates(self, spec: ModelSpec) -> bool:
         """Whether this model tunes itself on the validation part (early stopping, blend weights) in this run."""
@@ -438,7 +459,11 @@ class ExperimentRunner:
                 save_leaderboard(ratings, self.out, stem="ratings")
             with atomic_path(self.out / "selected_params.json") as tmp:
                 tmp.write_text(json.dumps(used, indent=2, default=str))
-        return ExperimentResult(board, ratings, results, used, self.out, skipped)
+        trials = {spec.display: [r for r in selected if r.label == spec.display or (
+            r.model == spec.name and r.params == best.get(spec.display))] + final.get(spec.display, [])
+            for spec in self._models}
+        models = {label: [p.fitted for p in parts] for label, parts in final.items() if parts[0].fitted is not None}
+        return ExperimentResult(board, ratings, results, used, self.out, skipped, trials, models)
 
     @staticmethod
     def _trial_row(r: TrialResult) -> dict[str, Any]:

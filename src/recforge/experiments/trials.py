@@ -11,9 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,13 +36,9 @@ log = logging.getLogger(__name__)
 Part = Literal["select", "test"]
 
 
-@dataclass(frozen=True)
-class Trial:
-    """What to run: ``model`` with ``params`` on ``part`` of split ``split``.
-
-    ``score_test``: a select trial of ``validation: reuse`` also scores the test part with the model it fitted
-    (the validation events added to its inputs where it can take them), so no second fit is needed.
-    """
+@dataclass
+class TrialKey:
+    """Which trial: ``model`` (registry name) with ``params`` on ``part`` of split ``split``, shown as ``label``."""
 
     id: str
     label: str
@@ -49,25 +46,32 @@ class Trial:
     params: dict[str, Any]
     part: Part
     split: int
-    seed: int
-    k: tuple[int, ...]
-    protocol: str
-    exclude_seen: bool = True
-    score_test: bool = False
 
 
 @dataclass
-class TrialResult:
+class Trial(TrialKey):
+    """What to run: ``model`` with ``params`` on ``part`` of split ``split``.
+
+    ``then_test``: a select trial of ``validation: warm`` or ``reuse`` goes on to score the test part with the
+    model it fitted: ``warm`` continues it on train + validation for a tenth of its epochs first
+    (:func:`warm_epochs`), ``reuse`` only adds the validation events to its inputs; no second fit from scratch.
+    ``keep_model``: hand the fitted model back with the result (trials run in this process only).
+    """
+
+    seed: int = 0
+    k: tuple[int, ...] = (10,)
+    protocol: str = "loo"
+    exclude_seen: bool = True
+    then_test: str | None = None
+    keep_model: bool = False
+
+
+@dataclass
+class TrialResult(TrialKey):
     """What a trial produced: its metrics (means), per-user metrics, seconds, and what the model tuned on
     validation (``tuned_params``); ``pruned`` trials carry their validation ``curve``; a model that cannot be
     scored under the protocol is ``skipped`` (the reason). ``reused_test``: the test result of a reuse trial."""
 
-    id: str
-    label: str
-    model: str
-    params: dict[str, Any]
-    part: Part
-    split: int
     seconds: float = 0.0
     metrics: dict[str, float] = field(default_factory=dict)
     per_user: pd.DataFrame = field(default_factory=lambda: pd.DataFrame({"user_id": []}))
@@ -76,10 +80,11 @@ class TrialResult:
     curve: list[float] = field(default_factory=list)
     skipped: str | None = None
     reused_test: TrialResult | None = None
+    fitted: Any = field(default=None, repr=False, compare=False)
 
     def record(self) -> dict[str, Any]:
-        """The JSON record (everything but the per-user table)."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("per_user", "reused_test")}
+        """The JSON record (everything but the per-user table and the fitted model)."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k not in ("per_user", "reused_test", "fitted")}
         if self.reused_test is not None:
             out["reused_test"] = self.reused_test.record()
         return out
@@ -87,7 +92,7 @@ class TrialResult:
     @classmethod
     def from_record(cls, record: dict[str, Any], per_user: pd.DataFrame) -> TrialResult:
         """The inverse of :meth:`record` (the per-user table read separately)."""
-        fields = {k: v for k, v in record.items() if k in cls.__dataclass_fields__ and k != "reused_test"}
+        fields = {k: v for k, v in record.items() if k in cls.__dataclass_fields__ and k not in ("reused_test", "fitted")}
         out = cls(**fields, per_user=per_user)
         if record.get("reused_test") is not None:
             out.reused_test = cls.from_record(record["reused_test"], pd.DataFrame({"user_id": []}))
@@ -195,7 +200,9 @@ def run_trial(trial: Trial, splits: Sequence[S.Split], threads: int | None = Non
     split = splits[trial.split]
     protocol = get_protocol(trial.protocol)
     params = dict(trial.params)
-    for key, value in (("seed", trial.seed), ("progress", False), ("num_threads", threads)):
+    # models validate as the protocol tests: with or without each user's earlier items in the ranking
+    for key, value in (("seed", trial.seed), ("progress", False), ("num_threads", threads),
+                       ("valid_exclude_seen", protocol.excludes_seen(trial.exclude_seen))):
         if key in cls._param_names() and value is not None:
             params.setdefault(key, value)
     start = time.perf_counter()
@@ -211,22 +218,36 @@ def run_trial(trial: Trial, splits: Sequence[S.Split], threads: int | None = Non
     result.metrics = {k: float(v) for k, v in res.summary.items()}
     result.per_user = res.per_user
     result.tuned_params = dict(getattr(model, "tuned_params_", {}) or {})
-    if trial.score_test:
+    if trial.then_test:
         result.reused_test = reused_test(trial, split, model, protocol)
+    elif trial.keep_model:
+        result.fitted = model
     result.seconds = time.perf_counter() - start
     return result
 
 
+def warm_epochs(tuned_epochs: int) -> int:
+    """How long a warm refit continues a model early-stopped after ``tuned_epochs`` epochs on train +
+    validation: a tenth of that, at least one epoch (measured in ``docs/experiments.md``: within noise of a
+    refit from scratch, at a tenth of its time)."""
+    return max(1, math.ceil(tuned_epochs / 10))
+
+
 def reused_test(trial: Trial, split: S.Split, model: Any, protocol: Any) -> TrialResult:
-    """The test result of a model fitted on train with validation: the validation events are added to what it
-    knows (``partial_fit``, where it can take them: sequential models extend their histories) and excluded from
-    its rankings, and it is scored on the test part without a second fit."""
+    """The test result of a model fitted on train with validation, without fitting it again from scratch:
+    ``warm`` continues its training on train + validation (:func:`warm_epochs`), ``reuse`` adds the validation
+    events to what it knows (``partial_fit``, where it can take them: sequential models extend their histories);
+    either way the validation events are excluded from its rankings."""
     start = time.perf_counter()
-    if model.supports_partial_fit and split.valid is not None and len(split.valid):
+    tuned = getattr(model, "tuned_params_", {}).get("epochs")
+    if trial.then_test == "warm" and tuned:
+        model.continue_fit(split.train_valid, warm_epochs(int(tuned)))
+    elif model.supports_partial_fit and split.valid is not None and len(split.valid):
         model.partial_fit(split.valid)
     history = split.train_valid
     res = protocol.evaluate(model, history, split.test, k=list(trial.k), exclude_seen=trial.exclude_seen)
     out = TrialResult(trial.id, trial.label, trial.model, trial.params, "test", trial.split,
-                      seconds=time.perf_counter() - start, per_user=res.per_user)
+                      seconds=time.perf_counter() - start, per_user=res.per_user,
+                      fitted=model if trial.keep_model else None)
     out.metrics = {k: float(v) for k, v in res.summary.items()}
     return out

@@ -9,6 +9,7 @@ and bring back its state (the harness restores the starting weights before every
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 from typing import Any, ClassVar
 
@@ -17,8 +18,10 @@ import pandas as pd
 import scipy.sparse as sp
 
 from recforge.core.topk import mask_and_topk
+from recforge.core.vectors import normalize_rows
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError, UnknownNameError
+from recforge.features.items import genre_matrix
 from recforge.models.base import Recommender
 from recforge.models.registry import create_model, get_model_class
 
@@ -124,8 +127,6 @@ def create_policy(name: str, **params: Any) -> Policy:
     if key not in POLICIES:
         raise UnknownNameError(f"unknown policy {name!r}; available policies: {', '.join(sorted(POLICIES))}")
     cls = POLICIES[key]
-    import inspect
-
     valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
     unknown = [p for p in params if p not in valid]
     if unknown:
@@ -308,9 +309,6 @@ class _LinearBandit(Policy):
         data = visible.item_data
         if self.genre_column and data is not None and self.genre_column in data.columns:
             # Genre features (prior weight 0) let a user's clicks reveal tastes the factors do not hold.
-            from recforge.features.items import genre_matrix
-            from recforge.features.text import normalize_rows
-
             genres = self.genre_scale * normalize_rows(genre_matrix(data, self.genre_column)[0].toarray())
             factors = np.hstack([factors, genres])
             prior_mean = np.hstack([prior_mean, np.zeros((len(prior_mean), genres.shape[1]))])

@@ -21,6 +21,7 @@ import numpy as np
 
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
+from recforge.features import genre_matrix
 from recforge.models import create_model
 
 
@@ -132,8 +133,6 @@ class TruePreferences:
             raise DataError(f"true preferences need a factor model (als, bpr, funksvd, ...), got {model!r}")
         feats = None
         if intent_features and data.item_data is not None and intent_features in data.item_data.columns:
-            from recforge.features import genre_matrix
-
             mat, _ = genre_matrix(data.item_data, intent_features)
             feats = mat.toarray() if mat.shape[1] else None
         return cls(est.user_factors_, est.item_factors_, popularity, intent, seed, feats)

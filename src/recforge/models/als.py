@@ -331,6 +331,17 @@ def implicit_half_step(
 
 
 # ---------------------------------------------------------------------------------------------------- models
+#: The parameters both ALS models share.
+_ALS_CONSTRAINTS: dict[str, Constraint] = {
+    "n_factors": Integer(1),
+    "reg": Real(0),
+    "epochs": Integer(0),
+    "init_std": Real(0),
+    "seed": Integer(0),
+    "progress": Boolean(),
+    "num_threads": Integer(0),
+}
+
 @register("als", "wals", "implicit-als")
 class ImplicitALS(FactorModel):
     """Weighted matrix factorisation for implicit feedback by alternating least squares (Hu, Koren & Volinsky,
@@ -362,18 +373,12 @@ class ImplicitALS(FactorModel):
 
     renamed_params: ClassVar[dict[str, str]] = {"iterations": "epochs"}
     param_constraints: ClassVar[dict[str, Constraint]] = {
-        "n_factors": Integer(1),
-        "reg": Real(0),
+        **_ALS_CONSTRAINTS,
         "alpha": Real(0),
-        "epochs": Integer(0),
         "confidence": Choice("linear", "log"),
         "eps": Real(0, strict=True),
         "solver": Choice("cg", "cholesky"),
         "cg_steps": Integer(1),
-        "init_std": Real(0),
-        "seed": Integer(0),
-        "progress": Boolean(),
-        "num_threads": Integer(0),
     }
 
     def __init__(
@@ -490,16 +495,10 @@ class BiasedALS(FactorRatingModel):
 
     renamed_params: ClassVar[dict[str, str]] = {"iterations": "epochs"}
     param_constraints: ClassVar[dict[str, Constraint]] = {
-        "n_factors": Integer(1),
-        "reg": Real(0),
+        **_ALS_CONSTRAINTS,
         "bias_reg": Real(0),
-        "epochs": Integer(0),
         "weighted_reg": Boolean(),
         "damping": Real(0),
-        "init_std": Real(0),
-        "seed": Integer(0),
-        "progress": Boolean(),
-        "num_threads": Integer(0),
     }
 
     def __init__(

@@ -65,6 +65,8 @@ class Recommender:
     uses_history: ClassVar[bool] = False
     #: True for models that use a validation set during ``fit`` (early stopping of neural models).
     supports_validation: ClassVar[bool] = False
+    #: True for models whose training can go on from where a fit stopped, on more data (``continue_fit``).
+    supports_continue: ClassVar[bool] = False
     #: True for models trained by :class:`recforge.neural.trainer.Trainer`: they report a validation score after
     #: every epoch through its callbacks (Optuna pruning listens there).
     uses_trainer: ClassVar[bool] = False
@@ -131,6 +133,45 @@ class Recommender:
         train + validation, without ``valid``, reproduces the choice on more data.
         """
         self.check_params()
+        start = time.perf_counter()
+        self._set_fitted_data(interactions, valid)
+        self.tuned_params_: dict[str, Any] = {}
+        if self.supports_validation:
+            self._fit(interactions, valid)  # type: ignore[call-arg]
+        else:
+            if valid is not None and len(valid):
+                log.debug("%s does not use a validation set; ignoring it", type(self).__name__)
+            self._fit(interactions)
+        self.fit_seconds_ = time.perf_counter() - start
+        log.info("fitted %s in %.2fs", type(self).__name__, self.fit_seconds_)
+        return self
+
+    def continue_fit(self, interactions: Interactions, epochs: int) -> Recommender:
+        """Go on training the fitted model on ``interactions`` (the fitted model's id maps) for ``epochs`` epochs,
+        without validation; returns ``self``. The fitting pipeline's warm refit: a model early-stopped on
+        validation continues on train + validation instead of being trained again from scratch. Models without
+        ``supports_continue`` raise :class:`~recforge.errors.UnsupportedError`."""
+        self._check_fitted()
+        if not self.supports_continue:
+            raise UnsupportedError(f"{type(self).__name__} cannot continue its training; fit it again")
+        if not isinstance(interactions, Interactions) or (
+            interactions.item_map != self.item_map_ or interactions.user_map != self.user_map_
+        ):
+            raise DataError("continue_fit needs interactions with the fitted model's id maps")
+        if isinstance(epochs, bool) or not isinstance(epochs, (int, np.integer)) or epochs < 1:
+            raise ParameterError(f"{type(self).__name__}.continue_fit epochs must be an integer >= 1, got {epochs!r}")
+        start = time.perf_counter()
+        self._set_fitted_data(interactions)
+        self._continue_fit(interactions, int(epochs))
+        self.fit_seconds_ = getattr(self, "fit_seconds_", 0.0) + time.perf_counter() - start
+        return self
+
+    def _continue_fit(self, interactions: Interactions, epochs: int) -> None:
+        raise NotImplementedError
+
+    def _set_fitted_data(self, interactions: Interactions, valid: Interactions | None = None) -> None:
+        """Check the training (and validation) data and keep what every model needs of them: the id maps, the
+        seen-item pattern and the item titles."""
         if not isinstance(interactions, Interactions):
             raise DataError(f"fit expects recforge Interactions, got {type(interactions).__name__}")
         if len(interactions) == 0:
@@ -140,7 +181,6 @@ class Recommender:
                 raise DataError(f"valid must be recforge Interactions, got {type(valid).__name__}")
             if valid.item_map != interactions.item_map or valid.user_map != interactions.user_map:
                 raise DataError("valid and the training data use different id maps; split one Interactions object")
-        start = time.perf_counter()
         self.user_map_ = interactions.user_map
         self.item_map_ = interactions.item_map
         csr = interactions.csr("ones")
@@ -153,16 +193,6 @@ class Recommender:
             if data is not None and "title" in data.columns
             else None
         )
-        self.tuned_params_: dict[str, Any] = {}
-        if self.supports_validation:
-            self._fit(interactions, valid)  # type: ignore[call-arg]
-        else:
-            if valid is not None and len(valid):
-                log.debug("%s does not use a validation set; ignoring it", type(self).__name__)
-            self._fit(interactions)
-        self.fit_seconds_ = time.perf_counter() - start
-        log.info("fitted %s in %.2fs", type(self).__name__, self.fit_seconds_)
-        return self
 
     def _fit(self, interactions: Interactions) -> None:
         raise NotImplementedError

@@ -10,13 +10,19 @@ import numpy as np
 import scipy.sparse as sp
 from numba import njit, prange
 
-from recforge.core.params import Boolean, Choice, Constraint, Integer, Real
+from recforge.core.params import Constraint
 from recforge.core.progress import EpochProgress
 from recforge.core.threads import thread_limits
 from recforge.data.interactions import Interactions
 from recforge.models.factors import FactorModel
 from recforge.models.registry import register
-from recforge.models.sampling import epoch_streams, negative_pool, positive_pairs, sample_negative
+from recforge.models.sampling import (
+    SAMPLED_SGD_CONSTRAINTS,
+    epoch_streams,
+    negative_pool,
+    positive_pairs,
+    sample_negative,
+)
 
 log = logging.getLogger(__name__)
 
@@ -140,18 +146,7 @@ class BPR(FactorModel):
         self.num_threads = num_threads
 
     supports_partial_fit = True
-    param_constraints: ClassVar[dict[str, Constraint]] = {
-        "n_factors": Integer(1),
-        "lr": Real(0, strict=True),
-        "reg": Real(0),
-        "epochs": Integer(0),
-        "neg_sampling": Choice("uniform", "popularity"),
-        "init_std": Real(0),
-        "partial_epochs": Integer(0),
-        "seed": Integer(0),
-        "progress": Boolean(),
-        "num_threads": Integer(0),
-    }
+    param_constraints: ClassVar[dict[str, Constraint]] = SAMPLED_SGD_CONSTRAINTS
 
     def _fit(self, interactions: Interactions) -> None:
         seen = self.seen_  # sorted 0/1 pattern of the training pairs

@@ -21,7 +21,13 @@ from recforge.core.threads import thread_limits
 from recforge.data.interactions import Interactions
 from recforge.models.factors import FactorModel
 from recforge.models.registry import register
-from recforge.models.sampling import epoch_streams, negative_pool, positive_pairs, sample_negative
+from recforge.models.sampling import (
+    SAMPLED_SGD_CONSTRAINTS,
+    epoch_streams,
+    negative_pool,
+    positive_pairs,
+    sample_negative,
+)
 
 log = logging.getLogger(__name__)
 
@@ -244,10 +250,7 @@ class PointwiseMF(FactorModel):
     supports_partial_fit = True
 
     param_constraints: ClassVar[dict[str, Constraint]] = {
-        "n_factors": Integer(1),
-        "epochs": Integer(0),
-        "lr": Real(0, strict=True),
-        "reg": Real(0),
+        **SAMPLED_SGD_CONSTRAINTS,
         "bias_reg": Real(0),
         "n_negatives": Integer(0),
         "loss": Choice("bce", "focal"),
@@ -256,12 +259,6 @@ class PointwiseMF(FactorModel):
         "pos_weight": Real(0, strict=True, optional=True),
         "optimizer": Choice("adagrad", "sgd"),
         "reject_seen": Boolean(),
-        "neg_sampling": Choice("uniform", "popularity"),
-        "init_std": Real(0),
-        "partial_epochs": Integer(0),
-        "seed": Integer(0),
-        "progress": Boolean(),
-        "num_threads": Integer(0),
     }
 
     def _fit(self, interactions: Interactions) -> None:

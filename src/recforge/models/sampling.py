@@ -11,9 +11,23 @@ import numpy as np
 import scipy.sparse as sp
 from numba import njit
 
+from recforge.core.params import Boolean, Choice, Constraint, Integer, Real
 from recforge.core.rng import rand_below, seed_states, shuffle_in_place
 
 _MAX_TRIES = 64  # negative draws per sample before giving up (a user who has nearly every item)
+#: The parameters the sampled-negative SGD models share.
+SAMPLED_SGD_CONSTRAINTS: dict[str, Constraint] = {
+    "n_factors": Integer(1),
+    "epochs": Integer(0),
+    "lr": Real(0, strict=True),
+    "reg": Real(0),
+    "neg_sampling": Choice("uniform", "popularity"),
+    "init_std": Real(0),
+    "partial_epochs": Integer(0),
+    "seed": Integer(0),
+    "progress": Boolean(),
+    "num_threads": Integer(0),
+}
 
 
 @njit(cache=True, inline="always")

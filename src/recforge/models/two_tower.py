@@ -299,6 +299,7 @@ class TwoTower(Recommender):
 
     supports_validation: ClassVar[bool] = True
     supports_partial_fit: ClassVar[bool] = False
+    supports_continue: ClassVar[bool] = True
     uses_trainer: ClassVar[bool] = True
     losses: ClassVar[tuple[str, ...]] = LOSSES
     param_constraints: ClassVar[dict[str, Constraint]] = {
@@ -434,15 +435,24 @@ class TwoTower(Recommender):
 
     # ------------------------------------------------------------------ fitting
     def _fit(self, interactions: Interactions, valid: Interactions | None = None) -> None:
-        n_users, n_items = interactions.n_users, interactions.n_items
         self.prep_ = self._prepare(interactions)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            net = self._build_net(interactions.n_users, interactions.n_items)
+        self._train(net, interactions, valid, self._trainer_config())
+
+    def _continue_fit(self, interactions: Interactions, epochs: int) -> None:
+        self._train(self.net_, interactions, None, self._trainer_config().with_epochs(epochs))
+
+    def _train(self, net: TwoTowerNet, interactions: Interactions, valid: Interactions | None,
+               config: TrainerConfig) -> None:
+        """Train ``net`` on the events of ``interactions`` (request time: each event's own), validating on
+        ``valid`` if given, then cache every user and item vector."""
         users = interactions.users.astype(np.int64)
         items = interactions.items.astype(np.int64)
         bucket, when = self._request_time(interactions.timestamps, len(users))
         with torch.random.fork_rng(devices=[]), torch_threads(self.num_threads):
-            torch.manual_seed(self.seed)
-            net = self._build_net(n_users, n_items)
-            trainer = Trainer(net, self._trainer_config())
+            trainer = Trainer(net, config)
             validate = None
             if valid is not None and len(valid):
                 validate = self._validator(interactions, valid, net, trainer.device)

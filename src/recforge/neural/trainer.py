@@ -24,7 +24,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -129,6 +129,10 @@ class TrainerConfig:
         shared["optimizer"] = "adamw" if shared.get("weight_decay") else "adam"
         shared["desc"] = type(model).__name__
         return cls(**{**shared, **overrides})
+
+    def with_epochs(self, epochs: int) -> TrainerConfig:
+        """The same settings for ``epochs`` epochs, without early stopping (a refit or a continuation)."""
+        return replace(self, epochs=epochs, patience=0)
 
     def check(self) -> TrainerConfig:
         """Raise :class:`~recforge.errors.ParameterError` naming the first invalid setting."""

@@ -96,6 +96,7 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
 
     uses_history: ClassVar[bool] = True
     supports_validation: ClassVar[bool] = True
+    supports_continue: ClassVar[bool] = True
     uses_trainer: ClassVar[bool] = True
     #: ``partial_fit`` appends new events to the users' histories (the weights stay): the next recommendation
     #: conditions on them. Items added by it are unknown to the network and rank last.
@@ -128,19 +129,26 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
         return TrainerConfig.from_model(self, metric=self.valid_metric)
 
     def _fit(self, interactions: Interactions, valid: Interactions | None = None) -> None:
-        n_items = interactions.n_items
-        vocab, counts = vocabulary(interactions, self.min_item_count)
-        seqs = TokenSequences.from_interactions(interactions, vocab)
-        self.vocab_ = vocab
-        self.item_counts_ = counts
+        self.vocab_, _ = vocabulary(interactions, self.min_item_count)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            net = self._build_net(interactions.n_items)
+        self._train(net, interactions, valid, self._trainer_config())
+
+    def _continue_fit(self, interactions: Interactions, epochs: int) -> None:
+        self._train(self.net_, interactions, None, self._trainer_config().with_epochs(epochs))
+
+    def _train(self, net: SequenceNet, interactions: Interactions, valid: Interactions | None,
+               config: TrainerConfig) -> None:
+        """Train ``net`` on ``interactions`` (its tokens through ``vocab_``), validating on ``valid`` if given."""
+        self.item_counts_ = np.bincount(interactions.items, minlength=interactions.n_items).astype(np.int64)
+        seqs = TokenSequences.from_interactions(interactions, self.vocab_)
         self.history_ = seqs.keep_last(self._history_len())
         starts, lengths = seqs.windows(self._window_len(), self.all_windows)
         if len(starts) == 0:
             raise DataError(f"{type(self).__name__} needs at least one user with 2 or more events to learn from")
-        with torch.random.fork_rng(devices=[]), torch_threads(self.num_threads):
-            torch.manual_seed(self.seed)
-            net = self._build_net(n_items)
-            trainer = Trainer(net, self._trainer_config())
+        with torch.random.fork_rng(devices=[]), torch_threads(self.num_threads):  # the caller's RNG untouched
+            trainer = Trainer(net, config)
             validate = None
             if valid is not None and len(valid):
                 validate = self._validator(interactions, valid, net, trainer.device)
