@@ -260,9 +260,17 @@ def test_reuse_tests_the_tuned_model_without_a_second_fit(tmp_path: Path) -> Non
     assert len(list((tmp_path / "u" / "trials").glob("*.json"))) == 1  # one fit: validation and test scored
     sas = _rows(tmp_path / "u", "sasrec")
     assert sas.loc["test", "fit_seconds"] == sas.loc["select", "fit_seconds"]  # the same model
-    assert res.params["sasrec"] == SAS["params"]  # tested as configured, stopped early on validation
+    tuned = json.loads(sas.loc["select", "tuned"])["epochs"]
+    assert res.params["sasrec"] == {**SAS["params"], "epochs": tuned}  # stopped early, tested as it was
     refit = run_experiment(config(models=[SAS]), tmp_path / "r", progress=False)
     assert refit.results["sasrec"]["users"] == res.results["sasrec"]["users"]
+
+
+def test_warm_continues_the_tuned_model_on_train_and_validation(tmp_path: Path) -> None:
+    res = run_experiment(config(models=[SAS], validation="warm"), tmp_path / "w", progress=False)
+    assert len(list((tmp_path / "w" / "trials").glob("*.json"))) == 1  # no refit from scratch
+    tuned = json.loads(_rows(tmp_path / "w", "sasrec").loc["select", "tuned"])["epochs"]
+    assert res.params["sasrec"]["epochs"] == tuned and res.params["sasrec"]["warm_epochs"] == -(-tuned // 10)
 
 
 def test_validation_off_fits_on_train_and_validation_as_configured(tmp_path: Path) -> None:

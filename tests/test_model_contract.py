@@ -21,8 +21,8 @@ from conftest import ndcg_of
 
 import recforge.models
 from recforge import split as S
-from recforge.data import Interactions
 from recforge.core.params import SYNONYMS
+from recforge.data import Interactions
 from recforge.errors import DataError, NotFittedError, ParameterError, UnknownIdError, UnsupportedError
 from recforge.models import RatingPredictor, Recommender, available_models, create_model, get_model_class
 

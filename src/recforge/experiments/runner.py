@@ -446,7 +446,9 @@ class ExperimentRunner:
                                  if any(p.skipped for p in parts)}}
         for label, reason in skipped.items():
             log.warning("%s was not evaluated: %s", label, reason)
-        used = {label: parts[0].params for label, parts in final.items() if label not in skipped}
+        # what each model was tested with: its parameters and, for a test without a refit, what it tuned
+        used = {label: {**parts[0].params, **parts[0].tuned_params} for label, parts in final.items()
+                if label not in skipped}
         results = {label: merge_trials(label, parts, used[label]) for label, parts in final.items()
                    if label not in skipped}
         if not results:

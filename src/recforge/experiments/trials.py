@@ -239,15 +239,16 @@ def reused_test(trial: Trial, split: S.Split, model: Any, protocol: Any) -> Tria
     events to what it knows (``partial_fit``, where it can take them: sequential models extend their histories);
     either way the validation events are excluded from its rankings."""
     start = time.perf_counter()
-    tuned = getattr(model, "tuned_params_", {}).get("epochs")
-    if trial.then_test == "warm" and tuned:
-        model.continue_fit(split.train_valid, warm_epochs(int(tuned)))
+    tuned = dict(getattr(model, "tuned_params_", {}) or {})
+    if trial.then_test == "warm" and tuned.get("epochs"):
+        tuned["warm_epochs"] = warm_epochs(int(tuned["epochs"]))
+        model.continue_fit(split.train_valid, tuned["warm_epochs"])
     elif model.supports_partial_fit and split.valid is not None and len(split.valid):
         model.partial_fit(split.valid)
     history = split.train_valid
     res = protocol.evaluate(model, history, split.test, k=list(trial.k), exclude_seen=trial.exclude_seen)
     out = TrialResult(trial.id, trial.label, trial.model, trial.params, "test", trial.split,
-                      seconds=time.perf_counter() - start, per_user=res.per_user,
+                      seconds=time.perf_counter() - start, per_user=res.per_user, tuned_params=tuned,
                       fitted=model if trial.keep_model else None)
     out.metrics = {k: float(v) for k, v in res.summary.items()}
     return out

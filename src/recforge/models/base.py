@@ -516,7 +516,11 @@ class Recommender:
                 titles = ids["item_titles"] if "item_titles" in ids.files else None
         except (OSError, ValueError, KeyError, SafetensorError) as exc:
             raise ArtifactError(f"{str(p)!r} is incomplete or corrupt: {exc}") from None
-        model = model_cls(**meta["params"])
+        try:  # the stored parameters are checked like a user's (an artifact may be edited or come from elsewhere)
+            model = model_cls(**model_cls.check_param_names(dict(meta.get("params") or {})))
+            model.check_params()
+        except ParameterError as exc:
+            raise ArtifactError(f"{str(p)!r} holds parameters this recforge refuses: {exc}") from None
         model.user_map_ = IdMap(user_ids)
         model.item_map_ = IdMap(item_ids)
         model.item_titles_ = titles

@@ -337,7 +337,8 @@ def create_app(
         service.sync()
         u = service.user_index(user)
         with service.lock:
-            extra = [np.fromiter(service.extra_seen.get(u, ()), np.int64)] if exclude_seen else None
+            pending = service.extra_seen.get(u) if exclude_seen else None  # feedback not learned yet
+            extra = [np.fromiter(pending, np.int64)] if pending else None
             items, top = m.recommend_indices(np.array([u]), k, m.seen_ if exclude_seen else None,
                                              extra_exclude=extra)
         return JSONResponse({"user": user, "items": _items_payload(m, items[0], top[0])})
