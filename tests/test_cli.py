@@ -155,6 +155,7 @@ def test_compare_sets_parameters_prints_json_and_separates_rating_models(tmp_pat
     assert [r["model"] for r in res["ratings"]] == ["bias"] and res["ratings"][0]["rmse"] > 0
     assert res["params"]["ease"]["reg"] == 50
     assert "recall@10" not in res["leaderboard"][0]  # one test item per user: hr@10 only
+    assert "rating_ndcg" not in res["ratings"][0]  # likewise one test rating: its graded NDCG is 1 by construction
     assert (tmp_path / "c" / "ratings.md").exists() and (tmp_path / "c" / "trials.csv").exists()
     again = run("compare", "--models", "pop", "--json", "--out", str(tmp_path / "c"))  # resumes the same folder
     assert again.returncode == 0, again.stderr

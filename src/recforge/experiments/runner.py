@@ -493,8 +493,11 @@ class ExperimentRunner:
                  else pd.DataFrame({"model": []}))
         table = None
         if rating:
-            table = self._board({k: results[k] for k in rating}, list(RATING_METRICS),
-                                f"{cfg.name}: {cfg.protocol}, rating models")
+            rated = {k: results[k] for k in rating}
+            metrics = [m for m in RATING_METRICS if m != "rating_ndcg" or any(
+                (r.per_user.get("rating_n", pd.Series(dtype=float)) > 1).any() for r in rated.values())]
+            # one test rating per user (leave-one-out) makes the rating-graded NDCG 1 by construction
+            table = self._board(rated, metrics, f"{cfg.name}: {cfg.protocol}, rating models")
         return board, table
 
     def _board(self, results: dict[str, EvaluationResult], metrics: list[str], title: str) -> pd.DataFrame:
