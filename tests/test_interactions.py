@@ -79,6 +79,11 @@ def test_datetime_timestamps() -> None:
         (pd.DataFrame({"user_id": ["a", ""], "item_id": [1, 2]}), {}, "empty strings"),
         (pd.DataFrame({"user_id": [1, 2], "item_id": [1, 2], "rating": [1.0, np.nan]}), {}, "rating column 'rating' contains missing"),
         (pd.DataFrame({"user_id": [1], "item_id": [1], "rating": ["good"]}), {}, "not numeric"),
+        (pd.DataFrame({"user_id": [1, 2], "item_id": [1, 2], "rating": [1.0, np.inf]}), {}, "rating.*inf.*finite"),
+        (pd.DataFrame({"user_id": [1, 2], "item_id": [1, 2], "rating": [1.0, 1e308]}), {}, "rating.*1e.308.*finite"),
+        (pd.DataFrame({"user_id": [1], "item_id": [1], "weight": [-np.inf]}), {"weight_col": "weight"}, "weight.*finite"),
+        (pd.DataFrame({"user_id": [1, 2], "item_id": [1, 2], "timestamp": [1.0, 1e29]}), {}, "timestamp.*1e.29.*2\\*\\*62"),
+        (pd.DataFrame({"user_id": [1, 2], "item_id": [1, 2], "timestamp": [1.0, np.inf]}), {}, "timestamp.*inf"),
     ],
 )
 def test_bad_input_names_the_problem(frame: pd.DataFrame, kwargs: dict, match: str) -> None:

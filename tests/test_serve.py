@@ -31,8 +31,9 @@ def artifact(planted: Interactions, tmp_path_factory) -> Path:
 
 @pytest.fixture()
 def client(artifact: Path, tmp_path: Path) -> TestClient:
-    return TestClient(create_app(artifact, feedback_dir=tmp_path / "fb", api_key="s3cret", max_body_bytes=4096,
-                                 apply_seconds=0))
+    # reads with the read key by default; writes need the write key
+    return TestClient(create_app(artifact, feedback_dir=tmp_path / "fb", api_key="s3cret", read_key="r3ad",
+                                 max_body_bytes=4096, apply_seconds=0), headers={"X-API-Key": "r3ad"})
 
 
 # ---------------------------------------------------------------------------------------------------- feedback log
@@ -112,7 +113,8 @@ def test_unexpected_errors_are_500_without_a_trace(client: TestClient, monkeypat
         raise RuntimeError("secret internals")
 
     monkeypatch.setattr(client.app.state.service.model, "score", boom)
-    response = TestClient(client.app, raise_server_exceptions=False).get("/recommend", params={"user": 1})
+    response = TestClient(client.app, raise_server_exceptions=False, headers={"X-API-Key": "r3ad"}).get(
+        "/recommend", params={"user": 1})
     assert response.status_code == 500 and response.json() == {"detail": "internal error"}
     assert "secret" not in response.text
 
@@ -216,7 +218,8 @@ def test_acknowledged_feedback_survives_kill_9(artifact: Path, planted: Interact
     try:
         health = httpx.get(f"{base}/health", timeout=5).json()
         assert health["feedback_events"] == acked == 40
-        recs = httpx.get(f"{base}/recommend", params={"user": user, "k": 50}, timeout=5).json()["items"]
+        recs = httpx.get(f"{base}/recommend", params={"user": user, "k": 50}, headers={"X-API-Key": "k"},
+                         timeout=5).json()["items"]
         assert not {r["item_id"] for r in recs} & set(items)  # every acknowledged event is applied again
     finally:
         proc.send_signal(signal.SIGTERM)

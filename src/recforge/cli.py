@@ -460,9 +460,22 @@ def serve_cmd(
         Path | None, typer.Option(help="Folder of the durable feedback log (default: ARTIFACT/feedback).")
     ] = None,
     api_key: Annotated[
-        str | None, typer.Option(envvar="RECFORGE_API_KEY", help="Require this X-API-Key on POST /feedback.")
+        str | None, typer.Option(envvar="RECFORGE_API_KEY",
+                                 help="The write key: POST /feedback needs it in X-API-Key; it opens reads too.")
     ] = None,
+    read_key: Annotated[
+        str | None, typer.Option(envvar="RECFORGE_READ_KEY", help="A key that opens the read endpoints only.")
+    ] = None,
+    open_reads: Annotated[
+        bool, typer.Option(help="Serve /recommend, /similar and /metrics without a key even when keys are set.")
+    ] = False,
+    allow_include_seen: Annotated[
+        bool, typer.Option(help="Let clients pass exclude_seen=false (it lists a user's history).")
+    ] = False,
     max_body: Annotated[int, typer.Option(help="Largest request body in bytes.")] = 1 << 20,
+    max_id_length: Annotated[int, typer.Option(help="Longest string id a request may carry.")] = 64,
+    max_new_users: Annotated[int, typer.Option(help="New users one feedback batch may introduce.")] = 1000,
+    max_new_items: Annotated[int, typer.Option(help="New items one feedback batch may introduce.")] = 100,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
 ) -> None:
     """Serve a saved model over HTTP: /recommend, /similar, /feedback (durable), /health, /metrics, /docs."""
@@ -470,15 +483,26 @@ def serve_cmd(
 
     from recforge.errors import DataError
     from recforge.models import Recommender
+    from recforge.serve.app import ServeSettings
+    from recforge.serve.events import Limits
+    from recforge.serve.feedback import check_folder
 
-    if workers < 1:
-        raise DataError("--workers must be at least 1")
-    Recommender.load(artifact)  # fail here, with a one-line message, on a missing or corrupt artifact
+    for name, value, low in (("--workers", workers, 1), ("--max-body", max_body, 1),
+                             ("--max-id-length", max_id_length, 1), ("--max-new-users", max_new_users, 0),
+                             ("--max-new-items", max_new_items, 0)):
+        if value < low:
+            raise DataError(f"{name} must be at least {low}, got {value}")
+    model = Recommender.load(artifact)  # fail here, with a one-line message, on a missing or corrupt artifact
+    check_folder(feedback_dir or artifact / "feedback")
+    settings = ServeSettings(
+        feedback_dir=None if feedback_dir is None else str(feedback_dir), api_key=api_key, read_key=read_key,
+        open_reads=open_reads, allow_include_seen=allow_include_seen, max_body_bytes=max_body,
+        limits=Limits(max_id_length=max_id_length, max_new_users=max_new_users, max_new_items=max_new_items),
+    )
     os.environ["RECFORGE_SERVE_ARTIFACT"] = str(artifact)
-    os.environ["RECFORGE_SERVE_FEEDBACK"] = str(feedback_dir or "")
-    os.environ["RECFORGE_SERVE_MAX_BODY"] = str(max_body)
-    if api_key:
-        os.environ["RECFORGE_API_KEY"] = api_key
+    os.environ.update(settings.to_env())
+    typer.echo(f"serving {model.name} ({model.n_users_:,} users, {model.n_items_:,} items) on "
+               f"http://{host}:{port} (docs: /docs)", err=True)
     uvicorn.run("recforge.serve.app:create_app_from_env", factory=True, host=host, port=port, workers=workers,
                 log_level=log_level, access_log=False)
 

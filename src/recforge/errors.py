@@ -58,6 +58,10 @@ class ArtifactError(RecforgeError):
     """A saved model artifact is missing, incomplete, of an unknown format version or of another model."""
 
 
+class StorageError(RecforgeError):
+    """A folder or file recforge must write to cannot be used (a file where a folder belongs, no permission)."""
+
+
 class DownloadError(RecforgeError):
     """A dataset download failed or its checksum did not match."""
 

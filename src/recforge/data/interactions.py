@@ -82,7 +82,13 @@ def _timestamps_to_int(col: pd.Series, name: str) -> np.ndarray:
     if col.isna().any():
         raise DataError(f"timestamp column {name!r} contains missing values")
     if pd.api.types.is_numeric_dtype(col) and not pd.api.types.is_bool_dtype(col):
-        return col.to_numpy().astype(np.int64)
+        values = col.to_numpy()
+        if values.dtype.kind == "f":
+            bad = ~np.isfinite(values) | (np.abs(values) >= 2.0**62)  # int64 would wrap around silently
+            if bad.any():
+                raise DataError(f"timestamp column {name!r} holds {values[bad][0]!r}, which is not a finite "
+                                f"time within ±2**62 ({int(bad.sum())} such rows)")
+        return values.astype(np.int64)
     if not pd.api.types.is_datetime64_any_dtype(col):
         try:
             col = pd.to_datetime(col, utc=True)
@@ -102,6 +108,10 @@ def _float_column(col: pd.Series, name: str, what: str) -> np.ndarray:
     arr = col.to_numpy(dtype=np.float64, na_value=np.nan)
     if np.isnan(arr).any():
         raise DataError(f"{what} column {name!r} contains missing values; drop or fill them first")
+    bad = ~np.isfinite(arr) | (np.abs(arr) > np.finfo(np.float32).max)  # stored as float32: 1e308 would be inf
+    if bad.any():
+        raise DataError(f"{what} column {name!r} holds {arr[bad][0]!r}, which is not a finite float32 value "
+                        f"({int(bad.sum())} such rows)")
     return arr.astype(np.float32)
 
 

@@ -13,17 +13,21 @@ into it, and serves:
 - ``GET /health`` and ``GET /metrics`` (Prometheus text: request counts and latencies per endpoint).
 
 Errors are JSON ``{"detail": "..."}`` with a 4xx status that names the problem; unexpected failures are logged and
-answered with a bare 500, never a stack trace. With an API key configured, ``POST /feedback`` needs the header
-``X-API-Key``. Bodies above ``max_body_bytes`` are refused with 413.
+answered with a bare 500, never a stack trace. Every id is parsed strictly (:mod:`recforge.serve.events`) and every
+feedback event is checked before it is acknowledged. With an API key configured, every endpoint but ``/health``
+needs the header ``X-API-Key`` (reads may be opened, or given a read-only key); a user's seen items can be listed
+(``exclude_seen=false``) only where the service allows it. Bodies above ``max_body_bytes`` are refused with 413.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
 import threading
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,27 +37,75 @@ from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 import recforge
 from recforge.errors import RecforgeError, UnknownIdError, UnsupportedError
 from recforge.models.base import Recommender
+from recforge.serve.events import EventError, Limits, check_batch, check_event, parse_id, parse_ids
 from recforge.serve.feedback import FeedbackLog
 
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
-Id = int | str
+Id = StrictInt | StrictStr
+#: The first path segments Prometheus labels may carry; anything else is counted as "other".
+ROUTES = frozenset({"recommend", "similar", "feedback", "health", "metrics", "docs", "openapi.json", "redoc"})
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """How the service runs (``recforge serve`` options of the same names).
+
+    Attributes:
+        feedback_dir: folder of the durable feedback log (default ``<artifact>/feedback``).
+        api_key: the write key: ``POST /feedback`` needs it; it also opens every read.
+        read_key: a key that opens reads only.
+        open_reads: serve reads without a key even when keys are configured.
+        allow_include_seen: let clients ask for ``exclude_seen=false`` (which lists a user's history).
+        max_body_bytes: the largest request body; larger ones get 413, also when sent chunked.
+        limits: id lengths and how many new users/items one feedback batch may add.
+        sync_seconds: how often a worker reads the feedback other workers logged.
+        apply_seconds: micro-batch period of learning from feedback (0: inside the request).
+    """
+
+    feedback_dir: str | None = None
+    api_key: str | None = None
+    read_key: str | None = None
+    open_reads: bool = False
+    allow_include_seen: bool = False
+    max_body_bytes: int = 1 << 20
+    limits: Limits = field(default_factory=Limits)
+    sync_seconds: float = 0.5
+    apply_seconds: float = 0.05
+
+    def to_env(self) -> dict[str, str]:
+        """Environment variables that carry these settings to ``create_app_from_env`` (keys apart from the rest,
+        so they never appear in a process listing of the settings)."""
+        rest = {k: v for k, v in asdict(self).items() if k not in ("api_key", "read_key")}
+        env = {"RECFORGE_SERVE_SETTINGS": json.dumps(rest)}
+        env.update({name: key for name, key in (("RECFORGE_API_KEY", self.api_key),
+                                                ("RECFORGE_READ_KEY", self.read_key)) if key})
+        return env
+
+    @classmethod
+    def from_env(cls) -> ServeSettings:
+        """The settings :meth:`to_env` wrote."""
+        rest = json.loads(os.environ.get("RECFORGE_SERVE_SETTINGS") or "{}")
+        rest["limits"] = Limits(**rest.get("limits", {}))
+        return cls(**rest, api_key=os.environ.get("RECFORGE_API_KEY") or None,
+                   read_key=os.environ.get("RECFORGE_READ_KEY") or None)
 
 
 class Event(BaseModel):
-    """One feedback event."""
+    """One feedback event: ids as the model's (integers: JSON integers or ASCII digit strings within int64),
+    an optional finite rating and an optional timestamp (whole Unix seconds)."""
 
     model_config = ConfigDict(extra="forbid")
     user: Id
     item: Id
-    rating: float | None = Field(default=None, allow_inf_nan=False)
-    timestamp: int | None = None
+    rating: float | None = Field(default=None, allow_inf_nan=False, strict=True)
+    timestamp: StrictInt | None = None
 
 
 class FeedbackBody(BaseModel):
@@ -68,19 +120,21 @@ class HistoryBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     items: list[Id] = Field(max_length=10_000)
-    k: int = Field(default=10, ge=1, le=MAX_K)
-    exclude_history: bool = True
+    k: StrictInt = Field(default=10, ge=1, le=MAX_K)
+    exclude_history: StrictBool = True
 
 
 class Service:
     """The loaded model, its feedback log and the lock that keeps updates and reads apart."""
 
     def __init__(self, artifact: str | os.PathLike[str], feedback_dir: str | os.PathLike[str] | None,
-                 sync_seconds: float = 0.5, apply_seconds: float = 0.05) -> None:
+                 sync_seconds: float = 0.5, apply_seconds: float = 0.05, limits: Limits | None = None) -> None:
         self.model: Recommender = Recommender.load(artifact)
-        self.artifact = str(artifact)
+        self.limits = limits or Limits()
         self.lock = threading.Lock()
-        self.log = FeedbackLog(feedback_dir or Path(artifact) / "feedback")
+        self.log = FeedbackLog(feedback_dir or Path(artifact) / "feedback", validate=self._replay_problem)
+        self.popular = np.argsort(-np.bincount(self.model.seen_.indices, minlength=self.model.n_items_),
+                                  kind="stable")[:MAX_K].astype(np.int32)
         self.sync_seconds = sync_seconds
         self._last_sync = 0.0
         self.n_events = 0
@@ -120,21 +174,28 @@ class Service:
             self._apply(batch)
 
     # ------------------------------------------------------------------ ids
-    def user_index(self, user: Id) -> int:
-        idx = self.model.user_map_.to_index(np.asarray([_typed(user, self.model.user_map_.is_string, "user")]),
-                                            on_unknown="keep")
+    def user_index(self, user: Any) -> int:
+        """The index of a known user id (strictly parsed); 422 for a malformed id, 404 for an unknown one."""
+        parsed = _parsed(parse_id, user, self.model.user_map_.is_string, "user", self.limits)
+        idx = self.model.user_map_.to_index(np.asarray([parsed]), on_unknown="keep")
         if idx[0] < 0:
-            raise HTTPException(404, f"unknown user {user!r}")
+            raise HTTPException(404, f"unknown user {str(parsed)[:80]!r}")
         return int(idx[0])
 
-    def item_indices(self, items: list[Id], on_unknown: str = "raise") -> np.ndarray:
-        typed = [_typed(i, self.model.item_map_.is_string, "item") for i in items]
-        if not typed:
-            return np.zeros(0, np.int32)
-        idx = self.model.item_map_.to_index(np.asarray(typed), on_unknown="keep")
-        if on_unknown == "raise" and (idx < 0).any():
-            raise HTTPException(404, f"unknown item {typed[int(np.argmax(idx < 0))]!r}")
-        return idx[idx >= 0]
+    def item_index(self, item: Any) -> int:
+        """The index of a known item id, as :meth:`user_index`."""
+        parsed = _parsed(parse_id, item, self.model.item_map_.is_string, "item", self.limits)
+        idx = self.model.item_map_.to_index(np.asarray([parsed]), on_unknown="keep")
+        if idx[0] < 0:
+            raise HTTPException(404, f"unknown item {str(parsed)[:80]!r}")
+        return int(idx[0])
+
+    def _replay_problem(self, event: dict[str, Any]) -> str | None:
+        try:
+            check_event(event, self.model, self.limits)
+        except EventError as exc:
+            return str(exc)
+        return None
 
     # ------------------------------------------------------------------ feedback
     def sync(self) -> None:
@@ -148,17 +209,14 @@ class Service:
             self._apply(new)
 
     def record(self, events: list[Event]) -> int:
-        """Make events durable, then apply them; returns how many were accepted."""
-        rows = [e.model_dump(exclude_none=True) for e in events]
+        """Check events, make them durable, then apply them; returns how many were accepted."""
+        rows = _parsed(check_batch, [e.model_dump(exclude_none=True) for e in events], self.model, self.limits)
         now = int(time.time())
         for row in rows:
             row.setdefault("timestamp", now)
-        m = self.model
-        users = [_typed(row["user"], m.user_map_.is_string, "user") for row in rows]  # validated before writing
-        items = [_typed(row["item"], m.item_map_.is_string, "item") for row in rows]
         with self._write_lock:
             n = self.log.append(rows)
-            self._mark_seen(users, items)
+            self._mark_seen([r["user"] for r in rows], [r["item"] for r in rows])
             if self.apply_seconds > 0:
                 self._pending.extend(rows)
         if self.apply_seconds > 0:
@@ -167,7 +225,7 @@ class Service:
             self._apply(rows)
         return n
 
-    def _mark_seen(self, users: list[Id], items: list[Id]) -> None:
+    def _mark_seen(self, users: list[Any], items: list[Any]) -> None:
         m = self.model
         u_idx = m.user_map_.to_index(np.asarray(users), on_unknown="keep")
         i_idx = m.item_map_.to_index(np.asarray(items), on_unknown="keep")
@@ -177,10 +235,10 @@ class Service:
 
     def _apply(self, rows: list[dict[str, Any]]) -> None:
         m = self.model
-        frame = pd.DataFrame({
-            "user_id": [_typed(r["user"], m.user_map_.is_string, "user") for r in rows],
-            "item_id": [_typed(r["item"], m.item_map_.is_string, "item") for r in rows],
-            "timestamp": [int(r.get("timestamp", 0)) for r in rows],
+        frame = pd.DataFrame({  # rows were checked (check_batch, or the log's validator on replay)
+            "user_id": np.asarray([r["user"] for r in rows], dtype=str if m.user_map_.is_string else np.int64),
+            "item_id": np.asarray([r["item"] for r in rows], dtype=str if m.item_map_.is_string else np.int64),
+            "timestamp": np.asarray([r.get("timestamp", 0) for r in rows], dtype=np.int64),
         })
         ratings = [r.get("rating") for r in rows]
         if m.predicts_ratings:
@@ -195,18 +253,12 @@ class Service:
             self.n_events += len(rows)
 
 
-def _typed(value: Id, is_string: bool, what: str) -> Id:
-    """Ids as the model stores them: strings stay strings; integer maps need integers."""
-    if is_string:
-        return str(value)
-    if isinstance(value, bool):
-        raise HTTPException(422, f"{what} id must be an integer, got {value!r}")
-    if isinstance(value, int):
-        return value
+def _parsed(parse: Any, *args: Any) -> Any:
+    """``parse(*args)`` with :class:`EventError` answered as its HTTP status."""
     try:
-        return int(str(value))
-    except ValueError:
-        raise HTTPException(422, f"{what} ids of this model are integers; got {value!r}") from None
+        return parse(*args)
+    except EventError as exc:
+        raise HTTPException(exc.status, str(exc)) from None
 
 
 def _items_payload(model: Recommender, items: np.ndarray, scores: np.ndarray) -> list[dict[str, Any]]:
@@ -224,8 +276,9 @@ def _items_payload(model: Recommender, items: np.ndarray, scores: np.ndarray) ->
 
 
 class _Guard:
-    """Pure ASGI middleware (no per-request task or body copy): request counts and latencies for Prometheus, and
-    the body-size limit — by Content-Length up front, and by counting streamed chunks otherwise."""
+    """Pure ASGI middleware (no per-request task): request counts and latencies for Prometheus (labelled by known
+    routes only, so random paths cannot grow the metrics), and the body-size limit — by Content-Length up front,
+    and for a body without one (chunked) by reading it, up to the limit, before the application sees it."""
 
     def __init__(self, app: Any, requests: Counter, latency: Histogram, max_body_bytes: int) -> None:
         self.app, self.requests, self.latency, self.max_body = app, requests, latency, max_body_bytes
@@ -236,6 +289,7 @@ class _Guard:
             return
         start = time.perf_counter()
         route = scope["path"].split("/")[1] or "root"
+        route = route if route in ROUTES else "other"
         status = {"code": 500}
 
         async def send_wrapper(message: dict[str, Any]) -> None:
@@ -245,43 +299,56 @@ class _Guard:
 
         size = dict(scope.get("headers", ())).get(b"content-length")
         too_big = size is not None and (not size.isdigit() or int(size) > self.max_body)
-        received = {"n": 0}
-
-        async def receive_limited() -> dict[str, Any]:
-            message = await receive()
-            if message["type"] == "http.request":
-                received["n"] += len(message.get("body", b""))
-                if received["n"] > self.max_body:
-                    raise _BodyTooLarge
-            return message
-
-        try:
-            if too_big:
-                raise _BodyTooLarge
-            await self.app(scope, receive_limited, send_wrapper)
-        except _BodyTooLarge:
+        if size is None and not too_big and scope.get("method") in ("POST", "PUT", "PATCH"):
+            body, too_big = await self._read_body(receive)
+            receive = _replay(body)
+        if too_big:
             response = JSONResponse({"detail": f"request body larger than {self.max_body} bytes"}, 413)
             await response(scope, receive, send_wrapper)
+        else:
+            await self.app(scope, receive, send_wrapper)
         self.requests.labels(route, str(status["code"])).inc()
         self.latency.labels(route).observe(time.perf_counter() - start)
 
+    async def _read_body(self, receive: Any) -> tuple[bytes, bool]:
+        chunks, n = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                return b"".join(chunks), False
+            chunk = message.get("body", b"")
+            n += len(chunk)
+            if n > self.max_body:
+                return b"", True
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks), False
 
-class _BodyTooLarge(Exception):
-    pass
+
+def _replay(body: bytes) -> Any:
+    sent = {"done": False}
+
+    async def receive() -> dict[str, Any]:
+        if sent["done"]:
+            return {"type": "http.disconnect"}
+        sent["done"] = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return receive
 
 
-def create_app(
-    artifact: str | os.PathLike[str],
-    feedback_dir: str | os.PathLike[str] | None = None,
-    api_key: str | None = None,
-    max_body_bytes: int = 1 << 20,
-    sync_seconds: float = 0.5,
-    apply_seconds: float = 0.05,
-) -> FastAPI:
-    """The service for a saved model; ``feedback_dir`` defaults to ``<artifact>/feedback``. Feedback is durable
-    and excluded from the user's lists when ``POST /feedback`` answers; the model learns from it in micro-batches
-    every ``apply_seconds`` (0: synchronously, inside the request)."""
-    service = Service(artifact, feedback_dir, sync_seconds, apply_seconds)
+def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None = None, **overrides: Any) -> FastAPI:
+    """The service for a saved model, configured by ``settings`` (:class:`ServeSettings`; keyword arguments of
+    the same names override single fields). Feedback is checked, durable and excluded from the user's lists when
+    ``POST /feedback`` answers; the model learns from it in micro-batches every ``apply_seconds``."""
+    cfg = settings or ServeSettings()
+    if overrides:
+        unknown = set(overrides) - set(ServeSettings.__dataclass_fields__)
+        if unknown:
+            raise TypeError(f"create_app() got unknown settings {sorted(unknown)}")
+        overrides = {k: (str(v) if k == "feedback_dir" and v is not None else v) for k, v in overrides.items()}
+        cfg = ServeSettings(**{**asdict(cfg), "limits": cfg.limits, **overrides})
+    service = Service(artifact, cfg.feedback_dir, cfg.sync_seconds, cfg.apply_seconds, cfg.limits)
     m = service.model
     app = FastAPI(title="recforge", version=recforge.__version__,
                   description=f"Recommendations from a {type(m).__name__} ({m.n_users_:,} users, {m.n_items_:,} items)")
@@ -290,7 +357,11 @@ def create_app(
     requests = Counter("recforge_requests", "HTTP requests", ["endpoint", "status"], registry=registry)
     latency = Histogram("recforge_request_seconds", "Request latency", ["endpoint"], registry=registry,
                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
-    app.add_middleware(_Guard, requests=requests, latency=latency, max_body_bytes=max_body_bytes)
+    skipped = Counter("recforge_feedback_skipped", "Feedback log records skipped on replay", ["reason"],
+                      registry=registry)
+    for reason, n in service.log.skipped.items():
+        skipped.labels(reason).inc(n)
+    app.add_middleware(_Guard, requests=requests, latency=latency, max_body_bytes=cfg.max_body_bytes)
 
     @app.exception_handler(RecforgeError)
     async def recforge_error(request: Request, exc: RecforgeError) -> JSONResponse:
@@ -310,30 +381,47 @@ def create_app(
         log.exception("unexpected error on %s", request.url.path)
         return JSONResponse({"detail": "internal error"}, 500)
 
-    async def check_key(x_api_key: str | None = Header(default=None)) -> None:
-        if api_key and not (x_api_key and secrets.compare_digest(x_api_key, api_key)):
-            raise HTTPException(401, "missing or wrong X-API-Key header")
+    write_keys = [_key_bytes(cfg.api_key)] if cfg.api_key else []
+    read_keys = write_keys + ([_key_bytes(cfg.read_key)] if cfg.read_key else [])
+
+    def key_check(keys: list[bytes], what: str) -> Any:
+        async def check(x_api_key: str | None = Header(default=None)) -> None:
+            if not keys:
+                return
+            # Starlette decodes header bytes as latin-1: encoding back gives the bytes the client sent
+            given = x_api_key.encode("latin-1") if x_api_key is not None else b""
+            if not any(secrets.compare_digest(given, key) for key in keys):
+                raise HTTPException(401, f"missing or wrong X-API-Key header ({what})")
+        return check
+
+    check_write = key_check(write_keys, "this endpoint needs the write key")
+    check_read = key_check([] if cfg.open_reads else read_keys, "reads need a key on this service")
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         """Liveness and what is loaded."""
         return {"status": "ok", "model": m.name, "users": m.n_users_, "items": m.n_items_,
-                "feedback_events": service.n_events + len(service._pending), "artifact": service.artifact}
+                "feedback_events": service.n_events + len(service._pending)}
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[Depends(check_read)])
     async def metrics() -> Response:
-        """Prometheus text format: ``recforge_requests_total`` and ``recforge_request_seconds``."""
+        """Prometheus text format: ``recforge_requests_total``, ``recforge_request_seconds`` and
+        ``recforge_feedback_skipped_total``."""
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     # Handlers are async: they take a millisecond or two of CPU, and a thread-pool hop would cost as much.
     # Learning from feedback (partial_fit) runs in a background thread, in micro-batches.
-    @app.get("/recommend")
+    @app.get("/recommend", dependencies=[Depends(check_read)])
     async def recommend(
         user: str = Query(min_length=1, max_length=200, description="User id"),
         k: int = Query(10, ge=1, le=MAX_K),
         exclude_seen: bool = True,
     ) -> JSONResponse:
-        """Top-k items for a known user, seen items (training + feedback) excluded by default."""
+        """Top-k items for a known user, seen items (training + feedback) excluded (``exclude_seen=false`` only
+        where the service allows it)."""
+        if not exclude_seen and not cfg.allow_include_seen:
+            raise HTTPException(403, "exclude_seen=false would list the user's history; this service does not "
+                                     "allow it (recforge serve --allow-include-seen)")
         service.sync()
         u = service.user_index(user)
         with service.lock:
@@ -343,23 +431,30 @@ def create_app(
                                              extra_exclude=extra)
         return JSONResponse({"user": user, "items": _items_payload(m, items[0], top[0])})
 
-    @app.post("/recommend")
+    @app.post("/recommend", dependencies=[Depends(check_read)])
     def recommend_history(body: HistoryBody) -> dict[str, Any]:
-        """Top-k items for a session (items oldest first); unknown items are ignored."""
-        typed = np.asarray([_typed(i, m.item_map_.is_string, "item") for i in body.items])
+        """Top-k items for a session (items oldest first); unknown items are ignored. A history with no known
+        item gets the most popular items, marked ``"fallback": "popularity"``."""
+        ids = _parsed(parse_ids, body.items, m.item_map_.is_string, "item", service.limits)
+        known = m.item_map_.to_index(ids, on_unknown="keep") if len(ids) else np.zeros(0, np.int32)
+        if not (known >= 0).any():
+            top = service.popular[:body.k]
+            counts = np.bincount(m.seen_.indices, minlength=m.n_items_)[top].astype(np.float32)
+            return {"items": _items_payload(m, top, counts), "fallback": "popularity",
+                    "reason": "the history has no item this model knows"}
         with service.lock:
             try:
-                recs = m.recommend_for_history(typed, k=body.k, exclude_history=body.exclude_history,
+                recs = m.recommend_for_history(ids, k=body.k, exclude_history=body.exclude_history,
                                                on_unknown="ignore")
             except UnsupportedError as exc:
                 raise HTTPException(400, str(exc)) from None
         items = m.item_map_.to_index(recs["item_id"].to_numpy(), on_unknown="keep")
         return {"items": _items_payload(m, np.asarray(items), recs["score"].to_numpy())}
 
-    @app.get("/similar/{item}")
+    @app.get("/similar/{item}", dependencies=[Depends(check_read)])
     async def similar(item: str, k: int = Query(10, ge=1, le=MAX_K)) -> dict[str, Any]:
         """The k items most similar to ``item``."""
-        idx = service.item_indices([item])
+        idx = np.array([service.item_index(item)])
         with service.lock:
             try:
                 top, scores = m.similar_indices(idx, k)
@@ -369,21 +464,23 @@ def create_app(
 
     # Also on the event loop: an fsync of a few records takes well under a millisecond on a local SSD, while a
     # thread-pool handler waits for the interpreter lock behind every recommendation (60 ms at p99 measured).
-    @app.post("/feedback", dependencies=[Depends(check_key)])
+    @app.post("/feedback", dependencies=[Depends(check_write)])
     async def feedback(body: FeedbackBody) -> dict[str, Any]:
-        """Append events to the durable log (fsync'd before this answers) and apply them."""
+        """Check events, append them to the durable log (fsync'd before this answers) and apply them."""
         n = service.record(body.events)
         return {"accepted": n, "total": service.log.n_written}
 
     return app
 
 
+def _key_bytes(key: str) -> bytes:
+    return key.encode("utf-8")
+
+
 def create_app_from_env() -> FastAPI:
-    """App factory for ``uvicorn --factory`` (used by ``recforge serve``, also with several workers): settings
-    from ``RECFORGE_SERVE_ARTIFACT``, ``RECFORGE_SERVE_FEEDBACK``, ``RECFORGE_API_KEY`` and
-    ``RECFORGE_SERVE_MAX_BODY``."""
+    """App factory for ``uvicorn --factory`` (used by ``recforge serve``, also with several workers): the artifact
+    from ``RECFORGE_SERVE_ARTIFACT``, the settings from :meth:`ServeSettings.from_env`."""
     artifact = os.environ.get("RECFORGE_SERVE_ARTIFACT")
     if not artifact:
         raise RecforgeError("RECFORGE_SERVE_ARTIFACT is not set; start the service with `recforge serve ARTIFACT`")
-    return create_app(artifact, os.environ.get("RECFORGE_SERVE_FEEDBACK") or None,
-                      os.environ.get("RECFORGE_API_KEY") or None, int(os.environ.get("RECFORGE_SERVE_MAX_BODY", str(1 << 20))))
+    return create_app(artifact, ServeSettings.from_env())

@@ -1,10 +1,12 @@
 """A durable feedback log: every acknowledged event is on disk (fsync'd) before the service answers.
 
 Records are lines ``<crc32 hex> <json>\\n`` in segment files ``feedback-YYYYMMDD-<pid>-<n>.log`` (one per day and
-writer process, so several workers never write the same file). Replaying reads every segment in name order; a
-record whose line is incomplete (a crash in the middle of a write) or whose checksum does not match is skipped
-with a warning, never an exception. ``read_new`` returns records other writers appended since the last call, which
-is how several worker processes see each other's feedback.
+writer process, so several workers never write the same file). Replaying reads every segment in name order,
+splitting on ``\\n`` only (JSON escapes every other control byte, so a stray ``\\r`` or NUL can only be damage). A
+damaged stretch (bad checksum, bad JSON, garbage such as a block of NULs) is skipped with a warning, and reading
+resynchronises at the next intact record, also when that record shares a line with the garbage; a record whose
+content a validator refuses is skipped the same way. Nothing in a segment raises. ``read_new`` returns records
+other writers appended since the last call, which is how several worker processes see each other's feedback.
 """
 
 from __future__ import annotations
@@ -12,15 +14,23 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 import zlib
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+from recforge.errors import StorageError
 
 log = logging.getLogger(__name__)
 
 _PREFIX = "feedback-"
+_RECORD_START = re.compile(rb"[0-9a-f]{8} \{")
+
+#: Checks one replayed event: ``None`` when it is good, else the reason it is refused.
+Validator = Callable[[dict[str, Any]], "str | None"]
 
 
 def encode_record(event: dict[str, Any]) -> bytes:
@@ -46,14 +56,17 @@ def decode_line(line: bytes) -> dict[str, Any] | None:
 class FeedbackLog:
     """Append-only, fsync'd event log in ``folder`` (created if missing)."""
 
-    def __init__(self, folder: str | os.PathLike[str]) -> None:
+    def __init__(self, folder: str | os.PathLike[str], validate: Validator | None = None) -> None:
         self.folder = Path(folder)
-        self.folder.mkdir(parents=True, exist_ok=True)
+        check_folder(self.folder)
+        self.validate = validate
+        self.skipped: Counter[str] = Counter()  # why replayed records were refused: "damaged" or "invalid"
         self._day = ""
         self._file: Any = None
         self._path: Path | None = None
         self._offsets: dict[str, int] = {}
         self._own: set[str] = set()  # segments this writer created: never re-read (their records are applied)
+        self._ignored: set[str] = set()  # names like a segment that are not files (warned about once)
         self.n_written = 0
 
     # ------------------------------------------------------------------ writing
@@ -105,24 +118,54 @@ class FeedbackLog:
 
     # ------------------------------------------------------------------ reading
     def segments(self) -> list[Path]:
-        """Every segment file, oldest name first."""
-        return sorted(self.folder.glob(f"{_PREFIX}*.log"))
+        """Every segment file, oldest name first; anything else named like one (a folder, a socket) is ignored
+        with a warning."""
+        out = []
+        for path in sorted(self.folder.glob(f"{_PREFIX}*.log")):
+            if path.is_file():
+                out.append(path)
+            elif path.name not in self._ignored:
+                log.warning("feedback log: ignoring %s, which is not a regular file", path.name)
+                self._ignored.add(path.name)
+        return out
 
     def _read(self, path: Path, start: int) -> tuple[list[dict[str, Any]], int]:
         with open(path, "rb") as fh:
             fh.seek(start)
             data = fh.read()
-        events, pos = [], start
-        for line in data.splitlines(keepends=True):
-            if not line.endswith(b"\n"):
+        events: list[dict[str, Any]] = []
+        pos = 0
+        while True:
+            end = data.find(b"\n", pos)
+            if end < 0:
                 break  # an incomplete last line: a write in progress or a crash; not consumed
-            pos += len(line)
-            event = decode_line(line)
-            if event is None:
-                log.warning("feedback log %s: skipping a damaged record at byte %d", path.name, pos - len(line))
-                continue
-            events.append(event)
-        return events, pos
+            self._take(data, pos, end + 1, path, start, events)
+            pos = end + 1
+        return events, start + pos
+
+    def _take(self, data: bytes, pos: int, end: int, path: Path, start: int, events: list[dict[str, Any]]) -> None:
+        """Decode the line ``data[pos:end]``; when it is damaged, resynchronise at the first intact record
+        inside it (garbage without a newline, such as a block of NULs, glues itself to the next record)."""
+        event = decode_line(data[pos:end])
+        if event is None:
+            for match in _RECORD_START.finditer(data, pos + 1, end):
+                event = decode_line(data[match.start():end])
+                if event is not None:
+                    self._skip("damaged", path, start + pos, match.start() - pos)
+                    break
+            else:
+                self._skip("damaged", path, start + pos, end - pos)
+                return
+        reason = self.validate(event) if self.validate is not None else None
+        if reason is not None:
+            self._skip("invalid", path, start + pos, end - pos, reason)
+            return
+        events.append(event)
+
+    def _skip(self, kind: str, path: Path, at: int, size: int, reason: str = "") -> None:
+        self.skipped[kind] += 1
+        what = f"an invalid record ({reason})" if reason else "a damaged record"
+        log.warning("feedback log %s: skipping %s at byte %d (%d bytes)", path.name, what, at, size)
 
     def replay(self) -> Iterator[dict[str, Any]]:
         """Every valid record of every segment (damaged ones skipped with a warning); marks them as read."""
@@ -150,3 +193,19 @@ class FeedbackLog:
             self._offsets[path.name] = end
             out.extend(events)
         return out
+
+
+def check_folder(folder: Path) -> None:
+    """Create ``folder`` if missing; refuse one that is a file or that this process cannot write to, before the
+    service acknowledges anything."""
+    if folder.exists() and not folder.is_dir():
+        raise StorageError(f"feedback folder {str(folder)!r} is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".probe-{os.getpid()}"
+        with open(probe, "wb") as fh:
+            fh.write(b"x")
+            os.fsync(fh.fileno())
+        probe.unlink()
+    except OSError as exc:
+        raise StorageError(f"feedback folder {str(folder)!r} is not writable: {exc.strerror or exc}") from None

@@ -1,0 +1,217 @@
+"""The service and its feedback log under hostile input: every case here was once a 500, a crash at start-up, a
+leak of a user's history or silently lost data."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from recforge.data import Interactions
+from recforge.errors import StorageError
+from recforge.models import create_model
+from recforge.serve import FeedbackLog, create_app
+from recforge.serve.feedback import encode_record
+
+KEY = {"X-API-Key": "w"}
+
+
+@pytest.fixture(scope="module")
+def artifact(planted: Interactions, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("hostile") / "ease"
+    create_model("ease", reg=50.0).fit(planted).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def string_artifact(planted: Interactions, tmp_path_factory) -> Path:
+    frame = planted.to_frame()
+    frame["user_id"] = "u" + frame["user_id"].astype(str)
+    frame["item_id"] = "i" + frame["item_id"].astype(str)
+    path = tmp_path_factory.mktemp("hostile") / "pop-str"
+    create_model("pop").fit(Interactions.from_frame(frame)).save(path)
+    return path
+
+
+def _client(artifact: Path, tmp_path: Path, **settings) -> TestClient:
+    settings = {"feedback_dir": tmp_path / "fb", "api_key": "w", "apply_seconds": 0, **settings}
+    return TestClient(create_app(artifact, **settings), headers=KEY)
+
+
+# ---------------------------------------------------------------------------------------------------- feedback
+@pytest.mark.parametrize(
+    ("event", "message"),
+    [
+        ({"user": 1, "item": 1, "timestamp": 10**29}, "timestamp must be whole Unix seconds"),
+        ({"user": 1, "item": 1, "timestamp": -5}, "timestamp must be whole Unix seconds"),
+        ({"user": 2**63, "item": 1}, "outside the int64 range"),
+        ({"user": 1, "item": -(2**63) - 1}, "outside the int64 range"),
+        ({"user": "1_0", "item": 1}, "plain ASCII digits"),
+        ({"user": " 1 ", "item": 1}, "plain ASCII digits"),
+        ({"user": "\uff11", "item": 1}, "plain ASCII digits"),
+        ({"user": True, "item": 1}, "user"),
+        ({"user": 1, "item": 1.5}, "item"),
+        ({"user": 1, "item": 1, "rating": 1e308}, "rating range"),
+        ({"user": 1, "item": 1, "rating": True}, "rating"),
+    ],
+)
+def test_bad_events_are_refused_before_they_are_logged(artifact: Path, tmp_path: Path, event: dict,
+                                                       message: str) -> None:
+    client = _client(artifact, tmp_path)
+    response = client.post("/feedback", json={"events": [{"user": 1, "item": 1}, event]})
+    assert response.status_code == 422 and message in response.json()["detail"], response.text
+    assert list(FeedbackLog(tmp_path / "fb").replay()) == []  # nothing of the batch was acknowledged
+    assert _client(artifact, tmp_path).get("/health").status_code == 200  # and a restart is fine
+
+
+def test_a_logged_record_that_cannot_be_applied_is_skipped_on_replay(artifact: Path, planted: Interactions,
+                                                                     tmp_path: Path, caplog) -> None:
+    folder = tmp_path / "fb"
+    folder.mkdir()
+    good = {"user": int(planted.user_map.ids[0]), "item": int(planted.item_map.ids[0]), "timestamp": 5}
+    bad = [{"user": 1, "item": 1, "timestamp": 10**29}, {"user": 2**64, "item": 1}, {"user": 1}]
+    (folder / "feedback-20240101-1-0.log").write_bytes(b"".join(encode_record(e) for e in [*bad, good]))
+    with caplog.at_level(logging.WARNING):
+        client = _client(artifact, tmp_path)
+    assert client.get("/health").json()["feedback_events"] == 1
+    assert caplog.text.count("invalid record") == 3
+    assert 'recforge_feedback_skipped_total{reason="invalid"} 3.0' in client.get("/metrics").text
+
+
+def test_one_batch_cannot_grow_the_catalogue_without_bound(artifact: Path, tmp_path: Path) -> None:
+    client = _client(artifact, tmp_path)
+    events = [{"user": 1, "item": 10_000 + i} for i in range(101)]
+    response = client.post("/feedback", json={"events": events})
+    assert response.status_code == 422 and "101 items the model does not know" in response.json()["detail"]
+    assert client.post("/feedback", json={"events": events[:100]}).status_code == 200
+
+
+def test_string_ids_have_a_length_limit(string_artifact: Path, tmp_path: Path) -> None:
+    client = _client(string_artifact, tmp_path)
+    long_id = "x" * 65
+    response = client.post("/feedback", json={"events": [{"user": long_id, "item": "i1"}]})
+    assert response.status_code == 422 and "1 to 64 characters" in response.json()["detail"]
+    assert client.get("/recommend", params={"user": long_id}).status_code == 422
+    assert client.post("/feedback", json={"events": [{"user": "x" * 64, "item": "i1"}]}).status_code == 200
+    # a string-id model takes JSON integers as their decimal strings
+    assert client.post("/feedback", json={"events": [{"user": 5, "item": "i1"}]}).status_code == 200
+    assert [e["user"] for e in FeedbackLog(tmp_path / "fb").replay()] == ["x" * 64, "5"]
+
+
+# ---------------------------------------------------------------------------------------------------- ids in reads
+@pytest.mark.parametrize("user", ["99999999999999999999999", "1_0", " 1 ", "\uff11", "1.0", "-"])
+def test_malformed_or_huge_ids_are_422_not_500(artifact: Path, tmp_path: Path, user: str) -> None:
+    client = _client(artifact, tmp_path)
+    assert client.get("/recommend", params={"user": user}).status_code == 422
+    assert client.get(f"/similar/{user}").status_code == 422
+    assert client.post("/recommend", json={"items": [user]}).status_code == 422
+
+
+def test_history_bodies_are_strict_and_fall_back_to_popularity(artifact: Path, planted: Interactions,
+                                                                tmp_path: Path) -> None:
+    client = _client(artifact, tmp_path)
+    assert client.post("/recommend", json={"items": [True]}).status_code == 422
+    assert client.post("/recommend", json={"items": [1.0]}).status_code == 422
+    counts = np.bincount(planted.items, minlength=planted.n_items)
+    popular = [int(planted.item_map.ids[i]) for i in np.argsort(-counts, kind="stable")[:3]]
+    for items in ([], [10**9, 10**9 + 1]):
+        body = client.post("/recommend", json={"items": items, "k": 3}).json()
+        assert body["fallback"] == "popularity" and [r["item_id"] for r in body["items"]] == popular
+
+
+# ---------------------------------------------------------------------------------------------------- auth, privacy
+def test_reads_need_a_key_and_the_history_stays_private(artifact: Path, planted: Interactions,
+                                                        tmp_path: Path) -> None:
+    app = create_app(artifact, feedback_dir=tmp_path / "fb", api_key="w", read_key="r")
+    anonymous, reader, writer = TestClient(app), TestClient(app, headers={"X-API-Key": "r"}), TestClient(app, headers=KEY)
+    user = int(planted.user_map.ids[0])
+    for path in ("/recommend", "/similar/1", "/metrics"):
+        assert anonymous.get(path, params={"user": user}).status_code == 401
+    assert anonymous.get("/health").status_code == 200 and "artifact" not in anonymous.get("/health").json()
+    assert reader.get("/recommend", params={"user": user}).status_code == 200
+    assert reader.post("/feedback", json={"events": [{"user": user, "item": 1}]}).status_code == 401
+    assert writer.get("/recommend", params={"user": user}).status_code == 200
+    refused = reader.get("/recommend", params={"user": user, "exclude_seen": "false"})
+    assert refused.status_code == 403 and "--allow-include-seen" in refused.json()["detail"]
+    opened = TestClient(create_app(artifact, feedback_dir=tmp_path / "fb2", api_key="w", open_reads=True,
+                                   allow_include_seen=True))
+    assert opened.get("/recommend", params={"user": user, "exclude_seen": "false"}).status_code == 200
+    assert opened.post("/feedback", json={"events": [{"user": user, "item": 1}]}).status_code == 401
+
+
+def test_keys_are_compared_as_utf8_bytes(artifact: Path, tmp_path: Path) -> None:
+    client = TestClient(create_app(artifact, feedback_dir=tmp_path / "fb", api_key="clé"))
+    assert client.get("/metrics", headers={"X-API-Key": "clé".encode()}).status_code == 200
+    assert client.get("/metrics", headers={"X-API-Key": "clè".encode()}).status_code == 401
+    assert client.get("/metrics", headers={"X-API-Key": b"\xff\xfe"}).status_code == 401
+
+
+# ---------------------------------------------------------------------------------------------------- bounds
+def test_metrics_label_only_known_routes(artifact: Path, tmp_path: Path) -> None:
+    client = _client(artifact, tmp_path)
+    for n in range(50):
+        assert client.get(f"/random-{n}").status_code == 404
+    text = client.get("/metrics").text
+    assert "random-" not in text and 'endpoint="other",status="404"} 50.0' in text
+
+
+def test_a_chunked_body_over_the_limit_is_413(artifact: Path, tmp_path: Path) -> None:
+    client = _client(artifact, tmp_path, max_body_bytes=1000)
+
+    def chunks():
+        yield b'{"events": ['
+        for _ in range(200):
+            yield b'{"user": 1, "item": 1},'
+        yield b'{"user": 1, "item": 1}]}'
+
+    response = client.post("/feedback", content=chunks(), headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "larger than 1000 bytes" in response.json()["detail"]
+    small = client.post("/feedback", content=iter([b'{"events": [{"user": 1, ', b'"item": 1}]}']),
+                        headers={"content-type": "application/json"})
+    assert small.status_code == 200, small.text
+
+
+# ---------------------------------------------------------------------------------------------------- the log
+def _segment(folder: Path, n: int) -> tuple[Path, list[bytes]]:
+    folder.mkdir(exist_ok=True)
+    records = [encode_record({"user": i, "item": i}) for i in range(n)]
+    path = folder / "feedback-20240101-1-0.log"
+    path.write_bytes(b"".join(records))
+    return path, records
+
+
+def test_a_damaged_byte_loses_one_record_not_the_rest(tmp_path: Path, caplog) -> None:
+    path, records = _segment(tmp_path, 100)
+    data = bytearray(path.read_bytes())
+    at = sum(len(r) for r in records[:49]) + 20  # inside record 50
+    data[at] = ord("\r")
+    path.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING):
+        log = FeedbackLog(tmp_path)
+        users = [e["user"] for e in log.replay()]
+    assert users == [i for i in range(100) if i != 49]
+    assert "half-written" not in caplog.text and log.skipped["damaged"] == 1
+
+
+def test_garbage_without_a_newline_does_not_swallow_the_next_record(tmp_path: Path) -> None:
+    path, records = _segment(tmp_path, 10)
+    data = b"".join(records[:5]) + b"\0" * 4096 + b"".join(records[5:])
+    path.write_bytes(data)
+    assert [e["user"] for e in FeedbackLog(tmp_path).replay()] == list(range(10))
+    path.write_bytes(b"".join(records[:3]) + b"junk 12 {" + records[3][:-5] + b"".join(records[4:]))
+    assert [e["user"] for e in FeedbackLog(tmp_path).replay()] == [0, 1, 2, *range(4, 10)]
+
+
+def test_the_feedback_folder_is_checked(tmp_path: Path, caplog) -> None:
+    (tmp_path / "feedback-20240101-1-0.log").mkdir()  # a folder named like a segment
+    with caplog.at_level(logging.WARNING):
+        assert list(FeedbackLog(tmp_path).replay()) == []
+    assert "not a regular file" in caplog.text
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(StorageError, match="not a folder"):
+        FeedbackLog(tmp_path / "file")
+    with pytest.raises(StorageError, match="not writable"):  # /proc refuses even root
+        FeedbackLog("/proc/recforge-feedback")
