@@ -91,7 +91,8 @@ async def _load(port: int, rate: float, seconds: float, users: list, items: list
     kinds = np.zeros(n, np.int8)
     base = f"http://127.0.0.1:{port}"
     conn = aiohttp.TCPConnector(limit=512)
-    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=10)) as session:
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=10),
+                                     headers={"X-API-Key": "bench"}) as session:
         t0 = time.perf_counter() + 0.1
 
         async def one(i: int) -> None:

@@ -11,6 +11,8 @@ from typing import Any, Literal
 import numpy as np
 import scipy.sparse as sp
 
+from recforge.errors import ArtifactError
+
 Merge = Literal["sum", "replace", "ones"]
 
 
@@ -63,7 +65,22 @@ def csr_to_state(prefix: str, mat: sp.csr_matrix, sep: str = ".") -> dict[str, n
 
 
 def csr_from_state(prefix: str, state: dict[str, Any], shape: tuple[int, int], sep: str = ".") -> sp.csr_matrix:
-    """The inverse of :func:`csr_to_state`."""
-    return sp.csr_matrix(
-        (state[f"{prefix}{sep}data"], state[f"{prefix}{sep}indices"], state[f"{prefix}{sep}indptr"]), shape=shape
-    )
+    """The inverse of :func:`csr_to_state` (without a ``data`` array: a pattern of ones). The arrays come from an
+    artifact, so they are checked first: :class:`ArtifactError` names a missing array, row pointers that do not
+    start at 0, decrease or miss the end, or column indices outside ``shape``."""
+    name = f"{prefix}{sep}"
+    try:
+        indptr, indices = np.asarray(state[f"{name}indptr"]), np.asarray(state[f"{name}indices"])
+    except KeyError as exc:
+        raise ArtifactError(f"the saved state lacks {exc.args[0]!r}") from None
+    data = state.get(f"{name}data")
+    data = np.ones(len(indices), np.float32) if data is None else np.asarray(data)
+    if indptr.ndim != 1 or len(indptr) != shape[0] + 1 or indptr.dtype.kind not in "iu":
+        raise ArtifactError(f"{prefix} row pointers have shape {indptr.shape}, expected ({shape[0] + 1},)")
+    if indices.ndim != 1 or indices.dtype.kind not in "iu" or data.shape != indices.shape:
+        raise ArtifactError(f"{prefix} needs one-dimensional integer column indices and one value per index")
+    if indptr[0] != 0 or indptr[-1] != len(indices) or (np.diff(indptr) < 0).any():
+        raise ArtifactError(f"{prefix} row pointers must start at 0, never decrease and end at {len(indices)}")
+    if len(indices) and (indices.min() < 0 or indices.max() >= shape[1]):
+        raise ArtifactError(f"{prefix} column indices fall outside 0..{shape[1] - 1}")
+    return sp.csr_matrix((data, indices, indptr), shape=shape)

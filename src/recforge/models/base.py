@@ -26,7 +26,7 @@ from safetensors.numpy import load_file, save_file
 
 import recforge
 from recforge.core.params import Constraint, check_k, check_params, translate_renamed
-from recforge.core.sparse import merge_csr, pad_csr, pattern
+from recforge.core.sparse import csr_from_state, merge_csr, pad_csr, pattern
 from recforge.core.topk import batch_rows, mask_and_topk
 from recforge.data.idmap import IdMap
 from recforge.data.interactions import Interactions
@@ -39,12 +39,14 @@ from recforge.errors import (
     ParameterError,
     UnsupportedError,
 )
+from recforge.models.artifact import check_hashes, check_ids, check_meta, check_state, file_hashes
 from recforge.models.registry import get_model_class
 
 log = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = "recforge-model"
-ARTIFACT_VERSION = 1
+#: 2 adds the SHA-256 of the array files to model.json; version 1 artifacts still load (with a warning).
+ARTIFACT_VERSION = 2
 
 
 class Recommender:
@@ -56,6 +58,11 @@ class Recommender:
     """
 
     name: ClassVar[str] = ""
+    #: Shapes of the arrays ``_state`` saves, checked on load: dims are ints, ``"users"``, ``"items"``, integer
+    #: parameters, other names (equal wherever they recur) or ``None`` (see :func:`recforge.models.artifact.check_state`).
+    state_shapes: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    #: Saved arrays of indices and what they index (``"users"``, ``"items"`` or a name in ``state_shapes``).
+    state_indices: ClassVar[dict[str, str]] = {}
     #: True for models that predict ratings (they also implement ``predict``).
     predicts_ratings: ClassVar[bool] = False
     #: True for models that implement ``_grow`` and ``_partial_fit`` (incremental updates).
@@ -487,49 +494,82 @@ class Recommender:
             titles = getattr(self, "item_titles_", None)
             extra = {} if titles is None else {"item_titles": titles}
             np.savez(tmp / "ids.npz", users=self.user_map_.ids, items=self.item_map_.ids, **extra)
+            meta["sha256"] = file_hashes(tmp)
             (tmp / "model.json").write_text(json.dumps(meta, indent=2, default=_json_default))
         return Path(path)
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> Recommender:
-        """Load a model saved by :meth:`save`. Called on the base class, it returns whatever model was saved."""
+        """Load a model saved by :meth:`save`. Called on the base class, it returns whatever model was saved.
+
+        Everything is checked before use (:mod:`recforge.models.artifact`): the array files' hashes, the structure
+        of ``model.json``, the parameters, the id maps, and every array's shape, dtype and index range; any
+        problem is an :class:`ArtifactError` naming it."""
         p = Path(path)
+        where = repr(str(p))
         meta_path = p / "model.json"
         if not meta_path.is_file():
-            raise ArtifactError(f"{str(p)!r} is not a recforge model artifact (no model.json)")
+            raise ArtifactError(f"{where} is not a recforge model artifact (no model.json)")
         try:
             meta = json.loads(meta_path.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ArtifactError(f"{str(meta_path)!r} is not valid JSON: {exc}") from None
-        if meta.get("format") != ARTIFACT_FORMAT or meta.get("format_version") != ARTIFACT_VERSION:
-            raise ArtifactError(
-                f"{str(p)!r} has format {meta.get('format')!r} v{meta.get('format_version')}; "
-                f"this recforge reads {ARTIFACT_FORMAT!r} v{ARTIFACT_VERSION}"
-            )
-        model_cls = get_model_class(meta["model"])
-        if cls is not Recommender and not issubclass(model_cls, cls):
-            raise ArtifactError(f"{str(p)!r} holds a {model_cls.__name__}, not a {cls.__name__}")
+        version = meta.get("format_version") if isinstance(meta, dict) else None
+        if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT or version not in (1, ARTIFACT_VERSION):
+            found = (meta.get("format"), version) if isinstance(meta, dict) else (type(meta).__name__, None)
+            raise ArtifactError(f"{where} has format {found[0]!r} v{found[1]}; this recforge reads "
+                                f"{ARTIFACT_FORMAT!r} v1 and v{ARTIFACT_VERSION}")
+        if version == 1:  # saved before artifacts carried hashes
+            log.warning("%s was saved by an older recforge: no content hash to verify; save it again", where)
+            meta = {**meta, "sha256": meta.get("sha256", {})}
+        check_meta(meta, where)
         try:
+            model_cls = get_model_class(meta["model"])
+        except KeyError as exc:
+            raise ArtifactError(f"{where} holds an unknown model: {exc}") from None
+        if cls is not Recommender and not issubclass(model_cls, cls):
+            raise ArtifactError(f"{where} holds a {model_cls.__name__}, not a {cls.__name__}")
+        try:
+            if version != 1:
+                check_hashes(p, meta["sha256"], where)
             arrays = load_file(str(p / "arrays.safetensors"))
             with np.load(p / "ids.npz", allow_pickle=False) as ids:
                 user_ids, item_ids = ids["users"], ids["items"]
                 titles = ids["item_titles"] if "item_titles" in ids.files else None
         except (OSError, ValueError, KeyError, SafetensorError) as exc:
-            raise ArtifactError(f"{str(p)!r} is incomplete or corrupt: {exc}") from None
+            raise ArtifactError(f"{where} is incomplete or corrupt: {exc}") from None
         try:  # the stored parameters are checked like a user's (an artifact may be edited or come from elsewhere)
-            model = model_cls(**model_cls.check_param_names(dict(meta.get("params") or {})))
+            model = model_cls(**model_cls.check_param_names(dict(meta["params"])))
             model.check_params()
         except ParameterError as exc:
-            raise ArtifactError(f"{str(p)!r} holds parameters this recforge refuses: {exc}") from None
-        model.user_map_ = IdMap(user_ids)
-        model.item_map_ = IdMap(item_ids)
-        model.item_titles_ = titles
-        indptr, indices = arrays.pop("seen.indptr"), arrays.pop("seen.indices")
-        model.seen_ = sp.csr_matrix(
-            (np.ones(len(indices), np.float32), indices, indptr), shape=(len(user_ids), len(item_ids))
-        )
-        model._load_state({**arrays, **meta.get("scalars", {})})
+            raise ArtifactError(f"{where} holds parameters this recforge refuses: {exc}") from None
+        n_users, n_items = meta["n_users"], meta["n_items"]
+        check_ids(user_ids, n_users, "user", where)
+        check_ids(item_ids, n_items, "item", where)
+        if titles is not None and (titles.ndim != 1 or len(titles) != n_items):
+            raise ArtifactError(f"{where}: {len(titles)} item titles for {n_items} items")
+        scalars = meta["scalars"]
+        sizes = {"users": n_users, "items": n_items,
+                 **{k: v for k, v in model.get_params().items() if isinstance(v, int) and not isinstance(v, bool)}}
+        check_state(arrays, scalars, model_cls.state_shapes, model_cls.state_indices, sizes, where)
+        try:
+            model.user_map_ = IdMap(user_ids)
+            model.item_map_ = IdMap(item_ids)
+            model.item_titles_ = titles
+            model.seen_ = csr_from_state("seen", {k: arrays.pop(k) for k in ("seen.indptr", "seen.indices")},
+                                         (n_users, n_items))
+            model._load_state({**arrays, **scalars})
+            model._check_loaded()
+        except ArtifactError as exc:
+            raise ArtifactError(f"{where}: {exc}") from None
+        except (KeyError, ValueError, TypeError, IndexError, RuntimeError, DataError) as exc:
+            what = f"lacks {exc.args[0]!r}" if isinstance(exc, KeyError) else f"does not fit: {exc}"
+            raise ArtifactError(f"{where}: the {model_cls.__name__} state {what}"[:500]) from None
         return model
+
+    def _check_loaded(self) -> None:
+        """Checks of a loaded model beyond :attr:`state_shapes` (raise :class:`ArtifactError`); override where the
+        state has relations shapes cannot express."""
 
 
 class RatingPredictor(Recommender):

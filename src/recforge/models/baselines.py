@@ -42,6 +42,8 @@ class MostPopular(Recommender):
     Ties go to the smaller item index.
     """
 
+    state_shapes: ClassVar[dict[str, tuple[Any, ...]]] = {"popularity": ("items",)}
+
     param_constraints: ClassVar[dict[str, Constraint]] = {
         "by": Choice("count", "users"),
         "half_life_days": Real(0, strict=True, optional=True),
@@ -140,6 +142,8 @@ class BiasBaseline(_RatingBaseline):
     holdout of ML-100K ``u1.base``; with them the mean RMSE over the official folds u1..u5 is 0.9413.
     (``epochs`` was called ``n_iter`` before 0.2.)
     """
+
+    state_shapes: ClassVar[dict[str, tuple[Any, ...]]] = {"user_bias": ("users",), "item_bias": ("items",)}
 
     param_constraints: ClassVar[dict[str, Constraint]] = {
         "item_reg": Real(0),

@@ -57,6 +57,12 @@ class ContentBased(Recommender):
     noise of TF-IDF (0.0247 vs 0.0231), so the dependency-free encoder is the default.
     """
 
+    state_shapes: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "item_vectors": ("items", "dim"), "user_profiles": ("users", "dim"), "last_items": ("users",),
+        "neighbors": ("items", "n_stored"), "neighbor_scores": ("items", "n_stored"),
+    }
+    state_indices: ClassVar[dict[str, str]] = {"last_items": "items", "neighbors": "items"}
+
     supports_partial_fit = True
     renamed_params: ClassVar[dict[str, str]] = {"half_life": "half_life_events"}
     param_constraints: ClassVar[dict[str, Constraint]] = {

@@ -7,7 +7,7 @@ A factor model sets ``user_factors_`` (n_users × k) and ``item_factors_`` (n_it
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -20,6 +20,11 @@ _OPTIONAL = ("user_bias", "item_bias")
 
 class FactorModel(Recommender):
     """Base class of models that score with ``user_factors_ @ item_factors_.T`` plus optional biases."""
+
+    state_shapes: ClassVar[dict[str, tuple[Any, ...]]] = {
+        "user_factors": ("users", "factors"), "item_factors": ("items", "factors"),
+        "user_bias": ("users",), "item_bias": ("items",),
+    }
 
     user_bias_: np.ndarray | None = None
     item_bias_: np.ndarray | None = None

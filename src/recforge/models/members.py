@@ -6,9 +6,12 @@ import inspect
 import json
 from typing import Any
 
+import numpy as np
+
 from recforge.core.params import Custom
 from recforge.data.interactions import Interactions
-from recforge.errors import ParameterError
+from recforge.errors import ArtifactError, ParameterError
+from recforge.models.artifact import check_state
 from recforge.models.base import Recommender
 from recforge.models.registry import get_model_class
 
@@ -62,13 +65,29 @@ def members_state(members: list[Recommender]) -> dict[str, Any]:
 
 
 def restore_members(parent: Recommender, state: dict[str, Any]) -> list[Recommender]:
-    """Rebuild the members saved by :func:`members_state`, sharing ``parent``'s maps and seen items."""
+    """Rebuild the members saved by :func:`members_state`, sharing ``parent``'s maps and seen items; each member's
+    parameters and arrays are checked as a whole artifact's are."""
+    specs = json.loads(state["members"])
+    if not isinstance(specs, list) or not all(isinstance(s, dict) and isinstance(s.get("name"), str)
+                                              and isinstance(s.get("params"), dict) for s in specs):
+        raise ArtifactError("the saved members must be a list of {name, params} objects")
+    sizes = {"users": parent.n_users_, "items": parent.n_items_}
     out = []
-    for i, spec in enumerate(json.loads(state["members"])):
-        member = get_model_class(spec["name"])(**spec["params"])
+    for i, spec in enumerate(specs):
+        cls = get_model_class(spec["name"])
+        try:
+            member = cls(**cls.check_param_names(dict(spec["params"])))
+            member.check_params()
+        except ParameterError as exc:
+            raise ArtifactError(f"member {i} ({spec['name']}): {exc}") from None
         sync_member(parent, member)
         prefix = f"m{i}."
-        member._load_state({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        own = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        arrays = {k: v for k, v in own.items() if isinstance(v, np.ndarray)}
+        scalars = {k: v for k, v in own.items() if not isinstance(v, np.ndarray)}
+        check_state(arrays, scalars, cls.state_shapes, cls.state_indices, sizes, f"member {i} ({spec['name']})")
+        member._load_state(own)
+        member._check_loaded()
         out.append(member)
     return out
 

@@ -25,7 +25,7 @@ from recforge.core.sparse import csr_from_state, csr_to_state, merge_csr, pad_cs
 from recforge.core.threads import thread_limits
 from recforge.core.topk import UNSCORED, heap_push, mask_and_topk
 from recforge.data.interactions import Interactions
-from recforge.errors import DataError
+from recforge.errors import ArtifactError, DataError
 from recforge.models.base import Recommender
 from recforge.models.registry import register
 
@@ -265,6 +265,8 @@ class ItemItemModel(Recommender):
     nothing to scores and rank after every fitted item (score ``UNSCORED``) until the next ``fit``.
     """
 
+    state_shapes: ClassVar[dict[str, tuple[Any, ...]]] = {"W": ("items", "items")}
+
     supports_partial_fit: ClassVar[bool] = True
     values: str = "binary"
 
@@ -347,6 +349,8 @@ class ItemItemModel(Recommender):
         n_users, n_items = self.n_users_, self.n_items_
         self.X_ = csr_from_state("X", state, (n_users, n_items))
         self.n_fitted_items_ = int(state.get("n_fitted_items", n_items))
+        if not 0 <= self.n_fitted_items_ <= n_items:
+            raise ArtifactError(f"n_fitted_items {self.n_fitted_items_} is outside 0..{n_items}")
         if "W" in state:
             self.weights_ = np.ascontiguousarray(state["W"], dtype=np.float32)
         else:

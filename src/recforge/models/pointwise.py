@@ -207,6 +207,11 @@ class PointwiseMF(FactorModel):
     0.0680 / 0.0321 with the defaults); focal loss and smoothing did not help on these data.
     """
 
+    state_shapes: ClassVar[dict[str, tuple[Any, ...]]] = {
+        **FactorModel.state_shapes, "grad_sq_user": ("users", "factors"), "grad_sq_item": ("items", "factors"),
+        "grad_sq_user_bias": ("users",), "grad_sq_item_bias": ("items",), "grad_sq_global": (1,),
+    }
+
     def __init__(
         self,
         n_factors: int = 64,

@@ -443,6 +443,10 @@ class SVDpp(_SGDRatingModel):
     speed target (a tenth of Surprise's SVD++ time); :class:`~recforge.models.blend.Blend` uses 200.
     """
 
+    state_shapes: ClassVar[dict[str, tuple[Any, ...]]] = {
+        **FactorRatingModel.state_shapes, "user_explicit": ("users", "factors"), "item_implicit": ("items", "factors"),
+    }
+
     def __init__(
         self,
         n_factors: int = 50,

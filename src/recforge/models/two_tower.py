@@ -297,6 +297,8 @@ class TwoTower(Recommender):
     The fit stops early: about 16 epochs on ML-100K (30 s on one CPU thread) and 11 on ml-latest-small (31 s).
     """
 
+    state_shapes: ClassVar[dict[str, tuple[Any, ...]]] = {"user_vectors": ("users", "dim"), "item_vectors": ("items", "dim")}
+
     supports_validation: ClassVar[bool] = True
     supports_partial_fit: ClassVar[bool] = False
     supports_continue: ClassVar[bool] = True

@@ -23,7 +23,7 @@ from recforge.core.params import Boolean, Constraint, Integer, Real, parameter_e
 from recforge.core.topk import UNSCORED
 from recforge.core.validation import RankingValidator
 from recforge.data.interactions import Interactions
-from recforge.errors import DataError
+from recforge.errors import ArtifactError, DataError
 from recforge.models.base import Recommender
 from recforge.neural.checkpoint import numpy_to_state, state_to_numpy
 from recforge.neural.sequences import (
@@ -304,6 +304,21 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
         net.load_state_dict(numpy_to_state(state, "net."))
         self.device_ = resolve_device(self.device)
         self.net_ = net.to(self.device_).eval()
+
+    def _check_loaded(self) -> None:
+        """Saved tokens index the network's embedding table: every one must lie inside it."""
+        limit = n_tokens(int(self.net_.n_items))
+        offsets, tokens = self.history_.offsets, self.history_.tokens
+        for name, arr, length in (("vocab", self.vocab_, self.n_items_), ("history.offsets", offsets, self.n_users_ + 1)):
+            if arr.ndim != 1 or len(arr) != length or arr.dtype.kind not in "iu":
+                raise ArtifactError(f"{name} must hold {length} integers, got shape {arr.shape} ({arr.dtype})")
+        if offsets[0] != 0 or offsets[-1] != len(tokens) or (np.diff(offsets) < 0).any():
+            raise ArtifactError(f"history.offsets must start at 0, never decrease and end at {len(tokens)}")
+        for name, arr in (("vocab", self.vocab_), ("history.tokens", tokens)):
+            if arr.dtype.kind not in "iu" or (arr.size and (arr.min() < 0 or arr.max() >= limit)):
+                raise ArtifactError(f"{name} holds tokens outside 0..{limit - 1}")
+        if self.item_counts_ is not None and len(self.item_counts_) < self.net_.n_items:
+            raise ArtifactError(f"item_counts has {len(self.item_counts_)} entries for {self.net_.n_items} items")
 
 
 def token_log_q(item_counts: np.ndarray | None, n_items: int) -> torch.Tensor:
