@@ -185,3 +185,14 @@ def test_evaluate_with_item_side_data_and_validation(tmp_path: Path) -> None:
     assert 1 <= json.loads(sas.stdout)["params"]["epochs"] <= 4  # early-stopped on VALID, then refitted
     no_items = run("evaluate", *files[:6], "--model", "content")
     assert no_items.returncode == 2 and "side data" in no_items.stderr
+
+
+def test_json_output_is_strict_json(capsys, caplog) -> None:
+    import numpy as np
+
+    from recforge.cli import _echo_json
+
+    _echo_json({"rmse": float("nan"), "hr": np.float32(0.5), "n": np.int64(3), "ci": [1.0, float("inf")]})
+    text = capsys.readouterr().out
+    assert json.loads(text) == {"rmse": None, "hr": 0.5, "n": 3, "ci": [1.0, None]}
+    assert "NaN" not in text and "Infinity" not in text and "rmse, ci[1]" in caplog.text

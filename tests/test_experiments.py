@@ -286,3 +286,26 @@ def test_scoreblend_with_any_member_is_tuned_and_refitted(tmp_path: Path) -> Non
     weights = res.params["scoreblend"]["weights"]
     assert len(weights) == 2 and sum(weights) == pytest.approx(1.0)
     assert set(_rows(tmp_path / "b", "scoreblend").index) == {"select", "test"}
+
+
+def test_cold_test_users_are_left_out_and_reported(planted, tmp_path: Path) -> None:
+    from recforge.experiments import compare
+
+    frame = planted.to_frame()
+    users = frame["user_id"].unique()
+    train = frame[frame["user_id"].isin(users[:200])]
+    test = frame[frame["user_id"].isin(users[150:])].groupby("user_id").tail(2)  # 150 users, 100 of them cold
+    (tmp_path / "train.csv").write_text(train.to_csv(index=False))
+    results = {}
+    for rename in (False, True):
+        cold_test = test.copy()
+        if rename:  # what the cold users' items are called must not move the metrics
+            cold = cold_test["user_id"].isin(users[200:])
+            cold_test.loc[cold, "item_id"] = cold_test.loc[cold, "item_id"].max()
+        (tmp_path / "test.csv").write_text(cold_test.to_csv(index=False))
+        files = {"train": str(tmp_path / "train.csv"), "test": str(tmp_path / "test.csv")}
+        result = compare(files, ["ease"], progress=False, out=tmp_path / f"c{rename}", validation="off")
+        assert result.notes["cold_test_users"] == 100
+        assert result.results["ease"].summary["users"] == 50
+        results[rename] = result.results["ease"].summary["ndcg@10"]
+    assert results[False] == results[True]

@@ -177,3 +177,13 @@ def test_side_data_items_join_the_item_map() -> None:
     assert cold.item_data["title"].tolist() == ["A", "B", "C"] and cold.item_counts().tolist() == [1, 1, 0]
     with pytest.raises(DataError, match="side_data_items"):
         Interactions.from_frame(events, side_data_items=True)
+
+
+def test_ids_beyond_int64_come_back_exactly(tmp_path) -> None:
+    big = [2**63, 2**64 - 1, 5]
+    (tmp_path / "big.csv").write_text("user_id,item_id\n" + "".join(f"{u},1\n" for u in big))
+    inter = Interactions.from_file(tmp_path / "big.csv")
+    assert sorted(inter.to_frame()["user_id"].tolist()) == sorted(str(u) for u in big)
+    frame = pd.DataFrame({"user_id": [2.0**60, 1.0], "item_id": [1, 2]})
+    with pytest.raises(DataError, match="beyond 2\\*\\*53"):
+        Interactions.from_frame(frame)

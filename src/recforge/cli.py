@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import numbers
 import os
 import sys
 from pathlib import Path
@@ -67,7 +69,28 @@ def _model(name: str, assignments: list[str] | None, quiet: bool = False) -> Any
 
 
 def _echo_json(obj: Any) -> None:
-    typer.echo(json.dumps(obj, indent=None, sort_keys=True, default=float))
+    """Print ``obj`` as strict JSON: NaN and infinities (which JSON cannot hold) become null, with a warning
+    naming where."""
+    bad: list[str] = []
+    typer.echo(json.dumps(_finite(obj, "", bad), indent=None, sort_keys=True, default=float, allow_nan=False))
+    if bad:
+        logging.getLogger("recforge").warning("not a finite number, printed as null: %s%s", ", ".join(bad[:5]),
+                                              f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+
+
+def _finite(obj: Any, where: str, bad: list[str]) -> Any:
+    if isinstance(obj, dict):
+        return {k: _finite(v, f"{where}.{k}" if where else str(k), bad) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_finite(v, f"{where}[{i}]", bad) for i, v in enumerate(obj)]
+    if isinstance(obj, numbers.Integral) and not isinstance(obj, bool):
+        return int(obj)
+    if isinstance(obj, numbers.Real):
+        if not math.isfinite(obj):
+            bad.append(where)
+            return None
+        return float(obj)
+    return obj
 
 
 # ---------------------------------------------------------------------------------------------- datasets
@@ -250,11 +273,13 @@ def evaluate_cmd(
         raise DataError(f"{model} could not be evaluated: {result.skipped[model]}")
     summary = dict(result.results[model].summary)
     if as_json:
-        _echo_json({**summary, "params": result.params[model]})
+        _echo_json({**summary, "params": result.params[model], **({"notes": result.notes} if result.notes else {})})
     else:
         for key in sorted(summary):
             typer.echo(f"{key:>14}: {summary[key]:.4f}")
         typer.echo(f"{'params':>14}: {json.dumps(result.params[model], sort_keys=True, default=str)}")
+        for key, value in result.notes.items():
+            typer.echo(f"{key:>14}: {value}")
 
 
 # ---------------------------------------------------------------------------------------------- recommend

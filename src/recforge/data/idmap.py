@@ -23,6 +23,10 @@ def _as_id_array(values: object, what: str) -> np.ndarray:
         arr = np.asarray(values)
     if arr.ndim != 1:
         arr = arr.reshape(-1)
+    if arr.dtype.kind == "u" and len(arr) and arr.max() > np.iinfo(np.int64).max:
+        # int64 would wrap them negative; as strings they still come back exactly as given
+        log.warning("%s above 2**63-1 do not fit int64: every one of them is kept as a string", what)
+        return arr.astype(str)
     if arr.dtype.kind in "iu":
         return arr.astype(np.int64, copy=False)
     if arr.dtype.kind == "f":
@@ -30,6 +34,9 @@ def _as_id_array(values: object, what: str) -> np.ndarray:
             raise DataError(f"{what} contain NaN; drop or fill those rows before building the dataset")
         if not np.all(arr == np.round(arr)):
             raise DataError(f"{what} are non-integer floats; ids must be integers or strings")
+        if len(arr) and np.abs(arr).max() > 2.0**53:
+            raise DataError(f"{what} are floats beyond 2**53, where floats skip integers; read the id column "
+                            "as integers or strings")
         return arr.astype(np.int64)
     if arr.dtype.kind == "b":
         raise DataError(f"{what} are booleans; ids must be integers or strings")

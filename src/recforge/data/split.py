@@ -8,7 +8,8 @@ timestamps, by row order. All random splitters take a ``seed`` and give the same
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -27,6 +28,8 @@ class Split:
     valid: Interactions | None = None
     history: Interactions | None = None
     name: str = ""
+    #: What was done to the parts and a reader should know (e.g. ``cold_test_users``: test users left out).
+    notes: dict[str, Any] = field(default_factory=dict)
 
     @property
     def train_valid(self) -> Interactions:

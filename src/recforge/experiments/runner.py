@@ -82,6 +82,8 @@ class ExperimentResult:
     skipped: dict[str, str] = field(default_factory=dict)
     trials: dict[str, list[TrialResult]] = field(default_factory=dict)
     models: dict[str, list[Any]] = field(default_factory=dict)
+    #: What the splits did that a reader should know (see :attr:`recforge.data.split.Split.notes`).
+    notes: dict[str, Any] = field(default_factory=dict)
 
 
 def _results_identity(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -465,7 +467,8 @@ class ExperimentRunner:
             r.model == spec.name and r.params == best.get(spec.display))] + final.get(spec.display, [])
             for spec in self._models}
         models = {label: [p.fitted for p in parts] for label, parts in final.items() if parts[0].fitted is not None}
-        return ExperimentResult(board, ratings, results, used, self.out, skipped, trials, models)
+        notes = {k: v for split in self._splits for k, v in split.notes.items()}
+        return ExperimentResult(board, ratings, results, used, self.out, skipped, trials, models, notes)
 
     @staticmethod
     def _trial_row(r: TrialResult) -> dict[str, Any]:

@@ -167,7 +167,19 @@ def read_split_files(files: dict[str, Any]) -> S.Split:
                                    user_data=side.get("users"), user_data_id_col="user_id")
     label = np.repeat(np.array(parts), [len(f) for f in frames])
     got = {p: both.subset(label == p) for p in parts}
-    return S.Split(got["train"], got["test"], got.get("valid"), name="files")
+    known = np.zeros(both.n_users, bool)
+    for part in ("train", "valid"):
+        if part in got:
+            known[got[part].users] = True
+    test, notes = got["test"], {}
+    cold = ~known[test.users]
+    if cold.any():  # nothing to rank them by: every score would tie, and ties would fall to item-id order
+        n_cold, n_test = len(np.unique(test.users[cold])), len(np.unique(test.users))
+        if n_cold == n_test:
+            raise DataError("no TEST user has TRAIN (or VALID) events: there is nothing to rank their items by")
+        log.warning("%d of %d TEST users have no TRAIN or VALID events: left out of the metrics", n_cold, n_test)
+        test, notes = test.subset(~cold), {"cold_test_users": n_cold, "cold_test_rows": int(cold.sum())}
+    return S.Split(got["train"], test, got.get("valid"), name="files", notes=notes)
 
 
 def make_splits(cfg: ExperimentConfig, data: Interactions | None = None) -> list[S.Split]:
