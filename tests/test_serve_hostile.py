@@ -215,3 +215,41 @@ def test_the_feedback_folder_is_checked(tmp_path: Path, caplog) -> None:
         FeedbackLog(tmp_path / "file")
     with pytest.raises(StorageError, match="not writable"):  # /proc refuses even root
         FeedbackLog("/proc/recforge-feedback")
+
+
+# ---------------------------------------------------------------------------------------------------- slow disks
+def test_feedback_is_group_committed_and_a_slow_disk_stalls_only_feedback(artifact: Path, planted: Interactions,
+                                                                           tmp_path: Path, monkeypatch) -> None:
+    import asyncio
+    import os
+    import time
+
+    import httpx
+
+    app = create_app(artifact, feedback_dir=tmp_path / "fb", apply_seconds=0)
+    syncs: list[float] = []
+    real_fsync = os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        time.sleep(0.1)
+        syncs.append(time.perf_counter())
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", slow_fsync)
+    user, items = int(planted.user_map.ids[0]), [int(i) for i in planted.item_map.ids[:20]]
+
+    async def main() -> tuple[list[httpx.Response], float]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            posts = [asyncio.create_task(client.post("/feedback", json={"events": [{"user": user, "item": i}]}))
+                     for i in items]
+            await asyncio.sleep(0.02)  # the first fsync is under way
+            read = await client.get("/recommend", params={"user": user})
+            read_done = time.perf_counter()
+            assert read.status_code == 200
+            return await asyncio.gather(*posts), read_done
+
+    answers, read_done = asyncio.run(main())
+    assert all(r.status_code == 200 for r in answers)
+    assert len(syncs) < len(items) / 2  # batches that arrive during an fsync share the next one
+    assert read_done < syncs[-1]  # the read did not wait for the disk
+    assert len(list(FeedbackLog(tmp_path / "fb").replay())) == 20

@@ -15,10 +15,12 @@ import json
 import logging
 import os
 import re
+import threading
 import time
 import zlib
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -99,7 +101,9 @@ class FeedbackLog:
 
     def append(self, events: Iterable[dict[str, Any]]) -> int:
         """Write events and fsync; returns how many. When this returns, the events survive a crash."""
-        data = b"".join(encode_record(e) for e in events)
+        return self._write(b"".join(encode_record(e) for e in events))
+
+    def _write(self, data: bytes) -> int:
         if not data:
             return 0
         fh = self._segment()
@@ -209,3 +213,55 @@ def check_folder(folder: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise StorageError(f"feedback folder {str(folder)!r} is not writable: {exc.strerror or exc}") from None
+
+
+class GroupCommitter:
+    """Writes a :class:`FeedbackLog` from one background thread, with group commit: the batches submitted while
+    an ``fsync`` runs are written together and made durable by the next single ``fsync``. Requests wait on a
+    future, so a slow disk stalls only the requests that write, never the event loop or the reads."""
+
+    def __init__(self, log: FeedbackLog) -> None:
+        self.log = log
+        self._queue: list[tuple[bytes, Future[int]]] = []
+        self._ready = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="recforge-feedback-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, events: Iterable[dict[str, Any]]) -> Future[int]:
+        """Queue events; the future gives how many were written once they are fsync'd (or the write's error)."""
+        future: Future[int] = Future()
+        data = b"".join(encode_record(e) for e in events)
+        with self._ready:
+            if self._closed:
+                raise StorageError("the feedback log is closed")
+            self._queue.append((data, future))
+            self._ready.notify()
+        return future
+
+    def close(self) -> None:
+        """Write what is queued, then stop the thread and close the log."""
+        with self._ready:
+            self._closed = True
+            self._ready.notify()
+        self._thread.join()
+        self.log.close()
+
+    def _run(self) -> None:
+        while True:
+            with self._ready:
+                while not self._queue and not self._closed:
+                    self._ready.wait()
+                batch, self._queue = self._queue, []
+                if not batch and self._closed:
+                    return
+            try:
+                self.log._write(b"".join(data for data, _ in batch))
+            except OSError as exc:
+                log.error("feedback log write failed: %s", exc)
+                error = StorageError(f"the feedback log could not be written: {exc.strerror or exc}")
+                for _, future in batch:
+                    future.set_exception(error)
+                continue
+            for data, future in batch:
+                future.set_result(data.count(b"\n"))
