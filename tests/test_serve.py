@@ -176,10 +176,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(artifact: Path, port: int, feedback: Path) -> subprocess.Popen:
+def _start(artifact: Path, port: int, feedback: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "RECFORGE_API_KEY": "k"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "recforge", "serve", str(artifact), "--port", str(port), "--feedback-dir", str(feedback)],
+        [sys.executable, "-m", "recforge", "serve", str(artifact), "--port", str(port), "--feedback-dir", str(feedback),
+         *extra],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 60
@@ -224,3 +225,19 @@ def test_acknowledged_feedback_survives_kill_9(artifact: Path, planted: Interact
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=10)
+
+
+def test_metrics_of_several_workers_are_merged(artifact: Path, planted: Interactions, tmp_path: Path) -> None:
+    port = _free_port()
+    proc = _start(artifact, port, tmp_path / "fb", "--workers", "2")
+    base, key = f"http://127.0.0.1:{port}", {"X-API-Key": "k"}
+    try:
+        user = int(planted.user_map.ids[0])
+        for _ in range(30):  # new connections: the kernel spreads them over both workers
+            assert httpx.get(f"{base}/recommend", params={"user": user}, headers=key, timeout=10).status_code == 200
+        for _ in range(4):  # whichever worker answers, it reports both workers' requests
+            text = httpx.get(f"{base}/metrics", headers=key, timeout=10).text
+            assert 'recforge_requests_total{endpoint="recommend",status="200"} 30.0' in text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=20)

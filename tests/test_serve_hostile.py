@@ -78,7 +78,7 @@ def test_a_logged_record_that_cannot_be_applied_is_skipped_on_replay(artifact: P
         client = _client(artifact, tmp_path)
     assert client.get("/health").json()["feedback_events"] == 1
     assert caplog.text.count("invalid record") == 3
-    assert 'recforge_feedback_skipped_total{reason="invalid"} 3.0' in client.get("/metrics").text
+    assert 'recforge_feedback_skipped{reason="invalid"} 3.0' in client.get("/metrics").text
 
 
 def test_one_batch_cannot_grow_the_catalogue_without_bound(artifact: Path, tmp_path: Path) -> None:

@@ -12,7 +12,9 @@ import logging
 import math
 import numbers
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -528,8 +530,16 @@ def serve_cmd(
     os.environ.update(settings.to_env())
     typer.echo(f"serving {model.name} ({model.n_users_:,} users, {model.n_items_:,} items) on "
                f"http://{host}:{port} (docs: /docs)", err=True)
-    uvicorn.run("recforge.serve.app:create_app_from_env", factory=True, host=host, port=port, workers=workers,
-                log_level=log_level, access_log=False)
+    metrics_dir = None
+    if workers > 1:  # Prometheus multiprocess mode: each worker writes its series to files that /metrics merges
+        metrics_dir = tempfile.mkdtemp(prefix="recforge-metrics-")
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = metrics_dir
+    try:
+        uvicorn.run("recforge.serve.app:create_app_from_env", factory=True, host=host, port=port, workers=workers,
+                    log_level=log_level, access_log=False)
+    finally:
+        if metrics_dir:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- simulate

@@ -37,7 +37,15 @@ import pandas as pd
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 import recforge
@@ -363,10 +371,11 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
     requests = Counter("recforge_requests", "HTTP requests", ["endpoint", "status"], registry=registry)
     latency = Histogram("recforge_request_seconds", "Request latency", ["endpoint"], registry=registry,
                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5))
-    skipped = Counter("recforge_feedback_skipped", "Feedback log records skipped on replay", ["reason"],
-                      registry=registry)
+    # a gauge, not a counter: with several workers each replays the same log, and "max" merges them right
+    skipped = Gauge("recforge_feedback_skipped", "Feedback log records skipped on replay (damaged or invalid)",
+                    ["reason"], registry=registry, multiprocess_mode="max")
     for reason, n in service.log.skipped.items():
-        skipped.labels(reason).inc(n)
+        skipped.labels(reason).set(n)
     app.add_middleware(_Guard, requests=requests, latency=latency, max_body_bytes=cfg.max_body_bytes)
 
     @app.exception_handler(RecforgeError)
@@ -412,7 +421,11 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
     @app.get("/metrics", dependencies=[Depends(check_read)])
     async def metrics() -> Response:
         """Prometheus text format: ``recforge_requests_total``, ``recforge_request_seconds`` and
-        ``recforge_feedback_skipped_total``."""
+        ``recforge_feedback_skipped``, summed over the workers when there are several."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):  # several workers: every worker's series, merged
+            merged = CollectorRegistry()
+            MultiProcessCollector(merged)
+            return Response(generate_latest(merged), media_type=CONTENT_TYPE_LATEST)
         return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
     # Handlers are async: they take a millisecond or two of CPU, and a thread-pool hop would cost as much.
