@@ -192,7 +192,8 @@ def test_json_output_is_strict_json(capsys, caplog) -> None:
 
     from recforge.cli import _echo_json
 
-    _echo_json({"rmse": float("nan"), "hr": np.float32(0.5), "n": np.int64(3), "ci": [1.0, float("inf")]})
+    _echo_json({"rmse": float("nan"), "hr": np.float32(0.5), "n": np.int64(3), "ci": [1.0, float("inf")],
+                "progress": False})
     text = capsys.readouterr().out
-    assert json.loads(text) == {"rmse": None, "hr": 0.5, "n": 3, "ci": [1.0, None]}
+    assert json.loads(text) == {"rmse": None, "hr": 0.5, "n": 3, "ci": [1.0, None], "progress": False}
     assert "NaN" not in text and "Infinity" not in text and "rmse, ci[1]" in caplog.text

@@ -85,7 +85,9 @@ def _finite(obj: Any, where: str, bad: list[str]) -> Any:
         return {k: _finite(v, f"{where}.{k}" if where else str(k), bad) for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [_finite(v, f"{where}[{i}]", bad) for i, v in enumerate(obj)]
-    if isinstance(obj, numbers.Integral) and not isinstance(obj, bool):
+    if isinstance(obj, bool):
+        return obj
+    if isinstance(obj, numbers.Integral):
         return int(obj)
     if isinstance(obj, numbers.Real):
         if not math.isfinite(obj):
