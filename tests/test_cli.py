@@ -197,3 +197,22 @@ def test_json_output_is_strict_json(capsys, caplog) -> None:
     text = capsys.readouterr().out
     assert json.loads(text) == {"rmse": None, "hr": 0.5, "n": 3, "ci": [1.0, None], "progress": False}
     assert "NaN" not in text and "Infinity" not in text and "rmse, ci[1]" in caplog.text
+
+
+def test_refit_adds_the_feedback_log_and_protects_it(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from recforge.cli import app
+    from recforge.models import Recommender
+    from recforge.serve import FeedbackLog
+
+    runner = CliRunner()
+    artifact = tmp_path / "pop"
+    assert runner.invoke(app, ["train", "--model", "pop", "--out", str(artifact)]).exit_code == 0
+    FeedbackLog(artifact / "feedback").append([{"user": 424242, "item": 1, "timestamp": 5}])
+    refused = runner.invoke(app, ["refit", str(artifact), "--out", str(artifact)])
+    assert "would lose acknowledged events" in str(refused.exception)  # main() makes it one line, exit 2
+    done = runner.invoke(app, ["refit", str(artifact), "--out", str(tmp_path / "pop2")])
+    assert done.exit_code == 0, done.output
+    model = Recommender.load(tmp_path / "pop2")
+    assert 424242 in model.user_map_.ids and sum(model.feedback_offsets_.values()) > 0

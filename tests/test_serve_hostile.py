@@ -253,3 +253,57 @@ def test_feedback_is_group_committed_and_a_slow_disk_stalls_only_feedback(artifa
     assert len(syncs) < len(items) / 2  # batches that arrive during an fsync share the next one
     assert read_done < syncs[-1]  # the read did not wait for the disk
     assert len(list(FeedbackLog(tmp_path / "fb").replay())) == 20
+
+
+# ---------------------------------------------------------------------------------------------------- hot swap
+def test_hot_swap_to_a_refitted_artifact_keeps_every_event(artifact: Path, planted: Interactions,
+                                                           tmp_path: Path) -> None:
+    import asyncio
+
+    import httpx
+
+    from recforge.serve.refit import refit_with_feedback
+
+    folder = tmp_path / "fb"
+    app = create_app(artifact, feedback_dir=folder, api_key="w", apply_seconds=0.02)
+    user = int(planted.user_map.ids[5])
+    items = [int(i) for i in planted.item_map.ids[:60]]
+    client = TestClient(app, headers=KEY)
+    assert client.post("/feedback", json={"events": [{"user": user, "item": i} for i in items[:10]]}).status_code == 200
+    new = tmp_path / "refitted"
+    refit_with_feedback(artifact, planted, folder).save(new)
+
+    async def main() -> tuple[list[int], dict]:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t",
+                                     headers=KEY) as c:
+            async def traffic(i: int) -> int:
+                if i % 3 == 0:
+                    r = await c.post("/feedback", json={"events": [{"user": user, "item": items[10 + i // 3]}]})
+                else:
+                    r = await c.get("/recommend", params={"user": user, "k": 5})
+                return r.status_code
+            tasks = [asyncio.create_task(traffic(i)) for i in range(60)]
+            swap = await c.post("/admin/reload", json={"artifact": str(new)})
+            return list(await asyncio.gather(*tasks)), swap.json()
+
+    codes, swapped = asyncio.run(main())
+    assert set(codes) == {200} and swapped["reloaded"] == "ease"
+    app.state.service.flush()
+    logged = [e["item"] for e in FeedbackLog(folder).replay()]
+    assert sorted(logged) == sorted(items[:30])  # 10 before, 20 during the swap: none lost
+    recs = client.get("/recommend", params={"user": user, "k": 100}).json()["items"]
+    assert not {r["item_id"] for r in recs} & set(items[:30])  # every acknowledged item excluded after the swap
+    # a restart from the refitted artifact replays only what came after its training data
+    restarted = TestClient(create_app(new, feedback_dir=folder, api_key="w"), headers=KEY)
+    assert restarted.get("/health").json()["feedback_events"] == 20
+
+
+def test_reload_needs_the_write_key_and_survives_a_bad_artifact(artifact: Path, tmp_path: Path) -> None:
+    open_app = TestClient(create_app(artifact, feedback_dir=tmp_path / "fb"))
+    assert open_app.post("/admin/reload").status_code == 403
+    client = _client(artifact, tmp_path, read_key="r")
+    assert client.post("/admin/reload", headers={"X-API-Key": "r"}).status_code == 401
+    bad = client.post("/admin/reload", json={"artifact": str(tmp_path / "nowhere")})
+    assert bad.status_code == 400 and "still serving the previous model" in bad.json()["detail"]
+    assert client.post("/admin/reload").json()["reloaded"] == "ease"  # the same artifact again
+    assert client.get("/health").json()["status"] == "ok"

@@ -514,7 +514,7 @@ def serve_cmd(
     from recforge.models import Recommender
     from recforge.serve.app import ServeSettings
     from recforge.serve.events import Limits
-    from recforge.serve.feedback import check_folder
+    from recforge.serve.feedback import check_folder, default_feedback_dir
 
     for name, value, low in (("--workers", workers, 1), ("--max-body", max_body, 1),
                              ("--max-id-length", max_id_length, 1), ("--max-new-users", max_new_users, 0),
@@ -522,7 +522,7 @@ def serve_cmd(
         if value < low:
             raise DataError(f"{name} must be at least {low}, got {value}")
     model = Recommender.load(artifact)  # fail here, with a one-line message, on a missing or corrupt artifact
-    check_folder(feedback_dir or artifact / "feedback")
+    check_folder(feedback_dir or default_feedback_dir(artifact))
     settings = ServeSettings(
         feedback_dir=None if feedback_dir is None else str(feedback_dir), api_key=api_key, read_key=read_key,
         open_reads=open_reads, allow_include_seen=allow_include_seen, max_body_bytes=max_body,
@@ -542,6 +542,31 @@ def serve_cmd(
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+@app.command("refit")
+def refit_cmd(
+    artifact: Annotated[Path, typer.Argument(help="The artifact a service is serving.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Artifact folder to write (not one holding the live "
+                                      "feedback log).")],
+    dataset: DatasetOpt = DEFAULT_DATASET,
+    feedback_dir: Annotated[
+        Path | None, typer.Option(help="The service's feedback log (default: ARTIFACT/feedback).")
+    ] = None,
+) -> None:
+    """Train a new artifact of the same model and parameters on the original data plus the service's feedback
+    log; load it into the running service with POST /admin/reload (or SIGHUP when written over ARTIFACT)."""
+    from recforge.errors import DataError
+    from recforge.serve.feedback import default_feedback_dir
+    from recforge.serve.refit import refit_with_feedback
+
+    folder = (feedback_dir or default_feedback_dir(artifact)).resolve()
+    if folder == out.resolve() or out.resolve() in folder.parents:
+        raise DataError(f"--out {out} holds the feedback log {folder}: replacing it would lose acknowledged "
+                        "events; write the new artifact elsewhere, or keep the log outside (serve --feedback-dir)")
+    model = refit_with_feedback(artifact, _load(dataset), folder)
+    model.save(out)
+    typer.echo(f"refitted {model.name} on {dataset} plus the feedback log in {model.fit_seconds_:.2f}s -> {out}")
 
 
 # ---------------------------------------------------------------------------------------------- simulate

@@ -63,6 +63,9 @@ class Recommender:
     state_shapes: ClassVar[dict[str, tuple[Any, ...]]] = {}
     #: Saved arrays of indices and what they index (``"users"``, ``"items"`` or a name in ``state_shapes``).
     state_indices: ClassVar[dict[str, str]] = {}
+    #: Where in a service's feedback log (segment name -> byte offset) the events this model was trained on end
+    #: (set by ``recforge refit``; a service replays only what comes after).
+    feedback_offsets_: dict[str, int] | None = None
     #: True for models that predict ratings (they also implement ``predict``).
     predicts_ratings: ClassVar[bool] = False
     #: True for models that implement ``_grow`` and ``_partial_fit`` (incremental updates).
@@ -488,6 +491,7 @@ class Recommender:
             "n_items": self.n_items_,
             "recforge_version": recforge.__version__,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "feedback_offsets": self.feedback_offsets_,
         }
         with atomic_directory(path) as tmp:
             save_file(arrays, str(tmp / "arrays.safetensors"))
@@ -558,6 +562,7 @@ class Recommender:
             model.item_titles_ = titles
             model.seen_ = csr_from_state("seen", {k: arrays.pop(k) for k in ("seen.indptr", "seen.indices")},
                                          (n_users, n_items))
+            model.feedback_offsets_ = _feedback_offsets(meta.get("feedback_offsets"))
             model._load_state({**arrays, **scalars})
             model._check_loaded()
         except ArtifactError as exc:
@@ -610,6 +615,15 @@ def flat_histories(histories: Any) -> tuple[np.ndarray, np.ndarray]:
     offsets = np.zeros(len(parts) + 1, np.int64)
     np.cumsum([len(p) for p in parts], out=offsets[1:])
     return offsets, (np.concatenate(parts) if parts else np.zeros(0, np.int64))
+
+
+def _feedback_offsets(value: Any) -> dict[str, int] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict) or not all(isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+                                              and v >= 0 for k, v in value.items()):
+        raise ArtifactError("feedback_offsets must map segment names to byte offsets (non-negative integers)")
+    return value
 
 
 def _json_default(value: Any) -> Any:

@@ -22,12 +22,15 @@ needs the header ``X-API-Key`` (reads may be opened, or given a read-only key); 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import secrets
+import signal
 import threading
 import time
+from collections.abc import AsyncIterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,7 +55,7 @@ import recforge
 from recforge.errors import RecforgeError, StorageError, UnknownIdError, UnsupportedError
 from recforge.models.base import Recommender
 from recforge.serve.events import EventError, Limits, check_batch, check_event, parse_id, parse_ids
-from recforge.serve.feedback import FeedbackLog, GroupCommitter
+from recforge.serve.feedback import FeedbackLog, GroupCommitter, default_feedback_dir
 
 log = logging.getLogger(__name__)
 
@@ -133,121 +136,30 @@ class HistoryBody(BaseModel):
     exclude_history: StrictBool = True
 
 
-class Service:
-    """The loaded model, its feedback log and the lock that keeps updates and reads apart."""
+class Loaded:
+    """One loaded model and what the service keeps beside it; a hot swap replaces the whole object at once."""
 
-    def __init__(self, artifact: str | os.PathLike[str], feedback_dir: str | os.PathLike[str] | None,
-                 sync_seconds: float = 0.5, apply_seconds: float = 0.05, limits: Limits | None = None) -> None:
-        self.model: Recommender = Recommender.load(artifact)
-        self.limits = limits or Limits()
-        self.lock = threading.Lock()
-        self.log = FeedbackLog(feedback_dir or Path(artifact) / "feedback", validate=self._replay_problem)
-        self.writer = GroupCommitter(self.log)
-        self.popular = np.argsort(-np.bincount(self.model.seen_.indices, minlength=self.model.n_items_),
-                                  kind="stable")[:MAX_K].astype(np.int32)
-        self.sync_seconds = sync_seconds
-        self._last_sync = 0.0
-        self.n_events = 0
+    def __init__(self, model: Recommender, artifact: Path) -> None:
+        self.model = model
+        self.artifact = artifact
+        self.lock = threading.Lock()  # keeps learning (partial_fit) and scoring apart
         # Feedback items of each user, excluded from that user's lists from the moment they are acknowledged
         # (the model itself learns from them in the background, within ``apply_seconds``).
         self.extra_seen: dict[int, set[int]] = {}
-        self.apply_seconds = apply_seconds
-        self._pending: list[dict[str, Any]] = []
-        self._wake = threading.Event()
-        self._write_lock = threading.Lock()
-        replayed = list(self.log.replay())
-        if replayed:
-            self._apply(replayed)
-            log.info("replayed %d feedback events from %s", len(replayed), self.log.folder)
-        if apply_seconds > 0:
-            threading.Thread(target=self._applier, name="recforge-feedback", daemon=True).start()
+        self.popular = np.argsort(-np.bincount(model.seen_.indices, minlength=model.n_items_),
+                                  kind="stable")[:MAX_K].astype(np.int32)
+        self.n_events = 0
 
-    def _applier(self) -> None:
-        """Apply queued feedback in micro-batches, so a burst costs one ``partial_fit``, not one per request."""
-        while True:
-            self._wake.wait()
-            time.sleep(self.apply_seconds)  # gather what arrives meanwhile
-            self._wake.clear()
-            with self._write_lock:
-                batch, self._pending = self._pending, []
-            if batch:
-                try:
-                    self._apply(batch)
-                except Exception:  # keep serving: the events are durable and replay on restart
-                    log.exception("applying %d feedback events failed", len(batch))
-
-    def flush(self) -> None:
-        """Apply queued feedback now (tests, shutdown)."""
-        with self._write_lock:
-            batch, self._pending = self._pending, []
-        if batch:
-            self._apply(batch)
-
-    # ------------------------------------------------------------------ ids
-    def user_index(self, user: Any) -> int:
-        """The index of a known user id (strictly parsed); 422 for a malformed id, 404 for an unknown one."""
-        parsed = _parsed(parse_id, user, self.model.user_map_.is_string, "user", self.limits)
-        idx = self.model.user_map_.to_index(np.asarray([parsed]), on_unknown="keep")
-        if idx[0] < 0:
-            raise HTTPException(404, f"unknown user {str(parsed)[:80]!r}")
-        return int(idx[0])
-
-    def item_index(self, item: Any) -> int:
-        """The index of a known item id, as :meth:`user_index`."""
-        parsed = _parsed(parse_id, item, self.model.item_map_.is_string, "item", self.limits)
-        idx = self.model.item_map_.to_index(np.asarray([parsed]), on_unknown="keep")
-        if idx[0] < 0:
-            raise HTTPException(404, f"unknown item {str(parsed)[:80]!r}")
-        return int(idx[0])
-
-    def _replay_problem(self, event: dict[str, Any]) -> str | None:
-        try:
-            check_event(event, self.model, self.limits)
-        except EventError as exc:
-            return str(exc)
-        return None
-
-    # ------------------------------------------------------------------ feedback
-    def sync(self) -> None:
-        """Apply records other worker processes wrote (at most every ``sync_seconds``)."""
-        now = time.monotonic()
-        if now - self._last_sync < self.sync_seconds:
-            return
-        self._last_sync = now
-        new = self.log.read_new()
-        if new:
-            self._apply(new)
-
-    async def record(self, events: list[Event]) -> int:
-        """Check events, make them durable (group-committed by the writer thread), then apply them; returns how
-        many were accepted."""
-        rows = _parsed(check_batch, [e.model_dump(exclude_none=True) for e in events], self.model, self.limits)
-        now = int(time.time())
-        for row in rows:
-            row.setdefault("timestamp", now)
-        try:
-            n = await asyncio.wrap_future(self.writer.submit(rows))
-        except StorageError as exc:
-            raise HTTPException(503, f"{exc}; nothing was acknowledged") from None
-        with self._write_lock:
-            self._mark_seen([r["user"] for r in rows], [r["item"] for r in rows])
-            if self.apply_seconds > 0:
-                self._pending.extend(rows)
-        if self.apply_seconds > 0:
-            self._wake.set()
-        else:
-            self._apply(rows)
-        return n
-
-    def _mark_seen(self, users: list[Any], items: list[Any]) -> None:
-        m = self.model
-        u_idx = m.user_map_.to_index(np.asarray(users), on_unknown="keep")
-        i_idx = m.item_map_.to_index(np.asarray(items), on_unknown="keep")
+    def mark_seen(self, users: list[Any], items: list[Any]) -> None:
+        """Exclude each item from its user's lists from now on (known users and items only)."""
+        u_idx = self.model.user_map_.to_index(np.asarray(users), on_unknown="keep")
+        i_idx = self.model.item_map_.to_index(np.asarray(items), on_unknown="keep")
         for u, i in zip(u_idx, i_idx):
             if u >= 0 and i >= 0:
                 self.extra_seen.setdefault(int(u), set()).add(int(i))
 
-    def _apply(self, rows: list[dict[str, Any]]) -> None:
+    def apply(self, rows: list[dict[str, Any]]) -> None:
+        """Learn from checked feedback rows (``partial_fit`` where the model has it) and exclude their items."""
         m = self.model
         frame = pd.DataFrame({  # rows were checked (check_batch, or the log's validator on replay)
             "user_id": np.asarray([r["user"] for r in rows], dtype=str if m.user_map_.is_string else np.int64),
@@ -263,8 +175,151 @@ class Service:
         with self.lock:
             if m.supports_partial_fit and not (m.predicts_ratings and frame.get("rating", pd.Series()).isna().any()):
                 m.partial_fit(frame)
-            self._mark_seen(frame["user_id"].tolist(), frame["item_id"].tolist())  # also without partial_fit
+            self.mark_seen(frame["user_id"].tolist(), frame["item_id"].tolist())  # also without partial_fit
             self.n_events += len(rows)
+
+
+class ReloadBody(BaseModel):
+    """``POST /admin/reload``: another artifact folder to serve (default: the one serving now)."""
+
+    model_config = ConfigDict(extra="forbid")
+    artifact: StrictStr | None = Field(default=None, max_length=4096)
+
+
+class Service:
+    """The loaded model (:class:`Loaded`, swappable), its feedback log and the locks around them."""
+
+    def __init__(self, artifact: str | os.PathLike[str], feedback_dir: str | os.PathLike[str] | None,
+                 sync_seconds: float = 0.5, apply_seconds: float = 0.05, limits: Limits | None = None) -> None:
+        self.limits = limits or Limits()
+        self.state = Loaded(Recommender.load(artifact), Path(artifact))
+        self.folder = Path(feedback_dir or default_feedback_dir(artifact))
+        self.log = FeedbackLog(self.folder, validate=lambda event: _problem(event, self.state.model, self.limits))
+        self.writer = GroupCommitter(self.log)
+        self.sync_seconds = sync_seconds
+        self._last_sync = 0.0
+        self.apply_seconds = apply_seconds
+        self._pending: list[dict[str, Any]] = []
+        self._wake = threading.Event()
+        self._write_lock = threading.Lock()
+        self._reload_lock = asyncio.Lock()
+        self._applied_upto: dict[str, int] = {}  # own log positions a reload has already applied
+        replayed = list(self.log.replay(self.state.model.feedback_offsets_))
+        if replayed:
+            self.state.apply(replayed)
+            log.info("replayed %d feedback events from %s", len(replayed), self.folder)
+        if apply_seconds > 0:
+            threading.Thread(target=self._applier, name="recforge-feedback", daemon=True).start()
+
+    @property
+    def model(self) -> Recommender:
+        """The model serving now."""
+        return self.state.model
+
+    def _applier(self) -> None:
+        """Apply queued feedback in micro-batches, so a burst costs one ``partial_fit``, not one per request."""
+        while True:
+            self._wake.wait()
+            time.sleep(self.apply_seconds)  # gather what arrives meanwhile
+            self._wake.clear()
+            self.flush()
+
+    def flush(self) -> None:
+        """Apply queued feedback now (tests, shutdown)."""
+        with self._write_lock:  # the batch belongs to the state it was queued for (a reload replays it itself)
+            batch, self._pending, state = self._pending, [], self.state
+        if batch:
+            try:
+                state.apply(batch)
+            except Exception:  # keep serving: the events are durable and replay on restart
+                log.exception("applying %d feedback events failed", len(batch))
+
+    # ------------------------------------------------------------------ ids
+    def user_index(self, user: Any, state: Loaded) -> int:
+        """The index of a known user id (strictly parsed); 422 for a malformed id, 404 for an unknown one."""
+        parsed = _parsed(parse_id, user, state.model.user_map_.is_string, "user", self.limits)
+        idx = state.model.user_map_.to_index(np.asarray([parsed]), on_unknown="keep")
+        if idx[0] < 0:
+            raise HTTPException(404, f"unknown user {str(parsed)[:80]!r}")
+        return int(idx[0])
+
+    def item_index(self, item: Any, state: Loaded) -> int:
+        """The index of a known item id, as :meth:`user_index`."""
+        parsed = _parsed(parse_id, item, state.model.item_map_.is_string, "item", self.limits)
+        idx = state.model.item_map_.to_index(np.asarray([parsed]), on_unknown="keep")
+        if idx[0] < 0:
+            raise HTTPException(404, f"unknown item {str(parsed)[:80]!r}")
+        return int(idx[0])
+
+    # ------------------------------------------------------------------ feedback
+    def sync(self) -> None:
+        """Apply records other worker processes wrote (at most every ``sync_seconds``)."""
+        now = time.monotonic()
+        if now - self._last_sync < self.sync_seconds:
+            return
+        self._last_sync = now
+        new = self.log.read_new()
+        if new:
+            self.state.apply(new)
+
+    async def record(self, events: list[Event]) -> int:
+        """Check events, make them durable (group-committed by the writer thread), then apply them; returns how
+        many were accepted."""
+        rows = _parsed(check_batch, [e.model_dump(exclude_none=True) for e in events], self.model, self.limits)
+        now = int(time.time())
+        for row in rows:
+            row.setdefault("timestamp", now)
+        try:
+            n, segment, end = await asyncio.wrap_future(self.writer.submit(rows))
+        except StorageError as exc:
+            raise HTTPException(503, f"{exc}; nothing was acknowledged") from None
+        with self._write_lock:
+            if self._applied_upto.get(segment, -1) >= end:
+                return n  # a reload read these rows from the log and applied them to the new model
+            state = self.state
+            state.mark_seen([r["user"] for r in rows], [r["item"] for r in rows])
+            if self.apply_seconds > 0:
+                self._pending.extend(rows)
+        if self.apply_seconds > 0:
+            self._wake.set()
+        else:
+            state.apply(rows)
+        return n
+
+    # ------------------------------------------------------------------ hot swap
+    async def reload(self, artifact: Path | None = None) -> Loaded:
+        """Load ``artifact`` (default: the one serving), replay the feedback log into it (from where a refitted
+        artifact's training stopped), and swap it in without dropping a request or an acknowledged event."""
+        async with self._reload_lock:
+            path = artifact or self.state.artifact
+            fresh, reader, offsets = await asyncio.to_thread(self._prepare, path)
+            # On the event loop and without an await: no request handler runs until the swap is done.
+            with self._write_lock:
+                more, offsets = reader.read_since(offsets)  # what was acknowledged while it loaded
+                if more:
+                    fresh.apply(more)
+                self.state, self._pending = fresh, []
+                self._applied_upto = offsets
+                self.log.skip_to(offsets)
+            log.info("reloaded %s: %s with %d feedback events", path, fresh.model.name, fresh.n_events)
+            return fresh
+
+    def _prepare(self, path: Path) -> tuple[Loaded, FeedbackLog, dict[str, int]]:
+        fresh = Loaded(Recommender.load(path), path)
+        reader = FeedbackLog(self.folder, validate=lambda event: _problem(event, fresh.model, self.limits))
+        events, offsets = reader.read_since(fresh.model.feedback_offsets_ or {})
+        if events:
+            fresh.apply(events)
+        return fresh, reader, offsets
+
+
+def _problem(event: dict[str, Any], model: Recommender, limits: Limits) -> str | None:
+    """Why a replayed event cannot be applied to ``model``, or None."""
+    try:
+        check_event(event, model, limits)
+    except EventError as exc:
+        return str(exc)
+    return None
 
 
 def _parsed(parse: Any, *args: Any) -> Any:
@@ -363,9 +418,10 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
         overrides = {k: (str(v) if k == "feedback_dir" and v is not None else v) for k, v in overrides.items()}
         cfg = ServeSettings(**{**asdict(cfg), "limits": cfg.limits, **overrides})
     service = Service(artifact, cfg.feedback_dir, cfg.sync_seconds, cfg.apply_seconds, cfg.limits)
-    m = service.model
-    app = FastAPI(title="recforge", version=recforge.__version__,
-                  description=f"Recommendations from a {type(m).__name__} ({m.n_users_:,} users, {m.n_items_:,} items)")
+    first = service.model
+    app = FastAPI(title="recforge", version=recforge.__version__, lifespan=_reload_on_sighup,
+                  description=f"Recommendations from a {type(first).__name__} ({first.n_users_:,} users, "
+                              f"{first.n_items_:,} items when it started)")
     app.state.service = service
     registry = CollectorRegistry()
     requests = Counter("recforge_requests", "HTTP requests", ["endpoint", "status"], registry=registry)
@@ -415,8 +471,9 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
     @app.get("/health")
     async def health() -> dict[str, Any]:
         """Liveness and what is loaded."""
-        return {"status": "ok", "model": m.name, "users": m.n_users_, "items": m.n_items_,
-                "feedback_events": service.n_events + len(service._pending)}
+        state = service.state
+        return {"status": "ok", "model": state.model.name, "users": state.model.n_users_,
+                "items": state.model.n_items_, "feedback_events": state.n_events + len(service._pending)}
 
     @app.get("/metrics", dependencies=[Depends(check_read)])
     async def metrics() -> Response:
@@ -442,9 +499,11 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
             raise HTTPException(403, "exclude_seen=false would list the user's history; this service does not "
                                      "allow it (recforge serve --allow-include-seen)")
         service.sync()
-        u = service.user_index(user)
-        with service.lock:
-            pending = service.extra_seen.get(u) if exclude_seen else None  # feedback not learned yet
+        state = service.state
+        m = state.model
+        u = service.user_index(user, state)
+        with state.lock:
+            pending = state.extra_seen.get(u) if exclude_seen else None  # feedback not learned yet
             extra = [np.fromiter(pending, np.int64)] if pending else None
             items, top = m.recommend_indices(np.array([u]), k, m.seen_ if exclude_seen else None,
                                              extra_exclude=extra)
@@ -454,14 +513,16 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
     def recommend_history(body: HistoryBody) -> dict[str, Any]:
         """Top-k items for a session (items oldest first); unknown items are ignored. A history with no known
         item gets the most popular items, marked ``"fallback": "popularity"``."""
+        state = service.state
+        m = state.model
         ids = _parsed(parse_ids, body.items, m.item_map_.is_string, "item", service.limits)
         known = m.item_map_.to_index(ids, on_unknown="keep") if len(ids) else np.zeros(0, np.int32)
         if not (known >= 0).any():
-            top = service.popular[:body.k]
+            top = state.popular[:body.k]
             counts = np.bincount(m.seen_.indices, minlength=m.n_items_)[top].astype(np.float32)
             return {"items": _items_payload(m, top, counts), "fallback": "popularity",
                     "reason": "the history has no item this model knows"}
-        with service.lock:
+        with state.lock:
             try:
                 recs = m.recommend_for_history(ids, k=body.k, exclude_history=body.exclude_history,
                                                on_unknown="ignore")
@@ -473,13 +534,14 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
     @app.get("/similar/{item}", dependencies=[Depends(check_read)])
     async def similar(item: str, k: int = Query(10, ge=1, le=MAX_K)) -> dict[str, Any]:
         """The k items most similar to ``item``."""
-        idx = np.array([service.item_index(item)])
-        with service.lock:
+        state = service.state
+        idx = np.array([service.item_index(item, state)])
+        with state.lock:
             try:
-                top, scores = m.similar_indices(idx, k)
+                top, scores = state.model.similar_indices(idx, k)
             except UnsupportedError as exc:
                 raise HTTPException(400, str(exc)) from None
-        return {"item": item, "items": _items_payload(m, top[0], scores[0])}
+        return {"item": item, "items": _items_payload(state.model, top[0], scores[0])}
 
     # The handler waits for the writer thread's fsync (group commit), so a slow disk delays only feedback.
     @app.post("/feedback", dependencies=[Depends(check_write)])
@@ -488,7 +550,39 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
         n = await service.record(body.events)
         return {"accepted": n, "total": service.log.n_written}
 
+    @app.post("/admin/reload", dependencies=[Depends(check_write)])
+    async def reload(body: ReloadBody | None = None) -> dict[str, Any]:
+        """Hot swap: load an artifact (default: the one serving, e.g. refitted in place by ``recforge refit``),
+        replay the feedback log it has not learned from, and switch to it without dropping requests."""
+        if not write_keys:
+            raise HTTPException(403, "reloading over HTTP needs a write key (recforge serve --api-key); "
+                                     "or send the process SIGHUP")
+        try:
+            fresh = await service.reload(Path(body.artifact) if body and body.artifact else None)
+        except RecforgeError as exc:
+            raise HTTPException(400, f"not reloaded, still serving the previous model: {exc}") from None
+        return {"reloaded": fresh.model.name, "users": fresh.model.n_users_, "items": fresh.model.n_items_,
+                "feedback_events": fresh.n_events}
+
     return app
+
+
+@contextlib.asynccontextmanager
+async def _reload_on_sighup(app: FastAPI) -> AsyncIterator[None]:
+    """Lifespan: SIGHUP hot-swaps the artifact (where this loop may take signals: the main thread on POSIX)."""
+    loop = asyncio.get_running_loop()
+    try:
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(_reload_logged(app.state.service)))
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError):
+        log.debug("SIGHUP reload not available here (not the main thread, or no signals)")
+    yield
+
+
+async def _reload_logged(service: Service) -> None:
+    try:
+        await service.reload()
+    except RecforgeError as exc:
+        log.error("SIGHUP reload failed, still serving the previous model: %s", exc)
 
 
 def _key_bytes(key: str) -> bytes:

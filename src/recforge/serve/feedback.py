@@ -33,6 +33,8 @@ _RECORD_START = re.compile(rb"[0-9a-f]{8} \{")
 
 #: Checks one replayed event: ``None`` when it is good, else the reason it is refused.
 Validator = Callable[[dict[str, Any]], "str | None"]
+#: Where a write ended: how many records, the segment's name, the byte offset after them.
+Position = tuple[int, str, int]
 
 
 def encode_record(event: dict[str, Any]) -> bytes:
@@ -101,18 +103,20 @@ class FeedbackLog:
 
     def append(self, events: Iterable[dict[str, Any]]) -> int:
         """Write events and fsync; returns how many. When this returns, the events survive a crash."""
-        return self._write(b"".join(encode_record(e) for e in events))
+        return self._write(b"".join(encode_record(e) for e in events))[0]
 
-    def _write(self, data: bytes) -> int:
+    def _write(self, data: bytes) -> Position:
+        """Write and fsync ``data``; returns how many records, and the segment and byte offset they end at."""
         if not data:
-            return 0
+            return 0, "", 0
         fh = self._segment()
         fh.write(data)
         fh.flush()
         os.fsync(fh.fileno())
         n = data.count(b"\n")
         self.n_written += n
-        return n
+        assert self._path is not None
+        return n, self._path.name, fh.tell()
 
     def close(self) -> None:
         """Close the current segment."""
@@ -171,15 +175,32 @@ class FeedbackLog:
         what = f"an invalid record ({reason})" if reason else "a damaged record"
         log.warning("feedback log %s: skipping %s at byte %d (%d bytes)", path.name, what, at, size)
 
-    def replay(self) -> Iterator[dict[str, Any]]:
-        """Every valid record of every segment (damaged ones skipped with a warning); marks them as read."""
+    def replay(self, start: dict[str, int] | None = None) -> Iterator[dict[str, Any]]:
+        """Every valid record of every segment (damaged ones skipped with a warning), from the byte offsets in
+        ``start`` (what a refitted model was trained on) or the beginning; marks them as read."""
         for path in self.segments():
-            events, end = self._read(path, 0)
+            events, end = self._read(path, (start or {}).get(path.name, 0))
             size = path.stat().st_size
             if end < size:
                 log.warning("feedback log %s: skipping a half-written last record (%d bytes)", path.name, size - end)
             self._offsets[path.name] = end
             yield from events
+
+    def read_since(self, offsets: dict[str, int]) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        """The records of every segment (this writer's too) after ``offsets``, and the offsets they end at;
+        ``offsets`` of this reader are not touched."""
+        events: list[dict[str, Any]] = []
+        ends = dict(offsets)
+        for path in self.segments():
+            got, ends[path.name] = self._read(path, offsets.get(path.name, 0))
+            events.extend(got)
+        return events, ends
+
+    def skip_to(self, offsets: dict[str, int]) -> None:
+        """Treat other writers' records before ``offsets`` as read (they were applied elsewhere)."""
+        for name, end in offsets.items():
+            if name not in self._own:
+                self._offsets[name] = max(self._offsets.get(name, 0), end)
 
     def read_new(self) -> list[dict[str, Any]]:
         """Records appended by other writers since the last ``replay``/``read_new``."""
@@ -222,15 +243,16 @@ class GroupCommitter:
 
     def __init__(self, log: FeedbackLog) -> None:
         self.log = log
-        self._queue: list[tuple[bytes, Future[int]]] = []
+        self._queue: list[tuple[bytes, Future[Position]]] = []
         self._ready = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="recforge-feedback-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, events: Iterable[dict[str, Any]]) -> Future[int]:
-        """Queue events; the future gives how many were written once they are fsync'd (or the write's error)."""
-        future: Future[int] = Future()
+    def submit(self, events: Iterable[dict[str, Any]]) -> Future[Position]:
+        """Queue events; once they are fsync'd the future gives how many were written and the segment and offset
+        where the whole group ends (or the write's error)."""
+        future: Future[Position] = Future()
         data = b"".join(encode_record(e) for e in events)
         with self._ready:
             if self._closed:
@@ -256,7 +278,7 @@ class GroupCommitter:
                 if not batch and self._closed:
                     return
             try:
-                self.log._write(b"".join(data for data, _ in batch))
+                _, segment, end = self.log._write(b"".join(data for data, _ in batch))
             except OSError as exc:
                 log.error("feedback log write failed: %s", exc)
                 error = StorageError(f"the feedback log could not be written: {exc.strerror or exc}")
@@ -264,4 +286,9 @@ class GroupCommitter:
                     future.set_exception(error)
                 continue
             for data, future in batch:
-                future.set_result(data.count(b"\n"))
+                future.set_result((data.count(b"\n"), segment, end))
+
+
+def default_feedback_dir(artifact: str | os.PathLike[str]) -> Path:
+    """Where ``recforge serve`` keeps the log of an artifact when no folder is given."""
+    return Path(artifact) / "feedback"
