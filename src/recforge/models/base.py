@@ -296,6 +296,16 @@ class Recommender:
             raise AssertionError(f"{type(self).__name__}._score_histories returned shape {out.shape}")
         return out
 
+    @classmethod
+    def scores_histories(cls) -> bool:
+        """Whether the model recommends for an item history (``recommend_for_history``, ``score_histories``)."""
+        return cls._score_histories is not Recommender._score_histories
+
+    @classmethod
+    def has_similarity(cls) -> bool:
+        """Whether the model has an item-to-item similarity (``similar_items``)."""
+        return cls._similar_indices is not Recommender._similar_indices
+
     def _score_histories(self, offsets: np.ndarray, items: np.ndarray) -> np.ndarray:
         raise UnsupportedError(
             f"{type(self).__name__} scores known users only; use a sequential, item-item or popularity model "
@@ -512,12 +522,14 @@ class Recommender:
         p = Path(path)
         where = repr(str(p))
         meta_path = p / "model.json"
-        if not meta_path.is_file():
-            raise ArtifactError(f"{where} is not a recforge model artifact (no model.json)")
         try:
+            if not meta_path.is_file():
+                raise ArtifactError(f"{where[:300]} is not a recforge model artifact (no model.json)")
             meta = json.loads(meta_path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ArtifactError(f"{str(meta_path)!r} is not valid JSON: {exc}") from None
+        except OSError as exc:
+            raise ArtifactError(f"{where[:300]} cannot be read: {exc.strerror or exc}") from None
         version = meta.get("format_version") if isinstance(meta, dict) else None
         if not isinstance(meta, dict) or meta.get("format") != ARTIFACT_FORMAT or version not in (1, ARTIFACT_VERSION):
             found = (meta.get("format"), version) if isinstance(meta, dict) else (type(meta).__name__, None)

@@ -30,16 +30,16 @@ import secrets
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -49,18 +49,42 @@ from prometheus_client import (
     generate_latest,
 )
 from prometheus_client.multiprocess import MultiProcessCollector
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    Strict,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    StrictStr,
+)
 
 import recforge
 from recforge.errors import RecforgeError, StorageError, UnknownIdError, UnsupportedError
 from recforge.models.base import Recommender
 from recforge.serve.events import EventError, Limits, check_batch, check_event, parse_id, parse_ids
 from recforge.serve.feedback import FeedbackLog, GroupCommitter, default_feedback_dir
+from recforge.serve.openapi import ERRORS
+from recforge.serve.openapi import install as install_openapi
 
 log = logging.getLogger(__name__)
 
 MAX_K = 1000
-Id = StrictInt | StrictStr
+Id = StrictInt | StrictStr | StrictFloat  # floats: JSON Schema's integers may be written 930.0 (parse_id decides)
+
+
+def _json_integer(value: Any) -> int:
+    """An integer as JSON Schema means it: ``787`` or ``787.0`` (exact up to 2**53), never ``true`` or ``"787"``."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("Input should be an integer")  # noqa: TRY004 - pydantic turns ValueError into a 422
+    return value
+
+
+JsonInt = Annotated[int, BeforeValidator(_json_integer), Strict()]
 #: The first path segments Prometheus labels may carry; anything else is counted as "other".
 ROUTES = frozenset({"recommend", "similar", "feedback", "health", "metrics", "docs", "openapi.json", "redoc"})
 
@@ -117,7 +141,7 @@ class Event(BaseModel):
     user: Id
     item: Id
     rating: float | None = Field(default=None, allow_inf_nan=False, strict=True)
-    timestamp: StrictInt | None = None
+    timestamp: JsonInt | None = None
 
 
 class FeedbackBody(BaseModel):
@@ -132,7 +156,7 @@ class HistoryBody(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     items: list[Id] = Field(max_length=10_000)
-    k: StrictInt = Field(default=10, ge=1, le=MAX_K)
+    k: JsonInt = Field(default=10, ge=1, le=MAX_K)
     exclude_history: StrictBool = True
 
 
@@ -349,8 +373,19 @@ class _Guard:
     routes only, so random paths cannot grow the metrics), and the body-size limit — by Content-Length up front,
     and for a body without one (chunked) by reading it, up to the limit, before the application sees it."""
 
-    def __init__(self, app: Any, requests: Counter, latency: Histogram, max_body_bytes: int) -> None:
+    def __init__(self, app: Any, requests: Counter, latency: Histogram, max_body_bytes: int,
+                 routes: Callable[[], list[Any]]) -> None:
         self.app, self.requests, self.latency, self.max_body = app, requests, latency, max_body_bytes
+        self.routes = routes
+
+    def allowed(self, path: str) -> str:
+        """Every method any route of ``path`` takes (a 405 must list them all, not just one route's)."""
+        methods: set[str] = set()
+        for route in self.routes():
+            regex = getattr(route, "path_regex", None)
+            if regex is not None and regex.match(path):
+                methods |= set(getattr(route, "methods", None) or ())
+        return ", ".join(sorted(methods))
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -364,6 +399,9 @@ class _Guard:
         async def send_wrapper(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                if message["status"] == 405:
+                    headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"allow"]
+                    message = {**message, "headers": [*headers, (b"allow", self.allowed(scope["path"]).encode())]}
             await send(message)
 
         size = dict(scope.get("headers", ())).get(b"content-length")
@@ -432,7 +470,8 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
                     ["reason"], registry=registry, multiprocess_mode="max")
     for reason, n in service.log.skipped.items():
         skipped.labels(reason).set(n)
-    app.add_middleware(_Guard, requests=requests, latency=latency, max_body_bytes=cfg.max_body_bytes)
+    app.add_middleware(_Guard, requests=requests, latency=latency, max_body_bytes=cfg.max_body_bytes,
+                       routes=lambda: app.routes)
 
     @app.exception_handler(RecforgeError)
     async def recforge_error(request: Request, exc: RecforgeError) -> JSONResponse:
@@ -468,6 +507,8 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
     check_write = key_check(write_keys, "this endpoint needs the write key")
     check_read = key_check([] if cfg.open_reads else read_keys, "reads need a key on this service")
 
+    install_openapi(app, first, cfg.limits)
+
     @app.get("/health")
     async def health() -> dict[str, Any]:
         """Liveness and what is loaded."""
@@ -475,7 +516,7 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
         return {"status": "ok", "model": state.model.name, "users": state.model.n_users_,
                 "items": state.model.n_items_, "feedback_events": state.n_events + len(service._pending)}
 
-    @app.get("/metrics", dependencies=[Depends(check_read)])
+    @app.get("/metrics", dependencies=[Depends(check_read)], response_class=PlainTextResponse, responses=ERRORS)
     async def metrics() -> Response:
         """Prometheus text format: ``recforge_requests_total``, ``recforge_request_seconds`` and
         ``recforge_feedback_skipped``, summed over the workers when there are several."""
@@ -487,7 +528,7 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
 
     # Handlers are async: they take a millisecond or two of CPU, and a thread-pool hop would cost as much.
     # Learning from feedback (partial_fit) runs in a background thread, in micro-batches.
-    @app.get("/recommend", dependencies=[Depends(check_read)])
+    @app.get("/recommend", dependencies=[Depends(check_read)], responses=ERRORS)
     async def recommend(
         user: str = Query(min_length=1, max_length=200, description="User id"),
         k: int = Query(10, ge=1, le=MAX_K),
@@ -509,7 +550,6 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
                                              extra_exclude=extra)
         return JSONResponse({"user": user, "items": _items_payload(m, items[0], top[0])})
 
-    @app.post("/recommend", dependencies=[Depends(check_read)])
     def recommend_history(body: HistoryBody) -> dict[str, Any]:
         """Top-k items for a session (items oldest first); unknown items are ignored. A history with no known
         item gets the most popular items, marked ``"fallback": "popularity"``."""
@@ -531,7 +571,6 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
         items = m.item_map_.to_index(recs["item_id"].to_numpy(), on_unknown="keep")
         return {"items": _items_payload(m, np.asarray(items), recs["score"].to_numpy())}
 
-    @app.get("/similar/{item}", dependencies=[Depends(check_read)])
     async def similar(item: str, k: int = Query(10, ge=1, le=MAX_K)) -> dict[str, Any]:
         """The k items most similar to ``item``."""
         state = service.state
@@ -543,14 +582,21 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
                 raise HTTPException(400, str(exc)) from None
         return {"item": item, "items": _items_payload(state.model, top[0], scores[0])}
 
+    # Only what the model can do is published (and routed): a client generated from /openapi.json never calls an
+    # endpoint that must refuse it.
+    if type(first).scores_histories():
+        app.post("/recommend", dependencies=[Depends(check_read)], responses=ERRORS)(recommend_history)
+    if type(first).has_similarity():
+        app.get("/similar/{item}", dependencies=[Depends(check_read)], responses=ERRORS)(similar)
+
     # The handler waits for the writer thread's fsync (group commit), so a slow disk delays only feedback.
-    @app.post("/feedback", dependencies=[Depends(check_write)])
+    @app.post("/feedback", dependencies=[Depends(check_write)], responses=ERRORS)
     async def feedback(body: FeedbackBody) -> dict[str, Any]:
         """Check events, append them to the durable log (fsync'd before this answers) and apply them."""
         n = await service.record(body.events)
         return {"accepted": n, "total": service.log.n_written}
 
-    @app.post("/admin/reload", dependencies=[Depends(check_write)])
+    @app.post("/admin/reload", dependencies=[Depends(check_write)], responses=ERRORS)
     async def reload(body: ReloadBody | None = None) -> dict[str, Any]:
         """Hot swap: load an artifact (default: the one serving, e.g. refitted in place by ``recforge refit``),
         replay the feedback log it has not learned from, and switch to it without dropping requests."""
@@ -560,7 +606,7 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
         try:
             fresh = await service.reload(Path(body.artifact) if body and body.artifact else None)
         except RecforgeError as exc:
-            raise HTTPException(400, f"not reloaded, still serving the previous model: {exc}") from None
+            raise HTTPException(409, f"not reloaded, still serving the previous model: {exc}") from None
         return {"reloaded": fresh.model.name, "users": fresh.model.n_users_, "items": fresh.model.n_items_,
                 "feedback_events": fresh.n_events}
 

@@ -46,9 +46,11 @@ class Limits:
 
 
 def parse_id(value: Any, is_string: bool, what: str, limits: Limits) -> int | str:
-    """An id as the model stores it. Integer ids are JSON integers or plain ASCII decimal strings within int64
-    (no ``_``, spaces, signs other than a leading ``-``, or non-ASCII digits); string ids are non-empty strings
+    """An id as the model stores it. Integer ids are JSON integers (``930.0`` too, up to 2**53) or plain ASCII
+    decimal strings within int64 (no ``_``, spaces, signs other than a leading ``-``, or non-ASCII digits); string ids are non-empty strings
     of at most ``limits.max_id_length`` characters (a JSON integer is taken as its decimal string)."""
+    if not is_string and isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        value = int(value)  # JSON Schema calls 930.0 an integer; beyond 2**53 a float is not exact
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise EventError(f"{what} id must be {'a string' if is_string else 'an integer'}, got {value!r}"[:200])
     if is_string:
