@@ -296,6 +296,12 @@ class Recommender:
             raise AssertionError(f"{type(self).__name__}._score_histories returned shape {out.shape}")
         return out
 
+    def retrieval_vectors(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """``(queries, items)`` such that ``queries @ items.T`` ranks every item for ``users`` as the model does
+        (per-user constants dropped), for serving from a vector index; None for models that do not score by an
+        inner product."""
+        return None
+
     @classmethod
     def scores_histories(cls) -> bool:
         """Whether the model recommends for an item history (``recommend_for_history``, ``score_histories``)."""

@@ -45,6 +45,16 @@ class FactorModel(Recommender):
     def _similar_indices(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return similar_by_vectors(self.item_factors_, items, k)
 
+    def retrieval_vectors(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """User factors against item factors, the item bias as one more dimension (the user's own bias and the
+        global bias do not change a user's ranking)."""
+        self._check_fitted()
+        queries, items = self.user_factors_[users], self.item_factors_
+        if self.item_bias_ is not None:
+            queries = np.hstack([queries, np.ones((len(queries), 1), np.float32)])
+            items = np.hstack([items, self.item_bias_[:, None]])
+        return np.ascontiguousarray(queries, np.float32), np.ascontiguousarray(items, np.float32)
+
     def _state(self) -> dict[str, Any]:
         state: dict[str, Any] = {
             "user_factors": self.user_factors_,

@@ -517,6 +517,11 @@ class TwoTower(Recommender):
     def _similar_indices(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return similar_by_vectors(self.item_vectors_, items, k)
 
+    def retrieval_vectors(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The two towers' outputs (their inner product is the model's score)."""
+        self._check_fitted()
+        return self.user_vectors_[users], self.item_vectors_
+
     def user_vectors(self) -> np.ndarray:
         """User-tower outputs (n_users × n_factors, row = user index) at each user's last training timestamp,
         divided by the temperature, so ``user_vectors() @ item_vectors().T`` are the model's scores."""

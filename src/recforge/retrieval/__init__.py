@@ -6,8 +6,9 @@ from recforge.retrieval.index import (
     HNSWIndex,
     VectorIndex,
     all_neighbors,
+    equal_norm,
     make_index,
     similar_by_vectors,
 )
 
-__all__ = ["ANN_MIN_ITEMS", "ExactIndex", "HNSWIndex", "VectorIndex", "all_neighbors", "make_index", "similar_by_vectors"]
+__all__ = ["ANN_MIN_ITEMS", "ExactIndex", "HNSWIndex", "VectorIndex", "all_neighbors", "equal_norm", "make_index", "similar_by_vectors"]

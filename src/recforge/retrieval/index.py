@@ -178,6 +178,16 @@ def make_index(
     return ExactIndex(vectors, num_threads=num_threads)
 
 
+def equal_norm(vectors: np.ndarray) -> np.ndarray:
+    """``vectors`` with one more dimension that gives every row the same norm (the largest), so that a query
+    padded with a 0 has the same inner products, and maximum-inner-product search becomes the cosine search HNSW
+    graphs handle well (Bachrach et al., 2014): on raw inner products a few long vectors capture the graph."""
+    v = _as_matrix(vectors, "vectors")
+    sq = np.einsum("ij,ij->i", v, v, dtype=np.float64)
+    pad = np.sqrt(np.maximum(sq.max(initial=0.0) - sq, 0.0)).astype(np.float32)
+    return np.ascontiguousarray(np.hstack([v, pad[:, None]]))
+
+
 def all_neighbors(index: VectorIndex, k: int, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
     """Top-``k`` neighbours of every indexed vector (itself excluded), computed in batches of queries."""
     n = index.n

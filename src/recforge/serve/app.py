@@ -37,6 +37,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -64,6 +65,7 @@ from pydantic import (
 import recforge
 from recforge.errors import RecforgeError, StorageError, UnknownIdError, UnsupportedError
 from recforge.models.base import Recommender
+from recforge.retrieval import ANN_MIN_ITEMS, VectorIndex, equal_norm, make_index
 from recforge.serve.events import EventError, Limits, check_batch, check_event, parse_id, parse_ids
 from recforge.serve.feedback import FeedbackLog, GroupCommitter, default_feedback_dir
 from recforge.serve.openapi import ERRORS
@@ -103,6 +105,8 @@ class ServeSettings:
         limits: id lengths and how many new users/items one feedback batch may add.
         sync_seconds: how often a worker reads the feedback other workers logged.
         apply_seconds: micro-batch period of learning from feedback (0: inside the request).
+        ann_min_items: catalogue size from which models that score by an inner product (factor models, the
+            two-tower) answer ``/recommend`` from an HNSW index instead of scoring every item.
     """
 
     feedback_dir: str | None = None
@@ -114,6 +118,7 @@ class ServeSettings:
     limits: Limits = field(default_factory=Limits)
     sync_seconds: float = 0.5
     apply_seconds: float = 0.05
+    ann_min_items: int = ANN_MIN_ITEMS
 
     def to_env(self) -> dict[str, str]:
         """Environment variables that carry these settings to ``create_app_from_env`` (keys apart from the rest,
@@ -163,9 +168,15 @@ class HistoryBody(BaseModel):
 class Loaded:
     """One loaded model and what the service keeps beside it; a hot swap replaces the whole object at once."""
 
-    def __init__(self, model: Recommender, artifact: Path) -> None:
+    def __init__(self, model: Recommender, artifact: Path, ann_min_items: int = ANN_MIN_ITEMS) -> None:
         self.model = model
         self.artifact = artifact
+        self.index: VectorIndex | None = None  # approximate top-k for large catalogues
+        vectors = model.retrieval_vectors(np.zeros(0, np.int64)) if model.n_items_ >= ann_min_items else None
+        if vectors is not None:
+            started = time.perf_counter()
+            self.index = make_index(equal_norm(vectors[1]), "hnsw")
+            log.info("HNSW index over %d items built in %.1f s", model.n_items_, time.perf_counter() - started)
         self.lock = threading.Lock()  # keeps learning (partial_fit) and scoring apart
         # Feedback items of each user, excluded from that user's lists from the moment they are acknowledged
         # (the model itself learns from them in the background, within ``apply_seconds``).
@@ -173,6 +184,27 @@ class Loaded:
         self.popular = np.argsort(-np.bincount(model.seen_.indices, minlength=model.n_items_),
                                   kind="stable")[:MAX_K].astype(np.int32)
         self.n_events = 0
+
+    def top_k(self, user: int, k: int, exclude_seen: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` item indices and scores for one user: exact, or from the index (over-fetching past the
+        excluded items) for a large catalogue; seen items and acknowledged feedback excluded when asked."""
+        m = self.model
+        pending = self.extra_seen.get(user) if exclude_seen else None  # feedback not learned yet
+        extra = [np.fromiter(pending, np.int64)] if pending else None
+        if self.index is None:
+            items, scores = m.recommend_indices(np.array([user]), k, m.seen_ if exclude_seen else None,
+                                                extra_exclude=extra)
+            return items[0], scores[0]
+        queries, _ = m.retrieval_vectors(np.array([user]))
+        queries = np.hstack([queries, np.zeros((1, 1), np.float32)])  # the index's vectors have one more dimension
+        banned = np.zeros(0, np.int64)
+        if exclude_seen:
+            row = m.seen_.indices[m.seen_.indptr[user]:m.seen_.indptr[user + 1]]
+            banned = np.union1d(row, extra[0] if extra else banned)
+        banned = banned[banned < self.index.n]  # items added by feedback are not in the index
+        exclude = sp.csr_matrix((np.ones(len(banned), np.float32), banned, [0, len(banned)]), shape=(1, self.index.n))
+        items, scores = self.index.search(queries, k, exclude)
+        return items[0], scores[0]
 
     def mark_seen(self, users: list[Any], items: list[Any]) -> None:
         """Exclude each item from its user's lists from now on (known users and items only)."""
@@ -192,9 +224,11 @@ class Loaded:
         })
         ratings = [r.get("rating") for r in rows]
         if m.predicts_ratings:
-            if any(v is None for v in ratings):
-                mean = float(np.nanmean([v for v in ratings if v is not None] or [np.nan]))
-                ratings = [mean if v is None else v for v in ratings]
+            if any(v is None for v in ratings):  # an unrated event: the batch's mean rating, else the scale's middle
+                given = [v for v in ratings if v is not None]
+                low, high = getattr(m, "rating_min_", np.nan), getattr(m, "rating_max_", np.nan)
+                fill = float(np.mean(given)) if given else (low + high) / 2
+                ratings = [fill if v is None else v for v in ratings]
             frame["rating"] = ratings
         with self.lock:
             if m.supports_partial_fit and not (m.predicts_ratings and frame.get("rating", pd.Series()).isna().any()):
@@ -214,9 +248,11 @@ class Service:
     """The loaded model (:class:`Loaded`, swappable), its feedback log and the locks around them."""
 
     def __init__(self, artifact: str | os.PathLike[str], feedback_dir: str | os.PathLike[str] | None,
-                 sync_seconds: float = 0.5, apply_seconds: float = 0.05, limits: Limits | None = None) -> None:
+                 sync_seconds: float = 0.5, apply_seconds: float = 0.05, limits: Limits | None = None,
+                 ann_min_items: int = ANN_MIN_ITEMS) -> None:
         self.limits = limits or Limits()
-        self.state = Loaded(Recommender.load(artifact), Path(artifact))
+        self.ann_min_items = ann_min_items
+        self.state = Loaded(Recommender.load(artifact), Path(artifact), ann_min_items)
         self.folder = Path(feedback_dir or default_feedback_dir(artifact))
         self.log = FeedbackLog(self.folder, validate=lambda event: _problem(event, self.state.model, self.limits))
         self.writer = GroupCommitter(self.log)
@@ -329,7 +365,7 @@ class Service:
             return fresh
 
     def _prepare(self, path: Path) -> tuple[Loaded, FeedbackLog, dict[str, int]]:
-        fresh = Loaded(Recommender.load(path), path)
+        fresh = Loaded(Recommender.load(path), path, self.ann_min_items)
         reader = FeedbackLog(self.folder, validate=lambda event: _problem(event, fresh.model, self.limits))
         events, offsets = reader.read_since(fresh.model.feedback_offsets_ or {})
         if events:
@@ -455,7 +491,8 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
             raise TypeError(f"create_app() got unknown settings {sorted(unknown)}")
         overrides = {k: (str(v) if k == "feedback_dir" and v is not None else v) for k, v in overrides.items()}
         cfg = ServeSettings(**{**asdict(cfg), "limits": cfg.limits, **overrides})
-    service = Service(artifact, cfg.feedback_dir, cfg.sync_seconds, cfg.apply_seconds, cfg.limits)
+    service = Service(artifact, cfg.feedback_dir, cfg.sync_seconds, cfg.apply_seconds, cfg.limits,
+                      cfg.ann_min_items)
     first = service.model
     app = FastAPI(title="recforge", version=recforge.__version__, lifespan=_reload_on_sighup,
                   description=f"Recommendations from a {type(first).__name__} ({first.n_users_:,} users, "
@@ -541,14 +578,10 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
                                      "allow it (recforge serve --allow-include-seen)")
         service.sync()
         state = service.state
-        m = state.model
         u = service.user_index(user, state)
         with state.lock:
-            pending = state.extra_seen.get(u) if exclude_seen else None  # feedback not learned yet
-            extra = [np.fromiter(pending, np.int64)] if pending else None
-            items, top = m.recommend_indices(np.array([u]), k, m.seen_ if exclude_seen else None,
-                                             extra_exclude=extra)
-        return JSONResponse({"user": user, "items": _items_payload(m, items[0], top[0])})
+            items, scores = state.top_k(u, k, exclude_seen)
+        return JSONResponse({"user": user, "items": _items_payload(state.model, items, scores)})
 
     def recommend_history(body: HistoryBody) -> dict[str, Any]:
         """Top-k items for a session (items oldest first); unknown items are ignored. A history with no known
