@@ -295,20 +295,14 @@ class Service:
                 log.exception("applying %d feedback events failed", len(batch))
 
     # ------------------------------------------------------------------ ids
-    def user_index(self, user: Any, state: Loaded) -> int:
-        """The index of a known user id (strictly parsed); 422 for a malformed id, 404 for an unknown one."""
-        parsed = _parsed(parse_id, user, state.model.user_map_.is_string, "user", self.limits)
-        idx = state.model.user_map_.to_index(np.asarray([parsed]), on_unknown="keep")
+    def index_of(self, value: Any, what: str, state: Loaded) -> int:
+        """The index of a known ``"user"`` or ``"item"`` id (strictly parsed); 422 for a malformed id, 404 for an
+        unknown one."""
+        idmap = state.model.user_map_ if what == "user" else state.model.item_map_
+        parsed = _parsed(parse_id, value, idmap.is_string, what, self.limits)
+        idx = idmap.to_index(np.asarray([parsed]), on_unknown="keep")
         if idx[0] < 0:
-            raise HTTPException(404, f"unknown user {str(parsed)[:80]!r}")
-        return int(idx[0])
-
-    def item_index(self, item: Any, state: Loaded) -> int:
-        """The index of a known item id, as :meth:`user_index`."""
-        parsed = _parsed(parse_id, item, state.model.item_map_.is_string, "item", self.limits)
-        idx = state.model.item_map_.to_index(np.asarray([parsed]), on_unknown="keep")
-        if idx[0] < 0:
-            raise HTTPException(404, f"unknown item {str(parsed)[:80]!r}")
+            raise HTTPException(404, f"unknown {what} {str(parsed)[:80]!r}")
         return int(idx[0])
 
     # ------------------------------------------------------------------ feedback
@@ -578,7 +572,7 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
                                      "allow it (recforge serve --allow-include-seen)")
         service.sync()
         state = service.state
-        u = service.user_index(user, state)
+        u = service.index_of(user, "user", state)
         with state.lock:
             items, scores = state.top_k(u, k, exclude_seen)
         return JSONResponse({"user": user, "items": _items_payload(state.model, items, scores)})
@@ -607,7 +601,7 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
     async def similar(item: str, k: int = Query(10, ge=1, le=MAX_K)) -> dict[str, Any]:
         """The k items most similar to ``item``."""
         state = service.state
-        idx = np.array([service.item_index(item, state)])
+        idx = np.array([service.index_of(item, "item", state)])
         with state.lock:
             try:
                 top, scores = state.model.similar_indices(idx, k)
