@@ -505,9 +505,10 @@ def serve_cmd(
     max_id_length: Annotated[int, typer.Option(help="Longest string id a request may carry.")] = 64,
     max_new_users: Annotated[int, typer.Option(help="New users one feedback batch may introduce.")] = 1000,
     max_new_items: Annotated[int, typer.Option(help="New items one feedback batch may introduce.")] = 100,
-    ann_min_items: Annotated[int, typer.Option(
-        help="Catalogue size from which factor and two-tower models answer /recommend from an HNSW index.")
-    ] = 1_000_000,
+    ann_min_items: Annotated[int | None, typer.Option(
+        help="Catalogue size from which factor and two-tower models answer /recommend from an HNSW index "
+        "(default: recforge.retrieval.ANN_MIN_ITEMS, 1,000,000).")
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
 ) -> None:
     """Serve a saved model over HTTP: /recommend, /similar, /feedback (durable), /health, /metrics, /docs."""
@@ -521,7 +522,7 @@ def serve_cmd(
 
     for name, value, low in (("--workers", workers, 1), ("--max-body", max_body, 1),
                              ("--max-id-length", max_id_length, 1), ("--max-new-users", max_new_users, 0),
-                             ("--max-new-items", max_new_items, 0), ("--ann-min-items", ann_min_items, 1)):
+                             ("--max-new-items", max_new_items, 0), ("--ann-min-items", 1 if ann_min_items is None else ann_min_items, 1)):
         if value < low:
             raise DataError(f"{name} must be at least {low}, got {value}")
     model = Recommender.load(artifact)  # fail here, with a one-line message, on a missing or corrupt artifact
@@ -530,7 +531,7 @@ def serve_cmd(
         feedback_dir=None if feedback_dir is None else str(feedback_dir), api_key=api_key, read_key=read_key,
         open_reads=open_reads, allow_include_seen=allow_include_seen, max_body_bytes=max_body,
         limits=Limits(max_id_length=max_id_length, max_new_users=max_new_users, max_new_items=max_new_items),
-        ann_min_items=ann_min_items,
+        **({} if ann_min_items is None else {"ann_min_items": ann_min_items}),
     )
     os.environ["RECFORGE_SERVE_ARTIFACT"] = str(artifact)
     os.environ.update(settings.to_env())

@@ -66,7 +66,15 @@ import recforge
 from recforge.errors import RecforgeError, StorageError, UnknownIdError, UnsupportedError
 from recforge.models.base import Recommender
 from recforge.retrieval import ANN_MIN_ITEMS, VectorIndex, equal_norm, make_index
-from recforge.serve.events import EventError, Limits, check_batch, check_event, parse_id, parse_ids
+from recforge.serve.events import (
+    EventError,
+    Limits,
+    check_batch,
+    event_problem,
+    exact_integer,
+    parse_id,
+    parse_ids,
+)
 from recforge.serve.feedback import FeedbackLog, GroupCommitter, default_feedback_dir
 from recforge.serve.openapi import ERRORS
 from recforge.serve.openapi import install as install_openapi
@@ -79,8 +87,7 @@ Id = StrictInt | StrictStr | StrictFloat  # floats: JSON Schema's integers may b
 
 def _json_integer(value: Any) -> int:
     """An integer as JSON Schema means it: ``787`` or ``787.0`` (exact up to 2**53), never ``true`` or ``"787"``."""
-    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
-        return int(value)
+    value = exact_integer(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError("Input should be an integer")  # noqa: TRY004 - pydantic turns ValueError into a 422
     return value
@@ -181,8 +188,8 @@ class Loaded:
         # Feedback items of each user, excluded from that user's lists from the moment they are acknowledged
         # (the model itself learns from them in the background, within ``apply_seconds``).
         self.extra_seen: dict[int, set[int]] = {}
-        self.popular = np.argsort(-np.bincount(model.seen_.indices, minlength=model.n_items_),
-                                  kind="stable")[:MAX_K].astype(np.int32)
+        self.popularity = np.bincount(model.seen_.indices, minlength=model.n_items_).astype(np.float32)
+        self.popular = np.argsort(-self.popularity, kind="stable")[:MAX_K].astype(np.int32)
         self.n_events = 0
 
     def top_k(self, user: int, k: int, exclude_seen: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -254,7 +261,7 @@ class Service:
         self.ann_min_items = ann_min_items
         self.state = Loaded(Recommender.load(artifact), Path(artifact), ann_min_items)
         self.folder = Path(feedback_dir or default_feedback_dir(artifact))
-        self.log = FeedbackLog(self.folder, validate=lambda event: _problem(event, self.state.model, self.limits))
+        self.log = FeedbackLog(self.folder, validate=lambda event: event_problem(event, self.state.model, self.limits))
         self.writer = GroupCommitter(self.log)
         self.sync_seconds = sync_seconds
         self._last_sync = 0.0
@@ -360,20 +367,11 @@ class Service:
 
     def _prepare(self, path: Path) -> tuple[Loaded, FeedbackLog, dict[str, int]]:
         fresh = Loaded(Recommender.load(path), path, self.ann_min_items)
-        reader = FeedbackLog(self.folder, validate=lambda event: _problem(event, fresh.model, self.limits))
+        reader = FeedbackLog(self.folder, validate=lambda event: event_problem(event, fresh.model, self.limits))
         events, offsets = reader.read_since(fresh.model.feedback_offsets_ or {})
         if events:
             fresh.apply(events)
         return fresh, reader, offsets
-
-
-def _problem(event: dict[str, Any], model: Recommender, limits: Limits) -> str | None:
-    """Why a replayed event cannot be applied to ``model``, or None."""
-    try:
-        check_event(event, model, limits)
-    except EventError as exc:
-        return str(exc)
-    return None
 
 
 def _parsed(parse: Any, *args: Any) -> Any:
@@ -522,8 +520,8 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
         log.exception("unexpected error on %s", request.url.path)
         return JSONResponse({"detail": "internal error"}, 500)
 
-    write_keys = [_key_bytes(cfg.api_key)] if cfg.api_key else []
-    read_keys = write_keys + ([_key_bytes(cfg.read_key)] if cfg.read_key else [])
+    write_keys = [cfg.api_key.encode("utf-8")] if cfg.api_key else []
+    read_keys = write_keys + ([cfg.read_key.encode("utf-8")] if cfg.read_key else [])
 
     def key_check(keys: list[bytes], what: str) -> Any:
         async def check(x_api_key: str | None = Header(default=None)) -> None:
@@ -586,8 +584,7 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
         known = m.item_map_.to_index(ids, on_unknown="keep") if len(ids) else np.zeros(0, np.int32)
         if not (known >= 0).any():
             top = state.popular[:body.k]
-            counts = np.bincount(m.seen_.indices, minlength=m.n_items_)[top].astype(np.float32)
-            return {"items": _items_payload(m, top, counts), "fallback": "popularity",
+            return {"items": _items_payload(m, top, state.popularity[top]), "fallback": "popularity",
                     "reason": "the history has no item this model knows"}
         with state.lock:
             try:
@@ -656,10 +653,6 @@ async def _reload_logged(service: Service) -> None:
         await service.reload()
     except RecforgeError as exc:
         log.error("SIGHUP reload failed, still serving the previous model: %s", exc)
-
-
-def _key_bytes(key: str) -> bytes:
-    return key.encode("utf-8")
 
 
 def create_app_from_env() -> FastAPI:

@@ -45,12 +45,20 @@ class Limits:
     max_new_items: int = 100
 
 
+def exact_integer(value: Any) -> Any:
+    """``930.0`` as ``930`` (JSON Schema calls it an integer; beyond 2**53 a float is not exact); anything else
+    unchanged."""
+    if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
+        return int(value)
+    return value
+
+
 def parse_id(value: Any, is_string: bool, what: str, limits: Limits) -> int | str:
     """An id as the model stores it. Integer ids are JSON integers (``930.0`` too, up to 2**53) or plain ASCII
     decimal strings within int64 (no ``_``, spaces, signs other than a leading ``-``, or non-ASCII digits); string ids are non-empty strings
     of at most ``limits.max_id_length`` characters (a JSON integer is taken as its decimal string)."""
-    if not is_string and isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:
-        value = int(value)  # JSON Schema calls 930.0 an integer; beyond 2**53 a float is not exact
+    if not is_string:
+        value = exact_integer(value)
     if isinstance(value, bool) or not isinstance(value, int | str):
         raise EventError(f"{what} id must be {'a string' if is_string else 'an integer'}, got {value!r}"[:200])
     if is_string:
@@ -131,3 +139,13 @@ def check_batch(events: list[dict[str, Any]], model: Recommender, limits: Limits
             raise EventError(f"this batch introduces {len(new)} {field}s the model does not know; at most {cap} "
                              f"per batch ({option})")
     return out
+
+
+def event_problem(event: dict[str, Any], model: Recommender, limits: Limits) -> str | None:
+    """Why a logged event cannot be applied to ``model`` (see :func:`check_event`), or None: the feedback log's
+    validator on replay."""
+    try:
+        check_event(event, model, limits)
+    except EventError as exc:
+        return str(exc)
+    return None

@@ -14,7 +14,7 @@ import pandas as pd
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
 from recforge.models.base import Recommender
-from recforge.serve.events import Limits, check_event
+from recforge.serve.events import Limits, event_problem
 from recforge.serve.feedback import FeedbackLog
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ def refit_with_feedback(artifact: str | os.PathLike[str], data: Interactions,
     """A new model of the artifact's kind and parameters, fitted on ``data`` plus every valid event of the
     feedback log (an event without a rating gets the mean rating of ``data`` when ``data`` has ratings)."""
     served = Recommender.load(artifact)
-    reader = FeedbackLog(feedback_dir, validate=lambda e: _refused(e, served))
+    reader = FeedbackLog(feedback_dir, validate=lambda e: event_problem(e, served, Limits()))
     events, offsets = reader.read_since({})
     frame = data.to_frame()
     if events:
@@ -43,11 +43,3 @@ def refit_with_feedback(artifact: str | os.PathLike[str], data: Interactions,
     model.fit(Interactions.from_frame(frame, item_data=data.item_data, user_data=data.user_data))
     model.feedback_offsets_ = offsets
     return model
-
-
-def _refused(event: dict, model: Recommender) -> str | None:
-    try:
-        check_event(event, model, Limits())
-    except ValueError as exc:
-        return str(exc)
-    return None
