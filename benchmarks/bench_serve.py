@@ -15,8 +15,13 @@ Parts:
 ``sustained``  ``GET /recommend?user=..&k=10`` at ``--rate`` (500) requests/s for ``--seconds`` (60): p50/p95/p99,
                errors, achieved rate.
 ``max``        10-second steps at increasing rates; the highest rate with 0 errors and p99 under 25 ms.
-``mixed``      90% recommend, 10% ``POST /feedback`` (one event) at ``--rate`` for ``--seconds``; then the server is
+``overload``   twice ``--rate`` for 10 s: how much is shed (503) and how fast those answers come, and the p99 of the
+               requests that were served.
+``mixed``      90% recommend, 10% ``POST /feedback`` (one event) at ``--rate`` for ``--seconds``, on a disk whose every
+               ``fsync`` takes ``--fsync-ms`` (10) longer (simulated in the server process); then the server is
                killed with SIGKILL, restarted, and the acknowledged events are counted in the replayed log.
+``swap``       the mixed load while ``POST /admin/reload`` hot-swaps the artifact every 5 s: failed requests, and the
+               acknowledged feedback found in the log after a restart.
 
 Models are trained on the embedded ml-latest-small (SASRec: softmax loss, 200 max length, 5 epochs — latency
 does not depend on how long it trained). One server worker, one thread for numpy/torch in the server; the load
@@ -46,10 +51,11 @@ HERE = Path(__file__).resolve().parent
 def _args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", default="ease,sasrec")
-    p.add_argument("--parts", default="sustained,max,mixed")
+    p.add_argument("--parts", default="sustained,max,overload,mixed,swap")
     p.add_argument("--rate", type=float, default=500.0)
     p.add_argument("--seconds", type=float, default=60.0)
     p.add_argument("--steps", default="500,750,1000,1250,1500,2000")
+    p.add_argument("--fsync-ms", type=float, default=10.0)
     p.add_argument("--out", default=str(HERE / "results" / "serve.json"))
     return p.parse_args()
 
@@ -60,10 +66,20 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(artifact: Path, port: int, feedback: Path) -> subprocess.Popen:
+#: Starts the CLI with every ``fsync`` made slower by FSYNC_MS milliseconds: a slow disk, simulated.
+_SLOW_DISK = ("import os, sys, time\n"
+              "delay, real = float(os.environ['FSYNC_MS']) / 1000, os.fsync\n"
+              "os.fsync = lambda fd: (time.sleep(delay), real(fd))[1]\n"
+              "from recforge.cli import main\n"
+              "sys.argv[0] = 'recforge'\n"
+              "main()\n")
+
+
+def start_server(artifact: Path, port: int, feedback: Path, fsync_ms: float = 0.0) -> subprocess.Popen:
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", "NUMBA_NUM_THREADS": "1",
-           "RECFORGE_API_KEY": "bench"}
-    proc = subprocess.Popen([sys.executable, "-m", "recforge", "serve", str(artifact), "--port", str(port),
+           "RECFORGE_API_KEY": "bench", "FSYNC_MS": str(fsync_ms)}
+    launcher = ["-c", _SLOW_DISK] if fsync_ms else ["-m", "recforge"]
+    proc = subprocess.Popen([sys.executable, *launcher, "serve", str(artifact), "--port", str(port),
                              "--feedback-dir", str(feedback)], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     import urllib.request
@@ -80,8 +96,16 @@ def start_server(artifact: Path, port: int, feedback: Path) -> subprocess.Popen:
     raise RuntimeError("server did not start")
 
 
+async def _reloads(session, base: str, every: float, until: float, codes: list) -> None:  # type: ignore[no-untyped-def]
+    while time.perf_counter() + every < until:
+        await asyncio.sleep(every)
+        async with session.post(f"{base}/admin/reload", headers={"X-API-Key": "bench"}) as r:
+            await r.read()
+            codes.append(r.status)
+
+
 async def _load(port: int, rate: float, seconds: float, users: list, items: list, feedback_share: float,
-                seed: int = 0) -> dict:
+                seed: int = 0, reload_every: float = 0.0) -> dict:
     import aiohttp
 
     rng = random.Random(seed)
@@ -94,6 +118,9 @@ async def _load(port: int, rate: float, seconds: float, users: list, items: list
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=10),
                                      headers={"X-API-Key": "bench"}) as session:
         t0 = time.perf_counter() + 0.1
+        reload_codes: list[int] = []
+        reloader = (asyncio.create_task(_reloads(session, base, reload_every, t0 + seconds, reload_codes))
+                    if reload_every else None)
 
         async def one(i: int) -> None:
             scheduled = t0 + i / rate
@@ -123,6 +150,8 @@ async def _load(port: int, rate: float, seconds: float, users: list, items: list
         while running:
             await asyncio.gather(*list(running))
         elapsed = time.perf_counter() - t0
+        if reloader is not None:
+            await reloader
     ok = status == 200
     lat = latencies[ok] * 1000
     by_kind = {}
@@ -130,7 +159,12 @@ async def _load(port: int, rate: float, seconds: float, users: list, items: list
         sel = latencies[ok & (kinds == kind)] * 1000
         if len(sel) and feedback_share > 0:
             by_kind[f"{label} p99 ms"] = float(np.percentile(sel, 99))
-    return {**by_kind,
+    shed = status == 503
+    extra = {"shed (503)": int(shed.sum()), "503 p99 ms": float(np.percentile(latencies[shed] * 1000, 99))} \
+        if shed.any() else {}
+    if reload_every:
+        extra["reloads ok"] = f"{reload_codes.count(200)}/{len(reload_codes)}"
+    return {**by_kind, **extra,
         "rate": rate, "seconds": seconds, "requests": n, "errors": int((~ok).sum()),
         "achieved rps": n / elapsed, "p50 ms": float(np.percentile(lat, 50)) if len(lat) else float("nan"),
         "p95 ms": float(np.percentile(lat, 95)) if len(lat) else float("nan"),
@@ -140,7 +174,8 @@ async def _load(port: int, rate: float, seconds: float, users: list, items: list
     }
 
 
-def load(port: int, rate: float, seconds: float, users: list, items: list, feedback_share: float = 0.0) -> dict:
+def load(port: int, rate: float, seconds: float, users: list, items: list, feedback_share: float = 0.0,
+         reload_every: float = 0.0) -> dict:
     """Run one open-loop load. The generator's own garbage collector is paused meanwhile: a full collection in
     the client would stall its event loop and be measured as server latency."""
     import gc
@@ -148,9 +183,16 @@ def load(port: int, rate: float, seconds: float, users: list, items: list, feedb
     gc.collect()
     gc.disable()
     try:
-        return asyncio.run(_load(port, rate, seconds, users, items, feedback_share))
+        return asyncio.run(_load(port, rate, seconds, users, items, feedback_share, reload_every=reload_every))
     finally:
         gc.enable()
+
+
+def _health(port: int) -> dict:
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
+        return json.loads(r.read())
 
 
 def train(name: str, folder: Path):  # type: ignore[no-untyped-def]
@@ -198,30 +240,42 @@ def main() -> None:
                             break
                     good = [s["rate"] for s in steps if not s["errors"] and s["p99 ms"] < 25]
                     rows["max"] = {"steps": steps, "max sustainable rps": max(good) if good else 0.0}
-                if "mixed" in parts:
-                    res = load(port, args.rate, args.seconds, users, items, feedback_share=0.1)
-                    os.kill(proc.pid, signal.SIGKILL)
-                    proc.wait()
-                    proc = start_server(artifact, port, feedback)
-                    import urllib.request
-
-                    with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
-                        replayed = json.loads(r.read())["feedback_events"]
-                    res["replayed after kill -9"] = replayed
-                    res["lost"] = res["feedback acked"] - replayed if replayed < res["feedback acked"] else 0
-                    rows["mixed"] = res
-                    print(name, "mixed", res, flush=True)
+                if "overload" in parts:
+                    rows["overload"] = load(port, 2 * args.rate, 10, users, items)
+                    print(name, "overload", rows["overload"], flush=True)
+                if "mixed" in parts or "swap" in parts:  # on a slow disk, from an empty log
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(timeout=20)
+                    feedback = Path(tmp) / f"feedback-{name}-slow"
+                    proc = start_server(artifact, port, feedback, args.fsync_ms)
+                    load(port, 200, 3, users, items)
+                    acked = 0
+                    for part in ("mixed", "swap"):
+                        if part not in parts:
+                            continue
+                        res = load(port, args.rate, args.seconds, users, items, feedback_share=0.1,
+                                   reload_every=5.0 if part == "swap" else 0.0)
+                        acked += res["feedback acked"]
+                        os.kill(proc.pid, signal.SIGKILL)  # nothing acknowledged may be lost, even so
+                        proc.wait()
+                        proc = start_server(artifact, port, feedback, args.fsync_ms)
+                        replayed = _health(port)["feedback_events"]
+                        res["fsync ms added"] = args.fsync_ms
+                        res["replayed after kill -9"] = replayed
+                        res["lost"] = max(0, acked - replayed)
+                        rows[part] = res
+                        print(name, part, res, flush=True)
             finally:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait(timeout=20)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(results, indent=1))
-    cols = ["model", "load", "rate", "achieved rps", "errors", "p50 ms", "p95 ms", "p99 ms", "max ms",
-            "feedback acked", "replayed after kill -9"]
+    cols = ["model", "load", "rate", "achieved rps", "errors", "shed (503)", "p50 ms", "p95 ms", "p99 ms", "max ms",
+            "recommend p99 ms", "feedback p99 ms", "feedback acked", "replayed after kill -9", "lost", "reloads ok"]
     rows = []
     for name in args.models.split(","):
         r = results.get(name, {})
-        for part in ("sustained", "mixed"):
+        for part in ("sustained", "overload", "mixed", "swap"):
             if part in r:
                 rows.append({c: r[part].get(c, "") for c in cols} | {"model": name, "load": part})
         if "max" in r:

@@ -509,6 +509,9 @@ def serve_cmd(
         help="Catalogue size from which factor and two-tower models answer /recommend from an HNSW index "
         "(default: recforge.retrieval.ANN_MIN_ITEMS, 1,000,000).")
     ] = None,
+    overload_seconds: Annotated[float, typer.Option(
+        help="Load shedding: while the service runs this many seconds behind, GET /recommend answers 503 at once.")
+    ] = 0.1,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
 ) -> None:
     """Serve a saved model over HTTP: /recommend, /similar, /feedback (durable), /health, /metrics, /docs."""
@@ -525,12 +528,15 @@ def serve_cmd(
                              ("--max-new-items", max_new_items, 0), ("--ann-min-items", 1 if ann_min_items is None else ann_min_items, 1)):
         if value < low:
             raise DataError(f"{name} must be at least {low}, got {value}")
+    if not overload_seconds > 0:  # also refuses NaN
+        raise DataError(f"--overload-seconds must be positive, got {overload_seconds}")
     model = Recommender.load(artifact)  # fail here, with a one-line message, on a missing or corrupt artifact
     check_folder(feedback_dir or default_feedback_dir(artifact))
     settings = ServeSettings(
         feedback_dir=None if feedback_dir is None else str(feedback_dir), api_key=api_key, read_key=read_key,
         open_reads=open_reads, allow_include_seen=allow_include_seen, max_body_bytes=max_body,
         limits=Limits(max_id_length=max_id_length, max_new_users=max_new_users, max_new_items=max_new_items),
+        overload_seconds=overload_seconds,
         **({} if ann_min_items is None else {"ann_min_items": ann_min_items}),
     )
     os.environ["RECFORGE_SERVE_ARTIFACT"] = str(artifact)

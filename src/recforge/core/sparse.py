@@ -30,15 +30,17 @@ def merge_csr(old: sp.csr_matrix, new: sp.csr_matrix, how: Merge) -> sp.csr_matr
     o, n = old.tocoo(), new.tocoo()
     keys = np.concatenate([o.row.astype(np.int64) * n_cols + o.col, n.row.astype(np.int64) * n_cols + n.col])
     vals = np.concatenate([o.data, n.data]).astype(np.float64)
+    # A stable sort (radix for integers) keeps each cell's entries oldest first; np.unique's hashing is many
+    # times slower here, and this runs on every batch of served feedback.
+    order = np.argsort(keys, kind="stable")
+    keys, vals = keys[order], vals[order]
+    starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, np.int64)
+    uniq = keys[starts]
     if how == "sum":
-        uniq, inv = np.unique(keys, return_inverse=True)
-        data = np.bincount(inv, weights=vals, minlength=len(uniq))
+        data = np.add.reduceat(vals, starts) if len(keys) else vals
     elif how == "replace":
-        # the last occurrence of a key wins: unique over the reversed arrays finds it first
-        uniq, first = np.unique(keys[::-1], return_index=True)
-        data = vals[::-1][first]
+        data = vals[np.r_[starts[1:], len(keys)] - 1]  # the newest entry of each cell
     else:
-        uniq = np.unique(keys)
         data = np.ones(len(uniq))
     out = sp.csr_matrix(
         (data.astype(np.float32), (uniq // n_cols, uniq % n_cols)), shape=(n_rows, n_cols), dtype=np.float32

@@ -69,7 +69,7 @@ def heap_push(hs: np.ndarray, hi: np.ndarray, size: int, s: float, j: int) -> in
     return size
 
 
-@nb.njit(cache=True)
+@nb.njit(cache=True, nogil=True)
 def row_topk(row: np.ndarray, k: int, out_i: np.ndarray, out_s: np.ndarray) -> None:
     """The ``k`` best entries of one score row into ``out_i`` / ``out_s``, best first; ``-1`` / ``-inf`` pad."""
     hs = np.empty(k, np.float32)
@@ -103,7 +103,7 @@ def row_topk(row: np.ndarray, k: int, out_i: np.ndarray, out_s: np.ndarray) -> N
         heap_sift_down(hs, hi, size, 0)
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(parallel=True, cache=True, nogil=True)
 def _block_topk(scores: np.ndarray, k: int, ex_ptr: np.ndarray, ex_idx: np.ndarray, out_i: np.ndarray, out_s: np.ndarray) -> None:
     for r in nb.prange(scores.shape[0]):
         row = scores[r]

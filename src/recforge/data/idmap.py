@@ -92,6 +92,17 @@ class IdMap:
         kind = "str" if self.is_string else "int"
         return f"IdMap(n={len(self)}, {kind} ids)"
 
+    def find(self, value: int | str) -> int:
+        """The index of one id already of this map's kind (an ``int`` for integer ids, a ``str`` for string
+        ids), or ``-1`` when it is unknown: a hash lookup, for one id per request."""
+        if isinstance(value, str) != self.is_string:
+            return -1
+        try:
+            loc = self._index.get_loc(value)
+        except (KeyError, TypeError, OverflowError):
+            return -1
+        return loc if isinstance(loc, int) else -1
+
     def to_index(
         self, ids: object, on_unknown: UnknownPolicy | Literal["keep"] = "raise", what: str = "ids"
     ) -> np.ndarray:

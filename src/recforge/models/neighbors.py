@@ -165,7 +165,7 @@ def _knn_kernel(
             out_cnt[i] = size
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(parallel=True, cache=True, nogil=True)
 def _score_sparse(x_ptr, x_idx, x_val, users, w_ptr, w_idx, w_val, out):  # type: ignore[no-untyped-def]
     for r in nb.prange(users.shape[0]):
         u = users[r]
@@ -177,7 +177,7 @@ def _score_sparse(x_ptr, x_idx, x_val, users, w_ptr, w_idx, w_val, out):  # type
                 row[w_idx[q]] += x * w_val[q]
 
 
-@nb.njit(parallel=True, cache=True)
+@nb.njit(parallel=True, cache=True, nogil=True)
 def _score_dense(x_ptr, x_idx, x_val, users, w, out):  # type: ignore[no-untyped-def]
     for r in nb.prange(users.shape[0]):
         u = users[r]

@@ -23,21 +23,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
-import secrets
 import signal
 import threading
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
-import scipy.sparse as sp
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -63,9 +62,11 @@ from pydantic import (
 )
 
 import recforge
+from recforge.core.sparse import merge_csr, pattern
 from recforge.errors import RecforgeError, StorageError, UnknownIdError, UnsupportedError
 from recforge.models.base import Recommender
 from recforge.retrieval import ANN_MIN_ITEMS, VectorIndex, equal_norm, make_index
+from recforge.serve.batching import Busy, Overloaded, ScoringQueue
 from recforge.serve.events import (
     EventError,
     Limits,
@@ -75,6 +76,7 @@ from recforge.serve.events import (
     parse_id,
     parse_ids,
 )
+from recforge.serve.fastpath import MAX_USER_CHARS, first_header, key_matches, recommend_query
 from recforge.serve.feedback import FeedbackLog, GroupCommitter, default_feedback_dir
 from recforge.serve.openapi import ERRORS
 from recforge.serve.openapi import install as install_openapi
@@ -114,6 +116,8 @@ class ServeSettings:
         apply_seconds: micro-batch period of learning from feedback (0: inside the request).
         ann_min_items: catalogue size from which models that score by an inner product (factor models, the
             two-tower) answer ``/recommend`` from an HNSW index instead of scoring every item.
+        overload_seconds: load shedding: while the service runs this far behind, ``GET /recommend`` is answered
+            503 (with ``Retry-After``) at once instead of being queued and scored late.
     """
 
     feedback_dir: str | None = None
@@ -126,6 +130,7 @@ class ServeSettings:
     sync_seconds: float = 0.5
     apply_seconds: float = 0.05
     ann_min_items: int = ANN_MIN_ITEMS
+    overload_seconds: float = 0.1
 
     def to_env(self) -> dict[str, str]:
         """Environment variables that carry these settings to ``create_app_from_env`` (keys apart from the rest,
@@ -187,39 +192,47 @@ class Loaded:
         self.lock = threading.Lock()  # keeps learning (partial_fit) and scoring apart
         # Feedback items of each user, excluded from that user's lists from the moment they are acknowledged
         # (the model itself learns from them in the background, within ``apply_seconds``).
-        self.extra_seen: dict[int, set[int]] = {}
+        self.extra_seen: dict[int, frozenset[int]] = {}
+        self._seen_lock = threading.Lock()  # writers: the event loop (acknowledged feedback) and the applier
         self.popularity = np.bincount(model.seen_.indices, minlength=model.n_items_).astype(np.float32)
         self.popular = np.argsort(-self.popularity, kind="stable")[:MAX_K].astype(np.int32)
         self.n_events = 0
 
-    def top_k(self, user: int, k: int, exclude_seen: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Top-``k`` item indices and scores for one user: exact, or from the index (over-fetching past the
-        excluded items) for a large catalogue; seen items and acknowledged feedback excluded when asked."""
+    def top_k(self, users: np.ndarray, k: int, exclude_seen: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Top-``k`` item indices and scores for user indices (one row each, ``-1`` padded): exact, or from the
+        index (over-fetching past the excluded items) for a large catalogue; seen items and acknowledged
+        feedback excluded when asked. Runs on the scoring thread, under :attr:`lock`."""
         m = self.model
-        pending = self.extra_seen.get(user) if exclude_seen else None  # feedback not learned yet
-        extra = [np.fromiter(pending, np.int64)] if pending else None
+        extra = None
+        if exclude_seen:  # feedback not learned yet; each user's set is replaced, never changed, so this read is safe
+            pending = [self.extra_seen.get(int(u), ()) for u in users]
+            if any(pending):
+                extra = [np.fromiter(p, np.int64, len(p)) for p in pending]
         if self.index is None:
-            items, scores = m.recommend_indices(np.array([user]), k, m.seen_ if exclude_seen else None,
-                                                extra_exclude=extra)
-            return items[0], scores[0]
-        queries, _ = m.retrieval_vectors(np.array([user]))
-        queries = np.hstack([queries, np.zeros((1, 1), np.float32)])  # the index's vectors have one more dimension
-        banned = np.zeros(0, np.int64)
+            return m.recommend_indices(users, k, m.seen_ if exclude_seen else None, extra_exclude=extra)
+        queries, _ = m.retrieval_vectors(users)
+        queries = np.hstack([queries, np.zeros((len(users), 1), np.float32)])  # the index's vectors: one more dim
+        exclude = None
         if exclude_seen:
-            row = m.seen_.indices[m.seen_.indptr[user]:m.seen_.indptr[user + 1]]
-            banned = np.union1d(row, extra[0] if extra else banned)
-        banned = banned[banned < self.index.n]  # items added by feedback are not in the index
-        exclude = sp.csr_matrix((np.ones(len(banned), np.float32), banned, [0, len(banned)]), shape=(1, self.index.n))
-        items, scores = self.index.search(queries, k, exclude)
-        return items[0], scores[0]
+            exclude = m.seen_[users]
+            if extra is not None:
+                rows = np.repeat(np.arange(len(users)), [len(e) for e in extra])
+                exclude = merge_csr(exclude, pattern(rows, np.concatenate(extra), exclude.shape), "ones")
+            exclude = exclude[:, : self.index.n]  # items added by feedback are not in the index
+        return self.index.search(queries, k, exclude)
 
     def mark_seen(self, users: list[Any], items: list[Any]) -> None:
-        """Exclude each item from its user's lists from now on (known users and items only)."""
+        """Exclude each item from its user's lists from now on (known users and items only). A user's set is
+        replaced by a new one, so the scoring thread never sees a set change under it."""
         u_idx = self.model.user_map_.to_index(np.asarray(users), on_unknown="keep")
         i_idx = self.model.item_map_.to_index(np.asarray(items), on_unknown="keep")
-        for u, i in zip(u_idx, i_idx):
+        added: dict[int, set[int]] = {}
+        for u, i in zip(u_idx.tolist(), i_idx.tolist()):
             if u >= 0 and i >= 0:
-                self.extra_seen.setdefault(int(u), set()).add(int(i))
+                added.setdefault(u, set()).add(i)
+        with self._seen_lock:
+            for u, new in added.items():
+                self.extra_seen[u] = self.extra_seen.get(u, frozenset()) | new
 
     def apply(self, rows: list[dict[str, Any]]) -> None:
         """Learn from checked feedback rows (``partial_fit`` where the model has it) and exclude their items."""
@@ -256,7 +269,7 @@ class Service:
 
     def __init__(self, artifact: str | os.PathLike[str], feedback_dir: str | os.PathLike[str] | None,
                  sync_seconds: float = 0.5, apply_seconds: float = 0.05, limits: Limits | None = None,
-                 ann_min_items: int = ANN_MIN_ITEMS) -> None:
+                 ann_min_items: int = ANN_MIN_ITEMS, overload_seconds: float = 0.1) -> None:
         self.limits = limits or Limits()
         self.ann_min_items = ann_min_items
         self.state = Loaded(Recommender.load(artifact), Path(artifact), ann_min_items)
@@ -271,12 +284,14 @@ class Service:
         self._write_lock = threading.Lock()
         self._reload_lock = asyncio.Lock()
         self._applied_upto: dict[str, int] = {}  # own log positions a reload has already applied
+        self.scorer = ScoringQueue(_score_unless_busy, max_lag=overload_seconds)
         replayed = list(self.log.replay(self.state.model.feedback_offsets_))
         if replayed:
             self.state.apply(replayed)
             log.info("replayed %d feedback events from %s", len(replayed), self.folder)
         if apply_seconds > 0:
             threading.Thread(target=self._applier, name="recforge-feedback", daemon=True).start()
+        _freeze_heap()
 
     @property
     def model(self) -> Recommender:
@@ -307,10 +322,22 @@ class Service:
         unknown one."""
         idmap = state.model.user_map_ if what == "user" else state.model.item_map_
         parsed = _parsed(parse_id, value, idmap.is_string, what, self.limits)
-        idx = idmap.to_index(np.asarray([parsed]), on_unknown="keep")
-        if idx[0] < 0:
+        idx = idmap.find(parsed)
+        if idx < 0:
             raise HTTPException(404, f"unknown {what} {str(parsed)[:80]!r}")
-        return int(idx[0])
+        return idx
+
+    async def recommend(self, user: Any, k: int, exclude_seen: bool) -> dict[str, Any]:
+        """The ``GET /recommend`` answer for a user id, scored in a micro-batch (:mod:`.batching`); 404 for an
+        unknown user, 503 (with ``Retry-After``) while the service runs too far behind to answer in time."""
+        self.sync()
+        state = self.state
+        u = self.index_of(user, "user", state)
+        try:
+            items, scores = await self.scorer.submit(state, u, k, exclude_seen)
+        except Overloaded as exc:
+            raise HTTPException(503, f"overloaded, retry later ({exc})", headers={"Retry-After": "1"}) from None
+        return {"user": user, "items": _items_payload(state.model, items, scores)}
 
     # ------------------------------------------------------------------ feedback
     def sync(self) -> None:
@@ -363,6 +390,7 @@ class Service:
                 self._applied_upto = offsets
                 self.log.skip_to(offsets)
             log.info("reloaded %s: %s with %d feedback events", path, fresh.model.name, fresh.n_events)
+            _freeze_heap()
             return fresh
 
     def _prepare(self, path: Path) -> tuple[Loaded, FeedbackLog, dict[str, int]]:
@@ -372,6 +400,24 @@ class Service:
         if events:
             fresh.apply(events)
         return fresh, reader, offsets
+
+
+def _freeze_heap() -> None:
+    """Move everything loaded so far out of the garbage collector's view: the libraries and the model are a few
+    hundred thousand objects that live as long as the process, and a full collection walking them (≈150 ms on a
+    small machine) would stall every request in flight."""
+    gc.collect()
+    gc.freeze()
+
+
+def _score_unless_busy(state: Loaded, users: np.ndarray, k: int, exclude_seen: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Score on the event loop, or raise :class:`Busy` while feedback is being learned (the loop never blocks)."""
+    if not state.lock.acquire(blocking=False):
+        raise Busy
+    try:
+        return state.top_k(users, k, exclude_seen)
+    finally:
+        state.lock.release()
 
 
 def _parsed(parse: Any, *args: Any) -> Any:
@@ -384,27 +430,37 @@ def _parsed(parse: Any, *args: Any) -> Any:
 
 def _items_payload(model: Recommender, items: np.ndarray, scores: np.ndarray) -> list[dict[str, Any]]:
     valid = items >= 0
-    ids = model.item_map_.to_ids(items[valid])
+    items = items[valid]
+    ids, values = model.item_map_.to_ids(items).tolist(), scores[valid].tolist()
+    out = [{"item_id": i, "score": s, "rank": r} for r, (i, s) in enumerate(zip(ids, values), start=1)]
     titles = getattr(model, "item_titles_", None)
-    out = []
-    for rank, (item, idx, score) in enumerate(zip(ids, items[valid], scores[valid]), start=1):
-        row: dict[str, Any] = {"item_id": item.item() if hasattr(item, "item") else item, "score": float(score),
-                               "rank": rank}
-        if titles is not None and titles[idx]:
-            row["title"] = str(titles[idx])
-        out.append(row)
+    if titles is not None:
+        for row, idx in zip(out, items.tolist()):
+            if titles[idx]:
+                row["title"] = str(titles[idx])
     return out
+
+
+@dataclass
+class _GuardOptions:
+    requests: Counter
+    latency: Histogram
+    max_body: int
+    routes: Callable[[], list[Any]]
+    #: answers a request from its scope alone, or ``None`` to hand it to the application
+    fast: Callable[[dict[str, Any]], Awaitable[Response | None]] | None = None
 
 
 class _Guard:
     """Pure ASGI middleware (no per-request task): request counts and latencies for Prometheus (labelled by known
-    routes only, so random paths cannot grow the metrics), and the body-size limit — by Content-Length up front,
-    and for a body without one (chunked) by reading it, up to the limit, before the application sees it."""
+    routes only, so random paths cannot grow the metrics), the body-size limit — by Content-Length up front, and
+    for a body without one (chunked) by reading it, up to the limit, before the application sees it — and the
+    ``GET /recommend`` hot path."""
 
-    def __init__(self, app: Any, requests: Counter, latency: Histogram, max_body_bytes: int,
-                 routes: Callable[[], list[Any]]) -> None:
-        self.app, self.requests, self.latency, self.max_body = app, requests, latency, max_body_bytes
-        self.routes = routes
+    def __init__(self, app: Any, options: _GuardOptions) -> None:
+        self.app, self.options = app, options
+        self.requests, self.latency, self.max_body = options.requests, options.latency, options.max_body
+        self.routes = options.routes
 
     def allowed(self, path: str) -> str:
         """Every method any route of ``path`` takes (a 405 must list them all, not just one route's)."""
@@ -437,9 +493,14 @@ class _Guard:
         if size is None and not too_big and scope.get("method") in ("POST", "PUT", "PATCH"):
             body, too_big = await self._read_body(receive)
             receive = _replay(body)
+        fast = None
         if too_big:
-            response = JSONResponse({"detail": f"request body larger than {self.max_body} bytes"}, 413)
-            await response(scope, receive, send_wrapper)
+            fast = JSONResponse({"detail": f"request body larger than {self.max_body} bytes"}, 413)
+        elif self.options.fast is not None and route == "recommend" and scope["method"] == "GET" \
+                and scope["path"] == "/recommend":
+            fast = await self.options.fast(scope)
+        if fast is not None:
+            await fast(scope, receive, send_wrapper)
         else:
             await self.app(scope, receive, send_wrapper)
         self.requests.labels(route, str(status["code"])).inc()
@@ -484,7 +545,7 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
         overrides = {k: (str(v) if k == "feedback_dir" and v is not None else v) for k, v in overrides.items()}
         cfg = ServeSettings(**{**asdict(cfg), "limits": cfg.limits, **overrides})
     service = Service(artifact, cfg.feedback_dir, cfg.sync_seconds, cfg.apply_seconds, cfg.limits,
-                      cfg.ann_min_items)
+                      cfg.ann_min_items, cfg.overload_seconds)
     first = service.model
     app = FastAPI(title="recforge", version=recforge.__version__, lifespan=_reload_on_sighup,
                   description=f"Recommendations from a {type(first).__name__} ({first.n_users_:,} users, "
@@ -499,8 +560,8 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
                     ["reason"], registry=registry, multiprocess_mode="max")
     for reason, n in service.log.skipped.items():
         skipped.labels(reason).set(n)
-    app.add_middleware(_Guard, requests=requests, latency=latency, max_body_bytes=cfg.max_body_bytes,
-                       routes=lambda: app.routes)
+    guard = _GuardOptions(requests, latency, cfg.max_body_bytes, lambda: app.routes)
+    app.add_middleware(_Guard, options=guard)
 
     @app.exception_handler(RecforgeError)
     async def recforge_error(request: Request, exc: RecforgeError) -> JSONResponse:
@@ -528,13 +589,27 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
             if not keys:
                 return
             # Starlette decodes header bytes as latin-1: encoding back gives the bytes the client sent
-            given = x_api_key.encode("latin-1") if x_api_key is not None else b""
-            if not any(secrets.compare_digest(given, key) for key in keys):
+            if not key_matches(None if x_api_key is None else x_api_key.encode("latin-1"), keys):
                 raise HTTPException(401, f"missing or wrong X-API-Key header ({what})")
         return check
 
     check_write = key_check(write_keys, "this endpoint needs the write key")
-    check_read = key_check([] if cfg.open_reads else read_keys, "reads need a key on this service")
+    needed_for_reads = [] if cfg.open_reads else read_keys
+    check_read = key_check(needed_for_reads, "reads need a key on this service")
+
+    async def fast_recommend(scope: dict[str, Any]) -> Response | None:
+        """``GET /recommend`` without the framework when the request is plainly valid (see :mod:`.fastpath`)."""
+        query = recommend_query(scope.get("query_string", b""), MAX_K)
+        if query is None or not (query[2] or cfg.allow_include_seen):
+            return None
+        if needed_for_reads and not key_matches(first_header(scope, b"x-api-key"), needed_for_reads):
+            return None
+        try:
+            return JSONResponse(await service.recommend(*query))
+        except HTTPException as exc:  # answered as FastAPI's handler would: {"detail": ...} and the headers
+            return JSONResponse({"detail": exc.detail}, exc.status_code, headers=exc.headers)
+
+    guard.fast = fast_recommend
 
     install_openapi(app, first, cfg.limits)
 
@@ -559,7 +634,7 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
     # Learning from feedback (partial_fit) runs in a background thread, in micro-batches.
     @app.get("/recommend", dependencies=[Depends(check_read)], responses=ERRORS)
     async def recommend(
-        user: str = Query(min_length=1, max_length=200, description="User id"),
+        user: str = Query(min_length=1, max_length=MAX_USER_CHARS, description="User id"),
         k: int = Query(10, ge=1, le=MAX_K),
         exclude_seen: bool = True,
     ) -> JSONResponse:
@@ -568,12 +643,7 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
         if not exclude_seen and not cfg.allow_include_seen:
             raise HTTPException(403, "exclude_seen=false would list the user's history; this service does not "
                                      "allow it (recforge serve --allow-include-seen)")
-        service.sync()
-        state = service.state
-        u = service.index_of(user, "user", state)
-        with state.lock:
-            items, scores = state.top_k(u, k, exclude_seen)
-        return JSONResponse({"user": user, "items": _items_payload(state.model, items, scores)})
+        return JSONResponse(await service.recommend(user, k, exclude_seen))
 
     def recommend_history(body: HistoryBody) -> dict[str, Any]:
         """Top-k items for a session (items oldest first); unknown items are ignored. A history with no known
