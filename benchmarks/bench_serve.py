@@ -97,11 +97,17 @@ def start_server(artifact: Path, port: int, feedback: Path, fsync_ms: float = 0.
 
 
 async def _reloads(session, base: str, every: float, until: float, codes: list) -> None:  # type: ignore[no-untyped-def]
+    import aiohttp
+
     while time.perf_counter() + every < until:
         await asyncio.sleep(every)
-        async with session.post(f"{base}/admin/reload", headers={"X-API-Key": "bench"}) as r:
-            await r.read()
-            codes.append(r.status)
+        try:
+            async with session.post(f"{base}/admin/reload", headers={"X-API-Key": "bench"},
+                                    timeout=aiohttp.ClientTimeout(total=120)) as r:
+                await r.read()
+                codes.append(r.status)
+        except (aiohttp.ClientError, asyncio.TimeoutError):
+            codes.append(-1)
 
 
 async def _load(port: int, rate: float, seconds: float, users: list, items: list, feedback_share: float,

@@ -380,15 +380,21 @@ class Service:
         artifact's training stopped), and swap it in without dropping a request or an acknowledged event."""
         async with self._reload_lock:
             path = artifact or self.state.artifact
-            fresh, reader, offsets = await asyncio.to_thread(self._prepare, path)
-            # On the event loop and without an await: no request handler runs until the swap is done.
-            with self._write_lock:
-                more, offsets = reader.read_since(offsets)  # what was acknowledged while it loaded
-                if more:
-                    fresh.apply(more)
-                self.state, self._pending = fresh, []
-                self._applied_upto = offsets
-                self.log.skip_to(offsets)
+            # Loading competes with the loop for the interpreter; the lag it causes is not an overload to shed.
+            self.scorer.holding += 1
+            try:
+                fresh, reader, offsets = await asyncio.to_thread(self._prepare, path)
+                # On the event loop and without an await: no request handler runs until the swap is done.
+                with self._write_lock:
+                    more, offsets = reader.read_since(offsets)  # what was acknowledged while it loaded
+                    if more:
+                        fresh.apply(more)
+                    self.state, self._pending = fresh, []
+                    self._applied_upto = offsets
+                    self.log.skip_to(offsets)
+            finally:
+                self.scorer.holding -= 1
+                self.scorer.lag = 0.0
             log.info("reloaded %s: %s with %d feedback events", path, fresh.model.name, fresh.n_events)
             _freeze_heap()
             return fresh

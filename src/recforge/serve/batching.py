@@ -53,6 +53,7 @@ class ScoringQueue:
         self.score, self.max_lag = score, max_lag
         self.lag = 0.0  # how late the loop ran at the last tick, in seconds
         self.shed = 0  # requests answered Overloaded
+        self.holding = 0  # while positive (a hot swap is loading), requests queue instead of being shed
         self._jobs: list[_Job] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
@@ -64,7 +65,7 @@ class ScoringQueue:
         if loop is not self._loop:  # first use, or a new loop (tests): measure this one
             self._loop, self.lag = loop, 0.0
             loop.call_later(_TICK, self._tick, loop, loop.time() + _TICK)
-        if self.lag > self.max_lag:
+        if self.lag > self.max_lag and not self.holding:
             self.shed += 1
             raise Overloaded(f"the service runs {self.lag * 1e3:.0f} ms behind")
         future: asyncio.Future[Result] = loop.create_future()
