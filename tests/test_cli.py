@@ -135,6 +135,7 @@ def test_train_content_similar_and_cold_items_compare(tmp_path: Path) -> None:
 
 def test_simulate_writes_results_and_scores(tmp_path: Path) -> None:
     out = run("simulate", "--policies", "random,greedy-static,linucb", "--test-episodes", "2", "--quiet",
+              "--train-users", "100", "--test-users", "100",
               "--set", "linucb.alpha=0.2", "--out", str(tmp_path / "sim"))
     assert out.returncode == 0, out.stderr
     table = pd.read_csv(tmp_path / "sim" / "results.csv").set_index("policy")

@@ -170,6 +170,12 @@ def test_hnsw_recall_and_serialisation() -> None:
     np.testing.assert_array_equal(restored.search(v[:10], 5)[0], hnsw.search(v[:10], 5)[0])
     with pytest.raises(DataError, match="does not match"):
         HNSWIndex(v[:10], graph=hnsw.to_bytes())
+    with pytest.raises(DataError, match="holds other vectors"):
+        HNSWIndex(v[::-1].copy(), graph=hnsw.to_bytes())
+    with pytest.raises(DataError, match="cannot be read"):
+        HNSWIndex(v, graph=np.frombuffer(b"not a graph" * 10, np.uint8))
+    with pytest.raises(DataError, match="1-d uint8"):
+        HNSWIndex(v, graph=np.zeros(10, np.float32))
 
 
 def test_make_index_validates_kind() -> None:

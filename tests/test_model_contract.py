@@ -103,7 +103,7 @@ class TestContract:
             assert np.all(np.diff(grp["score"].to_numpy()) <= 0)
             assert grp["item_id"].is_unique
 
-    def test_excludes_seen_items(self, name: str, loo: S.Split) -> None:
+    def test_excludes_seen_items_and_serves_the_same_ranking_from_vectors(self, name: str, loo: S.Split) -> None:
         model = make(name).fit(loo.train)
         recs = model.recommend(k=20)
         seen = set(zip(*loo.train.to_frame()[["user_id", "item_id"]].to_numpy().T))
@@ -111,6 +111,16 @@ class TestContract:
         assert not (pairs & seen)
         with_seen = model.recommend(k=model.n_items_, exclude_seen=False)
         assert len(with_seen) == model.n_users_ * model.n_items_
+        # What a vector index serves (queries · items) orders every user's items as the model's own scores.
+        users = np.arange(min(30, model.n_users_))
+        vectors = model.retrieval_vectors(users)
+        if vectors is not None:
+            queries, items = vectors
+            assert queries.dtype == items.dtype == np.float32 and queries.shape[1] == items.shape[1]
+            scores = model.score(users)[:, : len(items)]
+            offset = scores - queries @ items.T  # a per-user constant (biases that do not change a user's order)
+            np.testing.assert_allclose(offset, np.broadcast_to(offset[:, :1], offset.shape),
+                                       atol=1e-3 * max(1.0, float(np.abs(scores).max())))
 
     def test_k_larger_than_catalogue_and_bad_k(self, name: str, tiny: Interactions) -> None:
         model = make(name).fit(tiny)

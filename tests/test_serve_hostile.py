@@ -12,8 +12,9 @@ from fastapi.testclient import TestClient
 
 from recforge.data import Interactions
 from recforge.errors import StorageError
-from recforge.models import create_model
+from recforge.models import Recommender, create_model
 from recforge.serve import FeedbackLog, create_app
+from recforge.serve.app import Loaded
 from recforge.serve.feedback import encode_record
 
 KEY = {"X-API-Key": "w"}
@@ -102,12 +103,24 @@ def test_string_ids_have_a_length_limit(string_artifact: Path, tmp_path: Path) -
 
 
 # ---------------------------------------------------------------------------------------------------- ids in reads
-@pytest.mark.parametrize("user", ["99999999999999999999999", "1_0", " 1 ", "\uff11", "1.0", "-"])
+@pytest.mark.parametrize("user", ["99999999999999999999999", "1_0", " 1 ", "\uff11", "1.5", "1e3", "1.", "-",
+                                  "9007199254740993.0"])
 def test_malformed_or_huge_ids_are_422_not_500(artifact: Path, tmp_path: Path, user: str) -> None:
     client = _client(artifact, tmp_path)
     assert client.get("/recommend", params={"user": user}).status_code == 422
     assert client.get(f"/similar/{user}").status_code == 422
     assert client.post("/recommend", json={"items": [user]}).status_code == 422
+
+
+def test_an_integer_id_reads_the_same_in_a_query_as_in_a_json_body(artifact: Path, planted: Interactions,
+                                                                   tmp_path: Path) -> None:
+    """JSON (and so the published schema) calls 930.0 an integer; a client that copies it from a body into a
+    query must get the same user, not a 422."""
+    client = _client(artifact, tmp_path)
+    user = int(planted.user_map.ids[3])
+    plain = client.get("/recommend", params={"user": str(user)}).json()["items"]
+    assert client.get("/recommend", params={"user": f"{user}.0"}).json()["items"] == plain
+    assert client.post("/feedback", json={"events": [{"user": float(user), "item": 1}]}).status_code == 200
 
 
 def test_history_bodies_are_strict_and_fall_back_to_popularity(artifact: Path, planted: Interactions,
@@ -312,14 +325,21 @@ def test_reload_needs_the_write_key_and_survives_a_bad_artifact(artifact: Path, 
 
 
 # ---------------------------------------------------------------------------------------------------- large catalogues
-def test_the_ann_path_matches_exact_and_excludes_seen_items(planted: Interactions, tmp_path: Path) -> None:
-    # ALS: well-separated scores (rating models clip, so their exact ranks tie at the top; a barely trained BPR
-    # has near-ties that any approximate index may order either way)
-    path = tmp_path / "als"
-    create_model("als", n_factors=16, epochs=5, num_threads=1).fit(planted).save(path)
+# ALS: well-separated scores (rating models clip, so their exact ranks tie at the top; a barely trained BPR has
+# near-ties that any approximate index may order either way). ALS's artifact carries its HNSW graph; SASRec's index
+# is built when the service loads it.
+_ANN_MODELS = {"als": {"n_factors": 16, "epochs": 5, "num_threads": 1},
+               "sasrec": {"max_len": 30, "n_factors": 32, "epochs": 8, "lr": 3e-3, "num_threads": 1, "progress": False}}
+
+
+@pytest.mark.parametrize("name", sorted(_ANN_MODELS))
+def test_the_ann_path_matches_exact_and_excludes_seen_items(name: str, planted: Interactions, tmp_path: Path) -> None:
+    path = tmp_path / name
+    create_model(name, **_ANN_MODELS[name]).fit(planted).save(path, ann=name == "als")
     exact = _client(path, tmp_path / "exact")
     ann = _client(path, tmp_path / "ann", ann_min_items=1)
     assert ann.app.state.service.state.index is not None and exact.app.state.service.state.index is None
+    assert (ann.app.state.service.model.ann_graph_ is not None) == (name == "als")
     frame = planted.to_frame()
     overlap = []
     for user in planted.user_map.ids[:40]:
@@ -333,3 +353,19 @@ def test_the_ann_path_matches_exact_and_excludes_seen_items(planted: Interaction
     assert ann.post("/feedback", json={"events": [{"user": user, "item": item}]}).status_code == 200
     recs = ann.get("/recommend", params={"user": user, "k": 200}).json()["items"]
     assert item not in {r["item_id"] for r in recs}  # acknowledged feedback is excluded on the ANN path too
+
+
+def test_a_stored_graph_of_other_vectors_is_rebuilt(planted: Interactions, tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
+    params = _ANN_MODELS["als"]
+    model = create_model("als", **params).fit(planted)
+    other = create_model("als", **{**params, "seed": 7}).fit(planted).save(tmp_path / "other", ann=True)
+    model.save(tmp_path / "als")
+    model = Recommender.load(tmp_path / "als")
+    model.ann_graph_ = Recommender.load(other).ann_graph_  # a graph that passed its own artifact's hash check
+    with caplog.at_level(logging.WARNING):
+        state = Loaded(model, tmp_path / "als", ann_min_items=1)
+    assert "holds other vectors than the model's" in caplog.text
+    queries, items = model.retrieval_vectors(np.arange(5))
+    found, _ = state.index.search(np.hstack([queries, np.zeros((5, 1), np.float32)]), 1)
+    np.testing.assert_array_equal(found[:, 0], np.argmax(queries @ items.T, axis=1))

@@ -54,3 +54,20 @@ def test_every_operation_keeps_its_published_contract(schemas: dict, which: str)
                 check()
             except hypothesis.errors.Unsatisfiable:
                 assert mode is schemathesis.GenerationMode.NEGATIVE  # nothing to break in a request without input
+
+
+@pytest.mark.parametrize("which", ["int ids (ease)", "string ids (pop)"])
+def test_linked_call_sequences_keep_the_contract(schemas: dict, which: str) -> None:
+    """Stateful: sequences that follow the published links (a list → similar items and feedback on its first
+    item → that user's next list) with real ids from earlier answers, each answer checked against the description."""
+    schema = schemas[which]
+    links = [op.get("responses", {}).get("200", {}).get("links", {}) for ops in schema.raw_schema["paths"].values()
+             for op in ops.values()]
+    assert sum(map(len, links)) >= (4 if which.startswith("int") else 2)
+
+    class Workflow(schema.as_state_machine()):  # type: ignore[misc]
+        def get_call_kwargs(self, case):  # type: ignore[no-untyped-def]
+            return {"headers": {"X-API-Key": "w"}}
+
+    Workflow.run(settings=hypothesis.settings(max_examples=20, stateful_step_count=6, deadline=None, database=None,
+                                              derandomize=True, suppress_health_check=list(hypothesis.HealthCheck)))

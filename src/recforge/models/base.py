@@ -41,12 +41,15 @@ from recforge.errors import (
 )
 from recforge.models.artifact import check_hashes, check_ids, check_meta, check_state, file_hashes
 from recforge.models.registry import get_model_class
+from recforge.retrieval import ANN_MIN_ITEMS, has_ann, mips_index
 
 log = logging.getLogger(__name__)
 
 ARTIFACT_FORMAT = "recforge-model"
 #: 2 adds the SHA-256 of the array files to model.json; version 1 artifacts still load (with a warning).
 ARTIFACT_VERSION = 2
+#: The array holding a stored HNSW graph (``save(ann=True)``), checked against the model's vectors when used.
+ANN_GRAPH = "retrieval.hnsw"
 
 
 class Recommender:
@@ -66,6 +69,8 @@ class Recommender:
     #: Where in a service's feedback log (segment name -> byte offset) the events this model was trained on end
     #: (set by ``recforge refit``; a service replays only what comes after).
     feedback_offsets_: dict[str, int] | None = None
+    #: The HNSW graph stored with a loaded artifact (``save(ann=True)``), for a service's vector index.
+    ann_graph_: np.ndarray | None = None
     #: True for models that predict ratings (they also implement ``predict``).
     predicts_ratings: ClassVar[bool] = False
     #: True for models that implement ``_grow`` and ``_partial_fit`` (incremental updates).
@@ -484,12 +489,23 @@ class Recommender:
     def _load_state(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`_state` returned; override in subclasses."""
 
-    def save(self, path: str | os.PathLike[str]) -> Path:
+    def save(self, path: str | os.PathLike[str], ann: bool | None = None) -> Path:
         """Save to a directory: ``model.json`` (class, parameters, metadata), ``arrays.safetensors`` and
-        ``ids.npz``. Written atomically; no pickle anywhere, so loading cannot run code."""
+        ``ids.npz``. Written atomically; no pickle anywhere, so loading cannot run code.
+
+        ``ann``: also store the HNSW graph a service answers ``/recommend`` from (:meth:`retrieval_vectors`
+        models), so that loading does not rebuild it; by default for catalogues of
+        :data:`~recforge.retrieval.ANN_MIN_ITEMS` items and more, when usearch is installed."""
         self._check_fitted()
         state = self._state()
         arrays = {k: np.ascontiguousarray(v) for k, v in state.items() if isinstance(v, np.ndarray)}
+        if ann or (ann is None and self.n_items_ >= ANN_MIN_ITEMS and has_ann()):
+            vectors = self.retrieval_vectors(np.zeros(0, np.int64))
+            if vectors is None:
+                raise UnsupportedError(f"{type(self).__name__} does not score by an inner product: no ANN index")
+            started = time.perf_counter()
+            arrays[ANN_GRAPH] = mips_index(vectors[1], num_threads=getattr(self, "num_threads", 0)).to_bytes()
+            log.info("HNSW graph over %d items built in %.1f s", len(vectors[1]), time.perf_counter() - started)
         scalars = {k: v for k, v in state.items() if not isinstance(v, np.ndarray)}
         for key, value in scalars.items():
             if isinstance(value, np.generic):
@@ -573,6 +589,7 @@ class Recommender:
         scalars = meta["scalars"]
         sizes = {"users": n_users, "items": n_items,
                  **{k: v for k, v in model.get_params().items() if isinstance(v, int) and not isinstance(v, bool)}}
+        graph = arrays.pop(ANN_GRAPH, None)
         check_state(arrays, scalars, model_cls.state_shapes, model_cls.state_indices, sizes, where)
         try:
             model.user_map_ = IdMap(user_ids)
@@ -583,6 +600,7 @@ class Recommender:
             model.feedback_offsets_ = _feedback_offsets(meta.get("feedback_offsets"))
             model._load_state({**arrays, **scalars})
             model._check_loaded()
+            model.ann_graph_ = graph
         except ArtifactError as exc:
             raise ArtifactError(f"{where}: {exc}") from None
         except (KeyError, ValueError, TypeError, IndexError, RuntimeError, DataError) as exc:

@@ -7,8 +7,10 @@ from recforge.retrieval.index import (
     VectorIndex,
     all_neighbors,
     equal_norm,
+    has_ann,
     make_index,
+    mips_index,
     similar_by_vectors,
 )
 
-__all__ = ["ANN_MIN_ITEMS", "ExactIndex", "HNSWIndex", "VectorIndex", "all_neighbors", "equal_norm", "make_index", "similar_by_vectors"]
+__all__ = ["ANN_MIN_ITEMS", "ExactIndex", "HNSWIndex", "VectorIndex", "all_neighbors", "equal_norm", "has_ann", "make_index", "mips_index", "similar_by_vectors"]

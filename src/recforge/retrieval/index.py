@@ -112,22 +112,38 @@ class HNSWIndex(VectorIndex):
         num_threads: int = 0,
         graph: np.ndarray | None = None,
     ) -> None:
-        if importlib.util.find_spec("usearch") is None:
+        if not has_ann():
             raise DataError("approximate search needs usearch: pip install 'recforge[ann]'")
         from usearch.index import Index  # optional dependency (recforge[ann])
 
         self.vectors = _as_matrix(vectors, "vectors")
         self.num_threads = num_threads
         if graph is not None:
-            self._index = Index.restore(bytes(np.asarray(graph, dtype=np.uint8)))
-            if self._index is None or len(self._index) != self.n:
-                raise DataError("the stored HNSW graph does not match the vectors; rebuild the index")
+            self._index = self._restore(Index, graph)
         else:
             self._index = Index(ndim=self.vectors.shape[1], metric="ip", dtype="f32", connectivity=connectivity,
                                 expansion_add=expansion_add, expansion_search=expansion_search)
             if self.n:
                 self._index.add(np.arange(self.n, dtype=np.uint64), self.vectors, threads=resolve_threads(num_threads))
         self._index.expansion_search = expansion_search
+
+    def _restore(self, index_cls: Any, graph: np.ndarray) -> Any:
+        """A stored graph, checked against the vectors it must index: its size, its dimensions and a sample of
+        the vectors it holds (a graph of other vectors would answer with confident, wrong neighbours)."""
+        graph = np.asarray(graph)
+        if graph.dtype != np.uint8 or graph.ndim != 1:
+            raise DataError(f"a stored HNSW graph is a 1-d uint8 array, got {graph.dtype} with shape {graph.shape}")
+        try:
+            index = index_cls.restore(graph.tobytes())
+        except (ValueError, RuntimeError) as exc:
+            raise DataError(f"the stored HNSW graph cannot be read: {exc}") from None
+        if index is None or len(index) != self.n or index.ndim != self.vectors.shape[1]:
+            raise DataError("the stored HNSW graph does not match the vectors; rebuild the index")
+        sample = np.unique(np.random.default_rng(0).integers(0, self.n, min(self.n, 1024))).astype(np.uint64)
+        if len(sample) and not np.allclose(np.asarray(index.get(sample), np.float32), self.vectors[sample.astype(np.int64)],
+                                           rtol=1e-5, atol=1e-6):
+            raise DataError("the stored HNSW graph holds other vectors than the model's; rebuild the index")
+        return index
 
     def to_bytes(self) -> np.ndarray:
         """The HNSW graph serialised as a uint8 array (stored in artifacts, restored with ``graph=``)."""
@@ -167,15 +183,25 @@ def make_index(
         raise DataError(f"index kind must be 'auto', 'exact' or 'hnsw', got {kind!r}")
     n = len(vectors)
     if kind == "auto":
-        has_ann = importlib.util.find_spec("usearch") is not None
-        if n >= ANN_MIN_ITEMS and not has_ann:
+        if n >= ANN_MIN_ITEMS and not has_ann():
             log.warning("%d vectors: exact search will be slow; pip install 'recforge[ann]' for HNSW", n)
-        kind = "hnsw" if n >= ANN_MIN_ITEMS and has_ann else "exact"
+        kind = "hnsw" if n >= ANN_MIN_ITEMS and has_ann() else "exact"
     if kind == "hnsw":
         return HNSWIndex(vectors, num_threads=num_threads, **options)
     if options:
         raise DataError(f"exact search takes no options, got {sorted(options)}")
     return ExactIndex(vectors, num_threads=num_threads)
+
+
+def has_ann() -> bool:
+    """Whether approximate search is installed (usearch, ``pip install 'recforge[ann]'``)."""
+    return importlib.util.find_spec("usearch") is not None
+
+
+def mips_index(items: np.ndarray, graph: np.ndarray | None = None, num_threads: int = 0) -> HNSWIndex:
+    """An HNSW index for maximum-inner-product search over item vectors (built, or restored from ``graph``): the
+    items with :func:`equal_norm`'s extra dimension; queries take a 0 there."""
+    return HNSWIndex(equal_norm(items), graph=graph, num_threads=num_threads)
 
 
 def equal_norm(vectors: np.ndarray) -> np.ndarray:

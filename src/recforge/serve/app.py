@@ -63,9 +63,9 @@ from pydantic import (
 
 import recforge
 from recforge.core.sparse import merge_csr, pattern
-from recforge.errors import RecforgeError, StorageError, UnknownIdError, UnsupportedError
+from recforge.errors import DataError, RecforgeError, StorageError, UnknownIdError, UnsupportedError
 from recforge.models.base import Recommender
-from recforge.retrieval import ANN_MIN_ITEMS, VectorIndex, equal_norm, make_index
+from recforge.retrieval import ANN_MIN_ITEMS, VectorIndex, mips_index
 from recforge.serve.batching import Busy, Overloaded, ScoringQueue
 from recforge.serve.events import (
     EventError,
@@ -186,9 +186,7 @@ class Loaded:
         self.index: VectorIndex | None = None  # approximate top-k for large catalogues
         vectors = model.retrieval_vectors(np.zeros(0, np.int64)) if model.n_items_ >= ann_min_items else None
         if vectors is not None:
-            started = time.perf_counter()
-            self.index = make_index(equal_norm(vectors[1]), "hnsw")
-            log.info("HNSW index over %d items built in %.1f s", model.n_items_, time.perf_counter() - started)
+            self.index = _vector_index(vectors[1], model.ann_graph_)
         self.lock = threading.Lock()  # keeps learning (partial_fit) and scoring apart
         # Feedback items of each user, excluded from that user's lists from the moment they are acknowledged
         # (the model itself learns from them in the background, within ``apply_seconds``).
@@ -382,6 +380,7 @@ class Service:
             path = artifact or self.state.artifact
             # Loading competes with the loop for the interpreter; the lag it causes is not an overload to shed.
             self.scorer.holding += 1
+            started = time.monotonic()
             try:
                 fresh, reader, offsets = await asyncio.to_thread(self._prepare, path)
                 # On the event loop and without an await: no request handler runs until the swap is done.
@@ -392,9 +391,8 @@ class Service:
                     self.state, self._pending = fresh, []
                     self._applied_upto = offsets
                     self.log.skip_to(offsets)
-            finally:
-                self.scorer.holding -= 1
-                self.scorer.lag = 0.0
+            finally:  # the backlog of a load of t seconds drains within about t more
+                self.scorer.release(grace=min(_MAX_GRACE, 2 * (time.monotonic() - started)))
             log.info("reloaded %s: %s with %d feedback events", path, fresh.model.name, fresh.n_events)
             _freeze_heap()
             return fresh
@@ -406,6 +404,24 @@ class Service:
         if events:
             fresh.apply(events)
         return fresh, reader, offsets
+
+
+#: Longest time after a hot swap during which a backlog is served late rather than shed (seconds).
+_MAX_GRACE = 10.0
+
+
+def _vector_index(items: np.ndarray, graph: np.ndarray | None) -> VectorIndex:
+    """The HNSW index over a model's item vectors: the artifact's stored graph, or built now (slow for a big
+    catalogue) when there is none or it does not fit."""
+    if graph is not None:
+        try:
+            return mips_index(items, graph)
+        except DataError as exc:
+            log.warning("%s: building a new one", exc)
+    started = time.perf_counter()
+    index = mips_index(items)
+    log.info("HNSW index over %d items built in %.1f s", len(items), time.perf_counter() - started)
+    return index
 
 
 def _freeze_heap() -> None:

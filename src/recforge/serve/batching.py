@@ -26,6 +26,7 @@ ScoreFn = Callable[[Any, np.ndarray, int, bool], tuple[np.ndarray, np.ndarray]]
 Result = tuple[np.ndarray, np.ndarray]
 _TICK = 0.01  # seconds between two lag measurements
 _RETRY = 0.001  # seconds before scoring a busy model's jobs again
+_SETTLE = 0.25  # seconds after a hold before the loop may count as caught up
 
 
 class Overloaded(Exception):
@@ -54,6 +55,8 @@ class ScoringQueue:
         self.lag = 0.0  # how late the loop ran at the last tick, in seconds
         self.shed = 0  # requests answered Overloaded
         self.holding = 0  # while positive (a hot swap is loading), requests queue instead of being shed
+        self._grace_until = 0.0  # after a hold: no shedding until the loop has caught up, or until then
+        self._grace_min = 0.0
         self._jobs: list[_Job] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
@@ -65,13 +68,22 @@ class ScoringQueue:
         if loop is not self._loop:  # first use, or a new loop (tests): measure this one
             self._loop, self.lag = loop, 0.0
             loop.call_later(_TICK, self._tick, loop, loop.time() + _TICK)
-        if self.lag > self.max_lag and not self.holding:
+        if self.lag > self.max_lag and not self.holding and loop.time() >= self._grace_until:
             self.shed += 1
             raise Overloaded(f"the service runs {self.lag * 1e3:.0f} ms behind")
         future: asyncio.Future[Result] = loop.create_future()
         self._jobs.append(_Job(state, user, k, exclude_seen, future))
         self._schedule(loop)
         return future
+
+    def release(self, grace: float) -> None:
+        """End a hold (``holding -= 1``). What queued meanwhile is a transient backlog, not an overload: requests
+        are not shed until the loop has caught up (its lag below ``max_lag``), for ``grace`` seconds at most."""
+        self.holding -= 1
+        if not self.holding and self._loop is not None:
+            now, self.lag = self._loop.time(), 0.0
+            self._grace_until = now + grace
+            self._grace_min = now + min(grace, _SETTLE)  # the backlog reaches the loop over its next turns
 
     def _schedule(self, loop: asyncio.AbstractEventLoop, delay: float = 0.0) -> None:
         if not self._flush_scheduled:
@@ -87,6 +99,8 @@ class ScoringQueue:
         now = loop.time()
         # smoothed, so one long turn (a hot swap) does not shed what a sustained backlog would
         self.lag = 0.5 * self.lag + 0.5 * max(0.0, now - due)
+        if self._grace_until and now >= self._grace_min and self.lag <= self.max_lag and now - due <= self.max_lag:
+            self._grace_until = 0.0  # caught up after a hold: shed again from the next backlog on
         loop.call_later(_TICK, self._tick, loop, now + _TICK)
 
     def _flush(self) -> None:

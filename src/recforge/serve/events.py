@@ -19,7 +19,7 @@ from recforge.models.base import Recommender
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 #: Timestamps are Unix seconds from 1970 up to the end of the year 9999.
 TIMESTAMP_MAX = 253_402_300_799
-_INTEGER = re.compile(r"-?[0-9]{1,19}")
+_INTEGER = re.compile(r"-?[0-9]{1,19}(\.0{1,20})?")
 
 
 class EventError(ValueError):
@@ -55,7 +55,8 @@ def exact_integer(value: Any) -> Any:
 
 def parse_id(value: Any, is_string: bool, what: str, limits: Limits) -> int | str:
     """An id as the model stores it. Integer ids are JSON integers (``930.0`` too, up to 2**53) or plain ASCII
-    decimal strings within int64 (no ``_``, spaces, signs other than a leading ``-``, or non-ASCII digits); string ids are non-empty strings
+    decimal strings within int64 (no ``_``, spaces, signs other than a leading ``-``, or non-ASCII digits; a zero
+    fraction, ``"930.0"``, as for a JSON number, up to 2**53); string ids are non-empty strings
     of at most ``limits.max_id_length`` characters (a JSON integer is taken as its decimal string)."""
     if not is_string:
         value = exact_integer(value)
@@ -67,9 +68,12 @@ def parse_id(value: Any, is_string: bool, what: str, limits: Limits) -> int | st
             raise EventError(f"{what} id must have 1 to {limits.max_id_length} characters, got {len(text)}")
         return text
     if isinstance(value, str):
-        if not _INTEGER.fullmatch(value):
+        match = _INTEGER.fullmatch(value)
+        if not match:
             raise EventError(f"{what} ids of this model are integers (plain ASCII digits); got {value[:40]!r}")
-        value = int(value)
+        value = int(value.partition(".")[0])
+        if match.group(1) and abs(value) > 2**53:  # as for a JSON number: beyond 2**53 ".0" is not exact
+            raise EventError(f"{what} id {value} must be written without a fraction beyond 2**53")
     if not INT64_MIN <= value <= INT64_MAX:
         raise EventError(f"{what} id {str(value)[:40]} is outside the int64 range of this model's integer ids")
     return value

@@ -53,7 +53,32 @@ def install(app: FastAPI, model: Recommender, limits: Limits) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+#: How answers feed further requests (OpenAPI links; stateful clients and fuzzers follow them): the items of a
+#: recommendation lead to their similar items and to feedback on them, and a user's feedback to their next list.
+LINKS: list[tuple[tuple[str, str], str, tuple[str, str], dict[str, Any]]] = [
+    (("/recommend", "get"), "SimilarToFirst", ("/similar/{item}", "get"),
+     {"parameters": {"item": "$response.body#/items/0/item_id"}}),
+    (("/recommend", "get"), "FeedbackOnFirst", ("/feedback", "post"),
+     {"requestBody": {"events": [{"user": "$request.query.user", "item": "$response.body#/items/0/item_id"}]}}),
+    (("/recommend", "post"), "SimilarToFirst", ("/similar/{item}", "get"),
+     {"parameters": {"item": "$response.body#/items/0/item_id"}}),
+    (("/feedback", "post"), "RecommendForUser", ("/recommend", "get"),
+     {"parameters": {"user": "$request.body#/events/0/user"}}),
+]
+
+
+def _link(spec: dict[str, Any]) -> None:
+    paths = spec.get("paths", {})
+    for (path, method), name, (to_path, to_method), fields in LINKS:
+        source, target = paths.get(path, {}).get(method), paths.get(to_path, {}).get(to_method)
+        if source is None or target is None:  # the model does not serve one of them
+            continue
+        ok = source.setdefault("responses", {}).setdefault("200", {"description": "Successful Response"})
+        ok.setdefault("links", {})[name] = {"operationId": target["operationId"], **fields}
+
+
 def _specialise(spec: dict[str, Any], model: Recommender, limits: Limits) -> None:
+    _link(spec)
     user, item = id_schema(model, True, limits), id_schema(model, False, limits)
     for path in spec.get("paths", {}).values():
         for operation in path.values():

@@ -62,9 +62,16 @@ class SequenceNet(nn.Module):
         """One vector per right-padded history (batch × dim) that scores the next item."""
         raise NotImplementedError
 
+    def output_layer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The linear scoring layer: item vectors (n_items × dim) and item biases (or None), so that a query's
+        scores are ``query @ vectors.T + biases``."""
+        raise NotImplementedError
+
     def score_items(self, query: torch.Tensor) -> torch.Tensor:
         """Scores of every catalogue item (batch × n_items) for query vectors."""
-        raise NotImplementedError
+        vectors, biases = self.output_layer()
+        scores = query @ vectors.T
+        return scores if biases is None else scores + biases
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean training loss of a batch ``{"seq": B × W tokens}`` of padded windows."""
@@ -223,7 +230,8 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
         """Scores for right-padded token histories."""
         return self._scores_from_queries(self._encode_tokens(tokens, lengths), lengths == 0)
 
-    def _score(self, users: np.ndarray) -> np.ndarray:
+    def _known_queries(self, users: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+        """Query vectors of known users and which of them have an empty history."""
         # Known users' histories are fixed after fit: encode them all once and keep the query vectors, so
         # recommending (and serving) costs one matrix product per block of users.
         if getattr(self, "_user_queries", None) is None:
@@ -232,7 +240,32 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
             self._user_queries = (self._encode_tokens(tokens, lengths), lengths == 0)
         queries, empty = self._user_queries
         users = np.asarray(users, dtype=np.int64)
-        return self._scores_from_queries(queries[torch.from_numpy(users).to(queries.device)], empty[users])
+        return queries[torch.from_numpy(users).to(queries.device)], empty[users]
+
+    def _score(self, users: np.ndarray) -> np.ndarray:
+        return self._scores_from_queries(*self._known_queries(users))
+
+    def retrieval_vectors(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Query vectors against the output layer's item vectors (items the network knows; those added later rank
+        last anyway), with two more dimensions: the item bias (query 1), and the training popularity, which
+        ranks users with an empty history as :meth:`recommend` does (query 1 there, 0 elsewhere)."""
+        self._check_fitted()
+        with torch.no_grad():
+            vectors, biases = self.net_.output_layer()
+            items = vectors.float().cpu().numpy()
+            bias = np.zeros(len(items), np.float32) if biases is None else biases.float().cpu().numpy()
+            queries, empty = self._known_queries(users)
+            queries = queries.float().cpu().numpy()
+        popularity = np.log1p(self.item_counts_[: len(items)]).astype(np.float32)
+        # Only the order within the popularity column matters: scaled to the item vectors' size, it does not
+        # distort the index built over the item rows.
+        top = float(popularity.max(initial=0.0))
+        if top > 0:
+            popularity *= float(np.sqrt(np.einsum("ij,ij->i", items, items).mean())) / top
+        live = (~empty).astype(np.float32)[:, None]
+        queries = np.hstack([queries * live, live, 1.0 - live])
+        return (np.ascontiguousarray(queries, np.float32),
+                np.ascontiguousarray(np.hstack([items, bias[:, None], popularity[:, None]]), np.float32))
 
     # ------------------------------------------------------------------ incremental updates
     def _grow(self, n_new_users: int, n_new_items: int) -> None:

@@ -40,8 +40,8 @@ class GRUNet(SequenceNet):
         h = self.hidden(tokens)
         return h[torch.arange(len(lengths), device=h.device), lengths - 1]
 
-    def score_items(self, query: torch.Tensor) -> torch.Tensor:
-        return self.out(query)
+    def output_layer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.out.weight, self.out.bias
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs, targets, mask = shifted_targets(batch["seq"], self.n_items)

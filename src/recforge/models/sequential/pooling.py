@@ -52,8 +52,8 @@ class PoolingNet(SequenceNet):
         h = self.hidden(tokens)
         return h[torch.arange(len(lengths), device=h.device), lengths - 1]
 
-    def score_items(self, query: torch.Tensor) -> torch.Tensor:
-        return query @ self.out_emb.weight.T + self.out_bias
+    def output_layer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.out_emb.weight, self.out_bias
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs, targets, mask = shifted_targets(batch["seq"], self.n_items)

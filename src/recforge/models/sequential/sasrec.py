@@ -50,8 +50,8 @@ class SASRecNet(SequenceNet):
         h = self.hidden(tokens, lengths)
         return h[torch.arange(len(lengths), device=h.device), lengths - 1]
 
-    def score_items(self, query: torch.Tensor) -> torch.Tensor:
-        return query @ self.item_emb.weight[1 : self.n_items + 1].T
+    def output_layer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.item_emb.weight[1 : self.n_items + 1], None
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs, targets, mask = shifted_targets(batch["seq"], self.n_items)
