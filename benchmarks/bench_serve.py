@@ -59,6 +59,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--steps", default="500,750,1000,1250,1500,2000")
     p.add_argument("--fsync-ms", type=float, default=10.0)
     p.add_argument("--out", default=str(HERE / "results" / "serve.json"))
+    p.add_argument("--artifacts", default=None, help="keep the trained models here and reuse them on later runs")
     return p.parse_args()
 
 
@@ -211,8 +212,11 @@ LARGE = {"n_users": 50_000, "n_items": 1_000_000, "n_interactions": 3_000_000, "
 def train(name: str, folder: Path):  # type: ignore[no-untyped-def]
     from recforge.datasets import load as load_dataset
     from recforge.datasets import make_synthetic
-    from recforge.models import create_model
+    from recforge.models import Recommender, create_model
 
+    if (folder / name / "model.json").exists():  # --artifacts: trained by an earlier run
+        model = Recommender.load(folder / name)
+        return folder / name, [int(u) for u in model.user_map_.ids], [int(i) for i in model.item_map_.ids]
     started = time.perf_counter()
     if name == "als-1m":
         data = make_synthetic(**LARGE)
@@ -261,7 +265,7 @@ def main() -> None:
     parts = args.parts.split(",")
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            artifact, users, items = train(name, Path(tmp))
+            artifact, users, items = train(name, Path(args.artifacts or tmp))
             port, feedback = _free_port(), Path(tmp) / f"feedback-{name}"
             rows = results.setdefault(name, {})
             if name == "als-1m":

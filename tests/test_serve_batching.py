@@ -165,28 +165,24 @@ async def _stall(seconds: float) -> None:
         await asyncio.sleep(0)
 
 
-def test_after_a_hold_the_backlog_is_served_late_until_the_loop_catches_up() -> None:
+def test_after_a_hold_the_backlog_is_served_late_for_the_grace_then_shed_again() -> None:
     calls: list[np.ndarray] = []
     queue = ScoringQueue(_fake_scores(calls), max_lag=0.05)
 
-    async def main() -> list[str]:
+    async def main() -> None:
         await queue.submit("s", 1, 1, True)
-        seen = []
         queue.holding += 1  # a hot swap loads
         await _stall(0.2)  # the loop is blocked: far behind when the ticker next runs
         assert queue.lag > queue.max_lag
         queue.submit("s", 2, 1, True)  # queued while holding, not shed
-        queue.release(grace=5.0)
+        queue.release(grace=0.5)
         await _stall(0.2)  # the backlog: the loop runs behind again right after the swap
         assert queue.lag > queue.max_lag
         queue.submit("s", 3, 1, True)  # within the grace: still served
-        seen.append("served in grace")
-        await asyncio.sleep(0.5)  # idle: the loop catches up, which ends the grace early
-        assert queue._grace_until == 0.0
+        await asyncio.sleep(0.35)
         await _stall(0.2)
-        with pytest.raises(Overloaded):  # a later backlog is an overload again
+        with pytest.raises(Overloaded):  # after the grace a backlog is an overload again
             queue.submit("s", 4, 1, True)
-        return seen
 
-    assert asyncio.run(main()) == ["served in grace"]
+    asyncio.run(main())
     assert queue.shed == 1 and queue.holding == 0

@@ -41,7 +41,7 @@ from recforge.errors import (
 )
 from recforge.models.artifact import check_hashes, check_ids, check_meta, check_state, file_hashes
 from recforge.models.registry import get_model_class
-from recforge.retrieval import ANN_MIN_ITEMS, has_ann, mips_index
+from recforge.retrieval import ANN_MIN_ITEMS, HNSWIndex, has_ann
 
 log = logging.getLogger(__name__)
 
@@ -504,7 +504,7 @@ class Recommender:
             if vectors is None:
                 raise UnsupportedError(f"{type(self).__name__} does not score by an inner product: no ANN index")
             started = time.perf_counter()
-            arrays[ANN_GRAPH] = mips_index(vectors[1], num_threads=getattr(self, "num_threads", 0)).to_bytes()
+            arrays[ANN_GRAPH] = HNSWIndex(vectors[1], num_threads=getattr(self, "num_threads", 0)).to_bytes()
             log.info("HNSW graph over %d items built in %.1f s", len(vectors[1]), time.perf_counter() - started)
         scalars = {k: v for k, v in state.items() if not isinstance(v, np.ndarray)}
         for key, value in scalars.items():

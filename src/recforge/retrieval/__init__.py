@@ -6,11 +6,9 @@ from recforge.retrieval.index import (
     HNSWIndex,
     VectorIndex,
     all_neighbors,
-    equal_norm,
     has_ann,
     make_index,
-    mips_index,
     similar_by_vectors,
 )
 
-__all__ = ["ANN_MIN_ITEMS", "ExactIndex", "HNSWIndex", "VectorIndex", "all_neighbors", "equal_norm", "has_ann", "make_index", "mips_index", "similar_by_vectors"]
+__all__ = ["ANN_MIN_ITEMS", "ExactIndex", "HNSWIndex", "VectorIndex", "all_neighbors", "has_ann", "make_index", "similar_by_vectors"]

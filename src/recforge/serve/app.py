@@ -37,6 +37,7 @@ from typing import Annotated, Any
 
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 from fastapi import Depends, FastAPI, Header, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
@@ -62,10 +63,9 @@ from pydantic import (
 )
 
 import recforge
-from recforge.core.sparse import merge_csr, pattern
 from recforge.errors import DataError, RecforgeError, StorageError, UnknownIdError, UnsupportedError
 from recforge.models.base import Recommender
-from recforge.retrieval import ANN_MIN_ITEMS, VectorIndex, mips_index
+from recforge.retrieval import ANN_MIN_ITEMS, HNSWIndex, VectorIndex
 from recforge.serve.batching import Busy, Overloaded, ScoringQueue
 from recforge.serve.events import (
     EventError,
@@ -209,14 +209,17 @@ class Loaded:
         if self.index is None:
             return m.recommend_indices(users, k, m.seen_ if exclude_seen else None, extra_exclude=extra)
         queries, _ = m.retrieval_vectors(users)
-        queries = np.hstack([queries, np.zeros((len(users), 1), np.float32)])  # the index's vectors: one more dim
         exclude = None
-        if exclude_seen:
-            exclude = m.seen_[users]
+        if exclude_seen:  # built directly: scipy's row and column slicing cost more than the search itself
+            seen = m.seen_
+            parts = [seen.indices[seen.indptr[u] : seen.indptr[u + 1]] for u in users.tolist()]
             if extra is not None:
-                rows = np.repeat(np.arange(len(users)), [len(e) for e in extra])
-                exclude = merge_csr(exclude, pattern(rows, np.concatenate(extra), exclude.shape), "ones")
-            exclude = exclude[:, : self.index.n]  # items added by feedback are not in the index
+                parts = [np.concatenate([p, e]) for p, e in zip(parts, extra)]
+            parts = [np.sort(p[p < self.index.n]) for p in parts]  # items added by feedback are not in the index
+            indptr = np.zeros(len(parts) + 1, np.int64)
+            np.cumsum([len(p) for p in parts], out=indptr[1:])
+            indices = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+            exclude = sp.csr_matrix((np.ones(len(indices), np.float32), indices, indptr), shape=(len(users), self.index.n))
         return self.index.search(queries, k, exclude)
 
     def mark_seen(self, users: list[Any], items: list[Any]) -> None:
@@ -380,7 +383,6 @@ class Service:
             path = artifact or self.state.artifact
             # Loading competes with the loop for the interpreter; the lag it causes is not an overload to shed.
             self.scorer.holding += 1
-            started = time.monotonic()
             try:
                 fresh, reader, offsets = await asyncio.to_thread(self._prepare, path)
                 # On the event loop and without an await: no request handler runs until the swap is done.
@@ -391,8 +393,8 @@ class Service:
                     self.state, self._pending = fresh, []
                     self._applied_upto = offsets
                     self.log.skip_to(offsets)
-            finally:  # the backlog of a load of t seconds drains within about t more
-                self.scorer.release(grace=min(_MAX_GRACE, 2 * (time.monotonic() - started)))
+            finally:
+                self.scorer.release(grace=SWAP_GRACE)
             log.info("reloaded %s: %s with %d feedback events", path, fresh.model.name, fresh.n_events)
             _freeze_heap()
             return fresh
@@ -406,8 +408,12 @@ class Service:
         return fresh, reader, offsets
 
 
-#: Longest time after a hot swap during which a backlog is served late rather than shed (seconds).
-_MAX_GRACE = 10.0
+#: HNSW search breadth for ``/recommend``: recall@10 0.976 against exact scoring on a million-item, 64-factor ALS,
+#: at 0.84 ms a search on one core (128: 0.994 at 1.43 ms).
+SERVE_EXPANSION = 64
+#: Seconds after a hot swap during which requests queue rather than being shed: a backlog of t seconds at
+#: utilisation u takes t / (1 - u) to drain (1.5 s at 70%: 5 s), and a swap is rare enough to afford it.
+SWAP_GRACE = 10.0
 
 
 def _vector_index(items: np.ndarray, graph: np.ndarray | None) -> VectorIndex:
@@ -415,11 +421,11 @@ def _vector_index(items: np.ndarray, graph: np.ndarray | None) -> VectorIndex:
     catalogue) when there is none or it does not fit."""
     if graph is not None:
         try:
-            return mips_index(items, graph)
+            return HNSWIndex(items, graph=graph, expansion_search=SERVE_EXPANSION)
         except DataError as exc:
             log.warning("%s: building a new one", exc)
     started = time.perf_counter()
-    index = mips_index(items)
+    index = HNSWIndex(items, expansion_search=SERVE_EXPANSION)
     log.info("HNSW index over %d items built in %.1f s", len(items), time.perf_counter() - started)
     return index
 

@@ -26,7 +26,6 @@ ScoreFn = Callable[[Any, np.ndarray, int, bool], tuple[np.ndarray, np.ndarray]]
 Result = tuple[np.ndarray, np.ndarray]
 _TICK = 0.01  # seconds between two lag measurements
 _RETRY = 0.001  # seconds before scoring a busy model's jobs again
-_SETTLE = 0.25  # seconds after a hold before the loop may count as caught up
 
 
 class Overloaded(Exception):
@@ -55,8 +54,7 @@ class ScoringQueue:
         self.lag = 0.0  # how late the loop ran at the last tick, in seconds
         self.shed = 0  # requests answered Overloaded
         self.holding = 0  # while positive (a hot swap is loading), requests queue instead of being shed
-        self._grace_until = 0.0  # after a hold: no shedding until the loop has caught up, or until then
-        self._grace_min = 0.0
+        self._grace_until = 0.0  # after a hold: no shedding until then
         self._jobs: list[_Job] = []
         self._loop: asyncio.AbstractEventLoop | None = None
         self._flush_scheduled = False
@@ -78,12 +76,12 @@ class ScoringQueue:
 
     def release(self, grace: float) -> None:
         """End a hold (``holding -= 1``). What queued meanwhile is a transient backlog, not an overload: requests
-        are not shed until the loop has caught up (its lag below ``max_lag``), for ``grace`` seconds at most."""
+        are served late, not shed, for ``grace`` more seconds. (Ending the grace once the loop looked caught up
+        was tried: the backlog still in the sockets then arrived and was shed.)"""
         self.holding -= 1
         if not self.holding and self._loop is not None:
-            now, self.lag = self._loop.time(), 0.0
-            self._grace_until = now + grace
-            self._grace_min = now + min(grace, _SETTLE)  # the backlog reaches the loop over its next turns
+            self.lag = 0.0
+            self._grace_until = self._loop.time() + grace
 
     def _schedule(self, loop: asyncio.AbstractEventLoop, delay: float = 0.0) -> None:
         if not self._flush_scheduled:
@@ -99,8 +97,6 @@ class ScoringQueue:
         now = loop.time()
         # smoothed, so one long turn (a hot swap) does not shed what a sustained backlog would
         self.lag = 0.5 * self.lag + 0.5 * max(0.0, now - due)
-        if self._grace_until and now >= self._grace_min and self.lag <= self.max_lag and now - due <= self.max_lag:
-            self._grace_until = 0.0  # caught up after a hold: shed again from the next backlog on
         loop.call_later(_TICK, self._tick, loop, now + _TICK)
 
     def _flush(self) -> None:
