@@ -34,11 +34,30 @@ def files(tmp_path_factory) -> tuple[Path, Path]:
 
 def test_evaluate_files_json(files: tuple[Path, Path]) -> None:
     train, test = files
-    out = run("evaluate", "--train", str(train), "--test", str(test), "--model", "bias", "--set", "item_reg=2", "--json")
+    out = run("evaluate", "--train", str(train), "--test", str(test), "--model", "bias", "--set", "item_reg=2", "--json",
+              "--no-tune")
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
-    assert {"ndcg@10", "hr@10", "mrr", "coverage@10", "rmse", "mae", "fit_seconds"} <= set(res)
-    assert res["users"] == 150 and 0 <= res["hr@10"] <= 1 and res["rmse"] > 0
+    assert {"rmse", "mae", "rating_ndcg", "fit_seconds"} <= set(res) and "ndcg@10" not in res  # judged on ratings
+    assert res["users"] == 150 and res["rmse"] > 0
+    ranked = json.loads(run("evaluate", "--train", str(train), "--test", str(test), "--model", "bias", "--json",
+                            "--no-tune", "--rank-rating-models").stdout)
+    assert 0 <= ranked["hr@10"] <= 1 and ranked["rmse"] == pytest.approx(res["rmse"])
+
+
+def test_evaluate_tunes_on_validation_carved_from_train(files: tuple[Path, Path]) -> None:
+    train, test = files
+    out = run("evaluate", "--train", str(train), "--test", str(test), "--model", "ease", "--tune-budget", "3",
+              "--json")
+    assert out.returncode == 0, out.stderr
+    res = json.loads(out.stdout)
+    assert res["notes"]["validation"].startswith("carved from TRAIN: the last event of each user")
+    assert 1 <= res["params"]["reg"] <= 20000  # chosen in EASE's search space
+    fixed = json.loads(run("evaluate", "--train", str(train), "--test", str(test), "--model", "ease", "--json",
+                           "--no-tune").stdout)
+    assert fixed["params"] == {} and "notes" not in fixed  # the defaults, on all of TRAIN
+    bad = run("evaluate", "--train", str(train), "--test", str(test), "--model", "ease", "--tune-budget", "-2")
+    assert bad.returncode == 2 and "--tune-budget must be" in bad.stderr
 
 
 def test_evaluate_matches_python_api(files: tuple[Path, Path]) -> None:
@@ -149,7 +168,8 @@ def test_simulate_writes_results_and_scores(tmp_path: Path) -> None:
 
 
 def test_compare_sets_parameters_prints_json_and_separates_rating_models(tmp_path: Path) -> None:
-    out = run("compare", "--models", "pop,ease,bias", "--set", "ease.reg=50", "--json", "--out", str(tmp_path / "c"))
+    out = run("compare", "--models", "pop,ease,bias", "--set", "ease.reg=50", "--json", "--out", str(tmp_path / "c"),
+              "--no-tune")
     assert out.returncode == 0, out.stderr
     res = json.loads(out.stdout)
     assert [r["model"] for r in res["leaderboard"]] == ["ease", "pop"]
@@ -181,7 +201,7 @@ def test_evaluate_with_item_side_data_and_validation(tmp_path: Path) -> None:
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["users"] == 120
     sas = run("evaluate", *files, "--model", "sasrec", "--set", "epochs=4", "--set", "n_factors=16",
-              "--set", "max_len=20", "--set", "num_threads=1", "--json")
+              "--set", "max_len=20", "--set", "num_threads=1", "--json", "--no-tune")
     assert sas.returncode == 0, sas.stderr
     assert 1 <= json.loads(sas.stdout)["params"]["epochs"] <= 4  # early-stopped on VALID, then refitted
     no_items = run("evaluate", *files[:6], "--model", "content")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -309,3 +310,76 @@ def test_cold_test_users_are_left_out_and_reported(planted, tmp_path: Path) -> N
         assert result.results["ease"].summary["users"] == 50
         results[rename] = result.results["ease"].summary["ndcg@10"]
     assert results[False] == results[True]
+
+
+def test_tune_searches_each_models_own_space_defaults_first(tmp_path: Path) -> None:
+    pytest.importorskip("optuna")
+    cfg = config(models=["pop", "ease", {"name": "itemknn", "params": {"weighting": "bm25"}}], tune=True,
+                 search={"n_trials": 3, "timeout": None})
+    run_experiment(cfg, tmp_path / "t", progress=False)
+    trials = pd.read_csv(tmp_path / "t" / "trials.csv")
+    select = trials[trials["part"] == "select"]
+    assert set(select["label"]) == {"ease", "itemknn"}  # pop has nothing to tune
+    ease = [json.loads(p) for p in select[select["label"] == "ease"]["params"]]
+    assert len(ease) == 3 and ease[0] == {"reg": 100.0}  # the budget; the default (what --no-tune gives) first
+    knn = [json.loads(p) for p in select[select["label"] == "itemknn"]["params"]]
+    assert all(p["weighting"] == "bm25" for p in knn)  # a fixed parameter stays fixed
+    assert knn[0]["n_neighbors"] == 5 and {"shrink", "n_neighbors"} <= set(knn[1])
+    chosen = json.loads((tmp_path / "t" / "selected_params.json").read_text())
+    scores = select[select["label"] == "ease"].set_index("params")["ndcg@10"]
+    # the validation winner, or the defaults when it does not win by more than a standard error
+    assert json.dumps(chosen["ease"], sort_keys=True) in (scores.idxmax(), json.dumps({"reg": 100.0}))
+
+
+def test_the_defaults_are_kept_unless_a_trial_beats_them_by_more_than_a_standard_error() -> None:
+    from recforge.experiments.runner import _clearly_better
+    from recforge.experiments.trials import TrialResult
+
+    rng = np.random.default_rng(0)
+    users = np.arange(400)
+    base = rng.random(400)
+
+    def trial(params: dict, values: np.ndarray, split: int = 0) -> TrialResult:
+        out = TrialResult("id", "m", "m", params, "select", split)
+        out.per_user = pd.DataFrame({"user_id": users, "ndcg@10": values, "rating_sse": values, "rating_n": 1.0})
+        return out
+
+    noise = rng.normal(0, 0.3, 400)
+    default, lucky, good = {"a": 1}, {"a": 2}, {"a": 3}
+    runs = [trial(default, base), trial(lucky, base + 0.005 + noise), trial(good, base + 0.1 + noise)]
+    assert not _clearly_better(runs, lucky, default, "ndcg@10")  # ahead on average, by less than its noise
+    assert _clearly_better(runs, good, default, "ndcg@10")
+    assert not _clearly_better(runs, good, default, "rmse")  # an error: higher is worse
+    assert _clearly_better(runs, default, good, "rmse")
+
+
+def test_rating_models_are_tuned_on_rmse_and_one_parameter_spaces_on_four_trials(tmp_path: Path) -> None:
+    pytest.importorskip("optuna")
+    cfg = config(models=["ease", "bias"], tune=True, search={"n_trials": 20, "timeout": None})
+    run_experiment(cfg, tmp_path / "r", progress=False)
+    trials = pd.read_csv(tmp_path / "r" / "trials.csv")
+    select = trials[trials["part"] == "select"]
+    assert (select["label"] == "ease").sum() == 4  # EASE searches one parameter: at most 4 trials
+    bias = select[select["label"] == "bias"].set_index("params")["rmse"]
+    assert len(bias) == 8  # two parameters: the whole budget of 8
+    chosen = json.loads((tmp_path / "r" / "selected_params.json").read_text())["bias"]
+    picked = json.dumps({k: chosen[k] for k in ("item_reg", "user_reg")}, sort_keys=True)
+    assert picked in (bias.idxmin(), json.dumps({"item_reg": 2.0, "user_reg": 5.0}))  # lowest RMSE, or defaults
+
+
+def test_split_files_without_validation_get_one_carved_from_train(planted, tmp_path: Path) -> None:
+    from recforge.experiments import compare
+
+    frame = planted.to_frame().sort_values(["user_id", "timestamp"])
+    test = frame.groupby("user_id").tail(1)
+    (tmp_path / "train.csv").write_text(frame.drop(test.index).to_csv(index=False))
+    (tmp_path / "test.csv").write_text(test.to_csv(index=False))
+    files = {"train": str(tmp_path / "train.csv"), "test": str(tmp_path / "test.csv")}
+    tuned = compare(files, ["ease"], progress=False, out=tmp_path / "a", tune=True, tune_trials=2)
+    assert tuned.notes["validation"].startswith("carved from TRAIN: the last event of each user")
+    fixed = compare(files, ["ease"], progress=False, out=tmp_path / "b")
+    assert "validation" not in fixed.notes and fixed.params["ease"] == {}
+    # both refit on all of TRAIN: with the default chosen, the test numbers are the same
+    same = compare(files, {"ease": {"name": "ease", "params": {"reg": 100.0}}}, progress=False, out=tmp_path / "c",
+                   tune=True)
+    assert same.results["ease"].summary["ndcg@10"] == fixed.results["ease"].summary["ndcg@10"]

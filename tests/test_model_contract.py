@@ -249,6 +249,25 @@ class TestContract:
                 moved = create_model(name, **{old: defaults[new]})
             assert getattr(moved, new) == defaults[new] and old not in moved.get_params()
 
+    def test_search_space_names_parameters_whose_whole_range_is_accepted(self, name: str) -> None:
+        """Auto-tuning proposes anything in a model's ``search_space``: every value there must be a valid
+        parameter value, and the default must lie inside (it is the search's first trial)."""
+        cls = get_model_class(name)
+        defaults = cls()
+        for param, dist in cls.search_space.items():
+            assert param in cls._param_names(), f"{name}.search_space names {param!r}, not a parameter"
+            if "choices" in dist:
+                values = list(dist["choices"])
+                assert getattr(defaults, param) in values, f"{name}.{param} default outside its choices"
+            else:
+                assert dist["low"] < dist["high"] and set(dist) <= {"low", "high", "log", "int"}
+                values = [dist["low"], dist["high"]]
+                if dist.get("int"):
+                    values = [int(v) for v in values]
+                assert dist["low"] <= getattr(defaults, param) <= dist["high"], f"{name}.{param} default outside"
+            for value in values:
+                cls(**{param: value}).check_params()
+
     def test_bad_parameter_values_raise_a_parameter_error(self, name: str, tiny: Interactions) -> None:
         """Every parameter is probed with values its constraint must refuse (sklearn's common-test idea)."""
         cls = get_model_class(name)

@@ -401,7 +401,7 @@ def test_cli_next_event_on_files(tmp_path: Path, chains: Interactions) -> None:
         assert key in res
     assert res["hr@5"] <= res["hr@10"] <= res["hr@20"]
     sas = runner.invoke(app, [*args, "--valid", str(tmp_path / "valid.csv"), "--model", "sasrec",
-                              "--set", "epochs=8", "--set", "max_len=30", "--set", "num_threads=1"])
+                              "--set", "epochs=8", "--set", "max_len=30", "--set", "num_threads=1", "--no-tune"])
     assert sas.exit_code == 0, sas.output
     assert json.loads(sas.output)["dcg@10"] > res["dcg@10"]
 
@@ -437,3 +437,20 @@ def test_partial_fit_appends_history_without_touching_weights(planted, tmp_path)
     assert model.score(np.arange(2))[:, -1].max() < -1e30  # the new item is unknown to the network: last
     loaded = Recommender.load(model.save(tmp_path / "m"))
     assert loaded.recommend([user], k=10, exclude_seen=False)["item_id"].tolist() == got
+
+
+def test_order_models_say_when_the_data_has_no_trustworthy_order() -> None:
+    from recforge.models.sequential.base import order_problem
+
+    frame = make_synthetic(n_users=30, n_items=20, n_interactions=300, seed=1).to_frame()
+    assert order_problem(Interactions.from_frame(frame)) is None
+    assert "no timestamps" in order_problem(Interactions.from_frame(frame.drop(columns="timestamp")))
+    flat = frame.assign(timestamp=frame["user_id"] * 10)  # one timestamp per user: only the file's order
+    assert "share a timestamp" in order_problem(Interactions.from_frame(flat))
+
+
+def test_a_sequential_fit_on_data_without_timestamps_warns(caplog: pytest.LogCaptureFixture) -> None:
+    frame = make_synthetic(n_users=30, n_items=20, n_interactions=300, seed=1).to_frame().drop(columns="timestamp")
+    with caplog.at_level(logging.WARNING):
+        create_model("pooling", epochs=1, progress=False, num_threads=1).fit(Interactions.from_frame(frame))
+    assert "file's row order is taken as time" in caplog.text and "give a timestamp column" in caplog.text

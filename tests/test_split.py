@@ -124,3 +124,18 @@ def test_split_errors() -> None:
         list(S.kfold(one, 5))
     with pytest.raises(DataError):
         list(S.user_folds_last_n(one, 2, 5))
+
+
+def test_holdout_one_takes_the_last_event_by_time_else_a_random_one() -> None:
+    frame = pd.DataFrame({"user_id": [1, 1, 1, 2, 2, 3, 3, 3, 3], "item_id": [5, 6, 7, 5, 6, 7, 8, 9, 5],
+                          "timestamp": [30, 10, 20, 1, 2, 4, 3, 2, 1]})
+    timed = S.holdout_one(Interactions.from_frame(frame))
+    held = timed.test.to_frame()
+    assert sorted(zip(held["user_id"], held["item_id"])) == [(1, 5), (3, 7)]  # user 2 has too few events
+    assert len(timed.train) == 7 and timed.name == "holdout-last"
+    untimed = Interactions.from_frame(frame.drop(columns="timestamp"))
+    picks = {tuple(S.holdout_one(untimed, seed=s).test.to_frame()["item_id"]) for s in range(20)}
+    assert len(picks) > 3  # random per seed (file order is not time) ...
+    again = S.holdout_one(untimed, seed=4).test.to_frame()
+    assert again.equals(S.holdout_one(untimed, seed=4).test.to_frame())  # ... and repeatable
+    assert sorted(again["user_id"]) == [1, 3]

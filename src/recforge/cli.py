@@ -207,6 +207,27 @@ ValidationOpt = Annotated[str, typer.Option(
     "validation from scratch with what they chose), reuse (tested as they are); off: every model fitted on "
     "train + validation as configured.")]
 WorkersOpt = Annotated[int, typer.Option(help="Trials in parallel (process pool or Ray).")]
+TuneOpt = Annotated[bool, typer.Option(
+    help="Tune each model's key parameters on validation (carved from TRAIN for files without --valid), its "
+    "defaults tried first; --no-tune keeps the given parameters.")]
+TuneBudgetOpt = Annotated[str, typer.Option(
+    help="Tuning budget per model: trials (8) or seconds (90s, 2m).")]
+
+
+def _tune_budget(text: str) -> tuple[int | None, float | None]:
+    """``--tune-budget``: ``N`` trials, or ``Ns`` / ``Nm`` seconds / minutes (trials then unbounded)."""
+    from recforge.errors import ParameterError
+
+    raw = text.strip().lower()
+    unit = {"s": 1.0, "m": 60.0}.get(raw[-1:]) if raw else None
+    number = raw[:-1] if unit else raw
+    try:
+        value = float(number) if unit else int(number)
+    except ValueError:
+        value = 0
+    if not value > 0:
+        raise ParameterError(f"--tune-budget must be a number of trials (8) or of seconds (90s, 2m), got {text!r}")
+    return (None, float(value) * unit) if unit else (int(value), None)
 BackendOpt = Annotated[str, typer.Option(help="auto, serial, process or ray (with --workers > 1).")]
 
 
@@ -253,6 +274,11 @@ def evaluate_cmd(
                                                 "protocol's).")] = None,
     exclude_seen: Annotated[bool, typer.Option(help="Exclude each user's training items.")] = True,
     validation: ValidationOpt = "warm",
+    tune: TuneOpt = True,
+    tune_budget: TuneBudgetOpt = "8",
+    rank_rating_models: Annotated[bool, typer.Option(
+        help="For a rating model, also report top-N ranking metrics (every test row counted as relevant, "
+        "whatever its rating).")] = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Keep the trials in this folder (resumable).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with lower-case metric names.")] = False,
     seed: SeedOpt = 0,
@@ -261,6 +287,7 @@ def evaluate_cmd(
     """Fit, tune and test one model through the fitting pipeline, on TRAIN/TEST files made elsewhere or on a
     dataset split here, and report its metrics (and the parameters it was tested with)."""
     from recforge.errors import DataError
+    from recforge.evaluation.protocols import RATING_METRICS
     from recforge.experiments import compare
 
     if (train is None) != (test is None):
@@ -270,16 +297,20 @@ def evaluate_cmd(
     data: Any = _split_files(train=train, valid=valid, test=test, items=items, users=users) or (
         dataset or DEFAULT_DATASET)
     params = _model_params(set_, [model])
+    trials, seconds = _tune_budget(tune_budget)
     result = compare(data, {model: {"name": model, "params": params.get(model, {})}}, protocol=protocol, k=k,
                      seed=seed, progress=not quiet and not as_json, out=out, validation=validation,
-                     exclude_seen=exclude_seen, name="evaluate")
+                     exclude_seen=exclude_seen, name="evaluate", tune=tune, tune_trials=trials,
+                     tune_seconds=seconds, rank_rating_models=rank_rating_models)
     if model in result.skipped:
         raise DataError(f"{model} could not be evaluated: {result.skipped[model]}")
     summary = dict(result.results[model].summary)
+    if "rmse" in summary and not rank_rating_models:  # a rating model is judged by its ratings, errors first
+        summary = {key: summary[key] for key in (*RATING_METRICS, "users", "fit_seconds") if key in summary}
     if as_json:
         _echo_json({**summary, "params": result.params[model], **({"notes": result.notes} if result.notes else {})})
     else:
-        for key in sorted(summary):
+        for key in summary if "rmse" in summary and not rank_rating_models else sorted(summary):
             typer.echo(f"{key:>14}: {summary[key]:.4f}")
         typer.echo(f"{'params':>14}: {json.dumps(result.params[model], sort_keys=True, default=str)}")
         for key, value in result.notes.items():
@@ -413,6 +444,8 @@ def compare_cmd(
     metrics: Annotated[str | None, typer.Option(help="Comma-separated leaderboard columns (every model in one "
                                                 "table).")] = None,
     validation: ValidationOpt = "warm",
+    tune: TuneOpt = True,
+    tune_budget: TuneBudgetOpt = "8",
     rank_rating_models: Annotated[bool, typer.Option(help="Rank rating models in the top-N leaderboard too.")] = False,
     workers: WorkersOpt = 1,
     backend: BackendOpt = "auto",
@@ -428,15 +461,24 @@ def compare_cmd(
 
     names = [m.strip() for m in models.split(",") if m.strip()]
     folder = out or _default_compare_folder(dataset, protocol, k, seed, validation)
+    trials, seconds = _tune_budget(tune_budget)
     result = compare(dataset, names, protocol=protocol, k=k, seed=seed, params=_model_params(set_, names),
                      metrics=[m.strip() for m in metrics.split(",")] if metrics else None,
                      progress=not quiet and not as_json, out=folder, workers=workers, backend=backend,
-                     validation=validation, rank_rating_models=rank_rating_models)
+                     validation=validation, rank_rating_models=rank_rating_models, tune=tune,
+                     tune_trials=trials, tune_seconds=seconds)
     if as_json:
         _echo_json({"leaderboard": _records(result.leaderboard), "ratings": _records(result.ratings),
                     "params": result.params, "skipped": result.skipped, "out": str(folder)})
         return
     _print_tables(result, f"{dataset} · {result.leaderboard.attrs.get('title', protocol)}")
+    if tune:
+        typer.echo("parameters chosen on validation (selected_params.json):")
+        for label, chosen in result.params.items():
+            shown = {k: v for k, v in chosen.items() if k != "progress"}
+            typer.echo(f"  {label}: {json.dumps(shown, sort_keys=True, default=str)}")
+    for key, value in result.notes.items():
+        typer.echo(f"{key}: {value}")
     typer.echo(f"saved: {folder}")
 
 

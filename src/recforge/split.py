@@ -6,6 +6,7 @@ The implementation lives in :mod:`recforge.data.split`.
 from recforge.data.split import (
     NextEventSamples,
     Split,
+    holdout_one,
     kfold,
     last_n,
     leave_one_out,
@@ -21,6 +22,7 @@ from recforge.data.split import (
 __all__ = [
     "NextEventSamples",
     "Split",
+    "holdout_one",
     "kfold",
     "last_n",
     "leave_one_out",

@@ -316,7 +316,36 @@ class Interactions:
         counts = counts[counts > 0]
         if counts.size:
             info["events_per_user_median"] = float(np.median(counts))
+        if len(self):
+            pairs = self.users.astype(np.int64) * max(1, self.n_items) + self.items
+            info["repeat_share"] = 1.0 - np.unique(pairs).size / len(self)
+        if self.timestamps is not None and len(self):
+            first = np.full(self.n_users, np.iinfo(np.int64).max)
+            last = np.full(self.n_users, np.iinfo(np.int64).min)
+            np.minimum.at(first, self.users, self.timestamps)
+            np.maximum.at(last, self.users, self.timestamps)
+            seen = np.bincount(self.users, minlength=self.n_users) > 0
+            info["user_span_days_median"] = float(np.median(last[seen] - first[seen])) / 86_400
         return info
+
+    def regime(self) -> str:
+        """One line on what kind of data this is: size and density, repeated user-item pairs, the rating scale,
+        and whether histories look like sessions (a median user's few events, 10 at most, within a day) or like users."""
+        d = self.describe()
+        size = f"{d['users']:,} users × {d['items']:,} items, {d['interactions']:,} events (density {d['density']:.3%})"
+        parts = [size, f"{d.get('repeat_share', 0.0):.1%} repeated user-item pairs"]
+        if "rating_min" in d:
+            parts.append(f"ratings {d['rating_min']:g}–{d['rating_max']:g}")
+        else:
+            parts.append("no ratings (implicit)")
+        median = d.get("events_per_user_median", 0.0)
+        if "user_span_days_median" not in d:
+            parts.append(f"no timestamps; median {median:g} events per user")
+        else:
+            span = d["user_span_days_median"]
+            kind = "session-like" if span <= 1 and median <= 10 else "user-like"  # short and within a day
+            parts.append(f"{kind} histories (median {median:g} events over {span:,.1f} days)")
+        return ", ".join(parts)
 
     # ------------------------------------------------------------------ derived tables
     def subset(self, rows: np.ndarray) -> Interactions:

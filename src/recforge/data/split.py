@@ -143,6 +143,26 @@ def last_n(inter: Interactions, n: int = 1, valid_n: int = 0, min_train: int = 1
     return _parts(inter, label, f"last-{n}")
 
 
+def holdout_one(inter: Interactions, seed: int = 0, min_events: int = 3) -> Split:
+    """Per user: one event held out (the ``test`` part of the result), the rest train — the last event when the
+    data has timestamps, a random one otherwise (file order is not time). Users with fewer than ``min_events``
+    events stay whole in train. This is how a validation part is carved from a TRAIN file."""
+    _check(inter)
+    if inter.timestamps is not None:
+        split = last_n(inter, n=1, min_train=min_events - 1)
+        return Split(split.train, split.test, name="holdout-last")
+    counts = np.bincount(inter.users, minlength=inter.n_users)
+    # a uniformly random row per user: the row of smallest random key within each user
+    keys = np.random.default_rng(seed).random(len(inter))
+    order = np.lexsort((keys, inter.users))
+    first = np.zeros(inter.n_users + 1, np.int64)
+    np.cumsum(counts, out=first[1:])
+    label = np.zeros(len(inter), np.int8)
+    users = np.flatnonzero(counts >= min_events)
+    label[order[first[users]]] = 2
+    return _parts(inter, label, "holdout-random")
+
+
 def leave_one_out(inter: Interactions, valid: bool = True, min_events: int = 3) -> Split:
     """Leave-last-one-out: each user's last event is test, the one before validation (``valid=True``).
 

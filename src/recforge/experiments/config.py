@@ -82,7 +82,10 @@ class ExperimentConfig:
     themselves on validation are tested (:data:`VALIDATION_MODES`). ``metrics``: leaderboard columns (default:
     the protocol's, top-N models in the leaderboard and rating models in a separate rating table; with
     ``rank_rating_models`` rating models are also ranked in the leaderboard). ``exclude_seen``: top-N rankings
-    leave out each user's training items (protocols that keep them, such as next-event, ignore it).
+    leave out each user's training items (protocols that keep them, such as next-event, ignore it). ``tune``: models
+    given without a grid or search space have their key parameters searched on validation in their model's own
+    ``search_space`` (parameters fixed in ``params`` stay fixed), within ``search``'s budget, the model's defaults
+    tried first.
     """
 
     name: str
@@ -99,6 +102,14 @@ class ExperimentConfig:
     validation: str = "refit"
     rank_rating_models: bool = False
     exclude_seen: bool = True
+    tune: bool = False
+
+    def wants_validation(self) -> bool:
+        """Whether a validation part is used: some model is tuned (a grid, a search space, ``tune``) or tunes
+        itself while it trains (early stopping), and ``validation`` is not ``off``."""
+        if self.validation == "off":
+            return False
+        return self.tune or any(m.tuned or get_model_class(m.name).supports_validation for m in self.models)
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> ExperimentConfig:
@@ -162,8 +173,10 @@ class ExperimentConfig:
             if name not in FILTERS:
                 raise DataError(f"unknown filter {name!r}; available filters: {list(FILTERS)}")
         at = cfg.select_metric.partition("@")[2]
-        if any(m.tuned for m in models) and at and (not at.isdigit() or int(at) not in cfg.k):  # untuned configs never use it
+        if (cfg.tune or any(m.tuned for m in models)) and at and (not at.isdigit() or int(at) not in cfg.k):  # untuned configs never use it
             raise DataError(f"select_metric {cfg.select_metric!r} needs its cut-off in k, but k is {cfg.k}")
+        if not isinstance(cfg.tune, bool):
+            raise DataError(f"tune must be true or false, got {cfg.tune!r}")
         if isinstance(cfg.workers, bool) or not isinstance(cfg.workers, int) or cfg.workers < 1:
             raise DataError(f"workers must be a positive integer, got {cfg.workers!r}")
         search = cfg.search or {}

@@ -108,6 +108,57 @@ def _expected_cost(task: Trial) -> int:
     return 2 * rank + (task.part != "select")
 
 
+#: Most trials an automatic search spends per searched parameter.
+_TRIALS_PER_PARAMETER = 4
+
+
+def _clearly_better(runs: Sequence[TrialResult], challenger: dict[str, Any], incumbent: dict[str, Any],
+                    metric: str) -> bool:
+    """Whether ``challenger`` beats ``incumbent`` on validation by more than one standard error of the per-user
+    paired difference (the one-standard-error rule): with one validation event per user, the best of a few
+    trials also wins by chance, and then the defaults, chosen on principle, are the better bet."""
+    if challenger == incumbent:
+        return False
+    pairs = []
+    for split in sorted({r.split for r in runs}):
+        a = [r for r in runs if r.split == split and r.params == challenger and not r.pruned]
+        b = [r for r in runs if r.split == split and r.params == incumbent and not r.pruned]
+        ours, theirs = (_per_user(found[0], metric) if found else None for found in (a, b))
+        if ours is None or theirs is None:
+            return True  # nothing to pair: trust the search
+        both = ours.to_frame("x").join(theirs.to_frame("y"), how="inner")
+        pairs.append((both["x"] - both["y"]).to_numpy(float))
+    diff = np.concatenate(pairs)
+    diff = diff[np.isfinite(diff)]
+    if len(diff) < 2:
+        return True
+    gain = -diff.mean() if lower_is_better(metric) else diff.mean()
+    return bool(gain > diff.std(ddof=1) / np.sqrt(len(diff)))
+
+
+def _per_user(result: TrialResult, metric: str) -> pd.Series | None:
+    """A trial's per-user values of ``metric`` (by user id): for RMSE each user's mean squared error."""
+    table = result.per_user
+    if metric == "rmse" and {"rating_sse", "rating_n"} <= set(table.columns):
+        return pd.Series((table["rating_sse"] / table["rating_n"]).to_numpy(), index=table["user_id"])
+    if metric in table.columns:
+        return pd.Series(table[metric].to_numpy(), index=table["user_id"])
+    return None
+
+
+def _defaults_within(model: Any, space: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The model's values of the searched parameters, where they lie inside the space (else left to the sampler)."""
+    out = {}
+    for name, dist in space.items():
+        value = getattr(model, name)
+        if "choices" in dist:
+            if value in dist["choices"]:
+                out[name] = value
+        elif isinstance(value, int | float) and not isinstance(value, bool) and dist["low"] <= value <= dist["high"]:
+            out[name] = value
+    return out
+
+
 def merge_trials(label: str, parts: Sequence[TrialResult], params: dict[str, Any]) -> EvaluationResult:
     """One model's result over its splits: per-user rows pooled (and their means), whole-model figures (rmse,
     coverage, fit seconds) averaged over splits."""
@@ -148,6 +199,7 @@ class ExperimentRunner:
         self._rerun: set[str] = set()  # trials to run again whatever is on disk (they must hand back a model)
         self._models: list[ModelSpec] = list(cfg.models)
         self._has_valid = False
+        self._auto_spaces: set[str] = set()  # models searched in their own default space (``tune``)
         self._main = True  # False on the ranks > 0 of a torchrun launch: they train, rank 0 writes
         self._distributed = False
 
@@ -244,6 +296,24 @@ class ExperimentRunner:
                 and bool(get_model_class(spec.name).supports_validation))
 
     # ------------------------------------------------------------------ search
+    def _select_metric(self, spec: ModelSpec) -> str:
+        """What a model's parameters are chosen on: ``select_metric``, or RMSE for a rating model that is judged
+        by its ratings (not ranked in the top-N leaderboard)."""
+        if get_model_class(spec.name).predicts_ratings and not self.cfg.rank_rating_models:
+            return "rmse"
+        return self.cfg.select_metric
+
+    def _default_space(self, spec: ModelSpec) -> ModelSpec:
+        """``spec`` with its model's own search space (less the parameters it fixes) when it has no grid or space
+        of its own; the model's defaults are then the search's first trial."""
+        if spec.grid or spec.space:
+            return spec
+        space = {k: v for k, v in get_model_class(spec.name).search_space.items() if k not in spec.params}
+        if not space:
+            return spec
+        self._auto_spaces.add(spec.display)
+        return replace(spec, space=space)
+
     def _search(self, spec: ModelSpec) -> tuple[dict[str, Any], list[TrialResult]]:
         """Optuna TPE over ``spec.space`` on the validation parts; every trial is saved (and resumed) like a grid
         point, and the seeded sampler proposes the same sequence again, so a resumed search retraces its steps.
@@ -265,9 +335,15 @@ class ExperimentRunner:
         if prune:
             pruner = (optuna.pruners.HyperbandPruner() if search.get("pruner") == "hyperband"
                       else optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2))
-        study = optuna.create_study(direction="minimize" if lower_is_better(cfg.select_metric) else "maximize",
+        metric = self._select_metric(spec)
+        study = optuna.create_study(direction="minimize" if lower_is_better(metric) else "maximize",
                                     sampler=optuna.samplers.TPESampler(seed=cfg.seed), pruner=pruner)
         runs: list[TrialResult] = []
+        defaults: dict[str, Any] = {}
+        if spec.display in self._auto_spaces:  # what the user would get without tuning is always tried
+            defaults = _defaults_within(get_model_class(spec.name)(**spec.params), spec.space)
+            if defaults:
+                study.enqueue_trial(defaults)
 
         def suggest(trial: Any) -> dict[str, Any]:
             params = dict(spec.params)
@@ -284,6 +360,8 @@ class ExperimentRunner:
         # rank 0 alone decides whether time is left, so every rank runs the same trials
         n_trials, timeout = search.get("n_trials", 20), search.get("timeout")
         n_trials = int(n_trials) if n_trials is not None else np.inf
+        if spec.display in self._auto_spaces:  # a budget, not a quota: a one-parameter space is settled in 4
+            n_trials = min(n_trials, _TRIALS_PER_PARAMETER * len(spec.space))
         batch = 1 if prune else int(search.get("batch", 1))
         started, asked = time.monotonic(), 0
         while asked < n_trials and D.broadcast_object(timeout is None or time.monotonic() - started < timeout):
@@ -293,7 +371,7 @@ class ExperimentRunner:
             tasks = [[self._task(spec, params, "select", i) for i in range(len(self._splits))] for params in proposals]
             if prune:
                 try:
-                    values = [_selection_score(self._run_pruned(tasks[0], trials[0], runs), cfg.select_metric)]
+                    values = [_selection_score(self._run_pruned(tasks[0], trials[0], runs), metric)]
                 except optuna.TrialPruned:
                     study.tell(trials[0], state=optuna.trial.TrialState.PRUNED)
                     continue
@@ -301,7 +379,7 @@ class ExperimentRunner:
                 done = self._run([t for group in tasks for t in group])
                 runs.extend(done)
                 by_id = {d.id: d for d in done}
-                values = [_selection_score([by_id[t.id] for t in group], cfg.select_metric) for group in tasks]
+                values = [_selection_score([by_id[t.id] for t in group], metric) for group in tasks]
             for trial, value in zip(trials, values):
                 if np.isfinite(value):
                     study.tell(trial, value)
@@ -309,11 +387,14 @@ class ExperimentRunner:
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
         if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
             raise DataError(self._missing_metric_message(runs, spec))
-        return {**spec.params, **study.best_params}, runs
+        best = {**spec.params, **study.best_params}
+        if defaults and not _clearly_better(runs, best, {**spec.params, **defaults}, metric):
+            return {**spec.params, **defaults}, runs
+        return best, runs
 
     def _missing_metric_message(self, runs: Sequence[TrialResult], spec: ModelSpec) -> str:
         names = sorted({m for r in runs if r.model == spec.name for m in r.metrics})
-        return (f"select_metric {self.cfg.select_metric!r} was not computed for model {spec.display!r} on validation "
+        return (f"select_metric {self._select_metric(spec)!r} was not computed for model {spec.display!r} on validation "
                 f"(check k: {self.cfg.k}); computed metrics: {names or 'none'}")
 
     def _run_pruned(self, tasks: list[Trial], trial: Any, runs: list[TrialResult]) -> list[TrialResult]:
@@ -381,7 +462,6 @@ class ExperimentRunner:
 
     def _select(self) -> tuple[dict[str, dict[str, Any]], list[TrialResult]]:
         """Step 1-2: validation trials; the chosen parameters of every model, and every validation trial."""
-        cfg = self.cfg
         n = len(self._splits)
         grid_specs = [spec for spec in self._models if not spec.space and (len(spec.combinations()) > 1
                                                                          or self._validates(spec))]
@@ -398,10 +478,10 @@ class ExperimentRunner:
                 best[spec.display] = combos[0]
                 continue
             scores = [_selection_score([r for r in selected if r.model == spec.name and r.params == params],
-                                       cfg.select_metric) for params in combos]
+                                       self._select_metric(spec)) for params in combos]
             if np.isnan(scores).all():
                 raise DataError(self._missing_metric_message(selected, spec))
-            pick = np.nanargmin if lower_is_better(cfg.select_metric) else np.nanargmax
+            pick = np.nanargmin if lower_is_better(self._select_metric(spec)) else np.nanargmax
             best[spec.display] = combos[int(pick(scores))]
         return best, selected
 
@@ -438,6 +518,8 @@ class ExperimentRunner:
         unrated = {spec.display: "it predicts ratings and the data has none" for spec in cfg.models
                    if no_ratings and get_model_class(spec.name).predicts_ratings}
         self._models = [spec for spec in cfg.models if spec.display not in unrated]
+        if cfg.tune and self._has_valid:
+            self._models = [self._default_space(spec) for spec in self._models]
         best, selected = self._select()
         final = self._test(best, selected)
         rows = [self._trial_row(r) for r in {r.id + r.part: r for r in [*selected, *(
@@ -467,7 +549,9 @@ class ExperimentRunner:
             r.model == spec.name and r.params == best.get(spec.display))] + final.get(spec.display, [])
             for spec in self._models}
         models = {label: [p.fitted for p in parts] for label, parts in final.items() if parts[0].fitted is not None}
-        notes = {k: v for split in self._splits for k, v in split.notes.items()}
+        first = self._splits[0]
+        notes = {"data": first.train_valid.concat(first.test).regime(),
+                 **{k: v for split in self._splits for k, v in split.notes.items()}}
         return ExperimentResult(board, ratings, results, used, self.out, skipped, trials, models, notes)
 
     @staticmethod

@@ -141,10 +141,11 @@ def load_data(cfg: ExperimentConfig) -> Interactions:
     return data
 
 
-def read_split_files(files: dict[str, Any]) -> S.Split:
+def read_split_files(files: dict[str, Any], carve_valid: bool = False, seed: int = 0) -> S.Split:
     """A split made elsewhere: train/valid/test tables (CSV, Parquet, ...: ``user_id,item_id[,rating,timestamp]``)
     indexed with one shared id map, with optional item and user side data (``items``, ``users``: tables with an
-    ``item_id`` / ``user_id`` column)."""
+    ``item_id`` / ``user_id`` column). ``carve_valid``: without a VALID file, hold one event per user out of TRAIN
+    as the validation part (:func:`~recforge.data.split.holdout_one`: the last by time, else a random one)."""
     frames, parts = [], []
     for part in ("train", "valid", "test"):
         if files.get(part) is None:
@@ -172,6 +173,12 @@ def read_split_files(files: dict[str, Any]) -> S.Split:
         if part in got:
             known[got[part].users] = True
     test, notes = got["test"], {}
+    if carve_valid and "valid" not in got:
+        carved = S.holdout_one(got["train"], seed=seed)
+        got["train"], got["valid"] = carved.train, carved.test
+        how = "the last event" if carved.name == "holdout-last" else "a random event (no timestamps)"
+        notes["validation"] = (f"carved from TRAIN: {how} of each user with 3+ events, {len(carved.test):,} events; "
+                               "the final models are refitted on all of TRAIN")
     cold = ~known[test.users]
     if cold.any():  # nothing to rank them by: every score would tie, and ties would fall to item-id order
         n_cold, n_test = len(np.unique(test.users[cold])), len(np.unique(test.users))
@@ -187,7 +194,7 @@ def make_splits(cfg: ExperimentConfig, data: Interactions | None = None) -> list
     split files it names; validation parts kept."""
     protocol = get_protocol(cfg.protocol)
     if isinstance(cfg.dataset, dict) and "train" in cfg.dataset:
-        return [read_split_files(cfg.dataset)]
+        return [read_split_files(cfg.dataset, carve_valid=cfg.wants_validation(), seed=cfg.seed)]
     if data is None and isinstance(cfg.dataset, str) and cfg.dataset.startswith("in-memory:"):
         raise DataError("this experiment ran on interactions held in memory; pass them again (data=...)")
     if protocol.reads_files:  # the official files, read as they are

@@ -372,6 +372,11 @@ class ImplicitALS(FactorModel):
     """
 
     renamed_params: ClassVar[dict[str, str]] = {"iterations": "epochs"}
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {
+        "n_factors": {"low": 16, "high": 256, "log": True, "int": True},
+        "reg": {"low": 0.01, "high": 1000, "log": True},
+        "alpha": {"low": 0.01, "high": 100, "log": True},
+    }
     param_constraints: ClassVar[dict[str, Constraint]] = {
         **_ALS_CONSTRAINTS,
         "alpha": Real(0),
@@ -494,6 +499,11 @@ class BiasedALS(FactorRatingModel):
     """
 
     renamed_params: ClassVar[dict[str, str]] = {"iterations": "epochs"}
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {
+        "n_factors": {"low": 10, "high": 200, "log": True, "int": True},
+        "reg": {"low": 0.01, "high": 3, "log": True},
+        "bias_reg": {"low": 0.001, "high": 3, "log": True},
+    }
     param_constraints: ClassVar[dict[str, Constraint]] = {
         **_ALS_CONSTRAINTS,
         "bias_reg": Real(0),

@@ -86,6 +86,10 @@ class Recommender:
     #: every epoch through its callbacks (Optuna pruning listens there).
     uses_trainer: ClassVar[bool] = False
     #: What every constructor parameter accepts (checked by ``fit``; see :mod:`recforge.core.params`).
+    #: The key hyper-parameters auto-tuning searches on validation (the default of ``compare`` and ``evaluate``;
+    #: ``tune: true`` in an experiment config), as distributions in the experiment-config format
+    #: (``{"low", "high"[, "log", "int"]}`` or ``{"choices"}``); empty: the model has nothing worth tuning.
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {}
     param_constraints: ClassVar[dict[str, Constraint]] = {}
     #: Old parameter names still accepted for one release (old name -> vocabulary name), with a FutureWarning.
     renamed_params: ClassVar[dict[str, str]] = {}

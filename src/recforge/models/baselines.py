@@ -145,6 +145,10 @@ class BiasBaseline(_RatingBaseline):
 
     state_shapes: ClassVar[dict[str, tuple[Any, ...]]] = {"user_bias": ("users",), "item_bias": ("items",)}
 
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {
+        "item_reg": {"low": 0.1, "high": 100, "log": True},
+        "user_reg": {"low": 0.1, "high": 100, "log": True},
+    }
     param_constraints: ClassVar[dict[str, Constraint]] = {
         "item_reg": Real(0),
         "user_reg": Real(0),

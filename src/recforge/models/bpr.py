@@ -146,6 +146,12 @@ class BPR(FactorModel):
         self.num_threads = num_threads
 
     supports_partial_fit = True
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {
+        "lr": {"low": 0.003, "high": 0.1, "log": True},
+        "reg": {"low": 1e-05, "high": 0.03, "log": True},
+        "epochs": {"low": 20, "high": 400, "log": True, "int": True},
+        "neg_sampling": {"choices": ["uniform", "popularity"]},
+    }
     param_constraints: ClassVar[dict[str, Constraint]] = SAMPLED_SGD_CONSTRAINTS
 
     def _fit(self, interactions: Interactions) -> None:

@@ -4,7 +4,7 @@ scalable recommendations for interactive applications", 2016)."""
 from __future__ import annotations
 
 import logging
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -54,6 +54,11 @@ class RP3beta(ItemItemModel):
     """
 
     renamed_params: ClassVar[dict[str, str]] = {"k": "n_neighbors"}
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {
+        "alpha": {"low": 0.2, "high": 1.5},
+        "beta": {"low": 0.0, "high": 1.0},
+        "n_neighbors": {"low": 20, "high": 1000, "log": True, "int": True},
+    }
     param_constraints: ClassVar[dict[str, Constraint]] = {
         "alpha": Real(0, strict=True),
         "beta": Real(0),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numba as nb
 import numpy as np
@@ -121,6 +121,7 @@ class EASE(ItemItemModel):
     score and rank after every fitted item) until it is refitted.
     """
 
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {"reg": {"low": 1, "high": 20000, "log": True}}
     param_constraints: ClassVar[dict[str, Constraint]] = {
         "reg": Real(0, strict=True),
         "values": VALUES,

@@ -389,6 +389,11 @@ class ItemKNN(ItemItemModel):
     """
 
     renamed_params: ClassVar[dict[str, str]] = {"k": "n_neighbors"}
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {
+        "n_neighbors": {"low": 5, "high": 1000, "log": True, "int": True},
+        "shrink": {"low": 0.0, "high": 200.0},
+        "weighting": {"choices": ["none", "tfidf", "bm25"]},
+    }
     param_constraints: ClassVar[dict[str, Constraint]] = {
         "n_neighbors": Integer(1),
         "shrink": Real(0),

@@ -254,6 +254,11 @@ class PointwiseMF(FactorModel):
 
     supports_partial_fit = True
 
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {
+        "lr": {"low": 0.01, "high": 0.5, "log": True},
+        "reg": {"low": 0.0001, "high": 0.1, "log": True},
+        "n_negatives": {"choices": [4, 8, 16]},
+    }
     param_constraints: ClassVar[dict[str, Constraint]] = {
         **SAMPLED_SGD_CONSTRAINTS,
         "bias_reg": Real(0),

@@ -378,6 +378,11 @@ class FunkSVD(_SGDRatingModel):
         self.progress = progress
         self.num_threads = num_threads
 
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {
+        "n_factors": {"low": 16, "high": 256, "log": True, "int": True},
+        "lr": {"low": 0.001, "high": 0.03, "log": True},
+        "reg": {"low": 0.005, "high": 0.3, "log": True},
+    }
     param_constraints: ClassVar[dict[str, Constraint]] = _SGD_CONSTRAINTS
 
     def _fit(self, interactions: Interactions) -> None:
@@ -477,6 +482,11 @@ class SVDpp(_SGDRatingModel):
         self.progress = progress
         self.num_threads = num_threads
 
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {
+        "n_factors": {"low": 10, "high": 200, "log": True, "int": True},
+        "lr": {"low": 0.001, "high": 0.03, "log": True},
+        "reg": {"low": 0.005, "high": 0.3, "log": True},
+    }
     param_constraints: ClassVar[dict[str, Constraint]] = {**_SGD_CONSTRAINTS, "implicit_reg": Real(0)}
 
     def _fit(self, interactions: Interactions) -> None:

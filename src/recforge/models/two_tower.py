@@ -304,6 +304,7 @@ class TwoTower(Recommender):
     supports_continue: ClassVar[bool] = True
     uses_trainer: ClassVar[bool] = True
     losses: ClassVar[tuple[str, ...]] = LOSSES
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {"lr": {"low": 0.0003, "high": 0.01, "log": True}}
     param_constraints: ClassVar[dict[str, Constraint]] = {
         **MODEL_TRAINER_CONSTRAINTS,
         "n_factors": Integer(1),

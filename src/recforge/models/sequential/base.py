@@ -103,6 +103,8 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
 
     uses_history: ClassVar[bool] = True
     supports_validation: ClassVar[bool] = True
+    #: Epochs are chosen by early stopping on the validation part; the learning rate is searched.
+    search_space: ClassVar[dict[str, dict[str, Any]]] = {"lr": {"low": 0.0003, "high": 0.01, "log": True}}
     supports_continue: ClassVar[bool] = True
     uses_trainer: ClassVar[bool] = True
     #: ``partial_fit`` appends new events to the users' histories (the weights stay): the next recommendation
@@ -136,6 +138,10 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
         return TrainerConfig.from_model(self, metric=self.valid_metric)
 
     def _fit(self, interactions: Interactions, valid: Interactions | None = None) -> None:
+        problem = order_problem(interactions)
+        if problem:
+            log.warning("%s learns what follows what, but %s; give a timestamp column (or use a model that ignores "
+                        "order: ease, als, itemknn)", type(self).__name__, problem)
         self.vocab_, _ = vocabulary(interactions, self.min_item_count)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
@@ -352,6 +358,20 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
                 raise ArtifactError(f"{name} holds tokens outside 0..{limit - 1}")
         if self.item_counts_ is not None and len(self.item_counts_) < self.net_.n_items:
             raise ArtifactError(f"item_counts has {len(self.item_counts_)} entries for {self.net_.n_items} items")
+
+
+def order_problem(interactions: Interactions) -> str | None:
+    """Why the order of each user's events cannot be trusted, or None: no timestamps (file order is taken as
+    time), or most of a user's consecutive events sharing a timestamp (their order is the file's)."""
+    if interactions.timestamps is None:
+        return "the data has no timestamps, so the file's row order is taken as time"
+    seq = interactions.sequences()
+    ts = interactions.timestamps[seq.positions]
+    same_user = np.repeat(np.arange(len(seq.lengths)), seq.lengths)
+    pairs = same_user[1:] == same_user[:-1]
+    if pairs.sum() and float((ts[1:] == ts[:-1])[pairs].mean()) > 0.5:
+        return "most consecutive events of a user share a timestamp, so their order is the file's"
+    return None
 
 
 def token_log_q(item_counts: np.ndarray | None, n_items: int) -> torch.Tensor:
