@@ -55,7 +55,7 @@ def test_evaluate_tunes_on_validation_carved_from_train(files: tuple[Path, Path]
     assert 1 <= res["params"]["reg"] <= 20000  # chosen in EASE's search space
     fixed = json.loads(run("evaluate", "--train", str(train), "--test", str(test), "--model", "ease", "--json",
                            "--no-tune").stdout)
-    assert fixed["params"] == {} and "notes" not in fixed  # the defaults, on all of TRAIN
+    assert fixed["params"] == {} and "validation" not in fixed["notes"]  # the defaults, on all of TRAIN
     bad = run("evaluate", "--train", str(train), "--test", str(test), "--model", "ease", "--tune-budget", "-2")
     assert bad.returncode == 2 and "--tune-budget must be" in bad.stderr
 

@@ -369,3 +369,13 @@ def test_a_stored_graph_of_other_vectors_is_rebuilt(planted: Interactions, tmp_p
     queries, items = model.retrieval_vectors(np.arange(5))
     found, _ = state.index.search(queries, 1)
     np.testing.assert_array_equal(found[:, 0], np.argmax(queries @ items.T, axis=1))
+
+
+def test_string_ids_with_nul_characters_are_refused(string_artifact: Path, tmp_path: Path) -> None:
+    """Fixed-width numpy strings drop trailing NULs: "i1\\0" would be stored as the other item "i1"."""
+    client = _client(string_artifact, tmp_path)
+    for bad in ("i1\x00", "\x00"):
+        answer = client.post("/feedback", json={"events": [{"user": "u3", "item": bad}]})
+        assert answer.status_code == 422 and "NUL" in answer.json()["detail"]
+    assert client.get("/recommend", params={"user": "u3\x00"}).status_code == 422
+    assert list(FeedbackLog(tmp_path / "fb").replay()) == []  # nothing was logged

@@ -66,6 +66,8 @@ def parse_id(value: Any, is_string: bool, what: str, limits: Limits) -> int | st
         text = str(value)
         if not text or len(text) > limits.max_id_length:
             raise EventError(f"{what} id must have 1 to {limits.max_id_length} characters, got {len(text)}")
+        if "\x00" in text:  # numpy's fixed-width strings drop trailing NULs: "a\0" would become "a"
+            raise EventError(f"{what} id must not contain NUL characters")
         return text
     if isinstance(value, str):
         match = _INTEGER.fullmatch(value)

@@ -36,7 +36,7 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 def id_schema(model: Recommender, users: bool, limits: Limits) -> dict[str, Any]:
     """The JSON schema of the model's user or item ids."""
     if (model.user_map_ if users else model.item_map_).is_string:
-        return {"type": "string", "minLength": 1, "maxLength": limits.max_id_length}
+        return {"type": "string", "minLength": 1, "maxLength": limits.max_id_length, "pattern": "^[^\\u0000]+$"}
     return {"type": "integer", "format": "int64", "minimum": INT64_MIN, "maximum": INT64_MAX}
 
 
