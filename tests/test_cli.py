@@ -40,24 +40,32 @@ def test_evaluate_files_json(files: tuple[Path, Path]) -> None:
     res = json.loads(out.stdout)
     assert {"rmse", "mae", "rating_ndcg", "fit_seconds"} <= set(res) and "ndcg@10" not in res  # judged on ratings
     assert res["users"] == 150 and res["rmse"] > 0
-    ranked = json.loads(run("evaluate", "--train", str(train), "--test", str(test), "--model", "bias", "--json",
-                            "--no-tune", "--rank-rating-models").stdout)
+    from typer.testing import CliRunner
+
+    from recforge.cli import app
+
+    ranked = json.loads(CliRunner().invoke(app, ["evaluate", "--train", str(train), "--test", str(test), "--model",
+                                                 "bias", "--json", "--no-tune", "--rank-rating-models"]).stdout)
     assert 0 <= ranked["hr@10"] <= 1 and ranked["rmse"] == pytest.approx(res["rmse"])
 
 
 def test_evaluate_tunes_on_validation_carved_from_train(files: tuple[Path, Path]) -> None:
+    from typer.testing import CliRunner
+
+    from recforge.cli import _tune_budget, app
+    from recforge.errors import ParameterError
+
     train, test = files
-    out = run("evaluate", "--train", str(train), "--test", str(test), "--model", "ease", "--tune-budget", "3",
-              "--json")
-    assert out.returncode == 0, out.stderr
+    out = CliRunner().invoke(app, ["evaluate", "--train", str(train), "--test", str(test), "--model", "ease",
+                                   "--tune-budget", "3", "--json", "--quiet"])
+    assert out.exit_code == 0, out.output
     res = json.loads(out.stdout)
     assert res["notes"]["validation"].startswith("carved from TRAIN: the last event of each user")
     assert 1 <= res["params"]["reg"] <= 20000  # chosen in EASE's search space
-    fixed = json.loads(run("evaluate", "--train", str(train), "--test", str(test), "--model", "ease", "--json",
-                           "--no-tune").stdout)
-    assert fixed["params"] == {} and "validation" not in fixed["notes"]  # the defaults, on all of TRAIN
-    bad = run("evaluate", "--train", str(train), "--test", str(test), "--model", "ease", "--tune-budget", "-2")
-    assert bad.returncode == 2 and "--tune-budget must be" in bad.stderr
+    assert _tune_budget("8") == (8, None) and _tune_budget("90s") == (None, 90.0) and _tune_budget("2m") == (None, 120.0)
+    for bad in ("-2", "0", "x", "", "5h"):
+        with pytest.raises(ParameterError, match="--tune-budget must be"):
+            _tune_budget(bad)
 
 
 def test_evaluate_matches_python_api(files: tuple[Path, Path]) -> None:

@@ -193,9 +193,9 @@ def test_regime_says_what_kind_of_data_it_is() -> None:
     frame = pd.DataFrame({"user_id": [1, 1, 1, 2, 2], "item_id": [1, 1, 2, 1, 3], "rating": [1.0, 2, 3, 4, 10],
                           "timestamp": [0, 60, 120, 0, 30]})
     line = Interactions.from_frame(frame).regime()
-    assert line.startswith("2 users × 3 items, 5 events (density 83.333%)")
+    assert line.startswith("2 users × 3 items, 5 events (density 66.667%)")  # 4 distinct pairs of 6
     assert "20.0% repeated user-item pairs" in line and "ratings 1–10" in line
-    assert "session-like histories (median 2.5 events over 0.0 days)" in line
+    assert "session-like histories (median 2.5 events within 0.0 days)" in line
     frame["timestamp"] = frame["timestamp"] * 86_400
     assert "user-like" in Interactions.from_frame(frame).regime()
     assert "no timestamps" in Interactions.from_frame(frame.drop(columns=["timestamp", "rating"])).regime()

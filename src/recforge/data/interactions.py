@@ -330,9 +330,11 @@ class Interactions:
 
     def regime(self) -> str:
         """One line on what kind of data this is: size and density, repeated user-item pairs, the rating scale,
-        and whether histories look like sessions (a median user's few events, 10 at most, within a day) or like users."""
+        and whether histories look like sessions (a median user's events within a day) or like long-lived users."""
         d = self.describe()
-        size = f"{d['users']:,} users × {d['items']:,} items, {d['interactions']:,} events (density {d['density']:.3%})"
+        pairs = d["interactions"] * (1.0 - d.get("repeat_share", 0.0))  # density counts each user-item pair once
+        density = pairs / max(1, d["users"] * d["items"])
+        size = f"{d['users']:,} users × {d['items']:,} items, {d['interactions']:,} events (density {density:.3%})"
         parts = [size, f"{d.get('repeat_share', 0.0):.1%} repeated user-item pairs"]
         if "rating_min" in d:
             parts.append(f"ratings {d['rating_min']:g}–{d['rating_max']:g}")
@@ -343,8 +345,9 @@ class Interactions:
             parts.append(f"no timestamps; median {median:g} events per user")
         else:
             span = d["user_span_days_median"]
-            kind = "session-like" if span <= 1 and median <= 10 else "user-like"  # short and within a day
-            parts.append(f"{kind} histories (median {median:g} events over {span:,.1f} days)")
+            kind = "session-like" if span <= 1 else "user-like"
+            parts.append(f"{kind} histories (median {median:g} events {'within' if span <= 1 else 'over'} "
+                         f"{span:,.1f} days)")
         return ", ".join(parts)
 
     # ------------------------------------------------------------------ derived tables
