@@ -13,7 +13,9 @@ identical run to run on one machine but may differ in the last bits between CPUs
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 from typing import Any, ClassVar
 
 import numba
@@ -24,6 +26,7 @@ from recforge.core.progress import EpochProgress
 from recforge.core.rng import seed_states, shuffle_in_place
 from recforge.core.threads import thread_limits
 from recforge.data.interactions import Interactions
+from recforge.errors import ArtifactError
 from recforge.models.factors import FactorRatingModel
 from recforge.models.registry import register
 
@@ -249,10 +252,28 @@ _SGD_CONSTRAINTS: dict[str, Constraint] = {
 }
 
 
+#: The standard deviation of the ratings the SGD defaults were tuned on (ML-100K ``u1.base``).
+TUNED_SPREAD = 1.119
+
+
 class _SGDRatingModel(FactorRatingModel):
-    """Shared parts: parameter checks, initialisation and the bookkeeping of ``partial_fit``."""
+    """Shared parts: parameter checks, initialisation, the rating scale and the bookkeeping of ``partial_fit``.
+
+    SGD runs on ratings brought to the spread the defaults were tuned on: ``(r - μ) / s`` with μ the training
+    ratings' mean and ``s = σ / 1.119`` (σ their standard deviation; 1.119 is that of ML-100K's ``u1.base``, where
+    ``lr``, ``reg`` and ``init_std`` were chosen), so the defaults mean the same on any rating scale. Without it,
+    on ratings spread five times wider (−10…10) every error is five times larger: the item-factor steps grow
+    25-fold against the penalties and SVD++ fell behind the bias model. The fitted biases and user-side factors are
+    multiplied by ``s`` afterwards, so predictions come out on the ratings' own scale; ``partial_fit`` divides them
+    again for its steps."""
 
     supports_partial_fit = True
+    #: Fitted arrays on the rating scale (multiplied by ``s`` after fitting), by users and by items; the item
+    #: factors stay as learned.
+    _scaled_users: ClassVar[tuple[str, ...]] = ("user_factors_", "user_bias_")
+    _scaled_items: ClassVar[tuple[str, ...]] = ("item_bias_",)
+    #: ``s``: the training ratings' spread over the tuned spread (1 for artifacts saved before ratings were scaled).
+    rating_scale_: float = 1.0
 
     def _check_learning_rate(self) -> None:
         if self.lr * max(self.reg, self.bias_reg) >= 1:
@@ -264,6 +285,50 @@ class _SGDRatingModel(FactorRatingModel):
         P = rng.normal(0.0, self.init_std, (n_users, self.n_factors))
         Q = rng.normal(0.0, self.init_std, (n_items, self.n_factors))
         return P, Q, rng
+
+    def _standardise(self, ratings: np.ndarray) -> tuple[float, np.ndarray]:
+        """The training ratings' mean (stored as the global bias) and the ratings centred and scaled; sets ``s``."""
+        mu, spread = float(ratings.mean()), float(ratings.std())
+        self.rating_scale_ = spread / TUNED_SPREAD if spread > 1e-12 else 1.0
+        return mu, (ratings - mu) / self.rating_scale_
+
+    def _rescale(self, factor: float) -> None:
+        for name in (*self._scaled_users, *self._scaled_items):
+            setattr(self, name, np.ascontiguousarray(getattr(self, name) * factor, dtype=np.float32))
+
+    @contextlib.contextmanager
+    def _unit_scale(self, new: Interactions) -> Iterator[Interactions]:
+        """Run a ``partial_fit`` on the scale SGD learned on: the new events centred and scaled, the global bias 0
+        and the scaled arrays divided by ``s`` meanwhile; back on the rating scale afterwards (also on an error),
+        the rows of users and items without new events exactly as they were."""
+        assert new.ratings is not None
+        mu, scale = float(self.global_bias_), float(self.rating_scale_)
+        before = {name: getattr(self, name) for name in (*self._scaled_users, *self._scaled_items)}
+        self._rescale(1.0 / scale)
+        self.global_bias_ = 0.0
+        unit = Interactions(new.users, new.items, new.user_map, new.item_map,
+                            ((new.ratings.astype(np.float64) - mu) / scale).astype(np.float32), new.timestamps,
+                            new.weights)
+        try:
+            yield unit
+        finally:
+            self.global_bias_ = mu
+            self._rescale(scale)
+            for names, touched in ((self._scaled_users, new.users), (self._scaled_items, new.items)):
+                for name in names:  # x / s * s is not always x in float32: untouched rows keep their bits
+                    keep = np.ones(len(before[name]), bool)
+                    keep[touched[touched < len(keep)]] = False
+                    getattr(self, name)[: len(keep)][keep] = before[name][keep]
+
+    def _state(self) -> dict[str, Any]:
+        return {**super()._state(), "rating_scale": float(self.rating_scale_)}
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        super()._load_state(state)
+        scale = float(state.get("rating_scale", 1.0))
+        if not np.isfinite(scale) or scale <= 0:
+            raise ArtifactError(f"rating_scale must be a positive number, got {scale}")
+        self.rating_scale_ = scale
 
     @property
     def _lr_bias(self) -> float:
@@ -390,7 +455,7 @@ class FunkSVD(_SGDRatingModel):
         self._fit_rating_range(interactions)
         indptr, items, ratings = _rating_arrays(interactions)
         users = np.repeat(np.arange(interactions.n_users, dtype=np.int32), np.diff(indptr))
-        mu = float(ratings.mean())
+        mu, ratings = self._standardise(ratings)
         P, Q, _ = self._init_factors(interactions.n_users, interactions.n_items)
         bu = np.zeros(interactions.n_users)
         bi = np.zeros(interactions.n_items)
@@ -399,7 +464,7 @@ class FunkSVD(_SGDRatingModel):
         bar = EpochProgress(self.epochs, "FunkSVD", enabled=self.progress)
         for epoch in bar:
             shuffle_in_place(order, seed_states(self.seed, epoch, 1))
-            bar.log(_funk_epoch(users, items, ratings, order, P, Q, bu, bi, mu, lr, self.reg, lr_b, self.bias_reg, 0))
+            bar.log(_funk_epoch(users, items, ratings, order, P, Q, bu, bi, 0.0, lr, self.reg, lr_b, self.bias_reg, 0))
             lr *= self.lr_decay
             lr_b *= self.lr_decay
         self.loss_history_ = bar.history
@@ -408,8 +473,13 @@ class FunkSVD(_SGDRatingModel):
         self.item_factors_ = np.ascontiguousarray(Q, dtype=np.float32)
         self.user_bias_ = bu.astype(np.float32)
         self.item_bias_ = bi.astype(np.float32)
+        self._rescale(self.rating_scale_)
 
     def _partial_fit(self, new: Interactions) -> None:
+        with self._unit_scale(new) as unit:
+            self._partial_fit_unit(unit)
+
+    def _partial_fit_unit(self, new: Interactions) -> None:
         P = self.user_factors_.astype(np.float64)
         Q = self.item_factors_.astype(np.float64)
         bu = self.user_bias_.astype(np.float64)
@@ -488,12 +558,14 @@ class SVDpp(_SGDRatingModel):
         "reg": {"low": 0.005, "high": 0.3, "log": True},
     }
     param_constraints: ClassVar[dict[str, Constraint]] = {**_SGD_CONSTRAINTS, "implicit_reg": Real(0)}
+    _scaled_users: ClassVar[tuple[str, ...]] = (*_SGDRatingModel._scaled_users, "user_explicit_")
+    _scaled_items: ClassVar[tuple[str, ...]] = (*_SGDRatingModel._scaled_items, "item_implicit_")
 
     def _fit(self, interactions: Interactions) -> None:
         self._check_learning_rate()
         self._fit_rating_range(interactions)
         indptr, items, ratings = _rating_arrays(interactions)
-        mu = float(ratings.mean())
+        mu, ratings = self._standardise(ratings)
         P, Q, rng = self._init_factors(interactions.n_users, interactions.n_items)
         Y = rng.normal(0.0, self.init_std, (interactions.n_items, self.n_factors))
         bu = np.zeros(interactions.n_users)
@@ -505,7 +577,7 @@ class SVDpp(_SGDRatingModel):
             states = seed_states(self.seed, epoch, 1)
             shuffle_in_place(user_order, states)
             loss = _svdpp_epoch(
-                indptr, items, ratings, user_order, P, Q, Y, bu, bi, mu, lr, self.reg, lr_b, self.bias_reg,
+                indptr, items, ratings, user_order, P, Q, Y, bu, bi, 0.0, lr, self.reg, lr_b, self.bias_reg,
                 self.implicit_reg, states,
             )
             bar.log(loss)
@@ -522,6 +594,7 @@ class SVDpp(_SGDRatingModel):
         self.item_factors_ = np.ascontiguousarray(Q, dtype=np.float32)
         self.user_bias_ = bu.astype(np.float32)
         self.item_bias_ = bi.astype(np.float32)
+        self._rescale(self.rating_scale_)
 
     def _state(self) -> dict[str, Any]:
         return {**super()._state(), "user_explicit": self.user_explicit_, "item_implicit": self.item_implicit_}
@@ -541,6 +614,10 @@ class SVDpp(_SGDRatingModel):
         self.item_implicit_ = np.ascontiguousarray(np.vstack([self.item_implicit_, np.zeros((n_new_items, k), np.float32)]))
 
     def _partial_fit(self, new: Interactions) -> None:
+        with self._unit_scale(new) as unit:
+            self._partial_fit_unit(unit)
+
+    def _partial_fit_unit(self, new: Interactions) -> None:
         assert new.ratings is not None
         # Only users with new events change; the implicit sums of the others are left exactly as they were.
         touched = np.unique(new.users)
