@@ -383,3 +383,15 @@ def test_split_files_without_validation_get_one_carved_from_train(planted, tmp_p
     same = compare(files, {"ease": {"name": "ease", "params": {"reg": 100.0}}}, progress=False, out=tmp_path / "c",
                    tune=True)
     assert same.results["ease"].summary["ndcg@10"] == fixed.results["ease"].summary["ndcg@10"]
+
+
+def test_files_too_short_to_carve_a_validation_part_are_evaluated_untuned(tmp_path: Path) -> None:
+    from recforge.experiments import compare
+
+    pd.DataFrame({"user_id": [1, 1, 2, 2], "item_id": [1, 2, 1, 3], "timestamp": [1, 2, 1, 2]}).to_csv(
+        tmp_path / "train.csv", index=False)
+    pd.DataFrame({"user_id": [1, 2], "item_id": [3, 2], "timestamp": [5, 5]}).to_csv(tmp_path / "test.csv", index=False)
+    files = {"train": str(tmp_path / "train.csv"), "test": str(tmp_path / "test.csv")}
+    result = compare(files, ["ease"], progress=False, out=tmp_path / "c", tune=True)
+    assert result.notes["validation"].startswith("not carved") and result.params["ease"] == {}
+    assert result.results["ease"].summary["users"] == 2

@@ -26,7 +26,7 @@ from recforge.data import split as S
 from recforge.data.datasets import load
 from recforge.data.interactions import Interactions
 from recforge.data.io import atomic_path, read_table, write_table
-from recforge.errors import DataError, UnsupportedError
+from recforge.errors import DataError, EmptyDatasetError, UnsupportedError
 from recforge.evaluation.protocols import get_protocol
 from recforge.experiments.config import ExperimentConfig
 from recforge.models import create_model, get_model_class
@@ -174,11 +174,15 @@ def read_split_files(files: dict[str, Any], carve_valid: bool = False, seed: int
             known[got[part].users] = True
     test, notes = got["test"], {}
     if carve_valid and "valid" not in got:
-        carved = S.holdout_one(got["train"], seed=seed)
-        got["train"], got["valid"] = carved.train, carved.test
-        how = "the last event" if carved.name == "holdout-last" else "a random event (no timestamps)"
-        notes["validation"] = (f"carved from TRAIN: {how} of each user with 3+ events, {len(carved.test):,} events; "
-                               "the final models are refitted on all of TRAIN")
+        try:
+            carved = S.holdout_one(got["train"], seed=seed)
+        except EmptyDatasetError:  # tuning is skipped then, as for a protocol without validation
+            notes["validation"] = "not carved: no TRAIN user has 3+ events, so nothing was tuned"
+        else:
+            got["train"], got["valid"] = carved.train, carved.test
+            how = "the last event" if carved.name == "holdout-last" else "a random event (no timestamps)"
+            notes["validation"] = (f"carved from TRAIN: {how} of each user with 3+ events, {len(carved.test):,} "
+                                   "events; the final models are refitted on all of TRAIN")
     cold = ~known[test.users]
     if cold.any():  # nothing to rank them by: every score would tie, and ties would fall to item-id order
         n_cold, n_test = len(np.unique(test.users[cold])), len(np.unique(test.users))
