@@ -100,7 +100,8 @@ def compare(
     if k is not None:
         raw["k"] = [k] if isinstance(k, int) else list(k)
     # tuned on what the leaderboard ranks by (the protocol's first column for these list lengths)
-    raw["select_metric"] = get_protocol(protocol).default_metrics(raw.get("k") or get_protocol(protocol).ks)[0]
+    scoring = get_protocol(protocol)
+    raw["select_metric"] = scoring.default_metrics(raw.get("k") or scoring.ks)[0]
     if metrics:
         raw["metrics"] = list(metrics)
     cfg = ExperimentConfig.from_dict(_drop_progress_where_unknown(raw))
