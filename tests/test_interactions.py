@@ -77,6 +77,7 @@ def test_datetime_timestamps() -> None:
         (pd.DataFrame({"user_id": [1.0, np.nan], "item_id": [1, 2]}), {}, "NaN"),
         (pd.DataFrame({"user_id": ["a", None], "item_id": [1, 2]}), {}, "missing values"),
         (pd.DataFrame({"user_id": ["a", ""], "item_id": [1, 2]}), {}, "empty strings"),
+        (pd.DataFrame({"user_id": ["a", "a\x00"], "item_id": [1, 2]}), {}, "NUL characters"),
         (pd.DataFrame({"user_id": [1, 2], "item_id": [1, 2], "rating": [1.0, np.nan]}), {}, "rating column 'rating' contains missing"),
         (pd.DataFrame({"user_id": [1], "item_id": [1], "rating": ["good"]}), {}, "not numeric"),
         (pd.DataFrame({"user_id": [1, 2], "item_id": [1, 2], "rating": [1.0, np.inf]}), {}, "rating.*inf.*finite"),

@@ -44,7 +44,10 @@ def _as_id_array(values: object, what: str) -> np.ndarray:
     ser = pd.Series(arr, dtype=object)
     if ser.isna().any():
         raise DataError(f"{what} contain missing values (None/NaN); drop or fill those rows first")
-    out = ser.astype(str).to_numpy(dtype=str)
+    text = ser.astype(str)
+    if text.str.contains("\x00", regex=False).any():  # numpy's fixed-width strings drop trailing NULs: "a\0" == "a"
+        raise DataError(f"{what} contain NUL characters; they would merge with other ids")
+    out = text.to_numpy(dtype=str)
     if len(out) and (np.char.str_len(out) == 0).any():
         raise DataError(f"{what} contain empty strings; every id must be non-empty")
     return out
