@@ -140,11 +140,12 @@ def test_biased_row_solve_is_the_augmented_ridge() -> None:
     Y = np.array([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], np.float32)
     yb = np.array([0.5, -0.5, 0.0], np.float32)
     X, xb = np.zeros((1, 2), np.float32), np.zeros(1, np.float32)
-    mu, reg, breg = 4.0, 0.2, 0.1
-    _biased_exact(R.indptr, R.indices, R.data, np.array([0]), X, xb, Y, yb, mu, reg, breg, True, 1)
+    mu, reg, breg, reg0, breg0 = 4.0, 0.2, 0.1, 0.7, 2.0
+    _biased_exact(R.indptr, R.indices, R.data, np.array([0]), X, xb, Y, yb, mu, reg, breg, True, reg0, breg0, 1)
     Z = np.hstack([Y, np.ones((3, 1))]).astype(float)
     t = R.toarray()[0] - mu - yb
-    A = Z.T @ Z + 3 * np.diag([reg, reg, breg])  # weighted: λ times the 3 ratings
+    # weighted: λ times the 3 ratings, plus the per-row priors whatever the count
+    A = Z.T @ Z + 3 * np.diag([reg, reg, breg]) + np.diag([reg0, reg0, breg0])
     w = np.linalg.solve(A, Z.T @ t)
     np.testing.assert_allclose(np.r_[X[0], xb[0]], w, rtol=1e-5, atol=1e-6)
 

@@ -14,6 +14,7 @@ from recforge.core.rng import seed_states, shuffle_in_place
 from recforge.data import Interactions
 from recforge.evaluation import evaluate
 from recforge.models import Recommender, create_model
+from recforge.models.als import BiasedALS
 from recforge.models.sgd_mf import FunkSVD, SVDpp, _funk_epoch, _svdpp_epoch
 
 
@@ -180,7 +181,7 @@ def test_svdpp_partial_fit_leaves_other_users_alone(planted: Interactions) -> No
     np.testing.assert_allclose(model.user_factors_[3], model.user_explicit_[3] + z, rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("cls", [FunkSVD, SVDpp])
+@pytest.mark.parametrize("cls", [FunkSVD, SVDpp, BiasedALS])
 def test_any_rating_scale_learns_the_same_model(cls: type, planted: Interactions) -> None:
     """Ratings on another scale (a·r + b: −10…10 for jokes, 1–10 for books) give the same model, rescaled: the
     defaults mean the same on any scale, so the model keeps its lead over the bias baseline there too."""

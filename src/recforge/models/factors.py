@@ -12,10 +12,14 @@ from typing import Any, ClassVar
 import numpy as np
 
 from recforge.data.interactions import Interactions
+from recforge.errors import ArtifactError
 from recforge.models.base import RatingPredictor, Recommender
 from recforge.retrieval import similar_by_vectors
 
 _OPTIONAL = ("user_bias", "item_bias")
+
+#: The standard deviation of the ratings the rating models' defaults were tuned on (ML-100K ``u1.base``).
+TUNED_SPREAD = 1.119
 
 
 class FactorModel(Recommender):
@@ -94,12 +98,23 @@ class FactorModel(Recommender):
 
 
 class FactorRatingModel(FactorModel, RatingPredictor):
-    """A factor model that predicts ratings: ``global + b_u + b_i + p_u · q_i``, clamped to the rating range."""
+    """A factor model that predicts ratings: ``global + b_u + b_i + p_u · q_i``, clamped to the rating range.
+
+    ``rating_scale_`` (``s``) is the training ratings' standard deviation over :data:`TUNED_SPREAD`, the spread the
+    defaults were tuned on: subclasses use it so that ``lr``, ``reg`` and ``init_std`` mean the same on any rating
+    scale (−10…10 jokes, 1–10 books), and a model fitted on ``a·r + b`` predicts ``a·`` its predictions ``+ b``.
+    """
+
+    #: ``s``; 1 for artifacts saved before ratings were scaled.
+    rating_scale_: float = 1.0
 
     def _fit_rating_range(self, interactions: Interactions) -> None:
+        """The clamping range and ``s`` from the training ratings."""
         assert interactions.ratings is not None
         self.rating_min_ = float(interactions.ratings.min())
         self.rating_max_ = float(interactions.ratings.max())
+        spread = float(interactions.ratings.astype(np.float64).std())
+        self.rating_scale_ = spread / TUNED_SPREAD if spread > 1e-12 else 1.0
 
     def predict_indices(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Clamped predictions; an unknown user or item (index ``-1``) contributes no factor and no bias."""
@@ -116,9 +131,14 @@ class FactorRatingModel(FactorModel, RatingPredictor):
         return np.clip(pred, self.rating_min_, self.rating_max_).astype(np.float32)
 
     def _state(self) -> dict[str, Any]:
-        return {**super()._state(), "rating_min": self.rating_min_, "rating_max": self.rating_max_}
+        return {**super()._state(), "rating_min": self.rating_min_, "rating_max": self.rating_max_,
+                "rating_scale": float(self.rating_scale_)}
 
     def _load_state(self, state: dict[str, Any]) -> None:
         super()._load_state(state)
         self.rating_min_ = float(state["rating_min"])
         self.rating_max_ = float(state["rating_max"])
+        scale = float(state.get("rating_scale", 1.0))
+        if not np.isfinite(scale) or scale <= 0:
+            raise ArtifactError(f"rating_scale must be a positive number, got {scale}")
+        self.rating_scale_ = scale

@@ -26,7 +26,6 @@ from recforge.core.progress import EpochProgress
 from recforge.core.rng import seed_states, shuffle_in_place
 from recforge.core.threads import thread_limits
 from recforge.data.interactions import Interactions
-from recforge.errors import ArtifactError
 from recforge.models.factors import FactorRatingModel
 from recforge.models.registry import register
 
@@ -252,10 +251,6 @@ _SGD_CONSTRAINTS: dict[str, Constraint] = {
 }
 
 
-#: The standard deviation of the ratings the SGD defaults were tuned on (ML-100K ``u1.base``).
-TUNED_SPREAD = 1.119
-
-
 class _SGDRatingModel(FactorRatingModel):
     """Shared parts: parameter checks, initialisation, the rating scale and the bookkeeping of ``partial_fit``.
 
@@ -272,8 +267,6 @@ class _SGDRatingModel(FactorRatingModel):
     #: factors stay as learned.
     _scaled_users: ClassVar[tuple[str, ...]] = ("user_factors_", "user_bias_")
     _scaled_items: ClassVar[tuple[str, ...]] = ("item_bias_",)
-    #: ``s``: the training ratings' spread over the tuned spread (1 for artifacts saved before ratings were scaled).
-    rating_scale_: float = 1.0
 
     def _check_learning_rate(self) -> None:
         if self.lr * max(self.reg, self.bias_reg) >= 1:
@@ -287,9 +280,8 @@ class _SGDRatingModel(FactorRatingModel):
         return P, Q, rng
 
     def _standardise(self, ratings: np.ndarray) -> tuple[float, np.ndarray]:
-        """The training ratings' mean (stored as the global bias) and the ratings centred and scaled; sets ``s``."""
-        mu, spread = float(ratings.mean()), float(ratings.std())
-        self.rating_scale_ = spread / TUNED_SPREAD if spread > 1e-12 else 1.0
+        """The training ratings' mean (stored as the global bias) and the ratings centred and scaled by ``s``."""
+        mu = float(ratings.mean())
         return mu, (ratings - mu) / self.rating_scale_
 
     def _rescale(self, factor: float) -> None:
@@ -319,16 +311,6 @@ class _SGDRatingModel(FactorRatingModel):
                     keep = np.ones(len(before[name]), bool)
                     keep[touched[touched < len(keep)]] = False
                     getattr(self, name)[: len(keep)][keep] = before[name][keep]
-
-    def _state(self) -> dict[str, Any]:
-        return {**super()._state(), "rating_scale": float(self.rating_scale_)}
-
-    def _load_state(self, state: dict[str, Any]) -> None:
-        super()._load_state(state)
-        scale = float(state.get("rating_scale", 1.0))
-        if not np.isfinite(scale) or scale <= 0:
-            raise ArtifactError(f"rating_scale must be a positive number, got {scale}")
-        self.rating_scale_ = scale
 
     @property
     def _lr_bias(self) -> float:
