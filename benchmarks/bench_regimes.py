@@ -69,9 +69,9 @@ def build(regime: str, frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
         session = gap.cumsum()
         out = frame.assign(user_id=session).drop(columns="rating")
         return _keep_users(out, "user_id", 3)
-    if regime == "playcounts":
-        repeats = rng.geometric(1 / 3, len(frame))
-        out = frame.loc[frame.index.repeat(repeats), ["user_id", "item_id"]]
+    if regime == "playcounts":  # one row per (user, item) with its play count, as music logs are published
+        plays = np.maximum(1, np.round(rng.lognormal(np.log(20), 1.5, len(frame)))).astype(np.int64)
+        out = frame[["user_id", "item_id"]].assign(weight=plays)
         return out.iloc[rng.permutation(len(out))].reset_index(drop=True)
     if regime == "sparse":  # MovieLens is too small to be this sparse: the generator, at a density of 0.05%
         from recforge.datasets import make_synthetic

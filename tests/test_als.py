@@ -87,10 +87,31 @@ def test_cg_fit_is_close_to_exact_fit(planted: Interactions) -> None:
     assert overlap > 0.7
 
 
+def _fitted_confidence(model: ImplicitALS, R: sp.csr_matrix) -> np.ndarray:
+    model._set_confidence(R)
+    return model._confidence(R.data)
+
+
 def test_confidence_scalings() -> None:
-    r = np.array([1.0, 3.0, 10.0], np.float32)
-    np.testing.assert_allclose(ImplicitALS(alpha=2.0)._confidence(r), [3.0, 7.0, 21.0])
-    np.testing.assert_allclose(ImplicitALS(alpha=2.0, confidence="log", eps=2.0)._confidence(r), 1 + 2 * np.log1p(r / 2), rtol=1e-6)
+    R = sp.csr_matrix(np.array([[1.0, 3.0, 10.0, 0.0]], np.float32))
+    linear = ImplicitALS(alpha=2.0, reg=7.0, confidence="linear")
+    np.testing.assert_allclose(_fitted_confidence(linear, R), [3.0, 7.0, 21.0])
+    assert linear.reg_ == 7.0
+    log = ImplicitALS(alpha=2.0, confidence="log", eps=2.0)
+    np.testing.assert_allclose(_fitted_confidence(log, R), 1 + 2 * np.log1p(R.data / 2), rtol=1e-6)
+
+
+def test_auto_confidence_follows_density_and_the_median_count() -> None:
+    # 3 of 4 cells filled (density 0.75), median count 3: α = 0.3 / 0.75 = 0.4, c = 1 + α·log2(1 + r/3)
+    R = sp.csr_matrix(np.array([[1.0, 3.0, 10.0, 0.0]], np.float32))
+    model = ImplicitALS(alpha=0.3, reg=2.0)
+    np.testing.assert_allclose(_fitted_confidence(model, R), 1 + 0.4 * np.log2([4 / 3, 2.0, 13 / 3]), rtol=1e-6)
+    assert model.count_scale_ == 3.0 and model.reg_ == pytest.approx(2.0 * 1.4)
+    # The same events counted in other units (seconds instead of plays) weigh the same; without counts c = 1 + α.
+    seconds = sp.csr_matrix(R.toarray() * 180)
+    np.testing.assert_allclose(_fitted_confidence(ImplicitALS(alpha=0.3), seconds), _fitted_confidence(model, R), rtol=1e-6)
+    ones = sp.csr_matrix((R.toarray() > 0).astype(np.float32))
+    np.testing.assert_allclose(_fitted_confidence(ImplicitALS(alpha=0.3), ones), 1.4, rtol=1e-6)
 
 
 def test_counts_feed_the_confidence() -> None:
@@ -113,7 +134,7 @@ def test_fold_in_is_the_exact_solve_from_the_full_history(planted: Interactions)
     model.partial_fit(pd.DataFrame({"user_id": [10**6] * 6, "item_id": items}))
     r_row = np.zeros(model.n_items_)
     r_row[model.item_map_.to_index(items)] = 1.0
-    expected = implicit_row_by_hand(r_row, Y_before.astype(float), model.reg, model.alpha)
+    expected = implicit_row_by_hand(r_row, Y_before.astype(float), model.reg_, model.alpha_)
     np.testing.assert_allclose(model.user_factors_[-1], expected, rtol=1e-3, atol=1e-5)
     # The touched items were then re-solved with the user factors fixed; untouched ones kept.
     touched = model.item_map_.to_index(items)
