@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from recforge.data import Interactions
 from recforge.errors import DataError
 from recforge.experiments import ExperimentConfig, run_experiment
 
@@ -395,3 +396,19 @@ def test_files_too_short_to_carve_a_validation_part_are_evaluated_untuned(tmp_pa
     result = compare(files, ["ease"], progress=False, out=tmp_path / "c", tune=True)
     assert result.notes["validation"].startswith("not carved") and result.params["ease"] == {}
     assert result.results["ease"].summary["users"] == 2
+
+
+def test_every_run_states_what_each_model_learns_from(tmp_path: Path) -> None:
+    from recforge.experiments import compare
+    from recforge.experiments.runner import learns_note
+
+    rated = pd.DataFrame({"user_id": [1, 1, 1, 2, 2, 2, 3, 3, 3], "item_id": [1, 2, 3, 1, 2, 4, 2, 3, 4],
+                          "rating": [5.0, 1, 4, 2, 5, 3, 4, 4, 1], "timestamp": range(9)})
+    result = compare(Interactions.from_frame(rated), ["pop", "ease", "bias"], protocol="loo", progress=False,
+                     out=tmp_path / "r")
+    assert result.notes["learns_from"] == (
+        "counts: pop; binary: ease; ratings: bias — only rating models use the rating values: the others count "
+        "every rated item as an interaction, whatever its rating")
+    repeated = Interactions.from_frame(rated.drop(columns="rating").assign(item_id=[1, 1, 3, 1, 2, 4, 2, 3, 4]))
+    assert learns_note({"ease": "binary", "sasrec": "order"}, repeated) == (
+        "binary: ease; order: sasrec — binary models count a repeated user-item pair once")

@@ -24,7 +24,14 @@ from recforge import split as S
 from recforge.core.params import SYNONYMS
 from recforge.data import Interactions
 from recforge.errors import DataError, NotFittedError, ParameterError, UnknownIdError, UnsupportedError
-from recforge.models import RatingPredictor, Recommender, available_models, create_model, get_model_class
+from recforge.models import (
+    LEARNS_FROM,
+    RatingPredictor,
+    Recommender,
+    available_models,
+    create_model,
+    get_model_class,
+)
 
 _SEQ = {"max_len": 50, "n_factors": 32, "epochs": 20, "lr": 3e-3, "batch_size": 64, "num_threads": 1, "progress": False}
 FAST_PARAMS: dict[str, dict] = {
@@ -82,6 +89,7 @@ class TestContract:
     def test_fit_returns_self_and_params_round_trip(self, name: str, planted: Interactions) -> None:
         model = make(name)
         assert model.fit(planted) is model
+        assert set(model.learns_from.split("+")) <= set(LEARNS_FROM)  # every model states what it learns from
         params = model.get_params()
         assert json.loads(json.dumps(params)) == params
         clone = get_model_class(name)(**params)

@@ -159,6 +159,22 @@ def _defaults_within(model: Any, space: dict[str, dict[str, Any]]) -> dict[str, 
     return out
 
 
+def learns_note(learns: dict[str, str], data: Interactions) -> str:
+    """One line: what each model learns from (:data:`recforge.models.LEARNS_FROM`), grouped, and what of ``data``
+    the models that do not use it leave out."""
+    groups: dict[str, list[str]] = {}
+    for label, what in learns.items():
+        groups.setdefault(what, []).append(label)
+    parts = ["; ".join(f"{what}: {', '.join(labels)}" for what, labels in groups.items())]
+    kinds = {kind for what in learns.values() for kind in what.split("+")}
+    if data.ratings is not None and kinds - {"ratings", "nothing"}:
+        parts.append("only rating models use the rating values: the others count every rated item as an interaction, "
+                     "whatever its rating")
+    if "binary" in kinds and data.csr("ones").nnz < len(data):
+        parts.append("binary models count a repeated user-item pair once")
+    return " — ".join(parts)
+
+
 def merge_trials(label: str, parts: Sequence[TrialResult], params: dict[str, Any]) -> EvaluationResult:
     """One model's result over its splits: per-user rows pooled (and their means), whole-model figures (rmse,
     coverage, fit seconds) averaged over splits."""
@@ -550,7 +566,10 @@ class ExperimentRunner:
             for spec in self._models}
         models = {label: [p.fitted for p in parts] for label, parts in final.items() if parts[0].fitted is not None}
         first = self._splits[0]
-        notes = {"data": first.train_valid.concat(first.test).regime(),
+        whole = first.train_valid.concat(first.test)
+        learns = {spec.display: models[spec.display][0].learns_from if spec.display in models
+                  else get_model_class(spec.name).learns for spec in self._models if spec.display in results}
+        notes = {"data": whole.regime(), "learns_from": learns_note(learns, whole),
                  **{k: v for split in self._splits for k, v in split.notes.items()}}
         return ExperimentResult(board, ratings, results, used, self.out, skipped, trials, models, notes)
 

@@ -5,7 +5,7 @@ Importing this package registers all built-in models (``create_model``, ``get_mo
 """
 
 from recforge.models.als import BiasedALS, ImplicitALS
-from recforge.models.base import RatingPredictor, Recommender
+from recforge.models.base import LEARNS_FROM, RatingPredictor, Recommender
 from recforge.models.baselines import BiasBaseline, GlobalMean, MostPopular, Random
 from recforge.models.blend import Blend
 from recforge.models.bpr import BPR
@@ -26,6 +26,7 @@ __all__ = [
     "ALS",
     "BPR",
     "EASE",
+    "LEARNS_FROM",
     "BERT4Rec",
     "BiasBaseline",
     "BiasedALS",

@@ -383,6 +383,7 @@ class ImplicitALS(FactorModel):
     """
 
     renamed_params: ClassVar[dict[str, str]] = {"iterations": "epochs"}
+    learns: ClassVar[str] = "counts"
     search_space: ClassVar[dict[str, dict[str, Any]]] = {
         "n_factors": {"low": 16, "high": 256, "log": True, "int": True},
         "reg": {"low": 0.1, "high": 300, "log": True},

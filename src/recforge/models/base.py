@@ -52,6 +52,18 @@ ARTIFACT_VERSION = 2
 ANN_GRAPH = "retrieval.hnsw"
 
 
+#: What a model can learn from the interactions: every run states it per model (``notes.learns_from``), so that
+#: ratings read as mere presence, or counts read as one event, are never a surprise.
+LEARNS_FROM: dict[str, str] = {
+    "binary": "which items each user interacted with (repeats and rating values ignored)",
+    "counts": "how often each user interacted with each item, or the summed weight column (rating values ignored)",
+    "ratings": "the rating values",
+    "order": "the order of each user's events (rating values ignored)",
+    "content": "the items' text and features, and which items each user interacted with",
+    "nothing": "nothing but the catalogue",
+}
+
+
 class Recommender:
     """Base class of top-N recommenders.
 
@@ -73,6 +85,8 @@ class Recommender:
     ann_graph_: np.ndarray | None = None
     #: True for models that predict ratings (they also implement ``predict``).
     predicts_ratings: ClassVar[bool] = False
+    #: What the model learns from, one of :data:`LEARNS_FROM` (see :attr:`learns_from`).
+    learns: ClassVar[str] = "binary"
     #: True for models that implement ``_grow`` and ``_partial_fit`` (incremental updates).
     supports_partial_fit: ClassVar[bool] = False
     #: True for models whose score depends on the order of the user's recent items (sequential models):
@@ -142,6 +156,12 @@ class Recommender:
         return f"{type(self).__name__}({args})"
 
     # ------------------------------------------------------------------ fitting
+    @property
+    def learns_from(self) -> str:
+        """What this model, with its parameters, learns from: a key of :data:`LEARNS_FROM`, or several joined
+        by ``+`` for ensembles."""
+        return self.learns
+
     def fit(self, interactions: Interactions, valid: Interactions | None = None) -> Recommender:
         """Fit on interactions; returns ``self``.
 
@@ -621,6 +641,7 @@ class RatingPredictor(Recommender):
     """Base class of explicit rating models: ``predict(users, items)``; ``recommend`` ranks by predicted rating."""
 
     predicts_ratings: ClassVar[bool] = True
+    learns: ClassVar[str] = "ratings"
 
     def fit(self, interactions: Interactions, valid: Interactions | None = None) -> RatingPredictor:
         """Fit on interactions with ratings; returns ``self`` (``valid`` as for :meth:`Recommender.fit`)."""

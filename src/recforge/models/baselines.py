@@ -21,6 +21,8 @@ class Random(Recommender):
     Scores are a hash of (seed, user, item), so they do not depend on batching or call order.
     """
 
+    learns: ClassVar[str] = "nothing"
+
     param_constraints: ClassVar[dict[str, Constraint]] = {"seed": Integer(0)}
 
     def __init__(self, seed: int = 0) -> None:
@@ -43,6 +45,7 @@ class MostPopular(Recommender):
     """
 
     state_shapes: ClassVar[dict[str, tuple[Any, ...]]] = {"popularity": ("items",)}
+    learns: ClassVar[str] = "counts"
 
     param_constraints: ClassVar[dict[str, Constraint]] = {
         "by": Choice("count", "users"),
@@ -52,6 +55,11 @@ class MostPopular(Recommender):
     def __init__(self, by: Literal["count", "users"] = "count", half_life_days: float | None = None) -> None:
         self.by = by
         self.half_life_days = half_life_days
+
+    @property
+    def learns_from(self) -> str:
+        """Counts (``by="count"``) or distinct users (``by="users"``)."""
+        return "counts" if self.by == "count" else "binary"
 
     def _fit(self, interactions: Interactions) -> None:
         inter = interactions.deduplicate("last") if self.by == "users" else interactions

@@ -57,6 +57,8 @@ class ContentBased(Recommender):
     noise of TF-IDF (0.0247 vs 0.0231), so the dependency-free encoder is the default.
     """
 
+    learns: ClassVar[str] = "content"
+
     state_shapes: ClassVar[dict[str, tuple[Any, ...]]] = {
         "item_vectors": ("items", "dim"), "user_profiles": ("users", "dim"), "last_items": ("users",),
         "neighbors": ("items", "n_stored"), "neighbor_scores": ("items", "n_stored"),

@@ -101,6 +101,12 @@ class EnsembleUpdates:
     members_: list[Recommender]
 
     @property
+    def learns_from(self) -> str:
+        """What the members learn from, joined by ``+`` (once fitted; before, ``"members"``)."""
+        members = getattr(self, "members_", None)
+        return "+".join(sorted({m.learns_from for m in members})) if members else "members"
+
+    @property
     def supports_partial_fit(self) -> bool:
         """True once fitted when every member supports incremental updates."""
         members = getattr(self, "members_", None)

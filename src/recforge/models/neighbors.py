@@ -270,6 +270,11 @@ class ItemItemModel(Recommender):
     supports_partial_fit: ClassVar[bool] = True
     values: str = "binary"
 
+    @property
+    def learns_from(self) -> str:
+        """From ``values``: the binary matrix, counts or weights, or the ratings."""
+        return {"count": "counts", "weight": "counts", "rating": "ratings"}.get(self.values, "binary")
+
     def _set_matrix(self, interactions: Interactions) -> sp.csr_matrix:
         self.X_ = interaction_matrix(interactions, self.values)
         self.n_fitted_items_ = interactions.n_items

@@ -102,6 +102,7 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
     """
 
     uses_history: ClassVar[bool] = True
+    learns: ClassVar[str] = "order"
     supports_validation: ClassVar[bool] = True
     #: Epochs are chosen by early stopping on the validation part; the learning rate is searched.
     search_space: ClassVar[dict[str, dict[str, Any]]] = {"lr": {"low": 0.0003, "high": 0.01, "log": True}}
