@@ -30,7 +30,8 @@ def test_funk_step_by_hand() -> None:
     exp_bu = 0.05 + lr_b * (e - reg_b * 0.05)
     exp_bi = -0.1 + lr_b * (e + reg_b * 0.1)
     one = np.zeros(1, np.int32)
-    mse = _funk_epoch(one, one, np.array([4.0]), np.zeros(1, np.int64), P, Q, bu, bi, mu, lr, reg, lr_b, reg_b, 0)
+    mse = _funk_epoch(one, one, np.array([4.0]), np.zeros(1, np.int64), P, Q, bu, bi, mu, lr, reg, lr_b,
+                      np.array([reg_b]), np.array([reg_b]), 0)
     assert mse == pytest.approx(e * e)
     np.testing.assert_allclose(P[0], exp_p)
     np.testing.assert_allclose(Q[0], exp_q)
@@ -42,7 +43,8 @@ def test_funk_frozen_items_do_not_move() -> None:
     bu, bi = np.zeros(1), np.zeros(2)
     Q0, bi0 = Q.copy(), bi.copy()
     users, items = np.zeros(2, np.int32), np.array([0, 1], np.int32)
-    _funk_epoch(users, items, np.array([5.0, 1.0]), np.arange(2), P, Q, bu, bi, 3.0, 0.1, 0.0, 0.1, 0.0, 1)
+    _funk_epoch(users, items, np.array([5.0, 1.0]), np.arange(2), P, Q, bu, bi, 3.0, 0.1, 0.0, 0.1, np.zeros(1),
+                np.zeros(2), 1)
     np.testing.assert_array_equal(Q[0], Q0[0])  # item 0 is below item_start: fixed
     assert bi[0] == bi0[0] and not np.array_equal(Q[1], Q0[1]) and bi[1] != 0
 
@@ -98,6 +100,22 @@ def test_loss_decreases_and_beats_bias(cls: type, planted: Interactions) -> None
     ours = evaluate(model, split.test)["rmse"]
     bias = evaluate(create_model("bias").fit(split.train), split.test)["rmse"]
     assert ours < bias - 0.01
+
+
+def test_damping_shrinks_the_biases_of_rows_with_few_ratings(planted: Interactions) -> None:
+    """One pass puts ``bias_reg·n + damping`` on a bias: per visit ``bias_reg + damping/n``, so a user or item
+    with a single rating is shrunk hard and one with hundreds barely."""
+    model = FunkSVD(bias_reg=0.05, damping=5.0)
+    per_user, per_item = model._bias_penalties(np.array([1, 4, 0]), np.array([100]))
+    np.testing.assert_allclose(per_user, [5.05, 1.3, 5.05])
+    np.testing.assert_allclose(per_item, [0.1])
+    frame = planted.to_frame()
+    one = frame.groupby("user_id").head(1).assign(user_id=lambda f: f["user_id"] + 10**6, rating=5.0)
+    data = Interactions.from_frame(pd.concat([frame, one]))  # every user has a twin with one 5-star rating
+    twins = data.user_map.to_index(one["user_id"].to_numpy())
+    loose = FunkSVD(damping=0.0, progress=False).fit(data).user_bias_[twins]
+    damped = FunkSVD(progress=False).fit(data).user_bias_[twins]
+    assert np.abs(damped).mean() < 0.6 * np.abs(loose).mean()
 
 
 def test_predictions_clamped_and_unknowns(planted: Interactions) -> None:

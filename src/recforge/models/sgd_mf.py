@@ -47,10 +47,12 @@ def _funk_epoch(
     lr: float,
     reg: float,
     lr_bias: float,
-    bias_reg: float,
+    bias_reg_u: np.ndarray,
+    bias_reg_i: np.ndarray,
     item_start: int,
 ) -> float:
-    """One SGD pass over ``order``; item rows below ``item_start`` stay fixed. Returns the mean squared error."""
+    """One SGD pass over ``order``; item rows below ``item_start`` stay fixed. Returns the mean squared error.
+    The penalty a visit puts on a bias is the row's (``bias_reg_u[u]`` on ``b_u``, ``bias_reg_i[i]`` on ``b_i``)."""
     k = P.shape[1]
     sse = 0.0
     for t in range(len(order)):
@@ -62,9 +64,9 @@ def _funk_epoch(
             pred += P[u, f] * Q[i, f]
         e = ratings[n] - pred
         sse += e * e
-        bu[u] += lr_bias * (e - bias_reg * bu[u])
+        bu[u] += lr_bias * (e - bias_reg_u[u] * bu[u])
         if i >= item_start:
-            bi[i] += lr_bias * (e - bias_reg * bi[i])
+            bi[i] += lr_bias * (e - bias_reg_i[i] * bi[i])
             for f in range(k):
                 pf = P[u, f]
                 qf = Q[i, f]
@@ -170,13 +172,15 @@ def _fold_in(
     mu: float,
     reg: float,
     bias_reg: float,
+    damping: float,
     P: np.ndarray,
     bu: np.ndarray,
 ) -> None:
     """Closed-form rows ``[b_u, p_u]`` for users ``rows[r]`` with items fixed: ridge regression of
     ``r - μ - b_i - q_i · offset[r]`` on ``[1, q_i]`` over the events ``indptr[r]:indptr[r+1]``, with the
     penalty the SGD objective puts on them (``reg`` / ``bias_reg`` per rating, so times the user's event
-    count; a tiny ridge keeps the system solvable when both are zero). Rows are independent: in parallel."""
+    count, plus ``damping`` on the bias; a tiny ridge keeps the system solvable when all are zero).
+    Rows are independent: in parallel."""
     k = Q.shape[1]
     for r in numba.prange(len(rows)):
         u = rows[r]
@@ -199,7 +203,7 @@ def _fold_in(
                 b[a] += x[a] * y
                 for c in range(k + 1):
                     A[a, c] += x[a] * x[c]
-        A[0, 0] += bias_reg * n + 1e-9
+        A[0, 0] += bias_reg * n + damping + 1e-9
         for f in range(k):
             A[f + 1, f + 1] += reg * n + 1e-9
         sol = np.linalg.solve(A, b)
@@ -268,10 +272,20 @@ class _SGDRatingModel(FactorRatingModel):
     _scaled_users: ClassVar[tuple[str, ...]] = ("user_factors_", "user_bias_")
     _scaled_items: ClassVar[tuple[str, ...]] = ("item_bias_",)
 
+    #: The penalty on a row's bias whatever its count (FunkSVD's parameter; SVD++ has none).
+    damping: float = 0.0
+
     def _check_learning_rate(self) -> None:
-        if self.lr * max(self.reg, self.bias_reg) >= 1:
-            raise parameter_error(self, "lr", f"times max(reg, bias_reg) = {self.lr * max(self.reg, self.bias_reg):g} "
-                                  "must be below 1 (lower lr)", self.lr)
+        largest = max(self.reg, self.bias_reg + self.damping)
+        if self.lr * largest >= 1:
+            raise parameter_error(self, "lr", f"times the largest penalty of one step ({largest:g}) = "
+                                  f"{self.lr * largest:g} must be below 1 (lower lr)", self.lr)
+
+    def _bias_penalties(self, user_counts: np.ndarray, item_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-visit penalties on user and item biases: ``bias_reg`` plus the row's ``damping`` spread over its
+        ratings, so that one pass puts ``bias_reg·n + damping`` on the bias of a row with ``n`` ratings."""
+        return tuple(self.bias_reg + self.damping / np.maximum(counts, 1).astype(np.float64)
+                     for counts in (user_counts, item_counts))  # type: ignore[return-value]
 
     def _init_factors(self, n_users: int, n_items: int) -> tuple[np.ndarray, np.ndarray, np.random.Generator]:
         rng = np.random.default_rng(self.seed)
@@ -347,7 +361,7 @@ class _SGDRatingModel(FactorRatingModel):
         with thread_limits(self.num_threads):
             _fold_in(
                 indptr, new.items[pick], new.ratings[pick].astype(np.float64), rows.astype(np.int64), Q, bi, off,
-                float(self.global_bias_), float(self.reg), float(self.bias_reg), P, bu,
+                float(self.global_bias_), float(self.reg), float(self.bias_reg), float(self.damping), P, bu,
             )
 
     def _sgd_new_events(
@@ -358,11 +372,13 @@ class _SGDRatingModel(FactorRatingModel):
         ratings = new.ratings.astype(np.float64)
         order = np.arange(len(new), dtype=np.int64)
         item_start = int(getattr(self, "_n_items_before", 0))
+        bias_reg_u, bias_reg_i = self._bias_penalties(np.bincount(new.users, minlength=len(P)),
+                                                      np.bincount(new.items, minlength=len(Q)))
         for epoch in range(self.partial_epochs):
             shuffle_in_place(order, seed_states(self.seed, 10**6 + epoch, 1))
             _funk_epoch(
                 new.users, new.items, ratings, order, P, Q, bu, bi, float(self.global_bias_),
-                float(self.lr), self.reg, self._lr_bias, self.bias_reg, item_start,
+                float(self.lr), self.reg, self._lr_bias, bias_reg_u, bias_reg_i, item_start,
             )
 
 
@@ -395,6 +411,14 @@ class FunkSVD(_SGDRatingModel):
     (validation RMSE 0.9022, two seeds within 0.0001): 100 factors, 60 epochs, lr 0.007, reg 0.06, bias_reg
     0.05, init_std 0.005, no decay. Higher reg and small initial factors mattered most; beyond 100 factors the
     gain was under 0.001 for 2-3x the time; lr decay did not help.
+
+    ``damping`` puts a penalty on every bias whatever its row's count (spread over the row's ratings in each
+    pass), as if each user and item had that many more ratings at the mean: without it a user or item with one
+    or two ratings got a bias fitted almost exactly, and on sparse data FunkSVD fell behind the bias model.
+    Chosen on the validation carves (a random 10% of a random 90%) of ML-100K ``u1.base``, ml-latest-small and the
+    synthetic generator at density 0.08% (6,000 users, 60,000 ratings) over {0, 1, 3, 5, 10}: 5 gives validation
+    RMSE 0.9230 / 0.8551 / 0.9141 against 0.9228 / 0.8578 / 0.9376 without (the bias model: 0.9478 / 0.8787 /
+    0.9300). A per-row penalty on the factors as well (BiasedALS's ``prior_reg``) made every one worse.
     """
 
     def __init__(
@@ -404,6 +428,7 @@ class FunkSVD(_SGDRatingModel):
         lr: float = 0.007,
         reg: float = 0.06,
         bias_reg: float = 0.05,
+        damping: float = 5.0,
         lr_bias: float | None = None,
         lr_decay: float = 1.0,
         init_std: float = 0.005,
@@ -417,6 +442,7 @@ class FunkSVD(_SGDRatingModel):
         self.lr = lr
         self.reg = reg
         self.bias_reg = bias_reg
+        self.damping = damping
         self.lr_bias = lr_bias
         self.lr_decay = lr_decay
         self.init_std = init_std
@@ -430,7 +456,7 @@ class FunkSVD(_SGDRatingModel):
         "lr": {"low": 0.001, "high": 0.03, "log": True},
         "reg": {"low": 0.005, "high": 0.3, "log": True},
     }
-    param_constraints: ClassVar[dict[str, Constraint]] = _SGD_CONSTRAINTS
+    param_constraints: ClassVar[dict[str, Constraint]] = {**_SGD_CONSTRAINTS, "damping": Real(0)}
 
     def _fit(self, interactions: Interactions) -> None:
         self._check_learning_rate()
@@ -443,10 +469,12 @@ class FunkSVD(_SGDRatingModel):
         bi = np.zeros(interactions.n_items)
         order = np.arange(len(ratings), dtype=np.int64)
         lr, lr_b = float(self.lr), self._lr_bias
+        bias_reg_u, bias_reg_i = self._bias_penalties(np.diff(indptr), np.bincount(items, minlength=interactions.n_items))
         bar = EpochProgress(self.epochs, "FunkSVD", enabled=self.progress)
         for epoch in bar:
             shuffle_in_place(order, seed_states(self.seed, epoch, 1))
-            bar.log(_funk_epoch(users, items, ratings, order, P, Q, bu, bi, 0.0, lr, self.reg, lr_b, self.bias_reg, 0))
+            bar.log(_funk_epoch(users, items, ratings, order, P, Q, bu, bi, 0.0, lr, self.reg, lr_b, bias_reg_u,
+                                bias_reg_i, 0))
             lr *= self.lr_decay
             lr_b *= self.lr_decay
         self.loss_history_ = bar.history

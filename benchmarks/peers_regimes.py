@@ -1,0 +1,616 @@
+"""Peer libraries on the regime suite: implicit (ALS, BPR, item cosine), RecTools (EASE) and Surprise (SVD, SVD++,
+KNNBaseline) on exactly recforge's leave-one-out splits of ``bench_regimes.py``, each with its library defaults and
+tuned on the validation part.
+
+Usage::
+
+    # 1. export recforge's splits (recforge's own environment)
+    python benchmarks/peers_regimes.py --export /tmp/regime-splits
+    python benchmarks/peers_regimes.py --export /tmp/regime-splits --regimes movielens,sessions
+
+    # 2. fit, tune and score the peers (a separate environment with implicit, rectools, scikit-surprise, optuna)
+    peers-venv/bin/python benchmarks/peers_regimes.py --splits /tmp/regime-splits
+    peers-venv/bin/python benchmarks/peers_regimes.py --splits /tmp/regime-splits --regimes movielens \\
+        --peers als,ease,svd --trials 10 --threads 2
+
+The two steps run in two environments so that the peers' environment does not need recforge (and recforge's does not
+get the peers' pinned dependencies).
+
+Splits (``--export``): every regime is built by ``bench_regimes.build`` from ``recforge.datasets.load(source)`` as
+``bench_regimes.main`` does, turned into ``Interactions`` (the ``weight`` column of ``playcounts`` is kept as the
+interaction weight) and split by ``recforge.split.leave_one_out`` — the ``loo`` protocol: per user the last event is
+test, the one before validation, users with fewer than 3 events stay whole in train; without timestamps file order is
+time. ``DIR/<regime>/`` gets ``train.csv``, ``valid.csv``, ``test.csv`` (user_id, item_id and rating / timestamp /
+weight where present), ``users.csv`` and ``items.csv`` (the ids in recforge's index order: the catalogue, and the
+tie-break order of the rankings) and ``meta.json``.
+
+Scoring (``--splits``), computed here, not by the peers' own evaluators:
+
+* top-N regimes (``movielens``, ``sessions``, ``playcounts``, ``sparse``, ``short``): NDCG@10 over every test user,
+  ranking the whole catalogue (every item of the regime, also those without training events), each user's train
+  (+ validation, at test time) items left out of the ranking, ties broken by the smaller recforge item index. This is
+  recforge's ``evaluate``: a left-out item scores ``-inf`` and is never ranked, so a user whose test item is already
+  among their earlier items still counts, with NDCG 0 (``seen_target_users`` in the results says how many). With one
+  test item per user NDCG@10 = 1 / log2(rank + 1) when rank <= 10, else 0.
+* rating regimes (``movielens``, ``short``, ``ratings-10``, ``ratings-1-10``): RMSE over the test rows; pairs a model
+  cannot predict get the library's own fallback (Surprise: the global mean).
+
+Tuning: a seeded Optuna TPE study (a seeded random search when Optuna is missing) fits on train and scores the
+validation part; the best parameters are refitted on train + validation and scored on test. ``defaults`` is the
+library's defaults fitted on train + validation. ``fit_seconds`` is the wall time of that final fit.
+
+Data handed to the peers: implicit gets the user × item matrix of summed weights (the play counts on ``playcounts``,
+otherwise the number of events, 1 for almost every pair); its ALS turns them into confidence 1 + alpha·count itself.
+RecTools' EASE gets the same weights. Surprise gets the ratings with the regime's rating scale.
+
+Results: one markdown table per regime on stdout and ``benchmarks/results/peers_regimes.json`` (merged per regime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+def _early_threads(argv: list[str]) -> int:
+    """The --threads value, read before numpy is imported (BLAS thread pools are sized at import)."""
+    for i, arg in enumerate(argv):
+        if arg == "--threads" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if arg.startswith("--threads="):
+            return int(arg.split("=", 1)[1])
+    return 2
+
+
+if __name__ == "__main__":
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_var, str(_early_threads(sys.argv[1:])))
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+HERE = Path(__file__).resolve().parent
+REGIMES = ("movielens", "sessions", "playcounts", "sparse", "short", "ratings-10", "ratings-1-10")
+#: Regimes ranked top-N. ``ratings-10`` and ``ratings-1-10`` hold the same events in the same order as ``movielens``
+#: (only the rating values differ), so their top-N figures would repeat movielens'.
+TOP_N_REGIMES = ("movielens", "sessions", "playcounts", "sparse", "short")
+#: Regimes with ratings (``short`` keeps MovieLens' ratings, so recforge's suite runs its rating models there too).
+RATING_REGIMES = ("movielens", "short", "ratings-10", "ratings-1-10")
+TOP_N_PEERS = ("als", "bpr", "cosine", "ease")
+RATING_PEERS = ("svd", "svdpp", "knnbaseline")
+PEER_NAMES = {
+    "pop": "popularity (sanity check, written here)",
+    "als": "implicit AlternatingLeastSquares",
+    "bpr": "implicit BayesianPersonalizedRanking",
+    "cosine": "implicit CosineRecommender (item kNN)",
+    "ease": "RecTools EASEModel",
+    "svd": "Surprise SVD",
+    "svdpp": "Surprise SVDpp",
+    "knnbaseline": "Surprise KNNBaseline (item-based, pearson_baseline)",
+}
+K = 10
+
+
+def _args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    mode = p.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--export", metavar="DIR", help="write recforge's loo splits of every regime to DIR (recforge env)")
+    mode.add_argument("--splits", metavar="DIR", help="fit and score the peers on the splits in DIR (peers env)")
+    p.add_argument("--regimes", default=",".join(REGIMES))
+    p.add_argument("--source", default="ml-latest-small", help="the MovieLens dataset name or folder (--export)")
+    p.add_argument("--peers", default=",".join(("pop",) + TOP_N_PEERS + RATING_PEERS))
+    p.add_argument("--trials", type=int, default=20, help="tuning trials per peer and regime")
+    p.add_argument("--ease-trials", type=int, default=None, help="trials for EASE (default: --trials)")
+    p.add_argument("--svdpp-trials", type=int, default=None, help="trials for SVD++ (default: --trials)")
+    p.add_argument("--threads", type=int, default=2, help="threads of the peers and of BLAS")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(HERE / "results" / "peers_regimes.json"))
+    return p.parse_args()
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+# ----------------------------------------------------------------------------------------------------- export (recforge)
+def export(folder: Path, regimes: list[str], source_name: str) -> None:
+    """Write recforge's leave-one-out split of every regime to ``folder/<regime>/`` (needs recforge)."""
+    sys.path.insert(0, str(HERE))
+    from bench_regimes import build
+
+    from recforge.data import Interactions
+    from recforge.datasets import load
+    from recforge.split import leave_one_out
+
+    source = load(source_name).to_frame()
+    for regime in regimes:
+        frame = build(regime, source)
+        data = Interactions.from_frame(frame, weight_col="weight" if regime == "playcounts" else None)
+        split = leave_one_out(data)
+        out = folder / regime
+        out.mkdir(parents=True, exist_ok=True)
+        assert split.valid is not None
+        for part, inter in (("train", split.train), ("valid", split.valid), ("test", split.test)):
+            inter.to_frame().to_csv(out / f"{part}.csv", index=False)
+        pd.DataFrame({"user_id": data.user_map.to_ids(np.arange(data.n_users))}).to_csv(out / "users.csv", index=False)
+        pd.DataFrame({"item_id": data.item_map.to_ids(np.arange(data.n_items))}).to_csv(out / "items.csv", index=False)
+        meta = {"regime": regime, "source": source_name, "data": data.regime(), "split": split.summary(),
+                "columns": list(data.to_frame().columns)}
+        (out / "meta.json").write_text(json.dumps(meta, indent=1))
+        print(f"{regime}: {meta['data']}; {meta['split']}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------ data (peers)
+@dataclass
+class Part:
+    """One part of a split in recforge's indices: user and item index, weight and (maybe) rating per row."""
+
+    users: np.ndarray
+    items: np.ndarray
+    weights: np.ndarray
+    ratings: np.ndarray | None
+
+    def __add__(self, other: Part) -> Part:
+        ratings = None if self.ratings is None or other.ratings is None else np.concatenate([self.ratings, other.ratings])
+        return Part(np.concatenate([self.users, other.users]), np.concatenate([self.items, other.items]),
+                    np.concatenate([self.weights, other.weights]), ratings)
+
+
+@dataclass
+class Regime:
+    """A regime's split as exported: its parts, the catalogue size and the facts of ``meta.json``."""
+
+    name: str
+    n_users: int
+    n_items: int
+    train: Part
+    valid: Part
+    test: Part
+    meta: dict[str, Any]
+
+    def matrix(self, part: Part) -> sp.csr_matrix:
+        """The user × item matrix of summed weights (duplicates add up: counts when there are no weights)."""
+        m = sp.csr_matrix((part.weights.astype(np.float32), (part.users, part.items)), shape=(self.n_users, self.n_items))
+        m.sum_duplicates()
+        m.sort_indices()
+        return m
+
+    @property
+    def rating_scale(self) -> tuple[float, float]:
+        every = np.concatenate([p.ratings for p in (self.train, self.valid, self.test) if p.ratings is not None])
+        return float(every.min()), float(every.max())
+
+
+def read_regime(folder: Path) -> Regime:
+    """Read one exported regime; ids are read as text and mapped to recforge's indices through users/items.csv."""
+    users = pd.read_csv(folder / "users.csv", dtype=str)["user_id"]
+    items = pd.read_csv(folder / "items.csv", dtype=str)["item_id"]
+    u_index = pd.Series(np.arange(len(users)), index=users.to_numpy())
+    i_index = pd.Series(np.arange(len(items)), index=items.to_numpy())
+
+    def part(name: str) -> Part:
+        df = pd.read_csv(folder / f"{name}.csv", dtype={"user_id": str, "item_id": str})
+        w = df["weight"].to_numpy(np.float64) if "weight" in df.columns else np.ones(len(df))
+        r = df["rating"].to_numpy(np.float64) if "rating" in df.columns else None
+        return Part(u_index[df["user_id"].to_numpy()].to_numpy(), i_index[df["item_id"].to_numpy()].to_numpy(), w, r)
+
+    meta = json.loads((folder / "meta.json").read_text())
+    return Regime(folder.name, len(users), len(items), part("train"), part("valid"), part("test"), meta)
+
+
+# --------------------------------------------------------------------------------------------------------- metrics
+def ndcg_at_k(score: Callable[[np.ndarray], np.ndarray], target: Part, seen: sp.csr_matrix, n_items: int,
+              k: int = K, batch: int = 1024) -> tuple[float, int]:
+    """Mean NDCG@k of one target item per user over every user of ``target``, as recforge's evaluator computes it.
+
+    ``score(users)`` gives a dense (len(users), n_items) score block. The user's ``seen`` items get ``-inf`` and are
+    never ranked, so a target among them is a miss (NDCG 0) and the user still counts. The rank of the target is
+    1 + the number of items scored higher + the number of equal scores at a smaller item index. Returns the mean and
+    the number of users whose target was among their seen items.
+    """
+    order = np.argsort(target.users, kind="stable")
+    users, items = target.users[order], target.items[order]
+    if len(np.unique(users)) != len(users):
+        raise SystemExit("expected one target event per user (a leave-one-out split)")
+    gains = np.zeros(len(users))
+    seen_targets = 0
+    columns = np.arange(n_items)
+    for lo in range(0, len(users), batch):
+        u, t = users[lo : lo + batch], items[lo : lo + batch]
+        s = np.array(score(u), dtype=np.float32, copy=True).reshape(len(u), n_items)
+        block = seen[u]
+        s[np.repeat(np.arange(len(u)), np.diff(block.indptr)), block.indices] = -np.inf
+        ts = s[np.arange(len(u)), t]
+        ranked = np.isfinite(ts)  # -inf: seen (left out); NaN: unscored — neither can be a hit
+        seen_targets += int(np.asarray(block[np.arange(len(u)), t]).ravel().astype(bool).sum())
+        above = (s > ts[:, None]).sum(axis=1) + ((s == ts[:, None]) & (columns[None, :] < t[:, None])).sum(axis=1)
+        rank = above + 1
+        hit = ranked & (rank <= k)
+        gains[lo : lo + batch] = np.where(hit, 1.0 / np.log2(rank + 1.0), 0.0)
+    return float(gains.mean()), seen_targets
+
+
+def rmse(pred: np.ndarray, truth: np.ndarray) -> float:
+    """Root mean squared error over the rows."""
+    return float(np.sqrt(np.mean((np.asarray(pred, np.float64) - truth) ** 2)))
+
+
+# ----------------------------------------------------------------------------------------------------------- peers
+@dataclass
+class Peer:
+    """One peer: its kind (``top-n`` or ``rating``), library defaults, a search space and how to fit and score it.
+
+    ``fit(regime, part, params)`` returns a fitted object; ``evaluate(regime, fitted, part_fitted_on, target)``
+    returns NDCG@10 (top-N; the items of ``part_fitted_on`` are left out) or RMSE (rating).
+    """
+
+    key: str
+    kind: str
+    defaults: dict[str, Any]
+    space: Callable[[Any], dict[str, Any]]  # an Optuna-trial-like object -> parameters
+    fit: Callable[[Regime, Part, dict[str, Any]], Any]
+    score: Callable[[Any, np.ndarray], np.ndarray] | None = None  # top-N: fitted, users -> dense scores
+    predict: Callable[[Any, Part], np.ndarray] | None = None  # rating: fitted, part -> predictions
+
+
+_THREADS = 2
+_SEED = 0
+
+
+def _blas(n: int) -> Any:
+    """A context limiting BLAS threads (implicit asks for 1 BLAS thread; EASE's inversion uses ``--threads``)."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(n, "blas")
+
+
+def _fit_als(regime: Regime, part: Part, params: dict[str, Any]) -> Any:
+    from implicit.als import AlternatingLeastSquares
+
+    model = AlternatingLeastSquares(**params, num_threads=_THREADS, random_state=_SEED)
+    with _blas(1):
+        model.fit(regime.matrix(part), show_progress=False)
+    return model
+
+
+def _fit_bpr(regime: Regime, part: Part, params: dict[str, Any]) -> Any:
+    from implicit.bpr import BayesianPersonalizedRanking
+
+    model = BayesianPersonalizedRanking(**params, num_threads=_THREADS, random_state=_SEED)
+    with _blas(1):
+        model.fit(regime.matrix(part), show_progress=False)
+    return model
+
+
+def _score_factors(model: Any, users: np.ndarray) -> np.ndarray:
+    """Matrix-factorisation scores as implicit's ``recommend`` computes them (BPR's item bias is a factor column)."""
+    return model.user_factors[users] @ model.item_factors.T
+
+
+def _fit_cosine(regime: Regime, part: Part, params: dict[str, Any]) -> Any:
+    from implicit.nearest_neighbours import CosineRecommender
+
+    model = CosineRecommender(**params, num_threads=_THREADS)
+    matrix = regime.matrix(part)
+    with _blas(1):
+        model.fit(matrix, show_progress=False)
+    return model, matrix
+
+
+def _score_cosine(fitted: Any, users: np.ndarray) -> np.ndarray:
+    """Item-kNN scores as implicit's ``recommend`` computes them: the user's row times the neighbour matrix."""
+    model, matrix = fitted
+    return (matrix[users] @ model.similarity).toarray()
+
+
+def _fit_ease(regime: Regime, part: Part, params: dict[str, Any]) -> Any:
+    from rectools.dataset import Dataset
+    from rectools.models import EASEModel
+
+    frame = pd.DataFrame({"user_id": part.users, "item_id": part.items, "weight": part.weights.astype(np.float32),
+                          "datetime": pd.Timestamp(0)})
+    dataset = Dataset.construct(frame)
+    model = EASEModel(**params, num_threads=_THREADS)
+    with warnings.catch_warnings(), _blas(_THREADS):
+        warnings.simplefilter("ignore")
+        model.fit(dataset)
+    known = dataset.item_id_map.external_ids.astype(np.int64)  # RecTools' own item order -> recforge index
+    return model, regime.matrix(part)[:, known].tocsr(), known, regime.n_items
+
+
+def _score_ease(fitted: Any, users: np.ndarray) -> np.ndarray:
+    """EASE scores X·B as RecTools' ``recommend`` computes them; an item without training events has an all-zero
+    column of B, so it scores 0 (it is outside RecTools' dataset)."""
+    model, matrix, known, n_items = fitted
+    out = np.zeros((len(users), n_items), np.float32)
+    out[:, known] = matrix[users] @ model.weight
+    return out
+
+
+class _Pop:
+    """Popularity: the training count of each item (a sanity check of the split and the metric)."""
+
+    def __init__(self, counts: np.ndarray) -> None:
+        self.counts = counts.astype(np.float32)
+
+
+def _fit_pop(regime: Regime, part: Part, params: dict[str, Any]) -> Any:
+    return _Pop(np.bincount(part.items, minlength=regime.n_items))
+
+
+def _surprise_data(regime: Regime, part: Part) -> Any:
+    from surprise import Dataset, Reader
+
+    assert part.ratings is not None
+    frame = pd.DataFrame({"u": part.users, "i": part.items, "r": part.ratings})
+    return Dataset.load_from_df(frame, Reader(rating_scale=regime.rating_scale)).build_full_trainset()
+
+
+def _fit_surprise(cls_name: str) -> Callable[[Regime, Part, dict[str, Any]], Any]:
+    def fit(regime: Regime, part: Part, params: dict[str, Any]) -> Any:
+        import surprise
+
+        params = dict(params)
+        if cls_name == "KNNBaseline":
+            params = {**params, "sim_options": {"name": "pearson_baseline", "user_based": False}, "verbose": False}
+        else:
+            params["random_state"] = _SEED
+        model = getattr(surprise, cls_name)(**params)
+        model.fit(_surprise_data(regime, part))
+        return model
+
+    return fit
+
+
+def _predict_surprise(model: Any, part: Part) -> np.ndarray:
+    """Surprise's estimates (raw ids are recforge's indices; unknown users or items get its fallback, clipped)."""
+    assert part.ratings is not None
+    return np.array([model.predict(int(u), int(i)).est for u, i in zip(part.users, part.items)])
+
+
+def _peers() -> dict[str, Peer]:
+    """Every peer with its library defaults and search space (``t`` is an Optuna trial or the random stand-in)."""
+    return {
+        "pop": Peer("pop", "top-n", {}, lambda t: {}, _fit_pop, score=lambda m, u: np.tile(m.counts, (len(u), 1))),
+        "als": Peer("als", "top-n", {"factors": 100, "regularization": 0.01, "alpha": 1.0, "iterations": 15},
+                    lambda t: {"factors": t.suggest_int("factors", 16, 256, log=True),
+                               "regularization": t.suggest_float("regularization", 1e-4, 10.0, log=True),
+                               "alpha": t.suggest_float("alpha", 1e-2, 100.0, log=True),
+                               "iterations": 15},
+                    _fit_als, score=_score_factors),
+        "bpr": Peer("bpr", "top-n", {"factors": 100, "learning_rate": 0.01, "regularization": 0.01, "iterations": 100},
+                    lambda t: {"factors": t.suggest_int("factors", 16, 256, log=True),
+                               "learning_rate": t.suggest_float("learning_rate", 1e-3, 0.3, log=True),
+                               "regularization": t.suggest_float("regularization", 1e-5, 0.1, log=True),
+                               "iterations": t.suggest_int("iterations", 20, 400, log=True)},
+                    _fit_bpr, score=_score_factors),
+        "cosine": Peer("cosine", "top-n", {"K": 20}, lambda t: {"K": t.suggest_int("K", 5, 2000, log=True)},
+                       _fit_cosine, score=_score_cosine),
+        "ease": Peer("ease", "top-n", {"regularization": 500.0},
+                     lambda t: {"regularization": t.suggest_float("regularization", 1.0, 1e5, log=True)},
+                     _fit_ease, score=_score_ease),
+        "svd": Peer("svd", "rating", {"n_factors": 100, "n_epochs": 20, "lr_all": 0.005, "reg_all": 0.02},
+                    lambda t: {"n_factors": t.suggest_int("n_factors", 5, 300, log=True),
+                               "n_epochs": t.suggest_int("n_epochs", 5, 80, log=True),
+                               "lr_all": t.suggest_float("lr_all", 1e-3, 0.05, log=True),
+                               "reg_all": t.suggest_float("reg_all", 1e-3, 0.5, log=True)},
+                    _fit_surprise("SVD"), predict=_predict_surprise),
+        # SVD++ is slow (its cost grows with n_factors x history length): a smaller space
+        "svdpp": Peer("svdpp", "rating", {"n_factors": 20, "n_epochs": 20, "lr_all": 0.007, "reg_all": 0.02},
+                      lambda t: {"n_factors": t.suggest_int("n_factors", 5, 40, log=True),
+                                 "n_epochs": t.suggest_int("n_epochs", 5, 30, log=True),
+                                 "lr_all": t.suggest_float("lr_all", 1e-3, 0.05, log=True),
+                                 "reg_all": t.suggest_float("reg_all", 1e-3, 0.5, log=True)},
+                      _fit_surprise("SVDpp"), predict=_predict_surprise),
+        "knnbaseline": Peer("knnbaseline", "rating", {"k": 40},
+                            lambda t: {"k": t.suggest_int("k", 5, 300, log=True)},
+                            _fit_surprise("KNNBaseline"), predict=_predict_surprise),
+    }
+
+
+def evaluate(peer: Peer, regime: Regime, fitted: Any, fitted_on: Part, target: Part) -> tuple[float, int]:
+    """NDCG@10 (top-N; ``fitted_on``'s items left out) or RMSE (rating) of a fitted peer on ``target``."""
+    if peer.kind == "rating":
+        assert peer.predict is not None and target.ratings is not None
+        return rmse(peer.predict(fitted, target), target.ratings), 0
+    assert peer.score is not None
+    seen = regime.matrix(fitted_on)
+    return ndcg_at_k(lambda u: peer.score(fitted, u), target, seen, regime.n_items)
+
+
+# ------------------------------------------------------------------------------------------------------------ tuning
+class _RandomTrial:
+    """A seeded random-search stand-in for an Optuna trial (used when Optuna is not installed)."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+        self.params: dict[str, Any] = {}
+
+    def suggest_int(self, name: str, low: int, high: int, log: bool = False) -> int:
+        x = math.exp(self.rng.uniform(math.log(low), math.log(high + 1))) if log else self.rng.uniform(low, high + 1)
+        self.params[name] = value = int(min(high, max(low, math.floor(x))))
+        return value
+
+    def suggest_float(self, name: str, low: float, high: float, log: bool = False) -> float:
+        x = math.exp(self.rng.uniform(math.log(low), math.log(high))) if log else self.rng.uniform(low, high)
+        self.params[name] = float(x)
+        return float(x)
+
+
+def tune(peer: Peer, regime: Regime, trials: int, seed: int) -> dict[str, Any]:
+    """Search ``peer.space`` fitting on train and scoring validation; the best trial's parameters and the log."""
+    maximize = peer.kind == "top-n"
+    log: list[dict[str, Any]] = []
+
+    def objective(trial: Any) -> float:
+        params = peer.space(trial)
+        started = time.perf_counter()
+        fitted = peer.fit(regime, regime.train, params)
+        seconds = time.perf_counter() - started
+        value, _ = evaluate(peer, regime, fitted, regime.train, regime.valid)
+        log.append({"params": params, "valid": value, "fit_seconds": seconds})
+        return value
+
+    try:
+        import optuna
+    except ImportError:
+        optuna = None
+    if optuna is not None:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        sampler = optuna.samplers.TPESampler(seed=seed)
+        study = optuna.create_study(direction="maximize" if maximize else "minimize", sampler=sampler)
+        study.optimize(objective, n_trials=trials)
+        method = f"optuna {optuna.__version__} TPE (seed {seed})"
+    else:
+        rng = np.random.default_rng(seed)
+        for _ in range(trials):
+            objective(_RandomTrial(rng))
+        method = f"random search (seed {seed})"
+    best = (max if maximize else min)(log, key=lambda row: row["valid"])
+    return {"params": best["params"], "valid": best["valid"], "trials": log, "method": method}
+
+
+def run_peer(peer: Peer, regime: Regime, trials: int, seed: int) -> dict[str, Any]:
+    """Defaults and tuned parameters of one peer on one regime: validation and test scores, fit seconds."""
+    train_valid = regime.train + regime.valid
+    out: dict[str, Any] = {"peer": PEER_NAMES[peer.key]}
+    started = time.perf_counter()
+    fitted = peer.fit(regime, regime.train, peer.defaults)  # defaults: their validation score, then the test one
+    out["default_valid"], _ = evaluate(peer, regime, fitted, regime.train, regime.valid)
+    t0 = time.perf_counter()
+    fitted = peer.fit(regime, train_valid, peer.defaults)
+    out["default_fit_seconds"] = time.perf_counter() - t0
+    out["default_test"], out["seen_target_users"] = evaluate(peer, regime, fitted, train_valid, regime.test)
+    out["default_params"] = peer.defaults
+    if trials > 0 and peer.key != "pop":
+        t0 = time.perf_counter()
+        search = tune(peer, regime, trials, seed)
+        out["tune_seconds"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fitted = peer.fit(regime, train_valid, search["params"])
+        out["tuned_fit_seconds"] = time.perf_counter() - t0
+        out["tuned_test"], _ = evaluate(peer, regime, fitted, train_valid, regime.test)
+        out.update(tuned_valid=search["valid"], tuned_params=search["params"], search=search["method"],
+                   trials=search["trials"])
+    out["seconds"] = time.perf_counter() - started
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------- output
+def _fmt_params(params: dict[str, Any] | None) -> str:
+    if not params:
+        return ""
+    return ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+
+
+def table(name: str, entry: dict[str, Any]) -> str:
+    """One markdown table of a regime's peers."""
+    rows = [f"\n**{name}** — {entry['data']}\n",
+            "| peer | metric | defaults (test) | tuned (test) | tuned (valid) | chosen params | fit s (default / tuned) |",
+            "|---|---|---:|---:|---:|---|---:|"]
+    for key, r in entry["peers"].items():
+        metric = "RMSE" if key in RATING_PEERS else f"NDCG@{K}"
+        tuned = f"{r['tuned_test']:.4f}" if "tuned_test" in r else ""
+        valid = f"{r['tuned_valid']:.4f}" if "tuned_valid" in r else ""
+        fit = f"{r['default_fit_seconds']:.1f}" + (f" / {r['tuned_fit_seconds']:.1f}" if "tuned_fit_seconds" in r else "")
+        rows.append(f"| {r['peer']} | {metric} | {r['default_test']:.4f} | {tuned} | {valid} | "
+                    f"{_fmt_params(r.get('tuned_params'))} | {fit} |")
+    return "\n".join(rows)
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": sys.version.split()[0]}
+    for dist in ("numpy", "scipy", "pandas", "implicit", "rectools", "scikit-surprise", "optuna"):
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = "not installed"
+    return out
+
+
+def _available(peer: str) -> str | None:
+    """Why a peer cannot run here (its library does not import), or None."""
+    module = {"als": "implicit", "bpr": "implicit", "cosine": "implicit", "ease": "rectools.models",
+              "svd": "surprise", "svdpp": "surprise", "knnbaseline": "surprise"}.get(peer)
+    if module is None:
+        return None
+    try:
+        __import__(module)
+    except Exception as exc:  # noqa: BLE001 - any import failure means the peer is skipped
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
+def run(folder: Path, args: argparse.Namespace) -> None:
+    """Fit, tune and score every applicable peer on every exported regime; print tables, write the JSON."""
+    global _THREADS, _SEED
+    _THREADS, _SEED = args.threads, args.seed
+    peers = _peers()
+    wanted = _names(args.peers)
+    unknown = [p for p in wanted if p not in peers]
+    if unknown:
+        raise SystemExit(f"unknown peers {unknown}; known: {', '.join(peers)}")
+    out = Path(args.out)
+    results = json.loads(out.read_text()) if out.exists() else {}
+    notes = {
+        "protocol": "recforge loo (leave_one_out): per user last event test, previous validation; users with >= 3 "
+                    "events; the splits exported by recforge",
+        "top-n metric": f"NDCG@{K} over every test user, full catalogue, train(+valid) items left out of the ranking; "
+                        "a test item among them is a miss and the user counts (recforge's evaluate); ties by the "
+                        "smaller recforge item index",
+        "rating metric": "RMSE over the test rows",
+        "tuning": "fit on train, score validation (train items left out); best refitted on train+valid, scored on "
+                  "test; defaults fitted on train+valid",
+        "threads": args.threads,
+    }
+    skipped = {p: why for p in wanted if (why := _available(p))}
+    for name in _names(args.regimes):
+        regime = read_regime(folder / name)
+        print(f"{name}: {regime.meta['data']}", flush=True)
+        entry: dict[str, Any] = {"data": regime.meta["data"], "split": regime.meta["split"], "peers": {}}
+        for key in wanted:
+            peer = peers[key]
+            applies = name in (TOP_N_REGIMES if peer.kind == "top-n" else RATING_REGIMES)
+            if not applies or key in skipped:
+                continue
+            trials = {"ease": args.ease_trials, "svdpp": args.svdpp_trials}.get(key) or args.trials
+            row = run_peer(peer, regime, trials, args.seed)
+            entry["peers"][key] = row
+            print(f"  {key}: default {row['default_test']:.4f}"
+                  + (f", tuned {row['tuned_test']:.4f} ({_fmt_params(row['tuned_params'])})" if "tuned_test" in row else "")
+                  + f" [{row['seconds']:.0f} s]", flush=True)
+        results[name] = entry
+        results["_meta"] = {"notes": notes, "versions": _versions(), "skipped": skipped}
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(results, indent=1))
+        tmp.replace(out)
+    for name in _names(args.regimes):
+        if name in results and results[name]["peers"]:
+            print(table(name, results[name]))
+    if skipped:
+        print("\nskipped: " + "; ".join(f"{k} ({v})" for k, v in skipped.items()))
+
+
+def main() -> None:
+    args = _args()
+    if args.export:
+        export(Path(args.export), _names(args.regimes), args.source)
+    else:
+        run(Path(args.splits), args)
+
+
+if __name__ == "__main__":
+    main()
