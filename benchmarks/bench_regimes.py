@@ -11,13 +11,17 @@ Regimes, all cut from one MovieLens source (default: the embedded ml-latest-smal
 
 ``movielens``   as it is
 ``sessions``    each user's history cut at gaps of more than 30 minutes; every session of 3+ events is a "user"
-``playcounts``  no timestamps, repeat-heavy: each event repeated a geometric number of times (mean 3, a long
-                tail), no ratings, rows shuffled (file order is not time)
+``playcounts``  no timestamps, one row per (user, item) with a play count in the ``weight`` column (log-normal,
+                median 20, a long tail into the thousands), no ratings, rows shuffled (file order is not time)
 ``sparse``      MovieLens is too small for it: the synthetic generator's 6,000 users × 20,000 items, 60,000 events
-                (density 0.05%), clustered tastes, popularity skew
+                (density 0.06%), clustered tastes, popularity skew
 ``short``       each user's last 5 events only
 ``ratings-10``  ratings mapped linearly onto −10…10 (jokes)
 ``ratings-1-10``  ratings doubled onto 1–10 (books)
+``sparse-ratings``  the ``sparse`` generator with its ratings mapped onto 1–10 (books are sparse too)
+
+Top-N models run on the regimes without a rating scale of their own (``movielens`` to ``short``), rating models on
+those with ratings (``movielens`` and the three rating regimes).
 
 Every regime is split leave-last-one-out (without timestamps the last row, which the shuffle makes a random one) and
 run through the one fitting pipeline three times: ``--no-tune`` (the defaults), auto-tuned (the default budget), and
@@ -40,7 +44,9 @@ import pandas as pd
 HERE = Path(__file__).resolve().parent
 TOP_N = ("pop", "itemknn", "ease", "als", "bpr")
 RATING = ("bias", "funksvd", "svdpp", "biasedals")
-REGIMES = ("movielens", "sessions", "playcounts", "sparse", "short", "ratings-10", "ratings-1-10")
+REGIMES = ("movielens", "sessions", "playcounts", "sparse", "short", "ratings-10", "ratings-1-10", "sparse-ratings")
+#: Regimes that only rescale or re-draw ratings: top-N models would score as on the regime they came from.
+RATING_ONLY = ("ratings-10", "ratings-1-10", "sparse-ratings")
 
 
 def _args() -> argparse.Namespace:
@@ -73,11 +79,15 @@ def build(regime: str, frame: pd.DataFrame, seed: int = 0) -> pd.DataFrame:
         plays = np.maximum(1, np.round(rng.lognormal(np.log(20), 1.5, len(frame)))).astype(np.int64)
         out = frame[["user_id", "item_id"]].assign(weight=plays)
         return out.iloc[rng.permutation(len(out))].reset_index(drop=True)
-    if regime == "sparse":  # MovieLens is too small to be this sparse: the generator, at a density of 0.05%
+    if regime in ("sparse", "sparse-ratings"):  # MovieLens is too small to be this sparse: the generator
         from recforge.datasets import make_synthetic
 
-        synthetic = make_synthetic(n_users=6000, n_items=20000, n_interactions=60000, ratings=False, seed=seed)
-        return synthetic.to_frame()
+        rated = regime == "sparse-ratings"
+        frame = make_synthetic(n_users=6000, n_items=20000, n_interactions=60000, ratings=rated, seed=seed).to_frame()
+        if rated:
+            low, high = frame["rating"].min(), frame["rating"].max()
+            frame = frame.assign(rating=1 + 9 * (frame["rating"] - low) / (high - low))
+        return frame
     if regime == "short":
         return frame.groupby("user_id").tail(5)
     if regime == "ratings-10":
@@ -97,12 +107,28 @@ def _scores(result, models: list[str]) -> dict[str, float]:  # type: ignore[no-u
     return out
 
 
-def run_regime(data, models: list[str], long_trials: int, folder: Path) -> dict:  # type: ignore[no-untyped-def]
+def _units(result, name: str) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """What the score averages: squared errors per test row (RMSE) or NDCG@10 per test user."""
+    found = result.results[name]
+    return np.asarray(found.squared_errors if name in RATING else found.per_user["ndcg@10"], np.float64)
+
+
+def noise(a: np.ndarray, b: np.ndarray, name: str) -> float:
+    """Half-width of the 95% interval of the paired difference between two runs on the same test rows/users
+    (for RMSE through the difference of mean squared errors, divided by 2·RMSE)."""
+    d = a - b
+    half = 1.96 * float(d.std(ddof=1)) / np.sqrt(len(d)) if len(d) > 1 else float("nan")
+    return half / (2 * np.sqrt(b.mean())) if name in RATING else half
+
+
+def run_regime(data, models: list[str], long_trials: int, folder: Path,  # type: ignore[no-untyped-def]
+               rating_only: bool = False) -> dict:
     from recforge.experiments import compare
     from recforge.models import get_model_class
 
-    usable = [m for m in models if data.ratings is not None or m not in RATING]
-    row: dict = {"data": data.regime()}
+    usable = [m for m in models if (m in RATING and data.ratings is not None) or (m not in RATING and not rating_only)]
+    row: dict = {"data": data.regime(), "noise": {}}
+    units: dict[str, dict[str, np.ndarray]] = {}
     for mode in ("default", "tuned", "long"):
         started = time.perf_counter()
         if mode == "long":
@@ -113,8 +139,12 @@ def run_regime(data, models: list[str], long_trials: int, folder: Path) -> dict:
         else:
             result = compare(data, usable, progress=False, out=folder / mode, tune=mode == "tuned")
         row[mode] = _scores(result, usable)
+        units[mode] = {name: _units(result, name) for name in row[mode]}
         row[f"{mode} seconds"] = time.perf_counter() - started
         print(f"  {mode}: {row[mode]} ({row[f'{mode} seconds']:.0f} s)", flush=True)
+    for name in row["tuned"]:
+        if name in units["long"] and len(units["long"][name]) == len(units["tuned"][name]):
+            row["noise"][name] = noise(units["tuned"][name], units["long"][name], name)
     return row
 
 
@@ -122,13 +152,16 @@ def table(rows: dict) -> str:
     out = []
     for regime, row in rows.items():
         out.append(f"\n**{regime}** — {row['data']}\n")
-        out.append("| model | default | auto-tuned | long search | floor |")
-        out.append("|---|---:|---:|---:|---:|")
+        out.append("| model | default | auto-tuned | long search | tuned − long (95% noise) | floor |")
+        out.append("|---|---:|---:|---:|---:|---:|")
         for name in row["default"]:
             floor = row["default"].get("bias" if name in RATING else "pop")
             cells = [row[m].get(name) for m in ("default", "tuned", "long")]
-            text = [f"{c:.4f}" if c is not None else "" for c in [*cells, floor]]
-            out.append(f"| {name} | " + " | ".join(text) + " |")
+            text = [f"{c:.4f}" if c is not None else "" for c in cells]
+            gap = ""
+            if cells[1] is not None and cells[2] is not None and name in row.get("noise", {}):
+                gap = f"{cells[1] - cells[2]:+.4f} (±{row['noise'][name]:.4f})"
+            out.append(f"| {name} | " + " | ".join([*text, gap, f"{floor:.4f}" if floor is not None else ""]) + " |")
     return "\n".join(out)
 
 
@@ -143,9 +176,10 @@ def main() -> None:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     with tempfile.TemporaryDirectory(prefix="recforge-regimes-") as tmp:
         for regime in [r.strip() for r in args.regimes.split(",") if r.strip()]:
-            data = Interactions.from_frame(build(regime, source))
+            frame = build(regime, source)
+            data = Interactions.from_frame(frame, weight_col="weight" if "weight" in frame else None)
             print(f"{regime}: {data.regime()}", flush=True)
-            results[regime] = run_regime(data, models, args.long_trials, Path(tmp) / regime)
+            results[regime] = run_regime(data, models, args.long_trials, Path(tmp) / regime, regime in RATING_ONLY)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(results, indent=1))
     print(table(results))

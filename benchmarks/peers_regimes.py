@@ -49,6 +49,7 @@ Results: one markdown table per regime on stdout and ``benchmarks/results/peers_
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -88,16 +89,6 @@ TOP_N_REGIMES = ("movielens", "sessions", "playcounts", "sparse", "short")
 RATING_REGIMES = ("movielens", "short", "ratings-10", "ratings-1-10")
 TOP_N_PEERS = ("als", "bpr", "cosine", "ease")
 RATING_PEERS = ("svd", "svdpp", "knnbaseline")
-PEER_NAMES = {
-    "pop": "popularity (sanity check, written here)",
-    "als": "implicit AlternatingLeastSquares",
-    "bpr": "implicit BayesianPersonalizedRanking",
-    "cosine": "implicit CosineRecommender (item kNN)",
-    "ease": "RecTools EASEModel",
-    "svd": "Surprise SVD",
-    "svdpp": "Surprise SVDpp",
-    "knnbaseline": "Surprise KNNBaseline (item-based, pearson_baseline)",
-}
 K = 10
 
 
@@ -109,11 +100,12 @@ def _args() -> argparse.Namespace:
     p.add_argument("--regimes", default=",".join(REGIMES))
     p.add_argument("--source", default="ml-latest-small", help="the MovieLens dataset name or folder (--export)")
     p.add_argument("--peers", default=",".join(("pop",) + TOP_N_PEERS + RATING_PEERS))
-    p.add_argument("--trials", type=int, default=20, help="tuning trials per peer and regime")
-    p.add_argument("--ease-trials", type=int, default=None, help="trials for EASE (default: --trials)")
-    p.add_argument("--svdpp-trials", type=int, default=None, help="trials for SVD++ (default: --trials)")
+    p.add_argument("--trials", type=int, default=20, help="tuning trials per peer and regime, the defaults included")
+    p.add_argument("--ease-trials", type=int, default=5, help="trials for EASE (a dense inversion each)")
+    p.add_argument("--svdpp-trials", type=int, default=3, help="trials for SVD++ (slow)")
     p.add_argument("--threads", type=int, default=2, help="threads of the peers and of BLAS")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--verbose", action="store_true", help="print every tuning trial")
     p.add_argument("--out", default=str(HERE / "results" / "peers_regimes.json"))
     return p.parse_args()
 
@@ -178,6 +170,9 @@ class Regime:
     test: Part
     meta: dict[str, Any]
 
+    def __post_init__(self) -> None:
+        self.train_valid = self.train + self.valid  # what the final models are fitted on
+
     def matrix(self, part: Part) -> sp.csr_matrix:
         """The user × item matrix of summed weights (duplicates add up: counts when there are no weights)."""
         m = sp.csr_matrix((part.weights.astype(np.float32), (part.users, part.items)), shape=(self.n_users, self.n_items))
@@ -210,7 +205,7 @@ def read_regime(folder: Path) -> Regime:
 
 # --------------------------------------------------------------------------------------------------------- metrics
 def ndcg_at_k(score: Callable[[np.ndarray], np.ndarray], target: Part, seen: sp.csr_matrix, n_items: int,
-              k: int = K, batch: int = 1024) -> tuple[float, int]:
+              k: int = K, batch: int = 512) -> tuple[float, int]:
     """Mean NDCG@k of one target item per user over every user of ``target``, as recforge's evaluator computes it.
 
     ``score(users)`` gives a dense (len(users), n_items) score block. The user's ``seen`` items get ``-inf`` and are
@@ -232,11 +227,9 @@ def ndcg_at_k(score: Callable[[np.ndarray], np.ndarray], target: Part, seen: sp.
         s[np.repeat(np.arange(len(u)), np.diff(block.indptr)), block.indices] = -np.inf
         ts = s[np.arange(len(u)), t]
         ranked = np.isfinite(ts)  # -inf: seen (left out); NaN: unscored — neither can be a hit
-        seen_targets += int(np.asarray(block[np.arange(len(u)), t]).ravel().astype(bool).sum())
-        above = (s > ts[:, None]).sum(axis=1) + ((s == ts[:, None]) & (columns[None, :] < t[:, None])).sum(axis=1)
-        rank = above + 1
-        hit = ranked & (rank <= k)
-        gains[lo : lo + batch] = np.where(hit, 1.0 / np.log2(rank + 1.0), 0.0)
+        seen_targets += int((np.asarray(block[np.arange(len(u)), t]).ravel() != 0).sum())
+        rank = 1 + (s > ts[:, None]).sum(axis=1) + ((s == ts[:, None]) & (columns[None, :] < t[:, None])).sum(axis=1)
+        gains[lo : lo + batch] = np.where(ranked & (rank <= k), 1.0 / np.log2(rank + 1.0), 0.0)
     return float(gains.mean()), seen_targets
 
 
@@ -246,21 +239,31 @@ def rmse(pred: np.ndarray, truth: np.ndarray) -> float:
 
 
 # ----------------------------------------------------------------------------------------------------------- peers
+Params = dict[str, Any]
+Scorer = Callable[[Any, np.ndarray], np.ndarray]  # (fitted, user indices) -> dense scores
+
+
 @dataclass
 class Peer:
-    """One peer: its kind (``top-n`` or ``rating``), library defaults, a search space and how to fit and score it.
+    """One peer: its kind (``top-n`` or ``rating``), library defaults, search space and how to fit and score it.
 
-    ``fit(regime, part, params)`` returns a fitted object; ``evaluate(regime, fitted, part_fitted_on, target)``
-    returns NDCG@10 (top-N; the items of ``part_fitted_on`` are left out) or RMSE (rating).
+    ``space(trial)`` draws parameters from an Optuna-trial-like object; ``grid`` lists parameter sets tried first
+    (after the defaults). A top-N peer has ``scorers``: one or more ways to score the same fitted model (each one is
+    reported as its own row, tuned on its own validation score); a rating peer has ``predict``.
     """
 
     key: str
     kind: str
-    defaults: dict[str, Any]
-    space: Callable[[Any], dict[str, Any]]  # an Optuna-trial-like object -> parameters
-    fit: Callable[[Regime, Part, dict[str, Any]], Any]
-    score: Callable[[Any, np.ndarray], np.ndarray] | None = None  # top-N: fitted, users -> dense scores
-    predict: Callable[[Any, Part], np.ndarray] | None = None  # rating: fitted, part -> predictions
+    defaults: Params
+    space: Callable[[Any], Params]
+    fit: Callable[[Regime, Part, Params], Any]
+    scorers: dict[str, Scorer] | None = None
+    predict: Callable[[Any, Part], np.ndarray] | None = None
+    grid: tuple[Params, ...] = ()
+
+    @property
+    def variants(self) -> list[str]:
+        return list(self.scorers) if self.scorers else [self.key]
 
 
 _THREADS = 2
@@ -274,20 +277,20 @@ def _blas(n: int) -> Any:
     return threadpool_limits(n, "blas")
 
 
-def _fit_als(regime: Regime, part: Part, params: dict[str, Any]) -> Any:
+def _fit_als(regime: Regime, part: Part, params: Params) -> Any:
     from implicit.als import AlternatingLeastSquares
 
-    model = AlternatingLeastSquares(**params, num_threads=_THREADS, random_state=_SEED)
-    with _blas(1):
+    with _blas(1):  # implicit checks the BLAS threads when a model is built
+        model = AlternatingLeastSquares(**params, num_threads=_THREADS, random_state=_SEED)
         model.fit(regime.matrix(part), show_progress=False)
     return model
 
 
-def _fit_bpr(regime: Regime, part: Part, params: dict[str, Any]) -> Any:
+def _fit_bpr(regime: Regime, part: Part, params: Params) -> Any:
     from implicit.bpr import BayesianPersonalizedRanking
 
-    model = BayesianPersonalizedRanking(**params, num_threads=_THREADS, random_state=_SEED)
-    with _blas(1):
+    with _blas(1):  # implicit checks the BLAS threads when a model is built
+        model = BayesianPersonalizedRanking(**params, num_threads=_THREADS, random_state=_SEED)
         model.fit(regime.matrix(part), show_progress=False)
     return model
 
@@ -297,7 +300,7 @@ def _score_factors(model: Any, users: np.ndarray) -> np.ndarray:
     return model.user_factors[users] @ model.item_factors.T
 
 
-def _fit_cosine(regime: Regime, part: Part, params: dict[str, Any]) -> Any:
+def _fit_cosine(regime: Regime, part: Part, params: Params) -> Any:
     from implicit.nearest_neighbours import CosineRecommender
 
     model = CosineRecommender(**params, num_threads=_THREADS)
@@ -313,14 +316,14 @@ def _score_cosine(fitted: Any, users: np.ndarray) -> np.ndarray:
     return (matrix[users] @ model.similarity).toarray()
 
 
-def _fit_ease(regime: Regime, part: Part, params: dict[str, Any]) -> Any:
+def _fit_ease(regime: Regime, part: Part, params: Params) -> Any:
     from rectools.dataset import Dataset
     from rectools.models import EASEModel
 
     frame = pd.DataFrame({"user_id": part.users, "item_id": part.items, "weight": part.weights.astype(np.float32),
                           "datetime": pd.Timestamp(0)})
     dataset = Dataset.construct(frame)
-    model = EASEModel(**params, num_threads=_THREADS)
+    model = EASEModel(**params, recommend_n_threads=_THREADS)
     with warnings.catch_warnings(), _blas(_THREADS):
         warnings.simplefilter("ignore")
         model.fit(dataset)
@@ -328,13 +331,20 @@ def _fit_ease(regime: Regime, part: Part, params: dict[str, Any]) -> Any:
     return model, regime.matrix(part)[:, known].tocsr(), known, regime.n_items
 
 
-def _score_ease(fitted: Any, users: np.ndarray) -> np.ndarray:
-    """EASE scores X·B as RecTools' ``recommend`` computes them; an item without training events has an all-zero
-    column of B, so it scores 0 (it is outside RecTools' dataset)."""
-    model, matrix, known, n_items = fitted
-    out = np.zeros((len(users), n_items), np.float32)
-    out[:, known] = matrix[users] @ model.weight
-    return out
+def _score_ease(transpose: bool) -> Scorer:
+    """EASE scores from RecTools' weights ``W`` (``W[i, j]`` = -P_ij / P_jj = the paper's ``B``). RecTools'
+    ``recommend`` ranks with implicit's top-k, which multiplies the user rows by the *transpose* of the item matrix,
+    so it scores ``X·Wᵀ`` (``transpose=True``, what the library recommends); the paper scores ``X·B = X·W``. An item
+    without training events is outside RecTools' dataset; its column of ``B`` would be all zero, so it scores 0."""
+
+    def score(fitted: Any, users: np.ndarray) -> np.ndarray:
+        model, matrix, known, n_items = fitted
+        out = np.zeros((len(users), n_items), np.float32)
+        x = matrix[users]
+        out[:, known] = (model.weight @ x.T).T if transpose else x @ model.weight
+        return out
+
+    return score
 
 
 class _Pop:
@@ -344,7 +354,7 @@ class _Pop:
         self.counts = counts.astype(np.float32)
 
 
-def _fit_pop(regime: Regime, part: Part, params: dict[str, Any]) -> Any:
+def _fit_pop(regime: Regime, part: Part, params: Params) -> Any:
     return _Pop(np.bincount(part.items, minlength=regime.n_items))
 
 
@@ -356,16 +366,31 @@ def _surprise_data(regime: Regime, part: Part) -> Any:
     return Dataset.load_from_df(frame, Reader(rating_scale=regime.rating_scale)).build_full_trainset()
 
 
-def _fit_surprise(cls_name: str) -> Callable[[Regime, Part, dict[str, Any]], Any]:
-    def fit(regime: Regime, part: Part, params: dict[str, Any]) -> Any:
+#: KNNBaseline's similarities and baselines do not depend on ``k`` (only prediction does): the last fit per
+#: training part is kept and a trial with another ``k`` is a copy of it with ``k`` changed.
+_KNN_CACHE: dict[tuple[str, int], tuple[Any, float]] = {}
+
+
+def _fit_surprise(cls_name: str) -> Callable[[Regime, Part, Params], Any]:
+    def fit(regime: Regime, part: Part, params: Params) -> Any:
         import surprise
 
-        params = dict(params)
         if cls_name == "KNNBaseline":
-            params = {**params, "sim_options": {"name": "pearson_baseline", "user_based": False}, "verbose": False}
-        else:
-            params["random_state"] = _SEED
-        model = getattr(surprise, cls_name)(**params)
+            key = (regime.name, id(part))
+            if key not in _KNN_CACHE:
+                _KNN_CACHE.clear()
+                started = time.perf_counter()
+                base = surprise.KNNBaseline(sim_options={"name": "pearson_baseline", "user_based": False},
+                                            verbose=False)
+                base.fit(_surprise_data(regime, part))
+                _KNN_CACHE[key] = base, time.perf_counter() - started
+            base, seconds = _KNN_CACHE[key]
+            model = copy.copy(base)
+            model.k = params["k"]
+            model.fit_seconds = seconds  # the similarity computation, done once per training part
+            return model
+        extra = {"cache_ratings": True} if cls_name == "SVDpp" else {}  # a speed option; same model
+        model = getattr(surprise, cls_name)(**params, **extra, random_state=_SEED)
         model.fit(_surprise_data(regime, part))
         return model
 
@@ -374,136 +399,183 @@ def _fit_surprise(cls_name: str) -> Callable[[Regime, Part, dict[str, Any]], Any
 
 def _predict_surprise(model: Any, part: Part) -> np.ndarray:
     """Surprise's estimates (raw ids are recforge's indices; unknown users or items get its fallback, clipped)."""
-    assert part.ratings is not None
     return np.array([model.predict(int(u), int(i)).est for u, i in zip(part.users, part.items)])
 
 
 def _peers() -> dict[str, Peer]:
     """Every peer with its library defaults and search space (``t`` is an Optuna trial or the random stand-in)."""
     return {
-        "pop": Peer("pop", "top-n", {}, lambda t: {}, _fit_pop, score=lambda m, u: np.tile(m.counts, (len(u), 1))),
+        "pop": Peer("pop", "top-n", {}, lambda t: {}, _fit_pop,
+                    scorers={"pop": lambda m, u: np.tile(m.counts, (len(u), 1))}),
         "als": Peer("als", "top-n", {"factors": 100, "regularization": 0.01, "alpha": 1.0, "iterations": 15},
                     lambda t: {"factors": t.suggest_int("factors", 16, 256, log=True),
                                "regularization": t.suggest_float("regularization", 1e-4, 10.0, log=True),
                                "alpha": t.suggest_float("alpha", 1e-2, 100.0, log=True),
                                "iterations": 15},
-                    _fit_als, score=_score_factors),
+                    _fit_als, scorers={"als": _score_factors}),
         "bpr": Peer("bpr", "top-n", {"factors": 100, "learning_rate": 0.01, "regularization": 0.01, "iterations": 100},
-                    lambda t: {"factors": t.suggest_int("factors", 16, 256, log=True),
+                    lambda t: {"factors": t.suggest_int("factors", 16, 128, log=True),
                                "learning_rate": t.suggest_float("learning_rate", 1e-3, 0.3, log=True),
                                "regularization": t.suggest_float("regularization", 1e-5, 0.1, log=True),
-                               "iterations": t.suggest_int("iterations", 20, 400, log=True)},
-                    _fit_bpr, score=_score_factors),
+                               "iterations": t.suggest_int("iterations", 20, 200, log=True)},
+                    _fit_bpr, scorers={"bpr": _score_factors}),
         "cosine": Peer("cosine", "top-n", {"K": 20}, lambda t: {"K": t.suggest_int("K", 5, 2000, log=True)},
-                       _fit_cosine, score=_score_cosine),
+                       _fit_cosine, scorers={"cosine": _score_cosine}),
+        # one fit per regularization is a dense inversion of the item Gram matrix: a short grid first
         "ease": Peer("ease", "top-n", {"regularization": 500.0},
                      lambda t: {"regularization": t.suggest_float("regularization", 1.0, 1e5, log=True)},
-                     _fit_ease, score=_score_ease),
+                     _fit_ease, scorers={"ease": _score_ease(True), "ease-xb": _score_ease(False)},
+                     grid=tuple({"regularization": r} for r in (100.0, 2000.0, 25.0, 8000.0, 250.0, 1000.0))),
         "svd": Peer("svd", "rating", {"n_factors": 100, "n_epochs": 20, "lr_all": 0.005, "reg_all": 0.02},
-                    lambda t: {"n_factors": t.suggest_int("n_factors", 5, 300, log=True),
-                               "n_epochs": t.suggest_int("n_epochs", 5, 80, log=True),
+                    lambda t: {"n_factors": t.suggest_int("n_factors", 5, 200, log=True),
+                               "n_epochs": t.suggest_int("n_epochs", 5, 60, log=True),
                                "lr_all": t.suggest_float("lr_all", 1e-3, 0.05, log=True),
                                "reg_all": t.suggest_float("reg_all", 1e-3, 0.5, log=True)},
                     _fit_surprise("SVD"), predict=_predict_surprise),
-        # SVD++ is slow (its cost grows with n_factors x history length): a smaller space
+        # SVD++'s cost grows with n_factors × each user's history length per rating: a small space
         "svdpp": Peer("svdpp", "rating", {"n_factors": 20, "n_epochs": 20, "lr_all": 0.007, "reg_all": 0.02},
-                      lambda t: {"n_factors": t.suggest_int("n_factors", 5, 40, log=True),
-                                 "n_epochs": t.suggest_int("n_epochs", 5, 30, log=True),
+                      lambda t: {"n_factors": t.suggest_int("n_factors", 5, 20, log=True),
+                                 "n_epochs": t.suggest_int("n_epochs", 5, 20, log=True),
                                  "lr_all": t.suggest_float("lr_all", 1e-3, 0.05, log=True),
                                  "reg_all": t.suggest_float("reg_all", 1e-3, 0.5, log=True)},
                       _fit_surprise("SVDpp"), predict=_predict_surprise),
-        "knnbaseline": Peer("knnbaseline", "rating", {"k": 40},
-                            lambda t: {"k": t.suggest_int("k", 5, 300, log=True)},
+        "knnbaseline": Peer("knnbaseline", "rating", {"k": 40}, lambda t: {"k": t.suggest_int("k", 5, 300, log=True)},
                             _fit_surprise("KNNBaseline"), predict=_predict_surprise),
     }
 
 
-def evaluate(peer: Peer, regime: Regime, fitted: Any, fitted_on: Part, target: Part) -> tuple[float, int]:
-    """NDCG@10 (top-N; ``fitted_on``'s items left out) or RMSE (rating) of a fitted peer on ``target``."""
+VARIANT_NAMES = {
+    "pop": "popularity (sanity check, written here)",
+    "als": "implicit AlternatingLeastSquares",
+    "bpr": "implicit BayesianPersonalizedRanking",
+    "cosine": "implicit CosineRecommender (item kNN)",
+    "ease": "RecTools EASEModel (as it recommends: X·Bᵀ)",
+    "ease-xb": "RecTools EASEModel weights scored X·B (the paper)",
+    "svd": "Surprise SVD",
+    "svdpp": "Surprise SVDpp",
+    "knnbaseline": "Surprise KNNBaseline (item, pearson_baseline)",
+}
+
+
+def evaluate(peer: Peer, regime: Regime, fitted: Any, fitted_on: Part, target: Part) -> tuple[dict[str, float], int]:
+    """Per variant: NDCG@10 (top-N; ``fitted_on``'s items left out) or RMSE (rating) of a fitted peer on
+    ``target``; and how many target items were among the user's ``fitted_on`` items (top-N)."""
     if peer.kind == "rating":
         assert peer.predict is not None and target.ratings is not None
-        return rmse(peer.predict(fitted, target), target.ratings), 0
-    assert peer.score is not None
+        return {peer.key: rmse(peer.predict(fitted, target), target.ratings)}, 0
+    assert peer.scorers is not None
     seen = regime.matrix(fitted_on)
-    return ndcg_at_k(lambda u: peer.score(fitted, u), target, seen, regime.n_items)
+    out, n_seen = {}, 0
+    for name, scorer in peer.scorers.items():
+        out[name], n_seen = ndcg_at_k(lambda u, s=scorer: s(fitted, u), target, seen, regime.n_items)
+    return out, n_seen
 
 
 # ------------------------------------------------------------------------------------------------------------ tuning
 class _RandomTrial:
-    """A seeded random-search stand-in for an Optuna trial (used when Optuna is not installed)."""
+    """A seeded random-search stand-in for an Optuna trial (used when Optuna is not installed); ``fixed`` parameters
+    are returned as given (the defaults and the grid)."""
 
-    def __init__(self, rng: np.random.Generator) -> None:
+    def __init__(self, rng: np.random.Generator, fixed: Params | None = None) -> None:
         self.rng = rng
-        self.params: dict[str, Any] = {}
+        self.fixed = fixed or {}
 
     def suggest_int(self, name: str, low: int, high: int, log: bool = False) -> int:
+        if name in self.fixed:
+            return int(self.fixed[name])
         x = math.exp(self.rng.uniform(math.log(low), math.log(high + 1))) if log else self.rng.uniform(low, high + 1)
-        self.params[name] = value = int(min(high, max(low, math.floor(x))))
-        return value
+        return int(min(high, max(low, math.floor(x))))
 
     def suggest_float(self, name: str, low: float, high: float, log: bool = False) -> float:
-        x = math.exp(self.rng.uniform(math.log(low), math.log(high))) if log else self.rng.uniform(low, high)
-        self.params[name] = float(x)
-        return float(x)
+        if name in self.fixed:
+            return float(self.fixed[name])
+        return float(math.exp(self.rng.uniform(math.log(low), math.log(high))) if log else self.rng.uniform(low, high))
 
 
-def tune(peer: Peer, regime: Regime, trials: int, seed: int) -> dict[str, Any]:
-    """Search ``peer.space`` fitting on train and scoring validation; the best trial's parameters and the log."""
+def tune(peer: Peer, regime: Regime, trials: int, seed: int, first: dict[str, Any], verbose: bool) -> dict[str, Any]:
+    """Search ``peer.space`` fitting on train and scoring validation: the defaults (already scored: ``first``) are
+    trial 1, then ``peer.grid``, then the sampler. Returns every trial with its validation score per variant."""
     maximize = peer.kind == "top-n"
-    log: list[dict[str, Any]] = []
+    log: list[dict[str, Any]] = [first]
 
     def objective(trial: Any) -> float:
         params = peer.space(trial)
+        if params == first["params"]:  # the defaults again (the enqueued first trial): already scored
+            return first["valid"][peer.variants[0]]
         started = time.perf_counter()
         fitted = peer.fit(regime, regime.train, params)
-        seconds = time.perf_counter() - started
-        value, _ = evaluate(peer, regime, fitted, regime.train, regime.valid)
-        log.append({"params": params, "valid": value, "fit_seconds": seconds})
-        return value
+        seconds = getattr(fitted, "fit_seconds", time.perf_counter() - started)
+        valid, _ = evaluate(peer, regime, fitted, regime.train, regime.valid)
+        log.append({"params": params, "valid": valid, "fit_seconds": seconds})
+        if verbose:
+            print(f"    trial {len(log)}: {_fmt_params(params)} -> {valid} ({seconds:.1f} s)", flush=True)
+        return valid[peer.variants[0]]
 
+    fixed = [first["params"], *peer.grid][:trials]
     try:
         import optuna
     except ImportError:
         optuna = None
     if optuna is not None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        sampler = optuna.samplers.TPESampler(seed=seed)
-        study = optuna.create_study(direction="maximize" if maximize else "minimize", sampler=sampler)
+        study = optuna.create_study(direction="maximize" if maximize else "minimize",
+                                    sampler=optuna.samplers.TPESampler(seed=seed))
+        for params in fixed:
+            study.enqueue_trial(params)
         study.optimize(objective, n_trials=trials)
-        method = f"optuna {optuna.__version__} TPE (seed {seed})"
+        method = f"optuna {optuna.__version__} TPE, seed {seed}, first the defaults" + (" and a grid" if peer.grid else "")
     else:
         rng = np.random.default_rng(seed)
-        for _ in range(trials):
-            objective(_RandomTrial(rng))
-        method = f"random search (seed {seed})"
-    best = (max if maximize else min)(log, key=lambda row: row["valid"])
-    return {"params": best["params"], "valid": best["valid"], "trials": log, "method": method}
+        for i in range(trials):
+            objective(_RandomTrial(rng, fixed[i] if i < len(fixed) else None))
+        method = f"random search, seed {seed}, first the defaults" + (" and a grid" if peer.grid else "")
+    return {"trials": log, "method": method}
 
 
-def run_peer(peer: Peer, regime: Regime, trials: int, seed: int) -> dict[str, Any]:
-    """Defaults and tuned parameters of one peer on one regime: validation and test scores, fit seconds."""
-    train_valid = regime.train + regime.valid
-    out: dict[str, Any] = {"peer": PEER_NAMES[peer.key]}
+def run_peer(peer: Peer, regime: Regime, trials: int, seed: int, verbose: bool = False) -> dict[str, dict[str, Any]]:
+    """Defaults and tuned parameters of one peer on one regime, one row per variant: test scores of the defaults
+    and of the tuned parameters (both refitted on train + validation), validation scores, fit seconds."""
+    refits: dict[str, tuple[Any, float]] = {}  # params -> (fitted on train + validation, seconds)
+
+    def refit(params: Params) -> tuple[Any, float]:
+        key = json.dumps(params, sort_keys=True)
+        if key not in refits:
+            started = time.perf_counter()
+            fitted = peer.fit(regime, regime.train_valid, params)
+            refits[key] = fitted, getattr(fitted, "fit_seconds", time.perf_counter() - started)
+        return refits[key]
+
     started = time.perf_counter()
-    fitted = peer.fit(regime, regime.train, peer.defaults)  # defaults: their validation score, then the test one
-    out["default_valid"], _ = evaluate(peer, regime, fitted, regime.train, regime.valid)
     t0 = time.perf_counter()
-    fitted = peer.fit(regime, train_valid, peer.defaults)
-    out["default_fit_seconds"] = time.perf_counter() - t0
-    out["default_test"], out["seen_target_users"] = evaluate(peer, regime, fitted, train_valid, regime.test)
-    out["default_params"] = peer.defaults
-    if trials > 0 and peer.key != "pop":
-        t0 = time.perf_counter()
-        search = tune(peer, regime, trials, seed)
-        out["tune_seconds"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        fitted = peer.fit(regime, train_valid, search["params"])
-        out["tuned_fit_seconds"] = time.perf_counter() - t0
-        out["tuned_test"], _ = evaluate(peer, regime, fitted, train_valid, regime.test)
-        out.update(tuned_valid=search["valid"], tuned_params=search["params"], search=search["method"],
-                   trials=search["trials"])
-    out["seconds"] = time.perf_counter() - started
-    return out
+    fitted = peer.fit(regime, regime.train, peer.defaults)
+    first = {"params": dict(peer.defaults), "fit_seconds": getattr(fitted, "fit_seconds", time.perf_counter() - t0)}
+    first["valid"], _ = evaluate(peer, regime, fitted, regime.train, regime.valid)
+    del fitted
+    fitted, default_seconds = refit(peer.defaults)
+    default_test, n_seen = evaluate(peer, regime, fitted, regime.train_valid, regime.test)
+    search = tune(peer, regime, trials, seed, first, verbose) if trials > 1 and peer.key != "pop" else None
+    rows: dict[str, dict[str, Any]] = {}
+    pick = max if peer.kind == "top-n" else min
+    for variant in peer.variants:
+        row: dict[str, Any] = {
+            "peer": VARIANT_NAMES[variant], "metric": "rmse" if peer.kind == "rating" else f"ndcg@{K}",
+            "default_params": peer.defaults, "default_valid": first["valid"][variant],
+            "default_test": default_test[variant], "default_fit_seconds": default_seconds,
+        }
+        if peer.kind == "top-n":
+            row["seen_target_users"] = n_seen
+        if search is not None:
+            best = pick(search["trials"], key=lambda r: r["valid"][variant])
+            fitted, seconds = refit(best["params"])
+            test, _ = evaluate(peer, regime, fitted, regime.train_valid, regime.test)
+            row.update(tuned_params=best["params"], tuned_valid=best["valid"][variant], tuned_test=test[variant],
+                       tuned_fit_seconds=seconds, search=search["method"], n_trials=len(search["trials"]),
+                       trials=[{**r, "valid": r["valid"][variant]} for r in search["trials"]])
+        rows[variant] = row
+    elapsed = time.perf_counter() - started
+    for row in rows.values():
+        row["peer_seconds"] = elapsed  # the whole peer: defaults, search and refits (all variants together)
+    return rows
 
 
 # ----------------------------------------------------------------------------------------------------------- output
@@ -516,14 +588,13 @@ def _fmt_params(params: dict[str, Any] | None) -> str:
 def table(name: str, entry: dict[str, Any]) -> str:
     """One markdown table of a regime's peers."""
     rows = [f"\n**{name}** — {entry['data']}\n",
-            "| peer | metric | defaults (test) | tuned (test) | tuned (valid) | chosen params | fit s (default / tuned) |",
+            "| peer | metric | defaults (test) | tuned (test) | tuned (valid) | chosen params | fit s (defaults / tuned) |",
             "|---|---|---:|---:|---:|---|---:|"]
-    for key, r in entry["peers"].items():
-        metric = "RMSE" if key in RATING_PEERS else f"NDCG@{K}"
+    for r in entry["peers"].values():
         tuned = f"{r['tuned_test']:.4f}" if "tuned_test" in r else ""
         valid = f"{r['tuned_valid']:.4f}" if "tuned_valid" in r else ""
         fit = f"{r['default_fit_seconds']:.1f}" + (f" / {r['tuned_fit_seconds']:.1f}" if "tuned_fit_seconds" in r else "")
-        rows.append(f"| {r['peer']} | {metric} | {r['default_test']:.4f} | {tuned} | {valid} | "
+        rows.append(f"| {r['peer']} | {r['metric'].upper()} | {r['default_test']:.4f} | {tuned} | {valid} | "
                     f"{_fmt_params(r.get('tuned_params'))} | {fit} |")
     return "\n".join(rows)
 
@@ -542,8 +613,8 @@ def _versions() -> dict[str, str]:
 
 def _available(peer: str) -> str | None:
     """Why a peer cannot run here (its library does not import), or None."""
-    module = {"als": "implicit", "bpr": "implicit", "cosine": "implicit", "ease": "rectools.models",
-              "svd": "surprise", "svdpp": "surprise", "knnbaseline": "surprise"}.get(peer)
+    module = {"als": "implicit.als", "bpr": "implicit.bpr", "cosine": "implicit.nearest_neighbours",
+              "ease": "rectools.models", "svd": "surprise", "svdpp": "surprise", "knnbaseline": "surprise"}.get(peer)
     if module is None:
         return None
     try:
@@ -551,6 +622,23 @@ def _available(peer: str) -> str | None:
     except Exception as exc:  # noqa: BLE001 - any import failure means the peer is skipped
         return f"{type(exc).__name__}: {exc}"
     return None
+
+
+NOTES = {
+    "protocol": "recforge loo (recforge.split.leave_one_out on the regime's Interactions): per user the last event "
+                "is test, the one before validation, users with >= 3 events; splits exported by recforge",
+    "top-n metric": f"NDCG@{K} over every test user, ranking the full catalogue with the user's train (+valid) items "
+                    "left out; a test item among them is a miss and the user still counts (as recforge's evaluate: "
+                    "left-out items score -inf and are never ranked); ties by the smaller recforge item index",
+    "rating metric": "RMSE over the test rows (Surprise's fallback for unknown users/items, clipped to the scale)",
+    "tuning": "fit on train, score validation; trial 1 is the defaults; the best is refitted on train+valid and "
+              "scored on test; 'defaults' are fitted on train+valid",
+    "fit seconds": "wall time of the final fit on train+valid; KNNBaseline: its similarity computation (k only "
+                   "changes prediction, so tuning k reuses one fit per training part)",
+    "ease": "RecTools' EASEModel.recommend scores X·Wᵀ (implicit's top-k multiplies by the transpose of the item "
+            "matrix) where W is the paper's B; 'ease-xb' scores the same fitted W as X·B, and picks its own "
+            "regularization from the same trials",
+}
 
 
 def run(folder: Path, args: argparse.Namespace) -> None:
@@ -564,35 +652,27 @@ def run(folder: Path, args: argparse.Namespace) -> None:
         raise SystemExit(f"unknown peers {unknown}; known: {', '.join(peers)}")
     out = Path(args.out)
     results = json.loads(out.read_text()) if out.exists() else {}
-    notes = {
-        "protocol": "recforge loo (leave_one_out): per user last event test, previous validation; users with >= 3 "
-                    "events; the splits exported by recforge",
-        "top-n metric": f"NDCG@{K} over every test user, full catalogue, train(+valid) items left out of the ranking; "
-                        "a test item among them is a miss and the user counts (recforge's evaluate); ties by the "
-                        "smaller recforge item index",
-        "rating metric": "RMSE over the test rows",
-        "tuning": "fit on train, score validation (train items left out); best refitted on train+valid, scored on "
-                  "test; defaults fitted on train+valid",
-        "threads": args.threads,
-    }
     skipped = {p: why for p in wanted if (why := _available(p))}
+    meta = {"notes": {**NOTES, "threads": args.threads}, "versions": _versions(), "skipped": skipped}
     for name in _names(args.regimes):
         regime = read_regime(folder / name)
         print(f"{name}: {regime.meta['data']}", flush=True)
         entry: dict[str, Any] = {"data": regime.meta["data"], "split": regime.meta["split"], "peers": {}}
         for key in wanted:
             peer = peers[key]
-            applies = name in (TOP_N_REGIMES if peer.kind == "top-n" else RATING_REGIMES)
-            if not applies or key in skipped:
+            if name not in (TOP_N_REGIMES if peer.kind == "top-n" else RATING_REGIMES) or key in skipped:
                 continue
             trials = {"ease": args.ease_trials, "svdpp": args.svdpp_trials}.get(key) or args.trials
-            row = run_peer(peer, regime, trials, args.seed)
-            entry["peers"][key] = row
-            print(f"  {key}: default {row['default_test']:.4f}"
-                  + (f", tuned {row['tuned_test']:.4f} ({_fmt_params(row['tuned_params'])})" if "tuned_test" in row else "")
-                  + f" [{row['seconds']:.0f} s]", flush=True)
+            rows = run_peer(peer, regime, trials, args.seed, args.verbose)
+            entry["peers"].update(rows)
+            for variant, row in rows.items():
+                print(f"  {variant}: defaults {row['default_test']:.4f}"
+                      + (f", tuned {row['tuned_test']:.4f} ({_fmt_params(row['tuned_params'])})"
+                         if "tuned_test" in row else "")
+                      + f" [{row['peer_seconds']:.0f} s]", flush=True)
+        _KNN_CACHE.clear()
         results[name] = entry
-        results["_meta"] = {"notes": notes, "versions": _versions(), "skipped": skipped}
+        results["_meta"] = meta
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_suffix(".json.tmp")
         tmp.write_text(json.dumps(results, indent=1))
