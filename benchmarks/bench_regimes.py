@@ -55,6 +55,7 @@ def _args() -> argparse.Namespace:
     p.add_argument("--regimes", default=",".join(REGIMES))
     p.add_argument("--models", default=",".join(TOP_N + RATING))
     p.add_argument("--long-trials", type=int, default=40)
+    p.add_argument("--modes", default="default,tuned,long", help="which of default, tuned, long to run")
     p.add_argument("--out", default=str(HERE / "results" / "regimes.json"))
     return p.parse_args()
 
@@ -122,14 +123,15 @@ def noise(a: np.ndarray, b: np.ndarray, name: str) -> float:
 
 
 def run_regime(data, models: list[str], long_trials: int, folder: Path,  # type: ignore[no-untyped-def]
-               rating_only: bool = False) -> dict:
+               rating_only: bool = False, modes: tuple[str, ...] = ("default", "tuned", "long"),
+               before: dict | None = None) -> dict:
     from recforge.experiments import compare
     from recforge.models import get_model_class
 
     usable = [m for m in models if (m in RATING and data.ratings is not None) or (m not in RATING and not rating_only)]
-    row: dict = {"data": data.regime(), "noise": {}}
+    row: dict = {**(before or {}), "data": data.regime(), "noise": {}}
     units: dict[str, dict[str, np.ndarray]] = {}
-    for mode in ("default", "tuned", "long"):
+    for mode in modes:
         started = time.perf_counter()
         if mode == "long":
             spec = {m: {"name": m, "space": dict(get_model_class(m).search_space)} for m in usable
@@ -142,7 +144,7 @@ def run_regime(data, models: list[str], long_trials: int, folder: Path,  # type:
         units[mode] = {name: _units(result, name) for name in row[mode]}
         row[f"{mode} seconds"] = time.perf_counter() - started
         print(f"  {mode}: {row[mode]} ({row[f'{mode} seconds']:.0f} s)", flush=True)
-    for name in row["tuned"]:
+    for name in row.get("tuned", {}) if {"tuned", "long"} <= set(units) else ():
         if name in units["long"] and len(units["long"][name]) == len(units["tuned"][name]):
             row["noise"][name] = noise(units["tuned"][name], units["long"][name], name)
     return row
@@ -156,7 +158,7 @@ def table(rows: dict) -> str:
         out.append("|---|---:|---:|---:|---:|---:|")
         for name in row["default"]:
             floor = row["default"].get("bias" if name in RATING else "pop")
-            cells = [row[m].get(name) for m in ("default", "tuned", "long")]
+            cells = [row.get(m, {}).get(name) for m in ("default", "tuned", "long")]
             text = [f"{c:.4f}" if c is not None else "" for c in cells]
             gap = ""
             if cells[1] is not None and cells[2] is not None and name in row.get("noise", {}):
@@ -179,7 +181,9 @@ def main() -> None:
             frame = build(regime, source)
             data = Interactions.from_frame(frame, weight_col="weight" if "weight" in frame else None)
             print(f"{regime}: {data.regime()}", flush=True)
-            results[regime] = run_regime(data, models, args.long_trials, Path(tmp) / regime, regime in RATING_ONLY)
+            modes = tuple(m.strip() for m in args.modes.split(",") if m.strip())
+            results[regime] = run_regime(data, models, args.long_trials, Path(tmp) / regime, regime in RATING_ONLY,
+                                         modes, results.get(regime))
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(results, indent=1))
     print(table(results))

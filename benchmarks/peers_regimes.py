@@ -305,7 +305,8 @@ def _fit_cosine(regime: Regime, part: Part, params: Params) -> Any:
 
     model = CosineRecommender(**params, num_threads=_THREADS)
     matrix = regime.matrix(part)
-    with _blas(1):
+    with _blas(1), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its own normalisation hands its kNN a COO matrix and warns about it
         model.fit(matrix, show_progress=False)
     return model, matrix
 

@@ -200,3 +200,5 @@ def test_regime_says_what_kind_of_data_it_is() -> None:
     frame["timestamp"] = frame["timestamp"] * 86_400
     assert "user-like" in Interactions.from_frame(frame).regime()
     assert "no timestamps" in Interactions.from_frame(frame.drop(columns=["timestamp", "rating"])).regime()
+    plays = Interactions.from_frame(frame.assign(plays=[3, 1, 20, 2, 4000]), weight_col="plays").regime()
+    assert "weights (counts) median 3, max 4,000" in plays

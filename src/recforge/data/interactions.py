@@ -329,8 +329,9 @@ class Interactions:
         return info
 
     def regime(self) -> str:
-        """One line on what kind of data this is: size and density, repeated user-item pairs, the rating scale,
-        and whether histories look like sessions (a median user's events within a day) or like long-lived users."""
+        """One line on what kind of data this is: size and density, repeated user-item pairs, the rating scale, the
+        weights (play counts and the like), and whether histories look like sessions (a median user's events within
+        a day) or like long-lived users."""
         d = self.describe()
         pairs = d["interactions"] * (1.0 - d.get("repeat_share", 0.0))  # density counts each user-item pair once
         density = pairs / max(1, d["users"] * d["items"])
@@ -340,6 +341,9 @@ class Interactions:
             parts.append(f"ratings {d['rating_min']:g}–{d['rating_max']:g}")
         else:
             parts.append("no ratings (implicit)")
+        if self.weights is not None and len(self):
+            parts.append(f"weights (counts) median {float(np.median(self.weights)):,.4g}, "
+                         f"max {float(self.weights.max()):,.4g}")
         median = d.get("events_per_user_median", 0.0)
         if "user_span_days_median" not in d:
             parts.append(f"no timestamps; median {median:g} events per user")
