@@ -40,18 +40,9 @@ import argparse
 import os
 import sys
 
+from early_threads import early_threads
 
-def _early_threads(argv: list[str]) -> int:
-    """The --threads value, read before numpy is imported (thread pools are sized at import)."""
-    for i, arg in enumerate(argv):
-        if arg == "--threads" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if arg.startswith("--threads="):
-            return int(arg.split("=", 1)[1])
-    return 1
-
-
-THREADS = _early_threads(sys.argv[1:])
+THREADS = early_threads(sys.argv[1:], 1)
 for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
     os.environ[_var] = str(THREADS)
 

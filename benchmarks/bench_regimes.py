@@ -108,10 +108,11 @@ def _scores(result, models: list[str]) -> dict[str, float]:  # type: ignore[no-u
     return out
 
 
-def _units(result, name: str) -> np.ndarray:  # type: ignore[no-untyped-def]
+def _units(result, name: str) -> np.ndarray | None:  # type: ignore[no-untyped-def]
     """What the score averages: squared errors per test row (RMSE) or NDCG@10 per test user."""
     found = result.results[name]
-    return np.asarray(found.squared_errors if name in RATING else found.per_user["ndcg@10"], np.float64)
+    units = found.squared_errors if name in RATING else found.per_user.get("ndcg@10")
+    return None if units is None else np.asarray(units, np.float64)
 
 
 def noise(a: np.ndarray, b: np.ndarray, name: str) -> float:
@@ -141,11 +142,13 @@ def run_regime(data, models: list[str], long_trials: int, folder: Path,  # type:
         else:
             result = compare(data, usable, progress=False, out=folder / mode, tune=mode == "tuned")
         row[mode] = _scores(result, usable)
-        units[mode] = {name: _units(result, name) for name in row[mode]}
+        row[f"{mode} params"] = {name: {k: v for k, v in params.items() if k != "progress"}
+                                 for name, params in result.params.items()}
+        units[mode] = {name: found for name in row[mode] if (found := _units(result, name)) is not None}
         row[f"{mode} seconds"] = time.perf_counter() - started
         print(f"  {mode}: {row[mode]} ({row[f'{mode} seconds']:.0f} s)", flush=True)
     for name in row.get("tuned", {}) if {"tuned", "long"} <= set(units) else ():
-        if name in units["long"] and len(units["long"][name]) == len(units["tuned"][name]):
+        if name in units["long"] and name in units["tuned"] and len(units["long"][name]) == len(units["tuned"][name]):
             row["noise"][name] = noise(units["tuned"][name], units["long"][name], name)
     return row
 
@@ -185,7 +188,7 @@ def main() -> None:
             results[regime] = run_regime(data, models, args.long_trials, Path(tmp) / regime, regime in RATING_ONLY,
                                          modes, results.get(regime))
             out.parent.mkdir(parents=True, exist_ok=True)
-            out.write_text(json.dumps(results, indent=1))
+            out.write_text(json.dumps(results, indent=1, default=str))
     print(table(results))
 
 

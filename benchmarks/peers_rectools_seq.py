@@ -59,20 +59,11 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-
-def _early_threads(argv: list[str]) -> int:
-    """The --threads value, read before numpy/torch are imported (their thread pools are sized at import)."""
-    for i, arg in enumerate(argv):
-        if arg == "--threads" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if arg.startswith("--threads="):
-            return int(arg.split("=", 1)[1])
-    return 1
-
+from early_threads import early_threads
 
 if __name__ == "__main__":
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ[_var] = str(_early_threads(sys.argv[1:]))
+        os.environ[_var] = str(early_threads(sys.argv[1:], 1))
 
 import numpy as np
 import pandas as pd

@@ -12,12 +12,14 @@ Usage::
     peers-venv/bin/python benchmarks/peers_regimes.py --splits /tmp/regime-splits
     peers-venv/bin/python benchmarks/peers_regimes.py --splits /tmp/regime-splits --regimes movielens \\
         --peers als,ease,svd --trials 10 --threads 2
+    peers-venv/bin/python benchmarks/peers_regimes.py --splits /tmp/regime-splits --regimes playcounts-binary \\
+        --ease-trials 3                                                # play counts with the weights dropped
 
 The two steps run in two environments so that the peers' environment does not need recforge (and recforge's does not
 get the peers' pinned dependencies).
 
 Splits (``--export``): every regime is built by ``bench_regimes.build`` from ``recforge.datasets.load(source)`` as
-``bench_regimes.main`` does, turned into ``Interactions`` (the ``weight`` column of ``playcounts`` is kept as the
+``bench_regimes.main`` does, turned into ``Interactions`` (the ``weight`` column of ``playcounts`` is the
 interaction weight) and split by ``recforge.split.leave_one_out`` — the ``loo`` protocol: per user the last event is
 test, the one before validation, users with fewer than 3 events stay whole in train; without timestamps file order is
 time. ``DIR/<regime>/`` gets ``train.csv``, ``valid.csv``, ``test.csv`` (user_id, item_id and rating / timestamp /
@@ -32,18 +34,29 @@ Scoring (``--splits``), computed here, not by the peers' own evaluators:
   recforge's ``evaluate``: a left-out item scores ``-inf`` and is never ranked, so a user whose test item is already
   among their earlier items still counts, with NDCG 0 (``seen_target_users`` in the results says how many). With one
   test item per user NDCG@10 = 1 / log2(rank + 1) when rank <= 10, else 0.
-* rating regimes (``movielens``, ``short``, ``ratings-10``, ``ratings-1-10``): RMSE over the test rows; pairs a model
-  cannot predict get the library's own fallback (Surprise: the global mean).
+* rating regimes (``movielens``, ``short``, ``ratings-10``, ``ratings-1-10``, ``sparse-ratings``): RMSE over the
+  test rows; pairs a model cannot predict get the library's own fallback (Surprise: the global mean).
 
 Tuning: a seeded Optuna TPE study (a seeded random search when Optuna is missing) fits on train and scores the
-validation part; the best parameters are refitted on train + validation and scored on test. ``defaults`` is the
-library's defaults fitted on train + validation. ``fit_seconds`` is the wall time of that final fit.
+validation part; its first trial is the defaults (EASE: then a short grid of regularizations, as each fit is a dense
+inversion); the best parameters are refitted on train + validation and scored on test. ``defaults`` is the library's
+defaults fitted on train + validation (KNNBaseline: item-based ``pearson_baseline`` similarities, else its defaults).
+``fit_seconds`` is the wall time of that final fit. ``--trials`` counts the defaults; ``--ease-trials`` and
+``--svdpp-trials`` set the two slow peers' budgets.
+
+RecTools' ``EASEModel.recommend`` ranks by ``X·Wᵀ`` where its weights ``W`` are the paper's ``B`` (implicit's top-k
+multiplies the user rows by the transpose of the item matrix), so it is reported twice: ``ease`` as the library
+recommends and ``ease-xb`` scoring the same fitted ``W`` as the paper does, ``X·B`` (each picks its own
+regularization from the same trials).
 
 Data handed to the peers: implicit gets the user × item matrix of summed weights (the play counts on ``playcounts``,
 otherwise the number of events, 1 for almost every pair); its ALS turns them into confidence 1 + alpha·count itself.
-RecTools' EASE gets the same weights. Surprise gets the ratings with the regime's rating scale.
+RecTools' EASE gets the same weights. Surprise gets the ratings with the regime's rating scale. ``<regime>-binary``
+(e.g. ``playcounts-binary``) drops the weights: every event counts 1.
 
 Results: one markdown table per regime on stdout and ``benchmarks/results/peers_regimes.json`` (merged per regime).
+Every regime with the default budgets took about 75 minutes on a 2-core machine shared with other work, most of it
+EASE's inversions (about 65 s each at 9,700 items, 120 s at 11,000) and SVD++ (about 110 s a default fit on MovieLens).
 """
 
 from __future__ import annotations
@@ -61,32 +74,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
-def _early_threads(argv: list[str]) -> int:
-    """The --threads value, read before numpy is imported (BLAS thread pools are sized at import)."""
-    for i, arg in enumerate(argv):
-        if arg == "--threads" and i + 1 < len(argv):
-            return int(argv[i + 1])
-        if arg.startswith("--threads="):
-            return int(arg.split("=", 1)[1])
-    return 2
-
+from early_threads import early_threads
 
 if __name__ == "__main__":
     for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
-        os.environ.setdefault(_var, str(_early_threads(sys.argv[1:])))
+        os.environ.setdefault(_var, str(early_threads(sys.argv[1:], 2)))
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
 HERE = Path(__file__).resolve().parent
-REGIMES = ("movielens", "sessions", "playcounts", "sparse", "short", "ratings-10", "ratings-1-10")
+REGIMES = ("movielens", "sessions", "playcounts", "sparse", "short", "ratings-10", "ratings-1-10", "sparse-ratings")
 #: Regimes ranked top-N. ``ratings-10`` and ``ratings-1-10`` hold the same events in the same order as ``movielens``
-#: (only the rating values differ), so their top-N figures would repeat movielens'.
+#: and ``sparse-ratings`` those of ``sparse`` (only the rating values differ), so their top-N figures would repeat.
 TOP_N_REGIMES = ("movielens", "sessions", "playcounts", "sparse", "short")
 #: Regimes with ratings (``short`` keeps MovieLens' ratings, so recforge's suite runs its rating models there too).
-RATING_REGIMES = ("movielens", "short", "ratings-10", "ratings-1-10")
+RATING_REGIMES = ("movielens", "short", "ratings-10", "ratings-1-10", "sparse-ratings")
+#: ``--regimes playcounts-binary``: a regime's split with its weights dropped (every event counts 1)
+BINARY = "-binary"
 TOP_N_PEERS = ("als", "bpr", "cosine", "ease")
 RATING_PEERS = ("svd", "svdpp", "knnbaseline")
 K = 10
@@ -127,7 +133,7 @@ def export(folder: Path, regimes: list[str], source_name: str) -> None:
     source = load(source_name).to_frame()
     for regime in regimes:
         frame = build(regime, source)
-        data = Interactions.from_frame(frame, weight_col="weight" if regime == "playcounts" else None)
+        data = Interactions.from_frame(frame, weight_col="weight" if "weight" in frame else None)  # as its main()
         split = leave_one_out(data)
         out = folder / regime
         out.mkdir(parents=True, exist_ok=True)
@@ -186,8 +192,13 @@ class Regime:
         return float(every.min()), float(every.max())
 
 
-def read_regime(folder: Path) -> Regime:
-    """Read one exported regime; ids are read as text and mapped to recforge's indices through users/items.csv."""
+def read_regime(splits: Path, name: str) -> Regime:
+    """Read one exported regime; ids are read as text and mapped to recforge's indices through users/items.csv.
+
+    ``<regime>-binary`` is the regime's split with its weights dropped (every event counts 1).
+    """
+    binary = name.endswith(BINARY)
+    folder = splits / name.removesuffix(BINARY)
     users = pd.read_csv(folder / "users.csv", dtype=str)["user_id"]
     items = pd.read_csv(folder / "items.csv", dtype=str)["item_id"]
     u_index = pd.Series(np.arange(len(users)), index=users.to_numpy())
@@ -195,12 +206,14 @@ def read_regime(folder: Path) -> Regime:
 
     def part(name: str) -> Part:
         df = pd.read_csv(folder / f"{name}.csv", dtype={"user_id": str, "item_id": str})
-        w = df["weight"].to_numpy(np.float64) if "weight" in df.columns else np.ones(len(df))
+        w = df["weight"].to_numpy(np.float64) if "weight" in df.columns and not binary else np.ones(len(df))
         r = df["rating"].to_numpy(np.float64) if "rating" in df.columns else None
         return Part(u_index[df["user_id"].to_numpy()].to_numpy(), i_index[df["item_id"].to_numpy()].to_numpy(), w, r)
 
     meta = json.loads((folder / "meta.json").read_text())
-    return Regime(folder.name, len(users), len(items), part("train"), part("valid"), part("test"), meta)
+    if binary:
+        meta["data"] += "; weights dropped (every event counts 1)"
+    return Regime(name, len(users), len(items), part("train"), part("valid"), part("test"), meta)
 
 
 # --------------------------------------------------------------------------------------------------------- metrics
@@ -656,12 +669,13 @@ def run(folder: Path, args: argparse.Namespace) -> None:
     skipped = {p: why for p in wanted if (why := _available(p))}
     meta = {"notes": {**NOTES, "threads": args.threads}, "versions": _versions(), "skipped": skipped}
     for name in _names(args.regimes):
-        regime = read_regime(folder / name)
+        regime = read_regime(folder, name)
         print(f"{name}: {regime.meta['data']}", flush=True)
         entry: dict[str, Any] = {"data": regime.meta["data"], "split": regime.meta["split"], "peers": {}}
         for key in wanted:
             peer = peers[key]
-            if name not in (TOP_N_REGIMES if peer.kind == "top-n" else RATING_REGIMES) or key in skipped:
+            base = name.removesuffix(BINARY)
+            if base not in (TOP_N_REGIMES if peer.kind == "top-n" else RATING_REGIMES) or key in skipped:
                 continue
             trials = {"ease": args.ease_trials, "svdpp": args.svdpp_trials}.get(key) or args.trials
             rows = run_peer(peer, regime, trials, args.seed, args.verbose)
