@@ -13,6 +13,7 @@ from conftest import ndcg_of
 
 from recforge import split as S
 from recforge.data import Interactions
+from recforge.errors import ArtifactError
 from recforge.models import Recommender, create_model
 from recforge.models.als import (
     BiasedALS,
@@ -211,3 +212,13 @@ def test_implicit_als_learns_planted(planted: Interactions) -> None:
     ours = ndcg_of(ImplicitALS(n_factors=16, progress=False), loo.train_valid, loo.test)
     pop = ndcg_of(create_model("pop"), loo.train_valid, loo.test)
     assert ours > 1.5 * pop
+
+
+@pytest.mark.parametrize("key, value", [("count_scale", 0.0), ("alpha", float("nan")), ("reg", -1.0)])
+def test_saved_confidence_terms_are_checked_on_load(planted: Interactions, key: str, value: float) -> None:
+    """The fitted confidence terms come from an artifact: a zero unit, a NaN or a negative penalty is one
+    ArtifactError, never a model that folds events in with them."""
+    model = ImplicitALS(n_factors=4, epochs=1, progress=False).fit(planted)
+    state = {**model._state(), key: value}
+    with pytest.raises(ArtifactError, match=key):
+        ImplicitALS()._load_state(state)

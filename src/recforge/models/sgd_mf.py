@@ -284,8 +284,10 @@ class _SGDRatingModel(FactorRatingModel):
     def _bias_penalties(self, user_counts: np.ndarray, item_counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Per-visit penalties on user and item biases: ``bias_reg`` plus the row's ``damping`` spread over its
         ratings, so that one pass puts ``bias_reg·n + damping`` on the bias of a row with ``n`` ratings."""
-        return tuple(self.bias_reg + self.damping / np.maximum(counts, 1).astype(np.float64)
-                     for counts in (user_counts, item_counts))  # type: ignore[return-value]
+        def per_visit(counts: np.ndarray) -> np.ndarray:
+            return self.bias_reg + self.damping / np.maximum(counts, 1).astype(np.float64)
+
+        return per_visit(user_counts), per_visit(item_counts)
 
     def _init_factors(self, n_users: int, n_items: int) -> tuple[np.ndarray, np.ndarray, np.random.Generator]:
         rng = np.random.default_rng(self.seed)
