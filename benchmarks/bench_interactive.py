@@ -53,7 +53,7 @@ if ARGS is not None:
 sys.path.insert(0, str(HERE))
 from bench_sequential import dataset, md
 
-from recforge.data.datasets import make_synthetic
+from recforge.data.datasets import load, make_synthetic
 from recforge.interactive import create_policy, make_environments, save_results, simulate
 from recforge.interactive.harness import play_episode, results_table
 
@@ -85,7 +85,7 @@ def _policy(label: str, envs, threads: int):  # type: ignore[no-untyped-def]
 
 
 def part_policies(ds: str, threads: int) -> list[dict]:
-    envs = make_environments(dataset(ds))
+    envs = make_environments(load(dataset(ds)))
     labels = list(POLICIES) if ARGS is None or ARGS.policies is None else ARGS.policies.split(",")
     results = []
     for label in labels:

@@ -59,6 +59,21 @@ def test_run_tunes_on_validation_writes_results_and_resumes(tmp_path: Path) -> N
         run_experiment(config(seed=5), out, progress=False)
 
 
+def test_a_changed_default_is_fitted_again_on_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from recforge.models.linear import EASE
+
+    out = tmp_path / "res"
+    cfg = config(models=["ease"])
+    first = run_experiment(cfg, out, progress=False).leaderboard
+    n_first = len(list((out / "trials").glob("*.json")))
+    defaults = list(EASE.__init__.__defaults__ or ())
+    defaults[0] = 5.0  # an upgrade that changed EASE's default reg: the old trials no longer describe the model
+    monkeypatch.setattr(EASE.__init__, "__defaults__", tuple(defaults))
+    again = run_experiment(cfg, out, progress=False).leaderboard
+    assert len(list((out / "trials").glob("*.json"))) == 2 * n_first
+    assert again["ndcg@10"].iloc[0] != first["ndcg@10"].iloc[0]
+
+
 @pytest.mark.parametrize("backend", ["process", "ray"])
 def test_parallel_workers_give_the_same_numbers(tmp_path: Path, backend: str,
                                                capfd: pytest.CaptureFixture[str]) -> None:

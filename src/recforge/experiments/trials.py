@@ -9,6 +9,7 @@ its :class:`TrialResult` is what the results folder stores, one JSON record and 
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -122,9 +123,19 @@ class TrialResult(TrialKey):
         return out
 
 
+#: Parameters that change what a fit shows, not what it learns.
+_DISPLAY_PARAMS = ("progress",)
+
+
 def trial_id(model: str, params: dict[str, Any], part: str, split_index: int, seed: int) -> str:
-    """A stable id for a trial (same inputs, same id; the resume key)."""
-    key = json.dumps({"model": model, "params": params, "part": part, "split": split_index, "seed": seed},
+    """A stable id for a trial (same inputs, same id; the resume key). The parameters are the model's defaults
+    updated with ``params``, so a run resumed after an upgrade that changed a default fits that model again
+    instead of reading back results of the old default."""
+    cls = get_model_class(model)
+    defaults = {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
+                if p.default is not inspect.Parameter.empty and p.name not in _DISPLAY_PARAMS}
+    resolved = {**defaults, **params}
+    key = json.dumps({"model": model, "params": resolved, "part": part, "split": split_index, "seed": seed},
                      sort_keys=True, default=str)
     return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
 
