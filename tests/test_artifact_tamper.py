@@ -186,6 +186,56 @@ def test_another_models_arrays_or_fewer_ids_are_refused(saved: dict[str, Path], 
         Recommender.load(fewer)
 
 
+def _edit_ids(path: Path, edit: Callable[[dict[str, np.ndarray]], None]) -> None:
+    with np.load(path / "ids.npz") as ids:
+        files = {k: ids[k] for k in ids.files}
+    edit(files)
+    np.savez(path / "ids.npz", **files)
+    _resign(path)
+
+
+def _bad_utf8(files: dict[str, np.ndarray]) -> None:
+    files["item_titles.utf8"] = files["item_titles.utf8"].copy()
+    files["item_titles.utf8"][0] = 0xFF
+
+
+def _offsets_past_the_end(files: dict[str, np.ndarray]) -> None:
+    files["item_titles.offsets"] = files["item_titles.offsets"] + 1
+
+
+def _offsets_backwards(files: dict[str, np.ndarray]) -> None:
+    offsets = files["item_titles.offsets"].copy()
+    offsets[1], offsets[2] = offsets[2], offsets[1]
+    files["item_titles.offsets"] = offsets
+
+
+@pytest.mark.parametrize("edit, message", [(_bad_utf8, "not valid UTF-8"), (_offsets_past_the_end, "offsets"),
+                                           (_offsets_backwards, "offsets"),
+                                           (lambda f: f.pop("item_titles.offsets"), "packed strings")])
+def test_tampered_packed_titles_are_refused(saved: dict[str, Path], tmp_path: Path, edit: Callable,
+                                            message: str) -> None:
+    path = _copy(saved["content"], tmp_path)
+    _edit_ids(path, edit)
+    with pytest.raises(ArtifactError, match=message):
+        Recommender.load(path)
+
+
+def test_titles_are_stored_compactly_and_older_fixed_width_titles_still_load(saved: dict[str, Path],
+                                                                             tmp_path: Path) -> None:
+    model = Recommender.load(saved["content"])
+    with np.load(saved["content"] / "ids.npz") as ids:
+        assert "item_titles" not in ids.files and ids["item_titles.utf8"].dtype == np.uint8
+    older = _copy(saved["content"], tmp_path)
+    titles = model.item_titles_.astype("<U200")  # how artifacts before packing stored them: 800 bytes each
+
+    def fixed_width(files: dict[str, np.ndarray]) -> None:
+        del files["item_titles.utf8"], files["item_titles.offsets"]
+        files["item_titles"] = titles
+
+    _edit_ids(older, fixed_width)
+    assert list(Recommender.load(older).item_titles_) == list(model.item_titles_)
+
+
 def test_untampered_artifacts_load_and_score_the_same(saved: dict[str, Path], planted: Interactions) -> None:
     for path in saved.values():
         model = Recommender.load(path)

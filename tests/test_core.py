@@ -42,6 +42,22 @@ def test_topk_breaks_ties_toward_the_smaller_index_and_skips_excluded() -> None:
     assert idx.tolist() == [[0, -1]] and val[0, 1] == -np.inf  # padded when too few items are left
 
 
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_topk_of_a_few_rows_equals_the_batch_kernel(k: int) -> None:
+    rng = np.random.default_rng(k)
+    scores = rng.integers(0, 5, (40, 30)).astype(np.float32)  # many ties
+    scores[rng.random(scores.shape) < 0.1] = np.nan
+    scores[rng.random(scores.shape) < 0.1] = -np.inf
+    scores[rng.random(scores.shape) < 0.05] = np.inf
+    scores[rng.random(scores.shape) < 0.05] = UNSCORED
+    exclude = sp.csr_matrix(rng.random(scores.shape) < 0.3)
+    batch = mask_and_topk(scores.copy(), k, exclude.indptr, exclude.indices)  # 40 rows: the numba kernel
+    for r in range(len(scores)):  # one row at a time: the numpy path
+        one = mask_and_topk(scores[r:r + 1].copy(), k, exclude[r].indptr, exclude[r].indices)
+        np.testing.assert_array_equal(one[0][0], batch[0][r])
+        np.testing.assert_array_equal(one[1][0], batch[1][r])
+
+
 def test_unscored_items_still_fill_lists_but_rank_last() -> None:
     scores = np.array([[0.5, UNSCORED, -3.0]], np.float32)
     idx, _ = mask_and_topk(scores, 3)

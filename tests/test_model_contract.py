@@ -12,6 +12,8 @@ import inspect
 import json
 import logging
 import pkgutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +27,7 @@ from recforge.core.params import SYNONYMS
 from recforge.data import Interactions
 from recforge.errors import DataError, NotFittedError, ParameterError, UnknownIdError, UnsupportedError
 from recforge.models import (
+    BUILTIN_MODELS,
     LEARNS_FROM,
     RatingPredictor,
     Recommender,
@@ -82,6 +85,26 @@ def test_every_model_class_is_registered() -> None:
         concrete = "_fit" in cls.__dict__ and not inspect.isabstract(cls)
         if cls.__module__.startswith("recforge.") and not cls.__name__.startswith("_") and concrete:
             assert cls in registered, f"{cls.__name__} is not registered"
+
+
+def test_the_builtin_table_names_each_model_where_it_registers() -> None:
+    """BUILTIN_MODELS lets names resolve without imports; it must say where each class really is."""
+    for info in pkgutil.walk_packages(recforge.models.__path__, "recforge.models."):
+        importlib.import_module(info.name)
+    for name, (module, aliases) in BUILTIN_MODELS.items():
+        cls = get_model_class(name)
+        assert cls.__module__ == module and cls.name == name
+        assert all(get_model_class(alias) is cls for alias in aliases)
+    assert set(MODELS) == set(BUILTIN_MODELS)
+
+
+def test_importing_recforge_and_the_registry_stays_light() -> None:
+    """`recforge --help` and `recforge recommend` must not wait for torch (or pandas, for the help)."""
+    probe = ("import sys, recforge.cli; light = 'pandas' not in sys.modules; "
+             "import recforge.models; names = recforge.models.available_models(); "
+             "print(light, 'torch' in sys.modules, len(names))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == ["True", "False", str(len(BUILTIN_MODELS))]
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -20,6 +20,7 @@ from typing import Annotated, Any
 
 import typer
 
+from recforge import __version__
 from recforge.errors import RecforgeError
 
 app = typer.Typer(
@@ -47,8 +48,18 @@ SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed for splits and
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        typer.echo(f"recforge {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False) -> None:
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log at INFO level.")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
     logging.basicConfig(
         level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
@@ -678,23 +689,20 @@ def simulate_cmd(
 
 
 def main() -> None:
-    """Entry point: run the CLI, turning recforge errors into one-line messages and exit status 2."""
+    """Entry point: run the CLI; recforge errors become one line and exit status 2, usage errors click's one line
+    and usage hint (exit 2), Ctrl-C exit status 130."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False, prog_name="recforge")
+        sys.exit(code if isinstance(code, int) else 0)  # --version and --help end in an exit code here
     except RecforgeError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
-    except Exception as exc:  # click's own usage errors
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(130)
-        raise
-    except SystemExit:
-        raise
+    except typer.TyperException as exc:  # usage errors of typer's own click: bad options, values, arguments
+        exc.show()
+        sys.exit(exc.exit_code)
+    except (typer.Abort, KeyboardInterrupt):
+        typer.echo("aborted", err=True)
+        sys.exit(130)
 
 
 if __name__ == "__main__":

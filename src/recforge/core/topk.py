@@ -15,6 +15,7 @@ import numpy as np
 #: lowest float32, so sums of a few such scores stay finite; anything at or below it is "unscored".
 UNSCORED = np.float32(np.finfo(np.float32).min / 2)
 _SCORE_BLOCK_BYTES = 64 * 2**20  # bound on one dense score block
+_FEW_ROWS = 4  # up to this many rows, top-k runs in numpy
 
 
 def is_unscored(scores: np.ndarray) -> np.ndarray:
@@ -128,6 +129,28 @@ def mask_and_topk(
         exclude_indices = np.zeros(0, np.int32)
     out_i = np.empty((n_rows, k_eff), np.int32)
     out_s = np.empty((n_rows, k_eff), np.float32)
-    if k_eff and n_rows:
+    if not (k_eff and n_rows):
+        return out_i, out_s
+    if n_rows <= _FEW_ROWS:
+        _few_rows_topk(scores, k_eff, exclude_indptr, exclude_indices, out_i, out_s)
+    else:
         _block_topk(scores, k_eff, exclude_indptr.astype(np.int64), exclude_indices.astype(np.int32), out_i, out_s)
     return out_i, out_s
+
+
+def _few_rows_topk(scores: np.ndarray, k: int, ex_ptr: np.ndarray, ex_idx: np.ndarray, out_i: np.ndarray,
+                   out_s: np.ndarray) -> None:
+    """:func:`_block_topk` in numpy, for a request of a few users: the same result without the second or so that
+    the first call of a numba kernel costs in a fresh process (a one-user ``recommend`` from the command line)."""
+    out_i.fill(-1)
+    out_s.fill(-np.inf)
+    for r in range(scores.shape[0]):
+        row = scores[r]
+        row[ex_idx[ex_ptr[r]:ex_ptr[r + 1]]] = -np.inf
+        candidates = np.flatnonzero(row > -np.inf)  # NaN and -inf are never selected
+        if len(candidates) > k:  # keep every entry tied with the k-th best, then order them
+            kth = -np.partition(-row[candidates], k - 1)[k - 1]
+            candidates = candidates[row[candidates] >= kth]
+        best = candidates[np.argsort(-row[candidates], kind="stable")[:k]]  # ties: the smaller index first
+        out_i[r, :len(best)] = best
+        out_s[r, :len(best)] = row[best]

@@ -345,7 +345,7 @@ _ALS_CONSTRAINTS: dict[str, Constraint] = {
     "num_threads": Integer(0),
 }
 
-@register("als", "wals", "implicit-als")
+@register("als")
 class ImplicitALS(FactorModel):
     """Weighted matrix factorisation for implicit feedback by alternating least squares (Hu, Koren & Volinsky,
     2008), solved with warm-started conjugate gradient.
@@ -516,7 +516,7 @@ class ImplicitALS(FactorModel):
             setattr(self, f"{name}_", value)
 
 
-@register("biasedals", "als-explicit")
+@register("biasedals")
 class BiasedALS(FactorRatingModel):
     """Explicit-rating matrix factorisation with biases by alternating least squares:
     ``r_ui ≈ μ + b_u + b_i + p_u·q_i``.

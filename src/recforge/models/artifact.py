@@ -70,6 +70,43 @@ def check_ids(ids: np.ndarray, n: int, what: str, where: str) -> None:
         raise ArtifactError(f"{where}: {what} ids have dtype {ids.dtype}; expected integers or strings")
 
 
+def pack_strings(name: str, values: np.ndarray) -> dict[str, np.ndarray]:
+    """A string array as ``{name}.utf8`` (the UTF-8 bytes of every entry, joined) and ``{name}.offsets`` (where
+    each starts, and the end): fixed-width numpy strings store 4 bytes per character of the longest entry."""
+    encoded = [str(v).encode("utf-8") for v in values]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    return {f"{name}.utf8": np.frombuffer(b"".join(encoded), dtype=np.uint8), f"{name}.offsets": offsets}
+
+
+def unpack_strings(files: Any, name: str, n: int, where: str) -> np.ndarray | None:
+    """The string array :func:`pack_strings` stored under ``name`` in an opened ``ids.npz`` (``None`` if absent),
+    checked: ``n`` entries, offsets rising from 0 to the byte count, valid UTF-8."""
+    if f"{name}.utf8" not in files.files:
+        return None
+    data, offsets = files[f"{name}.utf8"], files.get(f"{name}.offsets")
+    if offsets is None or data.dtype != np.uint8 or data.ndim != 1 or offsets.dtype.kind not in "iu" \
+            or offsets.shape != (n + 1,):
+        raise ArtifactError(f"{where}: ids.npz's {name} is not {n} packed strings")
+    if offsets[0] != 0 or offsets[-1] != len(data) or (np.diff(offsets) < 0).any():
+        raise ArtifactError(f"{where}: ids.npz's {name} offsets do not cover its bytes in order")
+    raw = data.tobytes()
+    try:
+        return np.array([raw[a:b].decode("utf-8") for a, b in zip(offsets[:-1].tolist(), offsets[1:].tolist())],
+                        dtype=str)
+    except UnicodeDecodeError:
+        raise ArtifactError(f"{where}: ids.npz's {name} is not valid UTF-8") from None
+
+
+def stored_array(files: Any, key: str, n: int, where: str) -> np.ndarray | None:
+    """``key`` of an opened ``ids.npz``: its packed strings, else the plain array (ids, and the titles of artifacts
+    saved before strings were packed), else ``None``."""
+    packed = unpack_strings(files, key, n, where)
+    if packed is not None:
+        return packed
+    return files[key] if key in files.files else None
+
+
 def check_state(arrays: dict[str, np.ndarray], scalars: dict[str, Any], shapes: dict[str, tuple[Any, ...]],
                 indices: dict[str, str], sizes: dict[str, int], where: str) -> None:
     """Arrays against declared shapes and index ranges.

@@ -39,7 +39,15 @@ from recforge.errors import (
     ParameterError,
     UnsupportedError,
 )
-from recforge.models.artifact import check_hashes, check_ids, check_meta, check_state, file_hashes
+from recforge.models.artifact import (
+    check_hashes,
+    check_ids,
+    check_meta,
+    check_state,
+    file_hashes,
+    pack_strings,
+    stored_array,
+)
 from recforge.models.registry import get_model_class
 from recforge.retrieval import ANN_MIN_ITEMS, HNSWIndex, has_ann
 
@@ -552,8 +560,12 @@ class Recommender:
         with atomic_directory(path) as tmp:
             save_file(arrays, str(tmp / "arrays.safetensors"))
             titles = getattr(self, "item_titles_", None)
-            extra = {} if titles is None else {"item_titles": titles}
-            np.savez(tmp / "ids.npz", users=self.user_map_.ids, items=self.item_map_.ids, **extra)
+            ids = {"users": self.user_map_.ids, "items": self.item_map_.ids}
+            packed = {k: v for k, v in ids.items() if v.dtype.kind != "U"}
+            for key, value in [*((k, v) for k, v in ids.items() if v.dtype.kind == "U"), ("item_titles", titles)]:
+                if value is not None:
+                    packed.update(pack_strings(key, value))
+            np.savez(tmp / "ids.npz", **packed)
             meta["sha256"] = file_hashes(tmp)
             (tmp / "model.json").write_text(json.dumps(meta, indent=2, default=_json_default))
         return Path(path)
@@ -596,8 +608,11 @@ class Recommender:
                 check_hashes(p, meta["sha256"], where)
             arrays = load_file(str(p / "arrays.safetensors"))
             with np.load(p / "ids.npz", allow_pickle=False) as ids:
-                user_ids, item_ids = ids["users"], ids["items"]
-                titles = ids["item_titles"] if "item_titles" in ids.files else None
+                user_ids = stored_array(ids, "users", meta["n_users"], where)
+                item_ids = stored_array(ids, "items", meta["n_items"], where)
+                titles = stored_array(ids, "item_titles", meta["n_items"], where)
+            if user_ids is None or item_ids is None:
+                raise KeyError("users" if user_ids is None else "items")
         except (OSError, ValueError, KeyError, SafetensorError) as exc:
             raise ArtifactError(f"{where} is incomplete or corrupt: {exc}") from None
         try:  # the stored parameters are checked like a user's (an artifact may be edited or come from elsewhere)

@@ -14,7 +14,7 @@ from recforge.models.base import RatingPredictor, Recommender
 from recforge.models.registry import register
 
 
-@register("random", "rand")
+@register("random")
 class Random(Recommender):
     """Uniformly random scores; the floor of every leaderboard.
 
@@ -35,7 +35,7 @@ class Random(Recommender):
         return uniform_hash(self.seed, users, self.n_items_)
 
 
-@register("pop", "popular", "mostpopular", "most-popular")
+@register("pop")
 class MostPopular(Recommender):
     """Most popular items first, the same list for everyone (minus each user's seen items).
 
@@ -128,7 +128,7 @@ class _RatingBaseline(RatingPredictor):
         self.rating_max_ = float(state["rating_max"])
 
 
-@register("globalmean", "mean", "global-mean")
+@register("globalmean")
 class GlobalMean(_RatingBaseline):
     """Predicts the mean training rating for every pair (recommendations are then ordered by item index)."""
 
@@ -138,7 +138,7 @@ class GlobalMean(_RatingBaseline):
         self._fit_range(interactions)
 
 
-@register("bias", "biases", "baseline")
+@register("bias")
 class BiasBaseline(_RatingBaseline):
     """Regularised user + item biases: ``r_ui ≈ μ + b_u + b_i``.
 

@@ -95,7 +95,7 @@ def _bpr_epoch(
 
 
 # ---------------------------------------------------------------------------------------------------- model
-@register("bpr", "bpr-mf")
+@register("bpr")
 class BPR(FactorModel):
     """BPR-MF: scores ``b_i + p_u·q_i`` trained to rank each observed item above a uniformly sampled unobserved
     one, maximising ``Σ log σ(x_ui - x_uj) - reg‖θ‖²`` by SGD.

@@ -32,7 +32,7 @@ def recency_weights(offsets: np.ndarray, half_life: float | None) -> np.ndarray:
     return np.power(0.5, after / float(half_life)).astype(np.float32)
 
 
-@register("content", "content-based")
+@register("content")
 class ContentBased(Recommender):
     """Recommends items whose content resembles the user's history; ``similar_items`` gives "more like this".
 

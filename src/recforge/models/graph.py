@@ -26,7 +26,7 @@ def _inv_power(v: np.ndarray, p: float) -> np.ndarray:
     return out
 
 
-@register("rp3beta", "rp3", "rp3b")
+@register("rp3beta")
 class RP3beta(ItemItemModel):
     """RP3beta: item-to-item transition probabilities of a 3-step random walk on the user-item graph,
     sharpened by ``alpha`` and penalised by the popularity of the destination item (``beta``).

@@ -103,7 +103,7 @@ def _order(scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return order, np.isfinite(scores).sum(axis=1)
 
 
-@register("slatemix", "mix")
+@register("slatemix")
 class SlateMix(_Ensemble):
     """Notebook 000's slate: the top items of a collaborative model plus content neighbours, de-duplicated.
 
@@ -215,7 +215,7 @@ def simplex_grid(n: int, step: float) -> np.ndarray:
     return np.asarray(rows, dtype=np.float64) / parts
 
 
-@register("scoreblend", "hybrid")
+@register("scoreblend")
 class ScoreBlend(_Ensemble):
     """A weighted sum of any models' per-user standardised scores, weights tuned on validation (NDCG@10).
 

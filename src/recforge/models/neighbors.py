@@ -363,7 +363,7 @@ class ItemItemModel(Recommender):
 
 
 # ====================================================================== item-based kNN
-@register("itemknn", "knn", "item-knn")
+@register("itemknn")
 class ItemKNN(ItemItemModel):
     """Item-based k-nearest neighbours with shrunk cosine similarity: ``score_uj = Σ_i x_ui · s_ij``.
 

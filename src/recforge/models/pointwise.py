@@ -180,7 +180,7 @@ def _pointwise_epoch(
     return losses.sum()
 
 
-@register("pointwise", "sampled-mf", "focal-mf")
+@register("pointwise")
 class PointwiseMF(FactorModel):
     """Biased MF ``σ(g + b_u + b_i + p_u·q_i)`` fitted to clicks: observed pairs are positives, ``n_negatives``
     randomly drawn items per positive are negatives.

@@ -384,7 +384,7 @@ class _SGDRatingModel(FactorRatingModel):
             )
 
 
-@register("funksvd", "svd", "biasedmf-sgd")
+@register("funksvd")
 class FunkSVD(_SGDRatingModel):
     """Biased matrix factorisation by SGD: ``r̂_ui = μ + b_u + b_i + p_u · q_i``, clamped to the rating range.
 
@@ -504,7 +504,7 @@ class FunkSVD(_SGDRatingModel):
         self.item_bias_ = bi.astype(np.float32)
 
 
-@register("svdpp", "svd++")
+@register("svdpp")
 class SVDpp(_SGDRatingModel):
     """Koren's SVD++: ``r̂_ui = μ + b_u + b_i + q_i · (p_u + |N(u)|^-½ Σ_{j∈N(u)} y_j)``, clamped to the range.
 

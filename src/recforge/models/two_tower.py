@@ -258,7 +258,7 @@ class TwoTowerNet(nn.Module):
 
 
 # ---------------------------------------------------------------------- the model
-@register("twotower", "two-tower")
+@register("twotower")
 class TwoTower(Recommender):
     """Two-tower retrieval model (user tower × item tower) trained with in-batch softmax.
 

@@ -47,7 +47,7 @@ class BERT4RecNet(SASRecNet):
                               self.n_negatives, self.log_q)
 
 
-@register("bert4rec", "bert")
+@register("bert4rec")
 class BERT4Rec(SequentialRecommender):
     """BERT4Rec next-item model: ``mask_prob`` of each window's events are replaced by a mask token and
     recovered from both sides; the last event is masked in half of the windows so training matches inference

@@ -49,7 +49,7 @@ class GRUNet(SequenceNet):
         return F.cross_entropy(self.out(h).float(), targets[mask] - 1)
 
 
-@register("gru4rec", "gru")
+@register("gru4rec")
 class GRU4Rec(SequentialRecommender):
     """GRU next-item model trained with full cross-entropy at every position.
 

@@ -60,7 +60,7 @@ class PoolingNet(SequenceNet):
         return F.cross_entropy(self.score_items(self.hidden(inputs)[mask]).float(), targets[mask] - 1)
 
 
-@register("pooling", "cbow")
+@register("pooling")
 class Pooling(SequentialRecommender):
     """Order-free baseline over the recent history: how much do the sequential models gain from order?
 

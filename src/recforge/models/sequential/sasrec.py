@@ -60,7 +60,7 @@ class SASRecNet(SequenceNet):
                               self.n_negatives, self.log_q)
 
 
-@register("sasrec", "sas")
+@register("sasrec")
 class SASRec(SequentialRecommender):
     """SASRec next-item model.
 

@@ -1,0 +1,100 @@
+"""Usage errors of every subcommand: one line and the usage hint, exit status 2, never a traceback."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+import typer
+
+from recforge import __version__
+from recforge.cli import app, main
+
+
+def _commands() -> list[tuple[list[str], Any]]:
+    """Every leaf subcommand with the words that call it."""
+    out: list[tuple[list[str], Any]] = []
+
+    def walk(group: Any, path: list[str]) -> None:
+        for name, cmd in getattr(group, "commands", {}).items():
+            if getattr(cmd, "commands", None):
+                walk(cmd, [*path, name])
+            else:
+                out.append(([*path, name], cmd))
+
+    walk(typer.main.get_command(app), [])
+    return out
+
+
+COMMANDS = _commands()
+
+
+def _main(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    monkeypatch.setattr(sys, "argv", ["recforge", *argv])
+    with pytest.raises(SystemExit) as exited:
+        main()
+    captured = capsys.readouterr()
+    return int(exited.value.code or 0), captured.out + captured.err
+
+
+def _check_usage_error(code: int, text: str, expected: str) -> None:
+    assert code == 2, text
+    assert "Traceback" not in text and expected in text, text
+    assert "Usage: recforge" in text and "--help" in text  # the usage hint
+
+
+def test_every_subcommand_is_covered() -> None:
+    names = {" ".join(path) for path, _ in COMMANDS}
+    assert {"compare", "evaluate", "recommend", "serve", "datasets describe", "simulate"} <= names
+
+
+@pytest.mark.parametrize("path", [p for p, _ in COMMANDS], ids=[" ".join(p) for p, _ in COMMANDS])
+def test_a_wrong_option_is_one_line_and_the_usage(path: list[str], monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    code, text = _main([*path, "--no-such-option"], monkeypatch, capsys)
+    _check_usage_error(code, text, "No such option: --no-such-option")
+
+
+def _required(cmd: Any) -> list[Any]:
+    return [p for p in cmd.params if p.required]
+
+
+@pytest.mark.parametrize("path", [p for p, c in COMMANDS if _required(c)],
+                         ids=[" ".join(p) for p, c in COMMANDS if _required(c)])
+def test_a_missing_argument_is_one_line_and_the_usage(path: list[str], monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture[str]) -> None:
+    code, text = _main(path, monkeypatch, capsys)
+    _check_usage_error(code, text, "Missing")
+
+
+def _numeric_option(cmd: Any) -> str | None:
+    for p in cmd.params:
+        if p.param_type_name == "option" and str(p.bare_type()) in ("int", "float", "list[int]", "list[float]"):
+            return max(p.opts, key=len)
+    return None
+
+
+@pytest.mark.parametrize("path", [p for p, c in COMMANDS if _numeric_option(c)],
+                         ids=[" ".join(p) for p, c in COMMANDS if _numeric_option(c)])
+def test_a_bad_value_is_one_line_and_the_usage(path: list[str], monkeypatch: pytest.MonkeyPatch,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    cmd = {" ".join(p): c for p, c in COMMANDS}[" ".join(path)]
+    required = [arg for p in _required(cmd) for arg in ((max(p.opts, key=len), "x") if p.param_type_name == "option"
+                                                       else ("x",))]
+    code, text = _main([*path, *required, _numeric_option(cmd) or "", "abc"], monkeypatch, capsys)
+    _check_usage_error(code, text, "Invalid value")
+
+
+def test_version_and_an_unknown_command(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    code, text = _main(["--version"], monkeypatch, capsys)
+    assert code == 0 and text.strip() == f"recforge {__version__}"
+    code, text = _main(["comapre"], monkeypatch, capsys)
+    _check_usage_error(code, text, "No such command 'comapre'")
+
+
+def test_the_installed_entry_point_answers_usage_errors_without_a_traceback() -> None:
+    out = subprocess.run([sys.executable, "-m", "recforge", "compare", "--model", "pop"], capture_output=True,
+                         text=True, timeout=120, check=False)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and "No such option: --model" in out.stderr
