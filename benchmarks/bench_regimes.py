@@ -109,9 +109,18 @@ def _scores(result, models: list[str]) -> dict[str, float]:  # type: ignore[no-u
 
 
 def _units(result, name: str) -> np.ndarray | None:  # type: ignore[no-untyped-def]
-    """What the score averages: squared errors per test row (RMSE) or NDCG@10 per test user."""
+    """What the score averages: squared errors per test row or, in results merged from the pipeline's trials,
+    each test user's mean squared error (RMSE; one row per user under leave-one-out), or NDCG@10 per test user."""
     found = result.results[name]
-    units = found.squared_errors if name in RATING else found.per_user.get("ndcg@10")
+    table = found.per_user.sort_values("user_id")  # paired by user across runs
+    if name not in RATING:
+        units = table.get("ndcg@10")
+    elif found.squared_errors is not None:
+        units = found.squared_errors
+    elif {"rating_sse", "rating_n"} <= set(table.columns):
+        units = table["rating_sse"] / table["rating_n"]
+    else:
+        units = None
     return None if units is None else np.asarray(units, np.float64)
 
 

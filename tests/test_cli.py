@@ -125,7 +125,10 @@ def test_train_recommend_split(tmp_path: Path) -> None:
 def test_compare_writes_report(tmp_path: Path) -> None:
     out = run("compare", "--models", "pop,random", "--out", str(tmp_path / "cmp"), "--quiet")
     assert out.returncode == 0, out.stderr
-    assert "pop" in out.stdout and "ndcg@10" in out.stdout
+    assert "pop" in out.stdout and "ndcg@10 [95% CI]" in out.stdout and "\x1b[" not in out.stdout  # no escapes
+    assert max(len(line) for line in out.stdout.split("\ndata:")[0].splitlines()) <= 100  # the tables fit
+    winner = tmp_path / "cmp" / "winner"  # the best model refitted on all the data, ready to serve
+    assert f"next: recforge recommend {winner} --user 1" in out.stdout and (winner / "model.json").is_file()
     table = pd.read_csv(tmp_path / "cmp" / "leaderboard.csv")
     assert table["model"].tolist() == ["pop", "random"]
     assert (tmp_path / "cmp" / "leaderboard.png").stat().st_size > 1000

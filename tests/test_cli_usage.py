@@ -98,3 +98,35 @@ def test_the_installed_entry_point_answers_usage_errors_without_a_traceback() ->
     out = subprocess.run([sys.executable, "-m", "recforge", "compare", "--model", "pop"], capture_output=True,
                          text=True, timeout=120, check=False)
     assert out.returncode == 2 and "Traceback" not in out.stderr and "No such option: --model" in out.stderr
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["simulate", "--policies", "random,linucbb"], "unknown policy 'linucbb'"),
+    (["simulate", "--policies", "random", "--set", "linucb.alpha=1"], "'linucb' is not one of --policies"),
+    (["simulate", "--policies", "linucb", "--set", "linucb.alhpa=1"], "has no parameter(s) ['alhpa']"),
+])
+def test_names_are_checked_before_any_work(argv: list[str], message: str, monkeypatch: pytest.MonkeyPatch,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    import recforge.cli
+
+    def no_work(*_: Any) -> None:
+        raise AssertionError("the data was loaded before the names were checked")
+
+    monkeypatch.setattr(recforge.cli, "_load", no_work)
+    code, text = _main(argv, monkeypatch, capsys)
+    assert code == 2 and message in text and len(text.strip().splitlines()) == 1
+
+
+def test_models_lists_and_describes(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    code, text = _main(["models"], monkeypatch, capsys)
+    lines = text.splitlines()
+    assert code == 0 and any(line.startswith("ease ") and "binary" in line for line in lines)
+    assert max(len(line) for line in lines) <= 100
+    code, text = _main(["models", "als"], monkeypatch, capsys)
+    assert code == 0 and "learns from counts" in text and "alpha                0.005 (tuned)" in text
+
+
+def test_describe_is_readable(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    code, text = _main(["datasets", "describe", "ml-latest-small"], monkeypatch, capsys)
+    assert code == 0 and "density: 1.7%" in text and "time_max: 2018-09-24 14:27 UTC" in text
+    assert "interactions: 100,836" in text

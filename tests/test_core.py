@@ -180,3 +180,24 @@ def test_models_accept_old_names_with_a_warning() -> None:
     frame = pd.DataFrame({"user_id": [1, 1, 2], "item_id": [1, 2, 1]})
     with pytest.raises(ParameterError, match=r"ItemKNN\.n_neighbors must be an integer >= 1, got 0"):
         ItemKNN(n_neighbors=0).fit(Interactions.from_frame(frame))
+
+
+# ------------------------------------------------------------------------------------------------ progress
+def test_progress_off_a_terminal_is_plain_lines_and_every_fit_ends_with_a_summary(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from recforge.core import progress as P
+
+    monkeypatch.setattr(P, "PLAIN_INTERVAL", 0.0)  # a line at every update
+    for _ in P.progress_bar(range(3), desc="ranking", unit="user", enabled=True):
+        pass
+    err = capsys.readouterr().err
+    assert err.splitlines() == ["ranking: 1/3 user (33%), 0 s", "ranking: 2/3 user (67%), 0 s",
+                                "ranking: 3/3 user (100%), 0 s"]
+    for _ in P.progress_bar(range(3), desc="silent", enabled=False):
+        pass
+    bar = P.EpochProgress(2, "FunkSVD", enabled=True)
+    for epoch in bar:
+        bar.log(1.0 / (epoch + 1))
+    err = capsys.readouterr().err
+    assert "silent" not in err and "\r" not in err and "\x1b[" not in err
+    assert err.splitlines()[-1].startswith("FunkSVD: 2 epochs in ") and err.endswith(", final loss 0.5\n")

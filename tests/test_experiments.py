@@ -427,3 +427,23 @@ def test_every_run_states_what_each_model_learns_from(tmp_path: Path) -> None:
     repeated = Interactions.from_frame(rated.drop(columns="rating").assign(item_id=[1, 1, 3, 1, 2, 4, 2, 3, 4]))
     assert learns_note({"ease": "binary", "sasrec": "order"}, repeated) == (
         "binary: ease; order: sasrec — binary models count a repeated user-item pair once")
+
+
+def test_repeated_pairs_in_the_test_part_are_reported_with_the_ways_out(caplog: pytest.LogCaptureFixture) -> None:
+    from recforge.data.datasets import make_synthetic
+    from recforge.experiments import compare
+
+    frame = make_synthetic(n_users=120, n_items=60, n_interactions=3000, seed=4).to_frame()
+    frame = frame.drop_duplicates(["user_id", "item_id"])
+    again = frame.sample(frac=0.5, random_state=0).assign(timestamp=lambda f: f["timestamp"] + 10**8)
+    data = Interactions.from_frame(pd.concat([frame, again]))  # each user's latest events repeat earlier ones
+    excluded = compare(data, ["pop"], progress=False)
+    note = excluded.notes["seen_test_events"]
+    share = float(note.split("%")[0]) / 100
+    assert share > 0.5 and "--no-exclude-seen" in note and "--dedupe" in note
+    assert "seen items excluded" in excluded.leaderboard.attrs["title"] and "already had" in caplog.text
+    kept = compare(data, ["pop"], progress=False, exclude_seen=False)
+    assert "seen_test_events" not in kept.notes and "seen items kept" in kept.leaderboard.attrs["title"]
+    assert kept.leaderboard["hr@10"].iloc[0] > excluded.leaderboard["hr@10"].iloc[0]  # repeats can be hit again
+    deduped = compare(data, ["pop"], progress=False, dedupe="last")
+    assert "seen_test_events" not in deduped.notes  # one event per pair: no test item was seen before

@@ -396,14 +396,14 @@ def test_cli_next_event_on_files(tmp_path: Path, chains: Interactions) -> None:
             str(tmp_path / "test.csv"), "--json"]
     out = runner.invoke(app, [*args, "--model", "pop"])
     assert out.exit_code == 0, out.output
-    res = json.loads(out.output)
+    res = json.loads(out.stdout)  # progress goes to stderr, also with --json
     for key in ("hr@5", "hr@10", "hr@20", "dcg@5", "dcg@10", "dcg@20", "coverage@10", "fit_seconds"):
         assert key in res
     assert res["hr@5"] <= res["hr@10"] <= res["hr@20"]
     sas = runner.invoke(app, [*args, "--valid", str(tmp_path / "valid.csv"), "--model", "sasrec",
                               "--set", "epochs=8", "--set", "max_len=30", "--set", "num_threads=1", "--no-tune"])
     assert sas.exit_code == 0, sas.output
-    assert json.loads(sas.output)["dcg@10"] > res["dcg@10"]
+    assert json.loads(sas.stdout)["dcg@10"] > res["dcg@10"]
 
 
 def test_compare_on_next_item_protocols(chains: Interactions) -> None:

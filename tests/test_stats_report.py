@@ -70,3 +70,21 @@ def test_compare_runs_models(planted) -> None:
     for name in ("loo", "random", "temporal", "last5", "users"):
         (split,) = get_protocol(name).splits(planted, seed=0)
         assert isinstance(split, S.Split) and len(split.test) > 0
+
+
+def test_the_terminal_leaderboard_fits_and_shows_each_metric_once(capsys) -> None:
+    import pandas as pd
+
+    from recforge.evaluation import print_leaderboard
+
+    table = pd.DataFrame({"model": ["ease", "pop"], "ndcg@10": [0.0409, 0.0194], "ndcg@10_lo": [0.0301, 0.012],
+                          "ndcg@10_hi": [0.053, 0.028], "map@10": [0.0278, 0.0125], "mrr@10": [0.0278, 0.0125],
+                          "hr@10": [0.0852, 0.0426], "coverage@10": [0.07, 0.01], "fit_seconds": [5.37, 0.01],
+                          "p_vs_best": [float("nan"), 0.0002]})
+    table.attrs["primary"] = "ndcg@10"
+    print_leaderboard(table, title="t", kinds={"ease": "binary", "pop": "counts"}, note="what the protocol does")
+    text = capsys.readouterr().out
+    assert "0.0409 [0.030, 0.053]" in text and "<0.001" in text and "binary" in text
+    assert "mrr@10 = map@10" in text and " mrr@10 " not in text.splitlines()[2]  # the repeat is not a column
+    assert "[lo, hi]: 95% bootstrap interval" in text and "what the protocol does" in text
+    assert max(len(line) for line in text.splitlines()) <= 100 and "\x1b[" not in text

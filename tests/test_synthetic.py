@@ -136,7 +136,10 @@ def test_ratings_are_higher_in_cluster(data):
     assert data.ratings.min() == 1.0 and data.ratings.max() == 5.0
 
 
-def test_progress_bar_runs(capsys):
+def test_progress_bar_runs(capsys, monkeypatch):
+    from recforge.core import progress
+
+    monkeypatch.setattr(progress, "PLAIN_INTERVAL", 0.0)  # stderr is not a terminal here: a line per stage
     d = make_synthetic(20, 10, 200, n_clusters=2, progress=True)
     assert len(d) == 200
     assert "synthetic" in capsys.readouterr().err

@@ -45,7 +45,7 @@ SetOpt = Annotated[
 ]
 KOpt = Annotated[list[int], typer.Option("--k", "-k", help="List length(s) for top-k metrics; repeatable.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed for splits and models.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr (bars in a terminal, a line per stage elsewhere).")]
 
 
 def _print_version(value: bool) -> None:
@@ -139,7 +139,24 @@ def datasets_describe(
         _echo_json(info)
     else:
         for key, value in info.items():
-            typer.echo(f"{key:>24}: {value}")
+            typer.echo(f"{key:>24}: {_readable(key, value)}")
+
+
+def _readable(key: str, value: Any) -> str:
+    """A ``describe`` value for people: dates for unix times, shares in percent, four significant digits."""
+    import datetime as dt
+
+    if key.startswith("time_") and isinstance(value, numbers.Real) and math.isfinite(value):
+        return dt.datetime.fromtimestamp(float(value), dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    if key in ("density", "repeat_share") and isinstance(value, numbers.Real):
+        return f"{100 * value:.3g}%"
+    if isinstance(value, float):
+        return f"{value:,.4g}"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    if isinstance(value, list | tuple):
+        return ", ".join(map(str, value)) or "-"
+    return str(value)
 
 
 @datasets_app.command("fetch")
@@ -155,15 +172,40 @@ def datasets_fetch(
 
 
 @app.command("models")
-def models_list() -> None:
-    """List the registered models and their parameters."""
+def models_list(
+    name: Annotated[str | None, typer.Argument(help="A model: its description, parameters with their defaults, "
+                                                    "and what tuning searches.")] = None,
+) -> None:
+    """List the models (kind, what each learns from, what it is), or describe one."""
+    import inspect
+
     from recforge.models import available_models, get_model_class
 
-    for name in available_models():
-        cls = get_model_class(name)
-        params = ", ".join(cls._param_names()) or "-"
-        kind = "rating" if cls.predicts_ratings else "top-n"
-        typer.echo(f"{name:<12} {kind:<7} {cls.__name__:<14} params: {params}")
+    if name is None:
+        for model in available_models():
+            cls = get_model_class(model)
+            kind = "rating" if cls.predicts_ratings else "top-n"
+            typer.echo(f"{model:<11} {kind:<7} {cls.learns:<8} {_first_sentence(cls.__doc__)}")
+        typer.echo("\n`recforge models NAME` lists a model's parameters and defaults.")
+        return
+    cls = get_model_class(name)
+    doc = inspect.getdoc(cls) or ""
+    summary = " ".join(doc.split("\n\n")[0].replace("``", "").split())
+    typer.echo(f"{cls.name} ({cls.__name__}, {'rating' if cls.predicts_ratings else 'top-n'}, learns from "
+               f"{cls.learns}): {summary}\n")
+    signature = inspect.signature(cls.__init__)
+    for param in cls._param_names():
+        default = signature.parameters[param].default
+        searched = " (tuned)" if param in cls.search_space else ""
+        typer.echo(f"  {param:<20} {default!r}{searched}")
+
+
+def _first_sentence(doc: str | None, width: int = 70) -> str:
+    """A docstring's first sentence, without reST markup, cut at a word to ``width`` characters."""
+    text = " ".join((doc or "").replace("``", "").split())
+    end = text.find(". ")
+    text = text if end < 0 else text[:end + 1]
+    return text if len(text) <= width else text[:width - 1].rsplit(" ", 1)[0] + "…"
 
 
 # ---------------------------------------------------------------------------------------------- split
@@ -188,7 +230,10 @@ def split_cmd(
             inter = getattr(split, part)
             if inter is not None:
                 path = write_table(inter.to_frame(), folder / f"{part}.{fmt}")
-                typer.echo(f"{part:>7}: {len(inter):>9,} rows -> {path}")
+                typer.echo(f"{part:>7}: {len(inter):>9,} rows, {inter.describe().get('repeat_share', 0.0):.1%} "
+                           f"repeated user-item pairs -> {path}")
+        typer.echo(f"{100 * split.seen_test_share():.1f}% of the test rows are items their user had before the test "
+                   "(excluded from rankings by default; compare --no-exclude-seen counts them)")
 
 
 # ---------------------------------------------------------------------------------------------- train
@@ -310,7 +355,7 @@ def evaluate_cmd(
     params = _model_params(set_, [model])
     trials, seconds = _tune_budget(tune_budget)
     result = compare(data, {model: {"name": model, "params": params.get(model, {})}}, protocol=protocol, k=k,
-                     seed=seed, progress=not quiet and not as_json, out=out, validation=validation,
+                     seed=seed, progress=not quiet, out=out, validation=validation,
                      exclude_seen=exclude_seen, name="evaluate", tune=tune, tune_trials=trials,
                      tune_seconds=seconds, rank_rating_models=rank_rating_models)
     if model in result.skipped:
@@ -416,22 +461,61 @@ def similar_cmd(
 
 
 # ---------------------------------------------------------------------------------------------- compare
-def _print_tables(result: Any, title: str) -> None:
-    from recforge.evaluation import print_leaderboard
+def _print_tables(result: Any, title: str, protocol: str) -> None:
+    """The leaderboard and the rating table, each model beside what it learns from, the protocol explained."""
+    from recforge.evaluation import get_protocol, print_leaderboard
+    from recforge.models import get_model_class
 
+    kinds = {label: get_model_class(trials[0].model).learns for label, trials in result.trials.items() if trials}
+    note = get_protocol(protocol).description
     if len(result.leaderboard):
-        print_leaderboard(result.leaderboard, title=title)
+        print_leaderboard(result.leaderboard, title=title, kinds=kinds, note=note)
     if result.ratings is not None:
-        print_leaderboard(result.ratings, title=f"{title} · rating models")
+        print_leaderboard(result.ratings, title=f"{title} · rating models", kinds=kinds,
+                          note=None if len(result.leaderboard) else note)
+
+
+def _winner(result: Any, dataset: str, folder: Path) -> None:
+    """The best model of the leaderboard fitted on the whole dataset with the parameters it was tested with, saved
+    as ``FOLDER/winner``, its top 5 for one user, and the commands to go on with. Models trained by the neural
+    trainer are not refitted here (minutes on a CPU): the command to train one is printed instead."""
+    import inspect
+    import time
+
+    from recforge.models import create_model, get_model_class
+
+    table = result.leaderboard if len(result.leaderboard) else result.ratings
+    if table is None or not len(table) or not result.trials.get(str(table.loc[0, "model"])):
+        return
+    label = str(table.loc[0, "model"])
+    name = result.trials[label][0].model
+    cls = get_model_class(name)
+    defaults = {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()}
+    changed = {k: v for k, v in result.params.get(label, {}).items() if k != "progress" and defaults.get(k) != v}
+    sets = "".join(f" --set {k}={json.dumps(v)}" for k, v in sorted(changed.items()))
+    if cls.uses_trainer:
+        typer.echo(f"next: recforge train --model {name} -d {dataset}{sets} --out artifacts/{name}")
+        return
+    data = _load(dataset)
+    started = time.perf_counter()
+    model = create_model(name, **{**changed, **({"progress": False} if "progress" in defaults else {})})
+    model.fit(data)
+    path = model.save(folder / "winner")
+    user = data.user_map.ids[0]
+    typer.echo(f"\nwinner: {label}, refitted on all of {dataset} in {time.perf_counter() - started:.1f} s and "
+               f"saved; its top 5 for user {user}:")
+    typer.echo(model.recommend([user], k=5, with_titles=True).to_string(index=False))
+    typer.echo(f"next: recforge recommend {path} --user {user}   |   recforge serve {path}")
 
 
 def _records(table: Any) -> list[dict[str, Any]] | None:
     return None if table is None else json.loads(table.to_json(orient="records"))
 
 
-def _default_compare_folder(dataset: str, protocol: str, k: int | None, seed: int, validation: str) -> Path:
-    """results/compare/<dataset>-<protocol>[-k<k>][-seed<seed>][-<validation>]: one folder per experiment, so
-    comparing more models on the same split resumes the trials already run."""
+def _default_compare_folder(dataset: str, protocol: str, k: int | None, seed: int, validation: str,
+                            exclude_seen: bool = True, dedupe: str | None = None) -> Path:
+    """results/compare/<dataset>-<protocol>[-k<k>][-seed<seed>][-<validation>][-seen][-dedupe<policy>]: one folder
+    per experiment, so comparing more models on the same split resumes the trials already run."""
     from recforge.evaluation import get_protocol
     from recforge.experiments.compare import dataset_slug
 
@@ -439,6 +523,8 @@ def _default_compare_folder(dataset: str, protocol: str, k: int | None, seed: in
     parts += [f"k{k}"] if k is not None else []
     parts += [f"seed{seed}"] if seed else []
     parts += [validation] if validation != "warm" else []
+    parts += [] if exclude_seen else ["seen"]
+    parts += [f"dedupe{dedupe}"] if dedupe else []
     return Path("results") / "compare" / "-".join(parts)
 
 
@@ -458,6 +544,10 @@ def compare_cmd(
     tune: TuneOpt = True,
     tune_budget: TuneBudgetOpt = "8",
     rank_rating_models: Annotated[bool, typer.Option(help="Rank rating models in the top-N leaderboard too.")] = False,
+    exclude_seen: Annotated[bool, typer.Option(help="Leave each user's earlier items out of the rankings (--no-"
+                                               "exclude-seen counts re-consumption).")] = True,
+    dedupe: Annotated[str | None, typer.Option(help="Keep one event per user-item pair before splitting: first, "
+                                               "last, sum or max (of the ratings or weights).")] = None,
     workers: WorkersOpt = 1,
     backend: BackendOpt = "auto",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Results folder (default: results/compare/"
@@ -471,18 +561,18 @@ def compare_cmd(
     from recforge.experiments import compare
 
     names = [m.strip() for m in models.split(",") if m.strip()]
-    folder = out or _default_compare_folder(dataset, protocol, k, seed, validation)
+    folder = out or _default_compare_folder(dataset, protocol, k, seed, validation, exclude_seen, dedupe)
     trials, seconds = _tune_budget(tune_budget)
     result = compare(dataset, names, protocol=protocol, k=k, seed=seed, params=_model_params(set_, names),
                      metrics=[m.strip() for m in metrics.split(",")] if metrics else None,
-                     progress=not quiet and not as_json, out=folder, workers=workers, backend=backend,
+                     progress=not quiet, out=folder, workers=workers, backend=backend,
                      validation=validation, rank_rating_models=rank_rating_models, tune=tune,
-                     tune_trials=trials, tune_seconds=seconds)
+                     tune_trials=trials, tune_seconds=seconds, exclude_seen=exclude_seen, dedupe=dedupe)
     if as_json:
         _echo_json({"leaderboard": _records(result.leaderboard), "ratings": _records(result.ratings),
                     "params": result.params, "skipped": result.skipped, "out": str(folder)})
         return
-    _print_tables(result, f"{dataset} · {result.leaderboard.attrs.get('title', protocol)}")
+    _print_tables(result, f"{dataset} · {result.leaderboard.attrs.get('title', protocol)}", protocol)
     if tune:
         typer.echo("parameters chosen on validation (selected_params.json):")
         for label, chosen in result.params.items():
@@ -491,6 +581,7 @@ def compare_cmd(
     for key, value in result.notes.items():
         typer.echo(f"{key}: {value}")
     typer.echo(f"saved: {folder}")
+    _winner(result, dataset, folder)
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -518,7 +609,7 @@ def run_cmd(
     result = run_experiment(cfg, folder, workers=workers, progress=not quiet, backend=backend,
                             ray_address=ray_address, threads_per_worker=threads_per_worker)
     if is_main_process():
-        _print_tables(result, result.leaderboard.attrs.get("title", cfg.name))
+        _print_tables(result, result.leaderboard.attrs.get("title", cfg.name), cfg.protocol)
         typer.echo(f"results: {folder}")
 
 
@@ -660,28 +751,37 @@ def simulate_cmd(
 ) -> None:
     """Simulate slate recommendation on a real dataset: train policies online, test them, save scores and plots."""
     from recforge.errors import DataError
-    from recforge.interactive import create_policy, make_environments, save_results, simulate
+    from recforge.interactive import create_policy, make_environments, policy_class, save_results, simulate
     from recforge.interactive.harness import markdown_table, results_table
     from recforge.models import parse_params
 
     if train_episodes < 0 or test_episodes < 1:
         raise DataError("--train-episodes must be >= 0 and --test-episodes >= 1")
-    data = _load(dataset)
-    envs = make_environments(data, n_train_users=train_users, n_test_users=test_users, seed=seed)
+    labels = [p.strip().lower() for p in policies.split(",") if p.strip()]
+    if not labels:
+        raise DataError("--policies names no policy")
     settings: dict[str, dict] = {}
     for key, value in parse_params(assignments or []).items():
         policy, _, param = key.partition(".")
         if not param:
             raise DataError(f"--set {key}=...: name the policy, as in linucb.alpha=0.2")
+        if policy.replace("_", "-") not in labels:
+            raise DataError(f"--set {key}=...: {policy!r} is not one of --policies ({', '.join(labels)})")
         settings.setdefault(policy.replace("_", "-"), {})[param] = value
-    results = []
-    for label in [p.strip() for p in policies.split(",") if p.strip()]:
-        name, params = label, dict(settings.get(label, {}))
+    plan = []  # every name and parameter checked before the data is loaded or any policy runs
+    for label in labels:
+        name, params = label, {"seed": seed, **settings.get(label, {})}
         if label == "greedy-static":
             name, params = "greedy", {"learn": False, **params}
+        policy_class(name, [*params, *(["truth"] if label == "oracle" else [])])
+        plan.append((label, name, params))
+    data = _load(dataset)
+    envs = make_environments(data, n_train_users=train_users, n_test_users=test_users, seed=seed)
+    results = []
+    for label, name, params in plan:
         if label == "oracle":
             params["truth"] = envs.truth
-        policy = create_policy(name, seed=seed, **params)
+        policy = create_policy(name, **params)
         results.append(simulate(policy, envs, train_episodes, test_episodes, progress=not quiet, name=label))
     typer.echo(markdown_table(results_table(results)), nl=False)
     paths = save_results(results, out)

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 import numba as nb
 import numpy as np
 import scipy.sparse as sp
-from tqdm.auto import tqdm
 
+from recforge.core.progress import progress_bar
 from recforge.core.topk import batch_rows, row_topk
 
 
@@ -101,7 +101,7 @@ def rank_rows(
     step = batch_size or batch_rows(n_items)
     empty_ptr = np.zeros(step + 1, np.int64)
     empty_idx = np.zeros(0, np.int32)
-    bar = tqdm(total=n_rows, desc="ranking", unit="user", disable=not progress, leave=False)
+    bar = progress_bar(total=n_rows, desc="ranking", unit="user", enabled=progress, leave=False)
     for lo in range(0, n_rows, step):
         hi = min(lo + step, n_rows)
         scores = np.ascontiguousarray(score_fn(users[lo:hi]), dtype=np.float32)

@@ -41,6 +41,18 @@ class Split:
         parts = {"train": self.train, "valid": self.valid, "test": self.test, "history": self.history}
         return {k: len(v) for k, v in parts.items() if v is not None}
 
+    def seen_test_share(self) -> float:
+        """The share of test events whose (user, item) pair is already in what the model is tested after (the
+        history, else train + validation): with each user's seen items excluded from the rankings, these test
+        events can never be hit — repeat consumption (play counts, re-purchases) deflates every metric."""
+        before = self.history if self.history is not None else self.train_valid
+        if not len(self.test) or not len(before):
+            return 0.0
+        n_items = np.int64(max(before.n_items, self.test.n_items))
+        known = np.unique(before.users.astype(np.int64) * n_items + before.items)
+        test = self.test.users.astype(np.int64) * n_items + self.test.items
+        return float(np.isin(test, known).mean())
+
 
 @dataclass(frozen=True)
 class NextEventSamples:

@@ -8,7 +8,9 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from rich import box
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from recforge.data.io import atomic_path, save_figure, write_table
@@ -103,12 +105,12 @@ def display_columns(table: pd.DataFrame) -> list[tuple[str, list[str]]]:
     return out
 
 
-def _cell(row: pd.Series, cols: list[str], compact: bool = False) -> str:
+def _cell(row: pd.Series, cols: list[str], digits: int = 4) -> str:
     value = row[cols[0]]
     if len(cols) == 3 and not (isinstance(value, float) and np.isnan(value)):
         lo, hi = row[cols[1]], row[cols[2]]
-        if compact:
-            return f"{_fmt(value)} ±{(hi - lo) / 2:.4f}"
+        if digits < 4:
+            return f"{_fmt(value)} [{lo:.{digits}f}, {hi:.{digits}f}]"
         return f"{_fmt(value)} [{_fmt(lo)}, {_fmt(hi)}]"
     return _fmt(value)
 
@@ -122,17 +124,67 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
-def print_leaderboard(table: pd.DataFrame, title: str | None = None) -> None:
-    """Print a leaderboard as a rich terminal table."""
-    spec = display_columns(table)
-    rt = Table(title=title, show_lines=False, caption="± = half-width of the 95% bootstrap CI; p_vs_best = paired t-test")
-    for header, _ in spec:
-        rt.add_column(header, justify="left" if header == "model" else "right", no_wrap=True)
+#: Shorter headers for the terminal table.
+_SHORT = {"coverage": "cov", "fit_seconds": "fit s", "p_vs_best": "p"}
+
+
+def _same_as(table: pd.DataFrame, col: str, earlier: list[str]) -> str | None:
+    """The earlier metric column that ``col`` repeats on every row (``map@10`` and ``mrr@10`` when every user has one
+    relevant item), or ``None``."""
+    values = pd.to_numeric(table[col], errors="coerce").to_numpy(float)
+    for other in earlier:
+        if np.allclose(values, pd.to_numeric(table[other], errors="coerce").to_numpy(float), rtol=0, atol=1e-12,
+                       equal_nan=True):
+            return other
+    return None
+
+
+def _terminal_cell(row: pd.Series, header: str, cols: list[str]) -> str:
+    value = row[cols[0]]
+    if isinstance(value, float) and not np.isnan(value):
+        if header == "fit_seconds":
+            return f"{value:.1f}"
+        if header == "p_vs_best":
+            return "<0.001" if value < 0.001 else f"{value:.3f}"
+    return _cell(row, cols, digits=3)
+
+
+def print_leaderboard(table: pd.DataFrame, title: str | None = None, kinds: dict[str, str] | None = None,
+                      note: str | None = None) -> None:
+    """Print a leaderboard as a terminal table that fits 100 columns: the primary metric with its 95% interval
+    ``[lo, hi]``, the other metrics as values, each distinct metric once (a column equal to an earlier one on
+    every row is left out and named in the caption), ``kinds`` (label -> what the model learns from) beside the
+    model, and ``note`` (e.g. what the protocol does) under the table. The CSV keeps everything."""
+    primary = table.attrs.get("primary")
+    spec, shown, repeats = [("model", ["model"])], [], []
+    for header, cols in display_columns(table)[1:]:
+        twin = _same_as(table, cols[0], shown) if header not in ("fit_seconds", "p_vs_best") else None
+        if twin is not None:
+            repeats.append(f"{header} = {twin}")
+            continue
+        shown.append(cols[0])
+        spec.append((header, cols if header == primary else cols[:1]))
+    rt = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, padding=(0, 1))
+    rt.add_column("model", no_wrap=True)
+    if kinds:
+        rt.add_column("learns", no_wrap=True)
+    for header, cols in spec[1:]:
+        name = next((header.replace(k, v) for k, v in _SHORT.items() if header.startswith(k)), header)
+        rt.add_column(f"{name} [95% CI]" if len(cols) == 3 else name, justify="right", no_wrap=True)
     for _, row in table.iterrows():
-        rt.add_row(*(_cell(row, cols, compact=True) for _, cols in spec))
+        cells = [str(row["model"]), *([kinds.get(str(row["model"]), "")] if kinds else [])]
+        cells += [_terminal_cell(row, header, cols) for header, cols in spec[1:]]
+        rt.add_row(*map(escape, cells))
+    caption = ["[lo, hi]: 95% bootstrap interval over users"]
+    if "p_vs_best" in table.columns:
+        caption.append("p: paired t-test against the best")
+    if repeats:
+        caption.append("equal here, shown once: " + ", ".join(repeats))
+    rt.caption = escape("; ".join(caption) + (f"\n{note}" if note else ""))
+    rt.caption_justify = "left"
     console = Console()
     if not console.is_terminal:
-        console = Console(width=200)  # logs and pipes: never wrap a results table
+        console = Console(width=200)  # logs and pipes: never wrap a results table (and no escape codes)
     console.print(rt)
 
 

@@ -61,6 +61,7 @@ def compare(
     validation: str = "warm",
     rank_rating_models: bool = False,
     exclude_seen: bool = True,
+    dedupe: str | None = None,
     keep_models: bool = False,
     name: str = "compare",
     tune: bool = False,
@@ -74,7 +75,8 @@ def compare(
     "params": {...}, "grid": {...}}`` (a grid, or an Optuna ``space``, is tuned on the validation part). ``out``: the results folder (trials saved, resumable); None: a temporary one.
     ``validation``: ``warm`` (default: models early-stopped on validation continue on train + validation for a
     tenth of their epochs), ``refit`` (from scratch), ``reuse`` or ``off`` (see :mod:`recforge.experiments.runner`);
-    ``exclude_seen``: leave each user's training items out of the rankings; ``keep_models``: hand back the final
+    ``exclude_seen``: leave each user's training items out of the rankings; ``dedupe`` (``first``, ``last``,
+    ``sum``, ``max``): keep one event per (user, item) pair before splitting; ``keep_models``: hand back the final
     fitted models (``result.models``; they are fitted in this process). Rating models are skipped (with a
     warning) on data without ratings. ``tune``: models given without a grid or space are tuned on validation in
     their own ``search_space`` (their defaults first), ``tune_trials`` trials and/or ``tune_seconds`` each; split
@@ -97,6 +99,8 @@ def compare(
            "protocol": protocol, "models": specs, "seed": seed, "validation": validation,
            "rank_rating_models": rank_rating_models, "workers": workers, "exclude_seen": exclude_seen,
            "tune": tune, "search": {"n_trials": tune_trials, "timeout": tune_seconds}}
+    if dedupe is not None:
+        raw["filters"] = {"deduplicate": dedupe}
     if k is not None:
         raw["k"] = [k] if isinstance(k, int) else list(k)
     # tuned on what the leaderboard ranks by (the protocol's first column for these list lengths)

@@ -6,9 +6,17 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+
+import yaml
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # the same parser, before it joined the standard library
+    import tomli as tomllib
 
 from recforge.errors import DataError
 from recforge.evaluation.protocols import get_protocol
@@ -203,12 +211,8 @@ class ExperimentConfig:
         suffix = p.suffix.lower()
         try:
             if suffix in (".yaml", ".yml"):
-                import yaml
-
                 raw = yaml.safe_load(text)
             elif suffix == ".toml":
-                import tomllib
-
                 raw = tomllib.loads(text)
             elif suffix == ".json":
                 raw = json.loads(text)

@@ -46,9 +46,9 @@ import numpy as np
 import pandas as pd
 import scipy
 import torch
-from tqdm.auto import tqdm
 
 import recforge
+from recforge.core.progress import progress_bar
 from recforge.data import split as S
 from recforge.data.interactions import Interactions
 from recforge.data.io import atomic_path, write_table
@@ -269,8 +269,8 @@ class ExperimentRunner:
             executor = self._executor()
             if executor.workers > 1:  # longest first: a long trial started last would leave the others idle
                 todo.sort(key=_expected_cost, reverse=True)
-            with tqdm(total=len(todo), desc=f"{self.cfg.name} trials ({executor.name})",
-                      disable=not self.progress) as bar:
+            with progress_bar(total=len(todo), desc=f"{self.cfg.name} trials ({executor.name})",
+                              enabled=self.progress) as bar:
                 for res in executor.map(todo):
                     self._save(res)
                     results[res.id] = res
@@ -571,7 +571,26 @@ class ExperimentRunner:
                   else get_model_class(spec.name).learns for spec in self._models if spec.display in results}
         notes = {"data": whole.regime(), "learns_from": learns_note(learns, whole),
                  **{k: v for split in self._splits for k, v in split.notes.items()}}
+        seen = self._seen_note()
+        if seen:
+            notes["seen_test_events"] = seen
         return ExperimentResult(board, ratings, results, used, self.out, skipped, trials, models, notes)
+
+    def _seen_note(self) -> str | None:
+        """What excluding each user's seen items does to this split's test events (``None`` if nothing): repeated
+        (user, item) pairs put test items in the training data, where they can never be hit. Warns from 5%."""
+        if not self.protocol.excludes_seen(self.cfg.exclude_seen):
+            return None
+        share = float(np.mean([split.seen_test_share() for split in self._splits]))
+        if share == 0:
+            return None
+        note = (f"{share:.1%} of the test events are items their user already had before the test; with seen items "
+                "excluded from the rankings (the default) they can never be hit. To count re-consumption, keep them "
+                "(exclude_seen=False; CLI --no-exclude-seen); to keep one event per user-item pair, deduplicate "
+                "(the deduplicate filter; CLI --dedupe last)")
+        if share >= 0.05:
+            log.warning(note)
+        return note
 
     @staticmethod
     def _trial_row(r: TrialResult) -> dict[str, Any]:
@@ -595,7 +614,8 @@ class ExperimentRunner:
             recall in r.per_user and np.array_equal(r.per_user[recall], r.per_user[hr]) for r in ranked.values()
         ):
             board_metrics.remove(recall)  # one relevant item per user: recall@k is hr@k again
-        board = (self._board(ranked, board_metrics, f"{cfg.name}: {cfg.protocol}") if ranked
+        seen = "seen items excluded" if self.protocol.excludes_seen(cfg.exclude_seen) else "seen items kept"
+        board = (self._board(ranked, board_metrics, f"{cfg.name}: {cfg.protocol}, {seen}") if ranked
                  else pd.DataFrame({"model": []}))
         table = None
         if rating:

@@ -140,11 +140,11 @@ def trial_id(model: str, params: dict[str, Any], part: str, split_index: int, se
     return hashlib.blake2b(key.encode(), digest_size=8).hexdigest()
 
 
-def load_data(cfg: ExperimentConfig) -> Interactions:
-    """The dataset of the config with its filters applied in order."""
-    if isinstance(cfg.dataset, dict):
+def load_data(cfg: ExperimentConfig, data: Interactions | None = None) -> Interactions:
+    """The dataset of the config (or ``data``, already loaded) with the config's filters applied in order."""
+    if data is None and isinstance(cfg.dataset, dict):
         data = load(cfg.dataset["name"], **dict(cfg.dataset.get("options") or {}))
-    else:
+    elif data is None:
         data = load(cfg.dataset)
     for name, value in cfg.filters.items():
         fn = getattr(F, name)
@@ -217,7 +217,7 @@ def make_splits(cfg: ExperimentConfig, data: Interactions | None = None) -> list
             raise DataError(f"protocol {cfg.protocol!r} reads ML-100K's official u1..u5 files as they are: give "
                             "'dataset' as the ml-100k folder or zip (a string) and no 'filters'")
         return protocol.splits(cfg.dataset, seed=cfg.seed)
-    return protocol.splits(load_data(cfg) if data is None else data, seed=cfg.seed)
+    return protocol.splits(load_data(cfg, data), seed=cfg.seed)
 
 
 def _fit_scored(trial: Trial, split: S.Split) -> tuple[Interactions, Interactions | None, Interactions]:

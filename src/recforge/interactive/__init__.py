@@ -10,7 +10,7 @@ from recforge.interactive.harness import (
     save_results,
     simulate,
 )
-from recforge.interactive.policies import POLICIES, Policy, create_policy
+from recforge.interactive.policies import POLICIES, Policy, create_policy, policy_class
 from recforge.interactive.users import TruePreferences, UserBehaviour
 
 __all__ = [
@@ -26,6 +26,7 @@ __all__ = [
     "make_environments",
     "play_episode",
     "plot_ctr_curves",
+    "policy_class",
     "results_table",
     "save_results",
     "simulate",

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from tqdm.auto import tqdm
 
+from recforge.core.progress import progress_bar
 from recforge.data.io import atomic_path, save_figure, write_table
 from recforge.interactive.environment import Environments, SlateEnvironment
 from recforge.interactive.policies import Policy
@@ -49,7 +49,7 @@ def play_episode(policy: Policy, env: SlateEnvironment, progress: bool = False, 
     env.reset()
     policy.start_episode()
     start = time.perf_counter()
-    bar = tqdm(total=None, desc=desc, unit="step", disable=not progress, leave=False)
+    bar = progress_bar(total=None, desc=desc, unit="step", enabled=progress, leave=False)
     while env.has_next_state():
         users = env.get_states()
         slates = policy.act(users)
@@ -153,8 +153,9 @@ def markdown_table(table: pd.DataFrame) -> str:
 
 
 def plot_ctr_curves(results: list[SimulationResult], path: str | Path, window: int = 500) -> Path:
-    """Click-through rate along the test episodes' steps (moving average over ``window`` steps), one line per
-    policy, averaged over episodes; written atomically as PNG."""
+    """Click-through rate along the test episodes' steps (moving average over ``window`` steps, or a fifth of the
+    shortest episode if that is less; the legend says which), one line per policy, averaged over episodes; written
+    atomically as PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -168,9 +169,9 @@ def plot_ctr_curves(results: list[SimulationResult], path: str | Path, window: i
         mean = np.mean([e.step_clicks[:n] for e in r.test], axis=0)
         w = max(1, min(window, n // 5 or 1))
         smooth = np.convolve(mean, np.ones(w) / w, mode="valid")
-        ax.plot(np.arange(len(smooth)) + w, smooth, label=r.policy)
+        ax.plot(np.arange(len(smooth)) + w, smooth, label=f"{r.policy} (mean of {w} steps)")
     ax.set_xlabel("step of the test episode")
-    ax.set_ylabel(f"click-through rate (moving mean of {window} steps)")
+    ax.set_ylabel("click-through rate (moving mean)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()

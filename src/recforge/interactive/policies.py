@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
+from collections.abc import Iterable
 from typing import Any, ClassVar
 
 import numpy as np
@@ -121,8 +122,9 @@ def register_policy(cls: type[Policy]) -> type[Policy]:
     return cls
 
 
-def create_policy(name: str, **params: Any) -> Policy:
-    """A policy by name (see :data:`POLICIES`); unknown names and parameters raise a clear error."""
+def policy_class(name: str, params: Iterable[str] = ()) -> type[Policy]:
+    """The policy class registered as ``name``, checked to take every parameter in ``params``; unknown names and
+    parameters raise a clear error (before any work starts, when called up front)."""
     key = name.strip().lower()
     if key not in POLICIES:
         raise UnknownNameError(f"unknown policy {name!r}; available policies: {', '.join(sorted(POLICIES))}")
@@ -131,7 +133,12 @@ def create_policy(name: str, **params: Any) -> Policy:
     unknown = [p for p in params if p not in valid]
     if unknown:
         raise DataError(f"policy {key!r} has no parameter(s) {unknown}; valid parameters: {valid}")
-    return cls(**params)
+    return cls
+
+
+def create_policy(name: str, **params: Any) -> Policy:
+    """A policy by name (see :data:`POLICIES`); unknown names and parameters raise a clear error."""
+    return policy_class(name, params)(**params)
 
 
 @register_policy

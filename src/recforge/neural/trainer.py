@@ -22,6 +22,7 @@ import contextlib
 import contextvars
 import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -31,10 +32,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from tqdm.auto import tqdm
 
 from recforge.core.device import amp_dtype, resolve_device
 from recforge.core.params import Boolean, Choice, Constraint, Integer, Real, Text, check_params
+from recforge.core.progress import fit_summary, progress_bar
 from recforge.core.validation import VALIDATION_METRICS
 from recforge.data.io import atomic_path, save_figure
 from recforge.errors import DataError
@@ -355,8 +356,8 @@ class Trainer:
         state = self._restore(ckpt)
         start = time.perf_counter() - state.elapsed
         forward = D.wrap_ddp(self.module, loss_fn, self.device) if self.distributed else loss_fn
-        bar = tqdm(total=total_steps, initial=state.step, desc=cfg.desc, unit="step",
-                   disable=not (cfg.progress and self.main), leave=False)
+        bar = progress_bar(total=total_steps, initial=state.step, desc=cfg.desc, unit="step",
+                           enabled=cfg.progress and self.main, leave=False)
         validating = validate is not None
         self.module.train()
         while state.epoch < cfg.epochs and not state.stopped:
@@ -397,10 +398,16 @@ class Trainer:
         if ckpt is not None and self.main:
             write_training_curves(history, ckpt, metric)
         tuned = None
+        detail = None
         if state.best is not None:
             tuned = max(1, math.ceil(state.best_step / steps_per_epoch))
+            detail = f"best validation {metric} {state.best:.4f} at epoch {state.best_epoch}"
             log.info("%s: best %s %.5f at epoch %s (step %s, %.1fs); %d steps in %.1fs", self.config.desc, metric,
                      state.best, state.best_epoch, state.best_step, state.seconds_to_best, state.step, seconds)
+        elif state.history:
+            detail = f"final loss {state.history[-1].get('loss', float('nan')):.5g}"
+        if self.config.progress and self.main:
+            sys.stderr.write(fit_summary(self.config.desc, state.epoch, seconds, detail) + "\n")
         return TrainingResult(history, state.best, state.best_step, state.best_epoch, state.seconds_to_best, seconds,
                               state.step, state.stopped, tuned, {"config": asdict(self.config),
                                                                  "world_size": D.world_size()})

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from recforge.core.progress import progress_bar
 from recforge.data.io import atomic_directory
 from recforge.errors import DownloadError, UnknownDatasetError
 
@@ -147,17 +148,15 @@ def _open(url: str) -> Any:
 
 def _download(url: str, dest: Path, progress: bool) -> str:
     """Stream ``url`` into ``dest`` with a progress bar; return the MD5 of the bytes received."""
-    from tqdm.auto import tqdm
-
     digest = hashlib.md5(usedforsecurity=False)
     received = 0
     try:
         with _open(url) as response, open(dest, "wb") as out:
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
-            with tqdm(
+            with progress_bar(
                 total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=dest.name.split(".part")[0].lstrip("."),
-                disable=not progress, leave=False,
+                enabled=progress, leave=False,
             ) as bar:  # fmt: skip
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)

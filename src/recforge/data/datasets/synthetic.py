@@ -38,8 +38,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 from numba import njit
-from tqdm.auto import tqdm
 
+from recforge.core.progress import progress_bar
 from recforge.data.idmap import IdMap
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
@@ -133,7 +133,7 @@ def make_synthetic(
     aff_p = _as_prob("cluster_affinity", cluster_affinity)
 
     stages = ["structure", "lengths", "items", "sequences", "timestamps"] + (["ratings"] if ratings else [])
-    bar = tqdm(total=len(stages), desc="synthetic", unit="stage", disable=not progress)
+    bar = progress_bar(total=len(stages), desc="synthetic", unit="stage", enabled=progress)
 
     started: list[str] = []
 
