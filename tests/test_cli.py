@@ -84,7 +84,7 @@ def test_evaluate_matches_python_api(files: tuple[Path, Path]) -> None:
     ("args", "message"),
     [
         (["evaluate", "--train", "missing.csv", "--test", "missing.csv", "--model", "pop"], "file not found"),
-        (["evaluate", "--train", "{bad}", "--test", "{test}", "--model", "pop"], "lacks column"),
+        (["evaluate", "--train", "{bad}", "--test", "{test}", "--model", "pop"], "lacks the column(s)"),
         (["evaluate", "--train", "{train}", "--test", "{test}", "--model", "nosuch"], "unknown model 'nosuch'"),
         (["evaluate", "--train", "{train}", "--test", "{test}", "--model", "pop", "--k", "0"], "k must be a positive"),
         (["evaluate", "--train", "{train}", "--test", "{test}", "--model", "pop", "--set", "alpha=1"], "no parameter"),

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from typing import Any
 
+import pandas as pd
 import pytest
 import typer
 
@@ -130,3 +131,71 @@ def test_describe_is_readable(monkeypatch: pytest.MonkeyPatch, capsys: pytest.Ca
     code, text = _main(["datasets", "describe", "ml-latest-small"], monkeypatch, capsys)
     assert code == 0 and "density: 1.7%" in text and "time_max: 2018-09-24 14:27 UTC" in text
     assert "interactions: 100,836" in text
+
+
+@pytest.fixture(scope="module")
+def own_csv(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """A user's own export: other column names, ';'-separated, and a TRAIN/TEST cut of it."""
+    from recforge.data.datasets import make_synthetic
+
+    folder = tmp_path_factory.mktemp("own")
+    frame = make_synthetic(n_users=60, n_items=40, n_interactions=1500, seed=5).to_frame()
+    frame = frame.rename(columns={"user_id": "uid", "item_id": "song", "timestamp": "ts"}).drop(columns="rating")
+    frame.to_csv(folder / "events.csv", sep=";", index=False)
+    last = frame.sort_values("ts").groupby("uid").tail(1)
+    frame.drop(last.index).to_csv(folder / "train.csv", sep=";", index=False)
+    last.to_csv(folder / "test.csv", sep=";", index=False)
+    cols = ["--user-col", "uid", "--item-col", "song", "--time-col", "ts", "--sep", ";"]
+    return {"folder": folder, "cols": cols}
+
+
+def test_own_column_names_on_every_command_that_reads_a_file(own_csv: dict[str, Any], tmp_path, monkeypatch,
+                                                             capsys) -> None:
+    folder, cols = own_csv["folder"], own_csv["cols"]
+    events = str(folder / "events.csv")
+    code, text = _main(["datasets", "describe", events, "--sep", ";"], monkeypatch, capsys)
+    assert code == 2 and "missing user column 'user_id'" in text and "pass --user-col ..." in text
+    assert "user_col=" not in text  # the CLI names its options, not Python arguments
+    code, text = _main(["datasets", "describe", events, *cols], monkeypatch, capsys)
+    assert code == 0 and "interactions: 1,500" in text
+    code, text = _main(["evaluate", "--train", str(folder / "train.csv"), "--test", str(folder / "test.csv"),
+                        "--model", "pop", "--no-tune", "--json", "-q", *cols[:4], "--sep", ";"], monkeypatch, capsys)
+    assert code == 0 and '"hr@10"' in text
+    code, text = _main(["evaluate", "--train", str(folder / "train.csv"), "--test", str(folder / "test.csv"),
+                        "--model", "pop", "--sep", ";"], monkeypatch, capsys)
+    assert code == 2 and "lacks the column(s) ['user_id', 'item_id']" in text and "--user-col ... and --item-col" in text
+    for argv in (["split", "-d", events, "-o", str(tmp_path / "split")],
+                 ["train", "-m", "pop", "-d", events, "-o", str(tmp_path / "pop")],
+                 ["compare", "-d", events, "--models", "pop", "--no-tune", "-q", "-o", str(tmp_path / "cmp")]):
+        code, text = _main([*argv, *cols], monkeypatch, capsys)
+        assert code == 0, text
+
+
+def test_python_errors_name_python_arguments(own_csv: dict[str, Any]) -> None:
+    from recforge.data import Interactions
+    from recforge.errors import DataError
+
+    with pytest.raises(DataError, match=r"pass user_col=\.\.\. to name the right one"):
+        Interactions.from_file(own_csv["folder"] / "events.csv", sep=";")
+
+
+def test_recommend_skips_unknown_users_when_asked(tmp_path, monkeypatch, capsys) -> None:
+    code, text = _main(["train", "-m", "pop", "-o", str(tmp_path / "pop"), "-q"], monkeypatch, capsys)
+    assert code == 0, text
+    code, text = _main(["recommend", str(tmp_path / "pop"), "--user", "99999"], monkeypatch, capsys)
+    assert code == 2 and "pass --on-unknown warn or --on-unknown ignore" in text
+    code, text = _main(["recommend", str(tmp_path / "pop"), "--user", "99999", "--user", "1", "-k", "2",
+                        "--on-unknown", "ignore", "--format", "csv"], monkeypatch, capsys)
+    assert code == 0 and text.count("\n1,") == 2  # user 1's two items; 99999 skipped
+
+
+def test_folds_needs_ml_100k_and_metric_sorts(tmp_path, monkeypatch, capsys) -> None:
+    code, text = _main(["compare", "--protocol", "folds", "--models", "pop", "-q"], monkeypatch, capsys)
+    assert code == 2 and "official ML-100K folds" in text and "'ml-latest-small' does not have" in text
+    code, text = _main(["compare", "--models", "pop", "--metric", "bogus", "-q"], monkeypatch, capsys)
+    assert code == 2 and "cannot sort by 'bogus'" in text and "mrr" in text
+    code, text = _main(["compare", "--models", "pop,itemknn", "--no-tune", "-q", "--metric", "mrr", "-o",
+                        str(tmp_path / "c")], monkeypatch, capsys)
+    assert code == 0, text
+    board = pd.read_csv(tmp_path / "c" / "leaderboard.csv")
+    assert list(board.columns[1:4]) == ["mrr", "mrr_lo", "mrr_hi"] and board["mrr"].is_monotonic_decreasing

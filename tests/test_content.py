@@ -187,6 +187,8 @@ def test_make_index_validates_kind() -> None:
 # ---------------------------------------------------------------------------------------------------- content model
 def test_recency_weights_halve_every_half_life() -> None:
     np.testing.assert_allclose(recency_weights(np.array([0, 3, 4]), 1.0), [0.25, 0.5, 1.0, 1.0])
+    long = recency_weights(np.array([0, 3000]), 10.0)  # a history far longer than float32 can weigh
+    assert long[0] == 0.0 and long[-1] == 1.0 and long[-11] == 0.5
     np.testing.assert_allclose(recency_weights(np.array([0, 2]), None), [1.0, 1.0])
 
 

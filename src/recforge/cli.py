@@ -21,7 +21,7 @@ from typing import Annotated, Any
 import typer
 
 from recforge import __version__
-from recforge.errors import RecforgeError
+from recforge.errors import RecforgeError, settings_named_as_options
 
 app = typer.Typer(
     name="recforge",
@@ -46,6 +46,17 @@ SetOpt = Annotated[
 KOpt = Annotated[list[int], typer.Option("--k", "-k", help="List length(s) for top-k metrics; repeatable.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed for splits and models.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr (bars in a terminal, a line per stage elsewhere).")]
+_COLUMNS = "Columns of a data file"
+UserColOpt = Annotated[str | None, typer.Option("--user-col", help="User ids (default: user_id).",
+                                                rich_help_panel=_COLUMNS)]
+ItemColOpt = Annotated[str | None, typer.Option("--item-col", help="Item ids (default: item_id).",
+                                                rich_help_panel=_COLUMNS)]
+RatingColOpt = Annotated[str | None, typer.Option("--rating-col", help="Ratings (default: rating, when present).",
+                                                  rich_help_panel=_COLUMNS)]
+TimeColOpt = Annotated[str | None, typer.Option("--time-col", help="Timestamps (default: timestamp, when present).",
+                                                rich_help_panel=_COLUMNS)]
+SepOpt = Annotated[str | None, typer.Option("--sep", help="Field separator of a CSV or TSV file (default: from the "
+                                            "extension).", rich_help_panel=_COLUMNS)]
 
 
 def _print_version(value: bool) -> None:
@@ -65,10 +76,18 @@ def _root(
     )
 
 
-def _load(dataset: str) -> Any:
+def _columns(user_col: str | None, item_col: str | None, rating_col: str | None, time_col: str | None,
+             sep: str | None) -> dict[str, str]:
+    """The column options given, as the arguments of :func:`recforge.datasets.load` for a data file."""
+    given = {"user_col": user_col, "item_col": item_col, "rating_col": rating_col, "timestamp_col": time_col,
+             "sep": sep}
+    return {key: value for key, value in given.items() if value is not None}
+
+
+def _load(dataset: str, columns: dict[str, str] | None = None) -> Any:
     from recforge.data.datasets import load
 
-    return load(dataset)
+    return load(dataset, **(columns or {}))
 
 
 def _model(name: str, assignments: list[str] | None, quiet: bool = False) -> Any:
@@ -129,12 +148,18 @@ def datasets_list() -> None:
 @datasets_app.command("describe")
 def datasets_describe(
     name: Annotated[str, typer.Argument(help="Dataset name or path.")] = DEFAULT_DATASET,
+    user_col: UserColOpt = None,
+    item_col: ItemColOpt = None,
+    rating_col: RatingColOpt = None,
+    time_col: TimeColOpt = None,
+    sep: SepOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Describe a dataset: counts, density, rating and time ranges."""
     from recforge.data.datasets import describe_dataset
 
-    info = describe_dataset(name)
+    columns = _columns(user_col, item_col, rating_col, time_col, sep)
+    info = describe_dataset(_load(name, columns) if columns else name)
     if as_json:
         _echo_json(info)
     else:
@@ -213,6 +238,11 @@ def _first_sentence(doc: str | None, width: int = 70) -> str:
 def split_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for train/valid/test files.")],
     dataset: DatasetOpt = DEFAULT_DATASET,
+    user_col: UserColOpt = None,
+    item_col: ItemColOpt = None,
+    rating_col: RatingColOpt = None,
+    time_col: TimeColOpt = None,
+    sep: SepOpt = None,
     protocol: Annotated[str, typer.Option(help="A protocol of the registry (see `recforge protocols`).")] = "loo",
     fmt: Annotated[str, typer.Option("--format", help="csv or parquet.")] = "csv",
     seed: SeedOpt = 0,
@@ -223,7 +253,8 @@ def split_cmd(
 
     if fmt not in ("csv", "parquet"):
         raise typer.BadParameter("--format must be csv or parquet")
-    splits = get_protocol(protocol).splits(dataset, seed=seed)
+    columns = _columns(user_col, item_col, rating_col, time_col, sep)
+    splits = get_protocol(protocol).splits(_load(dataset, columns) if columns else dataset, seed=seed)
     for split in splits:
         folder = out if len(splits) == 1 else out / split.name
         for part in ("train", "valid", "test", "history"):
@@ -242,6 +273,11 @@ def train_cmd(
     model: ModelOpt,
     out: Annotated[Path, typer.Option("--out", "-o", help="Artifact folder to write.")],
     dataset: DatasetOpt = DEFAULT_DATASET,
+    user_col: UserColOpt = None,
+    item_col: ItemColOpt = None,
+    rating_col: RatingColOpt = None,
+    time_col: TimeColOpt = None,
+    sep: SepOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -249,7 +285,7 @@ def train_cmd(
     neural models train data-parallel over the processes (one per GPU, or gloo on CPUs) and rank 0 saves."""
     from recforge.neural.distributed import is_main_process
 
-    inter = _load(dataset)
+    inter = _load(dataset, _columns(user_col, item_col, rating_col, time_col, sep))
     est = _model(model, set_, quiet).fit(inter)
     if is_main_process():  # under torchrun every rank trains its share; rank 0 saves
         est.save(out)
@@ -305,10 +341,17 @@ def _model_params(assignments: list[str] | None, names: list[str]) -> dict[str, 
     return out
 
 
-def _split_files(**files: Path | None) -> dict[str, str] | None:
-    """The split files given on the command line as a dataset (None without --train)."""
-    given = {part: str(path) for part, path in files.items() if path is not None}
+def _split_files(columns: dict[str, str], **files: Path | None) -> dict[str, Any] | None:
+    """The split files given on the command line as a dataset (None without --train), with their columns."""
+    given: dict[str, Any] = {part: str(path) for part, path in files.items() if path is not None}
+    if columns:
+        given["columns"] = columns
     return given if "train" in given else None
+
+
+def _with_columns(dataset: str, columns: dict[str, str]) -> str | dict[str, Any]:
+    """A dataset name or path, with the column options when there are any (as the pipeline's config takes it)."""
+    return {"name": dataset, "options": columns} if columns else dataset
 
 
 @app.command("evaluate")
@@ -322,6 +365,11 @@ def evaluate_cmd(
     items: Annotated[Path | None, typer.Option(help="Item side data (item_id, title, genres, ...) for the files.")] = None,
     users: Annotated[Path | None, typer.Option(help="User side data (user_id, features) for the files.")] = None,
     dataset: Annotated[str | None, typer.Option("--dataset", "-d", help="Dataset to split instead of files.")] = None,
+    user_col: UserColOpt = None,
+    item_col: ItemColOpt = None,
+    rating_col: RatingColOpt = None,
+    time_col: TimeColOpt = None,
+    sep: SepOpt = None,
     protocol: Annotated[str, typer.Option(
         help="A protocol of the registry (see `recforge protocols`); with --train/--test files it only says how to "
         "score (e.g. next-event: every TEST row a sample with all earlier events as history).")] = "loo",
@@ -350,8 +398,9 @@ def evaluate_cmd(
         raise DataError("give both --train and --test, or neither (then --dataset and --protocol)")
     if train is None and (valid or items or users):
         raise DataError("--valid, --items and --users go with --train/--test files")
-    data: Any = _split_files(train=train, valid=valid, test=test, items=items, users=users) or (
-        dataset or DEFAULT_DATASET)
+    columns = _columns(user_col, item_col, rating_col, time_col, sep)
+    data: Any = _split_files(columns, train=train, valid=valid, test=test, items=items, users=users) or (
+        _with_columns(dataset or DEFAULT_DATASET, columns))
     params = _model_params(set_, [model])
     trials, seconds = _tune_budget(tune_budget)
     result = compare(data, {model: {"name": model, "params": params.get(model, {})}}, protocol=protocol, k=k,
@@ -383,6 +432,8 @@ def recommend_cmd(
     include_seen: Annotated[bool, typer.Option(help="Allow items the user already has.")] = False,
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write to this file instead of stdout.")] = None,
+    on_unknown: Annotated[str, typer.Option(help="Users the model never saw: raise (an error), warn (skip them "
+                                            "with a warning) or ignore (skip them).")] = "raise",
 ) -> None:
     """Top-k recommendations from a saved model, in the original ids, with titles when known."""
     import numpy as np
@@ -406,7 +457,10 @@ def recommend_cmd(
     if not ids:
         raise DataError("give at least one --user or a --users-file")
     ids = _typed_ids([str(x) for x in ids], est.user_map_, "user")
-    recs = est.recommend(np.asarray(ids), k=k, exclude_seen=not include_seen, with_titles=True)
+    if on_unknown not in ("raise", "warn", "ignore"):
+        raise typer.BadParameter(f"{on_unknown!r}: give raise, warn or ignore", param_hint="--on-unknown")
+    recs = est.recommend(np.asarray(ids), k=k, exclude_seen=not include_seen, with_titles=True,
+                         on_unknown=on_unknown)  # type: ignore[arg-type]
     _write_frame(recs, fmt, out, "recommendations")
 
 
@@ -475,7 +529,7 @@ def _print_tables(result: Any, title: str, protocol: str) -> None:
                           note=None if len(result.leaderboard) else note)
 
 
-def _winner(result: Any, dataset: str, folder: Path) -> None:
+def _winner(result: Any, dataset: str, folder: Path, columns: dict[str, str]) -> None:
     """The best model of the leaderboard fitted on the whole dataset with the parameters it was tested with, saved
     as ``FOLDER/winner``, its top 5 for one user, and the commands to go on with. Models trained by the neural
     trainer are not refitted here (minutes on a CPU): the command to train one is printed instead."""
@@ -496,7 +550,7 @@ def _winner(result: Any, dataset: str, folder: Path) -> None:
     if cls.uses_trainer:
         typer.echo(f"next: recforge train --model {name} -d {dataset}{sets} --out artifacts/{name}")
         return
-    data = _load(dataset)
+    data = _load(dataset, columns)
     started = time.perf_counter()
     model = create_model(name, **{**changed, **({"progress": False} if "progress" in defaults else {})})
     model.fit(data)
@@ -513,9 +567,9 @@ def _records(table: Any) -> list[dict[str, Any]] | None:
 
 
 def _default_compare_folder(dataset: str, protocol: str, k: int | None, seed: int, validation: str,
-                            exclude_seen: bool = True, dedupe: str | None = None) -> Path:
-    """results/compare/<dataset>-<protocol>[-k<k>][-seed<seed>][-<validation>][-seen][-dedupe<policy>]: one folder
-    per experiment, so comparing more models on the same split resumes the trials already run."""
+                            exclude_seen: bool = True, dedupe: str | None = None, metric: str | None = None) -> Path:
+    """results/compare/<dataset>-<protocol>[-k<k>][-seed<seed>][-<validation>][-seen][-dedupe<policy>][-by-<metric>]:
+    one folder per experiment, so comparing more models on the same split resumes the trials already run."""
     from recforge.evaluation import get_protocol
     from recforge.experiments.compare import dataset_slug
 
@@ -525,12 +579,18 @@ def _default_compare_folder(dataset: str, protocol: str, k: int | None, seed: in
     parts += [validation] if validation != "warm" else []
     parts += [] if exclude_seen else ["seen"]
     parts += [f"dedupe{dedupe}"] if dedupe else []
+    parts += [f"by-{metric}"] if metric else []
     return Path("results") / "compare" / "-".join(parts)
 
 
 @app.command("compare")
 def compare_cmd(
     dataset: DatasetOpt = DEFAULT_DATASET,
+    user_col: UserColOpt = None,
+    item_col: ItemColOpt = None,
+    rating_col: RatingColOpt = None,
+    time_col: TimeColOpt = None,
+    sep: SepOpt = None,
     models: Annotated[str, typer.Option(help="Comma-separated model names.")] = DEFAULT_MODELS,
     protocol: Annotated[str, typer.Option(help="A protocol of the registry (see `recforge protocols`): loo, "
                                           "random, temporal, cold-items, folds, next-event, sequence-mrr, ...")] = "loo",
@@ -540,6 +600,8 @@ def compare_cmd(
                                                    "repeatable.")] = None,
     metrics: Annotated[str | None, typer.Option(help="Comma-separated leaderboard columns (every model in one "
                                                 "table).")] = None,
+    metric: Annotated[str | None, typer.Option(help="Sort the leaderboard by this metric, and tune on it "
+                                               "(default: the protocol's first, e.g. ndcg@10).")] = None,
     validation: ValidationOpt = "warm",
     tune: TuneOpt = True,
     tune_budget: TuneBudgetOpt = "8",
@@ -561,13 +623,16 @@ def compare_cmd(
     from recforge.experiments import compare
 
     names = [m.strip() for m in models.split(",") if m.strip()]
-    folder = out or _default_compare_folder(dataset, protocol, k, seed, validation, exclude_seen, dedupe)
+    folder = out or _default_compare_folder(dataset, protocol, k, seed, validation, exclude_seen, dedupe, metric)
     trials, seconds = _tune_budget(tune_budget)
-    result = compare(dataset, names, protocol=protocol, k=k, seed=seed, params=_model_params(set_, names),
+    columns = _columns(user_col, item_col, rating_col, time_col, sep)
+    result = compare(_with_columns(dataset, columns), names, protocol=protocol, k=k, seed=seed,
+                     params=_model_params(set_, names),
                      metrics=[m.strip() for m in metrics.split(",")] if metrics else None,
                      progress=not quiet, out=folder, workers=workers, backend=backend,
                      validation=validation, rank_rating_models=rank_rating_models, tune=tune,
-                     tune_trials=trials, tune_seconds=seconds, exclude_seen=exclude_seen, dedupe=dedupe)
+                     tune_trials=trials, tune_seconds=seconds, exclude_seen=exclude_seen, dedupe=dedupe,
+                     metric=metric)
     if as_json:
         _echo_json({"leaderboard": _records(result.leaderboard), "ratings": _records(result.ratings),
                     "params": result.params, "skipped": result.skipped, "out": str(folder)})
@@ -581,7 +646,7 @@ def compare_cmd(
     for key, value in result.notes.items():
         typer.echo(f"{key}: {value}")
     typer.echo(f"saved: {folder}")
-    _winner(result, dataset, folder)
+    _winner(result, dataset, folder, columns)
 
 
 # ---------------------------------------------------------------------------------------------- run
@@ -705,6 +770,11 @@ def refit_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Artifact folder to write (not one holding the live "
                                       "feedback log).")],
     dataset: DatasetOpt = DEFAULT_DATASET,
+    user_col: UserColOpt = None,
+    item_col: ItemColOpt = None,
+    rating_col: RatingColOpt = None,
+    time_col: TimeColOpt = None,
+    sep: SepOpt = None,
     feedback_dir: Annotated[
         Path | None, typer.Option(help="The service's feedback log (default: ARTIFACT/feedback).")
     ] = None,
@@ -719,7 +789,7 @@ def refit_cmd(
     if folder == out.resolve() or out.resolve() in folder.parents:
         raise DataError(f"--out {out} holds the feedback log {folder}: replacing it would lose acknowledged "
                         "events; write the new artifact elsewhere, or keep the log outside (serve --feedback-dir)")
-    model = refit_with_feedback(artifact, _load(dataset), folder)
+    model = refit_with_feedback(artifact, _load(dataset, _columns(user_col, item_col, rating_col, time_col, sep)), folder)
     model.save(out)
     typer.echo(f"refitted {model.name} on {dataset} plus the feedback log in {model.fit_seconds_:.2f}s -> {out}")
 
@@ -731,6 +801,11 @@ DEFAULT_POLICIES = "random,pop,greedy-static,greedy,hybrid,linucb,thompson"
 @app.command("simulate")
 def simulate_cmd(
     dataset: DatasetOpt = DEFAULT_DATASET,
+    user_col: UserColOpt = None,
+    item_col: ItemColOpt = None,
+    rating_col: RatingColOpt = None,
+    time_col: TimeColOpt = None,
+    sep: SepOpt = None,
     policies: Annotated[
         str,
         typer.Option(help="Comma-separated policies: random, pop, greedy (ALS updated by clicks), greedy-static, "
@@ -775,7 +850,7 @@ def simulate_cmd(
             name, params = "greedy", {"learn": False, **params}
         policy_class(name, [*params, *(["truth"] if label == "oracle" else [])])
         plan.append((label, name, params))
-    data = _load(dataset)
+    data = _load(dataset, _columns(user_col, item_col, rating_col, time_col, sep))
     envs = make_environments(data, n_train_users=train_users, n_test_users=test_users, seed=seed)
     results = []
     for label, name, params in plan:
@@ -792,7 +867,8 @@ def main() -> None:
     """Entry point: run the CLI; recforge errors become one line and exit status 2, usage errors click's one line
     and usage hint (exit 2), Ctrl-C exit status 130."""
     try:
-        code = app(standalone_mode=False, prog_name="recforge")
+        with settings_named_as_options():
+            code = app(standalone_mode=False, prog_name="recforge")
         sys.exit(code if isinstance(code, int) else 0)  # --version and --help end in an exit code here
     except RecforgeError as exc:
         typer.echo(f"error: {exc}", err=True)

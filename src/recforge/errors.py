@@ -6,6 +6,33 @@ can catch one class and show its message, which always names the problem and, wh
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
+#: How messages name a setting: as a Python argument, or (set by the CLI) as the command-line option.
+_STYLE: ContextVar[str] = ContextVar("recforge_error_style", default="python")
+#: Python arguments whose command-line option is not their name in kebab case.
+_OPTIONS = {"timestamp_col": "--time-col"}
+
+
+def argument(name: str, value: str | None = None) -> str:
+    """How a message tells the user to pass setting ``name`` (``value``: an example): ``user_col=...`` or
+    ``on_unknown='warn'`` in Python, ``--user-col ...`` or ``--on-unknown warn`` under the CLI."""
+    if _STYLE.get() == "cli":
+        return f"{_OPTIONS.get(name, '--' + name.replace('_', '-'))} {value or '...'}"
+    return f"{name}={'...' if value is None else repr(value)}"
+
+
+@contextmanager
+def settings_named_as_options() -> Iterator[None]:
+    """Within this block, messages name settings as command-line options (the CLI runs its commands in one)."""
+    token = _STYLE.set("cli")
+    try:
+        yield
+    finally:
+        _STYLE.reset(token)
+
 
 class RecforgeError(Exception):
     """Base class of every error recforge raises on purpose."""

@@ -8,7 +8,7 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from recforge.errors import DataError, UnknownIdError
+from recforge.errors import DataError, UnknownIdError, argument
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +139,7 @@ class IdMap:
         if on_unknown == "keep":
             return np.where(missing, -1, idx).astype(np.int32)
         if on_unknown == "raise":
-            raise UnknownIdError(msg + "; pass on_unknown='warn' or 'ignore' to skip them")
+            raise UnknownIdError(msg + f"; pass {argument('on_unknown', 'warn')} or {argument('on_unknown', 'ignore')} to skip them")
         if on_unknown == "warn":
             log.warning("%s were skipped", msg)
         elif on_unknown != "ignore":

@@ -17,7 +17,7 @@ import scipy.sparse as sp
 from recforge.data.idmap import IdMap, _as_id_array
 from recforge.data.io import read_table
 from recforge.data.sidedata import align_side_data
-from recforge.errors import DataError, DuplicateInteractionError, EmptyDatasetError, UnknownIdError
+from recforge.errors import DataError, DuplicateInteractionError, EmptyDatasetError, UnknownIdError, argument
 
 log = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ class Interactions:
             if name not in frame.columns:
                 raise DataError(
                     f"missing {arg.split('_')[0]} column {name!r}; the data has columns {list(frame.columns)}; "
-                    f"pass {arg}=... to name the right one"
+                    f"pass {argument(arg)} to name the right one"
                 )
         cols: dict[str, str | None] = {}
         for arg, name in (("rating_col", rating_col), ("timestamp_col", timestamp_col), ("weight_col", weight_col)):
@@ -239,7 +239,8 @@ class Interactions:
             n_bad = int((~keep).sum())
             if on_unknown == "raise":
                 raise UnknownIdError(
-                    f"{n_bad} rows have user or item ids outside the given id maps; pass on_unknown='warn' or 'ignore'"
+                    f"{n_bad} rows have user or item ids outside the given id maps; pass "
+                    f"{argument('on_unknown', 'warn')} or {argument('on_unknown', 'ignore')}"
                 )
             if on_unknown == "warn":
                 log.warning("dropped %d rows with ids outside the given id maps", n_bad)

@@ -64,6 +64,10 @@ class Protocol:
             if isinstance(data, Interactions):
                 raise DataError(f"the {self.name!r} protocol reads the official ML-100K fold files: pass the "
                                 "ml-100k folder, not loaded interactions")
+            if str(data).lower() != "ml-100k" and not Path(data).exists():
+                raise DataError(f"the {self.name!r} protocol reads the official ML-100K folds u1..u5, which "
+                                f"{str(data)!r} does not have: give the ml-100k folder or zip as the dataset "
+                                "(`recforge datasets fetch ml-100k` downloads it)")
             return self.make(data, seed)
         return self.make(data if isinstance(data, Interactions) else load(data), seed)
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from recforge.data.interactions import Interactions
+from recforge.errors import DataError
 from recforge.evaluation.protocols import get_protocol
 from recforge.experiments.config import ExperimentConfig
 from recforge.experiments.runner import ExperimentResult, ExperimentRunner
@@ -67,6 +68,7 @@ def compare(
     tune: bool = False,
     tune_trials: int | None = DEFAULT_TUNE_TRIALS,
     tune_seconds: float | None = None,
+    metric: str | None = None,
 ) -> ExperimentResult:
     """Fit, tune and test several models on the same split(s) through the fitting pipeline.
 
@@ -80,7 +82,8 @@ def compare(
     fitted models (``result.models``; they are fitted in this process). Rating models are skipped (with a
     warning) on data without ratings. ``tune``: models given without a grid or space are tuned on validation in
     their own ``search_space`` (their defaults first), ``tune_trials`` trials and/or ``tune_seconds`` each; split
-    files without a validation file then have one carved from TRAIN.
+    files without a validation file then have one carved from TRAIN. ``metric``: what the leaderboard is sorted
+    by and models are tuned on (default: the protocol's first metric, e.g. ``ndcg@10``).
     """
     specs: list[dict[str, Any]] = []
     if isinstance(models, Mapping):
@@ -105,7 +108,11 @@ def compare(
         raw["k"] = [k] if isinstance(k, int) else list(k)
     # tuned on what the leaderboard ranks by (the protocol's first column for these list lengths)
     scoring = get_protocol(protocol)
-    raw["select_metric"] = scoring.default_metrics(raw.get("k") or scoring.ks)[0]
+    available = scoring.default_metrics(raw.get("k") or scoring.ks)
+    if metric is not None and metric not in available:
+        raise DataError(f"cannot sort by {metric!r} under the {scoring.name} protocol; its metrics: "
+                        f"{', '.join(available)}")
+    raw["select_metric"] = metric or available[0]
     if metrics:
         raw["metrics"] = list(metrics)
     cfg = ExperimentConfig.from_dict(_drop_progress_where_unknown(raw))

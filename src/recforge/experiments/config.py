@@ -32,7 +32,7 @@ PRUNERS = ("median", "hyperband", "none")
 #: its histories where it can take them) or ``off`` (fit on train + validation without validation, as configured).
 VALIDATION_MODES = ("refit", "warm", "reuse", "off")
 #: The parts of a dataset given as split files (``dataset: {train: ..., test: ...}``).
-SPLIT_FILES = ("train", "valid", "test", "items", "users")
+SPLIT_FILES = ("train", "valid", "test", "items", "users", "columns")
 
 
 @dataclass
@@ -174,7 +174,7 @@ class ExperimentConfig:
             extra = sorted(set(cfg.dataset) - set(SPLIT_FILES))
             if extra or "train" not in cfg.dataset or "test" not in cfg.dataset:
                 raise DataError(f"dataset must be a name, {{name, options}} or split files {{train, test[, valid, "
-                                f"items, users]}}; got keys {sorted(cfg.dataset)}")
+                                f"items, users, columns]}}; got keys {sorted(cfg.dataset)}")
             if cfg.filters:
                 raise DataError("split files are used as they are: give no 'filters'")
         for name in cfg.filters:

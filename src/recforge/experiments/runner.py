@@ -614,6 +614,8 @@ class ExperimentRunner:
             recall in r.per_user and np.array_equal(r.per_user[recall], r.per_user[hr]) for r in ranked.values()
         ):
             board_metrics.remove(recall)  # one relevant item per user: recall@k is hr@k again
+        if cfg.select_metric in board_metrics:  # ranked by what the models were tuned on
+            board_metrics.insert(0, board_metrics.pop(board_metrics.index(cfg.select_metric)))
         seen = "seen items excluded" if self.protocol.excludes_seen(cfg.exclude_seen) else "seen items kept"
         board = (self._board(ranked, board_metrics, f"{cfg.name}: {cfg.protocol}, {seen}") if ranked
                  else pd.DataFrame({"model": []}))

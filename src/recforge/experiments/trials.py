@@ -27,7 +27,7 @@ from recforge.data import split as S
 from recforge.data.datasets import load
 from recforge.data.interactions import Interactions
 from recforge.data.io import atomic_path, read_table, write_table
-from recforge.errors import DataError, EmptyDatasetError, UnsupportedError
+from recforge.errors import DataError, EmptyDatasetError, UnsupportedError, argument
 from recforge.evaluation.protocols import get_protocol
 from recforge.experiments.config import ExperimentConfig
 from recforge.models import create_model, get_model_class
@@ -152,19 +152,32 @@ def load_data(cfg: ExperimentConfig, data: Interactions | None = None) -> Intera
     return data
 
 
+#: The columns split files are read by, and the option that names each one otherwise.
+_FILE_COLUMNS = {"user_col": "user_id", "item_col": "item_id", "rating_col": "rating", "timestamp_col": "timestamp"}
+
+
 def read_split_files(files: dict[str, Any], carve_valid: bool = False, seed: int = 0) -> S.Split:
     """A split made elsewhere: train/valid/test tables (CSV, Parquet, ...: ``user_id,item_id[,rating,timestamp]``)
     indexed with one shared id map, with optional item and user side data (``items``, ``users``: tables with an
     ``item_id`` / ``user_id`` column). ``carve_valid``: without a VALID file, hold one event per user out of TRAIN
-    as the validation part (:func:`~recforge.data.split.holdout_one`: the last by time, else a random one)."""
+    as the validation part (:func:`~recforge.data.split.holdout_one`: the last by time, else a random one).
+    ``columns``: other names of the columns (``user_col``, ``item_col``, ``rating_col``, ``timestamp_col``) and the
+    CSV separator (``sep``)."""
+    columns = dict(files.get("columns") or {})
+    unknown = sorted(set(columns) - set(_FILE_COLUMNS) - {"sep"})
+    if unknown:
+        raise DataError(f"unknown column option(s) {unknown} for split files; known: {[*_FILE_COLUMNS, 'sep']}")
+    renames = {columns[arg]: name for arg, name in _FILE_COLUMNS.items() if arg in columns}
     frames, parts = [], []
     for part in ("train", "valid", "test"):
         if files.get(part) is None:
             continue
-        df = read_table(files[part])
-        missing = [c for c in ("user_id", "item_id") if c not in df.columns]
+        df = read_table(files[part], sep=columns.get("sep")).rename(columns=renames)
+        missing = [(arg, c) for arg, c in (("user_col", "user_id"), ("item_col", "item_id")) if c not in df.columns]
         if missing:
-            raise DataError(f"{part.upper()} file lacks column(s) {missing}; it has {list(df.columns)}")
+            raise DataError(f"{part.upper()} file lacks the column(s) {[columns.get(a, c) for a, c in missing]}; it "
+                            f"has {list(df.columns)}; pass {' and '.join(argument(a) for a, _ in missing)} to name "
+                            "yours")
         if len(df) == 0:
             raise DataError(f"{part.upper()} file has no rows")
         frames.append(df)

@@ -28,8 +28,12 @@ def recency_weights(offsets: np.ndarray, half_life: float | None) -> np.ndarray:
     n = int(offsets[-1])
     if not half_life:
         return np.ones(n, np.float32)
-    after = np.repeat(offsets[1:], lengths) - 1 - np.arange(n)
-    return np.power(0.5, after / float(half_life)).astype(np.float32)
+    halvings = (np.repeat(offsets[1:], lengths) - 1 - np.arange(n)) / float(half_life)
+    # Events more than 126 half-lives back weigh less than float32 can hold: zero (not an underflow).
+    weights = np.zeros(n, np.float32)
+    kept = halvings < 126
+    weights[kept] = np.exp2(-halvings[kept])
+    return weights
 
 
 @register("content")
