@@ -93,15 +93,20 @@ def test_evaluate_matches_python_api(files: tuple[Path, Path]) -> None:
         (["evaluate", "--dataset", "ml-latest-small", "--protocol", "nope", "--model", "pop"], "unknown protocol"),
     ],
 )
-def test_bad_input_one_line_error(files: tuple[Path, Path], tmp_path: Path, args: list[str], message: str) -> None:
+def test_bad_input_one_line_error(files: tuple[Path, Path], tmp_path: Path, args: list[str], message: str,
+                                  monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from recforge.cli import main
+
     train, test = files
     bad = tmp_path / "bad.csv"
     pd.DataFrame({"user": [1], "item_id": [2]}).to_csv(bad, index=False)
-    args = [a.format(train=train, test=test, bad=bad) for a in args]
-    out = run(*args, cwd=tmp_path)
-    assert out.returncode != 0
-    assert message in out.stderr
-    assert "Traceback" not in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["recforge", *(a.format(train=train, test=test, bad=bad) for a in args)])
+    with pytest.raises(SystemExit) as exited:  # in this process: the entry point itself is tested in test_cli_usage
+        main()
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_train_recommend_split(tmp_path: Path) -> None:
