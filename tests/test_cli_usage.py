@@ -199,3 +199,19 @@ def test_folds_needs_ml_100k_and_metric_sorts(tmp_path, monkeypatch, capsys) -> 
     assert code == 0, text
     board = pd.read_csv(tmp_path / "c" / "leaderboard.csv")
     assert list(board.columns[1:4]) == ["mrr", "mrr_lo", "mrr_hi"] and board["mrr"].is_monotonic_decreasing
+
+
+def test_a_huge_id_is_an_unknown_user_and_a_bad_dedupe_policy_is_named(tmp_path, monkeypatch, capsys) -> None:
+    from recforge.data import Interactions
+    from recforge.errors import DataError
+
+    code, text = _main(["train", "-m", "pop", "-o", str(tmp_path / "pop"), "-q"], monkeypatch, capsys)
+    huge = "9" * 30  # beyond int64: cannot be one of the model's integer ids
+    code, text = _main(["recommend", str(tmp_path / "pop"), "--user", huge], monkeypatch, capsys)
+    assert code == 2 and f"1 unknown users (e.g. {huge})" in text and "Traceback" not in text
+    code, text = _main(["recommend", str(tmp_path / "pop"), "--user", huge, "--user", "1", "-k", "1",
+                        "--on-unknown", "ignore", "--format", "csv"], monkeypatch, capsys)
+    assert code == 0 and text.count("\n1,") == 1  # the known user still gets its list
+    data = Interactions.from_frame(pd.DataFrame({"user_id": [1, 1], "item_id": [2, 2]}))
+    with pytest.raises(DataError, match="unknown duplicate policy 'max'"):
+        data.deduplicate("max")  # type: ignore[arg-type]

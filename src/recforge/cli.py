@@ -609,7 +609,7 @@ def compare_cmd(
     exclude_seen: Annotated[bool, typer.Option(help="Leave each user's earlier items out of the rankings (--no-"
                                                "exclude-seen counts re-consumption).")] = True,
     dedupe: Annotated[str | None, typer.Option(help="Keep one event per user-item pair before splitting: first, "
-                                               "last, sum or max (of the ratings or weights).")] = None,
+                                               "last, sum or mean (of the ratings or weights).")] = None,
     workers: WorkersOpt = 1,
     backend: BackendOpt = "auto",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Results folder (default: results/compare/"

@@ -122,9 +122,14 @@ class IdMap:
             elif arr.dtype.kind in "US" or arr.dtype == object:
                 try:
                     arr = arr.astype(np.int64)
-                except (TypeError, ValueError):
-                    arr = np.full(len(arr), -1, dtype=np.int64)  # non-numeric strings can't be int ids
-                    return self._handle_unknown(arr, np.ones(len(arr), bool), ids, on_unknown, what)
+                except (TypeError, ValueError, OverflowError):  # some are not int64 ids: those are unknown
+                    as_int = [_int64_or_none(v) for v in arr.tolist()]
+                    unusable = np.array([v is None for v in as_int])
+                    arr = np.array([-1 if v is None else v for v in as_int], dtype=np.int64)
+                    idx = np.where(unusable, -1, self._index.get_indexer(arr))
+                    if unusable.any() or (idx < 0).any():
+                        return self._handle_unknown(idx, idx < 0, ids, on_unknown, what)
+                    return idx.astype(np.int32)
         idx = self._index.get_indexer(arr)
         missing = idx < 0
         if missing.any():
@@ -174,3 +179,12 @@ class IdMap:
     def take(self, indices: np.ndarray) -> IdMap:
         """A new map holding only the given indices (renumbered densely in the given order)."""
         return IdMap(self._ids[np.asarray(indices)])
+
+
+def _int64_or_none(value: object) -> int | None:
+    """``value`` as an int64 id, or ``None`` when it is not one (not an integer, or beyond int64)."""
+    try:
+        number = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return None
+    return number if -(2**63) <= number < 2**63 else None

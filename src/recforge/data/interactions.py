@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 import numpy as np
 import pandas as pd
@@ -420,6 +420,8 @@ class Interactions:
 
     def deduplicate(self, policy: DuplicatePolicy = "last") -> Interactions:
         """Resolve repeated (user, item) pairs: see :meth:`from_frame` for the policies."""
+        if policy not in get_args(DuplicatePolicy):
+            raise DataError(f"unknown duplicate policy {policy!r}; choose one of {', '.join(get_args(DuplicatePolicy))}")
         if policy == "keep":
             return self
         key = self.users.astype(np.int64) * self.n_items + self.items

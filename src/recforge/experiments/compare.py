@@ -78,7 +78,7 @@ def compare(
     ``validation``: ``warm`` (default: models early-stopped on validation continue on train + validation for a
     tenth of their epochs), ``refit`` (from scratch), ``reuse`` or ``off`` (see :mod:`recforge.experiments.runner`);
     ``exclude_seen``: leave each user's training items out of the rankings; ``dedupe`` (``first``, ``last``,
-    ``sum``, ``max``): keep one event per (user, item) pair before splitting; ``keep_models``: hand back the final
+    ``sum``, ``mean``): keep one event per (user, item) pair before splitting; ``keep_models``: hand back the final
     fitted models (``result.models``; they are fitted in this process). Rating models are skipped (with a
     warning) on data without ratings. ``tune``: models given without a grid or space are tuned on validation in
     their own ``search_space`` (their defaults first), ``tune_trials`` trials and/or ``tune_seconds`` each; split
