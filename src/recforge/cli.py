@@ -218,9 +218,7 @@ def models_list(
     summary = " ".join(doc.split("\n\n")[0].replace("``", "").split())
     typer.echo(f"{cls.name} ({cls.__name__}, {'rating' if cls.predicts_ratings else 'top-n'}, learns from "
                f"{cls.learns}): {summary}\n")
-    signature = inspect.signature(cls.__init__)
-    for param in cls._param_names():
-        default = signature.parameters[param].default
+    for param, default in cls.default_params().items():
         searched = " (tuned)" if param in cls.search_space else ""
         typer.echo(f"  {param:<20} {default!r}{searched}")
 
@@ -533,7 +531,6 @@ def _winner(result: Any, dataset: str, folder: Path, columns: dict[str, str]) ->
     """The best model of the leaderboard fitted on the whole dataset with the parameters it was tested with, saved
     as ``FOLDER/winner``, its top 5 for one user, and the commands to go on with. Models trained by the neural
     trainer are not refitted here (minutes on a CPU): the command to train one is printed instead."""
-    import inspect
     import time
 
     from recforge.models import create_model, get_model_class
@@ -544,7 +541,7 @@ def _winner(result: Any, dataset: str, folder: Path, columns: dict[str, str]) ->
     label = str(table.loc[0, "model"])
     name = result.trials[label][0].model
     cls = get_model_class(name)
-    defaults = {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()}
+    defaults = cls.default_params()
     changed = {k: v for k, v in result.params.get(label, {}).items() if k != "progress" and defaults.get(k) != v}
     sets = "".join(f" --set {k}={json.dumps(v)}" for k, v in sorted(changed.items()))
     if cls.uses_trainer:

@@ -9,7 +9,6 @@ its :class:`TrialResult` is what the results folder stores, one JSON record and 
 from __future__ import annotations
 
 import hashlib
-import inspect
 import json
 import logging
 import math
@@ -132,8 +131,7 @@ def trial_id(model: str, params: dict[str, Any], part: str, split_index: int, se
     updated with ``params``, so a run resumed after an upgrade that changed a default fits that model again
     instead of reading back results of the old default."""
     cls = get_model_class(model)
-    defaults = {p.name: p.default for p in inspect.signature(cls.__init__).parameters.values()
-                if p.default is not inspect.Parameter.empty and p.name not in _DISPLAY_PARAMS}
+    defaults = {k: v for k, v in cls.default_params().items() if k not in _DISPLAY_PARAMS}
     resolved = {**defaults, **params}
     key = json.dumps({"model": model, "params": resolved, "part": part, "split": split_index, "seed": seed},
                      sort_keys=True, default=str)

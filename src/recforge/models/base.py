@@ -134,6 +134,13 @@ class Recommender:
         return [p.name for p in sig.parameters.values() if p.name != "self" and p.kind == p.POSITIONAL_OR_KEYWORD]
 
     @classmethod
+    def default_params(cls) -> dict[str, Any]:
+        """Each hyper-parameter's default (those the constructor requires are left out)."""
+        sig = inspect.signature(cls.__init__)
+        return {name: sig.parameters[name].default for name in cls._param_names()
+                if sig.parameters[name].default is not inspect.Parameter.empty}
+
+    @classmethod
     def check_param_names(cls, params: dict[str, Any]) -> dict[str, Any]:
         """``params`` with renamed parameters translated (FutureWarning); unknown names raise
         :class:`~recforge.errors.ParameterError` listing the valid ones."""
