@@ -108,6 +108,7 @@ def test_tiny_data_averages_members(tiny_frame: pd.DataFrame, caplog: pytest.Log
     with caplog.at_level(logging.WARNING):
         model = Blend(models=["bias", "globalmean"]).fit(Interactions.from_frame(tiny_frame))
     np.testing.assert_array_equal(model.weights_, [0.5, 0.5])
+    assert model.member_weights_ == {"bias": 0.5, "globalmean": 0.5}
     assert model.intercept_ == 0 and "averaging" in caplog.text
 
 

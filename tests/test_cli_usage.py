@@ -88,6 +88,14 @@ def test_a_bad_value_is_one_line_and_the_usage(path: list[str], monkeypatch: pyt
     _check_usage_error(code, text, "Invalid value")
 
 
+@pytest.mark.parametrize("path", [["compare"], ["evaluate", "--train", "x", "--test", "y"], ["recommend", "x"],
+                                  ["similar", "x"]], ids=["compare", "evaluate", "recommend", "similar"])
+def test_a_list_length_below_one_is_a_usage_error(path: list[str], monkeypatch: pytest.MonkeyPatch,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    code, text = _main([*path, "-k", "0"], monkeypatch, capsys)
+    _check_usage_error(code, text, "'-k': Input should be greater than or equal to 1")
+
+
 def test_version_and_an_unknown_command(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     code, text = _main(["--version"], monkeypatch, capsys)
     assert code == 0 and text.strip() == f"recforge {__version__}"
@@ -158,6 +166,8 @@ def test_own_column_names_on_every_command_that_reads_a_file(own_csv: dict[str, 
     assert "user_col=" not in text  # the CLI names its options, not Python arguments
     code, text = _main(["datasets", "describe", events, *cols], monkeypatch, capsys)
     assert code == 0 and "interactions: 1,500" in text
+    code, text = _main(["datasets", "describe", "ml-latest-small", "--user-col", "u"], monkeypatch, capsys)
+    assert code == 2 and "(--user-col: they are for data files)" in text
     code, text = _main(["evaluate", "--train", str(folder / "train.csv"), "--test", str(folder / "test.csv"),
                         "--model", "pop", "--no-tune", "--json", "-q", *cols[:4], "--sep", ";"], monkeypatch, capsys)
     assert code == 0 and '"hr@10"' in text
@@ -215,3 +225,34 @@ def test_a_huge_id_is_an_unknown_user_and_a_bad_dedupe_policy_is_named(tmp_path,
     data = Interactions.from_frame(pd.DataFrame({"user_id": [1, 1], "item_id": [2, 2]}))
     with pytest.raises(DataError, match="unknown duplicate policy 'max'"):
         data.deduplicate("max")  # type: ignore[arg-type]
+
+
+def test_run_describes_its_config(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out = _main(["run", "--help-config"], monkeypatch, capsys)  # no config file needed
+    assert code == 0 and "select_metric: string" in out and "search: " in out
+
+
+def test_compare_writes_a_new_run_and_never_replaces_one_unasked(own_csv: dict[str, Any], tmp_path, monkeypatch,
+                                                                 capsys) -> None:
+    monkeypatch.chdir(tmp_path)
+    base = ["compare", "-d", str(own_csv["folder"] / "events.csv"), *own_csv["cols"], "--models", "pop", "--no-tune",
+            "-q"]
+
+    def saved(argv: list[str]) -> str:
+        code, text = _main([*base, *argv], monkeypatch, capsys)
+        assert code == 0, text
+        return next(line for line in text.splitlines() if line.startswith("saved: "))[7:]
+
+    first = saved([])
+    assert first == "results/compare/events.csv-loo" and saved([]) == first + "-2"  # the first run is kept
+    assert saved(["--resume"]) == first + "-2"  # the latest run, continued
+    code, text = _main([*base, "-o", first], monkeypatch, capsys)
+    assert code == 2 and "holds an earlier run: --resume adds to it, --overwrite replaces it" in text
+    stamp = (tmp_path / first / "config.json").stat().st_mtime_ns
+    assert saved(["-o", first, "--overwrite"]) == first and (tmp_path / first / "config.json").stat().st_mtime_ns > stamp
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    code, text = _main([*base, "-o", "mine", "--overwrite"], monkeypatch, capsys)
+    assert code == 2 and "not a results folder" in text and (tmp_path / "mine" / "notes.txt").exists()
+    code, text = _main([*base, "--resume", "--overwrite"], monkeypatch, capsys)
+    assert code == 2 and "not both" in text

@@ -39,6 +39,40 @@ def test_config_round_trips_and_rejects_bad_fields(tmp_path: Path) -> None:
         ExperimentConfig.from_file(tmp_path / "c.yaml")
 
 
+
+def test_config_errors_name_the_field_in_one_line() -> None:
+    cases = (
+        ({"exclude_seen": "no"}, "exclude_seen: must be a valid boolean, got 'no'"),
+        ({"k": [10, 0]}, r"k\[1\]: must be greater than or equal to 1, got 0"),
+        ({"search": {"n_trials": None}}, "n_trials may be null only with a search.timeout"),
+        ({"search": {"trials": 3}}, "unknown field 'search.trials'"),
+        ({"dataset": {"train": "a.csv"}}, "needs a 'dataset.test' field"),
+        ({"dataset": {"name": "synthetic", "opts": {}}}, "unknown field 'dataset.opts'"),
+        ({"models": ["pop", {"name": "ease", "grid": {"reg": []}}]}, r"models\[1\].grid.reg: must be a non-empty"),
+        ({"models": [{"name": "ease", "space": {"reg": {"low": 1}}}]}, "space.reg needs low and high"),
+        ({"models": [{"name": "ease", "grdi": {}}]}, r"unknown field 'models\[0\].grdi'"),
+        ({"validation": "sometimes"}, "validation: must be 'refit', 'warm', 'reuse' or 'off'"),
+        ({"dataset": {"train": "a", "test": "b"}, "filters": {"k_core": 2}}, "give no 'filters'"),
+    )
+    for bad, message in cases:
+        with pytest.raises(DataError, match=message) as err:
+            config(**bad)
+        assert "\n" not in str(err.value)
+    with pytest.raises(DataError, match="needs a 'name' field"):
+        ExperimentConfig.from_dict({"dataset": "x", "models": ["pop"]})
+    assert config(validation=False).validation == "off"  # YAML's bare `off`
+    assert config(k=10).k == [10]
+
+
+def test_config_reference_describes_every_field() -> None:
+    from recforge.experiments.config import ModelSpec, SearchBudget, SplitFiles, config_reference
+
+    text = config_reference()
+    for model in (ExperimentConfig, ModelSpec, SearchBudget, SplitFiles):
+        for name, info in model.model_fields.items():
+            assert f"  {name}: " in text and info.description, name
+    assert '"refit" | "warm" | "reuse" | "off"  (default "refit")' in text
+
 def test_run_tunes_on_validation_writes_results_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "res"
     table = run_experiment(config(), out, progress=False).leaderboard
@@ -268,7 +302,7 @@ def test_models_that_validate_are_tuned_on_validation_then_refitted(tmp_path: Pa
     assert 1 <= tuned <= 8 and json.loads(sas.loc["test", "params"])["epochs"] == tuned  # refitted for that long
     assert res.params["sasrec"] == {**SAS["params"], "epochs": tuned}
     assert list(_rows(tmp_path / "r", "pop").index) == ["test"]  # nothing to tune: fitted once
-    with pytest.raises(DataError, match="validation must be one of"):
+    with pytest.raises(DataError, match="validation: must be 'refit'"):
         config(validation="sometimes")
 
 

@@ -59,6 +59,7 @@ def test_scoreblend_weights_pick_the_best_validation_mix(loo: S.Split) -> None:
     scores = model.valid_scores_
     assert scores["blend"] >= max(scores["ease"], scores["content"])
     assert np.isclose(model.weights_.sum(), 1.0)
+    assert model.member_weights_ == {"ease": model.weights_[0], "content": model.weights_[1]}
     fixed = create_model("scoreblend", params=MEMBERS, weights=[1.0, 0.0]).fit(loo.train)
     ease = fixed.members_[0]
     np.testing.assert_array_equal(fixed.recommend_indices(np.arange(20), 10, fixed.seen_)[0],

@@ -28,13 +28,16 @@ def test_the_readme_has_python_examples() -> None:
 
 
 def _first_users(load: Callable[..., Interactions], n_users: int) -> Callable[..., Interactions]:
-    """``load``, cut to the users with the ``n_users`` smallest ids (their item side data kept)."""
+    """``load``, cut to the users with the ``n_users`` smallest ids and the side data of their items."""
 
     def small(name: str, **options: object) -> Interactions:
         data = load(name, **options)
         frame = data.to_frame()
+        frame = frame[frame["user_id"] <= n_users]
         items = None if data.item_data is None else data.item_data.reset_index()
-        return Interactions.from_frame(frame[frame["user_id"] <= n_users], item_data=items)
+        if items is not None:
+            items = items[items[items.columns[0]].isin(frame["item_id"])]  # the id column comes first
+        return Interactions.from_frame(frame, item_data=items)
 
     return small
 

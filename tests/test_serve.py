@@ -124,7 +124,7 @@ def test_feedback_is_logged_and_applied_at_once(client: TestClient, planted: Int
     user = int(planted.user_map.ids[3])
     top = client.get("/recommend", params={"user": user, "k": 3}).json()["items"][0]["item_id"]
     ack = client.post("/feedback", json={"events": [{"user": user, "item": top, "rating": 5}]}, headers=key).json()
-    assert ack == {"accepted": 1, "total": 1}
+    assert ack == {"accepted": 1, "applied": 1, "excluded": 0, "kept": 0, "outcomes": ["applied"], "total": 1}
     after = [r["item_id"] for r in client.get("/recommend", params={"user": user, "k": 3}).json()["items"]]
     assert top not in after  # seen at once
     # a brand-new user becomes known through feedback (EASE folds it in)
@@ -161,11 +161,13 @@ def test_models_without_partial_fit_still_exclude_feedback(planted: Interactions
     client = TestClient(create_app(path, feedback_dir=tmp_path / "fb"))
     user = int(planted.user_map.ids[0])
     top = client.get("/recommend", params={"user": user, "k": 1}).json()["items"][0]["item_id"]
-    assert client.post("/feedback", json={"events": [{"user": user, "item": top}]}).status_code == 200
+    events = [{"user": user, "item": top}, {"user": 555555, "item": top}]  # a user the model cannot learn online
+    ack = client.post("/feedback", json={"events": events}).json()
+    assert ack["outcomes"] == ["excluded", "kept"] and ack["kept"] == 1
     assert top not in [r["item_id"] for r in client.get("/recommend", params={"user": user, "k": 5}).json()["items"]]
     # and after a restart, from the log alone
     again = TestClient(create_app(path, feedback_dir=tmp_path / "fb"))
-    assert again.get("/health").json()["feedback_events"] == 1
+    assert again.get("/health").json()["feedback_events"] == 2
     assert top not in [r["item_id"] for r in again.get("/recommend", params={"user": user, "k": 5}).json()["items"]]
 
 

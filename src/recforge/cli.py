@@ -7,6 +7,7 @@ Commands import what they need when they run, so ``recforge --help`` answers wit
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
@@ -43,7 +44,7 @@ ModelOpt = Annotated[str, typer.Option("--model", "-m", help="Model name (see `r
 SetOpt = Annotated[
     list[str] | None, typer.Option("--set", help="Model parameter as name=value; repeatable.")
 ]
-KOpt = Annotated[list[int], typer.Option("--k", "-k", help="List length(s) for top-k metrics; repeatable.")]
+KOpt = Annotated[list[int], typer.Option("--k", "-k", min=1, help="List length(s) for top-k metrics; repeatable.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed for splits and models.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr (bars in a terminal, a line per stage elsewhere).")]
 _COLUMNS = "Columns of a data file"
@@ -372,7 +373,7 @@ def evaluate_cmd(
         help="A protocol of the registry (see `recforge protocols`); with --train/--test files it only says how to "
         "score (e.g. next-event: every TEST row a sample with all earlier events as history).")] = "loo",
     set_: SetOpt = None,
-    k: Annotated[list[int] | None, typer.Option("--k", "-k", help="List length(s); repeatable (default: the "
+    k: Annotated[list[int] | None, typer.Option("--k", "-k", min=1, help="List length(s); repeatable (default: the "
                                                 "protocol's).")] = None,
     exclude_seen: Annotated[bool, typer.Option(help="Exclude each user's training items.")] = True,
     validation: ValidationOpt = "warm",
@@ -426,7 +427,7 @@ def recommend_cmd(
     artifact: Annotated[Path, typer.Argument(help="Model artifact folder written by `recforge train`.")],
     user: Annotated[list[str] | None, typer.Option("--user", "-u", help="User id; repeatable.")] = None,
     users_file: Annotated[Path | None, typer.Option(help="File with a user_id column (or one id per line).")] = None,
-    k: Annotated[int, typer.Option("--k", "-k", help="Number of items per user.")] = 10,
+    k: Annotated[int, typer.Option("--k", "-k", min=1, help="Number of items per user.")] = 10,
     include_seen: Annotated[bool, typer.Option(help="Allow items the user already has.")] = False,
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write to this file instead of stdout.")] = None,
@@ -498,7 +499,7 @@ def _typed_ids(values: list[str], id_map: Any, what: str) -> list[Any]:
 def similar_cmd(
     artifact: Annotated[Path, typer.Argument(help="Model artifact folder written by `recforge train`.")],
     item: Annotated[list[str], typer.Option("--item", "-i", help="Item id; repeatable.")],
-    k: Annotated[int, typer.Option("--k", "-k", help="Number of similar items per item.")] = 10,
+    k: Annotated[int, typer.Option("--k", "-k", min=1, help="Number of similar items per item.")] = 10,
     fmt: Annotated[str, typer.Option("--format", help="table, csv or json.")] = "table",
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write to this file instead of stdout.")] = None,
 ) -> None:
@@ -566,7 +567,7 @@ def _records(table: Any) -> list[dict[str, Any]] | None:
 def _default_compare_folder(dataset: str, protocol: str, k: int | None, seed: int, validation: str,
                             exclude_seen: bool = True, dedupe: str | None = None, metric: str | None = None) -> Path:
     """results/compare/<dataset>-<protocol>[-k<k>][-seed<seed>][-<validation>][-seen][-dedupe<policy>][-by-<metric>]:
-    one folder per experiment, so comparing more models on the same split resumes the trials already run."""
+    the name of an experiment's runs (a second run gets ``-2``, see :func:`_run_folder`)."""
     from recforge.evaluation import get_protocol
     from recforge.experiments.compare import dataset_slug
 
@@ -580,6 +581,33 @@ def _default_compare_folder(dataset: str, protocol: str, k: int | None, seed: in
     return Path("results") / "compare" / "-".join(parts)
 
 
+def _run_folder(out: Path | None, default: Path, resume: bool, overwrite: bool) -> Path:
+    """Where a compare writes: ``--out``, refused when it holds results unless resumed or overwritten; without
+    ``--out`` a new run of the default name (``name``, ``name-2``, ...), or its latest run with ``--resume`` /
+    ``--overwrite``. Only a results folder (one with a ``config.json``) is ever deleted."""
+    if resume and overwrite:
+        raise typer.BadParameter("give --resume or --overwrite, not both", param_hint="--overwrite")
+
+    def used(folder: Path) -> bool:
+        return folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
+
+    if out is None:
+        runs = [default, *(default.with_name(f"{default.name}-{i}") for i in range(2, 10_000))]
+        taken = list(itertools.takewhile(used, runs))
+        if not taken or not (resume or overwrite):
+            return runs[len(taken)]
+        out = taken[-1]
+    if used(out) and not resume:
+        if not overwrite:
+            raise typer.BadParameter(f"{str(out)!r} holds an earlier run: --resume adds to it, --overwrite "
+                                     "replaces it, or give another --out", param_hint="--out")
+        if not (out / "config.json").is_file():
+            raise typer.BadParameter(f"{str(out)!r} is not a results folder (no config.json); --overwrite "
+                                     "deletes only results", param_hint="--out")
+        shutil.rmtree(out)
+    return out
+
+
 @app.command("compare")
 def compare_cmd(
     dataset: DatasetOpt = DEFAULT_DATASET,
@@ -591,7 +619,7 @@ def compare_cmd(
     models: Annotated[str, typer.Option(help="Comma-separated model names.")] = DEFAULT_MODELS,
     protocol: Annotated[str, typer.Option(help="A protocol of the registry (see `recforge protocols`): loo, "
                                           "random, temporal, cold-items, folds, next-event, sequence-mrr, ...")] = "loo",
-    k: Annotated[int | None, typer.Option("--k", "-k", help="List length for the metrics (default: the "
+    k: Annotated[int | None, typer.Option("--k", "-k", min=1, help="List length for the metrics (default: the "
                                           "protocol's).")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Model parameter as MODEL.PARAM=VALUE; "
                                                    "repeatable.")] = None,
@@ -609,18 +637,23 @@ def compare_cmd(
                                                "last, sum or mean (of the ratings or weights).")] = None,
     workers: WorkersOpt = 1,
     backend: BackendOpt = "auto",
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Results folder (default: results/compare/"
-                                             "<dataset>-<protocol>); resumable.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Results folder (default: a new run in "
+                                             "results/compare/<dataset>-<protocol>[-N]).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out (default: the latest run): "
+                                         "its finished trials are kept.")] = False,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the run in --out (default: the latest "
+                                            "run).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the tables as JSON.")] = False,
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
 ) -> None:
     """Fit, tune and test several models on the same split(s) and print a leaderboard with 95% CIs (rating
-    models in a separate rating table); every trial is saved, and a rerun resumes."""
+    models in a separate rating table); every trial is saved, and --resume continues an interrupted run."""
     from recforge.experiments import compare
 
     names = [m.strip() for m in models.split(",") if m.strip()]
-    folder = out or _default_compare_folder(dataset, protocol, k, seed, validation, exclude_seen, dedupe, metric)
+    default = _default_compare_folder(dataset, protocol, k, seed, validation, exclude_seen, dedupe, metric)
+    folder = _run_folder(out, default, resume, overwrite)
     trials, seconds = _tune_budget(tune_budget)
     columns = _columns(user_col, item_col, rating_col, time_col, sep)
     result = compare(_with_columns(dataset, columns), names, protocol=protocol, k=k, seed=seed,
@@ -647,9 +680,19 @@ def compare_cmd(
 
 
 # ---------------------------------------------------------------------------------------------- run
+def _print_config_reference(value: bool) -> None:
+    if value:
+        from recforge.experiments.config import config_reference
+
+        typer.echo(config_reference())
+        raise typer.Exit()
+
+
 @app.command("run")
 def run_cmd(
     config: Annotated[Path, typer.Argument(help="Experiment config (.yaml, .toml or .json).")],
+    help_config: Annotated[bool, typer.Option("--help-config", callback=_print_config_reference, is_eager=True,
+                                              help="Describe every field of a config and exit.")] = False,
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Results folder (default: results/<name>).")] = None,
     workers: Annotated[int | None, typer.Option(help="Trials in parallel (default: the config's).")] = None,
     backend: Annotated[str, typer.Option(

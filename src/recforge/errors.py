@@ -16,11 +16,16 @@ _STYLE: ContextVar[str] = ContextVar("recforge_error_style", default="python")
 _OPTIONS = {"timestamp_col": "--time-col"}
 
 
+def setting(name: str) -> str:
+    """Setting ``name`` as the user writes it: ``user_col`` in Python, ``--user-col`` under the CLI."""
+    return _OPTIONS.get(name, "--" + name.replace("_", "-")) if _STYLE.get() == "cli" else name
+
+
 def argument(name: str, value: str | None = None) -> str:
     """How a message tells the user to pass setting ``name`` (``value``: an example): ``user_col=...`` or
     ``on_unknown='warn'`` in Python, ``--user-col ...`` or ``--on-unknown warn`` under the CLI."""
     if _STYLE.get() == "cli":
-        return f"{_OPTIONS.get(name, '--' + name.replace('_', '-'))} {value or '...'}"
+        return f"{setting(name)} {value or '...'}"
     return f"{name}={'...' if value is None else repr(value)}"
 
 

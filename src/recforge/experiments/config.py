@@ -1,5 +1,6 @@
-"""Typed experiment configs: read from YAML, TOML or JSON, validated with messages that name the field, and written
-back as JSON (the resolved config doubles as the results folder's metadata)."""
+"""Typed experiment configs (pydantic): read from YAML, TOML or JSON, validated with one-line messages that name the
+field, written back as JSON (the resolved config doubles as the results folder's metadata), and described field by
+field by :func:`config_reference` (``recforge run --help-config``)."""
 
 from __future__ import annotations
 
@@ -7,49 +8,120 @@ import itertools
 import json
 import os
 import sys
-from dataclasses import asdict, dataclass, field
+import textwrap
+import types
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal, Union
 
 import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictInt,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # the same parser, before it joined the standard library
     import tomli as tomllib
 
-from recforge.errors import DataError
+from recforge.errors import DataError, RecforgeError
 from recforge.evaluation.protocols import get_protocol
 from recforge.models import get_model_class
 
 FILTERS = ("k_core", "min_user_count", "min_item_count", "rating_threshold", "deduplicate")
 #: Optuna pruners a search may name.
 PRUNERS = ("median", "hyperband", "none")
-#: How models that tune themselves on validation (early stopping, blend weights) are tested:
-#: ``refit`` (fit on train with validation, refit on train + validation from scratch with what was chosen, test),
-#: ``warm`` (continue the model fitted on train on train + validation for a tenth of its epochs, then test; models
-#: that cannot continue are refitted), ``reuse`` (test the model fitted on train, the validation events added to
-#: its histories where it can take them) or ``off`` (fit on train + validation without validation, as configured).
+#: How models that tune themselves on validation (early stopping, blend weights) are tested (see
+#: :attr:`ExperimentConfig.validation`).
 VALIDATION_MODES = ("refit", "warm", "reuse", "off")
 #: The parts of a dataset given as split files (``dataset: {train: ..., test: ...}``).
 SPLIT_FILES = ("train", "valid", "test", "items", "users", "columns")
 
+PositiveInt = Annotated[StrictInt, Field(ge=1)]
 
-@dataclass
-class ModelSpec:
-    """One model of an experiment: registry ``name``, fixed ``params``, and either a ``grid`` of values (every
-    combination is a trial) or a search ``space`` for Optuna (``{"reg": {"low": 1, "high": 1000, "log": true},
-    "n_factors": {"choices": [32, 64]}, "epochs": {"low": 5, "high": 50, "int": true}}``), searched for
-    ``search.n_trials`` trials / ``search.timeout`` seconds (``n_trials: null`` with a timeout: time only),
-    ``search.batch`` proposals at a time. The best on ``select_metric`` (validation) is kept.
-    Models trained by the neural trainer report their validation score every epoch, and ``search.pruner``
-    (``median``, the default, ``hyperband`` or ``none``) stops unpromising trials early."""
 
-    name: str
-    params: dict[str, Any] = field(default_factory=dict)
-    grid: dict[str, list[Any]] = field(default_factory=dict)
-    label: str | None = None
-    space: dict[str, dict[str, Any]] = field(default_factory=dict)
+class _Section(BaseModel):
+    """A part of a config: unknown keys are errors, values are checked as they are (no "5" for 5)."""
+
+    model_config = ConfigDict(extra="forbid", strict=False)
+
+
+class NamedDataset(_Section):
+    """A registered dataset with loader options."""
+
+    name: str = Field(description="A dataset name (`recforge datasets list`) or path.")
+    options: dict[str, Any] | None = Field(None, description="Loader options, e.g. the generator's for `synthetic`.")
+
+
+class SplitFiles(_Section):
+    """A split made elsewhere, as files; the protocol then only says how to score."""
+
+    train: str = Field(description="Training events (CSV, Parquet, ...: user_id,item_id[,rating,timestamp]).")
+    test: str = Field(description="Test events, same columns.")
+    valid: str | None = Field(None, description="Validation events (default: one event per user held out of train).")
+    items: str | None = Field(None, description="Item side data: a table with an item_id column.")
+    users: str | None = Field(None, description="User side data: a table with a user_id column.")
+    columns: dict[str, str] | None = Field(
+        None, description="Other column names (user_col, item_col, rating_col, timestamp_col) and the CSV sep.")
+
+
+class SearchBudget(_Section):
+    """How long a search on validation runs."""
+
+    n_trials: PositiveInt | None = Field(20, description="Trials per searched model (null with a timeout: time only).")
+    timeout: Annotated[float, Field(gt=0)] | None = Field(None, description="Seconds per searched model.")
+    pruner: Literal["median", "hyperband", "none"] = Field(
+        "median", description="Stops unpromising trials of models trained by the neural trainer early.")
+    batch: PositiveInt = Field(1, description="Proposals run together on the workers (non-neural models).")
+
+    @model_validator(mode="after")
+    def _a_budget(self) -> SearchBudget:
+        if self.n_trials is None and self.timeout is None:
+            raise ValueError("search.n_trials may be null only with a search.timeout")
+        return self
+
+
+class ModelSpec(_Section):
+    """One model of an experiment (a bare name is a model with its defaults)."""
+
+    name: str = Field(description="A registry name (`recforge models` lists them).")
+    params: dict[str, Any] = Field(default_factory=dict, description="Fixed constructor parameters.")
+    grid: dict[str, Annotated[list[Any], Field(min_length=1)]] = Field(
+        default_factory=dict, description="Values per parameter; every combination is a trial, the best on "
+        "validation (select_metric) is kept.")
+    label: str | None = Field(None, description="The model's name in tables (default: name).")
+    space: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="An Optuna search space instead of a grid: {param: {low, high[, log, "
+        "int]}} or {param: {choices: [...]}}; searched within `search`'s budget.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _bare_name(cls, raw: Any) -> Any:
+        return {"name": raw} if isinstance(raw, str) else raw
+
+    @field_validator("space")
+    @classmethod
+    def _dimensions(cls, space: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        for pname, dist in space.items():
+            if not ({"low", "high"} <= set(dist) or "choices" in dist):
+                raise ValueError(f"space.{pname} needs low and high (optional log, int) or choices")
+        return space
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelSpec:
+        if self.space and self.grid:
+            raise ValueError("has both a grid and a search space; give one")
+        self.check()
+        return self
 
     def combinations(self) -> list[dict[str, Any]]:
         """Every parameter set of the grid laid over ``params`` (one set without a grid)."""
@@ -61,8 +133,7 @@ class ModelSpec:
         """Fail early, before any data is read: an unknown model, unknown parameter names (grid and search space
         included) or a fixed value a parameter does not accept."""
         cls = get_model_class(self.name)
-        names = {**self.params, **{k: None for k in self.grid}, **{k: None for k in self.space}}
-        cls.check_param_names(names)
+        cls.check_param_names({**self.params, **{k: None for k in self.grid}, **{k: None for k in self.space}})
         for params in self.combinations():
             cls(**cls.check_param_names(params)).check_params()
 
@@ -77,40 +148,84 @@ class ModelSpec:
         return self.label or self.name
 
 
-@dataclass
-class ExperimentConfig:
-    """An experiment: dataset (+ filters) → split protocol → models (with grids) → metrics.
+def _dataset_kind(raw: Any) -> str:
+    """The dataset union's member: also called on the validated value when the config is written."""
+    if isinstance(raw, NamedDataset):
+        return "named"
+    if isinstance(raw, dict):
+        return "named" if "name" in raw else "files"
+    return "name" if isinstance(raw, str) else "files"  # anything else fails as split files, naming the keys
 
-    ``dataset``: a dataset name or path, ``{"name": ..., "options": {...}}`` (e.g. ``synthetic`` with generator
-    options), or a split made elsewhere as files ``{"train": ..., "test": ..., "valid": ..., "items": ...,
-    "users": ...}`` (``valid``, ``items`` and ``users`` optional; the protocol then only says how to score).
-    ``filters``: applied in order, e.g. ``{"k_core": 5}``. ``protocol``: a name of the protocol registry
-    (:mod:`recforge.evaluation.protocols`). ``k``: list lengths (default: the protocol's); ``select_metric``:
-    what grids are tuned on (validation part when the protocol has one). ``validation``: how models that tune
-    themselves on validation are tested (:data:`VALIDATION_MODES`). ``metrics``: leaderboard columns (default:
-    the protocol's, top-N models in the leaderboard and rating models in a separate rating table; with
-    ``rank_rating_models`` rating models are also ranked in the leaderboard). ``exclude_seen``: top-N rankings
-    leave out each user's training items (protocols that keep them, such as next-event, ignore it). ``tune``: models
-    given without a grid or search space have their key parameters searched on validation in their model's own
-    ``search_space`` (parameters fixed in ``params`` stay fixed), within ``search``'s budget, the model's defaults
-    tried first.
-    """
 
-    name: str
-    dataset: str | dict[str, Any]
-    models: list[ModelSpec]
-    protocol: str = "loo"
-    filters: dict[str, Any] = field(default_factory=dict)
-    k: list[int] | None = None
-    metrics: list[str] | None = None
-    select_metric: str = "ndcg@10"
-    seed: int = 0
-    workers: int = 1
-    search: dict[str, Any] = field(default_factory=lambda: {"n_trials": 20, "timeout": None})
-    validation: str = "refit"
-    rank_rating_models: bool = False
-    exclude_seen: bool = True
-    tune: bool = False
+DatasetField = Annotated[
+    Annotated[str, Tag("name")] | Annotated[NamedDataset, Tag("named")] | Annotated[SplitFiles, Tag("files")],
+    Discriminator(_dataset_kind),
+]
+
+
+class ExperimentConfig(_Section):
+    """An experiment: dataset (+ filters) → split protocol → models (grids or searches) → metrics."""
+
+    name: str = Field(min_length=1, description="The experiment's name (results go to results/<name>).")
+    dataset: DatasetField = Field(
+        description="A dataset name or path, {name, options} (e.g. synthetic with generator options), or split "
+        "files {train, test[, valid, items, users, columns]}.")
+    models: list[ModelSpec] = Field(min_length=1, description="The models: names or {name, params, grid|space, "
+                                    "label}.")
+    protocol: str = Field("loo", description="A split protocol (`recforge protocols` lists them).")
+    filters: dict[str, Any] = Field(
+        default_factory=dict, description=f"Applied in the order given, e.g. {{k_core: 5}}; one of {list(FILTERS)}.")
+    k: list[PositiveInt] | None = Field(None, description="List lengths (default: the protocol's).")
+    metrics: list[str] | None = Field(None, description="Leaderboard columns (default: the protocol's).")
+    select_metric: str = Field("ndcg@10", description="What grids and searches are tuned on (validation part).")
+    seed: StrictInt = Field(0, description="Seeds the split, the models and the search.")
+    workers: PositiveInt = Field(1, description="Trials run in parallel.")
+    search: SearchBudget = Field(default_factory=SearchBudget, description="The budget of each search.")
+    validation: Literal["refit", "warm", "reuse", "off"] = Field(
+        "refit", description="How models that tune themselves on validation (early stopping, blend weights) are "
+        "tested: refit (on train + validation from scratch with what was chosen), warm (continued for a tenth of "
+        "their epochs; others refitted), reuse (the model fitted on train, validation events added to its "
+        "histories) or off (fitted on train + validation without validation).")
+    rank_rating_models: StrictBool = Field(
+        False, description="Also rank rating models in the top-N leaderboard (default: their own RMSE table).")
+    exclude_seen: StrictBool = Field(True, description="Rankings leave out each user's training items.")
+    tune: StrictBool = Field(
+        False, description="Models without a grid or space have their key parameters searched on validation in "
+        "their own search space, their defaults tried first.")
+
+    @field_validator("validation", mode="before")
+    @classmethod
+    def _yaml_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML reads a bare `off` as false
+
+    @field_validator("k", mode="before")
+    @classmethod
+    def _one_k(cls, value: Any) -> Any:
+        return [value] if isinstance(value, int) and not isinstance(value, bool) else value
+
+    @field_validator("filters")
+    @classmethod
+    def _known_filters(cls, filters: dict[str, Any]) -> dict[str, Any]:
+        for name in filters:
+            if name not in FILTERS:
+                raise ValueError(f"unknown filter {name!r}; available filters: {list(FILTERS)}")
+        return filters
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ExperimentConfig:
+        labels = [m.display for m in self.models]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"two models share a label {labels}; give one of them a 'label'")
+        protocol = get_protocol(self.protocol)
+        self.protocol = protocol.name
+        if self.k is None:
+            self.k = list(protocol.ks)
+        if isinstance(self.dataset, SplitFiles) and self.filters:
+            raise ValueError("split files are used as they are: give no 'filters'")
+        at = self.select_metric.partition("@")[2]
+        if (self.tune or any(m.tuned for m in self.models)) and at and (not at.isdigit() or int(at) not in self.k):
+            raise ValueError(f"select_metric {self.select_metric!r} needs its cut-off in k, but k is {self.k}")
+        return self
 
     def wants_validation(self) -> bool:
         """Whether a validation part is used: some model is tuned (a grid, a search space, ``tune``) or tunes
@@ -120,86 +235,15 @@ class ExperimentConfig:
         return self.tune or any(m.tuned or get_model_class(m.name).supports_validation for m in self.models)
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any]) -> ExperimentConfig:
-        """Validate a plain dict (as read from a file); unknown or missing fields raise :class:`DataError`."""
+    def from_dict(cls, raw: Any) -> ExperimentConfig:
+        """Validate a plain dict (as read from a file); the first problem raises one :class:`DataError` line naming
+        the field (errors of the model registry and of model parameters keep their own type)."""
         if not isinstance(raw, dict):
             raise DataError(f"an experiment config must be a mapping, got {type(raw).__name__}")
-        known = set(cls.__dataclass_fields__)
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise DataError(f"experiment config has unknown field(s) {unknown}; valid fields: {sorted(known)}")
-        for required in ("name", "dataset", "models"):
-            if required not in raw:
-                raise DataError(f"experiment config needs a {required!r} field")
-        models_raw = raw["models"]
-        if not isinstance(models_raw, list) or not models_raw:
-            raise DataError("experiment config 'models' must be a non-empty list")
-        models = []
-        for i, spec in enumerate(models_raw):
-            if isinstance(spec, str):
-                spec = {"name": spec}
-            if not isinstance(spec, dict) or "name" not in spec:
-                raise DataError(f"models[{i}] must be a model name or a mapping with a 'name'")
-            extra = sorted(set(spec) - {"name", "params", "grid", "label", "space"})
-            if extra:
-                raise DataError(f"models[{i}] has unknown field(s) {extra}; use name, params, grid, space, label")
-            space = spec.get("space") or {}
-            if space and spec.get("grid"):
-                raise DataError(f"models[{i}] has both a grid and a search space; give one")
-            for pname, dist in space.items():
-                if not isinstance(dist, dict) or not ({"low", "high"} <= set(dist) or "choices" in dist):
-                    raise DataError(f"models[{i}].space.{pname} needs low and high (optional log, int) or choices")
-            grid = spec.get("grid") or {}
-            if not isinstance(grid, dict) or not all(isinstance(v, list) and v for v in grid.values()):
-                raise DataError(f"models[{i}].grid must map parameter names to non-empty lists of values")
-            model = ModelSpec(spec["name"], dict(spec.get("params") or {}), grid, spec.get("label"), dict(space))
-            model.check()
-            models.append(model)
-        labels = [m.display for m in models]
-        if len(set(labels)) != len(labels):
-            raise DataError(f"two models share a label {labels}; give one of them a 'label'")
-        cfg = cls(**{**raw, "models": models})
-        if cfg.validation is False:  # YAML reads a bare `off` as false
-            cfg.validation = "off"
-        protocol = get_protocol(cfg.protocol)
-        cfg.protocol = protocol.name
-        if cfg.k is None:
-            cfg.k = list(protocol.ks)
-        cfg.k = [cfg.k] if isinstance(cfg.k, int) else list(cfg.k)
-        if not cfg.k or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in cfg.k):
-            raise DataError(f"k must be a positive integer or a list of them, got {cfg.k!r}")
-        if cfg.validation not in VALIDATION_MODES:
-            raise DataError(f"validation must be one of {list(VALIDATION_MODES)}, got {cfg.validation!r}")
-        if isinstance(cfg.dataset, dict) and "name" not in cfg.dataset:
-            extra = sorted(set(cfg.dataset) - set(SPLIT_FILES))
-            if extra or "train" not in cfg.dataset or "test" not in cfg.dataset:
-                raise DataError(f"dataset must be a name, {{name, options}} or split files {{train, test[, valid, "
-                                f"items, users, columns]}}; got keys {sorted(cfg.dataset)}")
-            if cfg.filters:
-                raise DataError("split files are used as they are: give no 'filters'")
-        for name in cfg.filters:
-            if name not in FILTERS:
-                raise DataError(f"unknown filter {name!r}; available filters: {list(FILTERS)}")
-        at = cfg.select_metric.partition("@")[2]
-        if (cfg.tune or any(m.tuned for m in models)) and at and (not at.isdigit() or int(at) not in cfg.k):  # untuned configs never use it
-            raise DataError(f"select_metric {cfg.select_metric!r} needs its cut-off in k, but k is {cfg.k}")
-        if not isinstance(cfg.tune, bool):
-            raise DataError(f"tune must be true or false, got {cfg.tune!r}")
-        if isinstance(cfg.workers, bool) or not isinstance(cfg.workers, int) or cfg.workers < 1:
-            raise DataError(f"workers must be a positive integer, got {cfg.workers!r}")
-        search = cfg.search or {}
-        extra = sorted(set(search) - {"n_trials", "timeout", "pruner", "batch"})
-        if extra:
-            raise DataError(f"search has unknown field(s) {extra}; use n_trials, timeout, pruner, batch")
-        for key in ("n_trials", "batch"):
-            value = search.get(key, 1)
-            if key == "n_trials" and value is None and search.get("timeout"):
-                continue  # a budget in time only
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise DataError(f"search.{key} must be a positive integer, got {value!r}")
-        if search.get("pruner", "median") not in PRUNERS:
-            raise DataError(f"search.pruner must be one of {list(PRUNERS)}, got {search['pruner']!r}")
-        return cfg
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as exc:
+            raise _one_line(exc) from None
 
     @classmethod
     def from_file(cls, path: str | os.PathLike[str]) -> ExperimentConfig:
@@ -225,5 +269,76 @@ class ExperimentConfig:
         return cls.from_dict(raw)
 
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict that :meth:`from_dict` reads back to an equal config."""
-        return asdict(self)
+        """A JSON-ready dict (unset optional fields left out) that :meth:`from_dict` reads back to an equal config."""
+        return self.model_dump(exclude_none=True)
+
+
+def _where(loc: tuple[int | str, ...]) -> str:
+    """``('models', 1, 'grid', 'reg')`` → ``models[1].grid.reg`` (the dataset's union tags left out)."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif part not in ("name", "named", "files") or not out.endswith("dataset"):
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _one_line(exc: ValidationError) -> RecforgeError:
+    """The first error of a validation as one line: ``models[1].grid.reg: input should be a valid list, got 3``.
+    A recforge error raised inside (a model's parameter check) comes back as it was."""
+    first = exc.errors()[0]
+    where = _where(first["loc"])
+    inner = (first.get("ctx") or {}).get("error")
+    if isinstance(inner, RecforgeError):
+        return inner
+    if first["type"] == "extra_forbidden":
+        return DataError(f"experiment config has unknown field {where!r}")
+    if first["type"] == "missing":
+        return DataError(f"experiment config needs a {where!r} field")
+    if inner is not None:
+        message = str(inner)
+    elif first["type"] == "too_short" and (first.get("ctx") or {}).get("min_length") == 1:
+        message = f"must be a non-empty list, got {first['input']!r}"
+    else:  # pydantic's words, as a continuation of the field's name
+        message = f"{first['msg'].replace('Input should be', 'must be')}, got {first['input']!r}"
+    return DataError(f"experiment config: {where}: {message}" if where else f"experiment config: {message}")
+
+
+def _type_name(annotation: Any) -> str:
+    """A field's type as a reader writes it: ``list[int] | null``."""
+    origin = typing.get_origin(annotation)
+    if origin is Annotated:
+        return _type_name(typing.get_args(annotation)[0])
+    if origin in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in typing.get_args(annotation))
+    if origin is Literal:
+        return " | ".join(json.dumps(a) for a in typing.get_args(annotation))
+    if origin in (list, dict):
+        return f"{origin.__name__}[{', '.join(_type_name(a) for a in typing.get_args(annotation))}]"
+    if annotation is type(None):
+        return "null"
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "{" + ", ".join(annotation.model_fields) + "}"
+    return {Any: "any", str: "string", int: "int", float: "number", bool: "bool"}.get(annotation, str(annotation))
+
+
+def config_reference() -> str:
+    """Every field of an experiment config with its type, default and meaning (``recforge run --help-config``)."""
+    lines = ["An experiment config (YAML, TOML or JSON); unknown fields are errors.", ""]
+    sections: list[tuple[str, type[BaseModel]]] = [
+        ("", ExperimentConfig), ("models[]", ModelSpec), ("dataset (named)", NamedDataset),
+        ("dataset (split files)", SplitFiles), ("search", SearchBudget)]
+    for title, model in sections:
+        if title:
+            lines += ["", f"{title}: {model.__doc__.splitlines()[0] if model.__doc__ else ''}"]
+        for fname, info in model.model_fields.items():
+            if info.is_required():
+                default = "required"
+            else:
+                value = info.get_default(call_default_factory=True)
+                value = value.model_dump() if isinstance(value, BaseModel) else value
+                default = f"default {json.dumps(value)}"
+            lines.append(f"  {fname}: {_type_name(info.annotation)}  ({default})")
+            lines += textwrap.wrap(info.description or "", 100, initial_indent=" " * 6, subsequent_indent=" " * 6)
+    return "\n".join(lines)

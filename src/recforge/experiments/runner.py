@@ -328,7 +328,7 @@ class ExperimentRunner:
         if not space:
             return spec
         self._auto_spaces.add(spec.display)
-        return replace(spec, space=space)
+        return spec.model_copy(update={"space": space})
 
     def _search(self, spec: ModelSpec) -> tuple[dict[str, Any], list[TrialResult]]:
         """Optuna TPE over ``spec.space`` on the validation parts; every trial is saved (and resumed) like a grid
@@ -344,12 +344,12 @@ class ExperimentRunner:
         except ImportError:
             raise DataError("search spaces need Optuna: pip install 'recforge[tune]'") from None
         cfg = self.cfg
-        search = cfg.search or {}
+        search = cfg.search
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        prune = get_model_class(spec.name).uses_trainer and search.get("pruner", "median") != "none"
+        prune = get_model_class(spec.name).uses_trainer and search.pruner != "none"
         pruner: Any = optuna.pruners.NopPruner()
         if prune:
-            pruner = (optuna.pruners.HyperbandPruner() if search.get("pruner") == "hyperband"
+            pruner = (optuna.pruners.HyperbandPruner() if search.pruner == "hyperband"
                       else optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2))
         metric = self._select_metric(spec)
         study = optuna.create_study(direction="minimize" if lower_is_better(metric) else "maximize",
@@ -374,11 +374,11 @@ class ExperimentRunner:
 
         # ask/tell rather than study.optimize: a batch of proposals runs at once on the workers, and under torchrun
         # rank 0 alone decides whether time is left, so every rank runs the same trials
-        n_trials, timeout = search.get("n_trials", 20), search.get("timeout")
+        n_trials, timeout = search.n_trials, search.timeout
         n_trials = int(n_trials) if n_trials is not None else np.inf
         if spec.display in self._auto_spaces:  # a budget, not a quota: a one-parameter space is settled in 4
             n_trials = min(n_trials, _TRIALS_PER_PARAMETER * len(spec.space))
-        batch = 1 if prune else int(search.get("batch", 1))
+        batch = 1 if prune else search.batch
         started, asked = time.monotonic(), 0
         while asked < n_trials and D.broadcast_object(timeout is None or time.monotonic() - started < timeout):
             trials = [study.ask() for _ in range(int(min(batch, n_trials - asked)))]

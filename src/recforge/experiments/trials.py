@@ -28,7 +28,7 @@ from recforge.data.interactions import Interactions
 from recforge.data.io import atomic_path, read_table, write_table
 from recforge.errors import DataError, EmptyDatasetError, UnsupportedError, argument
 from recforge.evaluation.protocols import get_protocol
-from recforge.experiments.config import ExperimentConfig
+from recforge.experiments.config import ExperimentConfig, NamedDataset, SplitFiles
 from recforge.models import create_model, get_model_class
 
 log = logging.getLogger(__name__)
@@ -140,8 +140,8 @@ def trial_id(model: str, params: dict[str, Any], part: str, split_index: int, se
 
 def load_data(cfg: ExperimentConfig, data: Interactions | None = None) -> Interactions:
     """The dataset of the config (or ``data``, already loaded) with the config's filters applied in order."""
-    if data is None and isinstance(cfg.dataset, dict):
-        data = load(cfg.dataset["name"], **dict(cfg.dataset.get("options") or {}))
+    if data is None and isinstance(cfg.dataset, NamedDataset):
+        data = load(cfg.dataset.name, **dict(cfg.dataset.options or {}))
     elif data is None:
         data = load(cfg.dataset)
     for name, value in cfg.filters.items():
@@ -219,8 +219,9 @@ def make_splits(cfg: ExperimentConfig, data: Interactions | None = None) -> list
     """The splits of an experiment: its protocol applied to its dataset (or to ``data``, already loaded), or the
     split files it names; validation parts kept."""
     protocol = get_protocol(cfg.protocol)
-    if isinstance(cfg.dataset, dict) and "train" in cfg.dataset:
-        return [read_split_files(cfg.dataset, carve_valid=cfg.wants_validation(), seed=cfg.seed)]
+    if isinstance(cfg.dataset, SplitFiles):
+        files = cfg.dataset.model_dump(exclude_none=True)
+        return [read_split_files(files, carve_valid=cfg.wants_validation(), seed=cfg.seed)]
     if data is None and isinstance(cfg.dataset, str) and cfg.dataset.startswith("in-memory:"):
         raise DataError("this experiment ran on interactions held in memory; pass them again (data=...)")
     if protocol.reads_files:  # the official files, read as they are

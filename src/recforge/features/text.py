@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from recforge.core.device import resolve_device, torch_threads
+from recforge.core.progress import progress_bar
 from recforge.core.vectors import normalize_rows
 from recforge.data.datasets.download import default_cache_dir
 from recforge.data.io import atomic_path
@@ -135,9 +135,10 @@ def _offline_hub() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet_loading(quiet: bool) -> Iterator[None]:
-    """Hide transformers' weight-loading progress bar while a model loads (restored afterwards)."""
-    if not quiet or importlib.util.find_spec("transformers") is None:
+def _quiet_loading() -> Iterator[None]:
+    """Hide transformers' weight-loading progress bar while a model loads (restored afterwards): a local model
+    loads in a second, and its tqdm bar would put escape codes in logs."""
+    if importlib.util.find_spec("transformers") is None:
         yield
         return
     from transformers.utils import logging as tf_logging
@@ -238,7 +239,7 @@ class SentenceEncoder(TextEncoder):
         device: str = "auto",
         cache: bool = True,
         cache_dir: str | os.PathLike[str] | None = None,
-        progress: bool = False,
+        progress: bool = True,
         num_threads: int = 0,
     ) -> None:
         self.model = model
@@ -277,17 +278,27 @@ class SentenceEncoder(TextEncoder):
         with _offline_hub() if local else contextlib.nullcontext():
             from sentence_transformers import SentenceTransformer
 
+            from recforge.core.device import resolve_device  # torch only once a sentence model runs
+
             log.info("loading sentence-transformers model %s", source)
-            with _quiet_loading(not self.progress):
+            with _quiet_loading():
                 self._st = SentenceTransformer(source, device=str(resolve_device(self.device)))
         return self._st
 
     def _encode_now(self, texts: list[str]) -> np.ndarray:
+        from recforge.core.device import torch_threads
+
         model = self._load_model()
-        with torch_threads(self.num_threads or None):
-            vecs = model.encode(texts, batch_size=self.batch_size, show_progress_bar=self.progress,
-                                convert_to_numpy=True, normalize_embeddings=True)
-        return normalize_rows(np.asarray(vecs))
+        # chunks of a few batches, so the bar (plain lines off a terminal) moves while a catalogue encodes
+        step = self.batch_size * 8
+        vecs = []
+        with (progress_bar(total=len(texts), enabled=self.progress, desc="encoding texts", unit="text") as bar,
+              torch_threads(self.num_threads or None)):
+            for start in range(0, len(texts), step):
+                vecs.append(model.encode(texts[start:start + step], batch_size=self.batch_size,
+                                         show_progress_bar=False, convert_to_numpy=True, normalize_embeddings=True))
+                bar.update(len(vecs[-1]))
+        return normalize_rows(np.concatenate(vecs))
 
     def encode(self, texts: Sequence[str]) -> np.ndarray:
         docs = _check_texts(texts)

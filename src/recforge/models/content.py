@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import numpy as np
 import scipy.sparse as sp
 
-from recforge.core.params import Choice, Constraint, Integer, ListOf, Real, Text
+from recforge.core.params import Boolean, Choice, Constraint, Integer, ListOf, Real, Text
 from recforge.core.threads import thread_limits
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
@@ -82,6 +82,7 @@ class ContentBased(Recommender):
         "n_components": Integer(1),
         "seed": Integer(0),
         "num_threads": Integer(0),
+        "progress": Boolean(),
     }
 
     def __init__(
@@ -96,6 +97,7 @@ class ContentBased(Recommender):
         n_components: int = 256,
         seed: int = 0,
         num_threads: int = 0,
+        progress: bool = True,
     ) -> None:
         self.encoder = encoder
         self.text_columns = text_columns
@@ -107,12 +109,13 @@ class ContentBased(Recommender):
         self.n_components = n_components
         self.seed = seed
         self.num_threads = num_threads
+        self.progress = progress
 
     # ------------------------------------------------------------------ fitting
     def _make_encoder(self) -> Any:
         if isinstance(self.encoder, str) and self.encoder.lower() == "tfidf":
             return make_encoder("tfidf", n_components=self.n_components, seed=self.seed)
-        return make_encoder(self.encoder, num_threads=self.num_threads)
+        return make_encoder(self.encoder, num_threads=self.num_threads, progress=self.progress)
 
     def item_features(self, item_data: Any) -> np.ndarray:
         """Unit-norm item vectors for side data aligned with the item map (what ``fit`` computes)."""

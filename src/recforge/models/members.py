@@ -112,6 +112,18 @@ class EnsembleUpdates:
         members = getattr(self, "members_", None)
         return bool(members) and all(m.supports_partial_fit for m in members)
 
+    @property
+    def member_weights_(self) -> dict[str, float]:
+        """The fitted ``weights_`` of a weighting ensemble by member name (a repeated name gets ``#2``, ``#3``)."""
+        out: dict[str, float] = {}
+        for member, weight in zip(self.members_, self.weights_):  # type: ignore[attr-defined]
+            key, n = member.name, 1
+            while key in out:
+                n += 1
+                key = f"{member.name}#{n}"
+            out[key] = float(weight)
+        return out
+
     def _grow(self, n_new_users: int, n_new_items: int) -> None:
         for member in self.members_:
             sync_member(self, member)  # type: ignore[arg-type]

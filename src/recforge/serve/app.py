@@ -258,6 +258,21 @@ class Loaded:
             self.n_events += len(rows)
 
 
+#: What an acknowledged feedback event does: ``applied`` (the model learns from it, ``partial_fit``, at once or
+#: within ``apply_seconds``), ``excluded`` (a model that cannot learn online leaves the item out of the user's lists
+#: from now on) or ``kept`` (a user or item the model does not know: only in the log, for the next refit).
+OUTCOMES = ("applied", "excluded", "kept")
+
+
+def outcomes(model: Recommender, rows: list[dict[str, Any]]) -> list[str]:
+    """One of :data:`OUTCOMES` per checked feedback row, for ``model``."""
+    if model.supports_partial_fit:
+        return ["applied"] * len(rows)
+    users = model.user_map_.to_index(np.asarray([r["user"] for r in rows]), on_unknown="keep")
+    items = model.item_map_.to_index(np.asarray([r["item"] for r in rows]), on_unknown="keep")
+    return ["excluded" if u >= 0 and i >= 0 else "kept" for u, i in zip(users.tolist(), items.tolist())]
+
+
 class ReloadBody(BaseModel):
     """``POST /admin/reload``: another artifact folder to serve (default: the one serving now)."""
 
@@ -351,9 +366,9 @@ class Service:
         if new:
             self.state.apply(new)
 
-    async def record(self, events: list[Event]) -> int:
+    async def record(self, events: list[Event]) -> tuple[int, list[str]]:
         """Check events, make them durable (group-committed by the writer thread), then apply them; returns how
-        many were accepted."""
+        many were accepted and what each one does (:func:`outcomes`)."""
         rows = _parsed(check_batch, [e.model_dump(exclude_none=True) for e in events], self.model, self.limits)
         now = int(time.time())
         for row in rows:
@@ -363,9 +378,10 @@ class Service:
         except StorageError as exc:
             raise HTTPException(503, f"{exc}; nothing was acknowledged") from None
         with self._write_lock:
-            if self._applied_upto.get(segment, -1) >= end:
-                return n  # a reload read these rows from the log and applied them to the new model
             state = self.state
+            done = outcomes(state.model, rows)
+            if self._applied_upto.get(segment, -1) >= end:
+                return n, done  # a reload read these rows from the log and applied them to the new model
             state.mark_seen([r["user"] for r in rows], [r["item"] for r in rows])
             if self.apply_seconds > 0:
                 self._pending.extend(rows)
@@ -373,7 +389,7 @@ class Service:
             self._wake.set()
         else:
             state.apply(rows)
-        return n
+        return n, done
 
     # ------------------------------------------------------------------ hot swap
     async def reload(self, artifact: Path | None = None) -> Loaded:
@@ -715,8 +731,8 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
     @app.post("/feedback", dependencies=[Depends(check_write)], responses=ERRORS)
     async def feedback(body: FeedbackBody) -> dict[str, Any]:
         """Check events, append them to the durable log (fsync'd before this answers) and apply them."""
-        n = await service.record(body.events)
-        return {"accepted": n, "total": service.log.n_written}
+        n, done = await service.record(body.events)
+        return {"accepted": n, **{o: done.count(o) for o in OUTCOMES}, "outcomes": done, "total": service.log.n_written}
 
     @app.post("/admin/reload", dependencies=[Depends(check_write)], responses=ERRORS)
     async def reload(body: ReloadBody | None = None) -> dict[str, Any]:

@@ -20,7 +20,7 @@ from recforge.data.datasets.download import ARCHIVES, cached_path, default_cache
 from recforge.data.datasets.movielens import load_movielens
 from recforge.data.datasets.synthetic import make_synthetic
 from recforge.data.interactions import Interactions
-from recforge.errors import DataError, UnknownDatasetError
+from recforge.errors import DataError, UnknownDatasetError, setting
 
 log = logging.getLogger(__name__)
 
@@ -138,7 +138,9 @@ def _load_named(name: str, download: bool, cache_dir: str | os.PathLike[str] | N
     if name == "synthetic":
         return make_synthetic(**kwargs)
     if kwargs:
-        raise DataError(f"dataset {name!r} takes no options, got {sorted(kwargs)}; filter the result instead")
+        given = ", ".join(setting(k) for k in sorted(kwargs))
+        raise DataError(f"dataset {name!r} has its own columns and takes no options ({given}: they are for data "
+                        "files); filter the loaded data instead")
     if name == EMBEDDED_DEFAULT:
         return _load_embedded()
     folder = cached_path(name, cache_dir)
