@@ -37,19 +37,29 @@ def main() -> None:
     p.add_argument("--eval-users", type=int, default=10_000)
     p.add_argument("--models", default="ease,als,sasrec", help="comma-separated stages to run")
     p.add_argument("--sasrec-epochs", type=int, default=1)
+    p.add_argument("--sasrec-loss", default="logq", help="logq (512 sampled negatives) or softmax (full catalogue)")
     p.add_argument("--out", default=str(HERE / "results" / "scale.json"))
     args = p.parse_args()
 
+    import torch
+
+    from recforge.core.device import resolve_device
     from recforge.data.datasets import make_synthetic
     from recforge.errors import DataError
     from recforge.evaluation import evaluate, get_protocol
     from recforge.models import create_model
 
     rows = []
+    device = resolve_device("auto")  # where SASRec trains ($RECFORGE_DEVICE, else CUDA when present)
+    gpu = device.type == "cuda"
+    print(f"device: {torch.cuda.get_device_name(device) if gpu else 'cpu'}", flush=True)
 
     def stage(name: str, start: float, **extra) -> None:  # type: ignore[no-untyped-def]
-        rows.append({"stage": name, "seconds": round(time.perf_counter() - start, 2), "peak GB": round(peak_gb(), 2),
-                     **extra})
+        row = {"stage": name, "seconds": round(time.perf_counter() - start, 2), "peak GB": round(peak_gb(), 2)}
+        if gpu:  # the GPU's own peak since the last stage
+            row["peak GPU GB"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+            torch.cuda.reset_peak_memory_stats(device)
+        rows.append({**row, **extra})
         print(rows[-1], flush=True)
 
     t = time.perf_counter()
@@ -80,16 +90,16 @@ def main() -> None:
         del als
     if "sasrec" in models:
         t = time.perf_counter()
-        sas = create_model("sasrec", n_factors=64, max_len=50, batch_size=512, loss="logq", n_negatives=512,
+        sas = create_model("sasrec", n_factors=64, max_len=50, batch_size=512, loss=args.sasrec_loss, n_negatives=512,
                            epochs=args.sasrec_epochs, all_windows=False, progress=True).fit(split.train)
-        stage(f"SASRec fit (64 factors, last 50 events, logQ, {args.sasrec_epochs} epoch(s))", t)
+        stage(f"SASRec fit (64 factors, last 50 events, {args.sasrec_loss}, {args.sasrec_epochs} epoch(s))", t)
         t = time.perf_counter()
         res = evaluate(sas, test, k=10)
         stage(f"SASRec: evaluate {len(pick):,} users (full ranking)", t, ndcg10=round(res["ndcg@10"], 4),
               hr10=round(res["hr@10"], 4))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "stages": rows}, indent=1))
+    out.write_text(json.dumps({"args": vars(args), "device": str(device), "stages": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -44,7 +44,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-DATA = HERE.parent.parent / "shared" / "data"
+DATA = Path(os.environ.get("RECFORGE_BENCH_DATA", HERE.parent.parent / "shared" / "data"))  # a copy elsewhere (GPU)
 
 
 def _args() -> argparse.Namespace:

@@ -256,3 +256,14 @@ def test_compare_writes_a_new_run_and_never_replaces_one_unasked(own_csv: dict[s
     assert code == 2 and "not a results folder" in text and (tmp_path / "mine" / "notes.txt").exists()
     code, text = _main([*base, "--resume", "--overwrite"], monkeypatch, capsys)
     assert code == 2 and "not both" in text
+
+
+def test_device_option_is_checked_and_reaches_every_auto_device(tmp_path, monkeypatch, capsys) -> None:
+    from recforge.core.device import resolve_device
+
+    monkeypatch.setenv("RECFORGE_DEVICE", "auto")  # restored after the test: --device sets it for this process
+    code, text = _main(["train", "-m", "pop", "-o", str(tmp_path / "p"), "--device", "tpu"], monkeypatch, capsys)
+    _check_usage_error(code, text, "device 'tpu': a device must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    code, text = _main(["train", "-m", "pop", "-o", str(tmp_path / "p"), "-q", "--device", "cpu"], monkeypatch, capsys)
+    assert code == 0, text
+    assert resolve_device("auto").type == "cpu"  # what a neural model left at device="auto" now trains on

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 import torch
 
+from recforge.core.device import resolve_device
+from recforge.errors import ParameterError
 from recforge.neural import distributed as D
 from recforge.neural.trainer import StopTraining, Trainer, TrainerConfig, training_callbacks
 
@@ -38,6 +40,52 @@ def test_not_distributed_without_a_launcher(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert not D.init_distributed() and D.world_size() == 1 and D.is_main_process()
     assert D.broadcast_object({"a": 1}) == {"a": 1} and D.mean_across_ranks(2.5) == 2.5
+
+
+@pytest.mark.parametrize(("gpus", "device_env", "backend"), [(0, None, "gloo"), (1, None, "gloo"), (2, None, "nccl"),
+                                                          (2, "cpu", "gloo")])
+def test_nccl_only_when_every_local_rank_has_a_gpu(gpus: int, device_env: str | None, backend: str,
+                                                   monkeypatch: pytest.MonkeyPatch,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    joined: list[str] = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    if device_env is None:
+        monkeypatch.delenv("RECFORGE_DEVICE", raising=False)
+    else:
+        monkeypatch.setenv("RECFORGE_DEVICE", device_env)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: None)
+    monkeypatch.setattr(D.dist, "is_initialized", lambda: bool(joined))
+    monkeypatch.setattr(D.dist, "init_process_group", lambda backend: joined.append(backend))
+    monkeypatch.setattr(D.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(D.dist, "get_rank", lambda: 0)
+    assert D.init_distributed() and joined == [backend]
+    assert ("share 1 GPU(s): training on the CPU" in caplog.text) == (gpus == 1)
+    monkeypatch.setattr(D.dist, "get_backend", lambda: backend)
+    auto = torch.device("cuda" if gpus and device_env is None else "cpu")
+    assert D.rank_device(auto, explicit=False).type == ("cuda" if backend == "nccl" else "cpu")
+    if backend == "gloo" and gpus:  # asked for by name, a shared GPU is an error, not a silent CPU run
+        with pytest.raises(ParameterError, match="start at most one rank per GPU"):
+            D.rank_device(torch.device("cuda"), explicit=True)
+    if backend == "nccl":
+        with pytest.raises(ParameterError, match="RECFORGE_DEVICE=cpu before torchrun"):
+            D.rank_device(torch.device("cpu"), explicit=True)
+
+
+def test_recforge_device_chooses_for_auto(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECFORGE_DEVICE", "cpu")
+    assert resolve_device("auto").type == "cpu" and resolve_device(None).type == "cpu"
+    monkeypatch.setenv("RECFORGE_DEVICE", "tpu")
+    with pytest.raises(ParameterError, match="RECFORGE_DEVICE='tpu'"):
+        resolve_device("auto")
+    assert resolve_device("cpu").type == "cpu"  # a device given by name wins over the variable
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ParameterError, match=r"has 1 GPU\(s\) \(cuda:0 to cuda:0\)"):
+        resolve_device("cuda:1")
 
 
 def _regression_trainer(epochs: int, callbacks: tuple = ()) -> tuple[Trainer, Any, Any, Any]:
@@ -100,7 +148,7 @@ def test_an_exception_from_a_callback_abandons_training() -> None:
 
 
 def _run(cmd: list[str], out: Path) -> list[dict]:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "RECFORGE_DEVICE": "cpu"}  # gloo also on GPUs
     env.pop("WORLD_SIZE", None)
     proc = subprocess.run([*cmd, str(SCRIPT), str(out)], env=env, capture_output=True, text=True, timeout=300,
                           check=False)

@@ -47,6 +47,25 @@ SetOpt = Annotated[
 KOpt = Annotated[list[int], typer.Option("--k", "-k", min=1, help="List length(s) for top-k metrics; repeatable.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed for splits and models.")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress on stderr (bars in a terminal, a line per stage elsewhere).")]
+
+
+def _set_device(value: str | None) -> str | None:
+    """Make ``value`` the device of every model left at ``device="auto"``, in this process and the workers and
+    ranks it starts (through ``RECFORGE_DEVICE``); checked first, so a typo or a missing GPU is one line."""
+    if value is not None:
+        from recforge.core.device import DEVICE_ENV, resolve_device
+
+        try:
+            resolve_device(value)
+        except RecforgeError as exc:
+            raise typer.BadParameter(str(exc)) from None
+        os.environ[DEVICE_ENV] = value
+    return value
+
+
+DeviceOpt = Annotated[str | None, typer.Option(
+    "--device", callback=_set_device, help="auto, cpu, cuda or cuda:N for every model left at device=auto "
+    "(default: $RECFORGE_DEVICE, else CUDA when present).")]
 _COLUMNS = "Columns of a data file"
 UserColOpt = Annotated[str | None, typer.Option("--user-col", help="User ids (default: user_id).",
                                                 rich_help_panel=_COLUMNS)]
@@ -279,6 +298,7 @@ def train_cmd(
     sep: SepOpt = None,
     set_: SetOpt = None,
     quiet: QuietOpt = False,
+    device: DeviceOpt = None,
 ) -> None:
     """Fit a model on a whole dataset and save it as an artifact (safetensors + JSON, no pickle). Under torchrun,
     neural models train data-parallel over the processes (one per GPU, or gloo on CPUs) and rank 0 saves."""
@@ -386,6 +406,7 @@ def evaluate_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object with lower-case metric names.")] = False,
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
+    device: DeviceOpt = None,
 ) -> None:
     """Fit, tune and test one model through the fitting pipeline, on TRAIN/TEST files made elsewhere or on a
     dataset split here, and report its metrics (and the parameters it was tested with)."""
@@ -646,6 +667,7 @@ def compare_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print the tables as JSON.")] = False,
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
+    device: DeviceOpt = None,
 ) -> None:
     """Fit, tune and test several models on the same split(s) and print a leaderboard with 95% CIs (rating
     models in a separate rating table); every trial is saved, and --resume continues an interrupted run."""
@@ -702,6 +724,7 @@ def run_cmd(
     threads_per_worker: Annotated[int | None, typer.Option(
         help="BLAS/numba/torch threads per trial (default: all cores serially, 1 per worker).")] = None,
     quiet: QuietOpt = False,
+    device: DeviceOpt = None,
 ) -> None:
     """Run an experiment config: tuned on validation, refitted and tested, every trial saved, resumable; prints
     the leaderboard. Under torchrun, neural models train data-parallel across the processes and only rank 0
@@ -762,6 +785,7 @@ def serve_cmd(
         help="Load shedding: while the service runs this many seconds behind, GET /recommend answers 503 at once.")
     ] = 0.1,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
+    device: DeviceOpt = None,
 ) -> None:
     """Serve a saved model over HTTP: /recommend, /similar, /feedback (durable), /health, /metrics, /docs."""
     import uvicorn
@@ -863,6 +887,7 @@ def simulate_cmd(
     ),
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
+    device: DeviceOpt = None,
 ) -> None:
     """Simulate slate recommendation on a real dataset: train policies online, test them, save scores and plots."""
     from recforge.errors import DataError

@@ -1,8 +1,10 @@
-"""Where torch work runs: CUDA when present, else the CPU; how many CPU threads torch may use; mixed precision."""
+"""Where torch work runs: CUDA when present, else the CPU (``RECFORGE_DEVICE`` overrides what ``"auto"`` picks); how
+many CPU threads torch may use; mixed precision."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import torch
@@ -10,18 +12,40 @@ import torch
 from recforge.core.threads import resolve_threads
 from recforge.errors import ParameterError
 
+#: The environment variable that chooses the device of everything left at ``device="auto"`` (``cpu``, ``cuda``,
+#: ``cuda:N``): the CLI's ``--device`` sets it, so trial workers and torchrun ranks inherit it.
+DEVICE_ENV = "RECFORGE_DEVICE"
+
+
+def is_auto(device: str | torch.device | None) -> bool:
+    """Whether ``device`` leaves the choice to recforge (``None`` or ``"auto"``)."""
+    return device is None or (isinstance(device, str) and device.strip().lower() == "auto")
+
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
-    """``"auto"`` (or ``None``) picks ``cuda`` when a GPU is visible and ``cpu`` otherwise; other values are
-    checked so a typo or a missing GPU gives a clear error instead of a failure deep inside torch."""
-    if device is None or (isinstance(device, str) and device.strip().lower() == "auto"):
+    """``"auto"`` (or ``None``) picks ``$RECFORGE_DEVICE`` when set, else ``cuda`` when a GPU is visible and ``cpu``
+    otherwise; other values are checked so a typo, a missing GPU or a GPU number beyond those present gives a clear
+    error instead of a failure deep inside torch."""
+    if is_auto(device):
+        chosen = os.environ.get(DEVICE_ENV, "").strip()
+        if chosen and chosen.lower() != "auto":
+            return _checked(chosen, f"{DEVICE_ENV}={chosen!r}")
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return _checked(device, f"device {device!r}")  # type: ignore[arg-type]
+
+
+def _checked(device: str | torch.device, what: str) -> torch.device:
     try:
         dev = torch.device(device)
-    except (RuntimeError, TypeError) as exc:
-        raise ParameterError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r} ({exc})") from None
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ParameterError(f"{what}: a device must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ParameterError(f"device {device!r} was asked for, but no CUDA GPU is available; use device='auto' or 'cpu'")
+        raise ParameterError(f"{what} was asked for, but no CUDA GPU is available; use 'auto' or 'cpu'")
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        raise ParameterError(f"{what} was asked for, but this machine has {torch.cuda.device_count()} GPU(s) "
+                             f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return dev
 
 

@@ -17,6 +17,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from recforge.core.device import DEVICE_ENV, resolve_device
+from recforge.errors import ParameterError
+
 log = logging.getLogger(__name__)
 
 
@@ -26,17 +29,40 @@ def launched_distributed() -> bool:
 
 
 def init_distributed() -> bool:
-    """Join the launcher's process group once (NCCL when CUDA is present, gloo otherwise); True when running
-    with several ranks."""
+    """Join the launcher's process group once: NCCL when every rank on this machine has a GPU of its own and the
+    device is not set to the CPU (``RECFORGE_DEVICE``), gloo on the CPU otherwise (with a warning when GPUs are
+    present but fewer than the ranks); True when running with several ranks."""
     if not launched_distributed() or not dist.is_available():
         return False
     if not dist.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        backend = "nccl" if _gpu_per_rank() and resolve_device("auto").type == "cuda" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank())
+        elif torch.cuda.is_available() and not _gpu_per_rank() and rank() == 0:
+            log.warning("%d ranks on this machine share %d GPU(s): training on the CPU (gloo); start one rank per GPU "
+                        "(torchrun --nproc_per_node %d) to train on the GPUs", local_world_size(),
+                        torch.cuda.device_count(), torch.cuda.device_count())
         dist.init_process_group(backend=backend)
         log.info("joined process group: rank %d of %d (%s)", rank(), world_size(), backend)
     return dist.get_world_size() > 1
+
+
+def _gpu_per_rank() -> bool:
+    return torch.cuda.is_available() and torch.cuda.device_count() >= local_world_size()
+
+
+def rank_device(device: torch.device, explicit: bool) -> torch.device:
+    """The device this rank trains on, given the one the model resolved (``explicit``: asked for by name rather
+    than left at ``"auto"``): its own GPU in an NCCL group, the CPU in a gloo group."""
+    if dist.get_backend() == "nccl":
+        if device.type != "cuda":
+            raise ParameterError(f"device {str(device)!r} under torchrun with one GPU per rank: set "
+                                 f"{DEVICE_ENV}=cpu before torchrun to train every rank on the CPU")
+        return torch.device("cuda", local_rank())
+    if device.type == "cuda" and explicit:
+        raise ParameterError(f"device {str(device)!r} was asked for, but the {local_world_size()} ranks on this "
+                             f"machine share {torch.cuda.device_count()} GPU(s): start at most one rank per GPU")
+    return torch.device("cpu")
 
 
 def is_distributed() -> bool:
@@ -54,6 +80,11 @@ def rank() -> int:
 def local_rank() -> int:
     """This process's rank on its machine (the GPU it drives)."""
     return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def local_world_size() -> int:
+    """How many ranks run on this machine."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
 
 
 def world_size() -> int:

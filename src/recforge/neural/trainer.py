@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recforge.core.device import amp_dtype, resolve_device
+from recforge.core.device import amp_dtype, is_auto, resolve_device
 from recforge.core.params import Boolean, Choice, Constraint, Integer, Real, Text, check_params
 from recforge.core.progress import fit_summary, progress_bar
 from recforge.core.validation import VALIDATION_METRICS
@@ -194,8 +194,8 @@ class Trainer:
         self.callbacks = [*callbacks, *_CALLBACKS.get()]
         self.distributed = D.init_distributed()
         self.device = resolve_device(config.device)
-        if self.distributed and self.device.type == "cuda":  # one GPU per rank on each machine
-            self.device = torch.device("cuda", D.local_rank())
+        if self.distributed:
+            self.device = D.rank_device(self.device, explicit=not is_auto(config.device))
         self.module = module.to(self.device)
         self.amp = amp_dtype(self.device, config.amp)
         params = [p for p in module.parameters() if p.requires_grad]
