@@ -7,7 +7,8 @@ Usage::
 
 Each stage reports its wall time and the process's peak resident memory so far (``ru_maxrss``). ALS: 64 factors,
 15 epochs; SASRec: 64 factors, the last 50 events, logQ-corrected sampled softmax over 512 in-batch
-negatives (a full softmax over 50k items would need 512 × 50 × 50k logits per step), ``--sasrec-epochs`` epochs;
+negatives, or with ``--sasrec-loss softmax`` the full softmax over the catalogue (its 512 × 50 × 50k logits a step
+computed in chunks, :data:`recforge.neural.losses.SOFTMAX_CHUNK_LOGITS`), ``--sasrec-epochs`` epochs;
 evaluation: full-catalogue ranking of ``--eval-users`` (10,000) sampled test users, seen items excluded.
 ``--models`` picks the stages (default ``ease,als,sasrec``). Results: ``benchmarks/results/scale.json``.
 """

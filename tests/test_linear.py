@@ -6,13 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
 from conftest import ndcg_of
 
 from recforge import split as S
 from recforge.data import Interactions
 from recforge.errors import DataError
-from recforge.models import MostPopular, Recommender, create_model
-from recforge.models.linear import EASE, ease_weights
+from recforge.models import MostPopular, Recommender, create_model, linear
+from recforge.models.linear import EASE, ease_weights, ease_weights_torch
 
 
 def reference_b(x: np.ndarray, reg: float) -> np.ndarray:
@@ -55,6 +56,20 @@ def test_several_tiles_and_weighted_values() -> None:
     x.data = np.ceil(x.data * 3).astype(np.float32)  # counts 1..3
     b = ease_weights(x, x.T.tocsr(), 7.5)
     np.testing.assert_allclose(b, reference_b(x.toarray().astype(np.float64), 7.5), atol=2e-5)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU"))])
+def test_the_torch_path_is_the_same_closed_form(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path (run here on ``device``), with the Gram matrix built over several chunks of user rows."""
+    rng = np.random.default_rng(4)
+    x = sp.random(130, 90, density=0.1, random_state=rng, format="csr", dtype=np.float32)
+    monkeypatch.setattr(linear, "_GRAM_CHUNK_BYTES", 4 * 90 * 40)  # 40 users per chunk: 4 chunks
+    b = ease_weights_torch(x, 5.0, torch.device(device))
+    assert b.dtype == np.float32 and b.flags.c_contiguous and np.all(np.diag(b) == 0)
+    np.testing.assert_allclose(b, reference_b(x.toarray().astype(np.float64), 5.0), atol=2e-5)
+    np.testing.assert_allclose(b, ease_weights(x, x.T.tocsr(), 5.0), atol=2e-5)
+    assert linear.ease_gpu_bytes(50_000) == 8 * 50_000**2 + linear._GRAM_CHUNK_BYTES  # 20 GB for 50k items
 
 
 def test_count_values_use_repeated_interactions() -> None:

@@ -123,6 +123,28 @@ def test_in_batch_masks_accidental_hits_and_applies_logq() -> None:
     assert corrected.item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_full_softmax_in_chunks_is_the_same_loss_and_gradient(monkeypatch: pytest.MonkeyPatch) -> None:
+    gen = torch.Generator().manual_seed(0)
+    query = torch.randn(37, 8, generator=gen, dtype=torch.float64)
+    items = torch.randn(51, 8, generator=gen, dtype=torch.float64)  # row 0: padding
+    bias = torch.randn(51, generator=gen, dtype=torch.float64)
+    pos = torch.randint(1, 51, (37,), generator=gen)
+    reference = torch.nn.functional.cross_entropy(query @ items[1:].T + bias[1:], pos - 1)  # every logit at once
+
+    def loss_and_grads() -> tuple[float, list[torch.Tensor]]:
+        leaves = [t.clone().requires_grad_() for t in (query, items, bias)]
+        loss = L.full_softmax(leaves[0], pos, leaves[1], leaves[2])
+        loss.backward()
+        return loss.item(), [t.grad for t in leaves]
+
+    whole, whole_grads = loss_and_grads()
+    monkeypatch.setattr(L, "SOFTMAX_CHUNK_LOGITS", 50 * 5)  # 5 predictions per chunk: 8 chunks
+    chunked, chunked_grads = loss_and_grads()
+    assert whole == pytest.approx(reference.item(), rel=1e-6) and chunked == pytest.approx(whole, rel=1e-6)
+    for a, b in zip(whole_grads, chunked_grads):
+        torch.testing.assert_close(a, b)
+
+
 def test_bce_one_negative_rewards_separating_positive() -> None:
     items = torch.eye(3) * 5
     pos = torch.tensor([1, 1])

@@ -9,17 +9,42 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 LOSSES = ("softmax", "bce", "inbatch", "logq")
+
+#: Logits of the full-catalogue loss that exist at once (2**26 float32 = 256 MB): larger batches × catalogues are
+#: computed in chunks of predictions, each recomputed in the backward pass instead of kept.
+SOFTMAX_CHUNK_LOGITS = 2**26
 
 
 def full_softmax(query: torch.Tensor, positives: torch.Tensor, items: torch.Tensor,
                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy over the whole catalogue (the padding row is not a class)."""
-    logits = query @ items[1:].T
+    return catalogue_cross_entropy(query, positives - 1, items[1:], None if bias is None else bias[1:])
+
+
+def catalogue_cross_entropy(query: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy of ``query @ weight.T (+ bias)`` against 0-based ``targets``, never holding more than
+    :data:`SOFTMAX_CHUNK_LOGITS` logits: a 50k-item catalogue trains with the full softmax at any batch size."""
+    n = query.shape[0]
+    rows = max(1, SOFTMAX_CHUNK_LOGITS // max(weight.shape[0], 1))
+    if n <= rows:
+        return _cross_entropy_sum(query, targets, weight, bias) / n
+    total = query.new_zeros((), dtype=torch.float32)
+    for lo in range(0, n, rows):
+        total = total + checkpoint(_cross_entropy_sum, query[lo:lo + rows], targets[lo:lo + rows], weight, bias,
+                                   use_reentrant=False)
+    return total / n
+
+
+def _cross_entropy_sum(query: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    logits = query @ weight.T
     if bias is not None:
-        logits = logits + bias[1:]
-    return F.cross_entropy(logits.float(), positives - 1)
+        logits = logits + bias
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
 
 
 def bce_one_negative(query: torch.Tensor, positives: torch.Tensor, items: torch.Tensor,

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from recforge.core.params import Constraint, Integer, store_params
@@ -17,6 +16,7 @@ from recforge.models.sequential.base import (
     SequentialRecommender,
     shifted_targets,
 )
+from recforge.neural.losses import catalogue_cross_entropy
 from recforge.neural.sequences import n_tokens
 
 
@@ -45,8 +45,7 @@ class GRUNet(SequenceNet):
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs, targets, mask = shifted_targets(batch["seq"], self.n_items)
-        h = self.hidden(inputs)[mask]
-        return F.cross_entropy(self.out(h).float(), targets[mask] - 1)
+        return catalogue_cross_entropy(self.hidden(inputs)[mask], targets[mask] - 1, *self.output_layer())
 
 
 @register("gru4rec")

@@ -16,6 +16,7 @@ from recforge.models.sequential.base import (
     SequentialRecommender,
     shifted_targets,
 )
+from recforge.neural.losses import catalogue_cross_entropy
 from recforge.neural.sequences import n_tokens
 
 
@@ -57,7 +58,7 @@ class PoolingNet(SequenceNet):
 
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs, targets, mask = shifted_targets(batch["seq"], self.n_items)
-        return F.cross_entropy(self.score_items(self.hidden(inputs)[mask]).float(), targets[mask] - 1)
+        return catalogue_cross_entropy(self.hidden(inputs)[mask], targets[mask] - 1, *self.output_layer())
 
 
 @register("pooling")
