@@ -9,18 +9,22 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
 from conftest import ndcg_of
 
 from recforge import split as S
 from recforge.data import Interactions
 from recforge.errors import ArtifactError
 from recforge.models import Recommender, create_model
+from recforge.models import als as als_module
 from recforge.models.als import (
     BiasedALS,
+    DeviceCSR,
     ImplicitALS,
     _biased_exact,
     _cholesky_solve,
     implicit_half_step,
+    implicit_half_step_torch,
 )
 
 
@@ -74,6 +78,31 @@ def test_cg_approaches_the_exact_solution() -> None:
     for _ in range(10):
         implicit_half_step(R, conf, X, Y, 0.5, "cg", cg_steps=2)
     assert np.abs(X - exact).max() < errors[1] / 10
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU"))])
+def test_the_torch_cg_takes_the_same_steps(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path (run here on ``device``) against the numba kernel: same warm start, same steps, an empty row."""
+    rng = np.random.default_rng(5)
+    R = sp.random(70, 45, density=0.15, format="csr", random_state=6, dtype=np.float32)
+    R.data[:] = rng.integers(1, 4, R.nnz)
+    R = sp.csr_matrix(R.toarray() * (np.arange(70) != 3)[:, None])  # user 3 has no events
+    conf = (1 + 2.0 * R.data).astype(np.float32)
+    Y = rng.standard_normal((45, 8)).astype(np.float32) * 0.3
+    start = rng.standard_normal((70, 8)).astype(np.float32) * 0.1
+    monkeypatch.setattr(als_module, "_DOT_CHUNK", 50)  # the products gathered over several chunks
+    for steps in (1, 3):
+        expected = start.copy()
+        implicit_half_step(R, conf, expected, Y, 0.5, "cg", cg_steps=steps)
+        X = torch.from_numpy(start.copy()).to(device)
+        implicit_half_step_torch(DeviceCSR(R, conf, torch.device(device)), X, torch.from_numpy(Y).to(device), 0.5, steps)
+        np.testing.assert_allclose(X.cpu().numpy(), expected, atol=2e-5)
+    model = ImplicitALS()
+    model.reg_ = 0.5
+    by_user = DeviceCSR(R, conf, torch.device(device))
+    assert model._loss_torch(by_user, torch.from_numpy(start).to(device), torch.from_numpy(Y).to(device)) \
+        == pytest.approx(model._loss(R, conf, start, Y), rel=1e-5)  # the epoch's loss, computed on the device
 
 
 def test_cg_fit_is_close_to_exact_fit(planted: Interactions) -> None:

@@ -5,20 +5,24 @@ row's problem is a small ridge regression. :class:`ImplicitALS` solves it by a f
 warm-started from the previous factors (Takács, Pilászy & Tikk, 2011), which costs O(nnz·k) per sweep instead of
 O(nnz·k²); :class:`BiasedALS` solves it exactly by a Cholesky factorisation per row. The per-row loops are numba
 ``prange`` loops (rows are independent, so results do not depend on the thread count); the one dense product per
-half-sweep (``YᵀY``) is BLAS.
+half-sweep (``YᵀY``) is BLAS. On a GPU, :class:`ImplicitALS`'s conjugate gradient runs for all rows at once with
+torch (:func:`implicit_half_step_torch`, the same steps).
 """
 
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, ClassVar, Literal
 
 import numba
 import numpy as np
 import scipy.sparse as sp
+import torch
 from numba import njit, prange
 
-from recforge.core.params import Boolean, Choice, Constraint, Integer, Real
+from recforge.core.device import resolve_device
+from recforge.core.params import Boolean, Choice, Constraint, Integer, Real, Text
 from recforge.core.progress import EpochProgress
 from recforge.core.sparse import csr_from_state, csr_to_state, merge_csr
 from recforge.core.threads import thread_limits
@@ -333,6 +337,61 @@ def implicit_half_step(
         _implicit_exact(R.indptr, R.indices, conf, rows, X, Y, G, _n_chunks(len(rows)))
 
 
+#: Nonzeros whose ``y_i · p_u`` products one step of :func:`implicit_half_step_torch` gathers at once.
+_DOT_CHUNK = 2**22
+
+
+class DeviceCSR:
+    """A CSR pattern with a confidence per nonzero, on a torch device, for :func:`implicit_half_step_torch`."""
+
+    def __init__(self, R: sp.csr_matrix, conf: np.ndarray, device: torch.device) -> None:
+        self.shape = R.shape
+        self.crow = torch.from_numpy(R.indptr.astype(np.int64)).to(device)
+        self.col = torch.from_numpy(R.indices.astype(np.int64)).to(device)
+        self.row = torch.repeat_interleave(torch.arange(R.shape[0], device=device), self.crow.diff())
+        self.conf = torch.from_numpy(np.asarray(conf, np.float32)).to(device)
+
+    def weighted_sum(self, values: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """``Σ_i values_ui · y_i`` for every row ``u`` (a sparse × dense product)."""
+        with warnings.catch_warnings():  # torch calls its CSR support beta; the product used here is long-standing
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+            matrix = torch.sparse_csr_tensor(self.crow, self.col, values, self.shape, check_invariants=False)
+        return matrix @ Y
+
+    def dots(self, P: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
+        """``p_u · y_i`` for every nonzero ``(u, i)``, gathered in chunks."""
+        out = torch.empty_like(self.conf)
+        for lo in range(0, len(out), _DOT_CHUNK):
+            hi = lo + _DOT_CHUNK
+            out[lo:hi] = (Y[self.col[lo:hi]] * P[self.row[lo:hi]]).sum(1)
+        return out
+
+
+def implicit_half_step_torch(R: DeviceCSR, X: torch.Tensor, Y: torch.Tensor, reg: float, cg_steps: int) -> None:
+    """:func:`implicit_half_step`'s conjugate gradient for every row at once (``X`` updated in place): the same
+    ``cg_steps`` steps from the current ``X``, a row stopping once its residual vanishes or its curvature is not
+    positive; matrix-vector products ``G p + Σ_i (c_ui − 1)(y_i·p) y_i`` as dense and sparse products."""
+    k = X.shape[1]
+    G = Y.T @ Y + float(reg) * torch.eye(k, device=X.device, dtype=X.dtype)
+    c1 = R.conf - 1.0
+    r = R.weighted_sum(R.conf - c1 * R.dots(X, Y), Y) - X @ G  # b − A x, with b = Σ c_ui y_i
+    p = r.clone()
+    rs = (r * r).sum(1)
+    done = rs < _TINY
+    for _ in range(cg_steps):
+        ap = p @ G + R.weighted_sum(c1 * R.dots(p, Y), Y)
+        pap = (p * ap).sum(1)
+        done |= pap <= 0
+        alpha = torch.where(done, torch.zeros_like(pap), rs / torch.where(done, torch.ones_like(pap), pap))
+        X += alpha[:, None] * p
+        r -= alpha[:, None] * ap
+        rs_new = (r * r).sum(1)
+        beta = torch.where(done, torch.zeros_like(rs), rs_new / torch.where(done, torch.ones_like(rs), rs))
+        p = r + beta[:, None] * p
+        rs = torch.where(done, rs, rs_new)
+        done |= rs < _TINY
+
+
 # ---------------------------------------------------------------------------------------------------- models
 #: The parameters both ALS models share.
 _ALS_CONSTRAINTS: dict[str, Constraint] = {
@@ -356,6 +415,8 @@ class ImplicitALS(FactorModel):
     sweeps solves all users then all items: ``solver="cg"`` takes ``cg_steps`` conjugate-gradient steps per row from
     the previous factors (cheap, converges over the sweeps); ``"cholesky"`` solves each row exactly (O(k³) per row,
     for checking and small problems). Rows are independent, so any ``num_threads`` gives the same factors.
+    ``device``: ``"auto"`` (``$RECFORGE_DEVICE``, else CUDA when present) runs the ``cg`` solver on a GPU with torch
+    (the same steps for all rows at once, :func:`implicit_half_step_torch`); the factors end on the CPU.
 
     ``confidence`` says how ``c_ui`` and ``λ`` follow from ``alpha`` and ``reg``:
 
@@ -396,6 +457,7 @@ class ImplicitALS(FactorModel):
         "eps": Real(0, strict=True),
         "solver": Choice("cg", "cholesky"),
         "cg_steps": Integer(1),
+        "device": Text(),
     }
 
     def __init__(
@@ -412,6 +474,7 @@ class ImplicitALS(FactorModel):
         seed: int = 0,
         progress: bool = True,
         num_threads: int = 0,
+        device: str = "auto",
     ) -> None:
         self.n_factors = n_factors
         self.reg = reg
@@ -425,6 +488,7 @@ class ImplicitALS(FactorModel):
         self.seed = seed
         self.progress = progress
         self.num_threads = num_threads
+        self.device = device
 
     supports_partial_fit = True
     #: The confidence multiplier, penalty and count unit the model was fitted with (see ``confidence``).
@@ -468,11 +532,21 @@ class ImplicitALS(FactorModel):
         Rt.sort_indices()
         conf_i = self._confidence(Rt.data)
         bar = EpochProgress(self.epochs, "ImplicitALS", enabled=self.progress)
+        device = resolve_device(self.device)
         with thread_limits(self.num_threads):
-            for _ in bar:
-                implicit_half_step(R, conf_u, X, Y, self.reg_, self.solver, self.cg_steps)
-                implicit_half_step(Rt, conf_i, Y, X, self.reg_, self.solver, self.cg_steps)
-                bar.log(self._loss(R, conf_u, X, Y))
+            if device.type == "cuda" and self.solver == "cg":  # every row's CG at once on the GPU
+                by_user, by_item = DeviceCSR(R, conf_u, device), DeviceCSR(Rt, conf_i, device)
+                Xd, Yd = torch.from_numpy(X).to(device), torch.from_numpy(Y).to(device)
+                for _ in bar:
+                    implicit_half_step_torch(by_user, Xd, Yd, self.reg_, self.cg_steps)
+                    implicit_half_step_torch(by_item, Yd, Xd, self.reg_, self.cg_steps)
+                    bar.log(self._loss_torch(by_user, Xd, Yd))
+                X, Y = Xd.cpu().numpy(), Yd.cpu().numpy()
+            else:
+                for _ in bar:
+                    implicit_half_step(R, conf_u, X, Y, self.reg_, self.solver, self.cg_steps)
+                    implicit_half_step(Rt, conf_i, Y, X, self.reg_, self.solver, self.cg_steps)
+                    bar.log(self._loss(R, conf_u, X, Y))
         self.loss_history_ = bar.history
         self.user_factors_ = np.ascontiguousarray(X)
         self.item_factors_ = np.ascontiguousarray(Y)
@@ -485,6 +559,15 @@ class ImplicitALS(FactorModel):
             penalty = self.reg_ * (float(np.square(X64).sum()) + float(np.square(Y64).sum()))
         corr = float(_implicit_loss_rows(R.indptr, R.indices, conf, X, Y).sum())
         return (full + corr + penalty) / max(1, R.nnz)
+
+    def _loss_torch(self, R: DeviceCSR, X: torch.Tensor, Y: torch.Tensor) -> float:
+        """:meth:`_loss` on the factors' device."""
+        s = R.dots(X, Y).double()
+        corr = (R.conf.double() * (1.0 - s) ** 2 - s * s).sum()
+        X64, Y64 = X.double(), Y.double()
+        full = ((X64.T @ X64) * (Y64.T @ Y64)).sum()
+        penalty = self.reg_ * (X64.square().sum() + Y64.square().sum())
+        return float(full + corr + penalty) / max(1, len(R.conf))
 
     def _partial_fit(self, new: Interactions) -> None:
         R = merge_csr(self.interactions_, new.csr("auto").astype(np.float32), "sum")
