@@ -256,6 +256,8 @@ def test_compare_writes_a_new_run_and_never_replaces_one_unasked(own_csv: dict[s
     assert code == 2 and "not a results folder" in text and (tmp_path / "mine" / "notes.txt").exists()
     code, text = _main([*base, "--resume", "--overwrite"], monkeypatch, capsys)
     assert code == 2 and "not both" in text
+    code, text = _main([*base, "-o", "mine/notes.txt", "--resume"], monkeypatch, capsys)
+    assert code == 2 and "'mine/notes.txt' is a file, not a folder" in text and "Traceback" not in text
 
 
 def test_device_option_is_checked_and_reaches_every_auto_device(tmp_path, monkeypatch, capsys) -> None:

@@ -613,11 +613,13 @@ def _run_folder(out: Path | None, default: Path, resume: bool, overwrite: bool) 
         return folder.exists() and (not folder.is_dir() or any(folder.iterdir()))
 
     if out is None:
-        runs = [default, *(default.with_name(f"{default.name}-{i}") for i in range(2, 10_000))]
-        taken = list(itertools.takewhile(used, runs))
-        if not taken or not (resume or overwrite):
-            return runs[len(taken)]
-        out = taken[-1]
+        def run(i: int) -> Path:
+            return default if i == 1 else default.with_name(f"{default.name}-{i}")
+
+        n_used = sum(1 for _ in itertools.takewhile(used, map(run, itertools.count(1))))
+        if not n_used or not (resume or overwrite):
+            return run(n_used + 1)
+        out = run(n_used)
     if used(out) and not resume:
         if not overwrite:
             raise typer.BadParameter(f"{str(out)!r} holds an earlier run: --resume adds to it, --overwrite "

@@ -227,6 +227,9 @@ class ExperimentRunner:
     def _prepare_folder(self) -> None:
         if not self._main:
             return
+        for folder in (self.out, *self.out.parents):
+            if folder.exists() and not folder.is_dir():
+                raise DataError(f"results folder {str(self.out)!r}: {str(folder)!r} is a file, not a folder")
         self._trials_dir.mkdir(parents=True, exist_ok=True)
         resolved = json.loads(json.dumps(self.cfg.to_dict(), default=str))
         existing = self.out / "config.json"
