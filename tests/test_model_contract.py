@@ -19,13 +19,17 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from conftest import ndcg_of
 
+import recforge.evaluation.evaluator as evaluator_module
 import recforge.models
+import recforge.models.base as base_module
 from recforge import split as S
 from recforge.core.params import SYNONYMS
 from recforge.data import Interactions
 from recforge.errors import DataError, NotFittedError, ParameterError, UnknownIdError, UnsupportedError
+from recforge.evaluation import evaluate
 from recforge.models import (
     BUILTIN_MODELS,
     LEARNS_FROM,
@@ -134,7 +138,9 @@ class TestContract:
             assert np.all(np.diff(grp["score"].to_numpy()) <= 0)
             assert grp["item_id"].is_unique
 
-    def test_excludes_seen_items_and_serves_the_same_ranking_from_vectors(self, name: str, loo: S.Split) -> None:
+    def test_excludes_seen_items_and_serves_the_same_ranking_from_vectors(
+        self, name: str, loo: S.Split, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
         model = make(name).fit(loo.train)
         recs = model.recommend(k=20)
         seen = set(zip(*loo.train.to_frame()[["user_id", "item_id"]].to_numpy().T))
@@ -152,6 +158,19 @@ class TestContract:
             offset = scores - queries @ items.T  # a per-user constant (biases that do not change a user's order)
             np.testing.assert_allclose(offset, np.broadcast_to(offset[:, :1], offset.shape),
                                        atol=1e-3 * max(1.0, float(np.abs(scores).max())))
+        # Scored and ranked by torch (the GPU path, here on the CPU): the same lists, seen items excluded.
+        cpu_i, cpu_s = model.recommend_indices(np.arange(model.n_users_), 10, model.seen_)
+        cpu_eval = evaluate(model, loo.test)
+        monkeypatch.setattr(base_module, "device_for_rows", lambda n: torch.device("cpu"))
+        monkeypatch.setattr(evaluator_module, "device_for_rows", lambda n: torch.device("cpu"))
+        dev_i, dev_s = model.recommend_indices(np.arange(model.n_users_), 10, model.seen_)
+        tol = 1e-5 * max(1.0, float(np.abs(cpu_s[np.isfinite(cpu_s)]).max()))
+        np.testing.assert_allclose(dev_s, cpu_s, atol=tol)
+        if model.scoring_vectors() is None:  # the same CPU scores: the same items, ties included
+            np.testing.assert_array_equal(dev_i, cpu_i)
+        assert (dev_i == cpu_i).mean() > 0.95  # vectors scored by torch: float rounding may reorder near-ties
+        assert not model.seen_[np.arange(model.n_users_)[:, None], np.maximum(dev_i, 0)].toarray()[dev_i >= 0].any()
+        assert evaluate(model, loo.test)["ndcg@10"] == pytest.approx(cpu_eval["ndcg@10"], abs=0.01)
 
     def test_k_larger_than_catalogue_and_bad_k(self, name: str, tiny: Interactions) -> None:
         model = make(name).fit(tiny)

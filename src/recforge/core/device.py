@@ -34,6 +34,13 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return _checked(device, f"device {device!r}")  # type: ignore[arg-type]
 
 
+def ranking_device() -> torch.device | None:
+    """Where full-catalogue ranking and top-k run: the GPU ``"auto"`` resolves to, or None for numba on the CPU
+    (faster there than torch's sort-based top-k)."""
+    device = resolve_device("auto")
+    return device if device.type == "cuda" else None
+
+
 def _checked(device: str | torch.device, what: str) -> torch.device:
     try:
         dev = torch.device(device)

@@ -1,7 +1,8 @@
 """Batched full-catalogue ranking: scores → exclusions → top-k, hits and the first relevant rank.
 
 The one ranking kernel behind the reported metrics and early stopping. Rows are scored in blocks so memory stays
-bounded (100k users × 20k items never exist as one matrix); ties are broken as in :mod:`recforge.core.topk`.
+bounded (100k users × 20k items never exist as one matrix); ties are broken as in :mod:`recforge.core.topk`. On a
+GPU the blocks are ranked there (:mod:`recforge.core.device_topk`, the same results).
 """
 
 from __future__ import annotations
@@ -12,7 +13,9 @@ from dataclasses import dataclass
 import numba as nb
 import numpy as np
 import scipy.sparse as sp
+import torch
 
+from recforge.core import device_topk
 from recforge.core.progress import progress_bar
 from recforge.core.topk import batch_rows, row_topk
 
@@ -77,8 +80,12 @@ class RankingOutput:
     first_rank: np.ndarray
 
 
+#: Score blocks ranked on a device may be this many times larger than on the CPU (fewer, larger kernels).
+_DEVICE_BLOCK_FACTOR = 4
+
+
 def rank_rows(
-    score_fn: Callable[[np.ndarray], np.ndarray],
+    score_fn: Callable[[np.ndarray], np.ndarray | torch.Tensor],
     n_items: int,
     users: np.ndarray,
     targets: sp.csr_matrix,
@@ -86,10 +93,15 @@ def rank_rows(
     exclude: sp.csr_matrix | None,
     batch_size: int | None = None,
     progress: bool = False,
+    device: torch.device | None = None,
 ) -> RankingOutput:
     """Rank the full catalogue for every row: row ``r`` is scored as ``score_fn(users)[r]``, its relevant items are
     row ``r`` of ``targets`` and its excluded items row ``r`` of ``exclude`` (both CSR with one row per entry
-    of ``users``)."""
+    of ``users``).
+
+    ``score_fn`` returns a float block as a numpy array or a torch tensor. With ``device`` (e.g. the GPU the model
+    scores on) blocks are ranked there with torch; without, on the CPU with numba.
+    """
     users = np.asarray(users, dtype=np.int64)
     k_eff = min(k, n_items)
     targets = targets.tocsr()
@@ -98,14 +110,28 @@ def rank_rows(
     top = np.empty((n_rows, k_eff), np.int32)
     hits = np.empty((n_rows, k_eff), np.bool_)
     first = np.empty(n_rows, np.int64)
-    step = batch_size or batch_rows(n_items)
+    step = batch_size or batch_rows(n_items) * (1 if device is None else _DEVICE_BLOCK_FACTOR)
     empty_ptr = np.zeros(step + 1, np.int64)
     empty_idx = np.zeros(0, np.int32)
     bar = progress_bar(total=n_rows, desc="ranking", unit="user", enabled=progress, leave=False)
     for lo in range(0, n_rows, step):
         hi = min(lo + step, n_rows)
-        scores = np.ascontiguousarray(score_fn(users[lo:hi]), dtype=np.float32)
+        block = score_fn(users[lo:hi])
         t = targets[lo:hi]
+        if device is not None:
+            scores_t = device_topk.to_block(block, device)
+            if exclude is not None:
+                ex = exclude[lo:hi]
+                device_topk.exclude_(scores_t, ex.indptr, ex.indices)
+            else:
+                device_topk.exclude_(scores_t)
+            top_t, hits_t, first_t = device_topk.rank_block(scores_t, k_eff, t)
+            top[lo:hi], hits[lo:hi], first[lo:hi] = top_t.cpu().numpy(), hits_t.cpu().numpy(), first_t.cpu().numpy()
+            bar.update(hi - lo)
+            continue
+        if isinstance(block, torch.Tensor):
+            block = block.detach().float().cpu().numpy()
+        scores = np.ascontiguousarray(block, dtype=np.float32)
         if exclude is not None:
             ex = exclude[lo:hi]
             ex_ptr, ex_idx = ex.indptr.astype(np.int64), ex.indices.astype(np.int32)

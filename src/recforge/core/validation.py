@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import numpy as np
 import scipy.sparse as sp
+import torch
 
 from recforge.core.metrics import per_user_metrics
 from recforge.core.ranking import rank_rows
@@ -27,7 +28,8 @@ class RankingValidator:
     skipped. ``exclude``: CSR of the same shape, items not to rank (e.g. the user's history), or None. At most
     ``max_rows`` rows are kept (a seeded random subset, fixed for the whole training run) so validation stays
     cheap on large data. Calling the validator with ``score_fn(rows) -> float32 block (len(rows), n_items)``
-    (``rows``: some of ``self.rows``) returns ``{"ndcg@k", "hr@k", "recall@k", "map@k", "mrr"}``.
+    (``rows``: some of ``self.rows``; a numpy array or a torch tensor) returns ``{"ndcg@k", "hr@k", "recall@k",
+    "map@k", "mrr"}``. With a CUDA ``device`` (where the model scores) the blocks are ranked there.
     """
 
     def __init__(
@@ -37,6 +39,7 @@ class RankingValidator:
         k: int = 10,
         max_rows: int | None = 10_000,
         seed: int = 0,
+        device: torch.device | None = None,
     ) -> None:
         targets = sp.csr_matrix(targets)
         rows = np.flatnonzero(np.diff(targets.indptr) > 0)
@@ -47,6 +50,7 @@ class RankingValidator:
         self.exclude = None if exclude is None else sp.csr_matrix(exclude)[self.rows]
         self.k = int(k)
         self.n_items = targets.shape[1]
+        self.device = device if device is not None and device.type == "cuda" else None
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -55,8 +59,8 @@ class RankingValidator:
         """The metrics of a score block whose row ``r`` belongs to validation row ``self.rows[r]``."""
         return self(lambda rows: scores[np.searchsorted(self.rows, rows)])
 
-    def __call__(self, score_fn: Callable[[np.ndarray], np.ndarray]) -> dict[str, float]:
-        out = rank_rows(score_fn, self.n_items, self.rows, self.targets, self.k, self.exclude)
+    def __call__(self, score_fn: Callable[[np.ndarray], np.ndarray | torch.Tensor]) -> dict[str, float]:
+        out = rank_rows(score_fn, self.n_items, self.rows, self.targets, self.k, self.exclude, device=self.device)
         metrics = per_user_metrics(out.hits, out.n_rel, out.first_rank, [self.k])
         names = (f"ndcg@{self.k}", f"hr@{self.k}", f"recall@{self.k}", f"map@{self.k}", "mrr")
         return {name: float(metrics[name].mean()) for name in names}

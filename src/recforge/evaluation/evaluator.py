@@ -14,6 +14,7 @@ import scipy.sparse as sp
 from recforge.core import metrics as M
 from recforge.core.params import check_k
 from recforge.core.ranking import rank_rows
+from recforge.core.topk import device_for_rows
 from recforge.data.interactions import Interactions, gather_ranges
 from recforge.data.split import NextEventSamples
 from recforge.errors import DataError, EmptyDatasetError
@@ -85,8 +86,10 @@ def evaluate(
         excl: sp.csr_matrix | None = exclude.csr("ones") if isinstance(exclude, Interactions) else exclude.tocsr()
     else:
         excl = model.seen_ if exclude_seen else None
+    device = device_for_rows(len(users))  # a GPU scores (factor models) and ranks there; else numba on the CPU
     out = rank_rows(
-        model.score, model.n_items_, users, truth[users], max(ks), None if excl is None else excl[users], batch_size, progress
+        model.block_scorer(device), model.n_items_, users, truth[users], max(ks), None if excl is None else excl[users],
+        batch_size, progress, device,
     )
     per_user = pd.DataFrame(M.per_user_metrics(out.hits, out.n_rel, out.first_rank, ks))
     per_user.insert(0, "user_id", model.user_map_.to_ids(users))

@@ -14,7 +14,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -27,7 +28,7 @@ from safetensors.numpy import load_file, save_file
 import recforge
 from recforge.core.params import Constraint, check_k, check_params, translate_renamed
 from recforge.core.sparse import csr_from_state, merge_csr, pad_csr, pattern
-from recforge.core.topk import batch_rows, mask_and_topk
+from recforge.core.topk import batch_rows, device_for_rows, mask_and_topk
 from recforge.data.idmap import IdMap
 from recforge.data.interactions import Interactions
 from recforge.data.io import atomic_directory
@@ -70,6 +71,18 @@ LEARNS_FROM: dict[str, str] = {
     "content": "the items' text and features, and which items each user interacted with",
     "nothing": "nothing but the catalogue",
 }
+
+
+@dataclass(frozen=True)
+class ScoringVectors:
+    """A model's score as ``queries[u] · items[i] + query_bias[u] + item_bias[i] + constant`` (float32 arrays, one
+    row per user index and per item index; absent biases are None)."""
+
+    queries: np.ndarray
+    items: np.ndarray
+    query_bias: np.ndarray | None = None
+    item_bias: np.ndarray | None = None
+    constant: float = 0.0
 
 
 class Recommender:
@@ -340,6 +353,23 @@ class Recommender:
             raise AssertionError(f"{type(self).__name__}._score_histories returned shape {out.shape}")
         return out
 
+    def scoring_vectors(self) -> ScoringVectors | None:
+        """The parts of the model's score when it is ``queries[u] · items[i] + query_bias[u] + item_bias[i] +
+        constant`` for every user and item (factor models, the two-tower), so a GPU can score blocks of users
+        without the CPU; None for models that score otherwise."""
+        return None
+
+    def block_scorer(self, device: Any) -> Callable[[np.ndarray], Any]:
+        """A function scoring blocks of user indices for ranking on ``device`` (a CUDA ``torch.device``, or None
+        for the CPU): from :meth:`scoring_vectors` on the device where the model has them, else :meth:`score`."""
+        parts = None if device is None else self.scoring_vectors()
+        if parts is None:
+            return self.score
+        # torch is imported only once a GPU ranks (see device_for_rows)
+        from recforge.core.device_topk import VectorScorer
+
+        return VectorScorer(parts.queries, parts.items, device, parts.query_bias, parts.item_bias, parts.constant)
+
     def retrieval_vectors(self, users: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """``(queries, items)`` such that ``queries @ items.T`` ranks every item for ``users`` as the model does
         (per-user constants dropped), for serving from a vector index; None for models that do not score by an
@@ -461,23 +491,25 @@ class Recommender:
         users = np.asarray(users, dtype=np.int64).reshape(-1)
         if extra_exclude is not None and len(extra_exclude) != len(users):
             raise DataError(f"extra_exclude needs one array per user ({len(users)}), got {len(extra_exclude)}")
+        if users.size and (users.min() < 0 or users.max() >= self.n_users_):
+            raise DataError(f"user indices must lie in [0, {self.n_users_}); translate ids with user_map_ first")
         k_eff = min(k, self.n_items_)
         out_i = np.full((len(users), k_eff), -1, np.int32)
         out_s = np.full((len(users), k_eff), -np.inf, np.float32)
+        device = device_for_rows(len(users))  # many users on a GPU machine: scored and ranked there
+        score = self.block_scorer(device)
         step = batch_size or batch_rows(self.n_items_)
         for lo in range(0, len(users), step):
             block_users = users[lo : lo + step]
-            scores = self.score(block_users)
+            scores = score(block_users)
             sub = None if exclude is None else exclude[block_users]
             if extra_exclude is not None:
                 rows = np.repeat(np.arange(len(block_users)), [len(e) for e in extra_exclude[lo : lo + step]])
                 cols = np.concatenate([np.asarray(e, np.int64) for e in extra_exclude[lo : lo + step]] or [[]])
                 more = pattern(rows, cols.astype(np.int64), (len(block_users), self.n_items_))
                 sub = more if sub is None else merge_csr(sub, more, "ones")
-            if sub is not None:
-                idx, sc = mask_and_topk(scores, k_eff, sub.indptr, sub.indices)
-            else:
-                idx, sc = mask_and_topk(scores, k_eff)
+            ex_ptr, ex_idx = (None, None) if sub is None else (sub.indptr, sub.indices)
+            idx, sc = mask_and_topk(scores, k_eff, ex_ptr, ex_idx, device=device)
             out_i[lo : lo + step] = idx
             out_s[lo : lo + step] = sc
         return out_i, out_s

@@ -13,7 +13,7 @@ import numpy as np
 
 from recforge.data.interactions import Interactions
 from recforge.errors import ArtifactError
-from recforge.models.base import RatingPredictor, Recommender
+from recforge.models.base import RatingPredictor, Recommender, ScoringVectors
 from recforge.retrieval import similar_by_vectors
 
 _OPTIONAL = ("user_bias", "item_bias")
@@ -45,6 +45,12 @@ class FactorModel(Recommender):
         if self.global_bias_:
             scores += np.float32(self.global_bias_)
         return scores
+
+    def scoring_vectors(self) -> ScoringVectors:
+        """The factors and biases :meth:`score` adds up."""
+        self._check_fitted()
+        return ScoringVectors(self.user_factors_, self.item_factors_, self.user_bias_, self.item_bias_,
+                              float(self.global_bias_))
 
     def _similar_indices(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return similar_by_vectors(self.item_factors_, items, k)

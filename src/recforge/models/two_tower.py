@@ -28,7 +28,7 @@ from recforge.core.validation import RankingValidator
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
 from recforge.features import genre_matrix, item_texts, make_encoder
-from recforge.models.base import Recommender
+from recforge.models.base import Recommender, ScoringVectors
 from recforge.models.registry import register
 from recforge.models.sequential.base import token_log_q
 from recforge.neural.checkpoint import numpy_to_state, state_to_numpy
@@ -501,19 +501,26 @@ class TwoTower(Recommender):
                    max_users: int = 10_000) -> Any:
         """A closure ranking the validation events, each user's training items excluded, over the full catalogue
         with the test metrics' kernel (a fixed random subset of ``max_users`` users on big data)."""
-        validator = RankingValidator(valid.csr("ones"), train.csr("ones"), k=10, max_rows=max_users, seed=self.seed)
+        validator = RankingValidator(valid.csr("ones"), train.csr("ones"), k=10, max_rows=max_users, seed=self.seed,
+                                     device=device)
         all_items = np.arange(train.n_items)
 
         def validate() -> dict[str, float]:
-            uvec = self._encode(net, validator.rows, None)
-            ivec = self._encode(net, None, all_items)
-            return validator(lambda rows: uvec[np.searchsorted(validator.rows, rows)] @ ivec.T)
+            uvec = torch.from_numpy(self._encode(net, validator.rows, None)).to(device)
+            ivec = torch.from_numpy(self._encode(net, None, all_items)).to(device)
+            # scored (and, on a GPU, ranked) on the training device
+            return validator(lambda rows: uvec[torch.from_numpy(np.searchsorted(validator.rows, rows)).to(device)] @ ivec.T)
 
         return validate
 
     # ------------------------------------------------------------------ scoring
     def _score(self, users: np.ndarray) -> np.ndarray:
         return self.user_vectors_[users] @ self.item_vectors_.T
+
+    def scoring_vectors(self) -> ScoringVectors:
+        """The two towers' outputs."""
+        self._check_fitted()
+        return ScoringVectors(self.user_vectors_, self.item_vectors_)
 
     def _similar_indices(self, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         return similar_by_vectors(self.item_vectors_, items, k)

@@ -12,13 +12,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, Literal
 
 import numpy as np
 import scipy.sparse as sp
 
 from recforge.core.threads import resolve_threads, thread_limits
-from recforge.core.topk import mask_and_topk
+from recforge.core.topk import device_for_rows, mask_and_topk
 from recforge.core.vectors import normalize_rows
 from recforge.errors import DataError
 
@@ -82,16 +83,25 @@ class ExactIndex(VectorIndex):
     ) -> tuple[np.ndarray, np.ndarray]:
         q, k_eff, out_i, out_s = self._prepare(queries, k, exclude)
         step = max(1, _BLOCK_BYTES // max(1, 4 * self.n))
+        device = device_for_rows(len(q))  # many queries on a GPU machine: products and top-k there
+        score = self._block_scorer(q, device)
         with thread_limits(self.num_threads):
             for lo in range(0, len(q), step):
-                scores = q[lo : lo + step] @ self.vectors.T
-                if exclude is not None:
-                    sub = exclude[lo : lo + step]
-                    idx, sc = mask_and_topk(scores, k_eff, sub.indptr, sub.indices)
-                else:
-                    idx, sc = mask_and_topk(scores, k_eff)
-                out_i[lo : lo + step], out_s[lo : lo + step] = idx, sc
+                scores = score(lo, lo + step)
+                sub = None if exclude is None else exclude[lo : lo + step]
+                ex_ptr, ex_idx = (None, None) if sub is None else (sub.indptr, sub.indices)
+                out_i[lo : lo + step], out_s[lo : lo + step] = mask_and_topk(scores, k_eff, ex_ptr, ex_idx, device=device)
         return out_i, out_s
+
+    def _block_scorer(self, queries: np.ndarray, device: Any) -> Callable[[int, int], Any]:
+        """Scores of the query rows ``lo:hi`` against every vector, with numpy, or with torch on ``device``."""
+        if device is None:
+            return lambda lo, hi: queries[lo:hi] @ self.vectors.T
+        # torch is imported only once a GPU ranks (see device_for_rows)
+        from recforge.core.device_topk import VectorScorer
+
+        scorer = VectorScorer(queries, self.vectors, device)
+        return lambda lo, hi: scorer(np.arange(lo, min(hi, len(queries))))
 
 
 class HNSWIndex(VectorIndex):

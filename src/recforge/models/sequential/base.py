@@ -190,11 +190,12 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
         targets = sp.csr_matrix((np.ones(len(samples), np.float32), samples.targets, np.arange(len(samples) + 1)),
                                 shape=(len(samples), train.n_items))
         exclude = samples.history if self.valid_exclude_seen else None
-        validator = RankingValidator(targets, exclude, k=10, max_rows=max_samples, seed=self.seed)
+        validator = RankingValidator(targets, exclude, k=10, max_rows=max_samples, seed=self.seed, device=device)
 
-        def score(rows: np.ndarray) -> np.ndarray:
+        def score(rows: np.ndarray) -> torch.Tensor:  # stays on the network's device: ranked there on a GPU
             queries = self._encode_tokens(samples.tokens[rows], samples.lengths[rows], net)
-            return net.score_items(queries).float().cpu().numpy()
+            with torch.no_grad():
+                return net.score_items(queries).float()
 
         return lambda: validator(score)
 
