@@ -6,9 +6,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
 from conftest import ndcg_of
 
 from recforge import split as S
+from recforge.core import device_sparse
 from recforge.data import Interactions
 from recforge.errors import DataError
 from recforge.models import MostPopular, Recommender, create_model
@@ -153,3 +155,32 @@ def test_partial_fit_rating_values_replace() -> None:
     model = ItemKNN(values="rating").fit(Interactions.from_frame(frame))
     model.partial_fit(pd.DataFrame({"user_id": [0], "item_id": [1], "rating": [5.0]}))
     assert model.X_.toarray().tolist() == [[1, 5], [3, 4]]
+
+
+DEVICES = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_similarities_on_a_device_equal_the_cpu_kernel(planted: Interactions, device: torch.device,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The torch products (the GPU path, small blocks so several run) keep the same neighbours: cosine with
+    shrink and ties (binary data) exactly, RP3beta's weighted walk to float rounding."""
+    monkeypatch.setattr(device_sparse, "_BLOCK_BYTES", 8 * 40 * (planted.n_users + planted.n_items))
+    x = interaction_matrix(planted)
+    it = x.T.tocsr()
+    norm = np.sqrt(np.asarray(it.multiply(it).sum(axis=1), dtype=np.float64).ravel())
+    args = (it, x.T.T.tocsr(), 7)
+    want = item_knn_rows(*args, row_norm=norm, col_norm=norm, shrink=3.0)
+    got = item_knn_rows(*args, row_norm=norm, col_norm=norm, shrink=3.0, device=device)
+    assert want.nnz > 7 * planted.n_items // 2
+    np.testing.assert_array_equal(got.indptr, want.indptr)
+    np.testing.assert_array_equal(got.indices, want.indices)
+    np.testing.assert_array_equal(got.data, want.data)
+    rng = np.random.default_rng(0)
+    weights = {"user_weight": rng.random(planted.n_users), "row_scale": rng.random(planted.n_items),
+               "col_scale": rng.random(planted.n_items)}
+    want = item_knn_rows(*args, **weights)
+    got = item_knn_rows(*args, **weights, device=device)
+    np.testing.assert_array_equal(got.indptr, want.indptr)
+    assert (got.indices == want.indices).mean() > 0.99
+    np.testing.assert_allclose(got.data, want.data, rtol=1e-5)

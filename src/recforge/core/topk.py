@@ -8,7 +8,6 @@ longer than what the model knows, but below every real score.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numba as nb
@@ -19,27 +18,11 @@ import numpy as np
 UNSCORED = np.float32(np.finfo(np.float32).min / 2)
 _SCORE_BLOCK_BYTES = 64 * 2**20  # bound on one dense score block
 _FEW_ROWS = 4  # up to this many rows, top-k runs in numpy
-#: From this many rows a top-k may run on a GPU: importing torch (to look for one) costs about a second, which a
-#: request for a few users never pays.
-DEVICE_MIN_ROWS = 256
 
 
 def is_unscored(scores: np.ndarray) -> np.ndarray:
     """Where ``scores`` holds no real score: :data:`UNSCORED` (or below), NaN or an infinity."""
     return ~np.isfinite(scores) | (scores <= UNSCORED)
-
-
-def device_for_rows(n_rows: int) -> Any:
-    """The CUDA device (a ``torch.device``) to score and rank ``n_rows`` rows on, or None for the CPU: a GPU that
-    ``device="auto"`` resolves to (:func:`recforge.core.device.ranking_device`), for at least
-    :data:`DEVICE_MIN_ROWS` rows."""
-    # RECFORGE_DEVICE is recforge.core.device.DEVICE_ENV, read here without importing torch
-    if n_rows < DEVICE_MIN_ROWS or os.environ.get("RECFORGE_DEVICE", "").strip().lower() == "cpu":
-        return None
-    # torch is imported only for work large enough to pay for it
-    from recforge.core.device import ranking_device
-
-    return ranking_device()
 
 
 def batch_rows(n_items: int, budget_bytes: int = _SCORE_BLOCK_BYTES) -> int:
@@ -140,7 +123,8 @@ def mask_and_topk(
     ``-inf``). ``exclude_indptr/indices`` is a CSR pattern with one row per score row.
 
     Rows with fewer than ``k`` selectable items are padded with index ``-1`` and score ``-inf``. With a torch
-    ``device`` (from :func:`device_for_rows`) the block (numpy or a tensor) is ranked there, with the same result.
+    ``device`` (from :func:`recforge.core.accelerator.device_for_rows`) the block (numpy or a tensor) is ranked
+    there, with the same result.
     """
     if device is not None:
         from recforge.core import device_topk  # torch: only once a GPU ranks

@@ -12,9 +12,9 @@ import pandas as pd
 import scipy.sparse as sp
 
 from recforge.core import metrics as M
+from recforge.core.accelerator import device_for_rows
 from recforge.core.params import check_k
 from recforge.core.ranking import rank_rows
-from recforge.core.topk import device_for_rows
 from recforge.data.interactions import Interactions, gather_ranges
 from recforge.data.split import NextEventSamples
 from recforge.errors import DataError, EmptyDatasetError

@@ -26,9 +26,10 @@ from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
 import recforge
+from recforge.core.accelerator import device_for_rows
 from recforge.core.params import Constraint, check_k, check_params, translate_renamed
 from recforge.core.sparse import csr_from_state, merge_csr, pad_csr, pattern
-from recforge.core.topk import batch_rows, device_for_rows, mask_and_topk
+from recforge.core.topk import batch_rows, mask_and_topk
 from recforge.data.idmap import IdMap
 from recforge.data.interactions import Interactions
 from recforge.data.io import atomic_directory

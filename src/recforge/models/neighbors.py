@@ -20,7 +20,8 @@ import numba as nb
 import numpy as np
 import scipy.sparse as sp
 
-from recforge.core.params import Boolean, Choice, Constraint, Integer, Real
+from recforge.core.accelerator import cuda_device
+from recforge.core.params import Boolean, Choice, Constraint, Integer, Real, Text
 from recforge.core.sparse import csr_from_state, csr_to_state, merge_csr, pad_csr
 from recforge.core.threads import thread_limits
 from recforge.core.topk import UNSCORED, heap_push, mask_and_topk
@@ -200,6 +201,7 @@ def item_knn_rows(
     row_norm: np.ndarray | None = None,
     col_norm: np.ndarray | None = None,
     shrink: float = 0.0,
+    device: Any = None,
 ) -> sp.csr_matrix:
     """Top-``k`` item × item weights by row, as CSR (float32, sorted indices).
 
@@ -211,7 +213,9 @@ def item_knn_rows(
     and only the ``k`` largest positive ``w_ij`` of each row are kept (ties: smaller ``j``); rows and columns
     index the same catalogue, so the result is square and its diagonal is never stored. Missing vectors mean
     ones (norms: ones and ``shrink`` 0 give plain products). Runs in parallel over rows with numba's current
-    thread count; the result does not depend on it.
+    thread count; the result does not depend on it. With a CUDA ``device`` (:func:`~recforge.core.accelerator.
+    cuda_device`) the products run there in dense blocks (:func:`recforge.core.device_sparse.scaled_product_topk`,
+    the same weights and neighbours).
     """
     n_rows, n_users = item_users.shape
     n_cols = user_items.shape[1]
@@ -226,6 +230,15 @@ def item_knn_rows(
     it.sort_indices()
     ui.sort_indices()
     k_eff = max(1, min(int(k), max(n_cols - 1, 1)))
+    if device is not None:
+        # torch is imported only when a GPU computes (see recforge.core.accelerator)
+        from recforge.core.device_sparse import scaled_product_topk
+
+        return scaled_product_topk(
+            it, ui, k_eff, device, middle=vec(user_weight, np.ones(n_users, np.float64)),
+            row_scale=vec(row_scale, ones_r), col_scale=vec(col_scale, ones_c), row_norm=vec(row_norm, ones_r),
+            col_norm=vec(col_norm, ones_c), shrink=float(shrink),
+        )  # fmt: skip
     out_idx = np.zeros((n_rows, k_eff), np.int32)
     out_val = np.zeros((n_rows, k_eff), np.float32)
     out_cnt = np.zeros(n_rows, np.int64)
@@ -293,6 +306,21 @@ class ItemItemModel(Recommender):
             # Items added by partial_fit have no weights yet: rank them after every fitted item.
             out[:, self.n_fitted_items_ :] = UNSCORED
         return out
+
+    def block_scorer(self, device: Any) -> Any:
+        """On a GPU, ``X_u · W`` is computed there (``W`` moved once; a dense ``W`` only when it takes at most a
+        quarter of the free memory); else on the CPU."""
+        if device is None:
+            return self.score
+        # torch is imported only once a GPU ranks (see recforge.core.accelerator)
+        import torch
+
+        from recforge.core.device_sparse import SparseRowScorer
+
+        w = self.weights_
+        if isinstance(w, np.ndarray) and device.type == "cuda" and 4 * w.nbytes > torch.cuda.mem_get_info(device)[0]:
+            return self.score
+        return SparseRowScorer(self.X_, w, device, self.n_fitted_items_, float(UNSCORED))
 
     def _score_histories(self, offsets: np.ndarray, items: np.ndarray) -> np.ndarray:
         # A history is scored like a user row with binary values (its items' order does not matter here).
@@ -383,6 +411,8 @@ class ItemKNN(ItemItemModel):
         normalize: divide each item's row of kept weights by its sum (l1).
         values: what ``X`` holds, see :func:`interaction_matrix`; scores use the unweighted ``X``.
         num_threads: threads for the similarity kernel and scoring (0 = all cores); results do not depend on it.
+        device: ``"auto"`` (``$RECFORGE_DEVICE``, else CUDA when present, else the CPU), ``"cpu"`` or
+            ``"cuda[:N]"``: on a GPU the similarities are computed with torch (the same neighbours).
 
     Defaults (n_neighbors=5, shrink=10, weighting="none") come from validation NDCG@10 on leave-last-one-out
     splits of ML-100K and ml-latest-small (``benchmarks/bench_implicit.py``; 2-200 neighbours, shrink 0-50): they
@@ -409,6 +439,7 @@ class ItemKNN(ItemItemModel):
         "normalize": Boolean(),
         "values": VALUES,
         "num_threads": Integer(0),
+        "device": Text(),
     }
 
     def __init__(
@@ -422,6 +453,7 @@ class ItemKNN(ItemItemModel):
         normalize: bool = False,
         values: Values = "binary",
         num_threads: int = 0,
+        device: str = "auto",
     ) -> None:
         self.n_neighbors = n_neighbors
         self.shrink = shrink
@@ -432,8 +464,10 @@ class ItemKNN(ItemItemModel):
         self.normalize = normalize
         self.values = values
         self.num_threads = num_threads
+        self.device = device
 
     def _fit(self, interactions: Interactions) -> None:
+        device = cuda_device(self.device)
         x = self._set_matrix(interactions)
         item_users = x.T.tocsr()
         if self.weighting == "tfidf":
@@ -447,7 +481,7 @@ class ItemKNN(ItemItemModel):
             # Cosine is symmetric: row j's top-k over i is target item j's neighbourhood, i.e. column j of W.
             rows = item_knn_rows(
                 item_users, item_users.T.tocsr(), self.n_neighbors, row_norm=norm, col_norm=norm,
-                shrink=self.shrink if self.similarity == "cosine" else 0.0,
+                shrink=self.shrink if self.similarity == "cosine" else 0.0, device=device,
             )  # fmt: skip
         w = rows.T.tocsr()
         w.sort_indices()

@@ -18,8 +18,9 @@ from typing import Any, Literal
 import numpy as np
 import scipy.sparse as sp
 
+from recforge.core.accelerator import device_for_rows
 from recforge.core.threads import resolve_threads, thread_limits
-from recforge.core.topk import device_for_rows, mask_and_topk
+from recforge.core.topk import mask_and_topk
 from recforge.core.vectors import normalize_rows
 from recforge.errors import DataError
 
