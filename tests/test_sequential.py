@@ -210,6 +210,25 @@ def test_trainer_resume_retraces_an_uninterrupted_run(tmp_path: Path) -> None:
     assert not list((tmp_path / "ckpt").rglob("*.pt")) and not list((tmp_path / "ckpt").rglob("*.pkl"))
 
 
+def test_deterministic_training_uses_deterministic_kernels_repeats_and_restores(chains: Interactions) -> None:
+    """``deterministic=True`` switches torch to deterministic kernels while training only; a SASRec trained so
+    (attention by the math kernel) repeats itself and matches the default run on the CPU to float rounding."""
+    inside: list[bool] = []
+
+    def loss_fn(batch: dict) -> torch.Tensor:
+        inside.append(torch.are_deterministic_algorithms_enabled())
+        return batch["x"].float().sum() * torch.zeros(1, requires_grad=True).sum()
+
+    net = _Quadratic()
+    Trainer(net, TrainerConfig(epochs=1, progress=False, deterministic=True)).fit(
+        loss_fn, lambda epoch, rng: iter([{"x": np.ones(2)}]), 1)
+    assert inside == [True] and not torch.are_deterministic_algorithms_enabled()
+    params = {"epochs": 3, "max_len": 20, "n_factors": 16, "num_threads": 1, "progress": False}
+    runs = [create_model("sasrec", **params, deterministic=d).fit(chains).score(np.arange(5)) for d in (True, True, False)]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    np.testing.assert_allclose(runs[0], runs[2], atol=1e-4)
+
+
 def test_trainer_schedule_and_bad_settings() -> None:
     trainer = Trainer(_Quadratic(), TrainerConfig(schedule="cosine", warmup_steps=10, progress=False))
     assert trainer._lr_factor(0, 110) == pytest.approx(0.1)

@@ -57,6 +57,31 @@ def _checked(device: str | torch.device, what: str) -> torch.device:
 
 
 @contextlib.contextmanager
+def deterministic_algorithms(enabled: bool) -> Iterator[None]:
+    """Within the block (when ``enabled``), torch runs deterministic kernels only, so a GPU run repeats with the
+    same seed: cuBLAS with a fixed workspace, cuDNN without autotuning, deterministic index/scatter backward passes,
+    and attention by the plain math kernel (the fused ones accumulate gradients in a varying order). An op without a
+    deterministic kernel warns. Slower; settings are restored afterwards. CPU runs are repeatable without it."""
+    if not enabled:
+        yield
+        return
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    # read by cuBLAS when it first runs in this process; set early enough for a fresh training process
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+              torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before[2], before[3]
+
+
+@contextlib.contextmanager
 def torch_threads(num_threads: int | None) -> Iterator[int]:
     """Run a block with at most ``num_threads`` torch intra-op threads (0/None = all cores), then restore."""
     n = resolve_threads(num_threads)

@@ -349,6 +349,7 @@ class TwoTower(Recommender):
         valid_metric: str = "ndcg@10",
         device: str = "auto",
         amp: bool = True,
+        deterministic: bool = False,
         checkpoint_dir: str | None = None,
         resume: bool = False,
         seed: int = 0,

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recforge.core.device import amp_dtype, is_auto, resolve_device
+from recforge.core.device import amp_dtype, deterministic_algorithms, is_auto, resolve_device
 from recforge.core.params import Boolean, Choice, Constraint, Integer, Real, Text, check_params
 from recforge.core.progress import fit_summary, progress_bar
 from recforge.core.validation import VALIDATION_METRICS
@@ -78,6 +78,7 @@ TRAINER_CONSTRAINTS: dict[str, Constraint] = {
     "metric": Text(),
     "device": Text(),
     "amp": Boolean(),
+    "deterministic": Boolean(),
     "seed": Integer(0),
     "progress": Boolean(),
     "checkpoint_dir": Text(optional=True),
@@ -89,7 +90,7 @@ TRAINER_CONSTRAINTS: dict[str, Constraint] = {
 MODEL_TRAINER_CONSTRAINTS: dict[str, Constraint] = {
     **{name: TRAINER_CONSTRAINTS[name] for name in (
         "epochs", "lr", "weight_decay", "grad_clip", "schedule", "warmup_steps", "validate_every", "patience",
-        "device", "amp", "checkpoint_dir", "resume", "seed", "progress")},
+        "device", "amp", "deterministic", "checkpoint_dir", "resume", "seed", "progress")},
     "valid_metric": Choice(*VALIDATION_METRICS),
 }
 
@@ -115,6 +116,7 @@ class TrainerConfig:
     metric: str = "ndcg@10"
     device: str = "auto"
     amp: bool = True
+    deterministic: bool = False
     seed: int = 0
     progress: bool = True
     checkpoint_dir: str | None = None
@@ -348,7 +350,18 @@ class Trainer:
         """Run the loop; afterwards ``module`` holds the best validated weights (or the last ones without
         validation). Each epoch's batch order comes from a generator seeded by (seed, epoch) and dropout from a
         torch seed derived the same way, so a run resumed from an epoch-end checkpoint retraces an uninterrupted
-        one."""
+        one. With ``deterministic`` the kernels are too (:func:`~recforge.core.device.deterministic_algorithms`),
+        so GPU runs repeat."""
+        with deterministic_algorithms(self.config.deterministic):
+            return self._fit(loss_fn, batches, steps_per_epoch, validate)
+
+    def _fit(
+        self,
+        loss_fn: Callable[[Batch], torch.Tensor],
+        batches: Callable[[int, np.random.Generator], Iterator[Batch]],
+        steps_per_epoch: int,
+        validate: Callable[[], dict[str, float]] | None,
+    ) -> TrainingResult:
         cfg = self.config
         steps_per_epoch = max(1, steps_per_epoch)
         total_steps = cfg.epochs * steps_per_epoch

@@ -97,7 +97,9 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
     ``all_windows`` (train on every ``max_len`` window of long histories instead of the last one only),
     ``min_item_count`` (rarer items become one out-of-vocabulary token on input and are never targets),
     ``valid_exclude_seen`` (rank the validation event among items not in its history, like the leave-one-out
-    test; set False for the next-event protocol, which keeps seen items), ``device`` ("auto" = CUDA if present), ``amp`` (mixed precision on GPU), ``checkpoint_dir``/``resume``,
+    test; set False for the next-event protocol, which keeps seen items), ``device`` ("auto" = CUDA if present),
+    ``amp`` (mixed precision on GPU), ``deterministic`` (repeatable GPU training: deterministic kernels, see :class:`~recforge.neural.trainer.Trainer`),
+    ``checkpoint_dir``/``resume``,
     ``seed``, ``progress``, ``num_threads``.
     """
 

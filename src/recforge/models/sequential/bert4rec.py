@@ -87,6 +87,7 @@ class BERT4Rec(SequentialRecommender):
         min_item_count: int = 0,
         device: str = "auto",
         amp: bool = True,
+        deterministic: bool = False,
         checkpoint_dir: str | None = None,
         resume: bool = False,
         seed: int = 0,

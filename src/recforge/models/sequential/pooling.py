@@ -91,6 +91,7 @@ class Pooling(SequentialRecommender):
         min_item_count: int = 0,
         device: str = "auto",
         amp: bool = True,
+        deterministic: bool = False,
         checkpoint_dir: str | None = None,
         resume: bool = False,
         seed: int = 0,
