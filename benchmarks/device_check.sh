@@ -22,12 +22,17 @@ torch.cuda.get_device_name(0), '|', torch.cuda.device_count(), 'GPU(s)')" 2>&1 |
 
 echo "== tests on CUDA (RECFORGE_DEVICE=cuda)"
 timeout 240 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_sequential.py tests/test_two_tower.py \
-  tests/test_distributed.py tests/test_model_contract.py tests/test_core.py 2>&1 | tail -40 | tee "$OUT/tests.txt"
+  tests/test_distributed.py tests/test_model_contract.py tests/test_core.py tests/test_device_ranking.py \
+  tests/test_neighbors.py tests/test_graph.py tests/test_linear.py tests/test_als.py 2>&1 | tail -40 | tee "$OUT/tests.txt"
 
 echo "== 20M synthetic: EASE, ALS, SASRec (logQ and full softmax), evaluation"
 timeout 150 python3 benchmarks/bench_scale.py --out "$OUT/scale.json" 2>&1 | grep -v "it/s" | tee "$OUT/scale.txt"
 timeout 60 python3 benchmarks/bench_scale.py --models sasrec --sasrec-loss softmax --eval-users 1000 \
   --out "$OUT/scale_softmax.json" 2>&1 | grep -v "it/s" | tail -4 | tee -a "$OUT/scale.txt"
+
+echo "== 20M synthetic: ALS, then the full-ranking evaluation of all 200k users on the GPU"
+timeout 90 python3 benchmarks/bench_scale.py --models als --eval-users 200000 --out "$OUT/scale_eval_all.json" 2>&1 \
+  | grep -v "it/s" | tail -4 | tee -a "$OUT/scale.txt"
 
 echo "== ML-100K leave-one-out: SASRec, GRU4Rec (tuned on validation, refitted), SASRec epoch time"
 timeout 150 python3 benchmarks/bench_sequential.py --datasets ml-100k --parts loo,speed --neural "SASRec softmax,GRU4Rec" \

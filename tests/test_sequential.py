@@ -226,7 +226,8 @@ def test_deterministic_training_uses_deterministic_kernels_repeats_and_restores(
     params = {"epochs": 3, "max_len": 20, "n_factors": 16, "num_threads": 1, "progress": False}
     runs = [create_model("sasrec", **params, deterministic=d).fit(chains).score(np.arange(5)) for d in (True, True, False)]
     np.testing.assert_array_equal(runs[0], runs[1])
-    np.testing.assert_allclose(runs[0], runs[2], atol=1e-4)
+    if resolve_device("auto").type == "cpu":  # on a GPU the default kernels (and their rounding) differ
+        np.testing.assert_allclose(runs[0], runs[2], atol=1e-4)
 
 
 def test_trainer_schedule_and_bad_settings() -> None:
