@@ -223,18 +223,30 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
         return torch.cat(parts) if parts else torch.zeros((0, 1), device=device)
 
     def _scores_from_queries(self, queries: torch.Tensor, empty: np.ndarray) -> np.ndarray:
-        """Catalogue scores for query vectors; empty histories get the training popularity instead."""
+        """Catalogue scores for query vectors (on the CPU, computed in slices on the network's device)."""
         out = np.empty((len(empty), self.n_items_), np.float32)
-        known = self.net_.n_items  # items added by partial_fit have no embedding: they rank last
-        out[:, known:] = UNSCORED
-        with torch.no_grad(), torch_threads(self.num_threads):
-            for lo in range(0, len(empty), _INFER_ROWS):
-                out[lo : lo + _INFER_ROWS, :known] = (
-                    self.net_.score_items(queries[lo : lo + _INFER_ROWS]).float().cpu().numpy()
-                )
-        if empty.any():
-            out[empty] = np.log1p(self.item_counts_[: self.n_items_]).astype(np.float32)
+        for lo in range(0, len(empty), _INFER_ROWS):
+            rows = slice(lo, lo + _INFER_ROWS)
+            out[rows] = self._score_block(queries[rows], empty[rows]).cpu().numpy()
         return out
+
+    def _score_block(self, queries: torch.Tensor, empty: np.ndarray) -> torch.Tensor:
+        """Catalogue scores, on the queries' device, for a block of query vectors; empty histories get the training
+        popularity instead, items added by partial_fit (no embedding) rank last."""
+        device = queries.device
+        out = torch.full((len(empty), self.n_items_), float(UNSCORED), device=device)
+        with torch.no_grad(), torch_threads(self.num_threads):
+            out[:, : self.net_.n_items] = self.net_.score_items(queries).float()
+        if empty.any():
+            popularity = np.log1p(self.item_counts_[: self.n_items_]).astype(np.float32)
+            out[torch.from_numpy(empty).to(device)] = torch.from_numpy(popularity).to(device)
+        return out
+
+    def block_scorer(self, device: Any) -> Callable[[np.ndarray], Any]:
+        """On the device the network is on (a GPU), blocks are scored and left there for ranking."""
+        if device is None or torch.device(device).type != next(self.net_.parameters()).device.type:
+            return super().block_scorer(device)
+        return lambda users: self._score_block(*self._known_queries(users))
 
     def _score_tokens(self, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         """Scores for right-padded token histories."""
