@@ -23,7 +23,8 @@ torch.cuda.get_device_name(0), '|', torch.cuda.device_count(), 'GPU(s)')" 2>&1 |
 echo "== tests on CUDA (RECFORGE_DEVICE=cuda)"
 timeout 240 python3 -m pytest -q -p no:cacheprovider -n 8 tests/test_sequential.py tests/test_two_tower.py \
   tests/test_distributed.py tests/test_model_contract.py tests/test_core.py tests/test_device_ranking.py \
-  tests/test_neighbors.py tests/test_graph.py tests/test_linear.py tests/test_als.py 2>&1 | tail -40 | tee "$OUT/tests.txt"
+  tests/test_neighbors.py tests/test_graph.py tests/test_linear.py tests/test_als.py tests/test_bpr.py \
+  tests/test_pointwise.py 2>&1 | tail -40 | tee "$OUT/tests.txt"
 
 echo "== 20M synthetic: EASE, ALS, SASRec (logQ and full softmax), evaluation"
 timeout 150 python3 benchmarks/bench_scale.py --out "$OUT/scale.json" 2>&1 | grep -v "it/s" | tee "$OUT/scale.txt"

@@ -8,14 +8,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse as sp
+import torch
 from conftest import ndcg_of
 
 from recforge import split as S
 from recforge.core.rng import seed_states
 from recforge.data import Interactions
 from recforge.models import Recommender, create_model
+from recforge.models import bpr as bpr_module
 from recforge.models.bpr import BPR, _bpr_epoch
 from recforge.models.sampling import row_contains, sample_negative
+from recforge.neural import sampled_sgd
+from recforge.neural.sampled_sgd import NegativeSampler, bpr_epoch_torch
 
 NO_POOL = np.empty(0, np.int32)  # uniform negatives
 
@@ -106,3 +110,48 @@ def test_partial_fit_moves_towards_the_new_item(planted: Interactions, tmp_path:
     # the update is seeded by (seed, update count), which is saved: a loaded model updates identically
     loaded.partial_fit(events)
     np.testing.assert_array_equal(loaded.user_factors_, model.user_factors_)
+
+
+# ---------------------------------------------------------------------------------------------------- on a device
+DEVICES = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_one_step_on_a_device_is_the_cpu_kernels_step(device: torch.device) -> None:
+    seen = sp.csr_matrix(np.array([[1.0, 0.0]], np.float32))
+    P = np.array([[0.5, -1.0]], np.float32)
+    Q = np.array([[1.0, 0.0], [0.0, 1.0]], np.float32)
+    bq = np.array([0.2, -0.1], np.float32)
+    tensors = [torch.from_numpy(a.copy()).to(device) for a in (P, Q, bq)]
+    sampler = NegativeSampler(seen, NO_POOL, device, torch.Generator(device=device).manual_seed(0))
+    one = torch.zeros(1, dtype=torch.int64, device=device)
+    loss, skipped = bpr_epoch_torch(one, one, sampler, *tensors, 0.1, 0.01)
+    want_loss, _ = _bpr_epoch(np.array([0], np.int32), np.array([0], np.int32), np.array([0], np.int64), seen.indptr,
+                              seen.indices, P, Q, bq, 0.1, 0.01, NO_POOL, seed_states(0, 0, 1))
+    assert skipped == 0 and loss == pytest.approx(want_loss, rel=1e-5)
+    for got, want in zip(tensors, (P, Q, bq)):
+        np.testing.assert_allclose(got.cpu().numpy(), want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_device_negatives_are_uniform_over_unseen_items_or_none(device: torch.device) -> None:
+    seen = sp.csr_matrix(np.array([[1, 0, 1, 0, 0, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]], np.float32))
+    sampler = NegativeSampler(seen, NO_POOL, device, torch.Generator(device=device).manual_seed(1))
+    draws = sampler(torch.zeros(5000, dtype=torch.int64, device=device)).cpu().numpy()
+    counts = np.bincount(draws, minlength=8)
+    assert counts[[0, 2, 5]].sum() == 0 and np.all(np.abs(counts[[1, 3, 4, 6, 7]] / 5000 - 0.2) < 0.03)
+    assert (sampler(torch.ones(3, dtype=torch.int64, device=device)).cpu().numpy() == -1).all()  # has every item
+
+
+def test_bpr_on_a_device_learns_as_well_as_on_the_cpu(planted: Interactions, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path (blocks of simultaneous updates; here torch on the CPU, blocks small enough that an epoch has
+    several) reaches the CPU kernel's accuracy."""
+    loo = S.leave_one_out(planted)
+    params = {"n_factors": 16, "epochs": 30, "lr": 0.05, "progress": False}
+    cpu = ndcg_of(BPR(**params, num_threads=1), loo.train_valid, loo.test)
+    monkeypatch.setattr(bpr_module, "cuda_device", lambda device: torch.device("cpu"))
+    monkeypatch.setattr(sampled_sgd, "SGD_BLOCK", 1024)
+    model = BPR(**params)
+    ours = ndcg_of(model, loo.train_valid, loo.test)
+    assert model.loss_history_[-1] < 0.6 * model.loss_history_[0]
+    assert ours > 0.9 * cpu, (ours, cpu)

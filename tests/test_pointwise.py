@@ -7,12 +7,18 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse as sp
+import torch
 from conftest import ndcg_of
 
 from recforge import split as S
+from recforge.core.rng import seed_states
 from recforge.data import Interactions
 from recforge.models import Recommender, create_model
-from recforge.models.pointwise import PointwiseMF, loss_and_grad
+from recforge.models import pointwise as pointwise_module
+from recforge.models.pointwise import PointwiseMF, _pointwise_epoch, loss_and_grad
+from recforge.neural import sampled_sgd
+from recforge.neural.sampled_sgd import NegativeSampler, focal_loss_and_grad, pointwise_epoch_torch
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])
@@ -83,3 +89,54 @@ def test_online_click_updates(planted: Interactions, tmp_path: Path) -> None:
     model.partial_fit(pd.DataFrame({"user_id": [10**6], "item_id": [10**7]}))
     assert model.grad_sq_user_.shape == model.user_factors_.shape
     assert model.grad_sq_item_bias_.shape == model.item_bias_.shape
+
+
+# ---------------------------------------------------------------------------------------------------- on a device
+DEVICES = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+
+
+def test_device_loss_and_gradient_equal_the_cpu_kernels() -> None:
+    s = torch.tensor([-30.0, -6.0, -1.3, 0.0, 0.4, 3.0, 25.0], dtype=torch.float64)
+    for gamma in (0.0, 0.5, 2.0):
+        for y in (0.0, 0.1, 1.0):
+            loss, grad = focal_loss_and_grad(s, torch.full_like(s, y), gamma)
+            want = np.array([loss_and_grad(float(v), y, gamma) for v in s])
+            np.testing.assert_allclose(loss.numpy(), want[:, 0], rtol=1e-9, atol=1e-12)
+            np.testing.assert_allclose(grad.numpy(), want[:, 1], rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
+def test_one_step_on_a_device_is_the_cpu_kernels_step(device: torch.device, optimizer: str) -> None:
+    rng = np.random.default_rng(0)
+    host = [rng.normal(size=(1, 3)).astype(np.float32), rng.normal(size=(2, 3)).astype(np.float32),
+            np.array([0.1], np.float32), np.array([0.2, -0.3], np.float32), np.array([0.05], np.float32)]
+    squares = [np.full_like(a, 0.5) for a in host]
+    seen = sp.csr_matrix(np.array([[0.0, 1.0]], np.float32))
+    tensors = [torch.from_numpy(a.copy()).to(device) for a in host]
+    t_squares = [torch.from_numpy(a.copy()).to(device) for a in squares] if optimizer == "adagrad" else None
+    sampler = NegativeSampler(seen, np.empty(0, np.int32), device, torch.Generator(device=device).manual_seed(0))
+    one = torch.ones(1, dtype=torch.int64, device=device)
+    got = pointwise_epoch_torch(torch.zeros_like(one), one, sampler, tuple(tensors),
+                                None if t_squares is None else tuple(t_squares), lr=0.1, reg=0.01, bias_reg=0.02,
+                                n_negatives=0, labels=(0.9, 0.1), pos_weight=2.0, gamma=0.5, reject_seen=True)
+    want = _pointwise_epoch(np.zeros(1, np.int32), np.ones(1, np.int32), np.zeros(1, np.int64), seen.indptr,
+                            seen.indices, *host, *squares, 0.1, 0.01, 0.02, 0, 0.9, 0.1, 2.0, 0.5,
+                            optimizer == "adagrad", True, np.empty(0, np.int32), seed_states(0, 0, 1))
+    assert got == pytest.approx(want, rel=1e-5)
+    for tensor, array in zip(tensors, host):
+        np.testing.assert_allclose(tensor.cpu().numpy(), array, rtol=1e-5, atol=1e-7)
+
+
+def test_pointwise_on_a_device_learns_as_well_as_on_the_cpu(planted: Interactions,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    loo = S.leave_one_out(planted)
+    params = {"n_factors": 16, "epochs": 10, "progress": False}
+    cpu = ndcg_of(PointwiseMF(**params, num_threads=1), loo.train_valid, loo.test)
+    monkeypatch.setattr(pointwise_module, "cuda_device", lambda device: torch.device("cpu"))
+    monkeypatch.setattr(sampled_sgd, "SGD_BLOCK", 1024)
+    model = PointwiseMF(**params)
+    ours = ndcg_of(model, loo.train_valid, loo.test)
+    assert model.loss_history_[-1] < 0.8 * model.loss_history_[0]
+    assert ours > 0.9 * cpu, (ours, cpu)
+    assert model.grad_sq_item_.sum() > 0  # the Adagrad accumulators came back from the device

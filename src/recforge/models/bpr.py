@@ -10,7 +10,8 @@ import numpy as np
 import scipy.sparse as sp
 from numba import njit, prange
 
-from recforge.core.params import Constraint
+from recforge.core.accelerator import cuda_device
+from recforge.core.params import Constraint, Text
 from recforge.core.progress import EpochProgress
 from recforge.core.threads import thread_limits
 from recforge.data.interactions import Interactions
@@ -109,6 +110,10 @@ class BPR(FactorModel):
     shared factors in parallel without locks; faster on many cores and as accurate, but not bit-repeatable.
     ``num_threads=1`` is serial and bit-for-bit repeatable for a seed.
 
+    ``device``: ``"auto"`` (``$RECFORGE_DEVICE``, else CUDA when present, else the CPU), ``"cpu"`` or
+    ``"cuda[:N]"``: on a GPU an epoch runs in blocks of simultaneous updates with torch
+    (:mod:`recforge.neural.sampled_sgd`; as accurate on MovieLens, not bit-repeatable).
+
     ``partial_fit`` runs ``partial_epochs`` SGD epochs over the new (user, item) pairs only, with fresh negatives
     (new users and items start from small random factors).
 
@@ -139,6 +144,7 @@ class BPR(FactorModel):
         seed: int = 0,
         progress: bool = True,
         num_threads: int = 0,
+        device: str = "auto",
     ) -> None:
         self.n_factors = n_factors
         self.lr = lr
@@ -150,6 +156,7 @@ class BPR(FactorModel):
         self.seed = seed
         self.progress = progress
         self.num_threads = num_threads
+        self.device = device
 
     supports_partial_fit = True
     search_space: ClassVar[dict[str, dict[str, Any]]] = {
@@ -158,7 +165,7 @@ class BPR(FactorModel):
         "epochs": {"low": 20, "high": 400, "log": True, "int": True},
         "neg_sampling": {"choices": ["uniform", "popularity"]},
     }
-    param_constraints: ClassVar[dict[str, Constraint]] = SAMPLED_SGD_CONSTRAINTS
+    param_constraints: ClassVar[dict[str, Constraint]] = {**SAMPLED_SGD_CONSTRAINTS, "device": Text()}
 
     def _fit(self, interactions: Interactions) -> None:
         seen = self.seen_  # sorted 0/1 pattern of the training pairs
@@ -181,11 +188,15 @@ class BPR(FactorModel):
         epochs: int,
         stream: int,
     ) -> list[float]:
-        """``epochs`` SGD epochs over the entries of ``pairs``, negatives rejected against ``seen``."""
+        """``epochs`` SGD epochs over the entries of ``pairs``, negatives rejected against ``seen`` (``P``, ``Q``,
+        ``bq`` updated in place), on a GPU when ``device`` resolves to one."""
         users, items = positive_pairs(pairs)
-        order = np.arange(len(users), dtype=np.int64)
         pool = negative_pool(self.neg_sampling, seen)
         bar = EpochProgress(epochs, "BPR", enabled=self.progress)
+        device = cuda_device(self.device)
+        if device is not None:
+            return self._run_on_device(users, items, seen, pool, P, Q, bq, bar, stream, device)
+        order = np.arange(len(users), dtype=np.int64)
         with thread_limits(self.num_threads) as n_chunks:  # one chunk per thread; one thread = serial
             for epoch in bar:
                 states = epoch_streams(self.seed, stream, epoch, order, n_chunks)
@@ -196,6 +207,27 @@ class BPR(FactorModel):
                 if skipped:
                     log.debug("BPR: %d samples had no negative item left", skipped)
                 bar.log(loss / max(1, len(order) - skipped))
+        return bar.history
+
+    def _run_on_device(self, users: np.ndarray, items: np.ndarray, seen: sp.csr_matrix, pool: np.ndarray,
+                       P: np.ndarray, Q: np.ndarray, bq: np.ndarray, bar: EpochProgress, stream: int,
+                       device: Any) -> list[float]:
+        """:meth:`_run` with torch (:func:`recforge.neural.sampled_sgd.bpr_epoch_torch`: blocks of simultaneous
+        updates); the factors are copied there once and back at the end."""
+        # torch is imported only when a GPU trains (see recforge.core.accelerator)
+        import torch
+
+        from recforge.neural.sampled_sgd import NegativeSampler, bpr_epoch_torch
+
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(self.seed) * 1_000_003 + stream)
+        sampler = NegativeSampler(seen, pool, device, generator)
+        users_t, items_t = (torch.from_numpy(a.astype(np.int64)).to(device) for a in (users, items))
+        Pt, Qt, bqt = (torch.from_numpy(a).to(device) for a in (P, Q, bq))
+        for _ in bar:
+            loss, skipped = bpr_epoch_torch(users_t, items_t, sampler, Pt, Qt, bqt, float(self.lr), float(self.reg))
+            bar.log(loss / max(1, len(users) - skipped))
+        P[:], Q[:], bq[:] = Pt.cpu().numpy(), Qt.cpu().numpy(), bqt.cpu().numpy()
         return bar.history
 
     def _partial_fit(self, new: Interactions) -> None:

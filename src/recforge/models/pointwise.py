@@ -15,7 +15,8 @@ import numpy as np
 import scipy.sparse as sp
 from numba import njit, prange
 
-from recforge.core.params import Boolean, Choice, Constraint, Integer, Real
+from recforge.core.accelerator import cuda_device
+from recforge.core.params import Boolean, Choice, Constraint, Integer, Real, Text
 from recforge.core.progress import EpochProgress
 from recforge.core.threads import thread_limits
 from recforge.data.interactions import Interactions
@@ -194,7 +195,9 @@ class PointwiseMF(FactorModel):
     ``bias_reg`` on biases. Recommendation ranks by the logit (the user bias does not change it).
 
     Threads: ``num_threads=0`` (default: all cores) or ``> 1`` runs Hogwild (faster, not bit-repeatable);
-    ``num_threads=1`` is serial and repeatable for a seed. ``partial_fit`` learns online as in a click loop: ``partial_epochs`` passes over the new
+    ``num_threads=1`` is serial and repeatable for a seed. ``device``: ``"auto"`` (``$RECFORGE_DEVICE``, else CUDA
+    when present, else the CPU), ``"cpu"`` or ``"cuda[:N]"``: on a GPU an epoch runs in blocks of simultaneous
+    updates with torch (:mod:`recforge.neural.sampled_sgd`). ``partial_fit`` learns online as in a click loop: ``partial_epochs`` passes over the new
     positives, each with fresh negatives; the Adagrad accumulators carry over (and are saved with the model).
 
     Defaults were chosen on the leave-one-out validation event (train → valid) of ML-100K and ml-latest-small,
@@ -232,6 +235,7 @@ class PointwiseMF(FactorModel):
         seed: int = 0,
         progress: bool = True,
         num_threads: int = 0,
+        device: str = "auto",
     ) -> None:
         self.n_factors = n_factors
         self.epochs = epochs
@@ -251,6 +255,7 @@ class PointwiseMF(FactorModel):
         self.seed = seed
         self.progress = progress
         self.num_threads = num_threads
+        self.device = device
 
     supports_partial_fit = True
 
@@ -269,6 +274,7 @@ class PointwiseMF(FactorModel):
         "pos_weight": Real(0, strict=True, optional=True),
         "optimizer": Choice("adagrad", "sgd"),
         "reject_seen": Boolean(),
+        "device": Text(),
     }
 
     def _fit(self, interactions: Interactions) -> None:
@@ -301,6 +307,11 @@ class PointwiseMF(FactorModel):
         g = np.array([self.global_bias_], np.float32)
         seen = self.seen_
         bar = EpochProgress(epochs, "PointwiseMF", enabled=self.progress)
+        device = cuda_device(self.device)
+        if device is not None:
+            self._run_on_device(users, items, g, bar, stream, device, (1.0 - eps / 2, eps / 2), pos_weight, gamma)
+            self.global_bias_ = float(g[0])
+            return bar.history
         with thread_limits(self.num_threads) as n_chunks:
             for epoch in bar:
                 states = epoch_streams(self.seed, stream, epoch, order, n_chunks)
@@ -316,6 +327,36 @@ class PointwiseMF(FactorModel):
                 bar.log(total / max(1.0, len(order) * (pos_weight + self.n_negatives)))
         self.global_bias_ = float(g[0])
         return bar.history
+
+    def _run_on_device(self, users: np.ndarray, items: np.ndarray, g: np.ndarray, bar: EpochProgress, stream: int,
+                       device: Any, labels: tuple[float, float], pos_weight: float, gamma: float) -> None:
+        """:meth:`_run`'s epochs with torch (:func:`recforge.neural.sampled_sgd.pointwise_epoch_torch`: blocks of
+        simultaneous updates); parameters and Adagrad accumulators go there once and come back at the end."""
+        # torch is imported only when a GPU trains (see recforge.core.accelerator)
+        import torch
+
+        from recforge.neural.sampled_sgd import NegativeSampler, pointwise_epoch_torch
+
+        generator = torch.Generator(device=device)
+        generator.manual_seed(int(self.seed) * 1_000_003 + stream)
+        sampler = NegativeSampler(self.seen_, negative_pool(self.neg_sampling, self.seen_), device, generator)
+        users_t, items_t = (torch.from_numpy(a.astype(np.int64)).to(device) for a in (users, items))
+        host = (self.user_factors_, self.item_factors_, self.user_bias_, self.item_bias_, g)
+        host_squares = (self.grad_sq_user_, self.grad_sq_item_, self.grad_sq_user_bias_, self.grad_sq_item_bias_,
+                        self.grad_sq_global_)
+        params = tuple(torch.from_numpy(a).to(device) for a in host)
+        squares = tuple(torch.from_numpy(a).to(device) for a in host_squares) if self.optimizer == "adagrad" else None
+        for _ in bar:
+            total = pointwise_epoch_torch(
+                users_t, items_t, sampler, params, squares, lr=float(self.lr), reg=float(self.reg),
+                bias_reg=float(self.bias_reg), n_negatives=int(self.n_negatives), labels=labels,
+                pos_weight=pos_weight, gamma=gamma, reject_seen=bool(self.reject_seen),
+            )  # fmt: skip
+            bar.log(total / max(1.0, len(users) * (pos_weight + self.n_negatives)))
+        for array, tensor in zip(host, params):
+            array[:] = tensor.cpu().numpy()
+        for array, tensor in zip(host_squares, squares or ()):
+            array[:] = tensor.cpu().numpy()
 
     def _grow(self, n_new_users: int, n_new_items: int) -> None:
         super()._grow(n_new_users, n_new_items)
