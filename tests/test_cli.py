@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -17,6 +18,7 @@ import pytest
 
 from recforge.cli import main
 from recforge.data.datasets import make_synthetic
+from recforge.data.impressions import read_impressions
 
 
 def run(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -199,6 +201,29 @@ def test_simulate_writes_results_and_scores(tmp_path: Path) -> None:
     assert out.returncode == 2 and "unknown policy" in out.stderr
     out = run("simulate", "--set", "alpha=3", "--quiet", "--out", str(tmp_path / "x"))
     assert out.returncode == 2 and "name the policy" in out.stderr
+
+
+def test_simulate_logs_impressions_of_exploring_policies(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    log = tmp_path / "log.parquet"
+    out = run("simulate", "--policies", "greedy-static,random", "--explore", "epsilon:0.3", "--log", str(log),
+              "--train-episodes", "0", "--test-episodes", "1", "--train-users", "20", "--test-users", "60", "--quiet",
+              "--out", str(tmp_path / "sim"))
+    assert out.returncode == 0, out.stderr
+    frame = read_impressions(log)
+    assert set(frame["policy"]) == {"greedy-static+epsilon:0.3", "random"}
+    greedy = frame[frame["policy"] != "random"]
+    # about 70% of the exploring policy's slates are its own (probability 0.7 + a tiny uniform share)
+    assert 0.55 < (greedy["slate_propensity"] > 0.5).mean() < 0.85
+    with caplog.at_level(logging.WARNING, logger="recforge"):
+        mixed = run("simulate", "--policies", "hybrid,pop", "--log", str(log), "--train-episodes", "0",
+                    "--test-episodes", "1", "--train-users", "20", "--test-users", "30", "--out", str(tmp_path / "sim"))
+    assert mixed.returncode == 0 and "hybrid draw slates with probabilities they do not know" in caplog.text
+    assert set(read_impressions(log)["policy"]) == {"pop"}
+    for args, message in ((["--log", str(tmp_path / "log.csv")], "Parquet"),
+                          (["--policies", "hybrid,thompson", "--log", str(log)], "probabilities they do not know"),
+                          (["--explore", "maybe"], "exploration must be")):
+        bad = run("simulate", *args, "--quiet", "--out", str(tmp_path / "x"))
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
 
 
 def test_compare_sets_parameters_prints_json_and_separates_rating_models(tmp_path: Path) -> None:

@@ -6,14 +6,19 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from recforge.core.slates import EpsilonGreedy
 from recforge.data import Interactions
-from recforge.errors import DataError, UnknownNameError
+from recforge.data.impressions import check_impressions
+from recforge.errors import DataError, UnknownNameError, UnsupportedError
 from recforge.interactive import (
+    ExploringPolicy,
+    ImpressionRecorder,
     SlateEnvironment,
     TruePreferences,
     UserBehaviour,
     create_policy,
     make_environments,
+    parse_explore,
     play_episode,
     save_results,
     simulate,
@@ -180,3 +185,45 @@ def test_environments_split_users_and_hide_later_events(planted: Interactions, e
         assert visible[u] == np.ceil(0.5 * counts[u])
     with pytest.raises(DataError, match="visible_fraction"):
         make_environments(planted, visible_fraction=0.0)
+
+
+# ---------------------------------------------------------------------------------------------------- logging
+def test_exploring_policy_logs_slates_with_their_probabilities(envs) -> None:
+    """Every logged slate carries the probabilities the exploring policy gives it (asked again, in the same state),
+    the wrapped greedy policy gives the logged slates probability 1 exactly where they are its own, and the log
+    is a valid impression table whose clicks are the episode's."""
+    policy = ExploringPolicy(create_policy("greedy", learn=False), EpsilonGreedy(5, 0.5)).fit(envs.visible)
+    users = envs.test.users[:40]
+    draw = policy.act_draw(users)
+    again = policy.slate_probabilities(users, draw.slates)
+    np.testing.assert_allclose(again.prefix, draw.prefix)
+    np.testing.assert_allclose(again.position, draw.position)
+    greedy = policy.policy.act(users)
+    own = policy.policy.slate_probabilities(users, draw.slates)
+    np.testing.assert_array_equal(own.slate, (draw.slates == greedy).all(axis=1).astype(float))
+    explored = ~(draw.slates == greedy).all(axis=1)
+    assert 5 < explored.sum() < 35 and (draw.slate[~explored] > 0.5).all() and (draw.slate[explored] < 1e-6).all()
+    seen = envs.visible.csr("ones")
+    assert not any(np.isin(s, seen[u].indices).any() for u, s in zip(users, draw.slates))
+    recorder = ImpressionRecorder(envs.visible.user_map, envs.visible.item_map, "v1")
+    result = play_episode(policy, envs.test, recorder=recorder, label="logger")
+    log = check_impressions(recorder.frame())
+    assert len(log) == result.steps == len(recorder) and set(log["policy"]) == {"logger"}
+    assert int(np.stack(log["reward"].to_numpy()).sum()) == result.clicks
+    assert log["slate_propensity"].between(0, 1, inclusive="right").all()
+
+
+def test_only_policies_with_known_probabilities_are_logged(envs) -> None:
+    for name in ("hybrid", "egreedy", "random"):
+        with pytest.raises(UnsupportedError, match="deterministic"):
+            ExploringPolicy(create_policy(name), EpsilonGreedy(5, 0.2))
+    with pytest.raises(UnsupportedError, match="does not know"):
+        play_episode(create_policy("thompson").fit(envs.visible), envs.test,
+                     recorder=ImpressionRecorder(envs.visible.user_map, envs.visible.item_map))
+    random = create_policy("random").fit(envs.visible)  # uniformly random slates: probabilities known
+    draw = random.act_draw(envs.test.users[:3])
+    n_allowed = envs.visible.n_items - np.diff(envs.visible.csr("ones")[envs.test.users[:3]].indptr)
+    np.testing.assert_allclose(draw.position, np.repeat(1 / n_allowed[:, None], 5, axis=1))
+    for spec in ("sometimes", "epsilon:x", "swap"):
+        with pytest.raises(DataError, match="exploration"):
+            parse_explore(spec, 5)

@@ -887,13 +887,34 @@ def simulate_cmd(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for results and per-user scores.")] = Path(
         "results/simulate"
     ),
+    explore: Annotated[
+        str, typer.Option(help="Make every policy stochastic with known slate probabilities: none, epsilon:E "
+                          "(a uniformly random slate with probability E) or swap:S (two adjacent positions "
+                          "exchanged with probability S).")
+    ] = "none",
+    log: Annotated[
+        Path | None, typer.Option(help="Write every test slate shown, with its probabilities and clicks, to this "
+                                  "Parquet file (the logged-impression format of docs/ope.md).")
+    ] = None,
     seed: SeedOpt = 0,
     quiet: QuietOpt = False,
     device: DeviceOpt = None,
 ) -> None:
     """Simulate slate recommendation on a real dataset: train policies online, test them, save scores and plots."""
+    from recforge.core.slates import Greedy
+    from recforge.data.impressions import write_impressions
+    from recforge.data.io import table_format
     from recforge.errors import DataError
-    from recforge.interactive import create_policy, make_environments, policy_class, save_results, simulate
+    from recforge.interactive import (
+        ExploringPolicy,
+        ImpressionRecorder,
+        create_policy,
+        make_environments,
+        parse_explore,
+        policy_class,
+        save_results,
+        simulate,
+    )
     from recforge.interactive.harness import markdown_table, results_table
     from recforge.models import parse_params
 
@@ -915,18 +936,36 @@ def simulate_cmd(
         name, params = label, {"seed": seed, **settings.get(label, {})}
         if label == "greedy-static":
             name, params = "greedy", {"learn": False, **params}
-        policy_class(name, [*params, *(["truth"] if label == "oracle" else [])])
-        plan.append((label, name, params))
+        cls = policy_class(name, [*params, *(["truth"] if label == "oracle" else [])])
+        plan.append((label, name, params, cls.known_probabilities))
+    unknown = [label for label, *_, known in plan if not known]
+    if unknown and (log is not None or parse_explore(explore, 5) is not None):
+        if len(unknown) == len(plan):
+            raise DataError(f"{', '.join(unknown)} draw slates with probabilities they do not know, so they cannot "
+                            "be logged or explored around; add a deterministic policy (greedy, greedy-static, pop, "
+                            "linucb, sequential, oracle)")
+        logging.getLogger(__name__).warning("%s draw slates with probabilities they do not know: simulated as they are, not logged",
+                     ", ".join(unknown))
+    if log is not None and table_format(log) != "parquet":
+        raise DataError(f"--log: impression logs are Parquet files; use a .parquet name, not {str(log)!r}")
     data = _load(dataset, _columns(user_col, item_col, rating_col, time_col, sep))
     envs = make_environments(data, n_train_users=train_users, n_test_users=test_users, seed=seed)
+    recorder = None if log is None else ImpressionRecorder(data.user_map, data.item_map, f"seed {seed}")
     results = []
-    for label, name, params in plan:
+    for label, name, params, known in plan:
         if label == "oracle":
             params["truth"] = envs.truth
         policy = create_policy(name, **params)
-        results.append(simulate(policy, envs, train_episodes, test_episodes, progress=not quiet, name=label))
+        sampler = parse_explore(explore, policy.slate_size)
+        if sampler is not None and known and isinstance(policy.sampler(), Greedy):  # random is logged as it is
+            policy = ExploringPolicy(policy, sampler)
+            label = f"{label}+{explore.strip().lower()}"
+        results.append(simulate(policy, envs, train_episodes, test_episodes, progress=not quiet, name=label,
+                                recorder=recorder if known else None))
     typer.echo(markdown_table(results_table(results)), nl=False)
     paths = save_results(results, out)
+    if recorder is not None and log is not None:
+        paths["log"] = write_impressions(recorder.frame(), log)
     typer.echo("saved: " + ", ".join(str(p) for p in paths.values()))
 
 

@@ -173,7 +173,7 @@ class EpsilonGreedy(SlateSampler):
         eps = self.epsilon
         same = greedy == slates
         # uniform ordered draws: 1/n at a position, 1/(n (n-1) ... (n-j)) for the first j+1 items
-        falling = np.cumprod(allowed[:, None] - np.arange(self.k)[None, :], axis=1).astype(np.float64)
+        falling = np.cumprod((allowed[:, None] - np.arange(self.k)[None, :]).astype(np.float64), axis=1)
         position = (1 - eps) * same + eps * free / allowed[:, None]
         prefix = (1 - eps) * np.cumprod(same, axis=1) + eps * np.cumprod(drawable, axis=1) / falling
         return SlateDraw(slates, position, prefix)

@@ -10,20 +10,33 @@ from recforge.interactive.harness import (
     save_results,
     simulate,
 )
-from recforge.interactive.policies import POLICIES, Policy, create_policy, policy_class
+from recforge.interactive.impression_log import ImpressionRecorder
+from recforge.interactive.policies import (
+    POLICIES,
+    ExploringPolicy,
+    Policy,
+    create_policy,
+    explore_spec,
+    parse_explore,
+    policy_class,
+)
 from recforge.interactive.users import TruePreferences, UserBehaviour
 
 __all__ = [
     "POLICIES",
     "Environments",
     "EpisodeResult",
+    "ExploringPolicy",
+    "ImpressionRecorder",
     "Policy",
     "SimulationResult",
     "SlateEnvironment",
     "TruePreferences",
     "UserBehaviour",
     "create_policy",
+    "explore_spec",
     "make_environments",
+    "parse_explore",
     "play_episode",
     "plot_ctr_curves",
     "policy_class",

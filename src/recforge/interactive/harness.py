@@ -18,6 +18,7 @@ import pandas as pd
 from recforge.core.progress import progress_bar
 from recforge.data.io import atomic_path, save_figure, write_table
 from recforge.interactive.environment import Environments, SlateEnvironment
+from recforge.interactive.impression_log import ImpressionRecorder
 from recforge.interactive.policies import Policy
 
 log = logging.getLogger(__name__)
@@ -44,16 +45,21 @@ class EpisodeResult:
         return self.steps / self.seconds if self.seconds else float("inf")
 
 
-def play_episode(policy: Policy, env: SlateEnvironment, progress: bool = False, desc: str = "episode") -> EpisodeResult:
-    """Play one episode with the batched API; the policy is updated after every round."""
+def play_episode(policy: Policy, env: SlateEnvironment, progress: bool = False, desc: str = "episode",
+                 recorder: ImpressionRecorder | None = None, label: str | None = None) -> EpisodeResult:
+    """Play one episode with the batched API; the policy is updated after every round. With a ``recorder``, every
+    slate is logged with its probabilities (the policy must know them) under ``label`` (default: its name)."""
     env.reset()
     policy.start_episode()
     start = time.perf_counter()
     bar = progress_bar(total=None, desc=desc, unit="step", enabled=progress, leave=False)
     while env.has_next_state():
         users = env.get_states()
-        slates = policy.act(users)
+        draw = policy.act_draw(users) if recorder is not None else None
+        slates = policy.act(users) if draw is None else draw.slates
         clicked, _ = env.get_responses(slates)
+        if recorder is not None and draw is not None:
+            recorder.add(label or policy.name, env.episode, users, draw, clicked)
         policy.update(users, slates, clicked)
         bar.update(len(users))
         bar.set_postfix(clicks=int(env.clicks.sum()), refresh=False)
@@ -108,9 +114,11 @@ def simulate(
     test_episodes: int = 5,
     progress: bool = True,
     name: str | None = None,
+    recorder: ImpressionRecorder | None = None,
 ) -> SimulationResult:
     """Fit ``policy`` on the visible data, train it online for ``train_episodes``, keep its best state, then test
-    it on ``test_episodes`` episodes, each starting from that state."""
+    it on ``test_episodes`` episodes, each starting from that state; with a ``recorder`` the test episodes'
+    impressions are logged."""
     label = name or policy.name
     start = time.perf_counter()
     policy.fit(envs.visible)
@@ -124,7 +132,7 @@ def simulate(
     test = []
     for e in range(test_episodes):
         policy.restore(best)
-        test.append(play_episode(policy, envs.test, progress, f"{label} test {e + 1}/{test_episodes}"))
+        test.append(play_episode(policy, envs.test, progress, f"{label} test {e + 1}/{test_episodes}", recorder, label))
     envs.train.episode, envs.test.episode = -1, -1  # the next policy replays the same seeded episodes
     envs.train.reset()
     envs.test.reset()

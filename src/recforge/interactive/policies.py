@@ -18,10 +18,11 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from recforge.core.slates import EpsilonGreedy, Greedy, PositionSwaps, SlateDraw, SlateSampler
 from recforge.core.topk import mask_and_topk
 from recforge.core.vectors import normalize_rows
 from recforge.data.interactions import Interactions
-from recforge.errors import DataError, UnknownNameError
+from recforge.errors import DataError, UnknownNameError, UnsupportedError
 from recforge.features.items import genre_matrix
 from recforge.models.base import Recommender
 from recforge.models.registry import create_model, get_model_class
@@ -34,6 +35,9 @@ class Policy:
 
     name: ClassVar[str] = ""
     learns: ClassVar[bool] = False
+    #: Whether the probability of every slate the policy shows is known (it is deterministic, or its randomness is
+    #: a :class:`~recforge.core.slates.SlateSampler`): what off-policy evaluation needs of a logging policy.
+    known_probabilities: ClassVar[bool] = True
 
     def __init__(self, slate_size: int = 5, seed: int = 0) -> None:
         self.slate_size = slate_size
@@ -76,6 +80,36 @@ class Policy:
     def scores(self, users: np.ndarray) -> np.ndarray:
         """Dense scores (users × items); higher is shown first."""
         raise NotImplementedError
+
+    # ------------------------------------------------------------------ probabilities (off-policy evaluation)
+    def sampler(self) -> SlateSampler:
+        """How the shown slate is drawn around :meth:`greedy_slates` (deterministic policies: it is that slate)."""
+        return Greedy(self.slate_size)
+
+    def greedy_slates(self, users: np.ndarray) -> np.ndarray:
+        """The slates the policy's randomness is centred on (a deterministic policy's own choice)."""
+        return self.act(users)
+
+    def act_draw(self, users: np.ndarray) -> SlateDraw:
+        """:meth:`act` with the probabilities of the slates shown (position, prefix, whole slate)."""
+        users = np.asarray(users, dtype=np.int64)
+        self._check_known()
+        excl = self._exclusions(users)
+        return self.sampler().draw(self.greedy_slates(users), self.rng_, self.n_items_, excl.indptr, excl.indices)
+
+    def slate_probabilities(self, users: np.ndarray, slates: np.ndarray) -> SlateDraw:
+        """The probabilities this policy, in its current state, gives to ``slates`` (one per user): what an
+        off-policy estimate of it needs for each logged slate."""
+        users = np.asarray(users, dtype=np.int64)
+        self._check_known()
+        excl = self._exclusions(users)
+        return self.sampler().probabilities_of(self.greedy_slates(users), slates, self.n_items_, excl.indptr,
+                                               excl.indices)
+
+    def _check_known(self) -> None:
+        if not self.known_probabilities:
+            raise UnsupportedError(f"policy {self.name!r} draws slates with probabilities it does not know; wrap it "
+                                   "in an exploring policy (ExploringPolicy, recforge simulate --explore) to log it")
 
     def _exclusions(self, users: np.ndarray) -> sp.csr_matrix:
         rows, cols = [], []
@@ -150,6 +184,9 @@ class RandomPolicy(Policy):
     def scores(self, users: np.ndarray) -> np.ndarray:
         return self.rng_.random((len(users), self.n_items_), dtype=np.float32)
 
+    def sampler(self) -> SlateSampler:
+        return EpsilonGreedy(self.slate_size, 1.0)  # every ordered slate of allowed items equally likely
+
 
 @register_policy
 class PopularPolicy(Policy):
@@ -213,6 +250,7 @@ class EpsilonGreedyPolicy(_ModelPolicy):
     """Greedy, except that each slot shows a random unseen item with probability ``epsilon`` (exploration)."""
 
     name = "egreedy"
+    known_probabilities = False  # each slot explores on its own; ExploringPolicy gives slates known probabilities
 
     def __init__(self, model: str = "als", params: dict[str, Any] | None = None, learn: bool = True,
                  click_weight: float = 1.0, epsilon: float = 0.1, slate_size: int = 5, seed: int = 0) -> None:
@@ -241,6 +279,7 @@ class NotebookHybridPolicy(_ModelPolicy):
     random item the user clicked (visible history included), de-duplicated and filled from the model's top 10."""
 
     name = "hybrid"
+    known_probabilities = False  # random anchors and fills
 
     def __init__(self, model: str = "als", params: dict[str, Any] | None = None, learn: bool = True,
                  click_weight: float = 1.0, n_collaborative: int = 2, content: dict[str, Any] | None = None,
@@ -376,6 +415,7 @@ class ThompsonPolicy(_LinearBandit):
     """Thompson sampling: rank by one draw of each user's reward vector from its posterior (scale ``noise``)."""
 
     name = "thompson"
+    known_probabilities = False  # a posterior draw per slate
 
     def __init__(self, model: str = "als", params: dict[str, Any] | None = None, noise: float = 0.05,
                  prior: float = 3.0, click_weight: float = 1.0, genre_column: str | None = "genres",
@@ -433,3 +473,82 @@ class OraclePolicy(Policy):
     def scores(self, users: np.ndarray) -> np.ndarray:
         return self.truth.z_all(users)
 
+
+
+class ExploringPolicy(Policy):
+    """Any policy made stochastic with known probabilities: its own slate, rearranged or replaced by ``sampler``
+    (:class:`~recforge.core.slates.EpsilonGreedy`, :class:`~recforge.core.slates.PositionSwaps`), so every
+    logged slate carries the probabilities off-policy evaluation needs. Fitting, feedback and learning are the
+    wrapped policy's (it sees the slates actually shown)."""
+
+    def __init__(self, policy: Policy, sampler: SlateSampler) -> None:
+        if sampler.k != policy.slate_size:
+            raise DataError(f"the sampler draws slates of {sampler.k} items, the policy shows {policy.slate_size}")
+        if not (policy.known_probabilities and isinstance(policy.sampler(), Greedy)):
+            raise UnsupportedError(f"policy {policy.name!r} is not deterministic; explore around a deterministic "
+                                   "policy (greedy, greedy-static, pop, linucb, sequential, oracle)")
+        super().__init__(policy.slate_size, policy.seed)
+        self.policy = policy
+        self._sampler = sampler
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"{self.policy.name}+{explore_spec(self._sampler)}"
+
+    @property
+    def learns(self) -> bool:  # type: ignore[override]
+        return self.policy.learns
+
+    def _fit(self, visible: Interactions) -> None:
+        self.policy.fit(visible)
+
+    def start_episode(self) -> None:
+        super().start_episode()
+        if hasattr(self, "policy"):
+            self.policy.start_episode()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"policy": self.policy.snapshot(), "rng_": copy.deepcopy(self.rng_)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.policy.restore(state["policy"])
+        self.rng_ = copy.deepcopy(state["rng_"])
+
+    def sampler(self) -> SlateSampler:
+        return self._sampler
+
+    def greedy_slates(self, users: np.ndarray) -> np.ndarray:
+        return self.policy.act(users)
+
+    def _exclusions(self, users: np.ndarray) -> sp.csr_matrix:
+        return self.policy._exclusions(users)
+
+    def act(self, users: np.ndarray) -> np.ndarray:
+        return self.act_draw(users).slates
+
+    def update(self, users: np.ndarray, slates: np.ndarray, clicked: np.ndarray) -> None:
+        self.policy.update(users, slates, clicked)
+
+
+def parse_explore(spec: str, slate_size: int) -> SlateSampler | None:
+    """``"none"``, ``"epsilon:E"`` (:class:`~recforge.core.slates.EpsilonGreedy`) or ``"swap:S"``
+    (:class:`~recforge.core.slates.PositionSwaps`) as a sampler (None for ``"none"``)."""
+    kind, _, value = str(spec).strip().lower().partition(":")
+    if kind == "none" and not value:
+        return None
+    if kind not in ("epsilon", "swap"):
+        raise DataError(f"exploration must be 'none', 'epsilon:E' or 'swap:S' (e.g. epsilon:0.2), got {spec!r}")
+    try:
+        rate = float(value)
+    except ValueError:
+        raise DataError(f"exploration {spec!r}: {kind} needs a rate, as in {kind}:0.2") from None
+    return EpsilonGreedy(slate_size, rate) if kind == "epsilon" else PositionSwaps(slate_size, rate)
+
+
+def explore_spec(sampler: SlateSampler) -> str:
+    """The ``parse_explore`` spelling of a sampler."""
+    if isinstance(sampler, EpsilonGreedy):
+        return f"epsilon:{sampler.epsilon:g}"
+    if isinstance(sampler, PositionSwaps):
+        return f"swap:{sampler.swap:g}"
+    return "none"
