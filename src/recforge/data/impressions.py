@@ -15,6 +15,8 @@ column                   type                 meaning
 ``position_propensity``  list of floats       probability of each shown item at its position, in (0, 1]
 ``slate_propensity``     float                probability of the whole slate, in (0, 1]
 ``prefix_propensity``    list of floats       optional: of the first 1, 2, ... items (the cascade's weights)
+``session_id``           string               optional: impressions of one session (a simulator episode)
+                                              share it; policies do not repeat an item within a session
 ``reward``               list of floats       per position (1 for a click, 0 otherwise; any finite number)
 ======================== ==================== ===========================================================
 

@@ -14,7 +14,7 @@ class ImpressionRecorder:
     """Collects rounds of (users, drawn slates, clicks) of one or more policies; :meth:`frame` gives the log.
 
     ``version`` is written to every row's ``policy_version``; timestamps count slates shown (the simulator's
-    clock), request ids are ``<policy>/<episode>/<n>``.
+    clock), request ids are ``<policy>/<episode>/<n>``, session ids ``<policy>/<episode>``.
     """
 
     def __init__(self, user_map: IdMap, item_map: IdMap, version: str = "") -> None:
@@ -51,5 +51,6 @@ class ImpressionRecorder:
                 "slate_propensity": np.asarray(part["prefix"])[:, -1],
                 "prefix_propensity": list(part["prefix"]),
                 "reward": list(part["reward"]),
+                "session_id": f"{part['policy']}/{part['episode']}",
             }))
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()

@@ -1,0 +1,81 @@
+"""Target policies replayed over a log: the probabilities each target gives every logged slate, in the context the
+logging policy was in, and the estimates of every target by every estimator.
+
+A simulator policy's context is the user and what the session has shown so far (policies never repeat an item in
+a session). Replaying walks the log in time order, session by session: before each impression the target is asked
+the probability of the logged slate (:meth:`~recforge.interactive.policies.Policy.slate_probabilities`), then it
+is told what was shown and clicked, as it would have been online. Targets should be static (``learn=False``): a
+learning target would learn from the logging policy's clicks, not from its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from recforge.data.impressions import impression_arrays
+from recforge.data.interactions import Interactions
+from recforge.errors import DataError
+from recforge.interactive.policies import Policy
+from recforge.ope.estimators import ESTIMATORS, SlateProbabilities, estimate
+
+
+def _rounds(users: np.ndarray) -> list[slice]:
+    """Consecutive runs of impressions in which no user repeats (asked together, then updated together)."""
+    out, start, seen = [], 0, set()
+    for i, u in enumerate(users.tolist()):
+        if u in seen:
+            out.append(slice(start, i))
+            start, seen = i, set()
+        seen.add(u)
+    out.append(slice(start, len(users)))
+    return out
+
+
+def target_probabilities(log: pd.DataFrame, visible: Interactions, target: Policy) -> SlateProbabilities:
+    """The probabilities ``target`` (fitted on ``visible``, whose id maps the log uses) gives each logged slate, in
+    log order, replaying every session (``session_id``; the whole log is one session without it)."""
+    arrays = impression_arrays(log, visible.user_map, visible.item_map)
+    n, k = arrays.slates.shape
+    if k != target.slate_size:
+        raise DataError(f"the log's slates hold {k} items, the target policy shows {target.slate_size}")
+    order = np.lexsort((log["timestamp"].to_numpy(dtype=np.float64),))
+    sessions = log["session_id"].astype(str).to_numpy() if "session_id" in log else np.zeros(n, dtype=str)
+    position, prefix = np.empty((n, k)), np.empty((n, k))
+    clicked = np.where(arrays.rewards > 0, arrays.slates, -1).max(axis=1)  # the clicked item (one per slate) or -1
+    for _, group in pd.DataFrame({"session": sessions[order], "row": order}).groupby("session", sort=False):
+        rows = group["row"].to_numpy()
+        target.start_episode()
+        for part in _rounds(arrays.users[rows]):
+            at = rows[part]
+            draw = target.slate_probabilities(arrays.users[at], arrays.slates[at])
+            position[at], prefix[at] = draw.position, draw.prefix
+            target.update(arrays.users[at], arrays.slates[at], clicked[at])
+    return SlateProbabilities(position, prefix[:, -1], prefix)
+
+
+def evaluate_targets(
+    log: pd.DataFrame,
+    visible: Interactions,
+    targets: Mapping[str, Policy],
+    estimators: Sequence[str] = ("ips", "snips", "iips", "rips"),
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> pd.DataFrame:
+    """One row per (target, estimator): the estimated value (expected clicks per slate) and its 95% interval,
+    from the log and the targets replayed over it (each fitted on ``visible``)."""
+    unknown = [e for e in estimators if e not in ESTIMATORS]
+    if unknown:
+        raise DataError(f"unknown estimator(s) {', '.join(unknown)}; choose from {', '.join(ESTIMATORS)}")
+    arrays = impression_arrays(log, visible.user_map, visible.item_map)
+    logging = SlateProbabilities(arrays.position, arrays.slate, arrays.prefix)
+    rows = []
+    for name, policy in targets.items():
+        target = target_probabilities(log, visible, policy.fit(visible))
+        for estimator in estimators:
+            est = estimate(estimator, arrays.rewards, logging, target, n_boot=n_boot, seed=seed)
+            rows.append({"target": name, "estimator": estimator, "value": est.value, "ci_low": est.ci_low,
+                         "ci_high": est.ci_high, "impressions": est.n})
+    return pd.DataFrame(rows)
