@@ -219,6 +219,15 @@ def test_simulate_logs_impressions_of_exploring_policies(tmp_path: Path, caplog:
                     "--test-episodes", "1", "--train-users", "20", "--test-users", "30", "--out", str(tmp_path / "sim"))
     assert mixed.returncode == 0 and "hybrid draw slates with probabilities they do not know" in caplog.text
     assert set(read_impressions(log)["policy"]) == {"pop"}
+    table = run("ope", str(tmp_path / "log.parquet"), "--policies", "greedy-static,pop", "--sizes", "100",
+                "--train-users", "20", "--test-users", "30", "--quiet", "--out", str(tmp_path / "ope"))
+    assert table.returncode == 0, table.stderr
+    assert "| greedy-static | iips |" in table.stdout and "100 impressions" in table.stdout
+    saved = pd.read_csv(tmp_path / "ope" / "ope.csv")
+    assert set(saved["estimator"]) == {"ips", "snips", "iips", "rips"} and (tmp_path / "ope" / "ope.png").exists()
+    for args, message in ((["--estimators", "ips,magic"], "unknown: magic"), (["--sizes", "ten"], "whole numbers")):
+        bad = run("ope", str(tmp_path / "log.parquet"), *args, "--quiet", "--out", str(tmp_path / "x"))
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
     for args, message in ((["--log", str(tmp_path / "log.csv")], "Parquet"),
                           (["--policies", "hybrid,thompson", "--log", str(log)], "probabilities they do not know"),
                           (["--explore", "maybe"], "exploration must be")):

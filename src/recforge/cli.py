@@ -16,13 +16,14 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from recforge import __version__
-from recforge.errors import RecforgeError, settings_named_as_options
+from recforge.errors import DataError, RecforgeError, settings_named_as_options
 
 app = typer.Typer(
     name="recforge",
@@ -864,6 +865,34 @@ def refit_cmd(
 DEFAULT_POLICIES = "random,pop,greedy-static,greedy,hybrid,linucb,thompson"
 
 
+def _policy_plan(policies: str, assignments: list[str] | None, seed: int) -> list[tuple[str, str, dict, bool]]:
+    """``(label, registered name, parameters, whether its slate probabilities are known)`` per policy of
+    ``--policies``, with ``--set policy.param=value`` applied; ``greedy-static`` is greedy without learning. Every
+    name and parameter is checked (one line for the first problem)."""
+    from recforge.interactive import policy_class
+    from recforge.models import parse_params
+
+    labels = [p.strip().lower() for p in policies.split(",") if p.strip()]
+    if not labels:
+        raise DataError("--policies names no policy")
+    settings: dict[str, dict] = {}
+    for key, value in parse_params(assignments or []).items():
+        policy, _, param = key.partition(".")
+        if not param:
+            raise DataError(f"--set {key}=...: name the policy, as in linucb.alpha=0.2")
+        if policy.replace("_", "-") not in labels:
+            raise DataError(f"--set {key}=...: {policy!r} is not one of --policies ({', '.join(labels)})")
+        settings.setdefault(policy.replace("_", "-"), {})[param] = value
+    plan = []
+    for label in labels:
+        name, params = label, {"seed": seed, **settings.get(label, {})}
+        if label == "greedy-static":
+            name, params = "greedy", {"learn": False, **params}
+        cls = policy_class(name, [*params, *(["truth"] if label == "oracle" else [])])
+        plan.append((label, name, params, cls.known_probabilities))
+    return plan
+
+
 @app.command("simulate")
 def simulate_cmd(
     dataset: DatasetOpt = DEFAULT_DATASET,
@@ -911,41 +940,22 @@ def simulate_cmd(
         create_policy,
         make_environments,
         parse_explore,
-        policy_class,
         save_results,
         simulate,
     )
     from recforge.interactive.harness import markdown_table, results_table
-    from recforge.models import parse_params
 
     if train_episodes < 0 or test_episodes < 1:
         raise DataError("--train-episodes must be >= 0 and --test-episodes >= 1")
-    labels = [p.strip().lower() for p in policies.split(",") if p.strip()]
-    if not labels:
-        raise DataError("--policies names no policy")
-    settings: dict[str, dict] = {}
-    for key, value in parse_params(assignments or []).items():
-        policy, _, param = key.partition(".")
-        if not param:
-            raise DataError(f"--set {key}=...: name the policy, as in linucb.alpha=0.2")
-        if policy.replace("_", "-") not in labels:
-            raise DataError(f"--set {key}=...: {policy!r} is not one of --policies ({', '.join(labels)})")
-        settings.setdefault(policy.replace("_", "-"), {})[param] = value
-    plan = []  # every name and parameter checked before the data is loaded or any policy runs
-    for label in labels:
-        name, params = label, {"seed": seed, **settings.get(label, {})}
-        if label == "greedy-static":
-            name, params = "greedy", {"learn": False, **params}
-        cls = policy_class(name, [*params, *(["truth"] if label == "oracle" else [])])
-        plan.append((label, name, params, cls.known_probabilities))
+    plan = _policy_plan(policies, assignments, seed)  # checked before the data is loaded or any policy runs
     unknown = [label for label, *_, known in plan if not known]
     if unknown and (log is not None or parse_explore(explore, 5) is not None):
         if len(unknown) == len(plan):
             raise DataError(f"{', '.join(unknown)} draw slates with probabilities they do not know, so they cannot "
                             "be logged or explored around; add a deterministic policy (greedy, greedy-static, pop, "
                             "linucb, sequential, oracle)")
-        logging.getLogger(__name__).warning("%s draw slates with probabilities they do not know: simulated as they are, not logged",
-                     ", ".join(unknown))
+        logging.getLogger(__name__).warning(
+            "%s draw slates with probabilities they do not know: simulated as they are, not logged", ", ".join(unknown))
     if log is not None and table_format(log) != "parquet":
         raise DataError(f"--log: impression logs are Parquet files; use a .parquet name, not {str(log)!r}")
     data = _load(dataset, _columns(user_col, item_col, rating_col, time_col, sep))
@@ -967,6 +977,77 @@ def simulate_cmd(
     if recorder is not None and log is not None:
         paths["log"] = write_impressions(recorder.frame(), log)
     typer.echo("saved: " + ", ".join(str(p) for p in paths.values()))
+
+
+@app.command("ope")
+def ope_cmd(
+    log: Annotated[Path, typer.Argument(help="A logged-impression Parquet file (recforge simulate --log).")],
+    dataset: DatasetOpt = DEFAULT_DATASET,
+    user_col: UserColOpt = None,
+    item_col: ItemColOpt = None,
+    rating_col: RatingColOpt = None,
+    time_col: TimeColOpt = None,
+    sep: SepOpt = None,
+    policies: Annotated[
+        str, typer.Option(help="Comma-separated target policies to estimate (static ones: greedy-static, pop, "
+                          "sequential, oracle, random; learning ones would learn from the logged clicks).")
+    ] = "greedy-static,pop,random",
+    assignments: Annotated[
+        list[str] | None, typer.Option("--set", help="Policy parameter as policy.name=value; repeatable.")
+    ] = None,
+    estimators: Annotated[str, typer.Option(help="Comma-separated: ips, snips, iips, rips.")] = "ips,snips,iips,rips",
+    sizes: Annotated[str, typer.Option(help="Log sizes to report (the first N impressions), comma-separated; the "
+                                       "whole log is always reported.")] = "1000,10000,100000",
+    train_users: Annotated[int | None, typer.Option(help="As given to simulate (rebuilds its visible data).")] = None,
+    test_users: Annotated[int | None, typer.Option(help="As given to simulate (rebuilds its visible data).")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the table and its plot.")] = Path("results/ope"),
+    seed: SeedOpt = 0,
+    quiet: QuietOpt = False,
+) -> None:
+    """Estimate target policies' click-through rate from a simulator log, each estimator with a 95% interval, as
+    the log grows; the data, --seed and user counts must be those the log was simulated with."""
+    import numpy as np
+
+    from recforge.data.impressions import read_impressions
+    from recforge.data.io import atomic_path, write_table
+    from recforge.interactive import create_policy, make_environments
+    from recforge.interactive.harness import markdown_table
+    from recforge.ope import ESTIMATORS
+    from recforge.ope.report import estimates_by_log_size, plot_estimates
+
+    names = [e.strip().lower() for e in estimators.split(",") if e.strip()]
+    bad = [e for e in names if e not in ESTIMATORS]
+    if not names or bad:
+        raise DataError(f"--estimators: choose from {', '.join(e for e in ESTIMATORS if e not in ('dm', 'dr', 'switch'))}"
+                        + (f"; unknown: {', '.join(bad)}" if bad else ""))
+    try:
+        counts = [int(v) for v in sizes.split(",") if v.strip()]
+    except ValueError:
+        raise DataError(f"--sizes must be comma-separated whole numbers, got {sizes!r}") from None
+    plan = _policy_plan(policies, assignments, seed)
+    frame = read_impressions(log)
+    data = _load(dataset, _columns(user_col, item_col, rating_col, time_col, sep))
+    envs = make_environments(data, n_train_users=train_users, n_test_users=test_users, seed=seed)
+
+    def maker(name: str, params: dict) -> Callable[[], Any]:
+        return lambda: create_policy(name, **({**params, "truth": envs.truth} if name == "oracle" else params))
+
+    targets = {label: maker(name, params) for label, name, params, _ in plan}
+    table = estimates_by_log_size(frame, envs.visible, targets, names, counts, seed=seed)
+    shown = table.assign(estimate=[f"{v:.4f} [{lo:.4f}, {hi:.4f}]" if np.isfinite(v) else "none" for v, lo, hi in
+                                   zip(table["value"], table["ci_low"], table["ci_high"])])
+    pivot = shown.pivot_table(index=["target", "estimator"], columns="impressions", values="estimate",
+                              aggfunc="first", sort=False).reset_index()
+    pivot.columns = [str(c) if isinstance(c, str) else f"{c:,} impressions" for c in pivot.columns]
+    notes = sorted({f"{t}, {e}: {n}" for t, e, n in zip(table["target"], table["estimator"], table["note"]) if n})
+    text = markdown_table(pivot) + "".join(f"\nnone = {note}" for note in notes[:5]) + ("\n" if notes else "")
+    typer.echo(text, nl=False)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [write_table(table, out / "ope.csv")]
+    with atomic_path(out / "ope.md") as tmp:
+        tmp.write_text(text)
+    paths += [out / "ope.md", plot_estimates(table, out / "ope.png")]
+    typer.echo("saved: " + ", ".join(str(p) for p in paths))
 
 
 def main() -> None:

@@ -65,7 +65,9 @@ def evaluate_targets(
     seed: int = 0,
 ) -> pd.DataFrame:
     """One row per (target, estimator): the estimated value (expected clicks per slate) and its 95% interval,
-    from the log and the targets replayed over it (each fitted on ``visible``)."""
+    from the log and the targets replayed over it (each fitted on ``visible``). Where the log cannot support an
+    estimate (e.g. SNIPS when the target gives every logged slate probability 0) the value is NaN and ``note``
+    says why."""
     unknown = [e for e in estimators if e not in ESTIMATORS]
     if unknown:
         raise DataError(f"unknown estimator(s) {', '.join(unknown)}; choose from {', '.join(ESTIMATORS)}")
@@ -75,7 +77,11 @@ def evaluate_targets(
     for name, policy in targets.items():
         target = target_probabilities(log, visible, policy.fit(visible))
         for estimator in estimators:
-            est = estimate(estimator, arrays.rewards, logging, target, n_boot=n_boot, seed=seed)
-            rows.append({"target": name, "estimator": estimator, "value": est.value, "ci_low": est.ci_low,
-                         "ci_high": est.ci_high, "impressions": est.n})
-    return pd.DataFrame(rows)
+            row = {"target": name, "estimator": estimator, "impressions": len(arrays.users), "note": ""}
+            try:
+                est = estimate(estimator, arrays.rewards, logging, target, n_boot=n_boot, seed=seed)
+                row.update(value=est.value, ci_low=est.ci_low, ci_high=est.ci_high)
+            except DataError as exc:  # this log cannot support this estimator for this target: say so in its row
+                row.update(value=np.nan, ci_low=np.nan, ci_high=np.nan, note=str(exc))
+            rows.append(row)
+    return pd.DataFrame(rows, columns=["target", "estimator", "value", "ci_low", "ci_high", "impressions", "note"])
