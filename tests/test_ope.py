@@ -27,6 +27,7 @@ from recforge.interactive import (
     create_policy,
     make_environments,
 )
+from recforge.interactive.impression_log import log_episodes
 from recforge.ope import RewardModel, SlateProbabilities, estimate, evaluate_targets
 
 SCORES = np.array([[0.9, 0.1, 0.5, 0.7, 0.3]], np.float32)
@@ -200,23 +201,11 @@ def test_replayed_targets_are_estimated_from_the_log_in_the_logged_contexts(plan
     logger = ExploringPolicy(create_policy("greedy", learn=False), EpsilonGreedy(5, 0.5)).fit(envs.visible)
     shadows = {"als": create_policy("greedy", learn=False).fit(envs.visible),
                "pop": create_policy("pop").fit(envs.visible)}
-    truth = dict.fromkeys(shadows, 0.0)
     recorder = ImpressionRecorder(envs.visible.user_map, envs.visible.item_map)
-    for episode in range(3):
-        env.reset()
-        for policy in (logger, *shadows.values()):
-            policy.start_episode()
-        while env.has_next_state():
-            users = env.get_states()
-            for name, shadow in shadows.items():  # each target's slate, judged by the simulator before anyone acts
-                truth[name] += float((1 - env.click_probabilities(users, shadow.act(users))[:, 0]).sum())
-            draw = logger.act_draw(users)
-            clicked, _ = env.get_responses(draw.slates)
-            recorder.add("logger", episode, users, draw, clicked)
-            for policy in (logger, *shadows.values()):
-                policy.update(users, draw.slates, clicked)
+    truth = log_episodes(logger, env, 3, recorder, shadows)
     log = recorder.frame()
-    truth = {name: value / len(log) for name, value in truth.items()}
+    assert all(len(values) == len(log) for values in truth.values())  # one expected value per logged context
+    truth = {name: float(values.mean()) for name, values in truth.items()}
     targets = {"als": create_policy("greedy", learn=False), "pop": create_policy("pop")}
     table = evaluate_targets(log, envs.visible, targets, ["iips", "rips", "ips"], n_boot=300)
     table = table.set_index(["target", "estimator"])

@@ -39,23 +39,27 @@ class SlateDraw:
 
 
 def _allowed_counts(n_rows: int, n_items: int, ex_ptr: np.ndarray | None, ex_idx: np.ndarray | None) -> np.ndarray:
+    """Items each row may show: the catalogue minus its excluded items (distinct within a row, as in a CSR matrix
+    whose duplicates are summed)."""
     if ex_ptr is None or ex_idx is None:
         return np.full(n_rows, n_items, np.int64)
-    rows = np.repeat(np.arange(n_rows), np.diff(ex_ptr))
-    distinct = np.unique(rows.astype(np.int64) * n_items + np.asarray(ex_idx, np.int64))
-    return n_items - np.bincount(distinct // n_items, minlength=n_rows)
+    return n_items - np.diff(np.asarray(ex_ptr, np.int64))
 
 
 class SlateSampler(ABC):
     """Draws slates of ``k`` items around a greedy slate and gives the probabilities of any slate (see the
     module). The greedy slates come from score rows (:meth:`sample`, :meth:`probabilities`) or from a policy's
     own deterministic choice (:meth:`draw`, :meth:`probabilities_of`); excluded items (the CSR pattern
-    ``ex_ptr``/``ex_idx``, one row per slate) are never drawn."""
+    ``ex_ptr``/``ex_idx``, one row per slate, distinct indices within a row) are never drawn."""
 
     def __init__(self, k: int) -> None:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
             raise DataError(f"slate size must be a positive integer, got {k!r}")
         self.k = int(k)
+
+    def __repr__(self) -> str:
+        settings = "".join(f", {name}={getattr(self, name):g}" for name in ("epsilon", "swap") if hasattr(self, name))
+        return f"{type(self).__name__}(k={self.k}{settings})"
 
     def greedy(self, scores: np.ndarray, ex_ptr: np.ndarray | None = None, ex_idx: np.ndarray | None = None) -> np.ndarray:
         """The top ``k`` allowed items of every score row (recforge's tie-break)."""
@@ -185,8 +189,12 @@ def _excluded(slates: np.ndarray, n_items: int, ex_ptr: np.ndarray | None, ex_id
     if ex_ptr is None or ex_idx is None or not len(ex_idx):
         return outside
     rows = np.repeat(np.arange(len(ex_ptr) - 1, dtype=np.int64), np.diff(ex_ptr))
+    excluded = rows * n_items + np.asarray(ex_idx, np.int64)  # sorted when each row's indices are
+    if len(excluded) > 1 and (excluded[1:] < excluded[:-1]).any():
+        excluded = np.sort(excluded)
     keys = np.arange(len(slates), dtype=np.int64)[:, None] * n_items + slates
-    return outside | np.isin(keys, rows * n_items + np.asarray(ex_idx, np.int64))
+    at = np.minimum(np.searchsorted(excluded, keys), len(excluded) - 1)
+    return outside | (excluded[at] == keys)
 
 
 def _checked_slates(slates: np.ndarray, n_rows: int, k: int) -> np.ndarray:

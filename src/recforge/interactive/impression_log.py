@@ -8,6 +8,8 @@ import pandas as pd
 
 from recforge.core.slates import SlateDraw
 from recforge.data.idmap import IdMap
+from recforge.interactive.environment import SlateEnvironment
+from recforge.interactive.policies import Policy
 
 
 class ImpressionRecorder:
@@ -54,3 +56,27 @@ class ImpressionRecorder:
                 "session_id": f"{part['policy']}/{part['episode']}",
             }))
         return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def log_episodes(logger: Policy, env: SlateEnvironment, episodes: int, recorder: ImpressionRecorder,
+                 shadows: dict[str, Policy] | None = None, label: str = "logger") -> dict[str, np.ndarray]:
+    """Play ``episodes`` of ``env`` with ``logger``, recording every slate; returns, for each (fitted, static)
+    policy of ``shadows``, the exact expected clicks of the slate it would have shown in each logged context, in
+    the order recorded (the simulator's choice model, before anyone acts): the truth an off-policy estimate of it
+    from this log targets. Shadows are told what the logger showed, as a replay would tell them."""
+    shadows = shadows or {}
+    truth: dict[str, list[np.ndarray]] = {name: [] for name in shadows}
+    for _ in range(episodes):
+        env.reset()
+        for policy in (logger, *shadows.values()):
+            policy.start_episode()
+        while env.has_next_state():
+            users = env.get_states()
+            for name, shadow in shadows.items():
+                truth[name].append(1 - env.click_probabilities(users, shadow.act(users))[:, 0])
+            draw = logger.act_draw(users)
+            clicked, _ = env.get_responses(draw.slates)
+            recorder.add(label, env.episode, users, draw, clicked)
+            for policy in (logger, *shadows.values()):
+                policy.update(users, draw.slates, clicked)
+    return {name: np.concatenate(parts) if parts else np.zeros(0) for name, parts in truth.items()}
