@@ -1,7 +1,7 @@
 """Off-policy estimates against the simulator's truth: bias, RMSE, interval coverage and target order.
 
 For every seed: build the simulator on the dataset, log the test episodes of an ε-greedy static ALS (recforge's
-``ExploringPolicy``) until the largest log size is reached, while the simulator's choice model gives every target
+``ExploringPolicy``; ``--logger mix``: ALS or popularity's slate, ``MixturePolicy``) until the largest log size is reached, while the simulator's choice model gives every target
 policy's exact expected clicks in each logged context (the *contextual truth*, what an estimate from this log
 targets); play every target online in the same simulator for its *online truth* (test episodes' click-through
 rate); then estimate each target from the first N logged impressions with each estimator.
@@ -35,6 +35,7 @@ from recforge.data.datasets.movielens import load_movielens
 from recforge.interactive import (
     ExploringPolicy,
     ImpressionRecorder,
+    MixturePolicy,
     Policy,
     UserBehaviour,
     create_policy,
@@ -59,7 +60,10 @@ def one_seed(data, seed: int, args: argparse.Namespace) -> list[dict]:  # type: 
     behaviour = UserBehaviour() if args.behaviour == "default" else UserBehaviour(horizon=args.horizon,
                                                                                  patience=args.horizon)
     envs = make_environments(data, seed=seed, behaviour=behaviour)
-    logger = ExploringPolicy(make_target("als", seed), EpsilonGreedy(behaviour.slate_size, args.epsilon))
+    if args.logger == "epsilon":
+        logger: Policy = ExploringPolicy(make_target("als", seed), EpsilonGreedy(behaviour.slate_size, args.epsilon))
+    else:  # ALS with probability 1 - ε, popularity with ε
+        logger = MixturePolicy([make_target("als", seed), make_target("pop", seed)], [1 - args.epsilon, args.epsilon])
     logger.fit(envs.visible)
     # random's shadow draws one slate per context: an unbiased sample of a random slate's expected clicks
     shadows = {name: make_target(name, seed).fit(envs.visible) for name in TARGETS}
@@ -136,6 +140,8 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=5)
     p.add_argument("--sizes", default="1000,10000")
     p.add_argument("--epsilon", type=float, default=0.2)
+    p.add_argument("--logger", choices=["epsilon", "mix"], default="epsilon",
+                   help="epsilon: ALS, a uniformly random slate with probability ε; mix: ALS or popularity (ε)")
     p.add_argument("--estimators", default="ips,snips,iips,rips")
     p.add_argument("--behaviour", choices=["default", "fixed"], default="default")
     p.add_argument("--horizon", type=int, default=10)
@@ -154,7 +160,8 @@ def main() -> None:
               f"{max(args.sizes):,} impressions in {rows[-1]['ope seconds']:.1f} s", flush=True)
     frame = pd.DataFrame(rows)
     for truth in ("contextual", "online"):
-        print(f"\n## against the {truth} truth ({args.behaviour} behaviour, ε = {args.epsilon}, {args.seeds} seeds)\n")
+        print(f"\n## against the {truth} truth ({args.behaviour} behaviour, {args.logger} logger, ε = {args.epsilon}, "
+              f"{args.seeds} seeds)\n")
         print(markdown(summarise(frame, truth)))
     print("\n## order of the targets (online truth)\n")
     print(markdown(kendall(frame)))

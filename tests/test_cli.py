@@ -228,7 +228,18 @@ def test_simulate_logs_impressions_of_exploring_policies(tmp_path: Path, caplog:
     for args, message in ((["--estimators", "ips,magic"], "unknown: magic"), (["--sizes", "ten"], "whole numbers")):
         bad = run("ope", str(tmp_path / "log.parquet"), *args, "--quiet", "--out", str(tmp_path / "x"))
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+    mixed_log = tmp_path / "mix.parquet"
+    out = run("simulate", "--policies", "pop", "--mix", "greedy-static=0.6,pop=0.4", "--log", str(mixed_log),
+              "--train-episodes", "0", "--test-episodes", "1", "--train-users", "20", "--test-users", "30", "--quiet",
+              "--out", str(tmp_path / "sim"))
+    assert out.returncode == 0, out.stderr
+    frame = read_impressions(mixed_log)
+    mixture = frame[frame["policy"] == "mix(greedy-static=0.6,pop=0.4)"]
+    assert len(mixture) and (mixture["slate_propensity"] >= 0.4 - 1e-9).all()
     for args, message in ((["--log", str(tmp_path / "log.csv")], "Parquet"),
+                          (["--mix", "pop=0.5,greedy-static=0.4"], "sum to 1"),
+                          (["--mix", "pop=1,random=0"], "draw slates at random"),
+                          (["--mix", "pop"], "policy=weight pairs"),
                           (["--policies", "hybrid,thompson", "--log", str(log)], "probabilities they do not know"),
                           (["--explore", "maybe"], "exploration must be")):
         bad = run("simulate", *args, "--quiet", "--out", str(tmp_path / "x"))

@@ -893,6 +893,37 @@ def _policy_plan(policies: str, assignments: list[str] | None, seed: int) -> lis
     return plan
 
 
+def _make_policy(name: str, params: dict, envs: Any) -> Any:
+    """A policy of a plan for the simulator ``envs`` (the oracle is given the hidden preferences)."""
+    from recforge.interactive import create_policy
+
+    return create_policy(name, **({**params, "truth": envs.truth} if name == "oracle" else params))
+
+
+def _mixture_plan(spec: str, seed: int) -> tuple[list[tuple[str, str, dict, bool]], list[float]]:
+    """``--mix name=weight,...``: the components' plans (checked, deterministic) and their weights (summing to 1)."""
+    pairs = [p.strip() for p in spec.split(",") if p.strip()]
+    names, weights = [], []
+    for pair in pairs:
+        name, sep, weight = pair.partition("=")
+        try:
+            value = float(weight) if sep else float("nan")
+        except ValueError:
+            value = float("nan")
+        if not name.strip() or not value >= 0:
+            raise DataError(f"--mix: give policy=weight pairs, as in greedy-static=0.7,pop=0.3; got {pair!r}")
+        names.append(name.strip())
+        weights.append(value)
+    if len(names) < 2 or abs(sum(weights) - 1) > 1e-9:
+        raise DataError(f"--mix: give two or more policy=weight pairs whose weights sum to 1, got {spec!r}")
+    plan = _policy_plan(",".join(names), None, seed)
+    randomised = [label for label, _, params, known in plan if not known or label == "random"]
+    if randomised:
+        raise DataError(f"--mix: {', '.join(randomised)} draw slates at random; mix deterministic policies "
+                        "(greedy-static, greedy, pop, linucb, sequential)")
+    return plan, weights
+
+
 @app.command("simulate")
 def simulate_cmd(
     dataset: DatasetOpt = DEFAULT_DATASET,
@@ -921,6 +952,11 @@ def simulate_cmd(
                           "(a uniformly random slate with probability E) or swap:S (two adjacent positions "
                           "exchanged with probability S).")
     ] = "none",
+    mix: Annotated[
+        str | None, typer.Option(help="Also simulate a mixture: each slate comes from one of these deterministic "
+                                 "policies (default parameters), drawn with the given weights, as in "
+                                 "greedy-static=0.7,pop=0.3; a log of it supports each of them as a target.")
+    ] = None,
     log: Annotated[
         Path | None, typer.Option(help="Write every test slate shown, with its probabilities and clicks, to this "
                                   "Parquet file (the logged-impression format of docs/ope.md).")
@@ -937,7 +973,7 @@ def simulate_cmd(
     from recforge.interactive import (
         ExploringPolicy,
         ImpressionRecorder,
-        create_policy,
+        MixturePolicy,
         make_environments,
         parse_explore,
         save_results,
@@ -958,20 +994,25 @@ def simulate_cmd(
             "%s draw slates with probabilities they do not know: simulated as they are, not logged", ", ".join(unknown))
     if log is not None and table_format(log) != "parquet":
         raise DataError(f"--log: impression logs are Parquet files; use a .parquet name, not {str(log)!r}")
+    mixture = _mixture_plan(mix, seed) if mix is not None else None
     data = _load(dataset, _columns(user_col, item_col, rating_col, time_col, sep))
     envs = make_environments(data, n_train_users=train_users, n_test_users=test_users, seed=seed)
     recorder = None if log is None else ImpressionRecorder(data.user_map, data.item_map, f"seed {seed}")
     results = []
     for label, name, params, known in plan:
-        if label == "oracle":
-            params["truth"] = envs.truth
-        policy = create_policy(name, **params)
+        policy = _make_policy(name, params, envs)
         sampler = parse_explore(explore, policy.slate_size)
         if sampler is not None and known and isinstance(policy.sampler(), Greedy):  # random is logged as it is
             policy = ExploringPolicy(policy, sampler)
             label = f"{label}+{explore.strip().lower()}"
         results.append(simulate(policy, envs, train_episodes, test_episodes, progress=not quiet, name=label,
                                 recorder=recorder if known else None))
+    if mixture is not None:
+        components, weights = mixture
+        policy = MixturePolicy([_make_policy(name, params, envs) for _, name, params, _ in components], weights)
+        label = "mix(" + ",".join(f"{c[0]}={w:g}" for c, w in zip(components, weights)) + ")"
+        results.append(simulate(policy, envs, train_episodes, test_episodes, progress=not quiet, name=label,
+                                recorder=recorder))
     typer.echo(markdown_table(results_table(results)), nl=False)
     paths = save_results(results, out)
     if recorder is not None and log is not None:
@@ -1010,7 +1051,7 @@ def ope_cmd(
 
     from recforge.data.impressions import read_impressions
     from recforge.data.io import atomic_path, write_table
-    from recforge.interactive import create_policy, make_environments
+    from recforge.interactive import make_environments
     from recforge.interactive.harness import markdown_table
     from recforge.ope import ESTIMATORS
     from recforge.ope.report import estimates_by_log_size, plot_estimates
@@ -1030,7 +1071,7 @@ def ope_cmd(
     envs = make_environments(data, n_train_users=train_users, n_test_users=test_users, seed=seed)
 
     def maker(name: str, params: dict) -> Callable[[], Any]:
-        return lambda: create_policy(name, **({**params, "truth": envs.truth} if name == "oracle" else params))
+        return lambda: _make_policy(name, params, envs)
 
     targets = {label: maker(name, params) for label, name, params, _ in plan}
     table = estimates_by_log_size(frame, envs.visible, targets, names, counts, seed=seed)

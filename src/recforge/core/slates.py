@@ -105,11 +105,15 @@ class _FiniteMixture(SlateSampler):
     def probabilities_of(self, greedy: np.ndarray, slates: np.ndarray, n_items: int, ex_ptr: np.ndarray | None = None,
                          ex_idx: np.ndarray | None = None) -> SlateDraw:
         greedy = _checked_slates(greedy, len(greedy), self.k)
-        slates = _checked_slates(slates, len(greedy), self.k)
-        same = greedy[:, self.outcomes] == slates[:, None, :]  # n × m × k: every slate the policy can show
-        position = (same * self.weights[None, :, None]).sum(axis=1)
-        prefix = (np.cumprod(same, axis=2) * self.weights[None, :, None]).sum(axis=1)
-        return SlateDraw(slates, position, prefix)
+        return mixture_probabilities(greedy[:, self.outcomes], self.weights, _checked_slates(slates, len(greedy), self.k))
+
+
+def mixture_probabilities(options: np.ndarray, weights: np.ndarray, slates: np.ndarray) -> SlateDraw:
+    """The probabilities of ``slates`` (n × k) under a policy that shows option ``o`` of ``options`` (n × m × k,
+    the slates it can show in each context) with probability ``weights[o]`` (several options may coincide)."""
+    same = options == slates[:, None, :]
+    w = np.asarray(weights, np.float64)[None, :, None]
+    return SlateDraw(slates, (same * w).sum(axis=1), (np.cumprod(same, axis=2) * w).sum(axis=1))
 
 
 class Greedy(_FiniteMixture):

@@ -14,6 +14,7 @@ from recforge.interactive.impression_log import ImpressionRecorder
 from recforge.interactive.policies import (
     POLICIES,
     ExploringPolicy,
+    MixturePolicy,
     Policy,
     create_policy,
     explore_spec,
@@ -28,6 +29,7 @@ __all__ = [
     "EpisodeResult",
     "ExploringPolicy",
     "ImpressionRecorder",
+    "MixturePolicy",
     "Policy",
     "SimulationResult",
     "SlateEnvironment",

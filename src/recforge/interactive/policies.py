@@ -11,14 +11,21 @@ from __future__ import annotations
 import copy
 import inspect
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from recforge.core.slates import EpsilonGreedy, Greedy, PositionSwaps, SlateDraw, SlateSampler
+from recforge.core.slates import (
+    EpsilonGreedy,
+    Greedy,
+    PositionSwaps,
+    SlateDraw,
+    SlateSampler,
+    mixture_probabilities,
+)
 from recforge.core.topk import mask_and_topk
 from recforge.core.vectors import normalize_rows
 from recforge.data.interactions import Interactions
@@ -528,6 +535,76 @@ class ExploringPolicy(Policy):
 
     def update(self, users: np.ndarray, slates: np.ndarray, clicked: np.ndarray) -> None:
         self.policy.update(users, slates, clicked)
+
+
+class MixturePolicy(Policy):
+    """To each user of a round, the slate of one of ``policies`` drawn with probabilities ``weights`` — as an A/B
+    test runs several policies at once. A log of it supports every component as a target (each of its slates has
+    probability at least the component's weight), which uniform exploration over a large catalogue cannot. The
+    components must be deterministic; all are fitted on the visible data and told every round's feedback."""
+
+    def __init__(self, policies: Sequence[Policy], weights: Sequence[float]) -> None:
+        policies = list(policies)
+        w = np.asarray(weights, dtype=np.float64)
+        if not policies or w.shape != (len(policies),):
+            raise DataError(f"a mixture needs one weight per policy: {len(policies)} policies, weights {list(weights)}")
+        if not np.isfinite(w).all() or (w < 0).any() or not np.isclose(w.sum(), 1.0):
+            raise DataError(f"mixture weights must be non-negative and sum to 1, got {list(weights)}")
+        for policy in policies:
+            if not (policy.known_probabilities and isinstance(policy.sampler(), Greedy)):
+                raise UnsupportedError(f"policy {policy.name!r} is not deterministic; a mixture needs deterministic "
+                                       "components (greedy, greedy-static, pop, linucb, sequential, oracle)")
+        if len({p.slate_size for p in policies}) > 1:
+            raise DataError("every policy of a mixture must show slates of the same size")
+        super().__init__(policies[0].slate_size, policies[0].seed)
+        self.policies, self.weights = policies, w / w.sum()
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return "mix(" + ",".join(f"{p.name}={w:g}" for p, w in zip(self.policies, self.weights)) + ")"
+
+    @property
+    def learns(self) -> bool:  # type: ignore[override]
+        return any(p.learns for p in self.policies)
+
+    def _fit(self, visible: Interactions) -> None:
+        for policy in self.policies:
+            policy.fit(visible)
+
+    def start_episode(self) -> None:
+        super().start_episode()
+        for policy in getattr(self, "policies", ()):
+            policy.start_episode()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"policies": [p.snapshot() for p in self.policies], "rng_": copy.deepcopy(self.rng_)}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        for policy, part in zip(self.policies, state["policies"]):
+            policy.restore(part)
+        self.rng_ = copy.deepcopy(state["rng_"])
+
+    def _options(self, users: np.ndarray) -> np.ndarray:
+        return np.stack([p.act(users) for p in self.policies], axis=1)  # users × components × slate
+
+    def act_draw(self, users: np.ndarray) -> SlateDraw:
+        options = self._options(np.asarray(users, dtype=np.int64))
+        pick = self.rng_.choice(len(self.weights), size=len(options), p=self.weights)
+        return mixture_probabilities(options, self.weights, options[np.arange(len(options)), pick])
+
+    def slate_probabilities(self, users: np.ndarray, slates: np.ndarray) -> SlateDraw:
+        options = self._options(np.asarray(users, dtype=np.int64))
+        slates = np.asarray(slates, dtype=np.int64)
+        if slates.shape != options[:, 0].shape:
+            raise DataError(f"slates must have shape {options[:, 0].shape}, got {slates.shape}")
+        return mixture_probabilities(options, self.weights, slates)
+
+    def act(self, users: np.ndarray) -> np.ndarray:
+        return self.act_draw(users).slates
+
+    def update(self, users: np.ndarray, slates: np.ndarray, clicked: np.ndarray) -> None:
+        for policy in self.policies:
+            policy.update(users, slates, clicked)
 
 
 def parse_explore(spec: str, slate_size: int) -> SlateSampler | None:
