@@ -13,6 +13,7 @@ from recforge.errors import DataError, UnknownNameError, UnsupportedError
 from recforge.interactive import (
     ExploringPolicy,
     ImpressionRecorder,
+    Policy,
     SlateEnvironment,
     TruePreferences,
     UserBehaviour,
@@ -227,3 +228,25 @@ def test_only_policies_with_known_probabilities_are_logged(envs) -> None:
     for spec in ("sometimes", "epsilon:x", "swap"):
         with pytest.raises(DataError, match="exploration"):
             parse_explore(spec, 5)
+
+
+@pytest.mark.parametrize("name", ["pop", "greedy-static", "oracle"])
+def test_static_policies_rank_once_and_show_the_same_slates(envs, name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A static policy picks from each user's ranked candidates; its slates equal ranking the whole catalogue at
+    every step, also once a long session has used the candidates up (few kept here)."""
+    monkeypatch.setattr(Policy, "_CANDIDATES", 12)
+    params = {"learn": False} if name == "greedy-static" else {"truth": envs.truth} if name == "oracle" else {}
+    policy = create_policy("greedy" if name == "greedy-static" else name, **params).fit(envs.visible)
+    assert policy.static_scores
+    env = envs.test
+    env.reset()
+    policy.start_episode()
+    rounds = 0
+    while env.has_next_state():
+        users = env.get_states()
+        slates = policy.act(users)
+        np.testing.assert_array_equal(slates, policy._top(users, np.ascontiguousarray(policy.scores(users), np.float32)))
+        clicked, _ = env.get_responses(slates)
+        policy.update(users, slates, clicked)
+        rounds += 1
+    assert rounds > 3 and len(policy.candidates_) == len(env.users)

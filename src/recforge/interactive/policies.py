@@ -45,6 +45,12 @@ class Policy:
     #: Whether the probability of every slate the policy shows is known (it is deterministic, or its randomness is
     #: a :class:`~recforge.core.slates.SlateSampler`): what off-policy evaluation needs of a logging policy.
     known_probabilities: ClassVar[bool] = True
+    #: Whether a user's scores never change after ``fit`` (no learning, no randomness): ``act`` then ranks each
+    #: user's items once and picks the best not yet shown, instead of scoring the catalogue at every step.
+    static_scores: ClassVar[bool] = False
+    #: Candidates kept per user by static policies: enough for a session of ``_CANDIDATES / slate_size`` slates;
+    #: a user who has been shown more is ranked again from the scores.
+    _CANDIDATES: ClassVar[int] = 256
 
     def __init__(self, slate_size: int = 5, seed: int = 0) -> None:
         self.slate_size = slate_size
@@ -57,6 +63,7 @@ class Policy:
         self.n_items_ = visible.n_items
         self.history_ = visible.csr("ones")
         self.rng_ = np.random.default_rng(self.seed)
+        self.candidates_: dict[int, list[int]] = {}
         self._fit(visible)
         self.start_episode()
         return self
@@ -81,8 +88,40 @@ class Policy:
     def act(self, users: np.ndarray) -> np.ndarray:
         """One slate (``slate_size`` distinct item indices) per user."""
         users = np.asarray(users, dtype=np.int64)
+        if self.static_scores:
+            return self._static_top(users)
         scores = np.ascontiguousarray(self.scores(users), dtype=np.float32)
         return self._top(users, scores)
+
+    def _static_top(self, users: np.ndarray) -> np.ndarray:
+        """:meth:`_top` of a static policy from each user's ranked candidates (the same slates: candidates are in
+        the top-k order, history excluded, and the best ones not shown this episode are taken)."""
+        missing = np.array([u for u in dict.fromkeys(users.tolist()) if u not in self.candidates_], dtype=np.int64)
+        if len(missing):
+            history = self.history_[missing]
+            top, _ = mask_and_topk(np.ascontiguousarray(self.scores(missing), dtype=np.float32), self._CANDIDATES,
+                                   history.indptr, history.indices)
+            for u, row in zip(missing.tolist(), top):
+                self.candidates_[u] = row[row >= 0].tolist()
+        out = np.empty((len(users), self.slate_size), np.int64)
+        fallback = []
+        k = self.slate_size
+        for r, u in enumerate(users.tolist()):
+            shown = set(self.shown_.get(u, ()))
+            picks = []
+            for item in self.candidates_[u]:  # best first: stop at the k-th not shown
+                if item not in shown:
+                    picks.append(item)
+                    if len(picks) == k:
+                        break
+            if len(picks) == k:
+                out[r] = picks
+            else:  # a long session used up the candidates: rank the whole catalogue for this user
+                fallback.append(r)
+        if fallback:
+            rows = np.array(fallback)
+            out[rows] = self._top(users[rows], np.ascontiguousarray(self.scores(users[rows]), dtype=np.float32))
+        return out
 
     def scores(self, users: np.ndarray) -> np.ndarray:
         """Dense scores (users × items); higher is shown first."""
@@ -200,6 +239,7 @@ class PopularPolicy(Policy):
     """The most popular items of the visible history (static)."""
 
     name = "pop"
+    static_scores = True
 
     def _fit(self, visible: Interactions) -> None:
         self.popularity_ = np.bincount(visible.items, minlength=visible.n_items).astype(np.float32)
@@ -222,6 +262,10 @@ class _ModelPolicy(Policy):
     @property
     def learns(self) -> bool:  # type: ignore[override]
         return bool(self.learn)
+
+    @property
+    def static_scores(self) -> bool:  # type: ignore[override]
+        return not self.learn
 
     def _fit(self, visible: Interactions) -> None:
         params = dict(self.params or {})
@@ -468,6 +512,7 @@ class OraclePolicy(Policy):
     """Knows the hidden preferences (an upper reference, not a real policy): the items of highest true utility."""
 
     name = "oracle"
+    static_scores = True
 
     def __init__(self, truth: Any = None, slate_size: int = 5, seed: int = 0) -> None:
         super().__init__(slate_size, seed)
