@@ -225,7 +225,14 @@ def test_simulate_logs_impressions_of_exploring_policies(tmp_path: Path, caplog:
     assert "| greedy-static | iips |" in table.stdout and "100 impressions" in table.stdout
     saved = pd.read_csv(tmp_path / "ope" / "ope.csv")
     assert set(saved["estimator"]) == {"ips", "snips", "iips", "rips"} and (tmp_path / "ope" / "ope.png").exists()
-    for args, message in ((["--estimators", "ips,magic"], "unknown: magic"), (["--sizes", "ten"], "whole numbers")):
+    dr = run("ope", str(tmp_path / "log.parquet"), "--policies", "greedy-static", "--estimators", "dm,dr",
+             "--reward-model", "pop", "--sizes", "100", "--train-users", "20", "--test-users", "30", "--quiet",
+             "--out", str(tmp_path / "ope-dr"))
+    assert dr.returncode == 0, dr.stderr
+    assert pd.read_csv(tmp_path / "ope-dr" / "ope.csv")["value"].between(0, 5).all()
+    for args, message in ((["--estimators", "ips,magic"], "unknown: magic"), (["--sizes", "ten"], "whole numbers"),
+                          (["--estimators", "dr"], "need a reward model"),
+                          (["--estimators", "dm", "--reward-model", "nope"], "unknown model")):
         bad = run("ope", str(tmp_path / "log.parquet"), *args, "--quiet", "--out", str(tmp_path / "x"))
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr
     mixed_log = tmp_path / "mix.parquet"

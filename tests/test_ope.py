@@ -29,6 +29,7 @@ from recforge.interactive import (
     make_environments,
 )
 from recforge.interactive.impression_log import log_episodes
+from recforge.models import create_model
 from recforge.ope import RewardModel, SlateProbabilities, estimate, evaluate_targets
 
 SCORES = np.array([[0.9, 0.1, 0.5, 0.7, 0.3]], np.float32)
@@ -218,6 +219,16 @@ def test_replayed_targets_are_estimated_from_the_log_in_the_logged_contexts(plan
     assert all(within_three_standard_errors("als", e) for e in ("ips", "iips", "rips"))
     assert all(within_three_standard_errors("pop", e) for e in ("iips", "rips"))
     assert table.loc[("pop", "ips"), "value"] == 0.0  # no logged slate is exactly popularity's
+    # the direct method with ALS's scores calibrated to the log's clicks, and its doubly robust correction
+    model = create_model("als", progress=False).fit(envs.visible)
+    with_model = evaluate_targets(log, envs.visible, {"als": create_policy("greedy", learn=False),
+                                                      "random": create_policy("random")},
+                                  ["dm", "dr"], n_boot=300, reward_model=model).set_index(["target", "estimator"])
+    dr = with_model.loc[("als", "dr")]
+    assert abs(dr.value - truth["als"]) <= 3 / 1.96 * (dr.ci_high - dr.ci_low) / 2, (dr.to_dict(), truth["als"])
+    assert 0 < with_model.loc[("als", "dm"), "value"] < 1
+    assert np.isnan(with_model.loc[("random", "dm"), "value"])
+    assert "deterministic target" in with_model.loc[("random", "dm"), "note"]
     assert truth["als"] > truth["pop"] and table.loc[("als", "iips"), "value"] > table.loc[("pop", "iips"), "value"]
 
 

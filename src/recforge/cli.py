@@ -1036,7 +1036,12 @@ def ope_cmd(
     assignments: Annotated[
         list[str] | None, typer.Option("--set", help="Policy parameter as policy.name=value; repeatable.")
     ] = None,
-    estimators: Annotated[str, typer.Option(help="Comma-separated: ips, snips, iips, rips.")] = "ips,snips,iips,rips",
+    estimators: Annotated[str, typer.Option(help="Comma-separated: ips, snips, iips, rips; dm, dr, switch with "
+                                            "--reward-model.")] = "ips,snips,iips,rips",
+    reward_model: Annotated[
+        str | None, typer.Option(help="A recforge model (e.g. als) fitted on the visible data and calibrated to the "
+                                 "log's clicks: the direct method's reward model (dm, dr, switch).")
+    ] = None,
     sizes: Annotated[str, typer.Option(help="Log sizes to report (the first N impressions), comma-separated; the "
                                        "whole log is always reported.")] = "1000,10000,100000",
     train_users: Annotated[int | None, typer.Option(help="As given to simulate (rebuilds its visible data).")] = None,
@@ -1053,14 +1058,19 @@ def ope_cmd(
     from recforge.data.io import atomic_path, write_table
     from recforge.interactive import make_environments
     from recforge.interactive.harness import markdown_table
+    from recforge.models import get_model_class
     from recforge.ope import ESTIMATORS
     from recforge.ope.report import estimates_by_log_size, plot_estimates
 
     names = [e.strip().lower() for e in estimators.split(",") if e.strip()]
     bad = [e for e in names if e not in ESTIMATORS]
     if not names or bad:
-        raise DataError(f"--estimators: choose from {', '.join(e for e in ESTIMATORS if e not in ('dm', 'dr', 'switch'))}"
-                        + (f"; unknown: {', '.join(bad)}" if bad else ""))
+        raise DataError(f"--estimators: choose from {', '.join(ESTIMATORS)}" + (f"; unknown: {', '.join(bad)}" if bad else ""))
+    needs_model = [e for e in names if e in ("dm", "dr", "switch")]
+    if needs_model and reward_model is None:
+        raise DataError(f"--estimators {','.join(needs_model)} need a reward model: add --reward-model als (or any model)")
+    if reward_model is not None:
+        get_model_class(reward_model)  # an unknown name is one line before any work
     try:
         counts = [int(v) for v in sizes.split(",") if v.strip()]
     except ValueError:
@@ -1074,7 +1084,11 @@ def ope_cmd(
         return lambda: _make_policy(name, params, envs)
 
     targets = {label: maker(name, params) for label, name, params, _ in plan}
-    table = estimates_by_log_size(frame, envs.visible, targets, names, counts, seed=seed)
+    model = None
+    if reward_model is not None:
+        cls = get_model_class(reward_model)
+        model = cls(**({"progress": False} if "progress" in cls._param_names() else {})).fit(envs.visible)
+    table = estimates_by_log_size(frame, envs.visible, targets, names, counts, seed=seed, reward_model=model)
     shown = table.assign(estimate=[f"{v:.4f} [{lo:.4f}, {hi:.4f}]" if np.isfinite(v) else "none" for v, lo, hi in
                                    zip(table["value"], table["ci_low"], table["ci_high"])])
     pivot = shown.pivot_table(index=["target", "estimator"], columns="impressions", values="estimate",

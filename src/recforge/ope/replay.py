@@ -15,11 +15,17 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import pandas as pd
 
+from recforge.core.slates import Greedy
 from recforge.data.impressions import impression_arrays
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
 from recforge.interactive.policies import Policy
-from recforge.ope.estimators import ESTIMATORS, SlateProbabilities, estimate
+from recforge.models.base import Recommender
+from recforge.ope.estimators import ESTIMATORS, RewardModel, SlateProbabilities, estimate
+from recforge.ope.reward import ClickModel
+
+#: Estimators that need a reward model.
+_MODEL_ESTIMATORS = ("dm", "dr", "switch")
 
 
 def _rounds(users: np.ndarray) -> list[slice]:
@@ -34,9 +40,20 @@ def _rounds(users: np.ndarray) -> list[slice]:
     return out
 
 
+def deterministic(policy: Policy) -> bool:
+    """Whether ``policy`` shows one known slate per context (what the direct method can score)."""
+    return policy.known_probabilities and isinstance(policy.sampler(), Greedy)
+
+
 def target_probabilities(log: pd.DataFrame, visible: Interactions, target: Policy) -> SlateProbabilities:
     """The probabilities ``target`` (fitted on ``visible``, whose id maps the log uses) gives each logged slate, in
     log order, replaying every session (``session_id``; the whole log is one session without it)."""
+    return replay(log, visible, target)[0]
+
+
+def replay(log: pd.DataFrame, visible: Interactions, target: Policy) -> tuple[SlateProbabilities, np.ndarray | None]:
+    """:func:`target_probabilities`, and the slate a deterministic target would show in each logged context (None
+    for a stochastic target)."""
     arrays = impression_arrays(log, visible.user_map, visible.item_map)
     n, k = arrays.slates.shape
     if k != target.slate_size:
@@ -44,6 +61,7 @@ def target_probabilities(log: pd.DataFrame, visible: Interactions, target: Polic
     order = np.lexsort((log["timestamp"].to_numpy(dtype=np.float64),))
     sessions = log["session_id"].astype(str).to_numpy() if "session_id" in log else np.zeros(n, dtype=str)
     position, prefix = np.empty((n, k)), np.empty((n, k))
+    own = np.empty((n, k), np.int64) if deterministic(target) else None
     clicked = np.where(arrays.rewards > 0, arrays.slates, -1).max(axis=1)  # the clicked item (one per slate) or -1
     for _, group in pd.DataFrame({"session": sessions[order], "row": order}).groupby("session", sort=False):
         rows = group["row"].to_numpy()
@@ -52,8 +70,10 @@ def target_probabilities(log: pd.DataFrame, visible: Interactions, target: Polic
             at = rows[part]
             draw = target.slate_probabilities(arrays.users[at], arrays.slates[at])
             position[at], prefix[at] = draw.position, draw.prefix
+            if own is not None:
+                own[at] = target.greedy_slates(arrays.users[at])
             target.update(arrays.users[at], arrays.slates[at], clicked[at])
-    return SlateProbabilities(position, prefix[:, -1], prefix)
+    return SlateProbabilities(position, prefix[:, -1], prefix), own
 
 
 def evaluate_targets(
@@ -63,23 +83,34 @@ def evaluate_targets(
     estimators: Sequence[str] = ("ips", "snips", "iips", "rips"),
     n_boot: int = 1000,
     seed: int = 0,
+    reward_model: Recommender | None = None,
 ) -> pd.DataFrame:
     """One row per (target, estimator): the estimated value (expected clicks per slate) and its 95% interval,
-    from the log and the targets replayed over it (each fitted on ``visible``). Where the log cannot support an
-    estimate (e.g. SNIPS when the target gives every logged slate probability 0) the value is NaN and ``note``
-    says why."""
+    from the log and the targets replayed over it (each fitted on ``visible``). ``reward_model`` (a recforge model
+    fitted on ``visible``, calibrated to the log by :class:`~recforge.ope.reward.ClickModel`) serves the direct
+    method and its doubly robust variants, for deterministic targets. Where the log cannot support an estimate
+    (e.g. SNIPS when the target gives every logged slate probability 0) the value is NaN and ``note`` says why."""
     unknown = [e for e in estimators if e not in ESTIMATORS]
     if unknown:
         raise DataError(f"unknown estimator(s) {', '.join(unknown)}; choose from {', '.join(ESTIMATORS)}")
     arrays = impression_arrays(log, visible.user_map, visible.item_map)
     logging = SlateProbabilities(arrays.position, arrays.slate, arrays.prefix)
+    clicks = None
+    if reward_model is not None and any(e in _MODEL_ESTIMATORS for e in estimators):
+        clicks = ClickModel(reward_model).fit(arrays.users, arrays.slates, arrays.rewards)
+    logged_q = None if clicks is None else clicks.predict(arrays.users, arrays.slates)
     rows = []
     for name, policy in targets.items():
-        target = target_probabilities(log, visible, policy.fit(visible))
+        target, own = replay(log, visible, policy.fit(visible))
+        model = None
+        if logged_q is not None and clicks is not None and own is not None:
+            model = RewardModel(logged_q, clicks.predict(arrays.users, own).sum(axis=1))
         for estimator in estimators:
             row = {"target": name, "estimator": estimator, "impressions": len(arrays.users), "note": ""}
             try:
-                est = estimate(estimator, arrays.rewards, logging, target, n_boot=n_boot, seed=seed)
+                if estimator in _MODEL_ESTIMATORS and model is None:
+                    raise DataError("needs a reward model (--reward-model) and a deterministic target")
+                est = estimate(estimator, arrays.rewards, logging, target, model, n_boot=n_boot, seed=seed)
                 row.update(value=est.value, ci_low=est.ci_low, ci_high=est.ci_high)
             except DataError as exc:  # this log cannot support this estimator for this target: say so in its row
                 row.update(value=np.nan, ci_low=np.nan, ci_high=np.nan, note=str(exc))

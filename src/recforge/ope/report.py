@@ -12,6 +12,7 @@ from recforge.data.interactions import Interactions
 from recforge.data.io import save_figure
 from recforge.errors import DataError
 from recforge.interactive.policies import Policy
+from recforge.models.base import Recommender
 from recforge.ope.replay import evaluate_targets
 
 #: Log sizes reported by default (those up to the log's length, and the whole log).
@@ -33,6 +34,7 @@ def estimates_by_log_size(
     sizes: Sequence[int] = LOG_SIZES,
     n_boot: int = 1000,
     seed: int = 0,
+    reward_model: Recommender | None = None,
 ) -> pd.DataFrame:
     """:func:`~recforge.ope.replay.evaluate_targets` on the first ``size`` impressions (by time) of the log, for
     every size of :func:`log_sizes`; ``targets`` make a fresh, unfitted policy each (one per size)."""
@@ -40,7 +42,8 @@ def estimates_by_log_size(
     parts = []
     for size in log_sizes(len(ordered), sizes):
         fresh = {name: make() for name, make in targets.items()}
-        parts.append(evaluate_targets(ordered.iloc[:size], visible, fresh, estimators, n_boot=n_boot, seed=seed))
+        parts.append(evaluate_targets(ordered.iloc[:size], visible, fresh, estimators, n_boot=n_boot, seed=seed,
+                                      reward_model=reward_model))
     return pd.concat(parts, ignore_index=True)
 
 
