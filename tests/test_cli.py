@@ -203,11 +203,16 @@ def test_simulate_writes_results_and_scores(tmp_path: Path) -> None:
     assert out.returncode == 2 and "name the policy" in out.stderr
 
 
+def simulate_small(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    """``recforge simulate`` on 20 training and 30 test users, one test episode."""
+    return run("simulate", *args, "--train-episodes", "0", "--test-episodes", "1", "--train-users", "20",
+               "--test-users", "30", "--out", str(tmp_path / "sim"))
+
+
 def test_simulate_logs_impressions_of_exploring_policies(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     log = tmp_path / "log.parquet"
-    out = run("simulate", "--policies", "greedy-static,random", "--explore", "epsilon:0.3", "--log", str(log),
-              "--train-episodes", "0", "--test-episodes", "1", "--train-users", "20", "--test-users", "60", "--quiet",
-              "--out", str(tmp_path / "sim"))
+    out = simulate_small(tmp_path, "--policies", "greedy-static,random", "--explore", "epsilon:0.3", "--log", str(log),
+                         "--quiet")
     assert out.returncode == 0, out.stderr
     frame = read_impressions(log)
     assert set(frame["policy"]) == {"greedy-static+epsilon:0.3", "random"}
@@ -215,33 +220,12 @@ def test_simulate_logs_impressions_of_exploring_policies(tmp_path: Path, caplog:
     # about 70% of the exploring policy's slates are its own (probability 0.7 + a tiny uniform share)
     assert 0.55 < (greedy["slate_propensity"] > 0.5).mean() < 0.85
     with caplog.at_level(logging.WARNING, logger="recforge"):
-        mixed = run("simulate", "--policies", "hybrid,pop", "--log", str(log), "--train-episodes", "0",
-                    "--test-episodes", "1", "--train-users", "20", "--test-users", "30", "--out", str(tmp_path / "sim"))
+        mixed = simulate_small(tmp_path, "--policies", "hybrid,pop", "--log", str(log))
     assert mixed.returncode == 0 and "hybrid draw slates with probabilities they do not know" in caplog.text
     assert set(read_impressions(log)["policy"]) == {"pop"}
-    table = run("ope", str(tmp_path / "log.parquet"), "--policies", "greedy-static,pop", "--sizes", "100",
-                "--train-users", "20", "--test-users", "30", "--quiet", "--out", str(tmp_path / "ope"))
-    assert table.returncode == 0, table.stderr
-    assert "| greedy-static | iips |" in table.stdout and "100 impressions" in table.stdout
-    saved = pd.read_csv(tmp_path / "ope" / "ope.csv")
-    assert set(saved["estimator"]) == {"ips", "snips", "iips", "rips"} and (tmp_path / "ope" / "ope.png").exists()
-    dr = run("ope", str(tmp_path / "log.parquet"), "--policies", "greedy-static", "--estimators", "dm,dr",
-             "--reward-model", "pop", "--sizes", "100", "--train-users", "20", "--test-users", "30", "--quiet",
-             "--out", str(tmp_path / "ope-dr"))
-    assert dr.returncode == 0, dr.stderr
-    assert pd.read_csv(tmp_path / "ope-dr" / "ope.csv")["value"].between(0, 5).all()
-    for args, message in ((["--estimators", "ips,magic"], "unknown: magic"), (["--sizes", "ten"], "whole numbers"),
-                          (["--estimators", "dr"], "need a reward model"),
-                          (["--estimators", "dm", "--reward-model", "nope"], "unknown model")):
-        bad = run("ope", str(tmp_path / "log.parquet"), *args, "--quiet", "--out", str(tmp_path / "x"))
-        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
-    mixed_log = tmp_path / "mix.parquet"
-    out = run("simulate", "--policies", "pop", "--mix", "greedy-static=0.6,pop=0.4", "--log", str(mixed_log),
-              "--train-episodes", "0", "--test-episodes", "1", "--train-users", "20", "--test-users", "30", "--quiet",
-              "--out", str(tmp_path / "sim"))
+    out = simulate_small(tmp_path, "--policies", "pop", "--mix", "greedy-static=0.6,pop=0.4", "--log", str(log), "--quiet")
     assert out.returncode == 0, out.stderr
-    frame = read_impressions(mixed_log)
-    mixture = frame[frame["policy"] == "mix(greedy-static=0.6,pop=0.4)"]
+    mixture = read_impressions(log).query("policy == 'mix(greedy-static=0.6,pop=0.4)'")
     assert len(mixture) and (mixture["slate_propensity"] >= 0.4 - 1e-9).all()
     for args, message in ((["--log", str(tmp_path / "log.csv")], "Parquet"),
                           (["--mix", "pop=0.5,greedy-static=0.4"], "sum to 1"),
@@ -250,6 +234,29 @@ def test_simulate_logs_impressions_of_exploring_policies(tmp_path: Path, caplog:
                           (["--policies", "hybrid,thompson", "--log", str(log)], "probabilities they do not know"),
                           (["--explore", "maybe"], "exploration must be")):
         bad = run("simulate", *args, "--quiet", "--out", str(tmp_path / "x"))
+        assert bad.returncode == 2 and message in bad.stderr, bad.stderr
+
+
+def test_ope_estimates_targets_from_a_simulated_log(tmp_path: Path) -> None:
+    log = tmp_path / "log.parquet"
+    assert simulate_small(tmp_path, "--policies", "pop", "--log", str(log), "--quiet").returncode == 0
+
+    def ope(*args: str, out: str = "ope") -> subprocess.CompletedProcess:
+        return run("ope", str(log), *args, "--sizes", "100", "--train-users", "20", "--test-users", "30", "--quiet",
+                   "--out", str(tmp_path / out))
+
+    table = ope("--policies", "greedy-static,pop")
+    assert table.returncode == 0, table.stderr
+    assert "| greedy-static | iips |" in table.stdout and "100 impressions" in table.stdout
+    saved = pd.read_csv(tmp_path / "ope" / "ope.csv")
+    assert set(saved["estimator"]) == {"ips", "snips", "iips", "rips"} and (tmp_path / "ope" / "ope.png").exists()
+    dr = ope("--policies", "greedy-static", "--estimators", "dm,dr", "--reward-model", "pop", out="ope-dr")
+    assert dr.returncode == 0, dr.stderr
+    assert pd.read_csv(tmp_path / "ope-dr" / "ope.csv")["value"].between(0, 5).all()
+    for args, message in ((["--estimators", "ips,magic"], "unknown: magic"), (["--sizes", "ten"], "whole numbers"),
+                          (["--estimators", "dr"], "need a reward model"),
+                          (["--estimators", "dm", "--reward-model", "nope"], "unknown model")):
+        bad = run("ope", str(log), *args, "--quiet", "--out", str(tmp_path / "x"))
         assert bad.returncode == 2 and message in bad.stderr, bad.stderr
 
 
