@@ -89,6 +89,12 @@ def _probabilities(values: np.ndarray, name: str) -> np.ndarray:
 def check_impressions(frame: pd.DataFrame) -> pd.DataFrame:
     """The log, checked against the schema of this module (missing columns, types, slate sizes, repeated items,
     propensities outside (0, 1], non-finite rewards, repeated request ids); returns it unchanged."""
+    _parsed(frame)
+    return frame
+
+
+def _parsed(frame: pd.DataFrame) -> dict[str, np.ndarray | None]:
+    """The checks of :func:`check_impressions`, returning the list columns as (n × k) matrices, parsed once."""
     if not isinstance(frame, pd.DataFrame):
         raise DataError(f"impression log: expected a table, got {type(frame).__name__}")
     missing = [c for c in IMPRESSION_COLUMNS if c not in frame.columns]
@@ -96,21 +102,24 @@ def check_impressions(frame: pd.DataFrame) -> pd.DataFrame:
         raise DataError(f"impression log: missing column(s) {', '.join(missing)}")
     if len(frame) == 0:
         raise DataError("impression log: no impressions")
-    slates = _list_matrix(frame["slate"], "slate", None)
-    k = slates.shape[1]
+    out: dict[str, np.ndarray | None] = {"slate": _list_matrix(frame["slate"], "slate", None), "prefix_propensity": None}
+    k = out["slate"].shape[1]  # type: ignore[union-attr]
     for name in ("position_propensity", "reward") + (("prefix_propensity",) if "prefix_propensity" in frame else ()):
         values = _list_matrix(frame[name], name, k)
         if name == "reward":
             try:
-                ok = np.isfinite(values.astype(np.float64))
+                values = values.astype(np.float64)
             except (TypeError, ValueError):
                 raise DataError("impression log: reward must be numbers") from None
+            ok = np.isfinite(values)
             if not ok.all():
                 raise DataError(f"impression log: reward must be finite; row {int(np.flatnonzero(~ok.all(axis=1))[0])}")
+            out[name] = values
         else:
-            _probabilities(values, name)
-    _probabilities(frame["slate_propensity"].to_numpy(), "slate_propensity")
-    ordered = np.sort(slates.astype(str) if slates.dtype == object else slates, axis=1)
+            out[name] = _probabilities(values, name)
+    out["slate_propensity"] = _probabilities(frame["slate_propensity"].to_numpy(), "slate_propensity")
+    slates = out["slate"]
+    ordered = np.sort(slates.astype(str) if slates.dtype == object else slates, axis=1)  # type: ignore[union-attr]
     repeated = (ordered[:, 1:] == ordered[:, :-1]).any(axis=1)
     if repeated.any():
         raise DataError(f"impression log: a slate repeats an item (row {int(np.flatnonzero(repeated)[0])})")
@@ -120,13 +129,14 @@ def check_impressions(frame: pd.DataFrame) -> pd.DataFrame:
     dup = frame["request_id"].astype(str).duplicated()
     if dup.any():
         raise DataError(f"impression log: request_id must be unique; {frame['request_id'].iloc[int(np.flatnonzero(dup)[0])]!r} repeats")
-    return frame
+    return out
 
 
 def impression_arrays(frame: pd.DataFrame, user_map: IdMap, item_map: IdMap) -> ImpressionArrays:
     """A checked log as index arrays of the given id maps; unknown users or items are refused, naming them."""
-    check_impressions(frame)
-    slates = _list_matrix(frame["slate"], "slate", None)
+    parsed = _parsed(frame)
+    slates = parsed["slate"]
+    assert slates is not None
     k = slates.shape[1]
     items = item_map.to_index(slates.ravel(), on_unknown="keep").astype(np.int64).reshape(-1, k)
     users = user_map.to_index(frame["user_id"].to_numpy(), on_unknown="keep").astype(np.int64)
@@ -138,14 +148,8 @@ def impression_arrays(frame: pd.DataFrame, user_map: IdMap, item_map: IdMap) -> 
             first = first.item() if isinstance(first, np.generic) else first
             raise DataError(f"impression log: {int(unknown.sum())} unknown {what} (e.g. {first!r} in row {row}); "
                             "the log and the data must use the same ids")
-    prefix = None
-    if "prefix_propensity" in frame:
-        prefix = _list_matrix(frame["prefix_propensity"], "prefix_propensity", k).astype(np.float64)
-    return ImpressionArrays(
-        users, items, _list_matrix(frame["position_propensity"], "position_propensity", k).astype(np.float64),
-        frame["slate_propensity"].to_numpy(dtype=np.float64), prefix,
-        _list_matrix(frame["reward"], "reward", k).astype(np.float64),
-    )
+    return ImpressionArrays(users, items, parsed["position_propensity"], parsed["slate_propensity"],  # type: ignore[arg-type]
+                            parsed["prefix_propensity"], parsed["reward"])  # type: ignore[arg-type]
 
 
 def write_impressions(frame: pd.DataFrame, path: str | os.PathLike[str]) -> Path:

@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from recforge.core.slates import Greedy
-from recforge.data.impressions import impression_arrays
+from recforge.data.impressions import ImpressionArrays, impression_arrays
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
 from recforge.interactive.policies import Policy
@@ -51,10 +51,12 @@ def target_probabilities(log: pd.DataFrame, visible: Interactions, target: Polic
     return replay(log, visible, target)[0]
 
 
-def replay(log: pd.DataFrame, visible: Interactions, target: Policy) -> tuple[SlateProbabilities, np.ndarray | None]:
+def replay(log: pd.DataFrame, visible: Interactions, target: Policy,
+           arrays: ImpressionArrays | None = None) -> tuple[SlateProbabilities, np.ndarray | None]:
     """:func:`target_probabilities`, and the slate a deterministic target would show in each logged context (None
-    for a stochastic target)."""
-    arrays = impression_arrays(log, visible.user_map, visible.item_map)
+    for a stochastic target); ``arrays``: the log's :func:`~recforge.data.impressions.impression_arrays`, when the
+    caller has them."""
+    arrays = impression_arrays(log, visible.user_map, visible.item_map) if arrays is None else arrays
     n, k = arrays.slates.shape
     if k != target.slate_size:
         raise DataError(f"the log's slates hold {k} items, the target policy shows {target.slate_size}")
@@ -101,7 +103,7 @@ def evaluate_targets(
     logged_q = None if clicks is None else clicks.predict(arrays.users, arrays.slates)
     rows = []
     for name, policy in targets.items():
-        target, own = replay(log, visible, policy.fit(visible))
+        target, own = replay(log, visible, policy.fit(visible), arrays)
         model = None
         if logged_q is not None and clicks is not None and own is not None:
             model = RewardModel(logged_q, clicks.predict(arrays.users, own).sum(axis=1))
