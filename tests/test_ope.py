@@ -178,6 +178,7 @@ def test_impression_log_round_trips_through_parquet_to_index_arrays(tmp_path: Pa
     (lambda f: f.assign(request_id=["a", "a"]), "request_id must be unique"),
     (lambda f: f.assign(slate=["100,101", "102,100"]), "slate of row 0 must be a list"),
     (lambda f: f.iloc[:0], "no impressions"),
+    (lambda f: f.assign(slate_propensity=["0.8", "0.01"]), "slate_propensity must be numbers"),
 ])
 def test_bad_logs_get_one_clear_error(change, message: str) -> None:
     with pytest.raises(DataError, match=message):

@@ -74,10 +74,10 @@ def _list_matrix(column: pd.Series, name: str, k: int | None) -> np.ndarray:
 
 
 def _probabilities(values: np.ndarray, name: str) -> np.ndarray:
-    try:
-        arr = np.asarray(values, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise DataError(f"impression log: {name} must be numbers") from None
+    arr = np.asarray(values)
+    if arr.dtype.kind not in "fiu":  # numbers only: text that reads as a number is still the wrong type
+        raise DataError(f"impression log: {name} must be numbers, got {arr.dtype}")
+    arr = arr.astype(np.float64)
     bad = ~((arr > 0) & (arr <= 1))  # NaN (missing) fails too
     if bad.any():
         row = int(np.flatnonzero(bad.reshape(len(arr), -1).any(axis=1))[0])
