@@ -7,16 +7,18 @@ Usage::
 
 Each stage reports its wall time and the process's peak resident memory so far (``ru_maxrss``). ALS: 64 factors,
 15 epochs; SASRec: 64 factors, the last 50 events, logQ-corrected sampled softmax over 512 in-batch
-negatives, or with ``--sasrec-loss softmax`` the full softmax over the catalogue (its 512 × 50 × 50k logits a step
-computed in chunks, :data:`recforge.neural.losses.SOFTMAX_CHUNK_LOGITS`), ``--sasrec-epochs`` epochs;
+negatives, or with ``--sasrec-loss softmax`` (``logq,softmax``: both) the full softmax over the catalogue (its
+512 × 50 × 50k logits a step computed in chunks, :data:`recforge.neural.losses.SOFTMAX_CHUNK_LOGITS`), ``--sasrec-epochs`` epochs;
 evaluation: full-catalogue ranking of ``--eval-users`` (10,000) sampled test users, seen items excluded.
-``--models`` picks the stages (default ``ease,als,sasrec``). Results: ``benchmarks/results/scale.json``.
+``--models`` picks the stages (default ``ease,als,sasrec``). Results: ``benchmarks/results/scale.json``, rewritten
+after every stage (a run stopped by a time limit keeps what it finished).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import time
 from pathlib import Path
@@ -38,7 +40,8 @@ def main() -> None:
     p.add_argument("--eval-users", type=int, default=10_000)
     p.add_argument("--models", default="ease,als,sasrec", help="comma-separated stages to run")
     p.add_argument("--sasrec-epochs", type=int, default=1)
-    p.add_argument("--sasrec-loss", default="logq", help="logq (512 sampled negatives) or softmax (full catalogue)")
+    p.add_argument("--sasrec-loss", default="logq",
+                   help="logq (512 sampled negatives), softmax (full catalogue) or both, comma-separated")
     p.add_argument("--out", default=str(HERE / "results" / "scale.json"))
     args = p.parse_args()
 
@@ -51,6 +54,7 @@ def main() -> None:
     from recforge.models import create_model
 
     rows = []
+    out = Path(args.out)
     device = resolve_device("auto")  # where SASRec trains ($RECFORGE_DEVICE, else CUDA when present)
     gpu = device.type == "cuda"
     print(f"device: {torch.cuda.get_device_name(device) if gpu else 'cpu'}", flush=True)
@@ -62,6 +66,10 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats(device)
         rows.append({**row, **extra})
         print(rows[-1], flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"args": vars(args), "device": str(device), "stages": rows}, indent=1))
+        os.replace(tmp, out)
 
     t = time.perf_counter()
     data = make_synthetic(args.n_users, args.n_items, args.n_interactions, n_clusters=50, seed=0)
@@ -89,18 +97,16 @@ def main() -> None:
         stage(f"ALS: evaluate {len(pick):,} users (full ranking)", t, ndcg10=round(res["ndcg@10"], 4),
               hr10=round(res["hr@10"], 4))
         del als
-    if "sasrec" in models:
+    for loss in args.sasrec_loss.split(",") if "sasrec" in models else ():
         t = time.perf_counter()
-        sas = create_model("sasrec", n_factors=64, max_len=50, batch_size=512, loss=args.sasrec_loss, n_negatives=512,
+        sas = create_model("sasrec", n_factors=64, max_len=50, batch_size=512, loss=loss.strip(), n_negatives=512,
                            epochs=args.sasrec_epochs, all_windows=False, progress=True).fit(split.train)
-        stage(f"SASRec fit (64 factors, last 50 events, {args.sasrec_loss}, {args.sasrec_epochs} epoch(s))", t)
+        stage(f"SASRec fit (64 factors, last 50 events, {loss}, {args.sasrec_epochs} epoch(s))", t)
         t = time.perf_counter()
         res = evaluate(sas, test, k=10)
-        stage(f"SASRec: evaluate {len(pick):,} users (full ranking)", t, ndcg10=round(res["ndcg@10"], 4),
+        stage(f"SASRec ({loss}): evaluate {len(pick):,} users (full ranking)", t, ndcg10=round(res["ndcg@10"], 4),
               hr10=round(res["hr@10"], 4))
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"args": vars(args), "device": str(device), "stages": rows}, indent=1))
+        del sas
 
 
 if __name__ == "__main__":
