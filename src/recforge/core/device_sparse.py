@@ -2,7 +2,8 @@
 
 The GPU twins of the numba kernels of :mod:`recforge.models.neighbors`: :func:`scaled_product_topk` computes the
 same weights and keeps the same neighbours (float64 products, the float32 values ranked with the shared tie-break);
-:class:`SparseRowScorer` scores blocks of users from their interaction rows.
+:class:`SparseRowScorer` scores blocks of users from their interaction rows, as dense products: cuSPARSE's
+sparse × dense product adds in a varying order on a GPU, so the same request could score different last bits.
 """
 
 from __future__ import annotations
@@ -80,22 +81,19 @@ def scaled_product_topk(
 
 class SparseRowScorer:
     """Scores ``X[users] · W`` on a device for blocks of users (``X``: user × item CSR; ``W``: item × item, dense
-    or CSR, moved to the device once); columns from ``n_scored`` on get ``unscored`` (items ``W`` does not know)."""
+    or CSR, moved to the device once as a dense matrix); columns from ``n_scored`` on get ``unscored`` (items ``W``
+    does not know). Each block's rows are made dense there and multiplied by one dense product, whose additions
+    come in a fixed order: a block scores the same bits every time."""
 
     def __init__(self, x: sp.csr_matrix, w: np.ndarray | sp.csr_matrix, device: torch.device, n_scored: int,
                  unscored: float) -> None:
         self.x, self.device, self.n_scored, self.unscored = x, device, n_scored, float(unscored)
         if isinstance(w, np.ndarray):
-            self.w_dense: torch.Tensor | None = torch.from_numpy(np.ascontiguousarray(w, np.float32)).to(device)
-            self.w_t = None
-        else:
-            self.w_dense, self.w_t = None, sparse_tensor(sp.csr_matrix(w.T), device)
+            self.w = torch.from_numpy(np.ascontiguousarray(w, np.float32)).to(device)
+        else:  # only the nonzeros travel
+            self.w = sparse_tensor(w, device).to_dense()
 
     def __call__(self, users: np.ndarray) -> torch.Tensor:
-        rows = self.x[users]
-        if self.w_dense is not None:
-            scores = sparse_tensor(rows, self.device) @ self.w_dense
-        else:
-            scores = (self.w_t @ torch.from_numpy(rows.T.toarray()).to(self.device)).T.contiguous()
+        scores = sparse_tensor(self.x[users], self.device).to_dense() @ self.w
         scores[:, self.n_scored :] = self.unscored
         return scores

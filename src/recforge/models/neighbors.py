@@ -308,8 +308,8 @@ class ItemItemModel(Recommender):
         return out
 
     def block_scorer(self, device: Any) -> Any:
-        """On a GPU, ``X_u · W`` is computed there (``W`` moved once; a dense ``W`` only when it takes at most a
-        quarter of the free memory); else on the CPU."""
+        """On a GPU, ``X_u · W`` is computed there when ``W``, made dense, takes at most a quarter of the free
+        memory (:class:`~recforge.core.device_sparse.SparseRowScorer`); else on the CPU."""
         if device is None:
             return self.score
         # torch is imported only once a GPU ranks (see recforge.core.accelerator)
@@ -318,7 +318,8 @@ class ItemItemModel(Recommender):
         from recforge.core.device_sparse import SparseRowScorer
 
         w = self.weights_
-        if isinstance(w, np.ndarray) and device.type == "cuda" and 4 * w.nbytes > torch.cuda.mem_get_info(device)[0]:
+        dense_bytes = 4 * w.shape[0] * w.shape[1]
+        if device.type == "cuda" and 4 * dense_bytes > torch.cuda.mem_get_info(device)[0]:
             return self.score
         return SparseRowScorer(self.X_, w, device, self.n_fitted_items_, float(UNSCORED))
 
