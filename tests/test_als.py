@@ -82,8 +82,10 @@ def test_cg_approaches_the_exact_solution() -> None:
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="no CUDA GPU"))])
-def test_the_torch_cg_takes_the_same_steps(device: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The GPU path (run here on ``device``) against the numba kernel: same warm start, same steps, an empty row."""
+@pytest.mark.parametrize("deterministic", [False, True], ids=["cusparse", "fixed-order"])
+def test_the_torch_cg_takes_the_same_steps(device: str, deterministic: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path (run here on ``device``) against the numba kernel: same warm start, same steps, an empty row;
+    with the sparse products by cuSPARSE or summed in a fixed order."""
     rng = np.random.default_rng(5)
     R = sp.random(70, 45, density=0.15, format="csr", random_state=6, dtype=np.float32)
     R.data[:] = rng.integers(1, 4, R.nnz)
@@ -96,11 +98,12 @@ def test_the_torch_cg_takes_the_same_steps(device: str, monkeypatch: pytest.Monk
         expected = start.copy()
         implicit_half_step(R, conf, expected, Y, 0.5, "cg", cg_steps=steps)
         X = torch.from_numpy(start.copy()).to(device)
-        implicit_half_step_torch(DeviceCSR(R, conf, torch.device(device)), X, torch.from_numpy(Y).to(device), 0.5, steps)
+        by_user = DeviceCSR(R, conf, torch.device(device), deterministic)
+        implicit_half_step_torch(by_user, X, torch.from_numpy(Y).to(device), 0.5, steps)
         np.testing.assert_allclose(X.cpu().numpy(), expected, atol=2e-5)
     model = ImplicitALS()
     model.reg_ = 0.5
-    by_user = DeviceCSR(R, conf, torch.device(device))
+    by_user = DeviceCSR(R, conf, torch.device(device), deterministic)
     assert model._loss_torch(by_user, torch.from_numpy(start).to(device), torch.from_numpy(Y).to(device)) \
         == pytest.approx(model._loss(R, conf, start, Y), rel=1e-5)  # the epoch's loss, computed on the device
 
@@ -152,8 +155,9 @@ def test_counts_feed_the_confidence() -> None:
 
 
 def test_thread_count_does_not_change_the_factors(planted: Interactions) -> None:
-    one = ImplicitALS(n_factors=8, epochs=3, num_threads=1, progress=False).fit(planted)
-    two = ImplicitALS(n_factors=8, epochs=3, num_threads=2, progress=False).fit(planted)
+    # the CPU kernel's rows are independent; on a GPU, deterministic=True is what repeats a run (contract suite)
+    one = ImplicitALS(n_factors=8, epochs=3, num_threads=1, progress=False, device="cpu").fit(planted)
+    two = ImplicitALS(n_factors=8, epochs=3, num_threads=2, progress=False, device="cpu").fit(planted)
     np.testing.assert_array_equal(one.user_factors_, two.user_factors_)
 
 

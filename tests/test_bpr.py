@@ -81,10 +81,11 @@ def test_loss_decreases_and_learns(planted: Interactions) -> None:
 
 
 def test_seed_controls_the_result(planted: Interactions) -> None:
-    # one thread is serial and exactly repeatable (more threads run Hogwild)
-    a = BPR(n_factors=8, epochs=3, num_threads=1, progress=False).fit(planted).item_factors_
-    b = BPR(n_factors=8, epochs=3, num_threads=1, progress=False).fit(planted).item_factors_
-    c = BPR(n_factors=8, epochs=3, seed=1, num_threads=1, progress=False).fit(planted).item_factors_
+    # the CPU kernel: one thread is serial and exactly repeatable (more threads run Hogwild)
+    params = {"n_factors": 8, "epochs": 3, "num_threads": 1, "progress": False, "device": "cpu"}
+    a = BPR(**params).fit(planted).item_factors_
+    b = BPR(**params).fit(planted).item_factors_
+    c = BPR(**params, seed=1).fit(planted).item_factors_
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, c)
 
@@ -143,15 +144,20 @@ def test_device_negatives_are_uniform_over_unseen_items_or_none(device: torch.de
     assert (sampler(torch.ones(3, dtype=torch.int64, device=device)).cpu().numpy() == -1).all()  # has every item
 
 
-def test_bpr_on_a_device_learns_as_well_as_on_the_cpu(planted: Interactions, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The GPU path (blocks of simultaneous updates; here torch on the CPU, blocks small enough that an epoch has
-    several) reaches the CPU kernel's accuracy."""
+@pytest.mark.parametrize("device", DEVICES, ids=str)
+def test_bpr_on_a_device_learns_as_well_as_on_the_cpu(planted: Interactions, device: torch.device,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path (blocks of simultaneous updates; torch on ``device``) reaches the CPU kernel's accuracy."""
     loo = S.leave_one_out(planted)
     params = {"n_factors": 16, "epochs": 30, "lr": 0.05, "progress": False}
-    cpu = ndcg_of(BPR(**params, num_threads=1), loo.train_valid, loo.test)
-    monkeypatch.setattr(bpr_module, "cuda_device", lambda device: torch.device("cpu"))
-    monkeypatch.setattr(sampled_sgd, "SGD_BLOCK", 1024)
+    cpu = ndcg_of(BPR(**params, num_threads=1, device="cpu"), loo.train_valid, loo.test)
+    monkeypatch.setattr(bpr_module, "device_for_work", lambda *args: device)
     model = BPR(**params)
     ours = ndcg_of(model, loo.train_valid, loo.test)
     assert model.loss_history_[-1] < 0.6 * model.loss_history_[0]
     assert ours > 0.9 * cpu, (ours, cpu)
+
+
+def test_an_epoch_takes_200_to_1000_blocks_of_at_most_4096_samples_between() -> None:
+    assert [sampled_sgd.block_size(n) for n in (50, 5_670, 819_200, 2_000_000, 10_000_000)] == [1, 28, 4096, 4096,
+                                                                                                   10_000]

@@ -9,6 +9,7 @@ import scipy.sparse as sp
 import torch
 
 from recforge.core import device_topk
+from recforge.core.accelerator import DEVICE_MIN_ROWS, device_for_rows, device_for_work
 from recforge.core.ranking import rank_rows
 from recforge.core.topk import mask_and_topk
 from recforge.core.vectors import normalize_rows
@@ -77,3 +78,14 @@ def test_exact_index_searches_on_a_device_as_on_the_cpu(device: torch.device, mo
     got_i, got_s = all_neighbors(index, 5)
     np.testing.assert_allclose(got_s, want_s, atol=1e-5)
     assert (got_i == want_i).mean() > 0.99 and not (got_i == np.arange(300)[:, None]).any()
+
+
+def test_auto_leaves_small_work_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RECFORGE_DEVICE", "cuda")  # even where "auto" means the GPU
+    assert device_for_work("auto", 99, 100) is None
+    assert device_for_rows(DEVICE_MIN_ROWS - 1) is None
+    monkeypatch.setenv("RECFORGE_DEVICE", "cpu")
+    assert device_for_work("auto", 10**9, 100) is None
+    assert device_for_work("cpu", 10**9, 1) is None
+    if torch.cuda.is_available():  # a device named explicitly is used at any size
+        assert device_for_work("cuda", 1, 100).type == "cuda"

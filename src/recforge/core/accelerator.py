@@ -31,7 +31,15 @@ def cuda_device(device: Any = "auto") -> Any:
     return resolved if resolved.type == "cuda" else None
 
 
+def device_for_work(device: Any, n_work: int, min_work: int) -> Any:
+    """:func:`cuda_device` for a job of ``n_work`` units, except that ``"auto"`` stays on the CPU below
+    ``min_work`` units, where a GPU costs more than it saves; a device named explicitly is used at any size."""
+    if str(device).strip().lower() == "auto" and n_work < min_work:
+        return None
+    return cuda_device(device)
+
+
 def device_for_rows(n_rows: int) -> Any:
     """The CUDA device to score and rank ``n_rows`` rows on (where ``"auto"`` resolves to a GPU, for at least
     :data:`DEVICE_MIN_ROWS` rows), or None for the CPU."""
-    return None if n_rows < DEVICE_MIN_ROWS else cuda_device("auto")
+    return device_for_work("auto", n_rows, DEVICE_MIN_ROWS)

@@ -21,7 +21,7 @@ import scipy.sparse as sp
 import torch
 from numba import njit, prange
 
-from recforge.core.device import resolve_device
+from recforge.core.device import deterministic_algorithms, resolve_device
 from recforge.core.params import Boolean, Choice, Constraint, Integer, Real, Text
 from recforge.core.progress import EpochProgress
 from recforge.core.sparse import csr_from_state, csr_to_state, merge_csr
@@ -342,10 +342,13 @@ _DOT_CHUNK = 2**22
 
 
 class DeviceCSR:
-    """A CSR pattern with a confidence per nonzero, on a torch device, for :func:`implicit_half_step_torch`."""
+    """A CSR pattern with a confidence per nonzero, on a torch device, for :func:`implicit_half_step_torch`;
+    ``deterministic``: sums in a fixed order (``index_add_`` under torch's deterministic mode) instead of cuSPARSE's
+    product, whose additions arrive in a varying order on a GPU."""
 
-    def __init__(self, R: sp.csr_matrix, conf: np.ndarray, device: torch.device) -> None:
+    def __init__(self, R: sp.csr_matrix, conf: np.ndarray, device: torch.device, deterministic: bool = False) -> None:
         self.shape = R.shape
+        self.deterministic = deterministic
         self.crow = torch.from_numpy(R.indptr.astype(np.int64)).to(device)
         self.col = torch.from_numpy(R.indices.astype(np.int64)).to(device)
         self.row = torch.repeat_interleave(torch.arange(R.shape[0], device=device), self.crow.diff())
@@ -353,6 +356,13 @@ class DeviceCSR:
 
     def weighted_sum(self, values: torch.Tensor, Y: torch.Tensor) -> torch.Tensor:
         """``Σ_i values_ui · y_i`` for every row ``u`` (a sparse × dense product)."""
+        if self.deterministic:
+            out = torch.zeros((self.shape[0], Y.shape[1]), dtype=Y.dtype, device=Y.device)
+            step = _DOT_CHUNK
+            for lo in range(0, len(values), step):
+                hi = lo + step
+                out.index_add_(0, self.row[lo:hi], values[lo:hi, None] * Y[self.col[lo:hi]])
+            return out
         with warnings.catch_warnings():  # torch calls its CSR support beta; the product used here is long-standing
             warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
             matrix = torch.sparse_csr_tensor(self.crow, self.col, values, self.shape, check_invariants=False)
@@ -416,7 +426,9 @@ class ImplicitALS(FactorModel):
     the previous factors (cheap, converges over the sweeps); ``"cholesky"`` solves each row exactly (O(k³) per row,
     for checking and small problems). Rows are independent, so any ``num_threads`` gives the same factors.
     ``device``: ``"auto"`` (``$RECFORGE_DEVICE``, else CUDA when present) runs the ``cg`` solver on a GPU with torch
-    (the same steps for all rows at once, :func:`implicit_half_step_torch`); the factors end on the CPU.
+    (the same steps for all rows at once, :func:`implicit_half_step_torch`); the factors end on the CPU. On a GPU
+    the sparse products add in a varying order, so runs agree to float32 rounding only; ``deterministic=True``
+    sums them in a fixed order instead (slower) and repeats a run bit for bit.
 
     ``confidence`` says how ``c_ui`` and ``λ`` follow from ``alpha`` and ``reg``:
 
@@ -458,6 +470,7 @@ class ImplicitALS(FactorModel):
         "solver": Choice("cg", "cholesky"),
         "cg_steps": Integer(1),
         "device": Text(),
+        "deterministic": Boolean(),
     }
 
     def __init__(
@@ -475,6 +488,7 @@ class ImplicitALS(FactorModel):
         progress: bool = True,
         num_threads: int = 0,
         device: str = "auto",
+        deterministic: bool = False,
     ) -> None:
         self.n_factors = n_factors
         self.reg = reg
@@ -489,6 +503,7 @@ class ImplicitALS(FactorModel):
         self.progress = progress
         self.num_threads = num_threads
         self.device = device
+        self.deterministic = deterministic
 
     supports_partial_fit = True
     #: The confidence multiplier, penalty and count unit the model was fitted with (see ``confidence``).
@@ -535,12 +550,14 @@ class ImplicitALS(FactorModel):
         device = resolve_device(self.device)
         with thread_limits(self.num_threads):
             if device.type == "cuda" and self.solver == "cg":  # every row's CG at once on the GPU
-                by_user, by_item = DeviceCSR(R, conf_u, device), DeviceCSR(Rt, conf_i, device)
+                by_user = DeviceCSR(R, conf_u, device, self.deterministic)
+                by_item = DeviceCSR(Rt, conf_i, device, self.deterministic)
                 Xd, Yd = torch.from_numpy(X).to(device), torch.from_numpy(Y).to(device)
-                for _ in bar:
-                    implicit_half_step_torch(by_user, Xd, Yd, self.reg_, self.cg_steps)
-                    implicit_half_step_torch(by_item, Yd, Xd, self.reg_, self.cg_steps)
-                    bar.log(self._loss_torch(by_user, Xd, Yd))
+                with deterministic_algorithms(self.deterministic):
+                    for _ in bar:
+                        implicit_half_step_torch(by_user, Xd, Yd, self.reg_, self.cg_steps)
+                        implicit_half_step_torch(by_item, Yd, Xd, self.reg_, self.cg_steps)
+                        bar.log(self._loss_torch(by_user, Xd, Yd))
                 X, Y = Xd.cpu().numpy(), Yd.cpu().numpy()
             else:
                 for _ in bar:

@@ -10,8 +10,8 @@ import numpy as np
 import scipy.sparse as sp
 from numba import njit, prange
 
-from recforge.core.accelerator import cuda_device
-from recforge.core.params import Constraint, Text
+from recforge.core.accelerator import device_for_work
+from recforge.core.params import Boolean, Constraint, Text
 from recforge.core.progress import EpochProgress
 from recforge.core.threads import thread_limits
 from recforge.data.interactions import Interactions
@@ -19,6 +19,7 @@ from recforge.models.factors import FactorModel
 from recforge.models.registry import register
 from recforge.models.sampling import (
     SAMPLED_SGD_CONSTRAINTS,
+    SGD_GPU_MIN_SAMPLES,
     epoch_streams,
     negative_pool,
     positive_pairs,
@@ -112,7 +113,8 @@ class BPR(FactorModel):
 
     ``device``: ``"auto"`` (``$RECFORGE_DEVICE``, else CUDA when present, else the CPU), ``"cpu"`` or
     ``"cuda[:N]"``: on a GPU an epoch runs in blocks of simultaneous updates with torch
-    (:mod:`recforge.neural.sampled_sgd`; as accurate on MovieLens, not bit-repeatable).
+    (:mod:`recforge.neural.sampled_sgd`; as accurate on MovieLens, bit-repeatable for a seed only with
+    ``deterministic=True``, which sums each block's updates in a fixed order, more slowly).
 
     ``partial_fit`` runs ``partial_epochs`` SGD epochs over the new (user, item) pairs only, with fresh negatives
     (new users and items start from small random factors).
@@ -145,6 +147,7 @@ class BPR(FactorModel):
         progress: bool = True,
         num_threads: int = 0,
         device: str = "auto",
+        deterministic: bool = False,
     ) -> None:
         self.n_factors = n_factors
         self.lr = lr
@@ -157,6 +160,7 @@ class BPR(FactorModel):
         self.progress = progress
         self.num_threads = num_threads
         self.device = device
+        self.deterministic = deterministic
 
     supports_partial_fit = True
     search_space: ClassVar[dict[str, dict[str, Any]]] = {
@@ -165,7 +169,8 @@ class BPR(FactorModel):
         "epochs": {"low": 20, "high": 400, "log": True, "int": True},
         "neg_sampling": {"choices": ["uniform", "popularity"]},
     }
-    param_constraints: ClassVar[dict[str, Constraint]] = {**SAMPLED_SGD_CONSTRAINTS, "device": Text()}
+    param_constraints: ClassVar[dict[str, Constraint]] = {**SAMPLED_SGD_CONSTRAINTS, "device": Text(),
+                                                                  "deterministic": Boolean()}
 
     def _fit(self, interactions: Interactions) -> None:
         seen = self.seen_  # sorted 0/1 pattern of the training pairs
@@ -193,7 +198,7 @@ class BPR(FactorModel):
         users, items = positive_pairs(pairs)
         pool = negative_pool(self.neg_sampling, seen)
         bar = EpochProgress(epochs, "BPR", enabled=self.progress)
-        device = cuda_device(self.device)
+        device = device_for_work(self.device, len(users), SGD_GPU_MIN_SAMPLES)
         if device is not None:
             return self._run_on_device(users, items, seen, pool, P, Q, bq, bar, stream, device)
         order = np.arange(len(users), dtype=np.int64)
@@ -217,6 +222,7 @@ class BPR(FactorModel):
         # torch is imported only when a GPU trains (see recforge.core.accelerator)
         import torch
 
+        from recforge.core.device import deterministic_algorithms
         from recforge.neural.sampled_sgd import NegativeSampler, bpr_epoch_torch
 
         generator = torch.Generator(device=device)
@@ -224,9 +230,11 @@ class BPR(FactorModel):
         sampler = NegativeSampler(seen, pool, device, generator)
         users_t, items_t = (torch.from_numpy(a.astype(np.int64)).to(device) for a in (users, items))
         Pt, Qt, bqt = (torch.from_numpy(a).to(device) for a in (P, Q, bq))
-        for _ in bar:
-            loss, skipped = bpr_epoch_torch(users_t, items_t, sampler, Pt, Qt, bqt, float(self.lr), float(self.reg))
-            bar.log(loss / max(1, len(users) - skipped))
+        with deterministic_algorithms(self.deterministic):
+            for _ in bar:
+                loss, skipped = bpr_epoch_torch(users_t, items_t, sampler, Pt, Qt, bqt, float(self.lr),
+                                                float(self.reg))
+                bar.log(loss / max(1, len(users) - skipped))
         P[:], Q[:], bq[:] = Pt.cpu().numpy(), Qt.cpu().numpy(), bqt.cpu().numpy()
         return bar.history
 

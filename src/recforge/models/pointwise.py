@@ -15,7 +15,7 @@ import numpy as np
 import scipy.sparse as sp
 from numba import njit, prange
 
-from recforge.core.accelerator import cuda_device
+from recforge.core.accelerator import device_for_work
 from recforge.core.params import Boolean, Choice, Constraint, Integer, Real, Text
 from recforge.core.progress import EpochProgress
 from recforge.core.threads import thread_limits
@@ -24,6 +24,7 @@ from recforge.models.factors import FactorModel
 from recforge.models.registry import register
 from recforge.models.sampling import (
     SAMPLED_SGD_CONSTRAINTS,
+    SGD_GPU_MIN_SAMPLES,
     epoch_streams,
     negative_pool,
     positive_pairs,
@@ -197,7 +198,8 @@ class PointwiseMF(FactorModel):
     Threads: ``num_threads=0`` (default: all cores) or ``> 1`` runs Hogwild (faster, not bit-repeatable);
     ``num_threads=1`` is serial and repeatable for a seed. ``device``: ``"auto"`` (``$RECFORGE_DEVICE``, else CUDA
     when present, else the CPU), ``"cpu"`` or ``"cuda[:N]"``: on a GPU an epoch runs in blocks of simultaneous
-    updates with torch (:mod:`recforge.neural.sampled_sgd`). ``partial_fit`` learns online as in a click loop: ``partial_epochs`` passes over the new
+    updates with torch (:mod:`recforge.neural.sampled_sgd`; bit-repeatable for a seed only with
+    ``deterministic=True``, which sums each block's updates in a fixed order, more slowly). ``partial_fit`` learns online as in a click loop: ``partial_epochs`` passes over the new
     positives, each with fresh negatives; the Adagrad accumulators carry over (and are saved with the model).
 
     Defaults were chosen on the leave-one-out validation event (train → valid) of ML-100K and ml-latest-small,
@@ -236,6 +238,7 @@ class PointwiseMF(FactorModel):
         progress: bool = True,
         num_threads: int = 0,
         device: str = "auto",
+        deterministic: bool = False,
     ) -> None:
         self.n_factors = n_factors
         self.epochs = epochs
@@ -256,6 +259,7 @@ class PointwiseMF(FactorModel):
         self.progress = progress
         self.num_threads = num_threads
         self.device = device
+        self.deterministic = deterministic
 
     supports_partial_fit = True
 
@@ -275,6 +279,7 @@ class PointwiseMF(FactorModel):
         "optimizer": Choice("adagrad", "sgd"),
         "reject_seen": Boolean(),
         "device": Text(),
+        "deterministic": Boolean(),
     }
 
     def _fit(self, interactions: Interactions) -> None:
@@ -307,7 +312,7 @@ class PointwiseMF(FactorModel):
         g = np.array([self.global_bias_], np.float32)
         seen = self.seen_
         bar = EpochProgress(epochs, "PointwiseMF", enabled=self.progress)
-        device = cuda_device(self.device)
+        device = device_for_work(self.device, len(users) * (1 + int(self.n_negatives)), SGD_GPU_MIN_SAMPLES)
         if device is not None:
             self._run_on_device(users, items, g, bar, stream, device, (1.0 - eps / 2, eps / 2), pos_weight, gamma)
             self.global_bias_ = float(g[0])
@@ -335,6 +340,7 @@ class PointwiseMF(FactorModel):
         # torch is imported only when a GPU trains (see recforge.core.accelerator)
         import torch
 
+        from recforge.core.device import deterministic_algorithms
         from recforge.neural.sampled_sgd import NegativeSampler, pointwise_epoch_torch
 
         generator = torch.Generator(device=device)
@@ -346,13 +352,14 @@ class PointwiseMF(FactorModel):
                         self.grad_sq_global_)
         params = tuple(torch.from_numpy(a).to(device) for a in host)
         squares = tuple(torch.from_numpy(a).to(device) for a in host_squares) if self.optimizer == "adagrad" else None
-        for _ in bar:
-            total = pointwise_epoch_torch(
-                users_t, items_t, sampler, params, squares, lr=float(self.lr), reg=float(self.reg),
-                bias_reg=float(self.bias_reg), n_negatives=int(self.n_negatives), labels=labels,
-                pos_weight=pos_weight, gamma=gamma, reject_seen=bool(self.reject_seen),
-            )  # fmt: skip
-            bar.log(total / max(1.0, len(users) * (pos_weight + self.n_negatives)))
+        with deterministic_algorithms(self.deterministic):
+            for _ in bar:
+                total = pointwise_epoch_torch(
+                    users_t, items_t, sampler, params, squares, lr=float(self.lr), reg=float(self.reg),
+                    bias_reg=float(self.bias_reg), n_negatives=int(self.n_negatives), labels=labels,
+                    pos_weight=pos_weight, gamma=gamma, reject_seen=bool(self.reject_seen),
+                )  # fmt: skip
+                bar.log(total / max(1.0, len(users) * (pos_weight + self.n_negatives)))
         for array, tensor in zip(host, params):
             array[:] = tensor.cpu().numpy()
         for array, tensor in zip(host_squares, squares or ()):
