@@ -40,7 +40,10 @@ from recforge.models import (
     get_model_class,
 )
 
-_SEQ = {"max_len": 50, "n_factors": 32, "epochs": 20, "lr": 3e-3, "batch_size": 64, "num_threads": 1, "progress": False}
+# amp off: bfloat16 on a GPU blurs what models this small learn from 300 users in 20 epochs (a new user's list fell
+# from over 40% to 30% in its cluster); mixed precision is tested in test_sequential.py and measured in benchmarks
+_SEQ = {"max_len": 50, "n_factors": 32, "epochs": 20, "lr": 3e-3, "batch_size": 64, "num_threads": 1, "progress": False,
+        "amp": False}
 FAST_PARAMS: dict[str, dict] = {
     "sasrec": _SEQ,
     "gru4rec": {**_SEQ, "hidden_size": 32, "epochs": 30, "dropout": 0.0},
@@ -204,8 +207,10 @@ class TestContract:
         assert [p.name for p in tmp_path.iterdir()] == ["artifact"]
 
     def test_deterministic_with_seed(self, name: str, planted: Interactions) -> None:
-        # repeatable for a seed and a fixed thread count; one thread, since Hogwild SGD (BPR, pointwise) is not
-        serial = {"num_threads": 1} if "num_threads" in get_model_class(name)._param_names() else {}
+        # repeatable for a seed and a fixed thread count: one thread, since Hogwild SGD (BPR, pointwise) is not, and
+        # deterministic kernels where a model trains with torch (GPU sums otherwise arrive in a varying order)
+        params = get_model_class(name)._param_names()
+        serial = {key: value for key, value in (("num_threads", 1), ("deterministic", True)) if key in params}
         a = make(name, **serial).fit(planted).score(np.arange(20))
         b = make(name, **serial).fit(planted).score(np.arange(20))
         np.testing.assert_array_equal(a, b)

@@ -43,6 +43,8 @@ from recforge.neural import distributed as D
 from recforge.neural.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
+#: Steps between two updates of the progress bar's running loss (each reads the loss from the device).
+_POSTFIX_EVERY = 50
 
 Batch = dict[str, Any]
 Callback = Callable[[dict[str, Any]], None]
@@ -207,7 +209,9 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda") if self.amp is torch.float16 else None
         self.main = D.is_main_process()
         self._best_weights: dict[str, torch.Tensor] | None = None
-        self._running = 0.0  # summed loss since the last validation row
+        # summed loss since the last history row, kept on the device: reading it after every step would make the
+        # host wait for each step to finish before queueing the next one
+        self._running: torch.Tensor | None = None
         self._n_running = 0
 
     # ------------------------------------------------------------------ helpers
@@ -260,8 +264,8 @@ class Trainer:
         return state
 
     def _train_step(self, forward: Callable[[Batch], torch.Tensor], batch: Batch, state: TrainingState,
-                    total_steps: int) -> float:
-        """One optimiser step on ``batch``; returns the loss (the mean over ranks)."""
+                    total_steps: int) -> None:
+        """One optimiser step on ``batch``; its loss is added to the running sum (checked in :meth:`_mean_loss`)."""
         cfg = self.config
         factor = self._lr_factor(state.step, total_steps)
         for group in self.optimizer.param_groups:
@@ -270,10 +274,6 @@ class Trainer:
             batch = D.shard_batch(batch, D.rank(), D.world_size())
         with self.autocast():
             loss = forward(self.to_device(batch))
-        loss_value = D.mean_across_ranks(float(loss.detach()))  # the same on every rank
-        if not math.isfinite(loss_value):
-            raise DataError(f"{cfg.desc}: the loss became {loss_value} at step {state.step}; "
-                            "lower lr or raise grad_clip")
         self.optimizer.zero_grad(set_to_none=True)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
@@ -288,18 +288,30 @@ class Trainer:
         else:
             self.optimizer.step()
         state.step += 1
-        self._running += loss_value
+        detached = loss.detach().float()
+        self._running = detached if self._running is None else self._running + detached
         self._n_running += 1
-        return loss_value
+
+    def _mean_loss(self, state: TrainingState) -> float:
+        """The mean loss since the last history row, over the ranks (0 without steps); a loss that is not finite is
+        one clear error, raised here, once per row, rather than after every step."""
+        if self._running is None:
+            return 0.0
+        value = D.mean_across_ranks(float(self._running) / self._n_running)  # the same on every rank
+        if not math.isfinite(value):
+            raise DataError(f"{self.config.desc}: the loss became {value} by step {state.step}; "
+                            "lower lr or raise grad_clip")
+        return value
 
     def _validate(self, state: TrainingState, validate: Callable[[], dict[str, float]] | None, start: float,
                   bar: Any) -> bool:
         """Append a history row (loss since the last row, validation scores), keep the best weights, call the
         callbacks; True when the validation metric improved."""
         metric = self.config.metric
-        row = {"epoch": state.epoch, "step": state.step, "loss": self._running / max(1, self._n_running),
-               "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - start}
-        self._running, self._n_running = 0.0, 0
+        loss = self._mean_loss(state)  # waits for the queued steps, so the time below counts them
+        row = {"epoch": state.epoch, "step": state.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
+               "seconds": time.perf_counter() - start}
+        self._running, self._n_running = None, 0
         improved = False
         if validate is not None:
             self.module.eval()
@@ -382,8 +394,8 @@ class Trainer:
                     continue
                 self._train_step(forward, batch, state, total_steps)
                 bar.update(1)
-                if cfg.progress and not validating:
-                    bar.set_postfix(loss=f"{self._running / self._n_running:.4f}")
+                if cfg.progress and self.main and not validating and self._n_running % _POSTFIX_EVERY == 0:
+                    bar.set_postfix(loss=f"{float(self._running) / self._n_running:.4f}")
                 if cfg.validate_every and state.step % cfg.validate_every == 0:
                     self._checkpoint(ckpt, state, start, self._validate(state, validate, start, bar))
                     if self._should_stop(state, validating):

@@ -44,7 +44,7 @@ SEQUENCE_CONSTRAINTS: dict[str, Constraint] = {
     **MODEL_TRAINER_CONSTRAINTS,
     "n_factors": Integer(1),
     "max_len": Integer(2),
-    "batch_size": Integer(1),
+    "batch_size": Integer(1, optional=True),
     "dropout": Real(0, 0.99),
     "valid_exclude_seen": Boolean(),
     "all_windows": Boolean(),
@@ -90,7 +90,8 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
     """Base class of next-item models trained by :class:`recforge.neural.Trainer`.
 
     Shared hyper-parameters (subclasses add their architecture's): ``max_len`` (events of history the model
-    sees), ``n_factors`` (embedding size), ``epochs``, ``batch_size`` (windows per step), ``lr``,
+    sees), ``n_factors`` (embedding size), ``epochs``, ``batch_size`` (windows per step; ``None``: the
+    model's :attr:`cpu_batch_size` on the CPU, :attr:`gpu_batch_size` on a GPU), ``lr``,
     ``weight_decay``, ``dropout``, ``grad_clip``, ``schedule``/``warmup_steps`` (learning-rate schedule),
     ``patience`` and ``validate_every`` (early stopping on ``valid_metric`` when ``fit`` gets ``valid``; the
     number of epochs to the best validation score is kept in ``tuned_params_``),
@@ -113,6 +114,9 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
     #: ``partial_fit`` appends new events to the users' histories (the weights stay): the next recommendation
     #: conditions on them. Items added by it are unknown to the network and rank last.
     supports_partial_fit: ClassVar[bool] = True
+    #: Windows per step when ``batch_size`` is None: on the CPU, and on a GPU, where small steps leave it idle.
+    cpu_batch_size: ClassVar[int] = 32
+    gpu_batch_size: ClassVar[int] = 32
     net_: SequenceNet
 
     def check_params(self) -> None:
@@ -169,11 +173,13 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
             if valid is not None and len(valid):
                 validate = self._validator(interactions, valid, net, trainer.device)
 
+            size = self.batch_size or (self.gpu_batch_size if trainer.device.type == "cuda" else self.cpu_batch_size)
+
             def batches(epoch: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
-                for seq in window_batches(seqs, starts, lengths, self.batch_size, rng):
+                for seq in window_batches(seqs, starts, lengths, size, rng):
                     yield {"seq": seq}
 
-            steps = math.ceil(len(starts) / self.batch_size)
+            steps = math.ceil(len(starts) / size)
             result = trainer.fit(net.loss, batches, steps, validate)
         self.net_ = net
         self._user_queries = None
