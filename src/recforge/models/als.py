@@ -358,9 +358,8 @@ class DeviceCSR:
         """``Σ_i values_ui · y_i`` for every row ``u`` (a sparse × dense product)."""
         if self.deterministic:
             out = torch.zeros((self.shape[0], Y.shape[1]), dtype=Y.dtype, device=Y.device)
-            step = _DOT_CHUNK
-            for lo in range(0, len(values), step):
-                hi = lo + step
+            for lo in range(0, len(values), _DOT_CHUNK):
+                hi = lo + _DOT_CHUNK
                 out.index_add_(0, self.row[lo:hi], values[lo:hi, None] * Y[self.col[lo:hi]])
             return out
         with warnings.catch_warnings():  # torch calls its CSR support beta; the product used here is long-standing

@@ -15,7 +15,6 @@ from recforge.core.params import Boolean, Choice, Constraint, Integer, Real
 from recforge.core.rng import rand_below, seed_states, shuffle_in_place
 
 _MAX_TRIES = 64  # negative draws per sample before giving up (a user who has nearly every item)
-#: The parameters the sampled-negative SGD models share.
 #: Samples per epoch from which ``device="auto"`` trains BPR and the pointwise model on a GPU. Below it the GPU's
 #: blocks are small and launching them dominates: on one H200 a BPR trial on ml-latest-small (100,836 pairs, up to
 #: 400 epochs) took 20-65 s in blocks of 504 samples and 3-26 s in blocks of 4,096, where the CPU kernel fits the
@@ -23,6 +22,7 @@ _MAX_TRIES = 64  # negative draws per sample before giving up (a user who has ne
 #: GPU starts to win on a many-core CPU is not measured yet. ``device="cuda"`` uses the GPU at any size.
 SGD_GPU_MIN_SAMPLES = 5_000_000
 
+#: The parameters the sampled-negative SGD models share.
 SAMPLED_SGD_CONSTRAINTS: dict[str, Constraint] = {
     "n_factors": Integer(1),
     "epochs": Integer(0),
