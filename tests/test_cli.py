@@ -245,9 +245,10 @@ def test_ope_estimates_targets_from_a_simulated_log(tmp_path: Path) -> None:
         return run("ope", str(log), *args, "--sizes", "100", "--train-users", "20", "--test-users", "30", "--quiet",
                    "--out", str(tmp_path / out))
 
-    table = ope("--policies", "greedy-static,pop")
+    table = ope("--policies", "greedy-static,pop,linucb")
     assert table.returncode == 0, table.stderr
     assert "| greedy-static | iips |" in table.stdout and "100 impressions" in table.stdout
+    assert "| linucb | iips |" in table.stdout  # trained one episode, then frozen
     saved = pd.read_csv(tmp_path / "ope" / "ope.csv")
     assert set(saved["estimator"]) == {"ips", "snips", "iips", "rips"} and (tmp_path / "ope" / "ope.png").exists()
     dr = ope("--policies", "greedy-static", "--estimators", "dm,dr", "--reward-model", "pop", out="ope-dr")

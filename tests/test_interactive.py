@@ -12,6 +12,7 @@ from recforge.data.impressions import check_impressions
 from recforge.errors import DataError, UnknownNameError, UnsupportedError
 from recforge.interactive import (
     ExploringPolicy,
+    FrozenPolicy,
     ImpressionRecorder,
     Policy,
     SlateEnvironment,
@@ -160,6 +161,26 @@ def test_snapshot_restore_brings_back_the_starting_weights(envs) -> None:
     policy.restore(start)
     np.testing.assert_array_equal(policy.cov_, start["cov_"])
     np.testing.assert_array_equal(policy.b_, start["b_"])
+
+
+def test_a_frozen_policy_acts_as_trained_and_learns_nothing_more(envs) -> None:
+    """LinUCB trained one episode, frozen: the same slates as the trained policy, unchanged by an episode of
+    feedback (its posterior stays), while it still never repeats an item within the episode."""
+    trained = create_policy("linucb").fit(envs.visible)
+    play_episode(trained, envs.train)
+    frozen = FrozenPolicy(trained).fit(envs.visible)
+    assert frozen.policy is trained and not frozen.learns and frozen.name == "linucb-frozen"
+    cov = trained.cov_.copy()
+    users = envs.test.users[:30]
+    first = frozen.act(users)
+    play_episode(frozen, envs.test)
+    np.testing.assert_array_equal(trained.cov_, cov)
+    frozen.start_episode()
+    np.testing.assert_array_equal(frozen.act(users), first)
+    frozen.update(users, first, np.full(len(users), -1))
+    assert not (frozen.act(users)[:, :, None] == first[:, None, :]).any()  # shown items are not shown again
+    with pytest.raises(UnsupportedError, match="not deterministic"):
+        FrozenPolicy(create_policy("thompson"))
 
 
 def test_harness_writes_notebook_style_outputs(envs, tmp_path) -> None:

@@ -16,7 +16,6 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -1030,9 +1029,11 @@ def ope_cmd(
     time_col: TimeColOpt = None,
     sep: SepOpt = None,
     policies: Annotated[
-        str, typer.Option(help="Comma-separated target policies to estimate (static ones: greedy-static, pop, "
-                          "sequential, oracle, random; learning ones would learn from the logged clicks).")
+        str, typer.Option(help="Comma-separated target policies to estimate (greedy-static, pop, sequential, oracle, "
+                          "random; learning ones such as linucb are frozen after --train-episodes).")
     ] = "greedy-static,pop,random",
+    train_episodes: Annotated[int, typer.Option(min=0, help="Episodes a learning target (linucb, greedy) trains on the "
+                                                "simulator's training users before it is frozen and estimated.")] = 1,
     assignments: Annotated[
         list[str] | None, typer.Option("--set", help="Policy parameter as policy.name=value; repeatable.")
     ] = None,
@@ -1056,7 +1057,7 @@ def ope_cmd(
 
     from recforge.data.impressions import read_impressions
     from recforge.data.io import atomic_path, write_table
-    from recforge.interactive import make_environments
+    from recforge.interactive import FrozenPolicy, make_environments, play_episode
     from recforge.interactive.harness import markdown_table
     from recforge.models import get_model_class
     from recforge.ope import ESTIMATORS
@@ -1080,10 +1081,12 @@ def ope_cmd(
     data = _load(dataset, _columns(user_col, item_col, rating_col, time_col, sep))
     envs = make_environments(data, n_train_users=train_users, n_test_users=test_users, seed=seed)
 
-    def maker(name: str, params: dict) -> Callable[[], Any]:
-        return lambda: _make_policy(name, params, envs)
-
-    targets = {label: maker(name, params) for label, name, params, _ in plan}
+    targets = {}
+    for label, name, params, _ in plan:
+        policy = _make_policy(name, params, envs).fit(envs.visible)
+        for e in range(train_episodes if policy.learns else 0):
+            play_episode(policy, envs.train, not quiet, f"{label} train {e + 1}/{train_episodes}")
+        targets[label] = FrozenPolicy(policy).fit(envs.visible) if policy.learns else policy
     model = None
     if reward_model is not None:
         cls = get_model_class(reward_model)

@@ -14,6 +14,7 @@ from recforge.interactive.impression_log import ImpressionRecorder
 from recforge.interactive.policies import (
     POLICIES,
     ExploringPolicy,
+    FrozenPolicy,
     MixturePolicy,
     Policy,
     create_policy,
@@ -28,6 +29,7 @@ __all__ = [
     "Environments",
     "EpisodeResult",
     "ExploringPolicy",
+    "FrozenPolicy",
     "ImpressionRecorder",
     "MixturePolicy",
     "Policy",

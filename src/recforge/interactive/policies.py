@@ -182,12 +182,17 @@ class Policy:
     # ------------------------------------------------------------------ feedback
     def update(self, users: np.ndarray, slates: np.ndarray, clicked: np.ndarray) -> None:
         """Record what was shown and clicked; learning policies also learn from it."""
+        self.record(users, slates, clicked)
+        if self.learns:
+            self._learn(np.asarray(users), np.asarray(slates), np.asarray(clicked))
+
+    def record(self, users: np.ndarray, slates: np.ndarray, clicked: np.ndarray) -> None:
+        """Note what this episode showed and what was clicked (never shown again; a sequential policy's history),
+        without learning."""
         for u, slate, c in zip(users, slates, clicked):
             self.shown_.setdefault(int(u), []).extend(int(i) for i in slate)
             if c >= 0:
                 self.clicked_.setdefault(int(u), []).append(int(c))
-        if self.learns:
-            self._learn(np.asarray(users), np.asarray(slates), np.asarray(clicked))
 
     def _learn(self, users: np.ndarray, slates: np.ndarray, clicked: np.ndarray) -> None:
         """Learn from one round of feedback (learning policies)."""
@@ -249,9 +254,10 @@ class PopularPolicy(Policy):
 
 
 class _ModelPolicy(Policy):
-    """A recforge model fitted on the visible history; with ``learn`` it folds every round's clicks in."""
+    """A recforge model fitted on the visible history; with ``learn`` it folds every round's clicks in. ``model``
+    is a registered name, or a model already fitted on data with the visible data's id maps (used as it is)."""
 
-    def __init__(self, model: str = "als", params: dict[str, Any] | None = None, learn: bool = True,
+    def __init__(self, model: str | Recommender = "als", params: dict[str, Any] | None = None, learn: bool = True,
                  click_weight: float = 1.0, slate_size: int = 5, seed: int = 0) -> None:
         super().__init__(slate_size, seed)
         self.model = model
@@ -268,10 +274,17 @@ class _ModelPolicy(Policy):
         return not self.learn
 
     def _fit(self, visible: Interactions) -> None:
-        params = dict(self.params or {})
-        if "progress" in get_model_class(self.model)._param_names():
-            params.setdefault("progress", False)
-        self.model_: Recommender = create_model(self.model, **params).fit(visible)
+        if isinstance(self.model, Recommender):
+            fitted = getattr(self.model, "item_map_", None)
+            if fitted is None or fitted != visible.item_map or self.model.user_map_ != visible.user_map:
+                raise DataError(f"policy {self.name!r}: the given model must be fitted on data with the visible "
+                                "data's user and item id maps")
+            self.model_: Recommender = self.model
+        else:
+            params = dict(self.params or {})
+            if "progress" in get_model_class(self.model)._param_names():
+                params.setdefault("progress", False)
+            self.model_ = create_model(self.model, **params).fit(visible)
         if self.learn and not self.model_.supports_partial_fit:
             raise DataError(f"policy {self.name!r} with learn=True needs a model with partial_fit; {self.model!r} has none")
 
@@ -580,6 +593,49 @@ class ExploringPolicy(Policy):
 
     def update(self, users: np.ndarray, slates: np.ndarray, clicked: np.ndarray) -> None:
         self.policy.update(users, slates, clicked)
+
+
+class FrozenPolicy(Policy):
+    """A learning policy stopped in its current state (LinUCB after its training episodes): it acts as the wrapped
+    policy does and still notes what each episode showed and clicked, but learns nothing more — a static target
+    that off-policy evaluation can replay over a log. Fitting fits the wrapped policy only if it is not fitted."""
+
+    learns = False
+
+    def __init__(self, policy: Policy) -> None:
+        if not (policy.known_probabilities and isinstance(policy.sampler(), Greedy)):
+            raise UnsupportedError(f"policy {policy.name!r} is not deterministic; only a deterministic policy can be "
+                                   "frozen into a static target")
+        super().__init__(policy.slate_size, policy.seed)
+        self.policy = policy
+
+    @property
+    def name(self) -> str:  # type: ignore[override]
+        return f"{self.policy.name}-frozen"
+
+    def _fit(self, visible: Interactions) -> None:
+        if getattr(self.policy, "visible_", None) is not visible:
+            self.policy.fit(visible)
+
+    def start_episode(self) -> None:
+        super().start_episode()
+        if hasattr(self, "policy"):
+            self.policy.start_episode()
+
+    def snapshot(self) -> dict[str, Any]:
+        return {"policy": self.policy.snapshot()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.policy.restore(state["policy"])
+
+    def act(self, users: np.ndarray) -> np.ndarray:
+        return self.policy.act(users)
+
+    def _exclusions(self, users: np.ndarray) -> sp.csr_matrix:
+        return self.policy._exclusions(users)
+
+    def update(self, users: np.ndarray, slates: np.ndarray, clicked: np.ndarray) -> None:
+        self.policy.record(users, slates, clicked)
 
 
 class MixturePolicy(Policy):

@@ -88,7 +88,8 @@ def evaluate_targets(
     reward_model: Recommender | None = None,
 ) -> pd.DataFrame:
     """One row per (target, estimator): the estimated value (expected clicks per slate) and its 95% interval,
-    from the log and the targets replayed over it (each fitted on ``visible``). ``reward_model`` (a recforge model
+    from the log and the targets replayed over it (each already fitted on ``visible``; a learning target should be
+    frozen, :class:`~recforge.interactive.policies.FrozenPolicy`). ``reward_model`` (a recforge model
     fitted on ``visible``, calibrated to the log by :class:`~recforge.ope.reward.ClickModel`) serves the direct
     method and its doubly robust variants, for deterministic targets. Where the log cannot support an estimate
     (e.g. SNIPS when the target gives every logged slate probability 0) the value is NaN and ``note`` says why."""
@@ -103,7 +104,7 @@ def evaluate_targets(
     logged_q = None if clicks is None else clicks.predict(arrays.users, arrays.slates)
     rows = []
     for name, policy in targets.items():
-        target, own = replay(log, visible, policy.fit(visible), arrays)
+        target, own = replay(log, visible, policy, arrays)
         model = None
         if logged_q is not None and clicks is not None and own is not None:
             model = RewardModel(logged_q, clicks.predict(arrays.users, own).sum(axis=1))

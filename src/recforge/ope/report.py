@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ def log_sizes(n: int, sizes: Sequence[int] = LOG_SIZES) -> list[int]:
 def estimates_by_log_size(
     log: pd.DataFrame,
     visible: Interactions,
-    targets: Mapping[str, Callable[[], Policy]],
+    targets: Mapping[str, Policy],
     estimators: Sequence[str],
     sizes: Sequence[int] = LOG_SIZES,
     n_boot: int = 1000,
@@ -37,12 +37,11 @@ def estimates_by_log_size(
     reward_model: Recommender | None = None,
 ) -> pd.DataFrame:
     """:func:`~recforge.ope.replay.evaluate_targets` on the first ``size`` impressions (by time) of the log, for
-    every size of :func:`log_sizes`; ``targets`` make a fresh, unfitted policy each (one per size)."""
+    every size of :func:`log_sizes`; ``targets`` are fitted (replaying restarts them at every session)."""
     ordered = log.sort_values("timestamp", kind="stable").reset_index(drop=True)
     parts = []
     for size in log_sizes(len(ordered), sizes):
-        fresh = {name: make() for name, make in targets.items()}
-        parts.append(evaluate_targets(ordered.iloc[:size], visible, fresh, estimators, n_boot=n_boot, seed=seed,
+        parts.append(evaluate_targets(ordered.iloc[:size], visible, targets, estimators, n_boot=n_boot, seed=seed,
                                       reward_model=reward_model))
     return pd.concat(parts, ignore_index=True)
 
