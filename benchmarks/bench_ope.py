@@ -1,21 +1,27 @@
-"""Off-policy estimates against the simulator's truth: bias, RMSE, interval coverage and target order.
+"""Off-policy estimates against the simulator's truth: bias, RMSE, interval coverage, target order, and a policy
+learned from the log.
 
-For every seed: build the simulator on the dataset, log the test episodes of an ε-greedy static ALS (recforge's
-``ExploringPolicy``; ``--logger mix``: ALS or popularity's slate, ``MixturePolicy``) until the largest log size is reached, while the simulator's choice model gives every target
-policy's exact expected clicks in each logged context (the *contextual truth*, what an estimate from this log
-targets); play every target online in the same simulator for its *online truth* (test episodes' click-through
-rate); then estimate each target from the first N logged impressions with each estimator.
+For every seed: build the simulator on the dataset; fit the targets (static ALS, LinUCB trained one episode then
+frozen, popularity, static EASE, random; ``--targets``); log the test episodes of an ε-greedy static ALS
+(``ExploringPolicy``; ``--logger mix``: ALS's slate with probability 1 − ε, else the slate of one of the other
+deterministic targets, ``MixturePolicy``) until the largest log size is reached, while the simulator's choice
+model gives every target's exact expected clicks in each logged context (the *contextual truth*); measure every
+target's *online truth* (with one slate per visit, ``--horizon 1``, exactly: the expected clicks of its slate for
+every test user in a fresh session; otherwise by playing ``--online-episodes`` test episodes); then estimate each
+target from the first N logged impressions with each estimator. ``--learn`` also refits ALS on the first half of
+the log's clicks weighted by inverse propensity (``recforge.ope.learn_from_log``), estimates its greedy policy
+on the second half and measures it online beside the logger.
 
 Usage::
 
-    python benchmarks/bench_ope.py                             # ml-latest-small, 5 seeds, 1k and 10k impressions
-    python benchmarks/bench_ope.py --seeds 20 --sizes 1000,10000,100000 --behaviour fixed
+    python benchmarks/bench_ope.py                                    # ml-latest-small, 5 seeds, 1k and 10k
+    python benchmarks/bench_ope.py --seeds 20 --sizes 1000,10000,100000 --horizon 1 --learn   # the issue's setting
     python benchmarks/bench_ope.py --data ../shared/data/ml-100k
 
-``--behaviour fixed`` makes every session last ``--horizon`` slates whatever is shown (no leaving after misses), so
-the contexts a logger meets are those a target meets online; the default behaviour lets users leave after three
-slates without a click, which makes the two truths differ. Prints one markdown table per truth and writes
-``benchmarks/results/ope.json``.
+``--behaviour fixed`` makes every session last ``--horizon`` slates whatever is shown (no leaving after misses);
+the default behaviour lets users leave after three slates without a click. ``--horizon 1`` implies one slate per
+session (a contextual bandit: the setting off-policy estimators are defined for). Prints markdown tables and
+writes ``benchmarks/results/ope.json``.
 """
 
 from __future__ import annotations
@@ -33,67 +39,118 @@ import recforge.datasets as rd
 from recforge.core.slates import EpsilonGreedy
 from recforge.data.datasets.movielens import load_movielens
 from recforge.interactive import (
+    Environments,
     ExploringPolicy,
+    FrozenPolicy,
     ImpressionRecorder,
     MixturePolicy,
     Policy,
     UserBehaviour,
     create_policy,
     make_environments,
+    play_episode,
     simulate,
 )
 from recforge.interactive.impression_log import log_episodes
-from recforge.ope import evaluate_targets
+from recforge.models import create_model
+from recforge.ope import evaluate_targets, learn_from_log
 
 HERE = Path(__file__).resolve().parent
-TARGETS = ("als", "pop", "random")
 
 
-def make_target(name: str, seed: int) -> Policy:
-    """A fresh, unfitted target policy (static)."""
-    return {"als": lambda: create_policy("greedy", learn=False, seed=seed), "pop": lambda: create_policy("pop", seed=seed),
-            "random": lambda: create_policy("random", seed=seed)}[name]()
+def make_target(name: str, envs: Environments, seed: int) -> Policy:
+    """A fitted, static target policy (LinUCB: trained one episode on the training users, then frozen)."""
+    if name == "linucb":
+        policy = create_policy("linucb", seed=seed).fit(envs.visible)
+        play_episode(policy, envs.train)
+        return FrozenPolicy(policy).fit(envs.visible)
+    if name == "sasrec":
+        return create_policy("sequential", params={"epochs": 5}, seed=seed).fit(envs.visible)
+    if name == "oracle":
+        return create_policy("oracle", truth=envs.truth, seed=seed).fit(envs.visible)
+    if name in ("als", "ease"):
+        return create_policy("greedy", model=name, learn=False, seed=seed).fit(envs.visible)
+    return create_policy(name, seed=seed).fit(envs.visible)
 
 
-def one_seed(data, seed: int, args: argparse.Namespace) -> list[dict]:  # type: ignore[no-untyped-def]
-    """Log, the two truths and every estimate of one seed (one row per estimator × target × log size)."""
-    behaviour = UserBehaviour() if args.behaviour == "default" else UserBehaviour(horizon=args.horizon,
-                                                                                 patience=args.horizon)
-    envs = make_environments(data, seed=seed, behaviour=behaviour)
+def online_truth(policy: Policy, envs: Environments, args: argparse.Namespace) -> float:
+    """A target's click-through rate online: exact for one slate per visit (mean over test users of its slate's
+    expected clicks in a fresh session; random: over ``--online-episodes`` draws), else played."""
+    if args.horizon != 1:
+        result = simulate(policy, envs, train_episodes=0, test_episodes=args.online_episodes, progress=False)
+        return float(np.mean([e.ctr for e in result.test]))
+    env = envs.test
+    env.reset()
+    draws = args.online_episodes if policy.name == "random" else 1
+    values = []
+    for _ in range(draws):
+        policy.start_episode()
+        values.append(1 - env.click_probabilities(env.users, policy.act(env.users))[:, 0])
+    env.episode = -1
+    env.reset()
+    return float(np.mean(values))
+
+
+def make_logger(targets: dict[str, Policy], behaviour: UserBehaviour, args: argparse.Namespace, seed: int) -> Policy:
+    """ε-greedy static ALS, or a mixture of ALS (1 − ε) and the other deterministic targets (ε split evenly)."""
+    als = create_policy("greedy", learn=False, seed=seed)
     if args.logger == "epsilon":
-        logger: Policy = ExploringPolicy(make_target("als", seed), EpsilonGreedy(behaviour.slate_size, args.epsilon))
-    else:  # ALS with probability 1 - ε, popularity with ε
-        logger = MixturePolicy([make_target("als", seed), make_target("pop", seed)], [1 - args.epsilon, args.epsilon])
-    logger.fit(envs.visible)
-    # random's shadow draws one slate per context: an unbiased sample of a random slate's expected clicks
-    shadows = {name: make_target(name, seed).fit(envs.visible) for name in TARGETS}
-    recorder = ImpressionRecorder(envs.visible.user_map, envs.visible.item_map, f"seed {seed}")
-    contextual: dict[str, list[np.ndarray]] = {name: [] for name in shadows}
+        return ExploringPolicy(als, EpsilonGreedy(behaviour.slate_size, args.epsilon))
+    others = [p for name, p in targets.items() if name not in ("als", "random")]
+    return MixturePolicy([als, *others], [1 - args.epsilon] + [args.epsilon / len(others)] * len(others))
+
+
+def one_seed(data, seed: int, args: argparse.Namespace) -> tuple[list[dict], dict]:  # type: ignore[no-untyped-def]
+    """Log, the two truths and every estimate of one seed (one row per estimator × target × log size), and the
+    learner's results."""
+    behaviour = (UserBehaviour(horizon=args.horizon, patience=args.horizon)
+                 if args.behaviour == "fixed" or args.horizon == 1 else UserBehaviour())
+    envs = make_environments(data, seed=seed, behaviour=behaviour)
     start = time.perf_counter()
-    while len(recorder) < max(args.sizes):
-        for name, values in log_episodes(logger, envs.test, 1, recorder, shadows).items():
+    targets = {name: make_target(name, envs, seed) for name in args.targets}
+    fit_seconds = time.perf_counter() - start
+    logger = make_logger(targets, behaviour, args, seed).fit(envs.visible)
+    size = max(args.sizes)
+    # logging speed alone, then the log with every target's contextual truth beside it
+    recorder = ImpressionRecorder(envs.visible.user_map, envs.visible.item_map, f"seed {seed}")
+    start = time.perf_counter()
+    while len(recorder) < size:
+        log_episodes(logger, envs.test, 1, recorder)
+    log_rate = len(recorder) / (time.perf_counter() - start)
+    recorder = ImpressionRecorder(envs.visible.user_map, envs.visible.item_map, f"seed {seed}")
+    contextual: dict[str, list[np.ndarray]] = {name: [] for name in targets}
+    while len(recorder) < size:
+        for name, values in log_episodes(logger, envs.test, 1, recorder, targets).items():
             contextual[name].append(values)
-    log_seconds = time.perf_counter() - start
     truth_ctx = {name: np.concatenate(parts) for name, parts in contextual.items()}
-    online = {}
-    for name in TARGETS:
-        result = simulate(make_target(name, seed), envs, train_episodes=0, test_episodes=args.online_episodes,
-                          progress=False)
-        online[name] = float(np.mean([e.ctr for e in result.test]))
+    online = {name: online_truth(policy, envs, args) for name, policy in targets.items()}
+    online["logger"] = online_truth(logger, envs, args) if args.logger == "mix" or args.horizon != 1 else (
+        (1 - args.epsilon) * online["als"] + args.epsilon * online.get("random", np.nan))
     log = recorder.frame().sort_values("timestamp", kind="stable").reset_index(drop=True)
+    model = None if args.reward_model is None else create_model(args.reward_model, progress=False).fit(envs.visible)
     rows = []
-    for size in args.sizes:
-        part = log.iloc[:size]
+    for n in args.sizes:
         start = time.perf_counter()
-        table = evaluate_targets(part, envs.visible, {name: make_target(name, seed) for name in TARGETS},
-                                 args.estimators, n_boot=args.n_boot, seed=seed)
+        table = evaluate_targets(log.iloc[:n], envs.visible, targets, args.estimators, n_boot=args.n_boot, seed=seed,
+                                 reward_model=model)
         seconds = time.perf_counter() - start
         for rec in table.to_dict("records"):
-            ctx = truth_ctx[rec["target"]]
-            rows.append({**rec, "seed": seed, "size": size, "online": online[rec["target"]],
-                         "contextual": float(ctx[:size].mean()),
-                         "ope seconds": seconds, "log steps/s": len(log) / log_seconds})
-    return rows
+            rows.append({**rec, "seed": seed, "size": n, "online": online[rec["target"]],
+                         "contextual": float(truth_ctx[rec["target"]][:n].mean()), "ope seconds": seconds,
+                         "fit seconds": fit_seconds, "log steps/s": log_rate})
+    learned: dict = {}
+    if args.learn:
+        half = len(log) // 2
+        start = time.perf_counter()
+        policy = learn_from_log(log.iloc[:half], envs.visible, seed=seed)
+        learned = {"seed": seed, "learn seconds": time.perf_counter() - start, "online learned": online_truth(policy, envs, args),
+                   "online logger": online["logger"], "online als": online["als"]}
+        table = evaluate_targets(log.iloc[half:], envs.visible, {"learned": policy}, args.estimators,
+                                 n_boot=args.n_boot, seed=seed, reward_model=model)
+        for rec in table.to_dict("records"):
+            learned[rec["estimator"]] = rec["value"]
+            learned[rec["estimator"] + " ci"] = (rec["ci_low"], rec["ci_high"])
+    return rows, learned
 
 
 def summarise(frame: pd.DataFrame, truth: str) -> pd.DataFrame:
@@ -109,6 +166,7 @@ def summarise(frame: pd.DataFrame, truth: str) -> pd.DataFrame:
                     "rel. bias": float(rel.mean()) if ok.any() else np.nan,
                     "rel. RMSE": float(np.sqrt((rel**2).mean())) if ok.any() else np.nan,
                     "coverage": float(((g["ci_low"] <= g[truth]) & (g[truth] <= g["ci_high"]))[ok].mean()) if ok.any() else np.nan,
+                    "within 5%": float((np.abs(rel) <= 0.05).mean()) if ok.any() else np.nan,
                     "no estimate": int((~ok).sum())})
     return pd.DataFrame(out)
 
@@ -121,7 +179,8 @@ def kendall(frame: pd.DataFrame) -> pd.DataFrame:
         for _, s in g.groupby("seed"):
             if s["value"].notna().all():
                 taus.append(stats.kendalltau(s["value"], s["online"]).statistic)
-        out.append({"estimator": estimator, "size": size, "kendall tau": float(np.nanmean(taus)) if taus else np.nan})
+        out.append({"estimator": estimator, "size": size, "kendall tau": float(np.nanmean(taus)) if taus else np.nan,
+                    "true order": float(np.mean(np.isclose(taus, 1.0))) if taus else np.nan})
     return pd.DataFrame(out)
 
 
@@ -141,32 +200,51 @@ def main() -> None:
     p.add_argument("--sizes", default="1000,10000")
     p.add_argument("--epsilon", type=float, default=0.2)
     p.add_argument("--logger", choices=["epsilon", "mix"], default="epsilon",
-                   help="epsilon: ALS, a uniformly random slate with probability ε; mix: ALS or popularity (ε)")
+                   help="epsilon: ALS, a uniformly random slate with probability ε; mix: ALS, or with probability ε "
+                        "another deterministic target's slate")
+    p.add_argument("--targets", default="als,linucb,pop,ease,random",
+                   help="comma-separated: als, linucb, pop, ease, random, oracle, sasrec")
+    p.add_argument("--reward-model", default=None, help="a recforge model for dm, dr and switch (e.g. als)")
+    p.add_argument("--learn", action="store_true", help="also learn a policy from the log's first half")
     p.add_argument("--estimators", default="ips,snips,iips,rips")
     p.add_argument("--behaviour", choices=["default", "fixed"], default="default")
     p.add_argument("--horizon", type=int, default=10)
-    p.add_argument("--online-episodes", type=int, default=3)
+    p.add_argument("--online-episodes", type=int, default=20)
     p.add_argument("--n-boot", type=int, default=300)
     p.add_argument("--out", default=str(HERE / "results" / "ope.json"))
     args = p.parse_args()
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.estimators = [e.strip() for e in args.estimators.split(",")]
+    args.targets = [t.strip() for t in args.targets.split(",")]
 
     data = rd.load("ml-latest-small") if args.data is None else load_movielens(args.data)
-    rows = []
+    rows, learned = [], []
     for seed in range(args.seeds):
-        rows += one_seed(data, seed, args)
-        print(f"seed {seed}: logged at {rows[-1]['log steps/s']:,.0f} steps/s, OPE of {len(TARGETS)} targets on "
-              f"{max(args.sizes):,} impressions in {rows[-1]['ope seconds']:.1f} s", flush=True)
+        part, learn = one_seed(data, seed, args)
+        rows += part
+        learned += [learn] if learn else []
+        last = part[-1]
+        print(f"seed {seed}: logged at {last['log steps/s']:,.0f} steps/s, OPE of {len(args.targets)} targets on "
+              f"{max(args.sizes):,} impressions in {last['ope seconds']:.1f} s (targets fitted in "
+              f"{last['fit seconds']:.1f} s)", flush=True)
     frame = pd.DataFrame(rows)
+    setting = (f"{'one slate per visit' if args.horizon == 1 else args.behaviour + ' behaviour'}, {args.logger} "
+               f"logger, ε = {args.epsilon}, {args.seeds} seeds")
     for truth in ("contextual", "online"):
-        print(f"\n## against the {truth} truth ({args.behaviour} behaviour, {args.logger} logger, ε = {args.epsilon}, "
-              f"{args.seeds} seeds)\n")
+        print(f"\n## against the {truth} truth ({setting})\n")
         print(markdown(summarise(frame, truth)))
+    if learned:
+        table = pd.DataFrame(learned)
+        print(f"\n## a policy learned from the log's first half ({setting})\n")
+        cols = ["online learned", "online als", "online logger", *[e for e in args.estimators if e in table]]
+        print(markdown(table[cols].mean().to_frame("mean over seeds").T.reset_index(drop=True)))
+        beats = (table["online learned"] > table["online logger"]).mean()
+        print(f"\nlearned beats the logger online in {beats:.0%} of seeds, ALS in "
+              f"{(table['online learned'] > table['online als']).mean():.0%}")
     print("\n## order of the targets (online truth)\n")
     print(markdown(kendall(frame)))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"settings": {k: v for k, v in vars(args).items()}, "rows": rows}, indent=1,
+    Path(args.out).write_text(json.dumps({"settings": {k: v for k, v in vars(args).items()}, "rows": rows, "learned": learned}, indent=1,
                                          default=float))
     print(f"\nsaved {args.out}")
 

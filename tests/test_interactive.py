@@ -168,11 +168,14 @@ def test_a_frozen_policy_acts_as_trained_and_learns_nothing_more(envs) -> None:
     feedback (its posterior stays), while it still never repeats an item within the episode."""
     trained = create_policy("linucb").fit(envs.visible)
     play_episode(trained, envs.train)
+    users = envs.test.users[:30]
+    trained.start_episode()
+    expected = trained.act(users)
     frozen = FrozenPolicy(trained).fit(envs.visible)
     assert frozen.policy is trained and not frozen.learns and frozen.name == "linucb-frozen"
     cov = trained.cov_.copy()
-    users = envs.test.users[:30]
     first = frozen.act(users)
+    np.testing.assert_array_equal(first, expected)
     play_episode(frozen, envs.test)
     np.testing.assert_array_equal(trained.cov_, cov)
     frozen.start_episode()

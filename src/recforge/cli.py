@@ -1086,7 +1086,9 @@ def ope_cmd(
         policy = _make_policy(name, params, envs).fit(envs.visible)
         for e in range(train_episodes if policy.learns else 0):
             play_episode(policy, envs.train, not quiet, f"{label} train {e + 1}/{train_episodes}")
-        targets[label] = FrozenPolicy(policy).fit(envs.visible) if policy.learns else policy
+        # a sequential policy's weights never change: what it "learns" is the history it is replayed with
+        frozen = policy.learns and name != "sequential"
+        targets[label] = FrozenPolicy(policy).fit(envs.visible) if frozen else policy
     model = None
     if reward_model is not None:
         cls = get_model_class(reward_model)

@@ -596,11 +596,14 @@ class ExploringPolicy(Policy):
 
 
 class FrozenPolicy(Policy):
-    """A learning policy stopped in its current state (LinUCB after its training episodes): it acts as the wrapped
-    policy does and still notes what each episode showed and clicked, but learns nothing more — a static target
-    that off-policy evaluation can replay over a log. Fitting fits the wrapped policy only if it is not fitted."""
+    """A learning policy stopped in its current state (LinUCB after its training episodes): each user's items are
+    ranked once, by the wrapped policy's scores as they stand (its posterior, weights or model, the visible history
+    only), and every slate takes the best not yet shown this episode — a static target that off-policy evaluation
+    can replay over a log. Fitting fits the wrapped policy only if it is not fitted on the same data. A frozen
+    sequential policy no longer conditions on this episode's clicks either."""
 
     learns = False
+    static_scores = True
 
     def __init__(self, policy: Policy) -> None:
         if not (policy.known_probabilities and isinstance(policy.sampler(), Greedy)):
@@ -616,26 +619,17 @@ class FrozenPolicy(Policy):
     def _fit(self, visible: Interactions) -> None:
         if getattr(self.policy, "visible_", None) is not visible:
             self.policy.fit(visible)
-
-    def start_episode(self) -> None:
-        super().start_episode()
-        if hasattr(self, "policy"):
-            self.policy.start_episode()
+        self.policy.start_episode()  # its scores: the state it was frozen in, nothing shown
 
     def snapshot(self) -> dict[str, Any]:
-        return {"policy": self.policy.snapshot()}
+        return {"policy": self.policy.snapshot(), "candidates_": copy.deepcopy(self.candidates_)}
 
     def restore(self, state: dict[str, Any]) -> None:
         self.policy.restore(state["policy"])
+        self.candidates_ = copy.deepcopy(state["candidates_"])
 
-    def act(self, users: np.ndarray) -> np.ndarray:
-        return self.policy.act(users)
-
-    def _exclusions(self, users: np.ndarray) -> sp.csr_matrix:
-        return self.policy._exclusions(users)
-
-    def update(self, users: np.ndarray, slates: np.ndarray, clicked: np.ndarray) -> None:
-        self.policy.record(users, slates, clicked)
+    def scores(self, users: np.ndarray) -> np.ndarray:
+        return self.policy.scores(users)
 
 
 class MixturePolicy(Policy):
