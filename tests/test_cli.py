@@ -254,6 +254,14 @@ def test_ope_estimates_targets_from_a_simulated_log(tmp_path: Path) -> None:
     dr = ope("--policies", "greedy-static", "--estimators", "dm,dr", "--reward-model", "pop", out="ope-dr")
     assert dr.returncode == 0, dr.stderr
     assert pd.read_csv(tmp_path / "ope-dr" / "ope.csv")["value"].between(0, 5).all()
+    explored = tmp_path / "explored.parquet"
+    assert simulate_small(tmp_path, "--policies", "greedy-static", "--explore", "epsilon:0.5", "--log", str(explored),
+                          "--quiet").returncode == 0
+    pi = run("ope", str(explored), "--policies", "greedy-static,random", "--estimators", "iips,pi", "--sizes", "100",
+             "--train-users", "20", "--test-users", "30", "--quiet", "--out", str(tmp_path / "ope-pi"))
+    assert pi.returncode == 0, pi.stderr
+    pi_rows = pd.read_csv(tmp_path / "ope-pi" / "ope.csv").query("estimator == 'pi' and impressions == 100").set_index("target")
+    assert np.isfinite(pi_rows.loc["greedy-static", "value"]) and np.isnan(pi_rows.loc["random", "value"])
     for args, message in ((["--estimators", "ips,magic"], "unknown: magic"), (["--sizes", "ten"], "whole numbers"),
                           (["--estimators", "dr"], "need a reward model"),
                           (["--estimators", "dm", "--reward-model", "nope"], "unknown model")):

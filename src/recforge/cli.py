@@ -899,6 +899,24 @@ def _make_policy(name: str, params: dict, envs: Any) -> Any:
     return create_policy(name, **({**params, "truth": envs.truth} if name == "oracle" else params))
 
 
+def _logging_policy(log: Any, envs: Any, seed: int) -> Any:
+    """The static policy a simulator log was written by (``simulate --log`` labels it ``<policy>+<explore>``),
+    fitted, for estimators that need more of it than its probabilities (pi)."""
+    from recforge.interactive import ExploringPolicy, parse_explore
+
+    labels = sorted(set(log["policy"].astype(str)))
+    base, _, explore = labels[0].partition("+") if len(labels) == 1 else ("", "", "")
+    if not base:
+        raise DataError(f"--estimators pi needs a log written by one policy; this one holds {', '.join(labels[:5])}")
+    (_, name, params, _), = _policy_plan(base, None, seed)
+    policy = _make_policy(name, params, envs)
+    if policy.learns:
+        raise DataError(f"--estimators pi: the logging policy {base!r} learns online, so replaying it cannot give "
+                        "the state it logged in; log a static policy (greedy-static, pop, ...)")
+    sampler = parse_explore(explore or "none", policy.slate_size)
+    return (policy if sampler is None else ExploringPolicy(policy, sampler)).fit(envs.visible)
+
+
 def _mixture_plan(spec: str, seed: int) -> tuple[list[tuple[str, str, dict, bool]], list[float]]:
     """``--mix name=weight,...``: the components' plans (checked, deterministic) and their weights (summing to 1)."""
     pairs = [p.strip() for p in spec.split(",") if p.strip()]
@@ -1037,8 +1055,9 @@ def ope_cmd(
     assignments: Annotated[
         list[str] | None, typer.Option("--set", help="Policy parameter as policy.name=value; repeatable.")
     ] = None,
-    estimators: Annotated[str, typer.Option(help="Comma-separated: ips, snips, iips, rips; dm, dr, switch with "
-                                            "--reward-model.")] = "ips,snips,iips,rips",
+    estimators: Annotated[str, typer.Option(help="Comma-separated: ips, snips, iips, rips, pi (a log of one static "
+                                            "epsilon-greedy policy); dm, dr, switch with --reward-model.")
+                          ] = "ips,snips,iips,rips",
     reward_model: Annotated[
         str | None, typer.Option(help="A recforge model (e.g. als) fitted on the visible data and calibrated to the "
                                  "log's clicks: the direct method's reward model (dm, dr, switch).")
@@ -1093,7 +1112,9 @@ def ope_cmd(
     if reward_model is not None:
         cls = get_model_class(reward_model)
         model = cls(**({"progress": False} if "progress" in cls._param_names() else {})).fit(envs.visible)
-    table = estimates_by_log_size(frame, envs.visible, targets, names, counts, seed=seed, reward_model=model)
+    logger = _logging_policy(frame, envs, seed) if "pi" in names else None
+    table = estimates_by_log_size(frame, envs.visible, targets, names, counts, seed=seed, reward_model=model,
+                                  logger=logger)
     shown = table.assign(estimate=[f"{v:.4f} [{lo:.4f}, {hi:.4f}]" if np.isfinite(v) else "none" for v, lo, hi in
                                    zip(table["value"], table["ci_low"], table["ci_high"])])
     pivot = shown.pivot_table(index=["target", "estimator"], columns="impressions", values="estimate",

@@ -187,6 +187,34 @@ class EpsilonGreedy(SlateSampler):
         return SlateDraw(slates, position, prefix)
 
 
+def pseudo_inverse_weights(targets: np.ndarray, slates: np.ndarray, greedy: np.ndarray, allowed: np.ndarray,
+                           epsilon: float) -> np.ndarray:
+    """Per impression, the pseudo-inverse estimator's weight ``1_tᵀ Γ⁺ 1_s`` (Swaminathan et al. 2017) of the
+    target slate ``t`` (``targets``, n × k) given the logged slate ``s`` (``slates``), when the logging policy was
+    :class:`EpsilonGreedy` around ``greedy`` over ``allowed`` items per row (``Γ``: the logging policy's second
+    moment of slate indicators). Under a uniform ordered draw of ``k`` of ``m`` items, ``Γ_U``'s eigenspaces give
+    ``1_tᵀ Γ_U⁺ 1_s = 1 + (m − 1)(m·M − k²) / (k (m − k)) + (m − 1)(D − M/k)`` (``M``: items ``t`` and ``s`` share,
+    ``D``: of them at the same position); the greedy slate's point mass is a rank-one update (Sherman–Morrison on
+    the range every slate indicator lies in). With additive per-position rewards, ``mean(weight · Σ_j r_j)`` is
+    unbiased for the target's value."""
+    if not 0 < epsilon <= 1:
+        raise DataError(f"the pseudo-inverse estimator needs exploration: epsilon in (0, 1], got {epsilon!r}")
+    k = targets.shape[1]
+    m = np.asarray(allowed, np.float64)
+    if (m <= k).any():
+        raise DataError(f"the pseudo-inverse estimator needs more than {k} allowed items per impression")
+
+    def form(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        shared = (a[:, :, None] == b[:, None, :]).sum(axis=(1, 2))
+        same = (a == b).sum(axis=1)
+        return 1 + (m - 1) * (m * shared - k * k) / (k * (m - k)) + (m - 1) * (same - shared / k)
+
+    if epsilon == 1:
+        return form(targets, slates)
+    c = (1 - epsilon) / epsilon
+    return (form(targets, slates) - c * form(targets, greedy) * form(greedy, slates) / (1 + c * form(greedy, greedy))) / epsilon
+
+
 def _excluded(slates: np.ndarray, n_items: int, ex_ptr: np.ndarray | None, ex_idx: np.ndarray | None) -> np.ndarray:
     """Which entries of ``slates`` are excluded items of their row (or outside the catalogue)."""
     outside = (slates < 0) | (slates >= n_items)

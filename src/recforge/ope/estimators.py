@@ -20,6 +20,9 @@ estimator  per-impression term                                             unbia
 ``rips``   ``Σ_j π(a_1…a_j)/μ(a_1…a_j) · r_j``                             a position's reward depends on the
                                                                            items above it only (cascade,
                                                                            McInerney et al. 2020)
+``pi``     ``1_tᵀ Γ_μ⁺ 1_s · Σ_j r_j`` (``t``: the target's slate, ``Γ_μ``   the slate's reward is a sum of
+           the logger's second moment of slate indicators; Swaminathan    per-(item, position) terms
+           et al. 2017)
 ``dm``     ``q̂_π(x)``: a reward model's prediction for the target         the reward model is right
 ``dr``     ``q̂_π(x) + Σ_j w_j (r_j − q̂(x, a_j, j))``, ``w_j`` as iips    iips's condition or a right model
 ``switch`` dr, but positions with ``w_j > τ`` keep only the model's part  (biased; less variance, Wang 2017)
@@ -41,17 +44,21 @@ from recforge.errors import DataError
 from recforge.evaluation.stats import bootstrap_ci
 
 #: Estimators by name, in the order they are listed.
-ESTIMATORS = ("ips", "snips", "iips", "rips", "dm", "dr", "switch")
+ESTIMATORS = ("ips", "snips", "iips", "rips", "pi", "dm", "dr", "switch")
 
 
 @dataclass(frozen=True)
 class SlateProbabilities:
     """A policy's probabilities of logged slates: ``position`` (n × k) of each shown item at its position,
-    ``slate`` (n) of the whole slate, ``prefix`` (n × k) of the first ``j + 1`` items; None where unknown."""
+    ``slate`` (n) of the whole slate, ``prefix`` (n × k) of the first ``j + 1`` items; None where unknown. A
+    target's ``pseudo_inverse`` (n) holds the pseudo-inverse estimator's weight of each impression
+    (:func:`~recforge.core.slates.pseudo_inverse_weights`: it needs the logging policy, not only its
+    probabilities)."""
 
     position: np.ndarray | None = None
     slate: np.ndarray | None = None
     prefix: np.ndarray | None = None
+    pseudo_inverse: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,13 @@ def _rips(x: _Inputs, **_: float) -> np.ndarray:
     return (x.weights("prefix") * x.rewards).sum(axis=1)
 
 
+def _pi(x: _Inputs, **_: float) -> np.ndarray:
+    w = _matrix(x.target.pseudo_inverse, (x.n,), "pseudo-inverse weights")
+    if not np.isfinite(w).all():
+        raise DataError("pseudo-inverse weights must be finite numbers")
+    return w * x.rewards.sum(axis=1)
+
+
 def _dm(x: _Inputs, **_: float) -> np.ndarray:
     return x.reward_model().target
 
@@ -153,7 +167,7 @@ def _dr(x: _Inputs, tau: float = np.inf, **_: float) -> np.ndarray:
 
 
 _TERMS: dict[str, Callable[..., np.ndarray]] = {
-    "ips": _ips, "iips": _iips, "rips": _rips, "dm": _dm, "dr": _dr, "switch": _dr,
+    "ips": _ips, "iips": _iips, "rips": _rips, "pi": _pi, "dm": _dm, "dr": _dr, "switch": _dr,
 }
 
 

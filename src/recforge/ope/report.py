@@ -35,14 +35,16 @@ def estimates_by_log_size(
     n_boot: int = 1000,
     seed: int = 0,
     reward_model: Recommender | None = None,
+    logger: Policy | None = None,
 ) -> pd.DataFrame:
     """:func:`~recforge.ope.replay.evaluate_targets` on the first ``size`` impressions (by time) of the log, for
-    every size of :func:`log_sizes`; ``targets`` are fitted (replaying restarts them at every session)."""
+    every size of :func:`log_sizes`; ``targets`` (and the ``logger``, for ``pi``) are fitted (replaying restarts
+    them at every session)."""
     ordered = log.sort_values("timestamp", kind="stable").reset_index(drop=True)
     parts = []
     for size in log_sizes(len(ordered), sizes):
         parts.append(evaluate_targets(ordered.iloc[:size], visible, targets, estimators, n_boot=n_boot, seed=seed,
-                                      reward_model=reward_model))
+                                      reward_model=reward_model, logger=logger))
     return pd.concat(parts, ignore_index=True)
 
 
