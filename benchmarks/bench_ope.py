@@ -132,7 +132,7 @@ def one_seed(data, seed: int, args: argparse.Namespace) -> tuple[list[dict], dic
     for n in args.sizes:
         start = time.perf_counter()
         table = evaluate_targets(log.iloc[:n], envs.visible, targets, args.estimators, n_boot=args.n_boot, seed=seed,
-                                 reward_model=model)
+                                 reward_model=model, logger=logger)
         seconds = time.perf_counter() - start
         for rec in table.to_dict("records"):
             rows.append({**rec, "seed": seed, "size": n, "online": online[rec["target"]],
@@ -146,7 +146,7 @@ def one_seed(data, seed: int, args: argparse.Namespace) -> tuple[list[dict], dic
         learned = {"seed": seed, "learn seconds": time.perf_counter() - start, "online learned": online_truth(policy, envs, args),
                    "online logger": online["logger"], "online als": online["als"]}
         table = evaluate_targets(log.iloc[half:], envs.visible, {"learned": policy}, args.estimators,
-                                 n_boot=args.n_boot, seed=seed, reward_model=model)
+                                 n_boot=args.n_boot, seed=seed, reward_model=model, logger=logger)
         for rec in table.to_dict("records"):
             learned[rec["estimator"]] = rec["value"]
             learned[rec["estimator"] + " ci"] = (rec["ci_low"], rec["ci_high"])
