@@ -243,3 +243,60 @@ def test_metrics_of_several_workers_are_merged(artifact: Path, planted: Interact
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=20)
+
+
+# ---------------------------------------------------------------------------------------------------- exploring
+def test_an_exploring_service_logs_impressions_that_feedback_joins(artifact: Path, planted: Interactions,
+                                                                   tmp_path: Path) -> None:
+    """With ``explore="epsilon:0.5"`` every answer carries a request id and is logged (durably) with the
+    probabilities of :class:`EpsilonGreedy`; feedback naming the request id is the impression's click at the
+    clicked item's position; the exported table is a valid log that ``recforge ope`` reads."""
+    from recforge.core.slates import EpsilonGreedy
+    from recforge.data.impressions import read_impressions
+    from recforge.serve.impressions import impression_frame
+
+    folder = tmp_path / "fb"
+    service = TestClient(create_app(artifact, feedback_dir=folder, api_key="w", apply_seconds=0, explore="epsilon:0.5"),
+                         headers={"X-API-Key": "w"})
+    plain = TestClient(create_app(artifact, feedback_dir=tmp_path / "plain", apply_seconds=0))
+    users = [int(u) for u in planted.user_map.ids[:40]]
+    answers = [service.get("/recommend", params={"user": u, "k": 5}).json() for u in users]
+    top = [[r["item_id"] for r in plain.get("/recommend", params={"user": u, "k": 5}).json()["items"]] for u in users]
+    assert all(len(a["request_id"]) == 32 and len(a["items"]) == 5 for a in answers)
+    shown = [[r["item_id"] for r in a["items"]] for a in answers]
+    assert 0 < sum(s == t for s, t in zip(shown, top)) < len(users)  # some greedy, some explored
+    for a, s, t in zip(answers, shown, top):
+        assert all((r["score"] is None) == (i not in t) for r, i in zip(a["items"], s))
+    # feedback: a click on the third item of the first answer, and an event naming no impression
+    first = answers[0]
+    clicked = first["items"][2]["item_id"]
+    ok = service.post("/feedback", json={"events": [{"user": users[0], "item": clicked, "request_id": first["request_id"]},
+                                                    {"user": users[1], "item": shown[1][0], "request_id": "0" * 32}]})
+    assert ok.status_code == 200, ok.text
+    bad = service.post("/feedback", json={"events": [{"user": users[0], "item": clicked, "request_id": "XYZ"}]})
+    assert bad.status_code == 422 and "request_id" in bad.text
+    frame = impression_frame(folder)
+    assert len(frame) == len(users) and set(frame["request_id"]) == {a["request_id"] for a in answers}
+    row = frame.set_index("request_id").loc[first["request_id"]]
+    assert list(row["reward"]) == [0.0, 0.0, 1.0, 0.0, 0.0] and row["user_id"] == users[0]
+    assert sum(map(sum, frame["reward"])) == 1  # the event with an unknown request id joins nothing
+    # the logged probabilities are the sampler's for the logged slate around the model's top-k
+    m = create_model("ease", reg=50.0).fit(planted)
+    for r in frame.itertuples():
+        u = m.user_map_.find(r.user_id)
+        greedy = m.item_map_.to_index(np.asarray(top[users.index(r.user_id)]))
+        slate = m.item_map_.to_index(np.asarray(r.slate))
+        seen = m.seen_.indices[m.seen_.indptr[u] : m.seen_.indptr[u + 1]].astype(np.int64)
+        expected = EpsilonGreedy(5, 0.5).probabilities_of(greedy[None], slate[None], m.n_items_,
+                                                          np.array([0, len(seen)]), np.sort(seen))
+        np.testing.assert_allclose(r.position_propensity, expected.position[0])
+        assert r.slate_propensity == pytest.approx(expected.slate[0])
+    out = tmp_path / "log.parquet"
+    from typer.testing import CliRunner
+
+    from recforge.cli import app
+    result = CliRunner().invoke(app, ["impressions", str(folder), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert len(read_impressions(out)) == len(users) and "1 with a click" in result.output
+    with pytest.raises(ValueError, match="explore must be"):
+        create_app(artifact, feedback_dir=tmp_path / "x", explore="epsilon:2")

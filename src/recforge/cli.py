@@ -786,6 +786,11 @@ def serve_cmd(
     overload_seconds: Annotated[float, typer.Option(
         help="Load shedding: while the service runs this many seconds behind, GET /recommend answers 503 at once.")
     ] = 0.1,
+    explore: Annotated[str, typer.Option(
+        help="epsilon:E: GET /recommend shows a uniformly random slate with probability E and logs every answer, "
+        "with its probabilities and a request_id that feedback can carry (recforge impressions exports the log for "
+        "recforge ope); none: the top-k.")
+    ] = "none",
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "warning",
     device: DeviceOpt = None,
 ) -> None:
@@ -797,6 +802,7 @@ def serve_cmd(
     from recforge.serve.app import ServeSettings
     from recforge.serve.events import Limits
     from recforge.serve.feedback import check_folder, default_feedback_dir
+    from recforge.serve.impressions import parse_explore
 
     for name, value, low in (("--workers", workers, 1), ("--max-body", max_body, 1),
                              ("--max-id-length", max_id_length, 1), ("--max-new-users", max_new_users, 0),
@@ -805,13 +811,14 @@ def serve_cmd(
             raise DataError(f"{name} must be at least {low}, got {value}")
     if not overload_seconds > 0:  # also refuses NaN
         raise DataError(f"--overload-seconds must be positive, got {overload_seconds}")
+    parse_explore(explore)
     model = Recommender.load(artifact)  # fail here, with a one-line message, on a missing or corrupt artifact
     check_folder(feedback_dir or default_feedback_dir(artifact))
     settings = ServeSettings(
         feedback_dir=None if feedback_dir is None else str(feedback_dir), api_key=api_key, read_key=read_key,
         open_reads=open_reads, allow_include_seen=allow_include_seen, max_body_bytes=max_body,
         limits=Limits(max_id_length=max_id_length, max_new_users=max_new_users, max_new_items=max_new_items),
-        overload_seconds=overload_seconds,
+        overload_seconds=overload_seconds, explore=explore,
         **({} if ann_min_items is None else {"ann_min_items": ann_min_items}),
     )
     os.environ["RECFORGE_SERVE_ARTIFACT"] = str(artifact)
@@ -828,6 +835,26 @@ def serve_cmd(
     finally:
         if metrics_dir:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+@app.command("impressions")
+def impressions_cmd(
+    feedback_dir: Annotated[Path, typer.Argument(help="The feedback folder of a service run with --explore "
+                                                 "(default of recforge serve: <artifact>/feedback).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="The logged-impression Parquet file to write.")],
+) -> None:
+    """Export an exploring service's impressions, joined with the feedback that carries their request ids, as a
+    logged-impression table (docs/ope.md) for recforge ope."""
+    from recforge.data.impressions import write_impressions
+    from recforge.data.io import table_format
+    from recforge.serve.impressions import impression_frame
+
+    if table_format(out) != "parquet":
+        raise DataError(f"--out: impression logs are Parquet files; use a .parquet name, not {str(out)!r}")
+    frame = impression_frame(feedback_dir)
+    path = write_impressions(frame, out)
+    clicked = int(sum(any(r) for r in frame["reward"]))
+    typer.echo(f"saved {path}: {len(frame):,} impressions, {clicked:,} with a click")
 
 
 @app.command("refit")

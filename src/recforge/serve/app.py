@@ -78,6 +78,7 @@ from recforge.serve.events import (
 )
 from recforge.serve.fastpath import MAX_USER_CHARS, first_header, key_matches, recommend_query
 from recforge.serve.feedback import FeedbackLog, GroupCommitter, default_feedback_dir
+from recforge.serve.impressions import Explorer, parse_explore
 from recforge.serve.openapi import ERRORS
 from recforge.serve.openapi import install as install_openapi
 
@@ -118,6 +119,8 @@ class ServeSettings:
             two-tower) answer ``/recommend`` from an HNSW index instead of scoring every item.
         overload_seconds: load shedding: while the service runs this far behind, ``GET /recommend`` is answered
             503 (with ``Retry-After``) at once instead of being queued and scored late.
+        explore: ``"epsilon:E"``: ``GET /recommend`` explores and logs each impression with its probabilities and a
+            ``request_id`` that feedback can carry (:mod:`recforge.serve.impressions`); ``"none"``: the top-k.
     """
 
     feedback_dir: str | None = None
@@ -131,6 +134,7 @@ class ServeSettings:
     apply_seconds: float = 0.05
     ann_min_items: int = ANN_MIN_ITEMS
     overload_seconds: float = 0.1
+    explore: str = "none"
 
     def to_env(self) -> dict[str, str]:
         """Environment variables that carry these settings to ``create_app_from_env`` (keys apart from the rest,
@@ -152,13 +156,15 @@ class ServeSettings:
 
 class Event(BaseModel):
     """One feedback event: ids as the model's (integers: JSON integers or ASCII digit strings within int64),
-    an optional finite rating and an optional timestamp (whole Unix seconds)."""
+    an optional finite rating, an optional timestamp (whole Unix seconds) and the ``request_id`` of the exploring
+    ``GET /recommend`` answer it responds to (32 lower-case hex digits)."""
 
     model_config = ConfigDict(extra="forbid")
     user: Id
     item: Id
     rating: float | None = Field(default=None, allow_inf_nan=False, strict=True)
     timestamp: JsonInt | None = None
+    request_id: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$", strict=True)
 
 
 class FeedbackBody(BaseModel):
@@ -285,13 +291,16 @@ class Service:
 
     def __init__(self, artifact: str | os.PathLike[str], feedback_dir: str | os.PathLike[str] | None,
                  sync_seconds: float = 0.5, apply_seconds: float = 0.05, limits: Limits | None = None,
-                 ann_min_items: int = ANN_MIN_ITEMS, overload_seconds: float = 0.1) -> None:
+                 ann_min_items: int = ANN_MIN_ITEMS, overload_seconds: float = 0.1, explore: str | None = None,
+                 ) -> None:
+        epsilon = parse_explore(explore)
         self.limits = limits or Limits()
         self.ann_min_items = ann_min_items
         self.state = Loaded(Recommender.load(artifact), Path(artifact), ann_min_items)
         self.folder = Path(feedback_dir or default_feedback_dir(artifact))
         self.log = FeedbackLog(self.folder, validate=lambda event: event_problem(event, self.state.model, self.limits))
         self.writer = GroupCommitter(self.log)
+        self.explorer = None if epsilon is None else Explorer(epsilon, self.folder)
         self.sync_seconds = sync_seconds
         self._last_sync = 0.0
         self.apply_seconds = apply_seconds
@@ -353,7 +362,35 @@ class Service:
             items, scores = await self.scorer.submit(state, u, k, exclude_seen)
         except Overloaded as exc:
             raise HTTPException(503, f"overloaded, retry later ({exc})", headers={"Retry-After": "1"}) from None
-        return {"user": user, "items": _items_payload(state.model, items, scores)}
+        if self.explorer is None or (items < 0).any():  # too few items left to explore among: the top-k as it is
+            return {"user": user, "items": _items_payload(state.model, items, scores)}
+        return await self._explore(state, user, u, items, scores, exclude_seen)
+
+    async def _explore(self, state: Loaded, user: Any, u: int, items: np.ndarray, scores: np.ndarray,
+                       exclude_seen: bool) -> dict[str, Any]:
+        """An exploring answer (:mod:`.impressions`): the drawn slate, its impression durable before the answer;
+        items outside the model's top-k have no score (``null``)."""
+        assert self.explorer is not None
+        m = state.model
+        excluded = np.zeros(0, np.int64)
+        if exclude_seen:
+            seen = m.seen_.indices[m.seen_.indptr[u] : m.seen_.indptr[u + 1]]
+            excluded = np.union1d(seen, np.fromiter(state.extra_seen.get(u, ()), np.int64)).astype(np.int64)
+        draw = self.explorer.draw(items.astype(np.int64), m.n_items_, excluded)
+        slate = draw.slates[0]
+        known = dict(zip(items.tolist(), scores.tolist()))
+        ids = m.item_map_.to_ids(slate).tolist()
+        user_id = m.user_map_.to_ids(np.array([u])).tolist()[0]  # as the model stores it, not as the query spelt it
+        request_id, written = self.explorer.record(user_id, ids, draw, f"{m.name}+epsilon:{self.explorer.epsilon:g}",
+                                                   state.artifact.name)
+        try:
+            await asyncio.wrap_future(written)
+        except StorageError as exc:
+            raise HTTPException(503, f"{exc}; the impression could not be logged") from None
+        payload = _items_payload(m, slate, np.zeros(len(slate)))
+        for row, idx in zip(payload, slate.tolist()):
+            row["score"] = known.get(idx)
+        return {"user": user, "items": payload, "request_id": request_id}
 
     # ------------------------------------------------------------------ feedback
     def sync(self) -> None:
@@ -589,7 +626,7 @@ def create_app(artifact: str | os.PathLike[str], settings: ServeSettings | None 
         overrides = {k: (str(v) if k == "feedback_dir" and v is not None else v) for k, v in overrides.items()}
         cfg = ServeSettings(**{**asdict(cfg), "limits": cfg.limits, **overrides})
     service = Service(artifact, cfg.feedback_dir, cfg.sync_seconds, cfg.apply_seconds, cfg.limits,
-                      cfg.ann_min_items, cfg.overload_seconds)
+                      cfg.ann_min_items, cfg.overload_seconds, cfg.explore)
     first = service.model
     app = FastAPI(title="recforge", version=recforge.__version__, lifespan=_reload_on_sighup,
                   description=f"Recommendations from a {type(first).__name__} ({first.n_users_:,} users, "

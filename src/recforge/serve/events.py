@@ -20,6 +20,8 @@ INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 #: Timestamps are Unix seconds from 1970 up to the end of the year 9999.
 TIMESTAMP_MAX = 253_402_300_799
 _INTEGER = re.compile(r"-?[0-9]{1,19}(\.0{1,20})?")
+#: A request id of an exploring answer: 32 lower-case hex digits (128 random bits).
+REQUEST_ID = re.compile(r"[0-9a-f]{32}")
 
 
 class EventError(ValueError):
@@ -88,11 +90,12 @@ def parse_ids(values: list[Any], is_string: bool, what: str, limits: Limits) -> 
 
 def check_event(event: dict[str, Any], model: Recommender, limits: Limits) -> dict[str, Any]:
     """A feedback event with parsed ids, or :class:`EventError` naming the first problem: ids (see
-    :func:`parse_id`), ``timestamp`` an integer number of seconds in 0..9999-12-31, ``rating`` a finite number
+    :func:`parse_id`), ``timestamp`` an integer number of seconds in 0..9999-12-31, ``request_id`` 32 lower-case
+    hex digits, ``rating`` a finite number
     (within the trained rating range of a rating model, widened by the range's width on each side)."""
     if not isinstance(event, dict):
         raise EventError(f"an event must be an object, got {type(event).__name__}")
-    unknown = set(event) - {"user", "item", "rating", "timestamp"}
+    unknown = set(event) - {"user", "item", "rating", "timestamp", "request_id"}
     if unknown:
         raise EventError(f"unknown event field {min(unknown)!r}")
     for field in ("user", "item"):
@@ -106,6 +109,11 @@ def check_event(event: dict[str, Any], model: Recommender, limits: Limits) -> di
             raise EventError(f"timestamp must be whole Unix seconds between 0 and {TIMESTAMP_MAX} "
                              f"(9999-12-31), got {str(ts)[:40]}")
         out["timestamp"] = ts
+    request = event.get("request_id")
+    if request is not None:
+        if not isinstance(request, str) or not REQUEST_ID.fullmatch(request):
+            raise EventError("request_id must be 32 lower-case hex digits (a GET /recommend answer's)")
+        out["request_id"] = request
     rating = event.get("rating")
     if rating is not None:
         if isinstance(rating, bool) or not isinstance(rating, int | float) or not math.isfinite(rating):
