@@ -15,11 +15,17 @@ import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
+from recforge.cli import app
+from recforge.core.slates import EpsilonGreedy
 from recforge.data import Interactions
+from recforge.data.impressions import read_impressions
+from recforge.errors import DataError
 from recforge.models import create_model
 from recforge.serve import FeedbackLog, create_app
 from recforge.serve.feedback import decode_line, encode_record
+from recforge.serve.impressions import impression_frame
 
 
 @pytest.fixture(scope="module")
@@ -251,10 +257,6 @@ def test_an_exploring_service_logs_impressions_that_feedback_joins(artifact: Pat
     """With ``explore="epsilon:0.5"`` every answer carries a request id and is logged (durably) with the
     probabilities of :class:`EpsilonGreedy`; feedback naming the request id is the impression's click at the
     clicked item's position; the exported table is a valid log that ``recforge ope`` reads."""
-    from recforge.core.slates import EpsilonGreedy
-    from recforge.data.impressions import read_impressions
-    from recforge.serve.impressions import impression_frame
-
     folder = tmp_path / "fb"
     service = TestClient(create_app(artifact, feedback_dir=folder, api_key="w", apply_seconds=0, explore="epsilon:0.5"),
                          headers={"X-API-Key": "w"})
@@ -292,11 +294,22 @@ def test_an_exploring_service_logs_impressions_that_feedback_joins(artifact: Pat
         np.testing.assert_allclose(r.position_propensity, expected.position[0])
         assert r.slate_propensity == pytest.approx(expected.slate[0])
     out = tmp_path / "log.parquet"
-    from typer.testing import CliRunner
-
-    from recforge.cli import app
     result = CliRunner().invoke(app, ["impressions", str(folder), "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert len(read_impressions(out)) == len(users) and "1 with a click" in result.output
     with pytest.raises(ValueError, match="explore must be"):
         create_app(artifact, feedback_dir=tmp_path / "x", explore="epsilon:2")
+    # hostile logs: a record with other fields and a damaged line are skipped; a bad probability names its row
+    segment = sorted((folder / "impressions").glob("feedback-*.log"))[0]
+    with open(segment, "ab") as f:
+        f.write(encode_record({"request_id": "f" * 32, "user": users[0]}) + b"\x00garbage\n")
+    assert len(impression_frame(folder)) == len(users)
+    with open(segment, "ab") as f:
+        f.write(encode_record({"request_id": "e" * 32, "timestamp": 1.0, "user": users[0], "policy": "p",
+                               "policy_version": "", "slate": shown[0], "position_propensity": [0.5] * 5,
+                               "prefix_propensity": [0.5] * 5, "slate_propensity": 1.5}))
+    for args, message in (([str(folder), "--out", str(tmp_path / "log2.parquet")], "slate_propensity"),
+                          ([str(tmp_path / "plain"), "--out", str(tmp_path / "log3.parquet")], "--explore"),
+                          ([str(folder), "--out", str(tmp_path / "log.csv")], "Parquet")):
+        bad = CliRunner().invoke(app, ["impressions", *args])  # recforge's main() makes these one line, exit 2
+        assert isinstance(bad.exception, DataError) and message in str(bad.exception), bad.output
