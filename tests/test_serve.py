@@ -300,7 +300,7 @@ def test_an_exploring_service_logs_impressions_that_feedback_joins(artifact: Pat
     with pytest.raises(ValueError, match="explore must be"):
         create_app(artifact, feedback_dir=tmp_path / "x", explore="epsilon:2")
     # hostile logs: a record with other fields and a damaged line are skipped; a bad probability names its row
-    segment = sorted((folder / "impressions").glob("feedback-*.log"))[0]
+    segment = min((folder / "impressions").glob("feedback-*.log"))
     with open(segment, "ab") as f:
         f.write(encode_record({"request_id": "f" * 32, "user": users[0]}) + b"\x00garbage\n")
     assert len(impression_frame(folder)) == len(users)
