@@ -172,14 +172,18 @@ def summarise(frame: pd.DataFrame, truth: str) -> pd.DataFrame:
 
 
 def kendall(frame: pd.DataFrame) -> pd.DataFrame:
-    """Mean Kendall's τ between each estimator's order of the targets and the online truth's, per size."""
+    """Per estimator and size, over the targets it estimates (two or more): mean Kendall's τ between its order of
+    them and the online truth's, and the share of seeds where the order is the true one."""
     out = []
     for (estimator, size), g in frame.groupby(["estimator", "size"], sort=False):
-        taus = []
+        taus, targets = [], ""
         for _, s in g.groupby("seed"):
-            if s["value"].notna().all():
+            s = s[s["value"].notna()]
+            if len(s) >= 2:
                 taus.append(stats.kendalltau(s["value"], s["online"]).statistic)
-        out.append({"estimator": estimator, "size": size, "kendall tau": float(np.nanmean(taus)) if taus else np.nan,
+                targets = ",".join(s["target"])
+        out.append({"estimator": estimator, "size": size, "targets": targets,
+                    "kendall tau": float(np.nanmean(taus)) if taus else np.nan,
                     "true order": float(np.mean(np.isclose(taus, 1.0))) if taus else np.nan})
     return pd.DataFrame(out)
 
@@ -191,6 +195,25 @@ def markdown(table: pd.DataFrame) -> str:
     lines = ["| " + " | ".join(table.columns) + " |", "|" + "---|" * len(table.columns)]
     lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in table.itertuples(index=False)]
     return "\n".join(lines)
+
+
+def report(frame: pd.DataFrame, learned: list[dict], args: argparse.Namespace) -> None:
+    """Print the tables: estimates against both truths, the learned policy, the order of the targets."""
+    setting = (f"{'one slate per visit' if args.horizon == 1 else args.behaviour + ' behaviour'}, {args.logger} "
+               f"logger, ε = {args.epsilon}, {args.seeds} seeds")
+    for truth in ("contextual", "online"):
+        print(f"\n## against the {truth} truth ({setting})\n")
+        print(markdown(summarise(frame, truth)))
+    if learned:
+        table = pd.DataFrame(learned)
+        print(f"\n## a policy learned from the log's first half ({setting})\n")
+        cols = ["online learned", "online als", "online logger", *[e for e in args.estimators if e in table]]
+        print(markdown(table[cols].mean().to_frame("mean over seeds").T.reset_index(drop=True)))
+        beats = (table["online learned"] > table["online logger"]).mean()
+        print(f"\nlearned beats the logger online in {beats:.0%} of seeds, ALS in "
+              f"{(table['online learned'] > table['online als']).mean():.0%}")
+    print("\n## order of the targets (online truth)\n")
+    print(markdown(kendall(frame)))
 
 
 def main() -> None:
@@ -212,7 +235,12 @@ def main() -> None:
     p.add_argument("--online-episodes", type=int, default=20)
     p.add_argument("--n-boot", type=int, default=300)
     p.add_argument("--out", default=str(HERE / "results" / "ope.json"))
+    p.add_argument("--from", dest="source", default=None, help="print the tables of a saved result file instead")
     args = p.parse_args()
+    if args.source is not None:
+        saved = json.loads(Path(args.source).read_text())
+        report(pd.DataFrame(saved["rows"]), saved["learned"], argparse.Namespace(**saved["settings"]))
+        return
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.estimators = [e.strip() for e in args.estimators.split(",")]
     args.targets = [t.strip() for t in args.targets.split(",")]
@@ -227,22 +255,7 @@ def main() -> None:
         print(f"seed {seed}: logged at {last['log steps/s']:,.0f} steps/s, OPE of {len(args.targets)} targets on "
               f"{max(args.sizes):,} impressions in {last['ope seconds']:.1f} s (targets fitted in "
               f"{last['fit seconds']:.1f} s)", flush=True)
-    frame = pd.DataFrame(rows)
-    setting = (f"{'one slate per visit' if args.horizon == 1 else args.behaviour + ' behaviour'}, {args.logger} "
-               f"logger, ε = {args.epsilon}, {args.seeds} seeds")
-    for truth in ("contextual", "online"):
-        print(f"\n## against the {truth} truth ({setting})\n")
-        print(markdown(summarise(frame, truth)))
-    if learned:
-        table = pd.DataFrame(learned)
-        print(f"\n## a policy learned from the log's first half ({setting})\n")
-        cols = ["online learned", "online als", "online logger", *[e for e in args.estimators if e in table]]
-        print(markdown(table[cols].mean().to_frame("mean over seeds").T.reset_index(drop=True)))
-        beats = (table["online learned"] > table["online logger"]).mean()
-        print(f"\nlearned beats the logger online in {beats:.0%} of seeds, ALS in "
-              f"{(table['online learned'] > table['online als']).mean():.0%}")
-    print("\n## order of the targets (online truth)\n")
-    print(markdown(kendall(frame)))
+    report(pd.DataFrame(rows), learned, args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps({"settings": {k: v for k, v in vars(args).items()}, "rows": rows, "learned": learned}, indent=1,
                                          default=float))
