@@ -239,7 +239,7 @@ def main() -> None:
     args = p.parse_args()
     if args.source is not None:
         saved = json.loads(Path(args.source).read_text())
-        report(pd.DataFrame(saved["rows"]), saved["learned"], argparse.Namespace(**saved["settings"]))
+        report(pd.DataFrame(saved["rows"]), saved.get("learned", []), argparse.Namespace(**saved["settings"]))
         return
     args.sizes = [int(s) for s in args.sizes.split(",")]
     args.estimators = [e.strip() for e in args.estimators.split(",")]
@@ -257,7 +257,7 @@ def main() -> None:
               f"{last['fit seconds']:.1f} s)", flush=True)
     report(pd.DataFrame(rows), learned, args)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"settings": {k: v for k, v in vars(args).items()}, "rows": rows, "learned": learned}, indent=1,
+    Path(args.out).write_text(json.dumps({"settings": {k: v for k, v in vars(args).items()}, "rows": rows, "learned": learned},
                                          default=float))
     print(f"\nsaved {args.out}")
 
