@@ -262,6 +262,12 @@ def test_ope_estimates_targets_from_a_simulated_log(tmp_path: Path) -> None:
     assert pi.returncode == 0, pi.stderr
     pi_rows = pd.read_csv(tmp_path / "ope-pi" / "ope.csv").query("estimator == 'pi' and impressions == 100").set_index("target")
     assert np.isfinite(pi_rows.loc["greedy-static", "value"]) and np.isnan(pi_rows.loc["random", "value"])
+    mixed = tmp_path / "mixed.parquet"
+    assert simulate_small(tmp_path, "--policies", "pop", "--mix", "greedy-static=0.5,pop=0.5", "--log", str(mixed),
+                          "--quiet").returncode == 0
+    bad = run("ope", str(mixed), "--estimators", "pi", "--train-users", "20", "--test-users", "30", "--quiet",
+              "--out", str(tmp_path / "x"))
+    assert bad.returncode == 2 and "one epsilon-greedy" in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     for args, message in ((["--estimators", "ips,magic"], "unknown: magic"), (["--sizes", "ten"], "whole numbers"),
                           (["--estimators", "dr"], "need a reward model"),
                           (["--estimators", "dm", "--reward-model", "nope"], "unknown model")):

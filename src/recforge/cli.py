@@ -933,8 +933,9 @@ def _logging_policy(log: Any, envs: Any, seed: int) -> Any:
 
     labels = sorted(set(log["policy"].astype(str)))
     base, _, explore = labels[0].partition("+") if len(labels) == 1 else ("", "", "")
-    if not base:
-        raise DataError(f"--estimators pi needs a log written by one policy; this one holds {', '.join(labels[:5])}")
+    if not base or "(" in base:
+        raise DataError("--estimators pi needs a log written by one epsilon-greedy (or deterministic) policy; this one "
+                        f"holds {', '.join(labels[:5])}")
     (_, name, params, _), = _policy_plan(base, None, seed)
     policy = _make_policy(name, params, envs)
     if policy.learns:
