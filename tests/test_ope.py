@@ -276,8 +276,11 @@ def test_logged_clicks_weigh_their_inverse_propensity(planted: Interactions) -> 
     np.testing.assert_allclose(events.weights[n:], 1 / arrays.position[hit], rtol=1e-6)
     assert events.weights[n:].max() > 10  # a click found by exploration: 1 / (0.5 / ~190 items)
     assert weighted_clicks(log, envs.visible, clip=10).weights.max() == 10
-    with pytest.raises(DataError, match="clip"):
-        weighted_clicks(log, envs.visible, clip=0.5)
+    for clip in (0.5, float("nan"), "10", True):
+        with pytest.raises(DataError, match="clip"):
+            weighted_clicks(log, envs.visible, clip=clip)
+    with pytest.raises(DataError, match="must be fitted"):
+        evaluate_targets(log, envs.visible, {"als": create_policy("greedy", learn=False)}, ["ips"], n_boot=10)
     quiet = log.assign(reward=[[0.0] * 5] * len(log))
     with pytest.raises(DataError, match="no click"):
         weighted_clicks(quiet, envs.visible)

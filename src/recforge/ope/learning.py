@@ -26,7 +26,8 @@ from recforge.models.registry import create_model, get_model_class
 def weighted_clicks(log: pd.DataFrame, visible: Interactions, clip: float | None = None) -> Interactions:
     """``visible`` (weight 1 per event) plus every click of ``log`` as an event of weight
     ``min(1 / μ(item at its position), clip)`` (no clipping when ``clip`` is None), on ``visible``'s id maps."""
-    if clip is not None and not (np.isfinite(clip) and clip >= 1):
+    if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float, np.number))
+                             or not (np.isfinite(clip) and clip >= 1)):
         raise DataError(f"clip must be a number ≥ 1 (or None for no clipping), got {clip!r}")
     arrays = impression_arrays(log, visible.user_map, visible.item_map)
     hit = arrays.rewards > 0

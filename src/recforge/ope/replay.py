@@ -66,6 +66,9 @@ class Replayed:
 def replay(log: pd.DataFrame, visible: Interactions, target: Policy, arrays: ImpressionArrays | None = None) -> Replayed:
     """Walk the log session by session (see the module) asking ``target`` about each logged context;
     ``arrays``: the log's :func:`~recforge.data.impressions.impression_arrays`, when the caller has them."""
+    if getattr(target, "n_items_", None) != visible.n_items:
+        raise DataError(f"policy {target.name!r} must be fitted on the log's visible data ({visible.n_items} items) "
+                        "before it is replayed")
     arrays = impression_arrays(log, visible.user_map, visible.item_map) if arrays is None else arrays
     n, k = arrays.slates.shape
     if k != target.slate_size:
