@@ -146,11 +146,24 @@ class Policy:
     def slate_probabilities(self, users: np.ndarray, slates: np.ndarray) -> SlateDraw:
         """The probabilities this policy, in its current state, gives to ``slates`` (one per user): what an
         off-policy estimate of it needs for each logged slate."""
+        return self.replay_context(users, slates)[0]
+
+    def replay_context(self, users: np.ndarray, slates: np.ndarray) -> tuple[SlateDraw, np.ndarray, np.ndarray]:
+        """:meth:`slate_probabilities`, the slates its randomness is centred on (:meth:`greedy_slates`) and how many
+        items each user may be shown, from one pass over the exclusions: what a replay asks in every logged
+        context."""
         users = np.asarray(users, dtype=np.int64)
         self._check_known()
         excl = self._exclusions(users)
-        return self.sampler().probabilities_of(self.greedy_slates(users), slates, self.n_items_, excl.indptr,
-                                               excl.indices)
+        greedy = self.greedy_slates(users)
+        draw = self.sampler().probabilities_of(greedy, slates, self.n_items_, excl.indptr, excl.indices)
+        return draw, greedy, self.n_items_ - np.diff(excl.indptr)
+
+    @property
+    def deterministic(self) -> bool:
+        """Whether the policy shows one known slate per context: what can be explored around, mixed, frozen or
+        scored by a direct method."""
+        return self.known_probabilities and isinstance(self.sampler(), Greedy)
 
     def _check_known(self) -> None:
         if not self.known_probabilities:
@@ -549,7 +562,7 @@ class ExploringPolicy(Policy):
     def __init__(self, policy: Policy, sampler: SlateSampler) -> None:
         if sampler.k != policy.slate_size:
             raise DataError(f"the sampler draws slates of {sampler.k} items, the policy shows {policy.slate_size}")
-        if not (policy.known_probabilities and isinstance(policy.sampler(), Greedy)):
+        if not policy.deterministic:
             raise UnsupportedError(f"policy {policy.name!r} is not deterministic; explore around a deterministic "
                                    "policy (greedy, greedy-static, pop, linucb, sequential, oracle)")
         super().__init__(policy.slate_size, policy.seed)
@@ -606,7 +619,7 @@ class FrozenPolicy(Policy):
     static_scores = True
 
     def __init__(self, policy: Policy) -> None:
-        if not (policy.known_probabilities and isinstance(policy.sampler(), Greedy)):
+        if not policy.deterministic:
             raise UnsupportedError(f"policy {policy.name!r} is not deterministic; only a deterministic policy can be "
                                    "frozen into a static target")
         super().__init__(policy.slate_size, policy.seed)
@@ -646,7 +659,7 @@ class MixturePolicy(Policy):
         if not np.isfinite(w).all() or (w < 0).any() or not np.isclose(w.sum(), 1.0):
             raise DataError(f"mixture weights must be non-negative and sum to 1, got {list(weights)}")
         for policy in policies:
-            if not (policy.known_probabilities and isinstance(policy.sampler(), Greedy)):
+            if not policy.deterministic:
                 raise UnsupportedError(f"policy {policy.name!r} is not deterministic; a mixture needs deterministic "
                                        "components (greedy, greedy-static, pop, linucb, sequential, oracle)")
         if len({p.slate_size for p in policies}) > 1:
@@ -687,12 +700,15 @@ class MixturePolicy(Policy):
         pick = self.rng_.choice(len(self.weights), size=len(options), p=self.weights)
         return mixture_probabilities(options, self.weights, options[np.arange(len(options)), pick])
 
-    def slate_probabilities(self, users: np.ndarray, slates: np.ndarray) -> SlateDraw:
-        options = self._options(np.asarray(users, dtype=np.int64))
+    def replay_context(self, users: np.ndarray, slates: np.ndarray) -> tuple[SlateDraw, np.ndarray, np.ndarray]:
+        """As for any policy; the centre slates are the first component's."""
+        users = np.asarray(users, dtype=np.int64)
+        options = self._options(users)
         slates = np.asarray(slates, dtype=np.int64)
         if slates.shape != options[:, 0].shape:
             raise DataError(f"slates must have shape {options[:, 0].shape}, got {slates.shape}")
-        return mixture_probabilities(options, self.weights, slates)
+        allowed = self.n_items_ - np.diff(self._exclusions(users).indptr)
+        return mixture_probabilities(options, self.weights, slates), options[:, 0], allowed
 
     def act(self, users: np.ndarray) -> np.ndarray:
         return self.act_draw(users).slates

@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pandas as pd
 
-from recforge.core.slates import EpsilonGreedy, Greedy, pseudo_inverse_weights
+from recforge.core.slates import EpsilonGreedy, pseudo_inverse_weights
 from recforge.data.impressions import ImpressionArrays, impression_arrays
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
@@ -39,11 +39,6 @@ def _rounds(users: np.ndarray) -> list[slice]:
         seen.add(u)
     out.append(slice(start, len(users)))
     return out
-
-
-def deterministic(policy: Policy) -> bool:
-    """Whether ``policy`` shows one known slate per context (what the direct method can score)."""
-    return policy.known_probabilities and isinstance(policy.sampler(), Greedy)
 
 
 def target_probabilities(log: pd.DataFrame, visible: Interactions, target: Policy) -> SlateProbabilities:
@@ -84,10 +79,8 @@ def replay(log: pd.DataFrame, visible: Interactions, target: Policy, arrays: Imp
         for part in _rounds(arrays.users[rows]):
             at = rows[part]
             users = arrays.users[at]
-            draw = target.slate_probabilities(users, arrays.slates[at])
+            draw, greedy[at], allowed[at] = target.replay_context(users, arrays.slates[at])
             position[at], prefix[at] = draw.position, draw.prefix
-            greedy[at] = target.greedy_slates(users)
-            allowed[at] = target.n_items_ - np.diff(target._exclusions(users).indptr)
             target.update(users, arrays.slates[at], clicked[at])
     return Replayed(SlateProbabilities(position, prefix[:, -1], prefix), greedy, allowed)
 
@@ -132,7 +125,7 @@ def evaluate_targets(
     rows = []
     for name, policy in targets.items():
         replayed = replay(log, visible, policy, arrays)
-        own = replayed.greedy if deterministic(policy) else None
+        own = replayed.greedy if policy.deterministic else None
         target, model = replayed.probabilities, None
         if logged_q is not None and clicks is not None and own is not None:
             model = RewardModel(logged_q, clicks.predict(arrays.users, own).sum(axis=1))
