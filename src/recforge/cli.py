@@ -933,7 +933,7 @@ def _logging_policy(log: Any, envs: Any, seed: int) -> Any:
 
     labels = sorted(set(log["policy"].astype(str)))
     base, _, explore = labels[0].partition("+") if len(labels) == 1 else ("", "", "")
-    if not base or "(" in base:
+    if not base or "(" in base or "," in base:
         raise DataError("--estimators pi needs a log written by one epsilon-greedy (or deterministic) policy; this one "
                         f"holds {', '.join(labels[:5])}")
     (_, name, params, _), = _policy_plan(base, None, seed)
@@ -1011,7 +1011,6 @@ def simulate_cmd(
     device: DeviceOpt = None,
 ) -> None:
     """Simulate slate recommendation on a real dataset: train policies online, test them, save scores and plots."""
-    from recforge.core.slates import Greedy
     from recforge.data.impressions import write_impressions
     from recforge.data.io import table_format
     from recforge.errors import DataError
@@ -1047,7 +1046,7 @@ def simulate_cmd(
     for label, name, params, known in plan:
         policy = _make_policy(name, params, envs)
         sampler = parse_explore(explore, policy.slate_size)
-        if sampler is not None and known and isinstance(policy.sampler(), Greedy):  # random is logged as it is
+        if sampler is not None and policy.deterministic:  # random is logged as it is
             policy = ExploringPolicy(policy, sampler)
             label = f"{label}+{explore.strip().lower()}"
         results.append(simulate(policy, envs, train_episodes, test_episodes, progress=not quiet, name=label,

@@ -364,25 +364,24 @@ class Service:
             raise HTTPException(503, f"overloaded, retry later ({exc})", headers={"Retry-After": "1"}) from None
         if self.explorer is None or (items < 0).any():  # too few items left to explore among: the top-k as it is
             return {"user": user, "items": _items_payload(state.model, items, scores)}
-        return await self._explore(state, user, u, items, scores, exclude_seen)
+        return await self._explore(self.explorer, state, user, u, items, scores, exclude_seen)
 
-    async def _explore(self, state: Loaded, user: Any, u: int, items: np.ndarray, scores: np.ndarray,
-                       exclude_seen: bool) -> dict[str, Any]:
+    async def _explore(self, explorer: Explorer, state: Loaded, user: Any, u: int, items: np.ndarray,
+                       scores: np.ndarray, exclude_seen: bool) -> dict[str, Any]:
         """An exploring answer (:mod:`.impressions`): the drawn slate, its impression durable before the answer;
         items outside the model's top-k have no score (``null``)."""
-        assert self.explorer is not None
         m = state.model
         excluded = np.zeros(0, np.int64)
         if exclude_seen:
             seen = m.seen_.indices[m.seen_.indptr[u] : m.seen_.indptr[u + 1]]
             excluded = np.union1d(seen, np.fromiter(state.extra_seen.get(u, ()), np.int64)).astype(np.int64)
-        draw = self.explorer.draw(items.astype(np.int64), m.n_items_, excluded)
+        draw = explorer.draw(items.astype(np.int64), m.n_items_, excluded)
         slate = draw.slates[0]
         known = dict(zip(items.tolist(), scores.tolist()))
         ids = m.item_map_.to_ids(slate).tolist()
         user_id = m.user_map_.to_ids(np.array([u])).tolist()[0]  # as the model stores it, not as the query spelt it
-        request_id, written = self.explorer.record(user_id, ids, draw, f"{m.name}+epsilon:{self.explorer.epsilon:g}",
-                                                   state.artifact.name)
+        request_id, written = explorer.record(user_id, ids, draw, f"{m.name}+epsilon:{explorer.epsilon:g}",
+                                              state.artifact.name)
         try:
             await asyncio.wrap_future(written)
         except StorageError as exc:
