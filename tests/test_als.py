@@ -20,9 +20,12 @@ from recforge.models import als as als_module
 from recforge.models.als import (
     BiasedALS,
     DeviceCSR,
+    DeviceRatings,
     ImplicitALS,
     _biased_exact,
+    _biased_sse_rows,
     _cholesky_solve,
+    biased_half_step_torch,
     implicit_half_step,
     implicit_half_step_torch,
 )
@@ -203,6 +206,44 @@ def test_biased_row_solve_is_the_augmented_ridge() -> None:
     A = Z.T @ Z + 3 * np.diag([reg, reg, breg]) + np.diag([reg0, reg0, breg0])
     w = np.linalg.solve(A, Z.T @ t)
     np.testing.assert_allclose(np.r_[X[0], xb[0]], w, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU"))])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_the_torch_biased_solve_is_the_numba_one(device: str, weighted: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU path (run here on ``device``) against the numba kernel: rows in several blocks of different widths,
+    an empty row, and the training error the epochs log."""
+    rng = np.random.default_rng(3)
+    dense = rng.integers(1, 6, (60, 40)) * (rng.random((60, 40)) < np.linspace(0.02, 0.6, 60)[:, None])
+    dense[7] = 0  # a user without ratings
+    R = sp.csr_matrix(dense.astype(np.float32))
+    Y = rng.standard_normal((40, 5)).astype(np.float32)
+    yb = rng.standard_normal(40).astype(np.float32) * 0.3
+    X = np.full((60, 5), 0.5, np.float32)
+    xb = np.ones(60, np.float32)
+    monkeypatch.setattr(als_module, "_SOLVE_BLOCK", 400)
+    monkeypatch.setattr(als_module, "_DOT_CHUNK", 97)
+    by_user = DeviceRatings(R, 6, torch.device(device))
+    assert len(by_user.blocks) > 3
+    args = (3.2, 0.15, 0.05, weighted, 1.0, 2.0)
+    Xd, xbd = torch.from_numpy(X.copy()).to(device), torch.from_numpy(xb.copy()).to(device)
+    Yd, ybd = torch.from_numpy(Y).to(device), torch.from_numpy(yb).to(device)
+    biased_half_step_torch(by_user, Xd, xbd, Yd, ybd, *args)
+    _biased_exact(R.indptr, R.indices, R.data, np.arange(60), X, xb, Y, yb, *args, 2)
+    np.testing.assert_allclose(Xd.cpu().numpy(), X, atol=1e-5)
+    np.testing.assert_allclose(xbd.cpu().numpy(), xb, atol=1e-5)
+    assert not X[7].any() and xb[7] == 0
+    sse = _biased_sse_rows(R.indptr, R.indices, R.data, X, xb, Y, yb, 3.2).sum()
+    assert by_user.sse(Xd, xbd, Yd, ybd, 3.2) == pytest.approx(sse, rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_biased_als_on_the_gpu_fits_as_on_the_cpu(planted: Interactions) -> None:
+    cpu = BiasedALS(n_factors=8, progress=False, device="cpu").fit(planted)
+    gpu = BiasedALS(n_factors=8, progress=False, device="cuda").fit(planted)
+    np.testing.assert_allclose(gpu.loss_history_, cpu.loss_history_, rtol=1e-4)
+    np.testing.assert_allclose(gpu.user_factors_, cpu.user_factors_, atol=1e-3)
 
 
 def test_biased_als_learns_and_beats_biases(planted: Interactions) -> None:

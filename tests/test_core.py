@@ -24,6 +24,7 @@ from recforge.core.params import (
 )
 from recforge.core.rng import rand_below, seed_states, shuffle_in_place, uniform_hash
 from recforge.core.sparse import csr_from_state, csr_to_state, merge_csr, pad_csr, pattern
+from recforge.core.threads import chunk_scratch
 from recforge.core.topk import UNSCORED, is_unscored, mask_and_topk
 from recforge.core.validation import RankingValidator
 from recforge.data import Interactions
@@ -201,3 +202,13 @@ def test_progress_off_a_terminal_is_plain_lines_and_every_fit_ends_with_a_summar
     err = capsys.readouterr().err
     assert "silent" not in err and "\r" not in err and "\x1b[" not in err
     assert err.splitlines()[-1].startswith("FunkSVD: 2 epochs in ") and err.endswith(", final loss 0.5\n")
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("length", [1, 8, 17, 65])
+def test_chunk_scratch_buffers_are_aligned_and_apart(dtype: type, length: int) -> None:
+    scratch = chunk_scratch(5, 3, length, np.empty(1, dtype))
+    assert scratch.shape[:2] == (5, 3) and scratch.shape[2] >= length and scratch.dtype == dtype
+    starts = np.array([scratch[c, b].ctypes.data for c in range(5) for b in range(3)])
+    assert (starts % 64 == 0).all()
+    assert (np.diff(starts) >= length * scratch.itemsize + 64).all()  # a gap of a cache line or more between buffers

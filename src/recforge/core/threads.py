@@ -12,6 +12,7 @@ import os
 from collections.abc import Iterator
 
 import numba
+import numpy as np
 from threadpoolctl import threadpool_limits
 
 
@@ -36,3 +37,25 @@ def thread_limits(num_threads: int | None, blas_threads: int | None = None) -> I
             yield n
     finally:
         numba.set_num_threads(previous)
+
+
+#: Bytes between the starts of two :func:`chunk_scratch` buffers, at least (a cache line, four AVX-512 vectors of
+#: float32 apart).
+_SCRATCH_ALIGN = 64
+
+
+@numba.njit(cache=True)
+def chunk_scratch(n_chunks: int, n_buffers: int, length: int, like: np.ndarray) -> np.ndarray:
+    """Scratch buffers for a numba ``prange`` over ``n_chunks`` work units: ``[c, b, :length]`` is chunk ``c``'s
+    buffer ``b``, of ``like``'s dtype, every buffer starting on a 64-byte boundary, one gap of 64 bytes or more
+    from the next.
+
+    Why not ``np.empty`` inside the loop: with ``fastmath`` LLVM vectorises the loops over such buffers behind run-time
+    checks that take a scalar path, which rounds differently, when buffers lie too close; buffers allocated by each
+    thread's own heap were placed differently, so a row's result depended on the thread that computed it (seen on
+    an AMD EPYC: ImplicitALS's factors changed with ``num_threads``)."""
+    per = _SCRATCH_ALIGN // like.itemsize
+    padded = ((length + per - 1) // per + 1) * per
+    raw = np.empty(n_chunks * n_buffers * padded + per, like.dtype)
+    start = ((_SCRATCH_ALIGN - raw.ctypes.data % _SCRATCH_ALIGN) % _SCRATCH_ALIGN) // like.itemsize
+    return raw[start : start + n_chunks * n_buffers * padded].reshape(n_chunks, n_buffers, padded)

@@ -6,7 +6,8 @@ warm-started from the previous factors (Takács, Pilászy & Tikk, 2011), which c
 O(nnz·k²); :class:`BiasedALS` solves it exactly by a Cholesky factorisation per row. The per-row loops are numba
 ``prange`` loops (rows are independent, so results do not depend on the thread count); the one dense product per
 half-sweep (``YᵀY``) is BLAS. On a GPU, :class:`ImplicitALS`'s conjugate gradient runs for all rows at once with
-torch (:func:`implicit_half_step_torch`, the same steps).
+torch (:func:`implicit_half_step_torch`, the same steps), and :class:`BiasedALS`'s exact solves for a block of rows
+at once (:func:`biased_half_step_torch`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from recforge.core.device import deterministic_algorithms, resolve_device
 from recforge.core.params import Boolean, Choice, Constraint, Integer, Real, Text
 from recforge.core.progress import EpochProgress
 from recforge.core.sparse import csr_from_state, csr_to_state, merge_csr
-from recforge.core.threads import thread_limits
+from recforge.core.threads import chunk_scratch, thread_limits
 from recforge.data.interactions import Interactions
 from recforge.errors import ArtifactError, DataError
 from recforge.models.factors import FactorModel, FactorRatingModel
@@ -87,11 +88,12 @@ def _implicit_cg(
     n = rows.shape[0]
     k = X.shape[1]
     step = (n + n_chunks - 1) // n_chunks
+    scratch = chunk_scratch(n_chunks, 4, k, X)
     for c in prange(n_chunks):
-        x = np.empty(k, np.float32)
-        r = np.empty(k, np.float32)
-        p = np.empty(k, np.float32)
-        ap = np.empty(k, np.float32)
+        x = scratch[c, 0, :k]
+        r = scratch[c, 1, :k]
+        p = scratch[c, 2, :k]
+        ap = scratch[c, 3, :k]
         for t in range(c * step, min(n, (c + 1) * step)):
             u = rows[t]
             for a in range(k):
@@ -401,6 +403,79 @@ def implicit_half_step_torch(R: DeviceCSR, X: torch.Tensor, Y: torch.Tensor, reg
         done |= rs < _TINY
 
 
+#: Float64 entries one block of :func:`biased_half_step_torch` may hold in its padded design rows (and in its
+#: normal matrices): 256 MB.
+_SOLVE_BLOCK = 2**25
+
+
+class DeviceRatings:
+    """A CSR matrix of ratings on a torch device, with its non-empty rows in blocks of similar count for
+    :func:`biased_half_step_torch`: sorted by count, so padding every row of a block to the block's longest row
+    wastes little, and sized so a block's padded design and normal matrices (``width`` columns each) stay under
+    :data:`_SOLVE_BLOCK` entries."""
+
+    def __init__(self, R: sp.csr_matrix, width: int, device: torch.device) -> None:
+        self.crow = torch.from_numpy(R.indptr.astype(np.int64)).to(device)
+        self.col = torch.from_numpy(R.indices.astype(np.int64)).to(device)
+        self.rating = torch.from_numpy(R.data.astype(np.float64)).to(device)
+        self.count = self.crow.diff()
+        counts = np.diff(R.indptr)
+        order = np.argsort(counts, kind="stable")
+        self.empty = torch.from_numpy(order[counts[order] == 0]).to(device)
+        order = order[counts[order] > 0]
+        self.blocks: list[tuple[torch.Tensor, int]] = []
+        lo = 0
+        while lo < len(order):
+            rows_cost = np.maximum(counts[order[lo:]], width) * width * np.arange(1, len(order) - lo + 1)
+            hi = lo + max(1, int(np.searchsorted(rows_cost, _SOLVE_BLOCK, side="right")))
+            self.blocks.append((torch.from_numpy(order[lo:hi]).to(device), int(counts[order[hi - 1]])))
+            lo = hi
+
+    def sse(self, X: torch.Tensor, xb: torch.Tensor, Y: torch.Tensor, yb: torch.Tensor, mu: float) -> float:
+        """Sum of squared errors of ``μ + b_u + b_i + x_u·y_i`` over the ratings (rows of ``X`` by columns of
+        ``Y``), gathered in chunks."""
+        row = torch.repeat_interleave(torch.arange(len(self.count), device=X.device), self.count)
+        total = torch.zeros((), dtype=torch.float64, device=X.device)
+        for lo in range(0, len(self.col), _DOT_CHUNK):
+            u, i = row[lo : lo + _DOT_CHUNK], self.col[lo : lo + _DOT_CHUNK]
+            pred = mu + xb[u].double() + yb[i].double() + (X[u] * Y[i]).sum(1).double()
+            total += (self.rating[lo : lo + _DOT_CHUNK] - pred).square().sum()
+        return float(total)
+
+
+def biased_half_step_torch(R: DeviceRatings, X: torch.Tensor, xb: torch.Tensor, Y: torch.Tensor, yb: torch.Tensor,
+                           mu: float, reg: float, bias_reg: float, weighted: bool, reg_prior: float,
+                           bias_prior: float) -> None:
+    """:func:`_biased_exact` for every row of ``R`` at once, a block of rows at a time (``X`` and ``xb`` updated
+    in place): each row's augmented design ``[y_i, 1]`` gathered and padded with zero rows, its normal equations
+    formed by a batched product and solved by a batched Cholesky factorisation, in float64 as on the CPU."""
+    k = X.shape[1]
+    for rows, width in R.blocks:
+        start, count = R.crow[rows], R.count[rows]
+        offset = torch.arange(width, device=X.device)
+        valid = offset[None, :] < count[:, None]
+        at = torch.where(valid, start[:, None] + offset[None, :], 0)
+        cols = R.col[at]
+        mask = valid.double()
+        Z = torch.cat([Y[cols].double(), torch.ones_like(mask)[..., None]], dim=2) * mask[..., None]
+        target = (R.rating[at] - mu - yb[cols].double()) * mask
+        A = Z.transpose(1, 2) @ Z
+        b = Z.transpose(1, 2) @ target[..., None]
+        scale = count.double() if weighted else torch.ones_like(mask[:, 0])
+        diagonal = A.diagonal(dim1=1, dim2=2)
+        diagonal[:, :k] += (reg * scale + reg_prior)[:, None]
+        diagonal[:, k] += bias_reg * scale + bias_prior
+        factor, info = torch.linalg.cholesky_ex(A)
+        if bool((info > 0).any()):  # singular without penalties (fewer ratings than factors): the CPU's guard
+            A[info > 0] += 1e-10 * torch.eye(k + 1, dtype=A.dtype, device=A.device)
+            factor, _ = torch.linalg.cholesky_ex(A)
+        solution = torch.cholesky_solve(b, factor)[..., 0]
+        X[rows] = solution[:, :k].to(X.dtype)
+        xb[rows] = solution[:, k].to(xb.dtype)
+    X[R.empty] = 0.0  # nothing observed: the ridge solution is zero
+    xb[R.empty] = 0.0
+
+
 # ---------------------------------------------------------------------------------------------------- models
 #: The parameters both ALS models share.
 _ALS_CONSTRAINTS: dict[str, Constraint] = {
@@ -630,6 +705,8 @@ class BiasedALS(FactorRatingModel):
     them BiasedALS fell far behind the bias model on sparse data).
     Predictions are clamped to the training rating range. ``partial_fit`` stores the new ratings (a newer rating
     of the same pair replaces the old one), then re-solves the touched users, then the touched items.
+    ``device``: ``"auto"`` (``$RECFORGE_DEVICE``, else CUDA when present) fits on a GPU with torch
+    (:func:`biased_half_step_torch`: the same exact solves, a block of rows at once); the factors end on the CPU.
 
     The defaults mean the same on any rating scale: fitting ``(r - μ)/s`` (``s = rating_scale_``, the ratings'
     spread over the spread the defaults were tuned on) with these penalties is the same problem as fitting ``r``
@@ -661,6 +738,7 @@ class BiasedALS(FactorRatingModel):
         "weighted_reg": Boolean(),
         "prior_reg": Real(0),
         "damping": Real(0),
+        "device": Text(),
     }
 
     def __init__(
@@ -676,6 +754,7 @@ class BiasedALS(FactorRatingModel):
         seed: int = 0,
         progress: bool = True,
         num_threads: int = 0,
+        device: str = "auto",
     ) -> None:
         self.n_factors = n_factors
         self.reg = reg
@@ -688,6 +767,7 @@ class BiasedALS(FactorRatingModel):
         self.seed = seed
         self.progress = progress
         self.num_threads = num_threads
+        self.device = device
 
     supports_partial_fit = True
 
@@ -706,15 +786,35 @@ class BiasedALS(FactorRatingModel):
         X = (rng.standard_normal((R.shape[0], k)) * std).astype(np.float32)
         Y = (rng.standard_normal((R.shape[1], k)) * std).astype(np.float32)
         bar = EpochProgress(self.epochs, "BiasedALS", enabled=self.progress)
-        with thread_limits(self.num_threads):
-            for _ in bar:
-                self._half(R, X, bu, Y, bi, np.arange(R.shape[0]))
-                self._half(Rt, Y, bi, X, bu, np.arange(R.shape[1]))
-                sse = _biased_sse_rows(R.indptr, R.indices, R.data, X, bu, Y, bi, mu).sum()
-                bar.log(float(np.sqrt(sse / max(1, R.nnz))))  # training RMSE
+        device = resolve_device(self.device)
+        if device.type == "cuda":
+            X, bu, Y, bi = self._fit_on_device(R, Rt, X, bu, Y, bi, bar, device)
+        else:
+            with thread_limits(self.num_threads):
+                for _ in bar:
+                    self._half(R, X, bu, Y, bi, np.arange(R.shape[0]))
+                    self._half(Rt, Y, bi, X, bu, np.arange(R.shape[1]))
+                    sse = _biased_sse_rows(R.indptr, R.indices, R.data, X, bu, Y, bi, mu).sum()
+                    bar.log(float(np.sqrt(sse / max(1, R.nnz))))  # training RMSE
         self.loss_history_ = bar.history
         self.user_factors_, self.item_factors_ = X, Y
         self.user_bias_, self.item_bias_ = bu, bi
+
+    def _fit_on_device(self, R: sp.csr_matrix, Rt: sp.csr_matrix, X: np.ndarray, bu: np.ndarray, Y: np.ndarray,
+                       bi: np.ndarray, bar: EpochProgress, device: torch.device) -> tuple[np.ndarray, ...]:
+        """The epochs of :meth:`_fit` on a GPU (:func:`biased_half_step_torch`: the same exact solves, all rows
+        at once); returns the factors and biases, back on the CPU."""
+        width = self.n_factors + 1
+        by_user, by_item = DeviceRatings(R, width, device), DeviceRatings(Rt, width, device)
+        Xd, bud, Yd, bid = (torch.from_numpy(a).to(device) for a in (X, bu, Y, bi))
+        mu = float(self.global_bias_)
+        penalties = (float(self.reg * self.rating_scale_), float(self.bias_reg), bool(self.weighted_reg),
+                     float(self.prior_reg * self.rating_scale_), float(self.damping))
+        for _ in bar:
+            biased_half_step_torch(by_user, Xd, bud, Yd, bid, mu, *penalties)
+            biased_half_step_torch(by_item, Yd, bid, Xd, bud, mu, *penalties)
+            bar.log(float(np.sqrt(by_user.sse(Xd, bud, Yd, bid, mu) / max(1, R.nnz))))
+        return tuple(t.cpu().numpy() for t in (Xd, bud, Yd, bid))
 
     def _damped_biases(self, R: sp.csr_matrix, Rt: sp.csr_matrix, mu: float) -> tuple[np.ndarray, np.ndarray]:
         """Item then user damped means of the residuals, the usual starting point (and all that zero
