@@ -18,8 +18,8 @@ from recforge.models import Recommender, create_model
 from recforge.models import bpr as bpr_module
 from recforge.models.bpr import BPR, _bpr_epoch
 from recforge.models.sampling import row_contains, sample_negative
-from recforge.neural import sampled_sgd
-from recforge.neural.sampled_sgd import NegativeSampler, bpr_epoch_torch
+from recforge.neural import block_sgd
+from recforge.neural.block_sgd import NegativeSampler, bpr_epoch_torch
 
 NO_POOL = np.empty(0, np.int32)  # uniform negatives
 
@@ -159,5 +159,5 @@ def test_bpr_on_a_device_learns_as_well_as_on_the_cpu(planted: Interactions, dev
 
 
 def test_an_epoch_takes_200_to_1000_blocks_of_at_most_4096_samples_between() -> None:
-    assert [sampled_sgd.block_size(n) for n in (50, 5_670, 819_200, 2_000_000, 10_000_000)] == [1, 28, 4096, 4096,
+    assert [block_sgd.block_size(n) for n in (50, 5_670, 819_200, 2_000_000, 10_000_000)] == [1, 28, 4096, 4096,
                                                                                                    10_000]

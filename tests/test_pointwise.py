@@ -17,7 +17,7 @@ from recforge.data import Interactions
 from recforge.models import Recommender, create_model
 from recforge.models import pointwise as pointwise_module
 from recforge.models.pointwise import PointwiseMF, _pointwise_epoch, loss_and_grad
-from recforge.neural.sampled_sgd import NegativeSampler, focal_loss_and_grad, pointwise_epoch_torch
+from recforge.neural.block_sgd import NegativeSampler, focal_loss_and_grad, pointwise_epoch_torch
 
 
 @pytest.mark.parametrize("gamma", [0.0, 0.5, 2.0])

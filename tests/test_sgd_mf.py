@@ -8,14 +8,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from recforge import split as S
 from recforge.core.rng import seed_states, shuffle_in_place
 from recforge.data import Interactions
 from recforge.evaluation import evaluate
-from recforge.models import Recommender, create_model
+from recforge.models import Recommender, create_model, sgd_mf
 from recforge.models.als import BiasedALS
 from recforge.models.sgd_mf import FunkSVD, SVDpp, _funk_epoch, _svdpp_epoch
+from recforge.neural.block_sgd import funk_epoch_torch
 
 
 def test_funk_step_by_hand() -> None:
@@ -36,6 +38,50 @@ def test_funk_step_by_hand() -> None:
     np.testing.assert_allclose(P[0], exp_p)
     np.testing.assert_allclose(Q[0], exp_q)
     assert bu[0] == pytest.approx(exp_bu) and bi[0] == pytest.approx(exp_bi)
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_torch_funk_epoch_in_blocks_of_one_is_the_numba_epoch(device: str) -> None:
+    """Below 400 ratings a block holds one rating, so the GPU epoch (run here on ``device``) is the serial SGD of
+    the CPU kernel in the same order."""
+    rng = np.random.default_rng(4)
+    users, items = rng.integers(0, 20, 150).astype(np.int32), rng.integers(0, 15, 150).astype(np.int32)
+    ratings = rng.normal(0.0, 1.0, 150)
+    P, Q = rng.normal(0, 0.1, (20, 4)), rng.normal(0, 0.1, (15, 4))
+    bu, bi = rng.normal(0, 0.1, 20), rng.normal(0, 0.1, 15)
+    reg_u, reg_i = rng.uniform(0.01, 0.1, 20), rng.uniform(0.01, 0.1, 15)
+    dev = torch.device(device)
+    t = lambda a: torch.from_numpy(a).to(dev)
+    params = tuple(t(a.copy()) for a in (P, Q, bu, bi))
+    mse = funk_epoch_torch(t(users.astype(np.int64)), t(items.astype(np.int64)), t(ratings),
+                           torch.Generator(device=dev).manual_seed(3), params, lr=0.05, reg=0.02, lr_bias=0.03,
+                           bias_reg=(t(reg_u), t(reg_i)))
+    order = torch.randperm(150, device=dev, generator=torch.Generator(device=dev).manual_seed(3)).cpu().numpy()
+    expected = _funk_epoch(users, items, ratings, order, P, Q, bu, bi, 0.0, 0.05, 0.02, 0.03, reg_u, reg_i, 0)
+    assert mse == pytest.approx(expected, rel=1e-12)
+    for got, want in zip(params, (P, Q, bu, bi)):
+        np.testing.assert_allclose(got.cpu().numpy(), want, rtol=1e-10, atol=1e-12)
+
+
+def test_funk_svd_in_blocks_learns_as_the_serial_kernel(planted: Interactions, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model's GPU path (torch on the CPU here): blocks of simultaneous updates reach the serial kernel's error
+    and keep the fitted state's types."""
+    split = S.random_split(planted, 0.2, seed=1)
+    serial = FunkSVD(n_factors=16, progress=False).fit(split.train)
+    monkeypatch.setattr(sgd_mf, "device_for_work", lambda *args: torch.device("cpu"))
+    blocks = FunkSVD(n_factors=16, progress=False).fit(split.train)
+    bias = create_model("bias").fit(split.train)
+
+    def rmse(m: Recommender) -> float:
+        return float(np.sqrt(np.mean((m.predict_indices(split.test.users, split.test.items) - split.test.ratings) ** 2)))
+
+    assert rmse(blocks) < rmse(bias)
+    assert rmse(blocks) == pytest.approx(rmse(serial), abs=0.005)  # 0.9059 against 0.9057
+    assert not np.array_equal(blocks.user_factors_, serial.user_factors_)  # the torch path did run
+    assert blocks.user_factors_.dtype == np.float32 and blocks.loss_history_[-1] < blocks.loss_history_[0]
 
 
 def test_funk_frozen_items_do_not_move() -> None:

@@ -113,7 +113,7 @@ class BPR(FactorModel):
 
     ``device``: ``"auto"`` (``$RECFORGE_DEVICE``, else CUDA when present, else the CPU), ``"cpu"`` or
     ``"cuda[:N]"``: on a GPU an epoch runs in blocks of simultaneous updates with torch
-    (:mod:`recforge.neural.sampled_sgd`; as accurate on MovieLens, bit-repeatable for a seed only with
+    (:mod:`recforge.neural.block_sgd`; as accurate on MovieLens, bit-repeatable for a seed only with
     ``deterministic=True``, which sums each block's updates in a fixed order, more slowly).
 
     ``partial_fit`` runs ``partial_epochs`` SGD epochs over the new (user, item) pairs only, with fresh negatives
@@ -217,13 +217,13 @@ class BPR(FactorModel):
     def _run_on_device(self, users: np.ndarray, items: np.ndarray, seen: sp.csr_matrix, pool: np.ndarray,
                        P: np.ndarray, Q: np.ndarray, bq: np.ndarray, bar: EpochProgress, stream: int,
                        device: Any) -> list[float]:
-        """:meth:`_run` with torch (:func:`recforge.neural.sampled_sgd.bpr_epoch_torch`: blocks of simultaneous
+        """:meth:`_run` with torch (:func:`recforge.neural.block_sgd.bpr_epoch_torch`: blocks of simultaneous
         updates); the factors are copied there once and back at the end."""
         # torch is imported only when a GPU trains (see recforge.core.accelerator)
         import torch
 
         from recforge.core.device import deterministic_algorithms
-        from recforge.neural.sampled_sgd import NegativeSampler, bpr_epoch_torch
+        from recforge.neural.block_sgd import NegativeSampler, bpr_epoch_torch
 
         generator = torch.Generator(device=device)
         generator.manual_seed(int(self.seed) * 1_000_003 + stream)

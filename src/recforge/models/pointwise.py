@@ -198,7 +198,7 @@ class PointwiseMF(FactorModel):
     Threads: ``num_threads=0`` (default: all cores) or ``> 1`` runs Hogwild (faster, not bit-repeatable);
     ``num_threads=1`` is serial and repeatable for a seed. ``device``: ``"auto"`` (``$RECFORGE_DEVICE``, else CUDA
     when present, else the CPU), ``"cpu"`` or ``"cuda[:N]"``: on a GPU an epoch runs in blocks of simultaneous
-    updates with torch (:mod:`recforge.neural.sampled_sgd`; bit-repeatable for a seed only with
+    updates with torch (:mod:`recforge.neural.block_sgd`; bit-repeatable for a seed only with
     ``deterministic=True``, which sums each block's updates in a fixed order, more slowly). ``partial_fit`` learns online as in a click loop: ``partial_epochs`` passes over the new
     positives, each with fresh negatives; the Adagrad accumulators carry over (and are saved with the model).
 
@@ -335,13 +335,13 @@ class PointwiseMF(FactorModel):
 
     def _run_on_device(self, users: np.ndarray, items: np.ndarray, g: np.ndarray, bar: EpochProgress, stream: int,
                        device: Any, labels: tuple[float, float], pos_weight: float, gamma: float) -> None:
-        """:meth:`_run`'s epochs with torch (:func:`recforge.neural.sampled_sgd.pointwise_epoch_torch`: blocks of
+        """:meth:`_run`'s epochs with torch (:func:`recforge.neural.block_sgd.pointwise_epoch_torch`: blocks of
         simultaneous updates); parameters and Adagrad accumulators go there once and come back at the end."""
         # torch is imported only when a GPU trains (see recforge.core.accelerator)
         import torch
 
         from recforge.core.device import deterministic_algorithms
-        from recforge.neural.sampled_sgd import NegativeSampler, pointwise_epoch_torch
+        from recforge.neural.block_sgd import NegativeSampler, pointwise_epoch_torch
 
         generator = torch.Generator(device=device)
         generator.manual_seed(int(self.seed) * 1_000_003 + stream)

@@ -1,7 +1,7 @@
-"""SGD with sampled negatives on a torch device (a GPU): the batched twins of the numba BPR and pointwise kernels.
+"""SGD on a torch device (a GPU) in blocks: the batched twins of the numba BPR, pointwise and FunkSVD kernels.
 
-A GPU gains nothing from one sample at a time, so an epoch visits the (user, item) pairs in blocks
-(:func:`block_size`): every sample of a block computes its step from the factors as they were when the block
+A GPU gains nothing from one sample at a time, so an epoch visits the samples ((user, item) pairs, or ratings) in
+blocks (:func:`block_size`): every sample of a block computes its step from the factors as they were when the block
 began, and the steps are summed into the factors (``index_add_``) — the per-sample update rules of the CPU
 kernels, with the staleness of Hogwild on thousands of threads instead of a few. Negatives are drawn uniformly over
 items (or over a popularity pool) and redrawn while the user has the item, as on the CPU. On ML-100K and
@@ -158,3 +158,28 @@ def pointwise_epoch_torch(users: torch.Tensor, items: torch.Tensor, sampler: Neg
             else:
                 param.index_add_(0, at, -lr * step)
     return float(total)
+
+
+def funk_epoch_torch(users: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor, generator: torch.Generator,
+                     params: tuple[torch.Tensor, ...], *, lr: float, reg: float, lr_bias: float,
+                     bias_reg: tuple[torch.Tensor, torch.Tensor]) -> float:
+    """One epoch of :func:`recforge.models.sgd_mf._funk_epoch` in blocks, over every rating in a random order
+    (``generator``): ``params`` = (P, Q, user bias, item bias), updated in place; ``bias_reg`` the per-visit
+    penalties on user and item biases. Per rating, ``e = r − b_u − b_i − p_u·q_i`` (ratings centred, so no global
+    bias), ``b ← b + lr_bias·(e − λ_b·b)``, ``p_u ← p_u + lr·(e·q_i − reg·p_u)``, ``q_i ← q_i + lr·(e·p_u −
+    reg·q_i)``. Returns the mean squared error."""
+    P, Q, bu, bi = params
+    order = torch.randperm(len(users), device=users.device, generator=generator)
+    total = torch.zeros((), dtype=torch.float64, device=users.device)
+    block = block_size(len(order))
+    for lo in range(0, len(order), block):
+        rows = order[lo : lo + block]
+        u, i = users[rows], items[rows]
+        pu, qi, bu_s, bi_s = P[u], Q[i], bu[u], bi[i]
+        e = ratings[rows] - bu_s - bi_s - (pu * qi).sum(dim=1)
+        total += (e * e).sum().double()
+        bu.index_add_(0, u, lr_bias * (e - bias_reg[0][u] * bu_s))
+        bi.index_add_(0, i, lr_bias * (e - bias_reg[1][i] * bi_s))
+        P.index_add_(0, u, lr * (e[:, None] * qi - reg * pu))
+        Q.index_add_(0, i, lr * (e[:, None] * pu - reg * qi))
+    return float(total) / max(len(order), 1)
