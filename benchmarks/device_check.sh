@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check (issue 19), under 10 minutes on one GPU: the test files that train or rank with torch, run on
-# CUDA; then the GPU benchmark rows: the 20M-interaction synthetic set (EASE, ALS, SASRec logQ and full softmax,
-# full-ranking evaluation of all 200k users), SASRec's repeatability / precision / batch-size study on ML-100K
-# (bench_gpu.py), SASRec and GRU4Rec tuned + refitted on ML-100K leave-one-out, and the whole `recforge compare`
-# leaderboard on ml-latest-small. Every step has its own time limit; the log and the JSON results land in OUT
-# (six files: check.txt, scale.json, gpu_sasrec.json, sequential.json, compare.md, compare_trials.csv).
+# CUDA; then the GPU benchmark rows: the 20M-interaction synthetic set (EASE, ALS, BPR, BiasedALS, FunkSVD, SASRec
+# logQ and full softmax, full-ranking evaluation of all 200k users), SASRec's repeatability / precision / batch-size
+# study on ML-100K (bench_gpu.py), SASRec and GRU4Rec tuned + refitted on ML-100K leave-one-out, and the whole
+# `recforge compare` leaderboard on ml-latest-small. Every step has its own time limit; the log and the JSON results
+# land in OUT (six files: check.txt, scale.json, gpu_sasrec.json, sequential.json, compare.md, compare_trials.csv).
 #
 #   bash benchmarks/device_check.sh [OUT] [DATA]   # DATA: a folder holding ml-100k/ (default ../shared/data)
 #
@@ -33,8 +33,8 @@ timeout 180 python3 -m pytest -v -p no:cacheprovider -n 8 --durations=10 tests/t
   tests/test_device_ranking.py tests/test_neighbors.py tests/test_graph.py tests/test_linear.py tests/test_als.py \
   tests/test_bpr.py tests/test_pointwise.py tests/test_sgd_mf.py 2>&1 | grep -v " PASSED " | tee -a "$LOG"
 
-step "20M synthetic: EASE, ALS, BiasedALS, FunkSVD, SASRec (logQ, full softmax), full-ranking evaluation of all 200k users"
-timeout 170 python3 benchmarks/bench_scale.py --models ease,als,biasedals,funksvd,sasrec --sasrec-loss logq,softmax --eval-users 200000 \
+step "20M synthetic: EASE, ALS, BPR, BiasedALS, FunkSVD, SASRec (logQ, full softmax), full-ranking evaluation of all 200k users"
+timeout 170 python3 benchmarks/bench_scale.py --models ease,als,bpr,biasedals,funksvd,sasrec --sasrec-loss logq,softmax --eval-users 200000 \
   --out "$OUT/scale.json" 2>&1 | grep -v "it/s" | tee -a "$LOG"
 
 step "ML-100K LOO validation: SASRec repeatability, precision, batch size (bench_gpu.py)"

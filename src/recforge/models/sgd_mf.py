@@ -9,6 +9,7 @@ Training is serial and deterministic: every epoch visits the ratings (FunkSVD) o
 ratings (SVD++) in an order drawn from the seeded generator of :mod:`recforge.core.rng` (stream ``epoch``). The SGD kernels are
 compiled with ``fastmath`` (it lets LLVM vectorise the dot products: about 1.8x faster), so results are
 identical run to run on one machine but may differ in the last bits between CPUs with different SIMD widths.
+FunkSVD also trains on a GPU, in blocks of simultaneous updates (see its ``device``).
 """
 
 from __future__ import annotations
