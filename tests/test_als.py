@@ -238,12 +238,19 @@ def test_the_torch_biased_solve_is_the_numba_one(device: str, weighted: bool, mo
     assert by_user.sse(Xd, xbd, Yd, ybd, 3.2) == pytest.approx(sse, rel=1e-5)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
-def test_biased_als_on_the_gpu_fits_as_on_the_cpu(planted: Interactions) -> None:
-    cpu = BiasedALS(n_factors=8, progress=False, device="cpu").fit(planted)
-    gpu = BiasedALS(n_factors=8, progress=False, device="cuda").fit(planted)
-    np.testing.assert_allclose(gpu.loss_history_, cpu.loss_history_, rtol=1e-4)
-    np.testing.assert_allclose(gpu.user_factors_, cpu.user_factors_, atol=1e-3)
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="no CUDA GPU"))])
+def test_biased_als_fits_on_the_gpu_path_as_with_numba(device: str, planted: Interactions,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The model's GPU path (run here on ``device``) against the numba fit: the same epochs' training errors and
+    factors, fitted arrays back on the CPU in float32."""
+    numba_fit = BiasedALS(n_factors=8, progress=False, device="cpu").fit(planted)
+    monkeypatch.setattr(als_module, "cuda_device", lambda name: torch.device(device))
+    torch_fit = BiasedALS(n_factors=8, progress=False).fit(planted)
+    np.testing.assert_allclose(torch_fit.loss_history_, numba_fit.loss_history_, rtol=1e-4)
+    np.testing.assert_allclose(torch_fit.user_factors_, numba_fit.user_factors_, atol=1e-3)
+    np.testing.assert_allclose(torch_fit.item_bias_, numba_fit.item_bias_, atol=1e-3)
+    assert isinstance(torch_fit.user_factors_, np.ndarray) and torch_fit.user_factors_.dtype == np.float32
 
 
 def test_biased_als_learns_and_beats_biases(planted: Interactions) -> None:

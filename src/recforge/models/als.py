@@ -22,6 +22,7 @@ import scipy.sparse as sp
 import torch
 from numba import njit, prange
 
+from recforge.core.accelerator import cuda_device
 from recforge.core.device import deterministic_algorithms, resolve_device
 from recforge.core.params import Boolean, Choice, Constraint, Integer, Real, Text
 from recforge.core.progress import EpochProgress
@@ -786,8 +787,8 @@ class BiasedALS(FactorRatingModel):
         X = (rng.standard_normal((R.shape[0], k)) * std).astype(np.float32)
         Y = (rng.standard_normal((R.shape[1], k)) * std).astype(np.float32)
         bar = EpochProgress(self.epochs, "BiasedALS", enabled=self.progress)
-        device = resolve_device(self.device)
-        if device.type == "cuda":
+        device = cuda_device(self.device)
+        if device is not None:
             X, bu, Y, bi = self._fit_on_device(R, Rt, X, bu, Y, bi, bar, device)
         else:
             with thread_limits(self.num_threads):
