@@ -104,6 +104,16 @@ def main() -> None:
         stage(f"ALS: evaluate {len(pick):,} users (full ranking)", t, ndcg10=round(res["ndcg@10"], 4),
               hr10=round(res["hr@10"], 4))
         del als
+    for loss in args.sasrec_loss.split(",") if "sasrec" in models else ():
+        t = time.perf_counter()
+        sas = create_model("sasrec", n_factors=64, max_len=50, batch_size=512, loss=loss.strip(), n_negatives=512,
+                           epochs=args.sasrec_epochs, all_windows=False, progress=True).fit(split.train)
+        stage(f"SASRec fit (64 factors, last 50 events, {loss}, {args.sasrec_epochs} epoch(s))", t)
+        t = time.perf_counter()
+        res = evaluate(sas, test, k=10)
+        stage(f"SASRec ({loss}): evaluate {len(pick):,} users (full ranking)", t, ndcg10=round(res["ndcg@10"], 4),
+              hr10=round(res["hr@10"], 4))
+        del sas
     if "bpr" in models:  # the SGD kernel against its GPU blocks (device="auto" takes the GPU from 5M samples)
         t = time.perf_counter()
         bpr = create_model("bpr", n_factors=64, epochs=10, progress=False).fit(split.train)
@@ -118,16 +128,6 @@ def main() -> None:
             model = create_model(name, progress=False).fit(split.train)
             stage(f"{label} fit", t, test_rmse=round(rmse(model, split.test), 4))
             del model
-    for loss in args.sasrec_loss.split(",") if "sasrec" in models else ():
-        t = time.perf_counter()
-        sas = create_model("sasrec", n_factors=64, max_len=50, batch_size=512, loss=loss.strip(), n_negatives=512,
-                           epochs=args.sasrec_epochs, all_windows=False, progress=True).fit(split.train)
-        stage(f"SASRec fit (64 factors, last 50 events, {loss}, {args.sasrec_epochs} epoch(s))", t)
-        t = time.perf_counter()
-        res = evaluate(sas, test, k=10)
-        stage(f"SASRec ({loss}): evaluate {len(pick):,} users (full ranking)", t, ndcg10=round(res["ndcg@10"], 4),
-              hr10=round(res["hr@10"], 4))
-        del sas
 
 
 if __name__ == "__main__":

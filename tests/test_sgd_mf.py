@@ -17,6 +17,7 @@ from recforge.evaluation import evaluate
 from recforge.models import Recommender, create_model, sgd_mf
 from recforge.models.als import BiasedALS
 from recforge.models.sgd_mf import FunkSVD, SVDpp, _funk_epoch, _svdpp_epoch
+from recforge.neural import block_sgd
 from recforge.neural.block_sgd import funk_epoch_torch
 
 
@@ -82,6 +83,23 @@ def test_funk_svd_in_blocks_learns_as_the_serial_kernel(planted: Interactions, m
     assert rmse(blocks) == pytest.approx(rmse(serial), abs=0.005)  # 0.9059 against 0.9057
     assert not np.array_equal(blocks.user_factors_, serial.user_factors_)  # the torch path did run
     assert blocks.user_factors_.dtype == np.float32 and blocks.loss_history_[-1] < blocks.loss_history_[0]
+
+
+def test_funk_blocks_stay_stable_when_an_item_fills_the_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An item with 30% of the ratings appears ~600 times in a block of 2,000: summed, its stale steps overshot and
+    the fit went to NaN; averaged, the blocks track the serial kernel."""
+    rng = np.random.default_rng(0)
+    n = 20_000
+    items = np.where(rng.random(n) < 0.3, 0, rng.integers(1, 300, n))
+    frame = pd.DataFrame({"user_id": rng.integers(0, 20_000, n), "item_id": items,
+                          "rating": np.clip(np.round(3.5 + 0.8 * rng.standard_normal(n) + 0.5 * (items == 0)), 1, 5)})
+    data = Interactions.from_frame(frame.drop_duplicates(["user_id", "item_id"]))
+    serial = FunkSVD(n_factors=8, epochs=4, progress=False).fit(data)
+    monkeypatch.setattr(sgd_mf, "device_for_work", lambda *args: torch.device("cpu"))
+    monkeypatch.setattr(block_sgd, "block_size", lambda n_samples: 2_000)
+    blocks = FunkSVD(n_factors=8, epochs=4, progress=False).fit(data)
+    assert np.isfinite(blocks.loss_history_).all() and blocks.loss_history_[-1] < blocks.loss_history_[0]
+    np.testing.assert_allclose(blocks.loss_history_, serial.loss_history_, rtol=0.02)
 
 
 def test_funk_frozen_items_do_not_move() -> None:

@@ -405,7 +405,7 @@ def implicit_half_step_torch(R: DeviceCSR, X: torch.Tensor, Y: torch.Tensor, reg
 
 
 #: Float64 entries one block of :func:`biased_half_step_torch` may hold in its padded design rows (and in its
-#: normal matrices): 256 MB.
+#: normal matrices): 256 MB each (a row longer than that is a block of its own).
 _SOLVE_BLOCK = 2**25
 
 
@@ -425,9 +425,11 @@ class DeviceRatings:
         self.empty = torch.from_numpy(order[counts[order] == 0]).to(device)
         order = order[counts[order] > 0]
         self.blocks: list[tuple[torch.Tensor, int]] = []
+        most = max(1, _SOLVE_BLOCK // (width * width))  # rows a block can hold: each costs width² or more
         lo = 0
         while lo < len(order):
-            rows_cost = np.maximum(counts[order[lo:]], width) * width * np.arange(1, len(order) - lo + 1)
+            window = order[lo : lo + most]
+            rows_cost = np.maximum(counts[window], width) * width * np.arange(1, len(window) + 1)
             hi = lo + max(1, int(np.searchsorted(rows_cost, _SOLVE_BLOCK, side="right")))
             self.blocks.append((torch.from_numpy(order[lo:hi]).to(device), int(counts[order[hi - 1]])))
             lo = hi
@@ -708,6 +710,7 @@ class BiasedALS(FactorRatingModel):
     of the same pair replaces the old one), then re-solves the touched users, then the touched items.
     ``device``: ``"auto"`` (``$RECFORGE_DEVICE``, else CUDA when present) fits on a GPU with torch
     (:func:`biased_half_step_torch`: the same exact solves, a block of rows at once); the factors end on the CPU.
+    ``deterministic=True`` runs it with deterministic kernels only (cuBLAS promises repeatable products only then).
 
     The defaults mean the same on any rating scale: fitting ``(r - μ)/s`` (``s = rating_scale_``, the ratings'
     spread over the spread the defaults were tuned on) with these penalties is the same problem as fitting ``r``
@@ -740,6 +743,7 @@ class BiasedALS(FactorRatingModel):
         "prior_reg": Real(0),
         "damping": Real(0),
         "device": Text(),
+        "deterministic": Boolean(),
     }
 
     def __init__(
@@ -756,6 +760,7 @@ class BiasedALS(FactorRatingModel):
         progress: bool = True,
         num_threads: int = 0,
         device: str = "auto",
+        deterministic: bool = False,
     ) -> None:
         self.n_factors = n_factors
         self.reg = reg
@@ -769,6 +774,7 @@ class BiasedALS(FactorRatingModel):
         self.progress = progress
         self.num_threads = num_threads
         self.device = device
+        self.deterministic = deterministic
 
     supports_partial_fit = True
 
@@ -811,10 +817,11 @@ class BiasedALS(FactorRatingModel):
         mu = float(self.global_bias_)
         penalties = (float(self.reg * self.rating_scale_), float(self.bias_reg), bool(self.weighted_reg),
                      float(self.prior_reg * self.rating_scale_), float(self.damping))
-        for _ in bar:
-            biased_half_step_torch(by_user, Xd, bud, Yd, bid, mu, *penalties)
-            biased_half_step_torch(by_item, Yd, bid, Xd, bud, mu, *penalties)
-            bar.log(float(np.sqrt(by_user.sse(Xd, bud, Yd, bid, mu) / max(1, R.nnz))))
+        with deterministic_algorithms(self.deterministic):
+            for _ in bar:
+                biased_half_step_torch(by_user, Xd, bud, Yd, bid, mu, *penalties)
+                biased_half_step_torch(by_item, Yd, bid, Xd, bud, mu, *penalties)
+                bar.log(float(np.sqrt(by_user.sse(Xd, bud, Yd, bid, mu) / max(1, R.nnz))))
         return tuple(t.cpu().numpy() for t in (Xd, bud, Yd, bid))
 
     def _damped_biases(self, R: sp.csr_matrix, Rt: sp.csr_matrix, mu: float) -> tuple[np.ndarray, np.ndarray]:
