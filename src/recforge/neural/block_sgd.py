@@ -197,6 +197,6 @@ def _occurrences(rows: torch.Tensor) -> torch.Tensor:
 
 
 def _capped(lr: float, occurrences: torch.Tensor) -> torch.Tensor:
-    """Each of a row's ``c`` steps scaled by ``lr``, or by ``1 / c`` when ``c·lr > 1``: at most one ``1 / lr``-fold
-    step's worth for the row per block."""
+    """The rate each of a row's ``c`` steps in a block is taken with: ``lr``, or ``1 / c`` when ``c·lr > 1``, so
+    the row's summed step never exceeds its mean step taken with rate 1."""
     return torch.clamp(1.0 / occurrences, max=lr)
