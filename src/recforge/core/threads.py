@@ -50,10 +50,11 @@ def chunk_scratch(n_chunks: int, n_buffers: int, length: int, like: np.ndarray) 
     buffer ``b``, of ``like``'s dtype, every buffer starting on a 64-byte boundary, one gap of 64 bytes or more
     from the next.
 
-    Why not ``np.empty`` inside the loop: with ``fastmath`` LLVM vectorises the loops over such buffers behind run-time
-    checks that take a scalar path, which rounds differently, when buffers lie too close; buffers allocated by each
-    thread's own heap were placed differently, so a row's result depended on the thread that computed it (seen on
-    an AMD EPYC: ImplicitALS's factors changed with ``num_threads``)."""
+    Why not ``np.empty`` inside the loop: buffers allocated there come from each thread's own heap, and a row's
+    result then depended on the thread that computed it (seen on an AMD EPYC: ImplicitALS's factors changed with
+    ``num_threads``, and from run to run). The likely mechanism, not traced to the machine code: with ``fastmath``
+    LLVM vectorises loops over such buffers behind run-time placement checks, falling back to a scalar path that
+    rounds differently."""
     per = _SCRATCH_ALIGN // like.itemsize
     padded = ((length + per - 1) // per + 1) * per
     raw = np.empty(n_chunks * n_buffers * padded + per, like.dtype)
