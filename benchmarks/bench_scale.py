@@ -34,11 +34,6 @@ def peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
-def rmse(model, test) -> float:  # type: ignore[no-untyped-def]
-    """Root mean squared error of ``model``'s predicted ratings on ``test``."""
-    return float(np.sqrt(np.mean((model.predict_indices(test.users, test.items) - test.ratings) ** 2)))
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n-users", type=int, default=200_000)
@@ -55,6 +50,7 @@ def main() -> None:
     import torch
 
     from recforge.core.device import resolve_device
+    from recforge.core.metrics import rmse
     from recforge.data.datasets import make_synthetic
     from recforge.errors import DataError
     from recforge.evaluation import evaluate, get_protocol
@@ -126,7 +122,8 @@ def main() -> None:
         if name in models:  # the explicit-rating models, on the synthetic ratings
             t = time.perf_counter()
             model = create_model(name, progress=False).fit(split.train)
-            stage(f"{label} fit", t, test_rmse=round(rmse(model, split.test), 4))
+            predicted = model.predict_indices(split.test.users, split.test.items)
+            stage(f"{label} fit", t, test_rmse=round(rmse(split.test.ratings, predicted), 4))
             del model
 
 

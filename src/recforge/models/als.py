@@ -345,8 +345,8 @@ _DOT_CHUNK = 2**22
 
 
 class DeviceCSR:
-    """A CSR pattern with a confidence per nonzero, on a torch device, for :func:`implicit_half_step_torch`;
-    ``deterministic``: sums in a fixed order (``index_add_`` under torch's deterministic mode) instead of cuSPARSE's
+    """A CSR pattern with a value per nonzero (a confidence, a rating) on a torch device, for
+    :func:`implicit_half_step_torch` and :class:`DeviceRatings`; ``deterministic``: sums in a fixed order (``index_add_`` under torch's deterministic mode) instead of cuSPARSE's
     product, whose additions arrive in a varying order on a GPU."""
 
     def __init__(self, R: sp.csr_matrix, conf: np.ndarray, device: torch.device, deterministic: bool = False) -> None:
@@ -409,16 +409,14 @@ def implicit_half_step_torch(R: DeviceCSR, X: torch.Tensor, Y: torch.Tensor, reg
 _SOLVE_BLOCK = 2**25
 
 
-class DeviceRatings:
-    """A CSR matrix of ratings on a torch device, with its non-empty rows in blocks of similar count for
-    :func:`biased_half_step_torch`: sorted by count, so padding every row of a block to the block's longest row
-    wastes little, and sized so a block's padded design and normal matrices (``width`` columns each) stay under
-    :data:`_SOLVE_BLOCK` entries."""
+class DeviceRatings(DeviceCSR):
+    """A CSR matrix of ratings on a torch device (the ratings as :class:`DeviceCSR`'s per-nonzero values), with its
+    non-empty rows in blocks of similar count for :func:`biased_half_step_torch`: sorted by count, so padding every
+    row of a block to the block's longest row wastes little, and sized so a block's padded design and normal
+    matrices (``width`` columns each) stay under :data:`_SOLVE_BLOCK` entries."""
 
     def __init__(self, R: sp.csr_matrix, width: int, device: torch.device) -> None:
-        self.crow = torch.from_numpy(R.indptr.astype(np.int64)).to(device)
-        self.col = torch.from_numpy(R.indices.astype(np.int64)).to(device)
-        self.rating = torch.from_numpy(R.data.astype(np.float64)).to(device)
+        super().__init__(R, R.data, device)
         self.count = self.crow.diff()
         counts = np.diff(R.indptr)
         order = np.argsort(counts, kind="stable")
@@ -436,14 +434,9 @@ class DeviceRatings:
 
     def sse(self, X: torch.Tensor, xb: torch.Tensor, Y: torch.Tensor, yb: torch.Tensor, mu: float) -> float:
         """Sum of squared errors of ``μ + b_u + b_i + x_u·y_i`` over the ratings (rows of ``X`` by columns of
-        ``Y``), gathered in chunks."""
-        row = torch.repeat_interleave(torch.arange(len(self.count), device=X.device), self.count)
-        total = torch.zeros((), dtype=torch.float64, device=X.device)
-        for lo in range(0, len(self.col), _DOT_CHUNK):
-            u, i = row[lo : lo + _DOT_CHUNK], self.col[lo : lo + _DOT_CHUNK]
-            pred = mu + xb[u].double() + yb[i].double() + (X[u] * Y[i]).sum(1).double()
-            total += (self.rating[lo : lo + _DOT_CHUNK] - pred).square().sum()
-        return float(total)
+        ``Y``)."""
+        pred = mu + xb.double()[self.row] + yb.double()[self.col] + self.dots(X, Y).double()
+        return float((self.conf.double() - pred).square().sum())
 
 
 def biased_half_step_torch(R: DeviceRatings, X: torch.Tensor, xb: torch.Tensor, Y: torch.Tensor, yb: torch.Tensor,
@@ -461,7 +454,7 @@ def biased_half_step_torch(R: DeviceRatings, X: torch.Tensor, xb: torch.Tensor, 
         cols = R.col[at]
         mask = valid.double()
         Z = torch.cat([Y[cols].double(), torch.ones_like(mask)[..., None]], dim=2) * mask[..., None]
-        target = (R.rating[at] - mu - yb[cols].double()) * mask
+        target = (R.conf[at].double() - mu - yb[cols].double()) * mask
         A = Z.transpose(1, 2) @ Z
         b = Z.transpose(1, 2) @ target[..., None]
         scale = count.double() if weighted else torch.ones_like(mask[:, 0])
@@ -815,8 +808,7 @@ class BiasedALS(FactorRatingModel):
         by_user, by_item = DeviceRatings(R, width, device), DeviceRatings(Rt, width, device)
         Xd, bud, Yd, bid = (torch.from_numpy(a).to(device) for a in (X, bu, Y, bi))
         mu = float(self.global_bias_)
-        penalties = (float(self.reg * self.rating_scale_), float(self.bias_reg), bool(self.weighted_reg),
-                     float(self.prior_reg * self.rating_scale_), float(self.damping))
+        penalties = self._penalties()
         with deterministic_algorithms(self.deterministic):
             for _ in bar:
                 biased_half_step_torch(by_user, Xd, bud, Yd, bid, mu, *penalties)
@@ -841,11 +833,14 @@ class BiasedALS(FactorRatingModel):
     ) -> None:
         rows = np.asarray(rows, dtype=np.int64)
         if len(rows):
-            _biased_exact(
-                R.indptr, R.indices, R.data, rows, X, xb, Y, yb, float(self.global_bias_),
-                float(self.reg * self.rating_scale_), float(self.bias_reg), bool(self.weighted_reg),
-                float(self.prior_reg * self.rating_scale_), float(self.damping), _n_chunks(len(rows)),
-            )
+            _biased_exact(R.indptr, R.indices, R.data, rows, X, xb, Y, yb, float(self.global_bias_),
+                          *self._penalties(), _n_chunks(len(rows)))
+
+    def _penalties(self) -> tuple[float, float, bool, float, float]:
+        """The row solves' penalties: factors, bias, whether both scale with the row's count, and the per-row
+        priors on factors and bias (factor penalties on the rating scale the defaults were tuned on)."""
+        return (float(self.reg * self.rating_scale_), float(self.bias_reg), bool(self.weighted_reg),
+                float(self.prior_reg * self.rating_scale_), float(self.damping))
 
     def _partial_fit(self, new: Interactions) -> None:
         R = merge_csr(self.ratings_, new.csr("rating").astype(np.float32), "replace")
