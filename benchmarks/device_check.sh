@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check (issue 19), under 10 minutes on one GPU: the test files that train or rank with torch, run on
 # CUDA; then the GPU benchmark rows: the 20M-interaction synthetic set (EASE, ALS, BPR, BiasedALS, FunkSVD, SASRec
-# logQ and full softmax, full-ranking evaluation of all 200k users), SASRec's repeatability with deterministic=True
-# on ML-100K (bench_gpu.py), SASRec and GRU4Rec tuned + refitted on ML-100K leave-one-out, and the whole
+# logQ and full softmax, full-ranking evaluation of all 200k users), SASRec on ML-100K with and without CUDA graphs
+# and its repeatability with deterministic=True (bench_gpu.py), SASRec and GRU4Rec tuned + refitted on ML-100K leave-one-out, and the whole
 # `recforge compare` leaderboard on ml-latest-small. Every step has its own time limit; the log and the JSON results
 # land in OUT (six files: check.txt, scale.json, gpu_sasrec.json, sequential.json, compare.md, compare_trials.csv).
 #
@@ -28,7 +28,7 @@ torch.cuda.get_device_name(0), '|', torch.cuda.device_count(), 'GPU(s)')" 2>&1 |
 
 step "tests on CUDA (RECFORGE_DEVICE=cuda)"
 # -v: every test's outcome is logged as it ends, so a run stopped by its time limit still names its failures
-timeout 180 python3 -m pytest -v -p no:cacheprovider -n 8 --durations=10 tests/test_sequential.py \
+timeout 180 python3 -m pytest -v -p no:cacheprovider -n 8 --durations=10 tests/test_sequential.py tests/test_graphs.py \
   tests/test_two_tower.py tests/test_distributed.py tests/test_model_contract.py tests/test_core.py \
   tests/test_device_ranking.py tests/test_neighbors.py tests/test_graph.py tests/test_linear.py tests/test_als.py \
   tests/test_bpr.py tests/test_pointwise.py "tests/test_sgd_mf.py::test_the_torch_funk_epoch_in_blocks_of_one_is_the_numba_epoch" 2>&1 | grep -v " PASSED " | tee -a "$LOG"
@@ -37,16 +37,16 @@ step "20M synthetic: EASE, ALS, BPR, BiasedALS, FunkSVD, SASRec (logQ, full soft
 timeout 170 python3 benchmarks/bench_scale.py --models ease,als,bpr,biasedals,funksvd,sasrec --sasrec-loss logq,softmax --eval-users 200000 \
   --out "$OUT/scale.json" 2>&1 | grep -v "it/s" | tee -a "$LOG"
 
-step "ML-100K LOO validation: SASRec, and its repeatability with deterministic=True (bench_gpu.py)"
-timeout 60 python3 benchmarks/bench_gpu.py \
-  --configs default,deterministic,deterministic-again --out "$OUT/gpu_sasrec.json" 2>&1 | tee -a "$LOG"
+step "ML-100K LOO validation: SASRec with and without CUDA graphs, its repeatability with deterministic=True (bench_gpu.py)"
+timeout 70 python3 benchmarks/bench_gpu.py \
+  --configs default,eager,deterministic,deterministic-again --out "$OUT/gpu_sasrec.json" 2>&1 | tee -a "$LOG"
 
 step "ML-100K leave-one-out: SASRec, GRU4Rec (tuned on validation, refitted), SASRec epoch time"
 timeout 80 python3 benchmarks/bench_sequential.py --datasets ml-100k --parts loo,speed --neural "SASRec softmax,GRU4Rec" \
   --threads 4 --work /tmp/recforge-gpu-trials --out "$OUT/sequential.json" 2>&1 | tee -a "$LOG"
 
 step "ml-latest-small LOO: the whole recforge compare leaderboard with SASRec and GRU4Rec"
-timeout 90 python3 -m recforge compare --models random,pop,itemknn,ease,als,bpr,funksvd,sasrec,gru4rec \
+timeout 85 python3 -m recforge compare --models random,pop,itemknn,ease,als,bpr,funksvd,sasrec,gru4rec \
   --workers 8 --out /tmp/recforge-gpu-compare 2>&1 | tee -a "$LOG"
 cp /tmp/recforge-gpu-compare/leaderboard.md "$OUT/compare.md" 2>/dev/null
 cp /tmp/recforge-gpu-compare/trials.csv "$OUT/compare_trials.csv" 2>/dev/null

@@ -276,6 +276,18 @@ def test_learns_successor_chains(name: str, chains: Interactions) -> None:
     assert hits >= 14, f"{name}: successor in the top 3 for only {hits}/20 items"
 
 
+def test_a_windows_loss_does_not_depend_on_its_batch(chains: Interactions) -> None:
+    """A short window's positions count from its own last target, whatever the batch's longest window: its loss
+    alone equals its share of a batch with a longer one (before the fix its positions shifted by one)."""
+    net = create_model("sasrec", **{**FAST, "epochs": 1, "dropout": 0.0}).fit(chains).net_.train()
+    short = torch.tensor([[3, 4, 5, 6]])
+    long = torch.tensor([[7, 8, 9, 10, 11, 12, 13, 14]])
+    with torch.no_grad():
+        alone = [float(net.loss({"seq": row})) for row in (short, long)]
+        both = float(net.loss({"seq": torch.cat([torch.nn.functional.pad(short, (0, 4)), long])}))
+    assert both == pytest.approx((3 * alone[0] + 7 * alone[1]) / 10, rel=1e-5)
+
+
 def test_pooling_ignores_order_and_sasrec_uses_it(chains: Interactions) -> None:
     pool = create_model("pooling", **{**FAST, "window": 0}).fit(chains)
     sas = create_model("sasrec", **FAST).fit(chains)

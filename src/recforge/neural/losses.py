@@ -19,24 +19,36 @@ SOFTMAX_CHUNK_LOGITS = 2**26
 
 
 def full_softmax(query: torch.Tensor, positives: torch.Tensor, items: torch.Tensor,
-                 bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy over the whole catalogue (the padding row is not a class)."""
-    return catalogue_cross_entropy(query, positives - 1, items[1:], None if bias is None else bias[1:])
+                 bias: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy over the whole catalogue (the padding row is not a class); ``valid`` as in
+    :func:`catalogue_cross_entropy`."""
+    return catalogue_cross_entropy(query, positives - 1, items[1:], None if bias is None else bias[1:], valid)
 
 
 def catalogue_cross_entropy(query: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
-                            bias: torch.Tensor | None = None) -> torch.Tensor:
+                            bias: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
     """Mean cross-entropy of ``query @ weight.T (+ bias)`` against 0-based ``targets``, never holding more than
-    :data:`SOFTMAX_CHUNK_LOGITS` logits: a 50k-item catalogue trains with the full softmax at any batch size."""
+    :data:`SOFTMAX_CHUNK_LOGITS` logits: a 50k-item catalogue trains with the full softmax at any batch size.
+
+    ``valid`` (boolean, one per row): only those rows count, the mean is over them. It replaces selecting the rows
+    first (``query[valid]``), whose size the host must wait for: a CUDA graph cannot record that."""
     n = query.shape[0]
+    if valid is not None:
+        targets = targets.masked_fill(~valid, _IGNORED)
+    count = n if valid is None else valid.sum().clamp(min=1)
     rows = max(1, SOFTMAX_CHUNK_LOGITS // max(weight.shape[0], 1))
     if n <= rows:
-        return _cross_entropy_sum(query, targets, weight, bias) / n
+        return _cross_entropy_sum(query, targets, weight, bias) / count
     total = query.new_zeros((), dtype=torch.float32)
     for lo in range(0, n, rows):
+        # no random numbers inside, so the generator's state need not be saved (a graph capture cannot read it)
         total = total + checkpoint(_cross_entropy_sum, query[lo:lo + rows], targets[lo:lo + rows], weight, bias,
-                                   use_reentrant=False)
-    return total / n
+                                   use_reentrant=False, preserve_rng_state=False)
+    return total / count
+
+
+#: The target of rows that do not count (``F.cross_entropy``'s ``ignore_index``).
+_IGNORED = -100
 
 
 def _cross_entropy_sum(query: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,
@@ -44,7 +56,7 @@ def _cross_entropy_sum(query: torch.Tensor, targets: torch.Tensor, weight: torch
     logits = query @ weight.T
     if bias is not None:
         logits = logits + bias
-    return F.cross_entropy(logits.float(), targets, reduction="sum")
+    return F.cross_entropy(logits.float(), targets, reduction="sum", ignore_index=_IGNORED)
 
 
 def bce_one_negative(query: torch.Tensor, positives: torch.Tensor, items: torch.Tensor,

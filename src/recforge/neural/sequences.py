@@ -98,14 +98,20 @@ def vocabulary(inter: Interactions, min_item_count: int = 0) -> tuple[np.ndarray
 
 def window_batches(
     seqs: TokenSequences, starts: np.ndarray, lengths: np.ndarray, batch_size: int, rng: np.random.Generator,
-    shuffle: bool = True,
+    shuffle: bool = True, width: int | None = None,
 ) -> Iterator[np.ndarray]:
     """Shuffled batches of padded windows (B × (longest window in the batch)); the model splits each row into
-    inputs ``[:-1]`` and targets ``[1:]``."""
+    inputs ``[:-1]`` and targets ``[1:]``. With ``width`` every batch is ``batch_size × width``, the last one
+    filled up with rows of padding (the shape a CUDA graph replays)."""
     order = rng.permutation(len(starts)) if shuffle else np.arange(len(starts))
     for lo in range(0, len(order), batch_size):
         pick = order[lo : lo + batch_size]
-        yield pad_right(seqs.tokens, starts[pick], lengths[pick])
+        if width is None:
+            yield pad_right(seqs.tokens, starts[pick], lengths[pick])
+            continue
+        fill = batch_size - len(pick)
+        yield pad_right(seqs.tokens, np.r_[starts[pick], np.zeros(fill, np.int64)],
+                        np.r_[lengths[pick], np.zeros(fill, np.int64)], width)
 
 
 @dataclass

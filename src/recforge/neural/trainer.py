@@ -3,7 +3,8 @@
 The loop owns what every model needs and no model should rewrite: device placement, mixed precision on GPUs,
 seeding, the optimiser and its learning-rate schedule, gradient clipping, a progress bar with the loss, validation
 on a ranking metric every N steps with early stopping, the best weights kept and restored at the end, periodic
-checkpoints that a later run resumes from, and training curves as CSV and PNG.
+checkpoints that a later run resumes from, and training curves as CSV and PNG. On a GPU, a model whose loss keeps
+static shapes has each step replayed from a CUDA graph (:mod:`recforge.neural.graphs`).
 
 A model hands the trainer a ``torch.nn.Module``, a ``loss_fn(batch) -> scalar tensor``, a
 ``batches(epoch, rng) -> iterator of dicts of numpy arrays`` and optionally ``validate() -> {metric: value}``.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import logging
 import math
 import sys
@@ -41,6 +43,7 @@ from recforge.data.io import atomic_path, save_figure
 from recforge.errors import DataError
 from recforge.neural import distributed as D
 from recforge.neural.checkpoint import load_checkpoint, save_checkpoint
+from recforge.neural.graphs import GraphedStep
 
 log = logging.getLogger(__name__)
 #: Steps between two updates of the progress bar's running loss (each reads the loss from the device).
@@ -81,6 +84,7 @@ TRAINER_CONSTRAINTS: dict[str, Constraint] = {
     "device": Text(),
     "amp": Boolean(),
     "deterministic": Boolean(),
+    "cuda_graphs": Boolean(),
     "seed": Integer(0),
     "progress": Boolean(),
     "checkpoint_dir": Text(optional=True),
@@ -104,6 +108,8 @@ class TrainerConfig:
     ``validate_every``: steps between validations (0 = once per epoch). ``patience``: validations without
     improvement before stopping (0 = never stop early). ``checkpoint_dir``: where the last and best checkpoints
     and the training curves go; with ``resume`` a run continues from the last checkpoint found there.
+    ``cuda_graphs``: replay each step from a CUDA graph where :attr:`Trainer.can_graph` allows it and the model's
+    loss keeps static shapes (``fit(graphs=True)``).
     """
 
     epochs: int = 50
@@ -119,6 +125,7 @@ class TrainerConfig:
     device: str = "auto"
     amp: bool = True
     deterministic: bool = False
+    cuda_graphs: bool = True
     seed: int = 0
     progress: bool = True
     checkpoint_dir: str | None = None
@@ -204,7 +211,9 @@ class Trainer:
         self.amp = amp_dtype(self.device, config.amp)
         params = [p for p in module.parameters() if p.requires_grad]
         opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-        self.optimizer = opt_cls(params, lr=config.lr, weight_decay=config.weight_decay)
+        # on a GPU one fused kernel updates every parameter, its step counts on the device (a graph can record it)
+        fused = {"fused": True, "capturable": True} if self.device.type == "cuda" else {}
+        self.optimizer = opt_cls(params, lr=config.lr, weight_decay=config.weight_decay, **fused)
         # float16 needs loss scaling to keep small gradients; bfloat16 and float32 do not
         self.scaler = torch.amp.GradScaler("cuda") if self.amp is torch.float16 else None
         self.main = D.is_main_process()
@@ -230,11 +239,20 @@ class Trainer:
                 out[key] = value
         return out
 
-    def autocast(self) -> Any:
-        """The mixed-precision context for forward passes (a no-op on the CPU)."""
+    def autocast(self, cache: bool = True) -> Any:
+        """The mixed-precision context for forward passes (a no-op on the CPU); ``cache=False`` recasts the weights
+        at every use, as a CUDA graph capture requires."""
         if self.amp is None:
             return torch.autocast(device_type=self.device.type, enabled=False)
-        return torch.autocast(device_type=self.device.type, dtype=self.amp)
+        return torch.autocast(device_type=self.device.type, dtype=self.amp, cache_enabled=cache)
+
+    @property
+    def can_graph(self) -> bool:
+        """Whether ``fit(graphs=True)`` replays the steps from a CUDA graph: on a GPU, with ``cuda_graphs``, in one
+        process, without a loss scaler (float16) and with a constant learning rate (a graph records the rate)."""
+        cfg = self.config
+        return (self.device.type == "cuda" and cfg.cuda_graphs and not self.distributed and self.scaler is None
+                and cfg.schedule == "constant" and not cfg.warmup_steps)
 
     def _lr_factor(self, step: int, total: int) -> float:
         cfg = self.config
@@ -263,18 +281,28 @@ class Trainer:
         log.info("resumed %s from %s at epoch %d, step %d", self.config.desc, ckpt / "last", state.epoch, state.step)
         return state
 
-    def _train_step(self, forward: Callable[[Batch], torch.Tensor], batch: Batch, state: TrainingState,
+    def _train_step(self, step: Callable[[Batch], torch.Tensor], batch: Batch, state: TrainingState,
                     total_steps: int) -> None:
-        """One optimiser step on ``batch``; its loss is added to the running sum (checked in :meth:`_mean_loss`)."""
+        """One optimiser step on ``batch`` (by ``step``: :meth:`_step` or its graphed replay); its loss is added to
+        the running sum (checked in :meth:`_mean_loss`)."""
         cfg = self.config
         factor = self._lr_factor(state.step, total_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = cfg.lr * factor
         if self.distributed:
             batch = D.shard_batch(batch, D.rank(), D.world_size())
-        with self.autocast():
-            loss = forward(self.to_device(batch))
+        loss = step(self.to_device(batch))
+        state.step += 1
+        detached = loss.detach().float()
+        self._running = detached if self._running is None else self._running + detached
+        self._n_running += 1
+
+    def _step(self, forward: Callable[[Batch], torch.Tensor], batch: Batch, cache: bool = True) -> torch.Tensor:
+        """Forward, backward, clipping and the optimiser's update for a batch on the device; the loss."""
+        cfg = self.config
         self.optimizer.zero_grad(set_to_none=True)
+        with self.autocast(cache):
+            loss = forward(batch)
         if self.scaler is not None:
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
@@ -287,10 +315,7 @@ class Trainer:
             self.scaler.update()
         else:
             self.optimizer.step()
-        state.step += 1
-        detached = loss.detach().float()
-        self._running = detached if self._running is None else self._running + detached
-        self._n_running += 1
+        return loss
 
     def _mean_loss(self, state: TrainingState) -> float:
         """The mean loss since the last history row, over the ranks (0 without steps); a loss that is not finite is
@@ -305,8 +330,8 @@ class Trainer:
 
     def _validate(self, state: TrainingState, validate: Callable[[], dict[str, float]] | None, start: float,
                   bar: Any) -> bool:
-        """Append a history row (loss since the last row, validation scores), keep the best weights, call the
-        callbacks; True when the validation metric improved."""
+        """Append a history row (loss since the last row, validation scores and the seconds they took), keep the
+        best weights, call the callbacks; True when the validation metric improved."""
         metric = self.config.metric
         loss = self._mean_loss(state)  # waits for the queued steps, so the time below counts them
         row = {"epoch": state.epoch, "step": state.step, "loss": loss, "lr": self.optimizer.param_groups[0]["lr"],
@@ -315,8 +340,10 @@ class Trainer:
         improved = False
         if validate is not None:
             self.module.eval()
+            began = time.perf_counter()
             with torch.no_grad(), self.autocast():
                 scores = validate()
+            row["validation_seconds"] = time.perf_counter() - began  # the metrics are floats: the device is done
             self.module.train()
             scores = D.broadcast_object(scores)  # every rank takes the same early-stopping decisions
             if metric not in scores:
@@ -358,14 +385,18 @@ class Trainer:
         batches: Callable[[int, np.random.Generator], Iterator[Batch]],
         steps_per_epoch: int,
         validate: Callable[[], dict[str, float]] | None = None,
+        graphs: bool = False,
     ) -> TrainingResult:
         """Run the loop; afterwards ``module`` holds the best validated weights (or the last ones without
         validation). Each epoch's batch order comes from a generator seeded by (seed, epoch) and dropout from a
         torch seed derived the same way, so a run resumed from an epoch-end checkpoint retraces an uninterrupted
         one. With ``deterministic`` the kernels are too (:func:`~recforge.core.device.deterministic_algorithms`),
-        so GPU runs repeat."""
+        so GPU runs repeat.
+
+        ``graphs=True`` says that ``loss_fn`` never waits for the device and keeps its shapes for batches of one
+        shape: where :attr:`can_graph`, the steps are then replayed from a CUDA graph."""
         with deterministic_algorithms(self.config.deterministic):
-            return self._fit(loss_fn, batches, steps_per_epoch, validate)
+            return self._fit(loss_fn, batches, steps_per_epoch, validate, graphs and self.can_graph)
 
     def _fit(
         self,
@@ -373,6 +404,7 @@ class Trainer:
         batches: Callable[[int, np.random.Generator], Iterator[Batch]],
         steps_per_epoch: int,
         validate: Callable[[], dict[str, float]] | None,
+        graphs: bool,
     ) -> TrainingResult:
         cfg = self.config
         steps_per_epoch = max(1, steps_per_epoch)
@@ -381,6 +413,9 @@ class Trainer:
         state = self._restore(ckpt)
         start = time.perf_counter() - state.elapsed
         forward = D.wrap_ddp(self.module, loss_fn, self.device) if self.distributed else loss_fn
+        step: Callable[[Batch], torch.Tensor] = functools.partial(self._step, forward)
+        if graphs:
+            step = GraphedStep(functools.partial(self._step, forward, cache=False), self.device)
         bar = progress_bar(total=total_steps, initial=state.step, desc=cfg.desc, unit="step",
                            enabled=cfg.progress and self.main, leave=False)
         validating = validate is not None
@@ -392,7 +427,7 @@ class Trainer:
             for i, batch in enumerate(batches(state.epoch, rng)):
                 if i < skip:
                     continue
-                self._train_step(forward, batch, state, total_steps)
+                self._train_step(step, batch, state, total_steps)
                 bar.update(1)
                 if cfg.progress and self.main and not validating and self._n_running % _POSTFIX_EVERY == 0:
                     bar.set_postfix(loss=f"{float(self._running) / self._n_running:.4f}")

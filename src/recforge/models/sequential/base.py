@@ -26,6 +26,7 @@ from recforge.data.interactions import Interactions
 from recforge.errors import ArtifactError, DataError
 from recforge.models.base import Recommender
 from recforge.neural.checkpoint import numpy_to_state, state_to_numpy
+from recforge.neural.losses import catalogue_cross_entropy
 from recforge.neural.sequences import (
     TokenSequences,
     n_tokens,
@@ -34,7 +35,13 @@ from recforge.neural.sequences import (
     vocabulary,
     window_batches,
 )
-from recforge.neural.trainer import MODEL_TRAINER_CONSTRAINTS, Trainer, TrainerConfig, keep_training_result
+from recforge.neural.trainer import (
+    MODEL_TRAINER_CONSTRAINTS,
+    TRAINER_CONSTRAINTS,
+    Trainer,
+    TrainerConfig,
+    keep_training_result,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +49,7 @@ _INFER_ROWS = 512  # histories encoded per forward pass at inference
 #: The parameters every sequential model shares (subclasses add their architecture's).
 SEQUENCE_CONSTRAINTS: dict[str, Constraint] = {
     **MODEL_TRAINER_CONSTRAINTS,
+    "cuda_graphs": TRAINER_CONSTRAINTS["cuda_graphs"],
     "n_factors": Integer(1),
     "max_len": Integer(2),
     "batch_size": Integer(1, optional=True),
@@ -73,9 +81,35 @@ class SequenceNet(nn.Module):
         scores = query @ vectors.T
         return scores if biases is None else scores + biases
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Mean training loss of a batch ``{"seq": B × W tokens}`` of padded windows."""
+    def position_states(self, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """The vector that scores the next item at every position of right-padded inputs (batch × length × dim);
+        ``lengths``: how many leading positions of each row have a next event (inference's history length: a
+        model that counts positions from the end counts them from the last of these)."""
         raise NotImplementedError
+
+    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Mean training loss of a batch ``{"seq": B × W tokens}`` of padded windows: by default the
+        full-catalogue cross-entropy of the next item at every position that has one (:meth:`target_loss`)."""
+        inputs, targets, mask = shifted_targets(batch["seq"], self.n_items)
+        return self.target_loss(self.position_states(inputs, (targets > 0).sum(1))[mask], targets[mask])
+
+    def target_loss(self, query: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+        """The loss of the real positions' vectors against their next items (tokens)."""
+        return catalogue_cross_entropy(query, positives - 1, *self.output_layer())
+
+    @property
+    def has_graph_loss(self) -> bool:
+        """Whether :meth:`graph_loss` computes this net's :meth:`loss` (the full-catalogue cross-entropy)."""
+        return True
+
+    def graph_loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """:meth:`loss`'s value computed over every position, padding masked out, instead of over the selected
+        positions: its shapes never depend on the batch's contents, so a CUDA graph can record it (more rows of
+        logits; on a GPU they cost less than the host waiting to learn how many rows there are)."""
+        inputs, targets, mask = shifted_targets(batch["seq"], self.n_items)
+        states = self.position_states(inputs, (targets > 0).sum(1))
+        return catalogue_cross_entropy(states.flatten(0, 1), (targets - 1).flatten(), *self.output_layer(),
+                                       valid=mask.flatten())
 
 
 def shifted_targets(seq: torch.Tensor, n_items: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -100,7 +134,8 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
     ``valid_exclude_seen`` (rank the validation event among items not in its history, like the leave-one-out
     test; set False for the next-event protocol, which keeps seen items), ``device`` ("auto" = CUDA if present),
     ``amp`` (mixed precision on GPU), ``deterministic`` (repeatable GPU training: deterministic kernels, see :class:`~recforge.neural.trainer.Trainer`),
-    ``checkpoint_dir``/``resume``,
+    ``cuda_graphs`` (on a GPU, replay each training step from a CUDA graph: SASRec with the full softmax, GRU4Rec
+    and pooling, at a constant learning rate; see :mod:`recforge.neural.graphs`), ``checkpoint_dir``/``resume``,
     ``seed``, ``progress``, ``num_threads``.
     """
 
@@ -174,13 +209,16 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
                 validate = self._validator(interactions, valid, net, trainer.device)
 
             size = self.batch_size or (self.gpu_batch_size if trainer.device.type == "cuda" else self.cpu_batch_size)
+            graphs = trainer.can_graph and net.has_graph_loss
+            # a graph replays one shape: every batch full-sized and as wide as the longest window
+            width = self._window_len() + 1 if graphs else None
 
             def batches(epoch: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
-                for seq in window_batches(seqs, starts, lengths, size, rng):
+                for seq in window_batches(seqs, starts, lengths, size, rng, width=width):
                     yield {"seq": seq}
 
             steps = math.ceil(len(starts) / size)
-            result = trainer.fit(net.loss, batches, steps, validate)
+            result = trainer.fit(net.graph_loss if graphs else net.loss, batches, steps, validate, graphs=graphs)
         self.net_ = net
         self._user_queries = None
         self.device_ = trainer.device

@@ -29,6 +29,11 @@ class BERT4RecNet(SASRecNet):
         ext[rows, lengths] = self.mask_token
         return self.hidden(ext, lengths + 1)[rows, lengths]
 
+    @property
+    def has_graph_loss(self) -> bool:
+        """Never: the masked positions are drawn anew for every batch, so their number changes."""
+        return False
+
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         seq = batch["seq"]
         real = seq > 0
@@ -88,6 +93,7 @@ class BERT4Rec(SequentialRecommender):
         device: str = "auto",
         amp: bool = True,
         deterministic: bool = False,
+        cuda_graphs: bool = True,
         checkpoint_dir: str | None = None,
         resume: bool = False,
         seed: int = 0,

@@ -14,9 +14,7 @@ from recforge.models.sequential.base import (
     SEQUENCE_CONSTRAINTS,
     SequenceNet,
     SequentialRecommender,
-    shifted_targets,
 )
-from recforge.neural.losses import catalogue_cross_entropy
 from recforge.neural.sequences import n_tokens
 
 
@@ -43,9 +41,8 @@ class GRUNet(SequenceNet):
     def output_layer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.out.weight, self.out.bias
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs, targets, mask = shifted_targets(batch["seq"], self.n_items)
-        return catalogue_cross_entropy(self.hidden(inputs)[mask], targets[mask] - 1, *self.output_layer())
+    def position_states(self, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.hidden(inputs)
 
 
 @register("gru4rec")
@@ -85,6 +82,7 @@ class GRU4Rec(SequentialRecommender):
         device: str = "auto",
         amp: bool = True,
         deterministic: bool = False,
+        cuda_graphs: bool = True,
         checkpoint_dir: str | None = None,
         resume: bool = False,
         seed: int = 0,

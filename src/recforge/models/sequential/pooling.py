@@ -14,9 +14,7 @@ from recforge.models.sequential.base import (
     SEQUENCE_CONSTRAINTS,
     SequenceNet,
     SequentialRecommender,
-    shifted_targets,
 )
-from recforge.neural.losses import catalogue_cross_entropy
 from recforge.neural.sequences import n_tokens
 
 
@@ -56,9 +54,8 @@ class PoolingNet(SequenceNet):
     def output_layer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.out_emb.weight, self.out_bias
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs, targets, mask = shifted_targets(batch["seq"], self.n_items)
-        return catalogue_cross_entropy(self.hidden(inputs)[mask], targets[mask] - 1, *self.output_layer())
+    def position_states(self, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        return self.hidden(inputs)
 
 
 @register("pooling")
@@ -92,6 +89,7 @@ class Pooling(SequentialRecommender):
         device: str = "auto",
         amp: bool = True,
         deterministic: bool = False,
+        cuda_graphs: bool = True,
         checkpoint_dir: str | None = None,
         resume: bool = False,
         seed: int = 0,

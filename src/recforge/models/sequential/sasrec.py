@@ -13,7 +13,6 @@ from recforge.models.sequential.base import (
     SEQUENCE_CONSTRAINTS,
     SequenceNet,
     SequentialRecommender,
-    shifted_targets,
     token_log_q,
 )
 from recforge.neural.layers import TransformerStack, reverse_positions, truncated_normal_init
@@ -53,11 +52,20 @@ class SASRecNet(SequenceNet):
     def output_layer(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         return self.item_emb.weight[1 : self.n_items + 1], None
 
-    def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        inputs, targets, mask = shifted_targets(batch["seq"], self.n_items)
-        h = self.hidden(inputs, (inputs > 0).sum(1))
-        return next_item_loss(self.loss_name, h[mask], targets[mask], self.item_emb.weight[: self.n_items + 1],
+    def position_states(self, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        # Positions count back from the last input that has a target: the place of a history's last event at
+        # inference. Counting from the last real input instead (the window's final event, which predicts
+        # nothing) shifted every window shorter than its batch's longest by one position.
+        return self.hidden(inputs, lengths)
+
+    def target_loss(self, query: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+        return next_item_loss(self.loss_name, query, positives, self.item_emb.weight[: self.n_items + 1],
                               self.n_negatives, self.log_q)
+
+    @property
+    def has_graph_loss(self) -> bool:
+        """The full softmax only: the sampled losses draw their negatives among the selected positions."""
+        return self.loss_name == "softmax"
 
 
 @register("sasrec")
@@ -111,6 +119,7 @@ class SASRec(SequentialRecommender):
         device: str = "auto",
         amp: bool = True,
         deterministic: bool = False,
+        cuda_graphs: bool = True,
         checkpoint_dir: str | None = None,
         resume: bool = False,
         seed: int = 0,

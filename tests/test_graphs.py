@@ -1,0 +1,178 @@
+"""Training steps replayed from CUDA graphs: the static-shape losses and batches they need, the replay logic (run on
+the CPU through a stand-in for the CUDA calls), and, on a GPU, the real thing."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+import torch
+
+from recforge.data import Interactions
+from recforge.data.datasets import make_synthetic
+from recforge.models import create_model
+from recforge.models.sequential.base import SequentialRecommender
+from recforge.neural import graphs as G
+from recforge.neural.sequences import TokenSequences, window_batches
+from recforge.neural.trainer import Trainer
+
+SMALL = {"max_len": 12, "n_factors": 16, "epochs": 4, "batch_size": 16, "num_threads": 1, "progress": False,
+         "lr": 3e-3}
+
+
+@pytest.fixture(scope="module")
+def chains() -> Interactions:
+    return make_synthetic(n_users=120, n_items=40, n_interactions=3_000, n_clusters=3, sequential_strength=0.8,
+                          seed=5)
+
+
+class FakeGraphs:
+    """The CUDA calls of :class:`GraphedStep` on the CPU: a capture records nothing and runs nothing (as a real
+    one); a replay runs the recorded step again on the static inputs and writes its loss into the captured tensor."""
+
+    streams = 0
+    fail = False
+
+    def __init__(self, device: torch.device) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def side_stream(self) -> Iterator[None]:
+        FakeGraphs.streams += 1
+        yield
+
+    def capture(self, run: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+        if FakeGraphs.fail:
+            raise RuntimeError("operation not permitted when stream is capturing")
+        loss = torch.zeros(())
+        return lambda: loss.copy_(run().detach()), loss
+
+
+@pytest.fixture()
+def fake_graphs(monkeypatch: pytest.MonkeyPatch) -> type[FakeGraphs]:
+    """Trainers replay their steps through :class:`FakeGraphs` wherever a GPU would use CUDA graphs."""
+    FakeGraphs.streams, FakeGraphs.fail = 0, False
+    monkeypatch.setattr(G, "CudaGraphs", FakeGraphs)
+    monkeypatch.setattr(Trainer, "can_graph", property(lambda self: self.config.cuda_graphs))
+    return FakeGraphs
+
+
+def _batch(model: SequentialRecommender, data: Interactions, width: int | None, size: int = 16) -> torch.Tensor:
+    seqs = TokenSequences.from_interactions(data, model.vocab_)
+    starts, lengths = seqs.windows(model.max_len, True)
+    rng = np.random.default_rng(0)
+    batches = list(window_batches(seqs, starts, lengths, size, rng, width=width))
+    return torch.from_numpy(batches[-1])
+
+
+@pytest.mark.parametrize("name", ["sasrec", "gru4rec", "pooling"])
+def test_graph_loss_is_the_loss_at_any_padding(name: str, chains: Interactions) -> None:
+    """The graph's loss over every position (padding masked) equals the loss over the selected target positions,
+    value and gradients, also with extra padding columns and rows of padding (an epoch's last batch)."""
+    model = create_model(name, **{**SMALL, "epochs": 1, "dropout": 0.0}).fit(chains)
+    net = model.net_.train()
+    tight = _batch(model, chains, None, size=50)
+    padded = torch.zeros((64, tight.shape[1] + 7), dtype=tight.dtype)
+    padded[: len(tight), : tight.shape[1]] = tight
+    assert net.has_graph_loss
+    values, grads = [], []
+    for loss_fn, batch in ((net.loss, tight), (net.graph_loss, padded)):
+        net.zero_grad()
+        loss = loss_fn({"seq": batch})
+        loss.backward()
+        values.append(float(loss.detach()))
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
+    assert values[0] == pytest.approx(values[1], rel=1e-5)
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_only_the_full_softmax_has_a_graph_loss(chains: Interactions) -> None:
+    assert not create_model("sasrec", **SMALL, loss="bce").fit(chains).net_.has_graph_loss
+    assert not create_model("bert4rec", **{**SMALL, "epochs": 1}).fit(chains).net_.has_graph_loss
+
+
+def test_batches_of_one_shape_hold_the_same_windows() -> None:
+    seqs = TokenSequences(np.arange(1, 24, dtype=np.int64), np.array([0, 5, 6, 15, 23]))
+    starts, lengths = seqs.windows(4, True)
+    loose = list(window_batches(seqs, starts, lengths, 3, np.random.default_rng(1)))
+    fixed = list(window_batches(seqs, starts, lengths, 3, np.random.default_rng(1), width=5))
+    assert len(loose) == len(fixed) and all(b.shape == (3, 5) for b in fixed)
+    for a, b in zip(loose, fixed):
+        np.testing.assert_array_equal(b[: len(a), : a.shape[1]], a)
+        assert not b[len(a):].any() and not b[:, a.shape[1]:].any()
+
+
+def test_graphed_step_warms_up_captures_replays_and_falls_back(fake_graphs: type[FakeGraphs],
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    """Three eager warm-up steps on the side stream, then one capture; replays copy each batch into the captured
+    inputs; another shape runs eagerly; a failed capture warns once and leaves every later step eager."""
+    seen: list[float] = []
+
+    def step(batch: dict) -> torch.Tensor:
+        seen.append(float(batch["x"].sum()))
+        return batch["x"].sum()
+
+    graphed = G.GraphedStep(step, torch.device("cpu"))
+    losses = [float(graphed({"x": torch.full((2,), float(i))})) for i in range(6)]
+    assert losses == [0, 2, 4, 6, 8, 10] and seen == losses  # the capture ran nothing, each replay its batch
+    assert fake_graphs.streams == 3 and graphed.replay is not None
+    assert float(graphed({"x": torch.ones(3)})) == 3  # another shape: eager
+    assert float(graphed({"x": torch.full((2,), 7.0)})) == 14  # and the graph still replays
+
+    fake_graphs.fail = True
+    failing = G.GraphedStep(step, torch.device("cpu"))
+    with caplog.at_level(logging.WARNING):
+        out = [float(failing({"x": torch.full((2,), float(i))})) for i in range(6)]
+    assert out == [0, 2, 4, 6, 8, 10] and failing.failed
+    assert caplog.text.count("CUDA graph capture of the training step failed") == 1
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_a_graphed_fit_trains_as_its_eager_steps(fake_graphs: type[FakeGraphs], chains: Interactions,
+                                                 dropout: float) -> None:
+    """SASRec through the replay logic (stand-in graphs on the CPU) equals the same steps run eagerly, bit for bit,
+    dropout included; against the ordinary CPU fit (tight batches, selected positions) the losses agree to
+    rounding when there is no dropout (its masks are drawn for other shapes)."""
+    params = {**SMALL, "dropout": dropout}
+    graphed = create_model("sasrec", **params).fit(chains)
+    assert fake_graphs.streams == 3
+    fake_graphs.fail = True
+    eager = create_model("sasrec", **params).fit(chains)
+    for a, b in zip(graphed.net_.parameters(), eager.net_.parameters()):
+        assert torch.equal(a, b)
+    plain = create_model("sasrec", **params, cuda_graphs=False).fit(chains)
+    if dropout == 0.0:  # the first epoch to rounding; later ones drift as Adam amplifies it
+        assert graphed.loss_history_[0] == pytest.approx(plain.loss_history_[0], rel=1e-5)
+        np.testing.assert_allclose(graphed.loss_history_, plain.loss_history_, rtol=5e-3)
+    assert plain.loss_history_[-1] < plain.loss_history_[0] and graphed.loss_history_[-1] < graphed.loss_history_[0]
+
+
+def test_no_graphs_with_a_schedule_or_without_cuda(chains: Interactions) -> None:
+    from recforge.neural.trainer import TrainerConfig
+
+    net = torch.nn.Linear(2, 2)
+    assert not Trainer(net, TrainerConfig(device="cpu", progress=False)).can_graph
+    if torch.cuda.is_available():
+        assert Trainer(net, TrainerConfig(device="cuda", progress=False)).can_graph
+        assert not Trainer(net, TrainerConfig(device="cuda", schedule="cosine", progress=False)).can_graph
+        assert not Trainer(net, TrainerConfig(device="cuda", warmup_steps=5, progress=False)).can_graph
+        assert not Trainer(net, TrainerConfig(device="cuda", cuda_graphs=False, progress=False)).can_graph
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+@pytest.mark.parametrize("name", ["sasrec", "gru4rec"])
+def test_cuda_graphs_train_as_eager_steps_on_a_gpu(name: str, chains: Interactions,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """On a GPU the captured graph replays: no capture warning, and the fit learns as the eager one does (float32,
+    no dropout: the losses agree to kernel rounding)."""
+    params = {**SMALL, "epochs": 6, "dropout": 0.0, "amp": False, "device": "cuda"}
+    with caplog.at_level(logging.INFO, logger="recforge.neural"):
+        graphed = create_model(name, **params).fit(chains)
+    assert "replayed from a CUDA graph" in caplog.text and "capture of the training step failed" not in caplog.text
+    eager = create_model(name, **params, cuda_graphs=False).fit(chains)
+    np.testing.assert_allclose(graphed.loss_history_, eager.loss_history_, rtol=2e-3)
+    users = np.arange(20)
+    assert (graphed.recommend(users, k=5)["item_id"].to_numpy() == eager.recommend(users, k=5)["item_id"].to_numpy()).mean() > 0.8
