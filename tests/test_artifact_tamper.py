@@ -161,6 +161,8 @@ def _string_count(meta: dict) -> None:
         ("ease", lambda meta: [meta], "format"),
         ("ease", _string_count, "'n_users' must be int"),
         ("scoreblend", _bad_member, "member 0"),
+        ("sasrec", lambda meta: meta["params"].update(device="tpu"), "device.*'cuda:N'"),
+        ("als", lambda meta: meta["params"].update(device="cuda:x" * 2_000), "device.*'cuda:N'"),
     ],
 )
 def test_tampered_model_json_is_refused(saved: dict[str, Path], tmp_path: Path, model: str, edit: Callable,

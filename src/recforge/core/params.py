@@ -14,6 +14,7 @@ mean the same and must not be used. A parameter renamed to the vocabulary keeps 
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
@@ -204,6 +205,23 @@ class Text(Constraint):
 
 
 @dataclass
+class DeviceName(Constraint):
+    """Where torch work runs, by name: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (whether that device exists
+    is checked when it is used: an artifact saved on a GPU machine loads on a CPU one)."""
+
+    optional: bool = False
+
+    def _accepts(self, value: Any) -> bool:
+        return isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d{1,4})?", value.strip().lower()) is not None
+
+    def _describe(self) -> str:
+        return "'auto', 'cpu', 'cuda' or 'cuda:N'"
+
+    def _rejects(self) -> list[Any]:
+        return ["tpu", "cuda:x", 3, ""]
+
+
+@dataclass
 class ListOf(Constraint):
     """A list (or tuple) whose every element satisfies ``item``; ``min_len`` elements at least."""
 
@@ -277,12 +295,18 @@ def check_params(model: Any, constraints: Mapping[str, Constraint], params: Mapp
     for name, value in params.items():
         constraint = constraints.get(name)
         if constraint is not None and not constraint.accepts(value):
-            raise ParameterError(f"{owner}.{name} must be {constraint.describe()}, got {value!r}")
+            raise ParameterError(f"{owner}.{name} must be {constraint.describe()}, got {_shown(value)}")
 
 
 def parameter_error(model: Any, name: str, rule: str, value: Any) -> ParameterError:
     """The error for a parameter that breaks a rule its constraint cannot express (e.g. one tied to another)."""
-    return ParameterError(f"{type(model).__name__}.{name} {rule}, got {value!r}")
+    return ParameterError(f"{type(model).__name__}.{name} {rule}, got {_shown(value)}")
+
+
+def _shown(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters: a value from a file or a request may be megabytes long."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
 
 def translate_renamed(owner: str, renamed: Mapping[str, str], params: dict[str, Any]) -> dict[str, Any]:

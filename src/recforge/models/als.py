@@ -24,7 +24,7 @@ from numba import njit, prange
 
 from recforge.core.accelerator import cuda_device
 from recforge.core.device import deterministic_algorithms, resolve_device
-from recforge.core.params import Boolean, Choice, Constraint, Integer, Real, Text
+from recforge.core.params import Boolean, Choice, Constraint, DeviceName, Integer, Real
 from recforge.core.progress import EpochProgress
 from recforge.core.sparse import csr_from_state, csr_to_state, merge_csr
 from recforge.core.threads import chunk_scratch, thread_limits
@@ -539,7 +539,7 @@ class ImplicitALS(FactorModel):
         "eps": Real(0, strict=True),
         "solver": Choice("cg", "cholesky"),
         "cg_steps": Integer(1),
-        "device": Text(),
+        "device": DeviceName(),
         "deterministic": Boolean(),
     }
 
@@ -735,7 +735,7 @@ class BiasedALS(FactorRatingModel):
         "weighted_reg": Boolean(),
         "prior_reg": Real(0),
         "damping": Real(0),
-        "device": Text(),
+        "device": DeviceName(),
         "deterministic": Boolean(),
     }
 

@@ -11,7 +11,7 @@ import scipy.sparse as sp
 from numba import njit, prange
 
 from recforge.core.accelerator import device_for_work
-from recforge.core.params import Boolean, Constraint, Text
+from recforge.core.params import Boolean, Constraint, DeviceName
 from recforge.core.progress import EpochProgress
 from recforge.core.threads import thread_limits
 from recforge.data.interactions import Interactions
@@ -169,7 +169,7 @@ class BPR(FactorModel):
         "epochs": {"low": 20, "high": 400, "log": True, "int": True},
         "neg_sampling": {"choices": ["uniform", "popularity"]},
     }
-    param_constraints: ClassVar[dict[str, Constraint]] = {**SAMPLED_SGD_CONSTRAINTS, "device": Text(),
+    param_constraints: ClassVar[dict[str, Constraint]] = {**SAMPLED_SGD_CONSTRAINTS, "device": DeviceName(),
                                                                   "deterministic": Boolean()}
 
     def _fit(self, interactions: Interactions) -> None:

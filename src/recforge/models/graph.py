@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from recforge.core.accelerator import cuda_device
-from recforge.core.params import Boolean, Constraint, Integer, Real, Text
+from recforge.core.params import Boolean, Constraint, DeviceName, Integer, Real
 from recforge.core.threads import thread_limits
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
@@ -69,7 +69,7 @@ class RP3beta(ItemItemModel):
         "normalize": Boolean(),
         "values": VALUES,
         "num_threads": Integer(0),
-        "device": Text(),
+        "device": DeviceName(),
     }
 
     def __init__(

@@ -12,7 +12,7 @@ import torch
 from scipy.linalg import lapack
 
 from recforge.core.device import resolve_device, torch_threads
-from recforge.core.params import Constraint, Integer, Real, Text
+from recforge.core.params import Constraint, DeviceName, Integer, Real
 from recforge.core.threads import thread_limits
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
@@ -168,7 +168,7 @@ class EASE(ItemItemModel):
         "values": VALUES,
         "max_items": Integer(1, optional=True),
         "num_threads": Integer(0),
-        "device": Text(),
+        "device": DeviceName(),
     }
 
     def __init__(

@@ -21,7 +21,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from recforge.core.accelerator import cuda_device
-from recforge.core.params import Boolean, Choice, Constraint, Integer, Real, Text
+from recforge.core.params import Boolean, Choice, Constraint, DeviceName, Integer, Real
 from recforge.core.sparse import csr_from_state, csr_to_state, merge_csr, pad_csr
 from recforge.core.threads import thread_limits
 from recforge.core.topk import UNSCORED, heap_push, mask_and_topk
@@ -440,7 +440,7 @@ class ItemKNN(ItemItemModel):
         "normalize": Boolean(),
         "values": VALUES,
         "num_threads": Integer(0),
-        "device": Text(),
+        "device": DeviceName(),
     }
 
     def __init__(

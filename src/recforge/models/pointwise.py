@@ -16,7 +16,7 @@ import scipy.sparse as sp
 from numba import njit, prange
 
 from recforge.core.accelerator import device_for_work
-from recforge.core.params import Boolean, Choice, Constraint, Integer, Real, Text
+from recforge.core.params import Boolean, Choice, Constraint, DeviceName, Integer, Real
 from recforge.core.progress import EpochProgress
 from recforge.core.threads import thread_limits
 from recforge.data.interactions import Interactions
@@ -278,7 +278,7 @@ class PointwiseMF(FactorModel):
         "pos_weight": Real(0, strict=True, optional=True),
         "optimizer": Choice("adagrad", "sgd"),
         "reject_seen": Boolean(),
-        "device": Text(),
+        "device": DeviceName(),
         "deterministic": Boolean(),
     }
 

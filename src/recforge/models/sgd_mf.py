@@ -23,7 +23,7 @@ import numba
 import numpy as np
 
 from recforge.core.accelerator import device_for_work
-from recforge.core.params import Boolean, Constraint, Integer, Real, Text, parameter_error
+from recforge.core.params import Boolean, Constraint, DeviceName, Integer, Real, parameter_error
 from recforge.core.progress import EpochProgress
 from recforge.core.rng import seed_states, shuffle_in_place
 from recforge.core.threads import thread_limits
@@ -471,7 +471,7 @@ class FunkSVD(_SGDRatingModel):
         "lr": {"low": 0.001, "high": 0.03, "log": True},
         "reg": {"low": 0.005, "high": 0.3, "log": True},
     }
-    param_constraints: ClassVar[dict[str, Constraint]] = {**_SGD_CONSTRAINTS, "damping": Real(0), "device": Text(),
+    param_constraints: ClassVar[dict[str, Constraint]] = {**_SGD_CONSTRAINTS, "damping": Real(0), "device": DeviceName(),
                                                           "deterministic": Boolean()}
 
     def _fit(self, interactions: Interactions) -> None:

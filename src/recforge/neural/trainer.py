@@ -36,7 +36,7 @@ import pandas as pd
 import torch
 
 from recforge.core.device import amp_dtype, deterministic_algorithms, is_auto, resolve_device
-from recforge.core.params import Boolean, Choice, Constraint, Integer, Real, Text, check_params
+from recforge.core.params import Boolean, Choice, Constraint, DeviceName, Integer, Real, Text, check_params
 from recforge.core.progress import fit_summary, progress_bar
 from recforge.core.validation import VALIDATION_METRICS
 from recforge.data.io import atomic_path, save_figure
@@ -81,7 +81,7 @@ TRAINER_CONSTRAINTS: dict[str, Constraint] = {
     "validate_every": Integer(0),
     "patience": Integer(0),
     "metric": Text(),
-    "device": Text(),
+    "device": DeviceName(),
     "amp": Boolean(),
     "deterministic": Boolean(),
     "cuda_graphs": Boolean(),
