@@ -3,8 +3,9 @@
 # CUDA; then the GPU benchmark rows: the 20M-interaction synthetic set (EASE, ALS, BPR, BiasedALS, FunkSVD, SASRec
 # logQ and full softmax, full-ranking evaluation of all 200k users), SASRec on ML-100K with and without CUDA graphs
 # and its repeatability with deterministic=True (bench_gpu.py), SASRec and GRU4Rec tuned + refitted on ML-100K leave-one-out, and the whole
-# `recforge compare` leaderboard on ml-latest-small. Every step has its own time limit; the log and the JSON results
-# land in OUT (six files: check.txt, scale.json, gpu_sasrec.json, sequential.json, compare.md, compare_trials.csv).
+# `recforge compare` leaderboard on ml-latest-small, and last, when .whl-peers/ was carried, RecTools' SASRec on the
+# same split with the per-epoch ratio. Every step has its own time limit; the log and the JSON results land in OUT
+# (check.txt, scale.json, gpu_sasrec.json, sequential.json, compare.md, compare_trials.csv, rectools_gpu.json).
 #
 #   bash benchmarks/device_check.sh [OUT] [DATA]   # DATA: a folder holding ml-100k/ (default ../shared/data)
 #
@@ -50,4 +51,20 @@ timeout 85 python3 -m recforge compare --models random,pop,itemknn,ease,als,bpr,
   --workers 8 --out /tmp/recforge-gpu-compare 2>&1 | tee -a "$LOG"
 cp /tmp/recforge-gpu-compare/leaderboard.md "$OUT/compare.md" 2>/dev/null
 cp /tmp/recforge-gpu-compare/trials.csv "$OUT/compare_trials.csv" 2>/dev/null
+
+if ls .whl-peers/*.whl > /dev/null 2>&1; then
+  step "ML-100K LOO: RecTools 0.19 SASRec on the GPU, same split (peers_rectools_seq.py), and the per-epoch ratio"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/peers-site \
+    .whl-peers/*.whl
+  PYTHONPATH="/tmp/peers-site:$PYTHONPATH" timeout 75 python3 benchmarks/peers_rectools_seq.py --datasets ml-100k \
+    --models sasrec --device cuda --threads 4 --epochs 20,40,80 --out "$OUT/rectools_gpu.json" 2>&1 | tee -a "$LOG"
+  python3 - "$OUT/gpu_sasrec.json" "$OUT/rectools_gpu.json" <<'PY' 2>&1 | tee -a "$LOG"
+import json, sys
+ours = next(r for r in json.load(open(sys.argv[1])) if r["config"] == "default" and "error" not in r)
+peer = max(json.load(open(sys.argv[2]))["ml-100k"]["sasrec"]["tuning"], key=lambda t: t["epochs"])
+theirs = peer["fit_seconds"] / peer["epochs"]
+print(f"s/epoch: recforge {ours['train s/epoch']:.4f} training ({ours['s/epoch']:.4f} with validation), RecTools "
+      f"{theirs:.4f}: recforge/RecTools = {ours['train s/epoch'] / theirs:.2f} ({ours['s/epoch'] / theirs:.2f})")
+PY
+fi
 step "done"

@@ -25,9 +25,10 @@ BERT4Rec ``n_factors=64`` and RecTools' other defaults; everything else RecTools
 
 Threads: ``--threads N`` (default 1) sets OMP_NUM_THREADS, MKL_NUM_THREADS, OPENBLAS_NUM_THREADS before torch is
 imported, then ``torch.set_num_threads(N)`` and ``torch.set_num_interop_threads(N)``; the Lightning trainer is
-built by a custom ``get_trainer_func`` with ``accelerator="cpu", devices=1``, no checkpointing, no logger, no
-progress bar; data loading in the main process (``dataloader_num_workers=0``) and ranking on the CPU with torch
-(``recommend_torch_device="cpu"``).
+built by a custom ``get_trainer_func`` with ``accelerator="cpu", devices=1`` (``--device cuda``: ``"gpu"``), no
+checkpointing, no logger, no progress bar; data loading in the main process (``dataloader_num_workers=0``) and
+ranking with torch on the same device (``recommend_torch_device``). ``RECFORGE_BENCH_DATA`` is a folder holding
+``ml-100k/`` (default ``../shared/data``).
 
 Run (needs the peers venv, which has RecTools with its torch extra)::
 
@@ -77,7 +78,7 @@ SEED = 0
 
 #: where each dataset name is loaded from (relative to the repo root, or a recforge embedded dataset name)
 DATASETS: dict[str, str] = {
-    "ml-100k": str(ROOT.parent / "shared" / "data" / "ml-100k"),
+    "ml-100k": str(Path(os.environ.get("RECFORGE_BENCH_DATA", ROOT.parent / "shared" / "data")) / "ml-100k"),
     "ml-latest-small": "ml-latest-small",
 }
 
@@ -218,14 +219,14 @@ def _targets(part: Any) -> dict[Any, Any]:
     return dict(zip(frame["user_id"].tolist(), frame["item_id"].tolist()))
 
 
-def _make_cpu_trainer(epochs: int, snapshot_epochs: list[int] | None = None) -> Any:
-    """The Lightning trainer for every fit: CPU, one device, no checkpoints/logger/progress bar; with
+def _make_trainer(epochs: int, snapshot_epochs: list[int] | None = None, accelerator: str = "cpu") -> Any:
+    """The Lightning trainer for every fit: one device, no checkpoints/logger/progress bar; with
     ``snapshot_epochs`` it carries an :func:`_epoch_snapshots_callback` (built here because RecTools keeps
     the trainer arguments in its serialisable model config)."""
     from pytorch_lightning import Trainer
 
     return Trainer(
-        accelerator="cpu",
+        accelerator=accelerator,
         devices=1,
         max_epochs=epochs,
         min_epochs=epochs,
@@ -262,18 +263,23 @@ def _epoch_snapshots_callback(epochs: list[int]) -> Any:
     return EpochSnapshots()
 
 
+#: the torch device of every fit and ranking (``--device``)
+DEVICE = {"name": "cpu"}
+
+
 def _make_model(name: str, epochs: int, threads: int, snapshot_epochs: list[int] | None = None) -> Any:
     from rectools.models import BERT4RecModel, SASRecModel
 
     cls = {"sasrec": SASRecModel, "bert4rec": BERT4RecModel}[name]
+    accelerator = "gpu" if DEVICE["name"] == "cuda" else "cpu"
     return cls(
         epochs=epochs,
         verbose=0,
         dataloader_num_workers=0,
-        recommend_torch_device="cpu",
+        recommend_torch_device=DEVICE["name"],
         recommend_n_threads=threads,
-        get_trainer_func=_make_cpu_trainer,
-        get_trainer_func_kwargs={"epochs": epochs, "snapshot_epochs": snapshot_epochs},
+        get_trainer_func=_make_trainer,
+        get_trainer_func_kwargs={"epochs": epochs, "snapshot_epochs": snapshot_epochs, "accelerator": accelerator},
         **MODEL_PARAMS[name],
     )
 
@@ -389,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--models", default="sasrec,bert4rec", help="comma-separated: sasrec, bert4rec")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where RecTools trains and ranks")
     parser.add_argument("--out", default=str(DEFAULT_OUT), help="results JSON path")
     parser.add_argument(
         "--fresh",
@@ -414,6 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--epochs must be comma-separated integers")
     if any(e < 1 for e in override):
         parser.error("--epochs values must be >= 1")
+    DEVICE["name"] = args.device
     grids = {
         d: ({m: override for m in models} if override else {m: EPOCH_GRIDS[d][m] for m in models})
         for d in datasets
@@ -448,6 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         meta = {
             "threads": args.threads,
+            "device": args.device,
             "torch_threads": torch.get_num_threads(),
             "rectools": rectools.__version__,
             "torch": torch.__version__,

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Python 3.12 wheels of recforge's dependencies that the GPU machine's image lacks (pydantic, FastAPI, uvicorn,
-# Optuna and what they need), downloaded into .whl/ (git-ignored) to be carried there; see docs/gpu.md.
+# Optuna and what they need), downloaded into .whl/ (git-ignored) to be carried there, and RecTools for the
+# side-by-side step into .whl-peers/ (git-ignored too); see docs/gpu.md.
 # Versions follow this machine's virtualenv, so the GPU run uses what CI tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,3 +14,12 @@ for n in 28 27 24 17; do platforms+=" --platform manylinux_2_${n}_x86_64"; done
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $platforms \
   --platform manylinux2014_x86_64 -d .whl $pins
 ls .whl
+# The peer of the GPU check's last step (RecTools' SASRec): its own code and what the image lacks, into .whl-peers/.
+# RecTools 0.19 pins numpy < 2 on Python 3.12 only (it accepts numpy 2 on 3.13, with the same code), so it is
+# installed without its pins over the image's numpy 2, Lightning and scipy; it needs pandas < 3 (tried here with
+# numpy 2.4 and Lightning 2.6.6: `peers_rectools_seq.py --epochs 1,2` ran).
+# shellcheck disable=SC2086
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $platforms \
+  --platform manylinux2014_x86_64 -d .whl-peers rectools==0.19.0 pm-implicit==0.7.3 typeguard==4.6.1 \
+  pandas==2.2.3 pytz==2025.2 tzdata==2025.2
+ls .whl-peers
