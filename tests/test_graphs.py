@@ -16,6 +16,8 @@ from recforge.data.datasets import make_synthetic
 from recforge.models import create_model
 from recforge.models.sequential.base import SequentialRecommender
 from recforge.neural import graphs as G
+from recforge.neural import losses as L
+from recforge.neural.checkpoint import load_checkpoint, save_checkpoint
 from recforge.neural.sequences import TokenSequences, window_batches
 from recforge.neural.trainer import Trainer
 
@@ -68,11 +70,18 @@ def _batch(model: SequentialRecommender, data: Interactions, width: int | None, 
     return torch.from_numpy(batches[-1])
 
 
-@pytest.mark.parametrize("name", ["sasrec", "gru4rec", "pooling"])
-def test_graph_loss_is_the_loss_at_any_padding(name: str, chains: Interactions) -> None:
+@pytest.mark.parametrize(("name", "rare", "chunked"), [("sasrec", 0, False), ("gru4rec", 0, False),
+                                                     ("pooling", 0, False), ("sasrec", 80, True)])
+def test_graph_loss_is_the_loss_at_any_padding(name: str, rare: int, chunked: bool, chains: Interactions,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """The graph's loss over every position (padding masked) equals the loss over the selected target positions,
-    value and gradients, also with extra padding columns and rows of padding (an epoch's last batch)."""
-    model = create_model(name, **{**SMALL, "epochs": 1, "dropout": 0.0}).fit(chains)
+    value and gradients, also with extra padding columns and rows of padding (an epoch's last batch), with
+    out-of-vocabulary tokens (never targets) and in chunks of the catalogue's logits."""
+    model = create_model(name, **{**SMALL, "epochs": 1, "dropout": 0.0, "min_item_count": rare}).fit(chains)
+    if rare:
+        assert (model.vocab_ == model.net_.n_items + 1).any()
+    if chunked:
+        monkeypatch.setattr(L, "SOFTMAX_CHUNK_LOGITS", 40 * 7)
     net = model.net_.train()
     tight = _batch(model, chains, None, size=50)
     padded = torch.zeros((64, tight.shape[1] + 7), dtype=tight.dtype)
@@ -92,6 +101,8 @@ def test_graph_loss_is_the_loss_at_any_padding(name: str, chains: Interactions) 
 def test_only_the_full_softmax_has_a_graph_loss(chains: Interactions) -> None:
     assert not create_model("sasrec", **SMALL, loss="bce").fit(chains).net_.has_graph_loss
     assert not create_model("bert4rec", **{**SMALL, "epochs": 1}).fit(chains).net_.has_graph_loss
+    # dropout between GRU layers draws from cuDNN's own random state, which a graph would freeze
+    assert not create_model("gru4rec", **{**SMALL, "epochs": 1}, n_layers=2).fit(chains).net_.has_graph_loss
 
 
 def test_batches_of_one_shape_hold_the_same_windows() -> None:
@@ -143,11 +154,29 @@ def test_a_graphed_fit_trains_as_its_eager_steps(fake_graphs: type[FakeGraphs], 
     eager = create_model("sasrec", **params).fit(chains)
     for a, b in zip(graphed.net_.parameters(), eager.net_.parameters()):
         assert torch.equal(a, b)
+    assert graphed.loss_history_ == eager.loss_history_  # each replay's loss counted, not the last one twice
     plain = create_model("sasrec", **params, cuda_graphs=False).fit(chains)
     if dropout == 0.0:  # the first epoch to rounding; later ones drift as Adam amplifies it
         assert graphed.loss_history_[0] == pytest.approx(plain.loss_history_[0], rel=1e-5)
         np.testing.assert_allclose(graphed.loss_history_, plain.loss_history_, rtol=5e-3)
     assert plain.loss_history_[-1] < plain.loss_history_[0] and graphed.loss_history_[-1] < graphed.loss_history_[0]
+
+
+def test_a_checkpoint_keeps_the_optimizers_implementation(tmp_path) -> None:
+    """A checkpoint of the plain Adam resumes into a fused one (as a GPU run's), which stays fused, with its step
+    counts where the fused update wants them; the state itself comes back."""
+    net = torch.nn.Linear(3, 2)
+    plain = torch.optim.Adam(net.parameters(), lr=0.1)
+    net(torch.ones(4, 3)).sum().backward()
+    plain.step()
+    save_checkpoint(tmp_path / "ck", net, plain, {"epoch": 1})
+    fused = torch.optim.Adam(net.parameters(), lr=0.1, fused=True)
+    load_checkpoint(tmp_path / "ck", net, fused)
+    assert all(group["fused"] for group in fused.param_groups)
+    for p in net.parameters():
+        state = fused.state[p]
+        assert state["step"].dtype == torch.float32 and float(state["step"]) == 1.0
+        torch.testing.assert_close(state["exp_avg"], plain.state[p]["exp_avg"])
 
 
 def test_no_graphs_with_a_schedule_or_without_cuda(chains: Interactions) -> None:
@@ -176,3 +205,21 @@ def test_cuda_graphs_train_as_eager_steps_on_a_gpu(name: str, chains: Interactio
     np.testing.assert_allclose(graphed.loss_history_, eager.loss_history_, rtol=2e-3)
     users = np.arange(20)
     assert (graphed.recommend(users, k=5)["item_id"].to_numpy() == eager.recommend(users, k=5)["item_id"].to_numpy()).mean() > 0.8
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_cuda_graphs_with_the_defaults_learn_and_resume_on_a_gpu(chains: Interactions, tmp_path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """SASRec's defaults on a GPU (bfloat16 autocast without its weight cache, dropout drawn anew by every replay):
+    the graph replays and the model learns the chains; with deterministic kernels, a run resumed from its
+    checkpoint retraces the uninterrupted one (the epochs' seeds reach the replayed dropout)."""
+    with caplog.at_level(logging.INFO, logger="recforge.neural"):
+        model = create_model("sasrec", **{**SMALL, "epochs": 8}, device="cuda").fit(chains)
+    assert "replayed from a CUDA graph" in caplog.text and "capture of the training step failed" not in caplog.text
+    assert model.loss_history_[-1] < 0.8 * model.loss_history_[0]
+    params = {**SMALL, "device": "cuda", "deterministic": True, "checkpoint_dir": str(tmp_path / "ck")}
+    full = create_model("sasrec", **{**params, "checkpoint_dir": None, "epochs": 4}).fit(chains)
+    create_model("sasrec", **{**params, "epochs": 2}).fit(chains)
+    resumed = create_model("sasrec", **{**params, "epochs": 4, "resume": True}).fit(chains)
+    for a, b in zip(full.net_.parameters(), resumed.net_.parameters()):
+        assert torch.equal(a, b)

@@ -55,6 +55,20 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, 
     return {"state": state, "param_groups": meta["param_groups"]}
 
 
+#: Optimiser settings that say how the update runs here (fused kernel, steps on the device), not what it computes.
+_IMPLEMENTATION = ("fused", "capturable", "foreach", "differentiable")
+
+
+def _keep_implementation(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
+    """Give the saved parameter groups this optimiser's implementation settings before loading: a checkpoint
+    written on the CPU must not turn a GPU run's fused, capturable update (what a CUDA graph records) back into
+    the plain one; torch places the step counts by these settings as it loads."""
+    for live, group in zip(optimizer.param_groups, saved["param_groups"]):
+        for key in _IMPLEMENTATION:
+            if key in live:
+                group[key] = live[key]
+
+
 def save_checkpoint(
     path: str | Path,
     model: torch.nn.Module,
@@ -84,7 +98,9 @@ def load_checkpoint(
         model.load_state_dict(load_file(str(p / "model.safetensors"), device=str(device)))
         if optimizer is not None and "optimizer" in meta:
             tensors = load_file(str(p / "optimizer.safetensors"), device=str(device))
-            optimizer.load_state_dict(unflatten_optimizer_state(tensors, meta["optimizer"]))
+            saved = unflatten_optimizer_state(tensors, meta["optimizer"])
+            _keep_implementation(optimizer, saved)
+            optimizer.load_state_dict(saved)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise ArtifactError(f"{str(p)!r} is not a usable training checkpoint: {exc}") from None
     return meta["trainer"]

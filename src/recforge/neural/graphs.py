@@ -86,7 +86,7 @@ class GraphedStep:
                 if isinstance(value, torch.Tensor):
                     self.inputs[key].copy_(value, non_blocking=True)  # type: ignore[index]
             self.replay()
-            return self.loss  # type: ignore[return-value]
+            return self.loss.clone()  # type: ignore[union-attr]  # the next replay overwrites the captured one
         if self.failed or self.replay is not None or (self.shape is not None and shape != self.shape):
             return self.step(batch)
         self.shape = shape
@@ -110,4 +110,4 @@ class GraphedStep:
         log.info("training steps replayed from a CUDA graph (batches of %s)",
                  {k: tuple(v.shape) for k, v in batch.items() if isinstance(v, torch.Tensor)})
         self.replay()
-        return self.loss  # type: ignore[return-value]
+        return self.loss.clone()  # type: ignore[union-attr]

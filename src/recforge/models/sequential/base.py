@@ -211,7 +211,7 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
             size = self.batch_size or (self.gpu_batch_size if trainer.device.type == "cuda" else self.cpu_batch_size)
             graphs = trainer.can_graph and net.has_graph_loss
             # a graph replays one shape: every batch full-sized and as wide as the longest window
-            width = self._window_len() + 1 if graphs else None
+            width = int(lengths.max()) if graphs else None
 
             def batches(epoch: int, rng: np.random.Generator) -> Iterator[dict[str, Any]]:
                 for seq in window_batches(seqs, starts, lengths, size, rng, width=width):

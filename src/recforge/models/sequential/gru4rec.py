@@ -44,6 +44,12 @@ class GRUNet(SequenceNet):
     def position_states(self, inputs: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         return self.hidden(inputs)
 
+    @property
+    def has_graph_loss(self) -> bool:
+        """Not with dropout between GRU layers: cuDNN keeps that dropout's random state apart from torch's
+        generator, so a graph's replays would not follow the epochs' seeds."""
+        return self.gru.dropout == 0
+
 
 @register("gru4rec")
 class GRU4Rec(SequentialRecommender):
