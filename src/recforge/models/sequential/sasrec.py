@@ -80,8 +80,10 @@ class SASRec(SequentialRecommender):
     ML-100K leave-one-out validation event among (1e-3, 2e-3, 4e-3) × (32, 64, 128) on the CPU. On a GPU
     (``batch_size=None``, the default) batches are of 128 windows: on one H200, same validation event, NDCG@10
     0.1109 against 0.1105 for 32 (two runs of 32 differed by 0.0016), 0.13 s per epoch against 0.37 and 8.3 s to
-    the best epoch against 12.0 (``benchmarks/bench_gpu.py``; 64 windows with lr 3e-3: 0.0997). See the base
-    class for the rest.
+    the best epoch against 12.0 (``benchmarks/bench_gpu.py``; 64 windows with lr 3e-3: 0.0997). Those figures
+    predate the fix of the training positions; after it, on the CPU (same validation event): 32 windows 0.1169,
+    128 with lr 2e-3 0.1075, 128 with lr 4e-3 0.1133 (one seed each; the GPU's batch is to be chosen again there,
+    where each step now replays from a CUDA graph). See the base class for the rest.
     """
 
     losses: ClassVar[tuple[str, ...]] = LOSSES
