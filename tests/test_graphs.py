@@ -156,9 +156,8 @@ def test_a_graphed_fit_trains_as_its_eager_steps(fake_graphs: type[FakeGraphs], 
         assert torch.equal(a, b)
     assert graphed.loss_history_ == eager.loss_history_  # each replay's loss counted, not the last one twice
     plain = create_model("sasrec", **params, cuda_graphs=False).fit(chains)
-    if dropout == 0.0:  # the first epoch to rounding; later ones drift as Adam amplifies it
-        assert graphed.loss_history_[0] == pytest.approx(plain.loss_history_[0], rel=1e-5)
-        np.testing.assert_allclose(graphed.loss_history_, plain.loss_history_, rtol=5e-3)
+    if dropout == 0.0:
+        np.testing.assert_allclose(graphed.loss_history_, plain.loss_history_, rtol=1e-5)
     assert plain.loss_history_[-1] < plain.loss_history_[0] and graphed.loss_history_[-1] < graphed.loss_history_[0]
 
 
