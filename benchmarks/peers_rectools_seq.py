@@ -263,20 +263,16 @@ def _epoch_snapshots_callback(epochs: list[int]) -> Any:
     return EpochSnapshots()
 
 
-#: the torch device of every fit and ranking (``--device``)
-DEVICE = {"name": "cpu"}
-
-
-def _make_model(name: str, epochs: int, threads: int, snapshot_epochs: list[int] | None = None) -> Any:
+def _make_model(name: str, epochs: int, threads: int, device: str, snapshot_epochs: list[int] | None = None) -> Any:
     from rectools.models import BERT4RecModel, SASRecModel
 
     cls = {"sasrec": SASRecModel, "bert4rec": BERT4RecModel}[name]
-    accelerator = "gpu" if DEVICE["name"] == "cuda" else "cpu"
+    accelerator = "gpu" if device == "cuda" else "cpu"
     return cls(
         epochs=epochs,
         verbose=0,
         dataloader_num_workers=0,
-        recommend_torch_device=DEVICE["name"],
+        recommend_torch_device=device,
         recommend_n_threads=threads,
         get_trainer_func=_make_trainer,
         get_trainer_func_kwargs={"epochs": epochs, "snapshot_epochs": snapshot_epochs, "accelerator": accelerator},
@@ -300,10 +296,10 @@ def _seed() -> None:
 
 
 def tune_epochs(
-    name: str, grid: list[int], train_ds: Any, valid_targets: dict[Any, Any], n_items: int, threads: int
+    name: str, grid: list[int], train_ds: Any, valid_targets: dict[Any, Any], n_items: int, threads: int, device: str
 ) -> list[dict[str, Any]]:
     """Validation NDCG@10 of every epoch count in ``grid``, from snapshots of one fit with ``max(grid)`` epochs."""
-    model = _make_model(name, max(grid), threads, snapshot_epochs=sorted(grid))
+    model = _make_model(name, max(grid), threads, device, snapshot_epochs=sorted(grid))
     _seed()
     model.fit(train_ds)
     # RecTools deep-copies the trainer (and with it the callback) for every fit: read the fitted copy
@@ -332,15 +328,15 @@ def tune_epochs(
     return out
 
 
-def run_model(name: str, split: Any, n_items: int, grid: list[int], threads: int) -> dict[str, Any]:
+def run_model(name: str, split: Any, n_items: int, grid: list[int], threads: int, device: str) -> dict[str, Any]:
     """Tune epochs on the validation event, refit on train + validation, evaluate on the test event."""
     train_ds = _to_rectools_dataset(split.train)
-    tuning = tune_epochs(name, grid, train_ds, _targets(split.valid), n_items, threads)
+    tuning = tune_epochs(name, grid, train_ds, _targets(split.valid), n_items, threads, device)
     best = max(tuning, key=lambda r: (r["valid_ndcg@10"], -r["epochs"]))["epochs"]
 
     full_ds = _to_rectools_dataset(split.train_valid)
     test_targets = _targets(split.test)
-    model = _make_model(name, best, threads)
+    model = _make_model(name, best, threads, device)
     _seed()
     t0 = time.perf_counter()
     model.fit(full_ds)
@@ -359,7 +355,7 @@ def run_model(name: str, split: Any, n_items: int, grid: list[int], threads: int
     }
 
 
-def run_dataset(name: str, threads: int, models: list[str], grids: dict[str, list[int]]) -> dict[str, Any]:
+def run_dataset(name: str, threads: int, device: str, models: list[str], grids: dict[str, list[int]]) -> dict[str, Any]:
     from recforge.data.datasets import load
     from recforge.evaluation import get_protocol
 
@@ -367,7 +363,7 @@ def run_dataset(name: str, threads: int, models: list[str], grids: dict[str, lis
     (split,) = get_protocol("loo").splits(inter)
     n_items = len(inter.item_map)
     log.info("%s: %s, split %s", name, inter, split.summary())
-    return {m: run_model(m, split, n_items, grids[m], threads) for m in models}
+    return {m: run_model(m, split, n_items, grids[m], threads, device) for m in models}
 
 
 def markdown_table(results: dict[str, Any]) -> str:
@@ -421,7 +417,6 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--epochs must be comma-separated integers")
     if any(e < 1 for e in override):
         parser.error("--epochs values must be >= 1")
-    DEVICE["name"] = args.device
     grids = {
         d: ({m: override for m in models} if override else {m: EPOCH_GRIDS[d][m] for m in models})
         for d in datasets
@@ -447,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     per_dataset = meta.get("datasets", {})
     for ds in datasets:
         t_ds = time.perf_counter()
-        results[ds] = {**results.get(ds, {}), **run_dataset(ds, args.threads, models, grids[ds])}
+        results[ds] = {**results.get(ds, {}), **run_dataset(ds, args.threads, args.device, models, grids[ds])}
         per_dataset[ds] = {
             "epoch_grids": {**per_dataset.get(ds, {}).get("epoch_grids", {}), **grids[ds]},
             "grid_note": "" if override else GRID_NOTES.get(ds, ""),

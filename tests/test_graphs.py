@@ -19,7 +19,7 @@ from recforge.neural import graphs as G
 from recforge.neural import losses as L
 from recforge.neural.checkpoint import load_checkpoint, save_checkpoint
 from recforge.neural.sequences import TokenSequences, window_batches
-from recforge.neural.trainer import Trainer
+from recforge.neural.trainer import Trainer, TrainerConfig
 
 SMALL = {"max_len": 12, "n_factors": 16, "epochs": 4, "batch_size": 16, "num_threads": 1, "progress": False,
          "lr": 3e-3}
@@ -179,8 +179,6 @@ def test_a_checkpoint_keeps_the_optimizers_implementation(tmp_path) -> None:
 
 
 def test_no_graphs_with_a_schedule_or_without_cuda(chains: Interactions) -> None:
-    from recforge.neural.trainer import TrainerConfig
-
     net = torch.nn.Linear(2, 2)
     assert not Trainer(net, TrainerConfig(device="cpu", progress=False)).can_graph
     if torch.cuda.is_available():

@@ -206,13 +206,15 @@ class Text(Constraint):
 
 @dataclass
 class DeviceName(Constraint):
-    """Where torch work runs, by name: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` (whether that device exists
-    is checked when it is used: an artifact saved on a GPU machine loads on a CPU one)."""
+    """Where torch work runs, by name: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``, as
+    :func:`recforge.core.device.resolve_device` reads them (whether that device exists is checked when it is used:
+    an artifact saved on a GPU machine loads on a CPU one)."""
 
     optional: bool = False
 
     def _accepts(self, value: Any) -> bool:
-        return isinstance(value, str) and re.fullmatch(r"auto|cpu|cuda(:\d{1,4})?", value.strip().lower()) is not None
+        return isinstance(value, str) and (value.strip().lower() == "auto"
+                                           or re.fullmatch(r"cpu|cuda(:\d{1,4})?", value) is not None)
 
     def _describe(self) -> str:
         return "'auto', 'cpu', 'cuda' or 'cuda:N'"

@@ -19,10 +19,9 @@ SOFTMAX_CHUNK_LOGITS = 2**26
 
 
 def full_softmax(query: torch.Tensor, positives: torch.Tensor, items: torch.Tensor,
-                 bias: torch.Tensor | None = None, valid: torch.Tensor | None = None) -> torch.Tensor:
-    """Cross-entropy over the whole catalogue (the padding row is not a class); ``valid`` as in
-    :func:`catalogue_cross_entropy`."""
-    return catalogue_cross_entropy(query, positives - 1, items[1:], None if bias is None else bias[1:], valid)
+                 bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy over the whole catalogue (the padding row is not a class)."""
+    return catalogue_cross_entropy(query, positives - 1, items[1:], None if bias is None else bias[1:])
 
 
 def catalogue_cross_entropy(query: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor,

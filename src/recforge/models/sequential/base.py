@@ -87,11 +87,16 @@ class SequenceNet(nn.Module):
         model that counts positions from the end counts them from the last of these)."""
         raise NotImplementedError
 
+    def _states(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every position's vector, next-item target and whether that target counts."""
+        inputs, targets, mask = shifted_targets(batch["seq"], self.n_items)
+        return self.position_states(inputs, (targets > 0).sum(1)), targets, mask
+
     def loss(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean training loss of a batch ``{"seq": B × W tokens}`` of padded windows: by default the
         full-catalogue cross-entropy of the next item at every position that has one (:meth:`target_loss`)."""
-        inputs, targets, mask = shifted_targets(batch["seq"], self.n_items)
-        return self.target_loss(self.position_states(inputs, (targets > 0).sum(1))[mask], targets[mask])
+        states, targets, mask = self._states(batch)
+        return self.target_loss(states[mask], targets[mask])
 
     def target_loss(self, query: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
         """The loss of the real positions' vectors against their next items (tokens)."""
@@ -106,8 +111,7 @@ class SequenceNet(nn.Module):
         """:meth:`loss`'s value computed over every position, padding masked out, instead of over the selected
         positions: its shapes never depend on the batch's contents, so a CUDA graph can record it (more rows of
         logits; on a GPU they cost less than the host waiting to learn how many rows there are)."""
-        inputs, targets, mask = shifted_targets(batch["seq"], self.n_items)
-        states = self.position_states(inputs, (targets > 0).sum(1))
+        states, targets, mask = self._states(batch)
         return catalogue_cross_entropy(states.flatten(0, 1), (targets - 1).flatten(), *self.output_layer(),
                                        valid=mask.flatten())
 
