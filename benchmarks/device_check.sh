@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# The GPU check (issue 19), under 10 minutes on one GPU: the test files that train or rank with torch, run on
-# CUDA; then the GPU benchmark rows: the 20M-interaction synthetic set (EASE, ALS, BPR, BiasedALS, FunkSVD, SASRec
-# logQ and full softmax, full-ranking evaluation of all 200k users), SASRec on ML-100K with and without CUDA graphs
-# and its repeatability with deterministic=True (bench_gpu.py), SASRec and GRU4Rec tuned + refitted on ML-100K leave-one-out, and the whole
-# `recforge compare` leaderboard on ml-latest-small, and last, when .whl-peers/ was carried, RecTools' SASRec on the
-# same split with the per-epoch ratio. Every step has its own time limit; the log and the JSON results land in OUT
-# (check.txt, scale.json, gpu_sasrec.json, sequential.json, compare.md, compare_trials.csv, rectools_gpu.json).
+# The GPU check (issue 19) on one GPU, in parts run in the order given (default: all of them, in this order, which
+# puts what the issue's targets need first, so a run stopped by its time limit loses the least):
+#   tests       the test files that train or rank with torch, run on CUDA (180 s at most)
+#   sasrec      SASRec on ML-100K with and without CUDA graphs, its repeatability with deterministic=True (70 s)
+#   rectools    when .whl-peers/ was carried: RecTools' SASRec on the same split and the per-epoch ratio (75 s)
+#   sequential  SASRec and GRU4Rec tuned + refitted on ML-100K leave-one-out (80 s)
+#   compare     the whole `recforge compare` leaderboard on ml-latest-small with SASRec and GRU4Rec (85 s)
+#   scale       the 20M-interaction synthetic set: EASE, ALS, BPR, BiasedALS, FunkSVD, SASRec logQ and full
+#               softmax, full-ranking evaluation of all 200k users (170 s)
+# All of them take about 11 minutes, more than one device call may run: split them over two calls, e.g.
+# `tests,sasrec,rectools,sequential` then `compare,scale`. The log and the JSON results land in OUT (check.txt,
+# gpu_sasrec.json, rectools_gpu.json, sequential.json, compare.md, compare_trials.csv, scale.json).
 #
-#   bash benchmarks/device_check.sh [OUT] [DATA]   # DATA: a folder holding ml-100k/ (default ../shared/data)
+#   bash benchmarks/device_check.sh [OUT] [DATA] [PARTS]   # DATA: a folder holding ml-100k/ (default ../shared/data)
 #
 # On a machine whose Python has torch with CUDA but lacks some of recforge's dependencies, first run
 # scripts/device_wheels.sh here and carry .whl/: the wheels are installed into /tmp/site. See docs/gpu.md.
@@ -15,6 +20,13 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results/device}
 DATA=${2:-../shared/data}
+PARTS=${3:-tests,sasrec,rectools,sequential,compare,scale}
+for part in ${PARTS//,/ }; do
+  case "$part" in
+    tests|sasrec|rectools|sequential|compare|scale) ;;
+    *) echo "unknown part '$part': choose from tests, sasrec, rectools, sequential, compare, scale" >&2; exit 2 ;;
+  esac
+done
 mkdir -p "$OUT"
 LOG="$OUT/check.txt"
 START=$SECONDS
@@ -27,32 +39,27 @@ step() { echo "== [$((SECONDS - START)) s] $*" | tee -a "$LOG"; }
 python3 -c "import torch, recforge; print('recforge', recforge.__version__, '| torch', torch.__version__, '|',
 torch.cuda.get_device_name(0), '|', torch.cuda.device_count(), 'GPU(s)')" 2>&1 | tee -a "$LOG"
 
-step "tests on CUDA (RECFORGE_DEVICE=cuda)"
-# -v: every test's outcome is logged as it ends, so a run stopped by its time limit still names its failures
-timeout 180 python3 -m pytest -v -p no:cacheprovider -n 8 --durations=10 tests/test_sequential.py tests/test_graphs.py \
-  tests/test_two_tower.py tests/test_distributed.py tests/test_model_contract.py tests/test_core.py \
-  tests/test_device_ranking.py tests/test_neighbors.py tests/test_graph.py tests/test_linear.py tests/test_als.py \
-  tests/test_bpr.py tests/test_pointwise.py "tests/test_sgd_mf.py::test_the_torch_funk_epoch_in_blocks_of_one_is_the_numba_epoch" 2>&1 | grep -v " PASSED " | tee -a "$LOG"
+tests() {
+  step "tests on CUDA (RECFORGE_DEVICE=cuda)"
+  # -v: every test's outcome is logged as it ends, so a run stopped by its time limit still names its failures
+  timeout 180 python3 -m pytest -v -p no:cacheprovider -n 8 --durations=10 tests/test_sequential.py tests/test_graphs.py \
+    tests/test_two_tower.py tests/test_distributed.py tests/test_model_contract.py tests/test_core.py \
+    tests/test_device_ranking.py tests/test_neighbors.py tests/test_graph.py tests/test_linear.py tests/test_als.py \
+    tests/test_bpr.py tests/test_pointwise.py "tests/test_sgd_mf.py::test_the_torch_funk_epoch_in_blocks_of_one_is_the_numba_epoch" \
+    2>&1 | grep -v " PASSED " | tee -a "$LOG"
+}
 
-step "20M synthetic: EASE, ALS, BPR, BiasedALS, FunkSVD, SASRec (logQ, full softmax), full-ranking evaluation of all 200k users"
-timeout 170 python3 benchmarks/bench_scale.py --models ease,als,bpr,biasedals,funksvd,sasrec --sasrec-loss logq,softmax --eval-users 200000 \
-  --out "$OUT/scale.json" 2>&1 | grep -v "it/s" | tee -a "$LOG"
+sasrec() {
+  step "ML-100K LOO validation: SASRec with and without CUDA graphs, its repeatability with deterministic=True (bench_gpu.py)"
+  timeout 70 python3 benchmarks/bench_gpu.py \
+    --configs default,eager,deterministic,deterministic-again --out "$OUT/gpu_sasrec.json" 2>&1 | tee -a "$LOG"
+}
 
-step "ML-100K LOO validation: SASRec with and without CUDA graphs, its repeatability with deterministic=True (bench_gpu.py)"
-timeout 70 python3 benchmarks/bench_gpu.py \
-  --configs default,eager,deterministic,deterministic-again --out "$OUT/gpu_sasrec.json" 2>&1 | tee -a "$LOG"
-
-step "ML-100K leave-one-out: SASRec, GRU4Rec (tuned on validation, refitted), SASRec epoch time"
-timeout 80 python3 benchmarks/bench_sequential.py --datasets ml-100k --parts loo,speed --neural "SASRec softmax,GRU4Rec" \
-  --threads 4 --work /tmp/recforge-gpu-trials --out "$OUT/sequential.json" 2>&1 | tee -a "$LOG"
-
-step "ml-latest-small LOO: the whole recforge compare leaderboard with SASRec and GRU4Rec"
-timeout 85 python3 -m recforge compare --models random,pop,itemknn,ease,als,bpr,funksvd,sasrec,gru4rec \
-  --workers 8 --out /tmp/recforge-gpu-compare 2>&1 | tee -a "$LOG"
-cp /tmp/recforge-gpu-compare/leaderboard.md "$OUT/compare.md" 2>/dev/null
-cp /tmp/recforge-gpu-compare/trials.csv "$OUT/compare_trials.csv" 2>/dev/null
-
-if ls .whl-peers/*.whl > /dev/null 2>&1; then
+rectools() {
+  if ! ls .whl-peers/*.whl > /dev/null 2>&1; then
+    step "rectools: skipped, .whl-peers/ was not carried (scripts/device_wheels.sh fills it)"
+    return
+  fi
   step "ML-100K LOO: RecTools 0.19 SASRec on the GPU, same split (peers_rectools_seq.py), and the per-epoch ratio"
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/peers-site \
     .whl-peers/*.whl
@@ -60,11 +67,36 @@ if ls .whl-peers/*.whl > /dev/null 2>&1; then
     --models sasrec --device cuda --threads 4 --epochs 20,40,80 --out "$OUT/rectools_gpu.json" 2>&1 | tee -a "$LOG"
   python3 - "$OUT/gpu_sasrec.json" "$OUT/rectools_gpu.json" <<'PY' 2>&1 | tee -a "$LOG"
 import json, sys
+from pathlib import Path
+if not Path(sys.argv[1]).exists():
+    sys.exit("no ratio: the sasrec part did not run before rectools in this call (its gpu_sasrec.json is missing)")
 ours = next(r for r in json.load(open(sys.argv[1])) if r["config"] == "default" and "error" not in r)
 peer = max(json.load(open(sys.argv[2]))["ml-100k"]["sasrec"]["tuning"], key=lambda t: t["epochs"])
 theirs = peer["fit_seconds"] / peer["epochs"]
 print(f"s/epoch: recforge {ours['train s/epoch']:.4f} training ({ours['s/epoch']:.4f} with validation), RecTools "
       f"{theirs:.4f}: recforge/RecTools = {ours['train s/epoch'] / theirs:.2f} ({ours['s/epoch'] / theirs:.2f})")
 PY
-fi
+}
+
+sequential() {
+  step "ML-100K leave-one-out: SASRec, GRU4Rec (tuned on validation, refitted), SASRec epoch time"
+  timeout 80 python3 benchmarks/bench_sequential.py --datasets ml-100k --parts loo,speed --neural "SASRec softmax,GRU4Rec" \
+    --threads 4 --work /tmp/recforge-gpu-trials --out "$OUT/sequential.json" 2>&1 | tee -a "$LOG"
+}
+
+compare() {
+  step "ml-latest-small LOO: the whole recforge compare leaderboard with SASRec and GRU4Rec"
+  timeout 85 python3 -m recforge compare --models random,pop,itemknn,ease,als,bpr,funksvd,sasrec,gru4rec \
+    --workers 8 --out /tmp/recforge-gpu-compare 2>&1 | tee -a "$LOG"
+  cp /tmp/recforge-gpu-compare/leaderboard.md "$OUT/compare.md" 2>/dev/null
+  cp /tmp/recforge-gpu-compare/trials.csv "$OUT/compare_trials.csv" 2>/dev/null
+}
+
+scale() {
+  step "20M synthetic: EASE, ALS, BPR, BiasedALS, FunkSVD, SASRec (logQ, full softmax), full-ranking evaluation of all 200k users"
+  timeout 170 python3 benchmarks/bench_scale.py --models ease,als,bpr,biasedals,funksvd,sasrec --sasrec-loss logq,softmax \
+    --eval-users 200000 --out "$OUT/scale.json" 2>&1 | grep -v "it/s" | tee -a "$LOG"
+}
+
+for part in ${PARTS//,/ }; do "$part"; done
 step "done"
