@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -13,6 +15,7 @@ import torch
 
 from recforge.data import Interactions
 from recforge.data.datasets import make_synthetic
+from recforge.errors import UnsupportedError
 from recforge.models import create_model
 from recforge.models.sequential.base import SequentialRecommender
 from recforge.neural import graphs as G
@@ -21,8 +24,10 @@ from recforge.neural.checkpoint import load_checkpoint, save_checkpoint
 from recforge.neural.sequences import TokenSequences, window_batches
 from recforge.neural.trainer import Trainer, TrainerConfig
 
+# on the CPU even where a GPU is present: these check shapes and the replay logic to float32 rounding (the CUDA
+# tests below say device="cuda")
 SMALL = {"max_len": 12, "n_factors": 16, "epochs": 4, "batch_size": 16, "num_threads": 1, "progress": False,
-         "lr": 3e-3}
+         "lr": 3e-3, "device": "cpu"}
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +41,9 @@ class FakeGraphs:
     one); a replay runs the recorded step again on the static inputs and writes its loss into the captured tensor."""
 
     streams = 0
+    captures = 0
     fail = False
+    invalid = False
 
     def __init__(self, device: torch.device) -> None:
         pass
@@ -47,8 +54,11 @@ class FakeGraphs:
         yield
 
     def capture(self, run: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
+        FakeGraphs.captures += 1
+        if FakeGraphs.invalid:
+            raise G.CaptureInvalidated("operation not permitted when stream is capturing")
         if FakeGraphs.fail:
-            raise RuntimeError("operation not permitted when stream is capturing")
+            raise RuntimeError("the step raised, the capture ended cleanly")
         loss = torch.zeros(())
         return lambda: loss.copy_(run().detach()), loss
 
@@ -56,7 +66,7 @@ class FakeGraphs:
 @pytest.fixture()
 def fake_graphs(monkeypatch: pytest.MonkeyPatch) -> type[FakeGraphs]:
     """Trainers replay their steps through :class:`FakeGraphs` wherever a GPU would use CUDA graphs."""
-    FakeGraphs.streams, FakeGraphs.fail = 0, False
+    FakeGraphs.streams, FakeGraphs.captures, FakeGraphs.fail, FakeGraphs.invalid = 0, 0, False, False
     monkeypatch.setattr(G, "CudaGraphs", FakeGraphs)
     monkeypatch.setattr(Trainer, "can_graph", property(lambda self: self.config.cuda_graphs))
     return FakeGraphs
@@ -118,18 +128,21 @@ def test_batches_of_one_shape_hold_the_same_windows() -> None:
 
 def test_graphed_step_warms_up_captures_replays_and_falls_back(fake_graphs: type[FakeGraphs],
                                                                caplog: pytest.LogCaptureFixture) -> None:
-    """Three eager warm-up steps on the side stream, then one capture; replays copy each batch into the captured
-    inputs; another shape runs eagerly; a failed capture warns once and leaves every later step eager."""
+    """Three eager warm-up steps on the side stream, then one capture, prepared just before; replays copy each
+    batch into the captured inputs; another shape runs eagerly; a capture that fails in Python warns once and
+    leaves every later step eager; one that CUDA invalidated is an error naming the way out."""
     seen: list[float] = []
+    prepared: list[int] = []
 
     def step(batch: dict) -> torch.Tensor:
         seen.append(float(batch["x"].sum()))
         return batch["x"].sum()
 
-    graphed = G.GraphedStep(step, torch.device("cpu"))
+    graphed = G.GraphedStep(step, torch.device("cpu"), lambda: prepared.append(fake_graphs.captures))
     losses = [float(graphed({"x": torch.full((2,), float(i))})) for i in range(6)]
     assert losses == [0, 2, 4, 6, 8, 10] and seen == losses  # the capture ran nothing, each replay its batch
     assert fake_graphs.streams == 3 and graphed.replay is not None
+    assert prepared == [0] and fake_graphs.captures == 1
     assert float(graphed({"x": torch.ones(3)})) == 3  # another shape: eager
     assert float(graphed({"x": torch.full((2,), 7.0)})) == 14  # and the graph still replays
 
@@ -139,6 +152,13 @@ def test_graphed_step_warms_up_captures_replays_and_falls_back(fake_graphs: type
         out = [float(failing({"x": torch.full((2,), float(i))})) for i in range(6)]
     assert out == [0, 2, 4, 6, 8, 10] and failing.failed
     assert caplog.text.count("CUDA graph capture of the training step failed") == 1
+
+    fake_graphs.invalid = True
+    invalidated = G.GraphedStep(step, torch.device("cpu"))
+    for i in range(3):
+        invalidated({"x": torch.ones(2)})
+    with pytest.raises(UnsupportedError, match="cuda_graphs=False"):
+        invalidated({"x": torch.ones(2)})
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
@@ -211,7 +231,7 @@ def test_cuda_graphs_with_the_defaults_learn_and_resume_on_a_gpu(chains: Interac
     the graph replays and the model learns the chains; with deterministic kernels, a run resumed from its
     checkpoint retraces the uninterrupted one (the epochs' seeds reach the replayed dropout)."""
     with caplog.at_level(logging.INFO, logger="recforge.neural"):
-        model = create_model("sasrec", **{**SMALL, "epochs": 8}, device="cuda").fit(chains)
+        model = create_model("sasrec", **{**SMALL, "epochs": 8, "device": "cuda"}).fit(chains)
     assert "replayed from a CUDA graph" in caplog.text and "capture of the training step failed" not in caplog.text
     assert model.loss_history_[-1] < 0.8 * model.loss_history_[0]
     params = {**SMALL, "device": "cuda", "deterministic": True, "checkpoint_dir": str(tmp_path / "ck")}
@@ -220,3 +240,39 @@ def test_cuda_graphs_with_the_defaults_learn_and_resume_on_a_gpu(chains: Interac
     resumed = create_model("sasrec", **{**params, "epochs": 4, "resume": True}).fit(chains)
     for a, b in zip(full.net_.parameters(), resumed.net_.parameters()):
         assert torch.equal(a, b)
+
+
+_INVALID_CAPTURE = """
+import torch
+from recforge.errors import UnsupportedError
+from recforge.neural.graphs import GraphedStep
+
+layer, drop = torch.nn.Linear(4, 1).cuda(), torch.nn.Dropout(0.5)
+
+def step(batch):
+    loss = drop(layer(batch["x"])).sum()
+    float(loss)  # the host waits for the device: a capture forbids it
+    return loss
+
+graphed, batch = GraphedStep(step, torch.device("cuda")), {"x": torch.ones(8, 4, device="cuda")}
+for _ in range(3):
+    graphed(batch)
+try:
+    graphed(batch)
+except UnsupportedError as exc:
+    assert "cuda_graphs=False" in str(exc), exc
+else:
+    raise SystemExit("the invalidated capture raised nothing")
+assert torch.cuda.current_stream() == torch.cuda.default_stream(), "the capture's stream stayed current"
+print("ok")
+"""
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_a_capture_cuda_invalidates_is_an_error_and_restores_the_stream() -> None:
+    """A step that waits for the device inside the capture: one clear error, and the default stream current again
+    (torch.cuda.graph would leave the side stream current). In a process of its own: CUDA's allocator stays
+    mid-capture after it, which is why it is an error and not a fallback."""
+    done = subprocess.run([sys.executable, "-c", _INVALID_CAPTURE], check=False, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]

@@ -279,7 +279,7 @@ def test_learns_successor_chains(name: str, chains: Interactions) -> None:
 def test_a_windows_loss_does_not_depend_on_its_batch(chains: Interactions) -> None:
     """A short window's positions count from its own last target, whatever the batch's longest window: its loss
     alone equals its share of a batch with a longer one (before the fix its positions shifted by one)."""
-    net = create_model("sasrec", **{**FAST, "epochs": 1, "dropout": 0.0}).fit(chains).net_.train()
+    net = create_model("sasrec", **{**FAST, "epochs": 1, "dropout": 0.0, "device": "cpu"}).fit(chains).net_.train()
     short = torch.tensor([[3, 4, 5, 6]])
     long = torch.tensor([[7, 8, 9, 10, 11, 12, 13, 14]])
     with torch.no_grad():
@@ -521,3 +521,13 @@ def test_sasrec_batches_are_sized_for_the_device(planted: Interactions, device: 
     fixed = create_model("sasrec", epochs=1, max_len=20, n_factors=16, all_windows=False, batch_size=100,
                          device=device, progress=False).fit(planted)
     assert fixed.training_history_["step"].iloc[-1] == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
+def test_gru4rec_runs_its_gru_in_float32_under_autocast(chains: Interactions) -> None:
+    """Under autocast cuDNN's GRU would run in float16 whatever the autocast type (bfloat16 included), without a
+    loss scaler: the net keeps it in float32."""
+    net = create_model("gru4rec", **{**FAST, "epochs": 1, "device": "cuda"}).fit(chains).net_
+    tokens = torch.tensor([[3, 4, 5, 0]], device="cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        assert net.hidden(tokens).dtype == torch.float32

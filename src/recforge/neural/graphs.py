@@ -8,8 +8,11 @@ into the same input tensors; no host synchronisation inside the step; an optimis
 ``capturable=True``; autocast without its weight cache; warm-up steps on a side stream before the capture, on
 the stream that captures.
 
-:class:`GraphedStep` applies them to any step function and falls back to running the step eagerly, with one
-warning, when the capture fails; batches of another shape (an epoch's last, smaller batch) always run eagerly.
+:class:`GraphedStep` applies them to any step function; batches of another shape always run eagerly. A capture
+that fails in Python while CUDA ended it cleanly falls back to running the step eagerly, with one warning; a
+capture that CUDA invalidated (an operation a capture forbids) leaves torch's caching allocator, and before torch
+2.13 its random generator, in the middle of a capture, so eager steps could not be trusted after it: that is an
+error which says to train with ``cuda_graphs=False``.
 """
 
 from __future__ import annotations
@@ -21,6 +24,8 @@ from typing import Any
 
 import torch
 
+from recforge.errors import UnsupportedError
+
 log = logging.getLogger(__name__)
 
 #: Eager steps before the capture (PyTorch's examples use 3): lazy initialisation (cuBLAS handles, the optimiser's
@@ -29,6 +34,10 @@ WARMUP_STEPS = 3
 
 Batch = dict[str, Any]
 StepFn = Callable[[Batch], torch.Tensor]
+
+
+class CaptureInvalidated(RuntimeError):
+    """CUDA refused to end a capture: an operation inside it is not allowed in a graph."""
 
 
 class CudaGraphs:
@@ -47,25 +56,44 @@ class CudaGraphs:
         current.wait_stream(self.stream)
 
     def capture(self, run: Callable[[], torch.Tensor]) -> tuple[Callable[[], None], torch.Tensor]:
-        """Record ``run`` into a graph; its replay and the tensor the replays write the loss into."""
+        """Record ``run`` into a graph; its replay and the tensor the replays write the loss into.
+
+        What ``torch.cuda.graph`` does, but the capture's stream is restored however the capture ends (that context
+        manager ends the capture first, and a capture CUDA invalidated raises there, leaving the side stream current
+        for everything after); :class:`CaptureInvalidated` when CUDA refuses to end it."""
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, stream=self.stream):
-            loss = run()
+        torch.cuda.synchronize(self.stream.device)
+        torch.cuda.empty_cache()
+        with torch.cuda.stream(self.stream):
+            graph.capture_begin()
+            try:
+                loss = run()
+            finally:
+                try:
+                    graph.capture_end()
+                except RuntimeError as exc:
+                    raise CaptureInvalidated(_first_line(exc)) from exc
         return graph.replay, loss
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
 class GraphedStep:
     """One optimiser step per call, replayed from a CUDA graph once :data:`WARMUP_STEPS` eager steps on batches of
     one shape have run.
 
-    ``step(batch) -> loss`` is the trainer's eager step: it zeroes the gradients (to None), runs the forward pass
+    ``before_capture()`` (optional) runs once, just before the capture (the trainer makes its optimiser
+    capturable there). ``step(batch) -> loss`` is the trainer's eager step: it zeroes the gradients (to None), runs the forward pass
     and the backward pass, clips and steps the optimiser, and returns the loss tensor. It must not synchronise with
     the host nor change shape with the values in the batch; the trainer checks the rest (no loss scaler, no
     data-parallel wrapper, a constant learning rate, which the graph records).
     """
 
-    def __init__(self, step: StepFn, device: torch.device) -> None:
+    def __init__(self, step: StepFn, device: torch.device, before_capture: Callable[[], None] | None = None) -> None:
         self.step = step
+        self.before_capture = before_capture
         self.cuda = CudaGraphs(device)
         self.shape: tuple[Any, ...] | None = None
         self.warm = 0
@@ -100,12 +128,19 @@ class GraphedStep:
         """Record the step with ``batch`` in static input tensors, then replay it once for this batch (a capture
         only records)."""
         self.inputs = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        failure = None
+        if self.before_capture is not None:
+            self.before_capture()
         try:
             self.replay, self.loss = self.cuda.capture(lambda: self.step(self.inputs))  # type: ignore[arg-type]
+        except CaptureInvalidated as exc:
+            raise UnsupportedError(f"the training step cannot be replayed from a CUDA graph here ({exc}); train with "
+                                   "cuda_graphs=False") from exc
         except RuntimeError as exc:
+            failure = _first_line(exc)
+        if failure is not None:  # outside the except block, so the abandoned graph is freed before the eager step
             self.failed, self.inputs = True, None
-            log.warning("CUDA graph capture of the training step failed (%s); training on without graphs",
-                        str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+            log.warning("CUDA graph capture of the training step failed (%s); training on without graphs", failure)
             return self.step(batch)
         log.info("training steps replayed from a CUDA graph (batches of %s)",
                  {k: tuple(v.shape) for k, v in batch.items() if isinstance(v, torch.Tensor)})

@@ -211,8 +211,9 @@ class Trainer:
         self.amp = amp_dtype(self.device, config.amp)
         params = [p for p in module.parameters() if p.requires_grad]
         opt_cls = torch.optim.AdamW if config.optimizer == "adamw" else torch.optim.Adam
-        # on a GPU one fused kernel updates every parameter, its step counts on the device (a graph can record it)
-        fused = {"fused": True, "capturable": True} if self.device.type == "cuda" else {}
+        # on a GPU one fused kernel updates every parameter, its step counts on the device (a graph can record it;
+        # the graph sets capturable, which torch otherwise warns about outside a capture)
+        fused = {"fused": True} if self.device.type == "cuda" else {}
         self.optimizer = opt_cls(params, lr=config.lr, weight_decay=config.weight_decay, **fused)
         # float16 needs loss scaling to keep small gradients; bfloat16 and float32 do not
         self.scaler = torch.amp.GradScaler("cuda") if self.amp is torch.float16 else None
@@ -415,7 +416,7 @@ class Trainer:
         forward = D.wrap_ddp(self.module, loss_fn, self.device) if self.distributed else loss_fn
         step: Callable[[Batch], torch.Tensor] = functools.partial(self._step, forward)
         if graphs:
-            step = GraphedStep(functools.partial(self._step, forward, cache=False), self.device)
+            step = GraphedStep(functools.partial(self._step, forward, cache=False), self.device, self._capturable)
         bar = progress_bar(total=total_steps, initial=state.step, desc=cfg.desc, unit="step",
                            enabled=cfg.progress and self.main, leave=False)
         validating = validate is not None
@@ -447,9 +448,17 @@ class Trainer:
         bar.close()
         return self._finish(state, start, ckpt, steps_per_epoch)
 
+    def _capturable(self) -> None:
+        """Let a CUDA graph record the optimiser's step (torch refuses to capture it otherwise)."""
+        if self.device.type == "cuda":
+            for group in self.optimizer.param_groups:
+                group["capturable"] = True
+
     def _finish(self, state: TrainingState, start: float, ckpt: Path | None, steps_per_epoch: int) -> TrainingResult:
         """Restore the best weights and describe the run."""
         seconds = time.perf_counter() - start
+        # a replayed step left the gradients in its graph's memory pool: free them with the graph
+        self.optimizer.zero_grad(set_to_none=True)
         if self._best_weights is not None:
             self.module.load_state_dict(self._best_weights)
         self.module.eval()

@@ -31,7 +31,11 @@ class GRUNet(SequenceNet):
 
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         # Right padding keeps every real step's state independent of the padding after it: no packing needed.
-        out, _ = self.gru(self.drop(self.item_emb(tokens)))
+        x = self.drop(self.item_emb(tokens))
+        # Under autocast cuDNN's GRU runs in float16 whatever type autocast asks for (bfloat16 too), and without a
+        # loss scaler float16 loses the small gradients of a mean over thousands of positions: float32 it is.
+        with torch.autocast(tokens.device.type, enabled=False):
+            out, _ = self.gru(x.float())
         return self.drop(out)
 
     def encode_last(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
