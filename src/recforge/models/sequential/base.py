@@ -129,7 +129,7 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
 
     Shared hyper-parameters (subclasses add their architecture's): ``max_len`` (events of history the model
     sees), ``n_factors`` (embedding size), ``epochs``, ``batch_size`` (windows per step; ``None``: the
-    model's :attr:`cpu_batch_size` on the CPU, :attr:`gpu_batch_size` on a GPU), ``lr``,
+    model's :attr:`default_batch_size`, on every device), ``lr``,
     ``weight_decay``, ``dropout``, ``grad_clip``, ``schedule``/``warmup_steps`` (learning-rate schedule),
     ``patience`` and ``validate_every`` (early stopping on ``valid_metric`` when ``fit`` gets ``valid``; the
     number of epochs to the best validation score is kept in ``tuned_params_``),
@@ -153,9 +153,9 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
     #: ``partial_fit`` appends new events to the users' histories (the weights stay): the next recommendation
     #: conditions on them. Items added by it are unknown to the network and rank last.
     supports_partial_fit: ClassVar[bool] = True
-    #: Windows per step when ``batch_size`` is None: on the CPU, and on a GPU, where small steps leave it idle.
-    cpu_batch_size: ClassVar[int] = 32
-    gpu_batch_size: ClassVar[int] = 32
+    #: Windows per step when ``batch_size`` is None, on the CPU and on a GPU alike: SASRec's batches of 128 on a GPU
+    #: lost 30-60% of ml-latest-small's validation NDCG@10 (docs/gpu.md), and one setting gives one result.
+    default_batch_size: ClassVar[int] = 32
     net_: SequenceNet
 
     def check_params(self) -> None:
@@ -212,7 +212,7 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
             if valid is not None and len(valid):
                 validate = self._validator(interactions, valid, net, trainer.device)
 
-            size = self.batch_size or (self.gpu_batch_size if trainer.device.type == "cuda" else self.cpu_batch_size)
+            size = self.batch_size or self.default_batch_size
             graphs = trainer.can_graph and net.has_graph_loss
             # a graph replays one shape: every batch full-sized and as wide as the longest window
             width = int(lengths.max()) if graphs else None

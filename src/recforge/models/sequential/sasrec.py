@@ -77,17 +77,17 @@ class SASRec(SequentialRecommender):
     original paper), ``"inbatch"`` (sampled softmax over ``n_negatives`` targets of the same batch) or ``"logq"``
     (the same with the logQ popularity correction). Architecture defaults (2 layers, 2 heads, 64 dims, dropout 0.2,
     up to 200 events) follow the paper's MovieLens settings; lr 2e-3 with batches of 32 windows was best on the
-    ML-100K leave-one-out validation event among (1e-3, 2e-3, 4e-3) × (32, 64, 128) on the CPU. On a GPU
-    (``batch_size=None``, the default) batches are of 128 windows: on one H200, same validation event, NDCG@10
-    0.1109 against 0.1105 for 32 (two runs of 32 differed by 0.0016), 0.13 s per epoch against 0.37 and 8.3 s to
-    the best epoch against 12.0 (``benchmarks/bench_gpu.py``; 64 windows with lr 3e-3: 0.0997). Those figures
-    predate the fix of the training positions; after it, on the CPU (same validation event): 32 windows 0.1169,
-    128 with lr 2e-3 0.1075, 128 with lr 4e-3 0.1133 (one seed each; the GPU's batch is to be chosen again there,
-    where each step now replays from a CUDA graph). See the base class for the rest.
+    ML-100K leave-one-out validation event among (1e-3, 2e-3, 4e-3) × (32, 64, 128) on the CPU. The same 32 on a
+    GPU: batches of 128 (the GPU's default for a while, 2.8× faster an epoch on an H200 before its steps were
+    replayed from CUDA graphs) matched 32 on ML-100K with lr 4e-3 (validation NDCG@10, seeds 0 / 1: 0.1133 /
+    0.1190 against 0.1169 / 0.1108) but lost 30-60% on ml-latest-small (0.0404 / 0.0238 against 0.0572 / 0.0510;
+    with lr 2e-3: 0.0231), whose 892 windows make 7 steps an epoch: early stopping's 8 epochs of patience are 56
+    steps there, and with 32 epochs of patience (224 steps, as 8 epochs of 32) 128 reached 0.0582 (CPU,
+    ``benchmarks/results/sasrec_batch_valid.json``). A larger ``batch_size`` wants a proportionally larger
+    ``patience``. See the base class for the rest.
     """
 
     losses: ClassVar[tuple[str, ...]] = LOSSES
-    gpu_batch_size: ClassVar[int] = 128
     param_constraints: ClassVar[dict[str, Constraint]] = {
         **SEQUENCE_CONSTRAINTS,
         "n_layers": Integer(1),
