@@ -84,11 +84,11 @@ class GraphedStep:
     """One optimiser step per call, replayed from a CUDA graph once :data:`WARMUP_STEPS` eager steps on batches of
     one shape have run.
 
-    ``before_capture()`` (optional) runs once, just before the capture (the trainer makes its optimiser
-    capturable there). ``step(batch) -> loss`` is the trainer's eager step: it zeroes the gradients (to None), runs the forward pass
+    ``step(batch) -> loss`` is the trainer's eager step: it zeroes the gradients (to None), runs the forward pass
     and the backward pass, clips and steps the optimiser, and returns the loss tensor. It must not synchronise with
     the host nor change shape with the values in the batch; the trainer checks the rest (no loss scaler, no
-    data-parallel wrapper, a constant learning rate, which the graph records).
+    data-parallel wrapper, a constant learning rate, which the graph records). ``before_capture()`` (optional)
+    runs once, just before the capture: the trainer makes its optimiser capturable there.
     """
 
     def __init__(self, step: StepFn, device: torch.device, before_capture: Callable[[], None] | None = None) -> None:
