@@ -124,6 +124,9 @@ def test_batches_of_one_shape_hold_the_same_windows() -> None:
     for a, b in zip(loose, fixed):
         np.testing.assert_array_equal(b[: len(a), : a.shape[1]], a)
         assert not b[len(a):].any() and not b[:, a.shape[1]:].any()
+    # a batch size beyond the data's windows is one batch of them all, not rows of padding by the billion
+    (huge,) = window_batches(seqs, starts, lengths, 10**30, np.random.default_rng(1), width=5)
+    assert huge.shape == (len(starts), 5)
 
 
 def test_graphed_step_warms_up_captures_replays_and_falls_back(fake_graphs: type[FakeGraphs],

@@ -104,6 +104,7 @@ def window_batches(
     inputs ``[:-1]`` and targets ``[1:]``. With ``width`` every batch is ``batch_size × width``, the last one
     filled up with rows of padding (the shape a CUDA graph replays)."""
     order = rng.permutation(len(starts)) if shuffle else np.arange(len(starts))
+    batch_size = min(batch_size, max(len(order), 1))  # never more rows of padding than windows (batch_size=10**30)
     for lo in range(0, len(order), batch_size):
         pick = order[lo : lo + batch_size]
         if width is None:
