@@ -450,7 +450,7 @@ class Trainer:
 
     def _capturable(self) -> None:
         """Let a CUDA graph record the optimiser's step (torch refuses to capture it otherwise)."""
-        if self.device.type == "cuda":
+        if self.device.type == "cuda":  # torch rejects capturable state off an accelerator (the CPU stand-in)
             for group in self.optimizer.param_groups:
                 group["capturable"] = True
 
