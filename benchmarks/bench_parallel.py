@@ -8,7 +8,9 @@ Usage::
 The experiment is the same config for every backend: ``kfold3`` on ML-100K (every row in one test fold) and three
 models. ``--grid sequential`` (default): SASRec, GRU4Rec and BERT4Rec, 10 epochs each, nine trials of 40-60 s
 each on one thread. ``--grid mixed``: BPR 300 epochs, pointwise MF 60 epochs and SASRec 8 epochs, three long
-trials and six short ones. Each figure is the wall time of the whole ``run_experiment`` call into a fresh folder, including
+trials and six short ones. ``--grid tuned``: ``recforge compare``'s default leaderboard on the embedded
+ml-latest-small (leave-one-out), every model searched on validation (at most 8 trials each, one at a time per
+model), then refitted: the workers pay there by running the models' searches side by side. Each figure is the wall time of the whole ``run_experiment`` call into a fresh folder, including
 starting and stopping the workers (and Ray itself), and reading the data. Two serial baselines:
 
 - ``serial``: one trial at a time with every core to each trial (BLAS, numba and torch threads), what a user gets
@@ -43,7 +45,14 @@ GRIDS = {
 }
 
 
+#: ``recforge compare``'s default leaderboard, every model searched in its own space (8 trials at most).
+TUNED = ["random", "pop", "itemknn", "ease", "als", "bpr", "funksvd"]
+
+
 def config(data: str, grid: str) -> dict:
+    if grid == "tuned":
+        return {"name": "parallel-tuned", "dataset": "ml-latest-small", "protocol": "loo", "seed": 0,
+                "models": TUNED, "tune": True, "search": {"n_trials": 8}}
     return {"name": f"parallel-3x3-{grid}", "dataset": data, "protocol": "kfold3", "k": [10], "seed": 0,
             "models": GRIDS[grid]}
 
@@ -64,7 +73,7 @@ def best_makespan(seconds: list[float], workers: int) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=str(ML100K), help="the ml-100k folder (or any dataset name/path)")
-    p.add_argument("--grid", choices=sorted(GRIDS), default="sequential")
+    p.add_argument("--grid", choices=[*sorted(GRIDS), "tuned"], default="sequential")
     p.add_argument("--backends", default="serial,serial-1t,ray,process")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--repeats", type=int, default=3)
@@ -97,8 +106,9 @@ def main() -> None:
             shutil.rmtree(folder, ignore_errors=True)
             print(f"{backend}: {runs[backend][-1]:.1f} s", flush=True)
     med = {b: median(v) for b, v in runs.items()}
-    print(f"\n{args.grid} grid, 3 models × 3 folds on {Path(args.data).name}, {args.workers} workers, "
-          f"median of {args.repeats}\n")
+    what = (f"{len(TUNED)} models searched on ml-latest-small" if args.grid == "tuned"
+            else f"3 models × 3 folds on {Path(args.data).name}")
+    print(f"\n{args.grid} grid, {what}, {args.workers} workers, median of {args.repeats}\n")
     print("| backend | wall s | vs serial | vs serial-1t | sum of trial s | best NDCG@10 |")
     print("|---|---:|---:|---:|---:|---:|")
     for b, sec in med.items():

@@ -235,7 +235,8 @@ def test_search_batches_run_together_and_do_not_depend_on_workers(tmp_path: Path
                  search={"n_trials": 5, "batch": 3})
     sizes: list[int] = []
     run = ExperimentRunner._run
-    monkeypatch.setattr(ExperimentRunner, "_run", lambda self, tasks: sizes.append(len(tasks)) or run(self, tasks))
+    monkeypatch.setattr(ExperimentRunner, "_run",
+                        lambda self, tasks, bar=None: sizes.append(len(tasks)) or run(self, tasks, bar))
     serial = run_experiment(cfg, tmp_path / "s", progress=False).leaderboard
     assert sizes == [0, 3, 2, 1]  # no grid; two search batches of the 5 trials (one split each); the test refit
     pooled = run_experiment(cfg, tmp_path / "p", workers=2, backend="process", progress=False).leaderboard
@@ -245,6 +246,87 @@ def test_search_batches_run_together_and_do_not_depend_on_workers(tmp_path: Path
     assert (pd.read_csv(tmp_path / "t" / "trials.csv")["part"] == "select").sum() >= 1
     with pytest.raises(DataError, match="search.batch"):
         config(search={"batch": 0})
+
+
+SPACES = [{"name": "ease", "space": {"reg": {"low": 1.0, "high": 3000.0, "log": True}}},
+          {"name": "itemknn", "space": {"n_neighbors": {"low": 2, "high": 60, "int": True}}}]
+
+
+def _timed_searches(monkeypatch: pytest.MonkeyPatch) -> dict[str, tuple[float, float, str]]:
+    """Record when each model's search ran, and in which thread."""
+    import threading
+    import time
+
+    from recforge.experiments.runner import ExperimentRunner
+
+    spans: dict[str, tuple[float, float, str]] = {}
+    search = ExperimentRunner._search
+
+    def timed(self, spec, stop, bar):
+        start = time.monotonic()
+        try:
+            return search(self, spec, stop, bar)
+        finally:
+            spans[spec.display] = (start, time.monotonic(), threading.current_thread().name)
+
+    monkeypatch.setattr(ExperimentRunner, "_search", timed)
+    return spans
+
+
+@pytest.mark.parametrize("backend", ["process", "ray"])
+def test_searches_run_side_by_side_on_the_workers_with_the_same_numbers(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
+    pytest.importorskip("optuna")
+    if backend == "ray":
+        pytest.importorskip("ray")
+    cfg = config(models=["pop", *SPACES], search={"n_trials": 4})
+    spans = _timed_searches(monkeypatch)
+    alone = run_experiment(cfg, tmp_path / "s", progress=False)
+    (e0, e1, _), (k0, k1, _) = spans["ease"], spans["itemknn"]
+    assert e1 <= k0  # one worker: one search after the other
+    both = run_experiment(cfg.model_copy(update={"workers": 2}), tmp_path / "p", backend=backend, progress=False)
+    (e0, e1, _), (k0, k1, _) = spans["ease"], spans["itemknn"]
+    assert max(e0, k0) < min(e1, k1)  # two workers: the two searches overlapped
+    assert both.params == alone.params
+    pd.testing.assert_frame_equal(alone.leaderboard.drop(columns="fit_seconds"),
+                                  both.leaderboard.drop(columns="fit_seconds"))
+    trials = [pd.read_csv(tmp_path / out / "trials.csv").drop(columns=["fit_seconds", "seconds"], errors="ignore")
+              for out in ("s", "p")]
+    pd.testing.assert_frame_equal(*trials)  # the same trials in the same order
+
+
+def test_pruned_searches_run_here_while_the_others_use_the_workers(tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("optuna")
+    sasrec = {**SAS, "params": {**SAS["params"], "epochs": 4}, "space": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}}
+    cfg = config(models=[SPACES[0], sasrec], search={"n_trials": 3})
+    spans = _timed_searches(monkeypatch)
+    alone = run_experiment(cfg, tmp_path / "s", progress=False)
+    both = run_experiment(cfg.model_copy(update={"workers": 2}), tmp_path / "p", backend="process", progress=False)
+    assert spans["sasrec"][2] == "MainThread" and spans["ease"][2].startswith("recforge-search")
+    assert both.params == alone.params
+    pd.testing.assert_frame_equal(alone.leaderboard.drop(columns="fit_seconds"),
+                                  both.leaderboard.drop(columns="fit_seconds"))
+
+
+def test_a_failing_search_stops_the_others_and_is_the_error_reported(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("optuna")
+    from recforge.experiments.runner import ExperimentRunner
+
+    search = ExperimentRunner._search
+
+    def ease_fails(self, spec, stop, bar):
+        if spec.name == "ease":
+            raise DataError("the ease search broke")
+        return search(self, spec, stop, bar)
+
+    monkeypatch.setattr(ExperimentRunner, "_search", ease_fails)
+    cfg = config(models=SPACES, search={"n_trials": 40}, workers=2)
+    with pytest.raises(DataError, match="the ease search broke"):
+        run_experiment(cfg, tmp_path / "f", backend="process", progress=False)
+    knn = list((tmp_path / "f" / "trials").glob("*.json"))
+    assert len(knn) <= 2  # the itemknn search stopped after the trial it was running, not after 40
 
 
 def test_two_labels_of_one_model_share_trials_but_both_are_reported(tmp_path: Path) -> None:

@@ -317,7 +317,7 @@ ValidationOpt = Annotated[str, typer.Option(
     "then: warm (continued on train + validation for a tenth of their epochs), refit (refitted on train + "
     "validation from scratch with what they chose), reuse (tested as they are); off: every model fitted on "
     "train + validation as configured.")]
-WorkersOpt = Annotated[int, typer.Option(help="Trials in parallel (process pool or Ray).")]
+WorkersOpt = Annotated[int, typer.Option(help="Trials in parallel (process pool or Ray); models are searched side by side.")]
 TuneOpt = Annotated[bool, typer.Option(
     help="Tune each model's key parameters on validation (carved from TRAIN for files without --valid), its "
     "defaults tried first; --no-tune keeps the given parameters.")]

@@ -13,6 +13,7 @@ import logging
 import multiprocessing
 import os
 import socket
+import threading
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from typing import Any
@@ -107,7 +108,8 @@ def _run_in_process_worker(task: Trial) -> TrialResult:
 
 class ProcessExecutor:
     """A local pool of ``workers`` spawned processes, started once per experiment, one thread each; every worker
-    receives the splits once, when it starts."""
+    receives the splits once, when it starts. Several threads may ``map`` at once (side-by-side searches): their
+    trials share the pool's queue."""
 
     name = "process"
 
@@ -116,14 +118,18 @@ class ProcessExecutor:
         self._splits = splits
         self._threads = threads_per_worker
         self._pool: ProcessPoolExecutor | None = None
+        self._starting = threading.Lock()
 
     def map(self, tasks: list[Trial]) -> Iterator[TrialResult]:
         """Results in completion order."""
-        if self._pool is None:
-            # spawn, not fork: forking a process whose OpenMP/BLAS threads are running can deadlock the child
-            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                             initializer=_init_process_worker, initargs=(self._splits, self._threads))
-        pending: set[Future[TrialResult]] = {self._pool.submit(_run_in_process_worker, t) for t in tasks}
+        with self._starting:
+            if self._pool is None:
+                # spawn, not fork: forking a process whose OpenMP/BLAS threads are running can deadlock the child
+                self._pool = ProcessPoolExecutor(
+                    max_workers=self.workers, mp_context=multiprocessing.get_context("spawn"),
+                    initializer=_init_process_worker, initargs=(self._splits, self._threads))
+            pool = self._pool
+        pending: set[Future[TrialResult]] = {pool.submit(_run_in_process_worker, t) for t in tasks}
         while pending:
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
@@ -200,28 +206,43 @@ class RayExecutor:
         actor = ray.remote(num_cpus=threads_per_worker)(_RayTrialWorker)
         ref = ray.put(splits)
         self._actors = [actor.remote(ref, threads_per_worker) for _ in range(workers)]
+        # the actors without a trial, shared by every thread that maps (side-by-side searches)
+        self._idle = list(self._actors)
+        self._freed = threading.Condition()
         log.info("ray: %d trial workers on %s", workers, ray.get_runtime_context().gcs_address)
 
     def map(self, tasks: list[Trial]) -> Iterator[TrialResult]:
-        """Results in completion order; every actor has one trial in flight, the next goes to whichever frees."""
+        """Results in completion order; every actor has at most one trial in flight, the next goes to whichever
+        frees, whichever thread's trials it ran."""
         ray = self._ray
         queue = list(reversed(tasks))
         running: dict[Any, Any] = {}
-        idle = list(self._actors)
-        while queue or running:
-            while queue and idle:
-                actor = idle.pop()
-                running[actor.run.remote(queue.pop())] = actor
-            done, _ = ray.wait(list(running), num_returns=1)
-            for ref in done:
-                idle.append(running.pop(ref))
-                yield ray.get(ref)
+        try:
+            while queue or running:
+                with self._freed:
+                    while queue and not running and not self._idle:
+                        self._freed.wait()
+                    while queue and self._idle:
+                        actor = self._idle.pop()
+                        running[actor.run.remote(queue.pop())] = actor
+                done, _ = ray.wait(list(running), num_returns=1)
+                for ref in done:
+                    self._release([running.pop(ref)])
+                    yield ray.get(ref)
+        finally:  # abandoned mid-way: the actors still running a trial of this call queue the next ones behind it
+            self._release(list(running.values()))
+
+    def _release(self, actors: list[Any]) -> None:
+        with self._freed:
+            self._idle.extend(actors)
+            self._freed.notify_all()
 
     def close(self) -> None:
         """Stop the actors (and the local Ray instance this executor started)."""
         for actor in self._actors:
             self._ray.kill(actor)
         self._actors = []
+        self._idle = []
         if self._started:
             self._ray.shutdown()
 

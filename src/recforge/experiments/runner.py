@@ -36,8 +36,10 @@ import logging
 import os
 import platform
 import sys
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -218,6 +220,7 @@ class ExperimentRunner:
         self._auto_spaces: set[str] = set()  # models searched in their own default space (``tune``)
         self._main = True  # False on the ranks > 0 of a torchrun launch: they train, rank 0 writes
         self._distributed = False
+        self._bar_lock = threading.Lock()
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -258,8 +261,10 @@ class ExperimentRunner:
         if self._main:
             result.save(self._trials_dir)
 
-    def _run(self, tasks: list[Trial]) -> list[TrialResult]:
-        """Run the tasks not done yet on the executor; each result is saved as it arrives; results in task order."""
+    def _run(self, tasks: list[Trial], bar: Any = None) -> list[TrialResult]:
+        """Run the tasks not done yet on the executor; each result is saved as it arrives; results in task order.
+        ``bar``: a progress bar shared with other calls (the searches' one), advanced by the caller; without it
+        this call shows its own."""
         results: dict[str, TrialResult] = {}
         todo = []
         for task in tasks:
@@ -272,13 +277,18 @@ class ExperimentRunner:
             executor = self._executor()
             if executor.workers > 1:  # longest first: a long trial started last would leave the others idle
                 todo.sort(key=_expected_cost, reverse=True)
-            with progress_bar(total=len(todo), desc=f"{self.cfg.name} trials ({executor.name})",
-                              enabled=self.progress) as bar:
+            if bar is not None:
                 for res in executor.map(todo):
                     self._save(res)
                     results[res.id] = res
-                    bar.set_postfix_str(res.label)
-                    bar.update(1)
+            else:
+                with progress_bar(total=len(todo), desc=f"{self.cfg.name} trials ({executor.name})",
+                                  enabled=self.progress) as own:
+                    for res in executor.map(todo):
+                        self._save(res)
+                        results[res.id] = res
+                        own.set_postfix_str(res.label)
+                        own.update(1)
         return [results[t.id] for t in tasks]
 
     def _executor(self) -> Any:
@@ -333,9 +343,76 @@ class ExperimentRunner:
         self._auto_spaces.add(spec.display)
         return spec.model_copy(update={"space": space})
 
-    def _search(self, spec: ModelSpec) -> tuple[dict[str, Any], list[TrialResult]]:
+    def _prunes(self, spec: ModelSpec) -> bool:
+        """Whether this model's search is pruned (trained by the neural trainer, a pruner set): its trials then
+        run in this process, one at a time, so the pruner sees each curve as it grows."""
+        return bool(get_model_class(spec.name).uses_trainer) and self.cfg.search.pruner != "none"
+
+    def _budget(self, spec: ModelSpec) -> float:
+        """The most proposals this model's search may try (infinite: a budget in time only)."""
+        n_trials = self.cfg.search.n_trials
+        budget = float(n_trials) if n_trials is not None else np.inf
+        if spec.display in self._auto_spaces:  # a budget, not a quota: a one-parameter space is settled in 4
+            budget = min(budget, _TRIALS_PER_PARAMETER * len(spec.space))
+        return budget
+
+    def _search_all(self, specs: list[ModelSpec]) -> dict[str, tuple[dict[str, Any], list[TrialResult]]]:
+        """Every search of ``specs``, each model's chosen parameters and trials by label, under one progress bar.
+
+        With several workers the searches run side by side: each model's search keeps its own sampler and
+        sequence (a proposal is drawn when the model's previous batch has been told), so the numbers equal one
+        search after another, while the workers stay busy — one search keeps at most ``search.batch`` proposals
+        (times the splits) running, and a search with nothing in flight leaves its workers to the others. As many
+        run at once as the workers hold without a search waiting for another's trials (so a ``timeout`` buys each
+        model about as many trials as alone); pruned searches run in this process meanwhile, one after another. The
+        first failure stops every search and is raised."""
+        found: dict[str, tuple[dict[str, Any], list[TrialResult]]] = {}
+        if not specs:
+            return found
+        budgets = [self._budget(spec) for spec in specs]
+        total = int(sum(budgets)) if np.isfinite(budgets).all() else None
+        stop = threading.Event()
+        pruned = [spec for spec in specs if self._prunes(spec)]
+        pooled = [spec for spec in specs if not self._prunes(spec)]
+        serial = self._distributed or resolve_backend(self.backend, self.workers, self.ray_address) == "serial"
+        with progress_bar(total=total, desc=f"{self.cfg.name} search on validation", unit="trials",
+                          enabled=self.progress) as bar:
+            if serial or len(pooled) + bool(pruned) < 2:
+                for spec in specs:
+                    found[spec.display] = self._search(spec, stop, bar)
+                return found
+            slots = self._executor().workers // (self.cfg.search.batch * len(self._splits))
+            failures: list[BaseException] = []
+
+            def fail_all(future: Future[Any]) -> None:
+                if not future.cancelled() and future.exception() is not None:
+                    failures.append(future.exception())  # type: ignore[arg-type]
+                    stop.set()
+
+            side = ThreadPoolExecutor(max_workers=max(1, min(slots, len(pooled))),
+                                      thread_name_prefix="recforge-search")
+            try:
+                futures = {spec.display: side.submit(self._search, spec, stop, bar) for spec in pooled}
+                for future in futures.values():
+                    future.add_done_callback(fail_all)
+                for spec in pruned:
+                    found[spec.display] = self._search(spec, stop, bar)
+                wait(futures.values())
+            except BaseException:
+                stop.set()
+                raise
+            finally:
+                side.shutdown(wait=True, cancel_futures=True)
+            if failures:
+                raise failures[0]
+            found.update({display: future.result() for display, future in futures.items()})
+        return {spec.display: found[spec.display] for spec in specs}
+
+    def _search(self, spec: ModelSpec, stop: threading.Event, bar: Any) -> tuple[dict[str, Any], list[TrialResult]]:
         """Optuna TPE over ``spec.space`` on the validation parts; every trial is saved (and resumed) like a grid
         point, and the seeded sampler proposes the same sequence again, so a resumed search retraces its steps.
+        ``stop``: set when the run is failing; the search then ends after its running trials. ``bar``: the shared
+        progress bar, advanced per proposal.
 
         Models trained by the neural trainer are pruned: their trials run in this process, the trainer reports
         the validation score after every epoch of the first split, and the pruner stops trials that fall behind
@@ -349,7 +426,7 @@ class ExperimentRunner:
         cfg = self.cfg
         search = cfg.search
         optuna.logging.set_verbosity(optuna.logging.WARNING)
-        prune = get_model_class(spec.name).uses_trainer and search.pruner != "none"
+        prune = self._prunes(spec)
         pruner: Any = optuna.pruners.NopPruner()
         if prune:
             pruner = (optuna.pruners.HyperbandPruner() if search.pruner == "hyperband"
@@ -377,13 +454,11 @@ class ExperimentRunner:
 
         # ask/tell rather than study.optimize: a batch of proposals runs at once on the workers, and under torchrun
         # rank 0 alone decides whether time is left, so every rank runs the same trials
-        n_trials, timeout = search.n_trials, search.timeout
-        n_trials = int(n_trials) if n_trials is not None else np.inf
-        if spec.display in self._auto_spaces:  # a budget, not a quota: a one-parameter space is settled in 4
-            n_trials = min(n_trials, _TRIALS_PER_PARAMETER * len(spec.space))
+        n_trials, timeout = self._budget(spec), search.timeout
         batch = 1 if prune else search.batch
         started, asked = time.monotonic(), 0
-        while asked < n_trials and D.broadcast_object(timeout is None or time.monotonic() - started < timeout):
+        while asked < n_trials and not stop.is_set() and D.broadcast_object(
+                timeout is None or time.monotonic() - started < timeout):
             trials = [study.ask() for _ in range(int(min(batch, n_trials - asked)))]
             asked += len(trials)
             proposals = [suggest(trial) for trial in trials]
@@ -393,9 +468,10 @@ class ExperimentRunner:
                     values = [_selection_score(self._run_pruned(tasks[0], trials[0], runs), metric)]
                 except optuna.TrialPruned:
                     study.tell(trials[0], state=optuna.trial.TrialState.PRUNED)
+                    self._advance(bar, 1, spec.display)
                     continue
             else:
-                done = self._run([t for group in tasks for t in group])
+                done = self._run([t for group in tasks for t in group], bar)
                 runs.extend(done)
                 by_id = {d.id: d for d in done}
                 values = [_selection_score([by_id[t.id] for t in group], metric) for group in tasks]
@@ -404,12 +480,22 @@ class ExperimentRunner:
                     study.tell(trial, value)
                 else:
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            self._advance(bar, len(trials), spec.display)
+        if stop.is_set():  # another search failed: its error is the one to report
+            return dict(spec.params), runs
         if not any(t.state == optuna.trial.TrialState.COMPLETE for t in study.trials):
             raise DataError(self._missing_metric_message(runs, spec))
         best = {**spec.params, **study.best_params}
         if defaults and not _clearly_better(runs, best, {**spec.params, **defaults}, metric):
             return {**spec.params, **defaults}, runs
         return best, runs
+
+    def _advance(self, bar: Any, n: int, label: str) -> None:
+        """Count ``n`` finished proposals of ``label`` on the shared bar (searches may report from several
+        threads)."""
+        with self._bar_lock:
+            bar.set_postfix_str(label)
+            bar.update(n)
 
     def _missing_metric_message(self, runs: Sequence[TrialResult], spec: ModelSpec) -> str:
         names = sorted({m for r in runs if r.model == spec.name for m in r.metrics})
@@ -487,9 +573,10 @@ class ExperimentRunner:
         selected = self._run([self._task(spec, params, "select", i)
                               for spec in grid_specs for params in spec.combinations() for i in range(n)])
         best: dict[str, dict[str, Any]] = {}
+        searches = self._search_all([spec for spec in self._models if spec.space])
         for spec in self._models:
             if spec.space:
-                best[spec.display], searched = self._search(spec)
+                best[spec.display], searched = searches[spec.display]
                 selected += searched
                 continue
             combos = spec.combinations()
