@@ -290,23 +290,28 @@ def test_searches_run_side_by_side_on_the_workers_with_the_same_numbers(
     assert both.params == alone.params
     pd.testing.assert_frame_equal(alone.leaderboard.drop(columns="fit_seconds"),
                                   both.leaderboard.drop(columns="fit_seconds"))
-    trials = [pd.read_csv(tmp_path / out / "trials.csv").drop(columns=["fit_seconds", "seconds"], errors="ignore")
-              for out in ("s", "p")]
+    trials = [pd.read_csv(tmp_path / out / "trials.csv").filter(regex=r"^(?!.*seconds)") for out in ("s", "p")]
     pd.testing.assert_frame_equal(*trials)  # the same trials in the same order
 
 
-def test_pruned_searches_run_here_while_the_others_use_the_workers(tmp_path: Path,
-                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_pruned_searches_prune_on_the_workers_as_they_would_here(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("optuna")
-    sasrec = {**SAS, "params": {**SAS["params"], "epochs": 4}, "space": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}}
-    cfg = config(models=[SPACES[0], sasrec], search={"n_trials": 3})
+    sasrec = {**SAS, "params": {**SAS["params"], "epochs": 6, "patience": 0},
+              "space": {"lr": {"low": 1e-5, "high": 1e-2, "log": True}}}
+    cfg = config(models=[SPACES[0], sasrec], search={"n_trials": 8})
     spans = _timed_searches(monkeypatch)
     alone = run_experiment(cfg, tmp_path / "s", progress=False)
     both = run_experiment(cfg.model_copy(update={"workers": 2}), tmp_path / "p", backend="process", progress=False)
-    assert spans["sasrec"][2] == "MainThread" and spans["ease"][2].startswith("recforge-search")
+    (e0, e1, _), (s0, s1, thread) = spans["ease"], spans["sasrec"]
+    assert max(e0, s0) < min(e1, s1) and thread.startswith("recforge-search")
+    trials = [pd.read_csv(tmp_path / out / "trials.csv").filter(regex=r"^(?!.*seconds)") for out in ("s", "p")]
+    assert trials[1]["pruned"].sum() >= 1  # pruned in the workers ...
+    pd.testing.assert_frame_equal(*trials)  # ... the same trials, curves and decisions as in this process
+    curves = [sorted(json.loads(f.read_text()).get("curve", []) for f in (tmp_path / out / "trials").glob("*.json"))
+              for out in ("s", "p")]
+    assert curves[0] == curves[1]
     assert both.params == alone.params
-    pd.testing.assert_frame_equal(alone.leaderboard.drop(columns="fit_seconds"),
-                                  both.leaderboard.drop(columns="fit_seconds"))
 
 
 def test_a_failing_search_stops_the_others_and_is_the_error_reported(tmp_path: Path,

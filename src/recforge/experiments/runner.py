@@ -61,10 +61,10 @@ from recforge.evaluation.rating import user_bootstrap_rmse
 from recforge.evaluation.report import leaderboard, lower_is_better, save_leaderboard
 from recforge.experiments.config import ExperimentConfig, ModelSpec
 from recforge.experiments.executors import make_executor, resolve_backend
-from recforge.experiments.trials import Trial, TrialResult, make_splits, run_trial, trial_id
+from recforge.experiments.pruning import PruningProbe
+from recforge.experiments.trials import Trial, TrialResult, make_splits, trial_id
 from recforge.models import get_model_class
 from recforge.neural import distributed as D
-from recforge.neural.trainer import training_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -345,7 +345,7 @@ class ExperimentRunner:
 
     def _prunes(self, spec: ModelSpec) -> bool:
         """Whether this model's search is pruned (trained by the neural trainer, a pruner set): its trials then
-        run in this process, one at a time, so the pruner sees each curve as it grows."""
+        run one at a time, each pruned where it trains by a copy of its study."""
         return bool(get_model_class(spec.name).uses_trainer) and self.cfg.search.pruner != "none"
 
     def _budget(self, spec: ModelSpec) -> float:
@@ -362,22 +362,20 @@ class ExperimentRunner:
         With several workers the searches run side by side: each model's search keeps its own sampler and
         sequence (a proposal is drawn when the model's previous batch has been told), so the numbers equal one
         search after another, while the workers stay busy — one search keeps at most ``search.batch`` proposals
-        (times the splits) running, and a search with nothing in flight leaves its workers to the others. As many
-        run at once as the workers hold without a search waiting for another's trials (so a ``timeout`` buys each
-        model about as many trials as alone); pruned searches run in this process meanwhile, one after another. The
-        first failure stops every search and is raised."""
+        (times the splits; one for a pruned search) running, and a search with nothing in flight leaves its
+        workers to the others. As many run at once as the workers hold without a search waiting for another's
+        trials (so a ``timeout`` buys each model about as many trials as alone). The first failure stops every
+        search after its running trials and is raised."""
         found: dict[str, tuple[dict[str, Any], list[TrialResult]]] = {}
         if not specs:
             return found
         budgets = [self._budget(spec) for spec in specs]
         total = int(sum(budgets)) if np.isfinite(budgets).all() else None
         stop = threading.Event()
-        pruned = [spec for spec in specs if self._prunes(spec)]
-        pooled = [spec for spec in specs if not self._prunes(spec)]
         serial = self._distributed or resolve_backend(self.backend, self.workers, self.ray_address) == "serial"
         with progress_bar(total=total, desc=f"{self.cfg.name} search on validation", unit="trials",
                           enabled=self.progress) as bar:
-            if serial or len(pooled) + bool(pruned) < 2:
+            if serial or len(specs) < 2:
                 for spec in specs:
                     found[spec.display] = self._search(spec, stop, bar)
                 return found
@@ -389,14 +387,11 @@ class ExperimentRunner:
                     failures.append(future.exception())  # type: ignore[arg-type]
                     stop.set()
 
-            side = ThreadPoolExecutor(max_workers=max(1, min(slots, len(pooled))),
-                                      thread_name_prefix="recforge-search")
+            side = ThreadPoolExecutor(max_workers=max(1, min(slots, len(specs))), thread_name_prefix="recforge-search")
             try:
-                futures = {spec.display: side.submit(self._search, spec, stop, bar) for spec in pooled}
+                futures = {spec.display: side.submit(self._search, spec, stop, bar) for spec in specs}
                 for future in futures.values():
                     future.add_done_callback(fail_all)
-                for spec in pruned:
-                    found[spec.display] = self._search(spec, stop, bar)
                 wait(futures.values())
             except BaseException:
                 stop.set()
@@ -405,8 +400,7 @@ class ExperimentRunner:
                 side.shutdown(wait=True, cancel_futures=True)
             if failures:
                 raise failures[0]
-            found.update({display: future.result() for display, future in futures.items()})
-        return {spec.display: found[spec.display] for spec in specs}
+        return {display: future.result() for display, future in futures.items()}
 
     def _search(self, spec: ModelSpec, stop: threading.Event, bar: Any) -> tuple[dict[str, Any], list[TrialResult]]:
         """Optuna TPE over ``spec.space`` on the validation parts; every trial is saved (and resumed) like a grid
@@ -414,11 +408,12 @@ class ExperimentRunner:
         ``stop``: set when the run is failing; the search then ends after its running trials. ``bar``: the shared
         progress bar, advanced per proposal.
 
-        Models trained by the neural trainer are pruned: their trials run in this process, the trainer reports
-        the validation score after every epoch of the first split, and the pruner stops trials that fall behind
-        (a pruned trial is saved with its curve, so a resumed search replays it to the pruner). Other models take
-        ``search.batch`` proposals at a time and run them (and their splits) together on the workers; the batch
-        size, not the number of workers, shapes the sampler's sequence, so the numbers do not depend on workers."""
+        Models trained by the neural trainer are pruned, one trial at a time: the trainer reports the validation
+        score after every epoch of the first split to the trial's probe, and the pruner stops trials that fall
+        behind (a pruned trial is saved with its curve, so a resumed search replays it to the pruner). Other
+        models take ``search.batch`` proposals at a time and run them (and their splits) together on the workers;
+        the batch size, not the number of workers, shapes the sampler's sequence, so the numbers do not depend on
+        workers."""
         try:
             import optuna  # optional dependency (recforge[tune])
         except ImportError:
@@ -464,12 +459,12 @@ class ExperimentRunner:
             proposals = [suggest(trial) for trial in trials]
             tasks = [[self._task(spec, params, "select", i) for i in range(len(self._splits))] for params in proposals]
             if prune:
-                try:
-                    values = [_selection_score(self._run_pruned(tasks[0], trials[0], runs), metric)]
-                except optuna.TrialPruned:
+                finished = self._run_pruned(tasks[0], trials[0], runs, bar)
+                if finished is None:
                     study.tell(trials[0], state=optuna.trial.TrialState.PRUNED)
                     self._advance(bar, 1, spec.display)
                     continue
+                values = [_selection_score(finished, metric)]
             else:
                 done = self._run([t for group in tasks for t in group], bar)
                 runs.extend(done)
@@ -502,54 +497,23 @@ class ExperimentRunner:
         return (f"select_metric {self._select_metric(spec)!r} was not computed for model {spec.display!r} on validation "
                 f"(check k: {self.cfg.k}); computed metrics: {names or 'none'}")
 
-    def _run_pruned(self, tasks: list[Trial], trial: Any, runs: list[TrialResult]) -> list[TrialResult]:
-        """Run one search trial's tasks here, reporting the first split's validation curve to the pruner; every
-        result, pruned ones included, is also appended to ``runs``."""
-        import optuna  # _search made sure it is installed
-
-        metric = f"valid_{self.cfg.select_metric}"
-        results = []
-        for i, t in enumerate(tasks):
-            done = self._done(t.id)
-            if done is None:
-                curve: list[float] = []
-
-                def report(row: dict[str, Any], curve: list[float] = curve, first: bool = i == 0,
-                           model: str = t.model) -> None:
-                    if not first:
-                        return
-                    value = row.get(metric)
-                    if value is None:  # the trainer validates on its own metric: prune on that, and say so
-                        key, value = next(((k, v) for k, v in row.items() if k.startswith("valid_")), (None, None))
-                        if key is not None and not curve:
-                            log.warning("%s reports no %s while training; pruning follows %s instead",
-                                        model, metric, key)
-                    if value is None:
-                        return
-                    curve.append(float(value))
-                    trial.report(float(value), len(curve))
-                    if trial.should_prune():
-                        raise optuna.TrialPruned(f"validation {metric} {value:.4f} after {len(curve)} epochs")
-
-                try:
-                    with training_callbacks(report):
-                        done = run_trial(t, self._splits)
-                except optuna.TrialPruned:
-                    runs.append(TrialResult(t.id, t.label, t.model, t.params, t.part, t.split, pruned=True,
-                                            curve=curve))
-                    self._save(runs[-1])
-                    raise
-                done.curve = curve
-                self._save(done)
-            else:  # resumed: give the pruner the same history it saw the first time
-                for step, value in enumerate(done.curve, start=1):
-                    trial.report(value, step)
-                if done.pruned:
-                    runs.append(done)
-                    raise optuna.TrialPruned("pruned in an earlier run")
-            results.append(done)
-            runs.append(done)
-        return results
+    def _run_pruned(self, tasks: list[Trial], trial: Any, runs: list[TrialResult],
+                    bar: Any) -> list[TrialResult] | None:
+        """Run one pruned search trial's tasks on the executor: the first split's with a
+        :class:`~recforge.experiments.pruning.PruningProbe` (a copy of ``trial``, pruned where it trains), its
+        validation curve then replayed into ``trial`` (a resumed trial's saved curve too, so the pruner sees the
+        same history); the other splits only if it was not pruned. Every result is appended to ``runs``; None
+        when the trial was pruned."""
+        probe = PruningProbe(trial, f"valid_{self.cfg.select_metric}", tasks[0].model)
+        first = self._run([replace(tasks[0], probe=probe)], bar)[0]
+        runs.append(first)
+        for step, value in enumerate(first.curve, start=1):
+            trial.report(value, step)
+        if first.pruned:
+            return None
+        rest = self._run(tasks[1:], bar) if len(tasks) > 1 else []
+        runs.extend(rest)
+        return [first, *rest]
 
     # ------------------------------------------------------------------ the experiment
     def run(self) -> ExperimentResult:

@@ -29,7 +29,9 @@ from recforge.data.io import atomic_path, read_table, write_table
 from recforge.errors import DataError, EmptyDatasetError, UnsupportedError, argument
 from recforge.evaluation.protocols import get_protocol
 from recforge.experiments.config import ExperimentConfig, NamedDataset, SplitFiles
+from recforge.experiments.pruning import PruningProbe, TrialPruned
 from recforge.models import create_model, get_model_class
+from recforge.neural.trainer import training_callbacks
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +58,8 @@ class Trial(TrialKey):
     model it fitted: ``warm`` continues it on train + validation for a tenth of its epochs first
     (:func:`warm_epochs`), ``reuse`` only adds the validation events to its inputs; no second fit from scratch.
     ``keep_model``: hand the fitted model back with the result (trials run in this process only).
+    ``probe``: the :class:`~recforge.experiments.pruning.PruningProbe` of a pruned search's trial (its first
+    split), called after every epoch; not part of the trial's id.
     """
 
     seed: int = 0
@@ -64,6 +68,7 @@ class Trial(TrialKey):
     exclude_seen: bool = True
     then_test: str | None = None
     keep_model: bool = False
+    probe: PruningProbe | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass
@@ -254,13 +259,22 @@ def run_trial(trial: Trial, splits: Sequence[S.Split], threads: int | None = Non
     start = time.perf_counter()
     fit_on, valid, scored = _fit_scored(trial, split)
     result = TrialResult(trial.id, trial.label, trial.model, trial.params, trial.part, trial.split)
+    probe = trial.probe
     try:
-        model = create_model(trial.model, **params).fit(fit_on, valid=valid)
+        with training_callbacks(*(() if probe is None else (probe,))):
+            model = create_model(trial.model, **params).fit(fit_on, valid=valid)
         res = protocol.evaluate(model, fit_on, scored, k=list(trial.k), exclude_seen=trial.exclude_seen)
     except UnsupportedError as exc:  # e.g. a model that cannot score histories under a next-item protocol
         log.warning("%s cannot be evaluated with the %s protocol: %s", trial.label, protocol.name, exc)
         result.skipped = str(exc)
         return result
+    except TrialPruned:
+        assert probe is not None
+        result.pruned, result.curve = True, probe.curve
+        result.seconds = time.perf_counter() - start
+        return result
+    if probe is not None:
+        result.curve = probe.curve
     result.metrics = {k: float(v) for k, v in res.summary.items()}
     result.per_user = res.per_user
     result.tuned_params = dict(getattr(model, "tuned_params_", {}) or {})
