@@ -139,6 +139,20 @@ def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert E.resolve_backend("auto", 2, None) == "ray"  # Ray by default when installed
 
 
+def test_more_workers_than_cores_are_cut_with_one_warning(monkeypatch: pytest.MonkeyPatch,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    from recforge.experiments import executors as E
+
+    monkeypatch.setattr(E.numba.config, "NUMBA_DEFAULT_NUM_THREADS", 4)
+    with caplog.at_level("WARNING", logger="recforge.experiments.executors"):
+        assert E.make_executor("process", 3, []).workers == 3
+        assert not caplog.records
+        pool = E.make_executor("process", 1000, [], threads_per_worker=2)  # a pool starts its processes lazily
+    assert pool.workers == 2
+    assert [r.getMessage() for r in caplog.records] == [
+        "1000 workers of 2 thread(s) each asked for, but this machine has 4 cores: starting 2"]
+
+
 def test_ray_address_variable_works_like_the_flag(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     from recforge.experiments import executors as E
     from recforge.experiments.runner import ExperimentRunner

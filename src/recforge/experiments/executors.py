@@ -60,6 +60,21 @@ def resolve_backend(backend: str, workers: int, ray_address: str | None) -> str:
     return name
 
 
+def within_cores(workers: int, threads: int, cores: int | None = None, where: str = "this machine") -> int:
+    """``workers`` of ``threads`` threads each, capped at what ``cores`` cores hold (default: the cores this
+    process may use), with one warning when that cuts them: every worker is a process with its own copy of the
+    data (a thousand of them would exhaust the memory, not speed anything up), and more of them than cores
+    would only take turns on the cores."""
+    cores = cores or numba.config.NUMBA_DEFAULT_NUM_THREADS
+    workers = max(1, workers)
+    cap = max(1, cores // max(1, threads))
+    if workers > cap:
+        log.warning("%d workers of %d thread(s) each asked for, but %s has %d cores: starting %d", workers, threads,
+                    where, cores, cap)
+        return cap
+    return workers
+
+
 def limit_threads(threads: int = 1) -> None:
     """Cap BLAS, numba and torch threads in a worker: the workers are the parallelism, and N workers each
     starting one thread per core would oversubscribe the machine."""
@@ -191,7 +206,8 @@ class RayExecutor:
                 check_ray_address(address)
                 kwargs["address"] = address
             else:  # a private local instance sized to the workers asked for
-                kwargs["num_cpus"] = max(1, (workers or os.cpu_count() or 1) * threads_per_worker)
+                workers = within_cores(workers or numba.config.NUMBA_DEFAULT_NUM_THREADS, threads_per_worker)
+                kwargs["num_cpus"] = workers * threads_per_worker
                 # Ray turns token auth on for new local instances (the safe default, kept) and warns that it did
                 # on every start; for an instance private to this run that warning is only noise
                 logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
@@ -200,8 +216,9 @@ class RayExecutor:
             except ConnectionError as exc:  # e.g. address "auto" with no cluster on this machine
                 raise DataError(f"could not connect to a Ray cluster at {address!r}: {exc}") from None
             self._started = True
-        if not workers:
-            workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads_per_worker)
+        cluster = int(ray.cluster_resources().get("CPU", 1))
+        # an actor the cluster has no CPUs for would wait forever, and so would the trials handed to it
+        workers = within_cores(workers or cluster, threads_per_worker, cluster, "the Ray cluster")
         self.workers = workers
         actor = ray.remote(num_cpus=threads_per_worker)(_RayTrialWorker)
         ref = ray.put(splits)
@@ -256,11 +273,11 @@ def make_executor(backend: str, workers: int, splits: list[S.Split], ray_address
         return SerialExecutor(splits, threads_per_worker)
     threads = threads_per_worker or 1
     if name == "process":
-        return ProcessExecutor(splits, max(1, workers), threads)
+        return ProcessExecutor(splits, within_cores(workers, threads), threads)
     try:
         return RayExecutor(splits, workers if workers > 1 or not ray_address else None, ray_address, threads)
     except Exception as exc:  # Ray start-up failures come in many types
         if backend != "auto" or ray_address:
             raise
         log.warning("could not start a local Ray (%s); running the trials in a process pool instead", exc)
-        return ProcessExecutor(splits, max(1, workers), threads)
+        return ProcessExecutor(splits, within_cores(workers, threads), threads)
