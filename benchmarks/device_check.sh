@@ -10,7 +10,8 @@
 #               softmax, full-ranking evaluation of all 200k users (170 s)
 # All of them take about 11½ minutes, more than one device call may run: split them over two calls, e.g.
 # `tests,sasrec,rectools,sequential` then `compare,scale`. The log and the JSON results land in OUT (check.txt,
-# gpu_sasrec.json, rectools_gpu.json, sequential.json, compare.md, compare_trials.csv, scale.json).
+# gpu_sasrec.json, rectools_gpu.json, sequential.json, compare.md, compare_trials.csv (or, when the compare
+# was stopped by its limit, compare_trials_partial.csv), scale.json).
 #
 #   bash benchmarks/device_check.sh [OUT] [DATA] [PARTS]   # DATA: a folder holding ml-100k/ (default ../shared/data)
 #
@@ -86,10 +87,24 @@ sequential() {
 
 compare() {
   step "ml-latest-small LOO: the whole recforge compare leaderboard with SASRec and GRU4Rec"
+  local t0=$SECONDS
   timeout 85 python3 -m recforge compare --models random,pop,itemknn,ease,als,bpr,funksvd,sasrec,gru4rec \
-    --workers 8 --out /tmp/recforge-gpu-compare 2>&1 | tee -a "$LOG"
+    --workers 8 --overwrite --out /tmp/recforge-gpu-compare 2>&1 | tee -a "$LOG"
+  echo "compare: $((SECONDS - t0)) s" | tee -a "$LOG"
   cp /tmp/recforge-gpu-compare/leaderboard.md "$OUT/compare.md" 2>/dev/null
-  cp /tmp/recforge-gpu-compare/trials.csv "$OUT/compare_trials.csv" 2>/dev/null
+  cp /tmp/recforge-gpu-compare/trials.csv "$OUT/compare_trials.csv" 2>/dev/null \
+    || python3 - /tmp/recforge-gpu-compare/trials "$OUT/compare_trials_partial.csv" <<'PY' 2>&1 | tee -a "$LOG"
+# stopped by its time limit: what finished, from the trials saved as they ended
+import json, pathlib, sys
+rows = [json.loads(p.read_text()) for p in sorted(pathlib.Path(sys.argv[1]).glob("*.json"))]
+lines = ["model,part,seconds,pruned,epochs"] + [f"{r['model']},{r['part']},{r['seconds']:.1f},{r.get('pruned')},"
+                                                 f"{len(r.get('curve') or [])}" for r in rows]
+pathlib.Path(sys.argv[2]).write_text("\n".join(lines) + "\n")
+by = {}
+for r in rows:
+    by.setdefault(r["model"], []).append(r["seconds"])
+print("compare stopped early; finished trials:", {m: f"{len(s)} trials, {sum(s):.0f} s" for m, s in by.items()})
+PY
 }
 
 scale() {

@@ -121,6 +121,18 @@ def test_parallel_workers_give_the_same_numbers(tmp_path: Path, backend: str,
     assert len(list((tmp_path / "b" / "trials").glob("*.json"))) == 4  # every trial saved by the driver
 
 
+@pytest.mark.parametrize("backend", ["process", "ray"])
+def test_a_trial_that_fails_on_a_worker_raises_its_own_one_line_error(tmp_path: Path, backend: str) -> None:
+    if backend == "ray":
+        pytest.importorskip("ray")
+    from recforge.errors import RecforgeError
+
+    cfg = config(models=[{"name": "ease", "params": {"max_items": 10, "device": "cpu"}}, "pop"], workers=2)
+    with pytest.raises(RecforgeError) as info:
+        run_experiment(cfg, tmp_path / backend, backend=backend, progress=False)
+    assert "max_items" in str(info.value) and "\n" not in str(info.value) and "ray::" not in str(info.value)
+
+
 def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     from recforge.errors import UnknownNameError
     from recforge.experiments import executors as E

@@ -245,7 +245,14 @@ class RayExecutor:
                 done, _ = ray.wait(list(running), num_returns=1)
                 for ref in done:
                     self._release([running.pop(ref)])
-                    yield ray.get(ref)
+                    try:
+                        result = ray.get(ref)
+                    except ray.exceptions.RayTaskError as exc:
+                        # the trial's own error, as the other backends raise it: Ray's wrapper puts the remote
+                        # traceback in the message, and a one-line error (a refused parameter) would lose its line
+                        cause = getattr(exc, "cause", None)
+                        raise (cause if isinstance(cause, Exception) else exc) from exc
+                    yield result
         finally:  # abandoned mid-way: the actors still running a trial of this call queue the next ones behind it
             self._release(list(running.values()))
 
