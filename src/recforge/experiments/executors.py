@@ -134,10 +134,13 @@ class ProcessExecutor:
         self._threads = threads_per_worker
         self._pool: ProcessPoolExecutor | None = None
         self._starting = threading.Lock()
+        self._closed = False
 
     def map(self, tasks: list[Trial]) -> Iterator[TrialResult]:
         """Results in completion order."""
         with self._starting:
+            if self._closed:
+                raise RuntimeError("the process pool of this run was stopped")
             if self._pool is None:
                 # spawn, not fork: forking a process whose OpenMP/BLAS threads are running can deadlock the child
                 self._pool = ProcessPoolExecutor(
@@ -151,10 +154,12 @@ class ProcessExecutor:
                 yield fut.result()
 
     def close(self) -> None:
-        """Stop the pool's processes."""
-        if self._pool is not None:
-            self._pool.shutdown(cancel_futures=True)
-            self._pool = None
+        """Stop the pool's processes (trials not started are dropped); a closed pool takes no more trials."""
+        with self._starting:
+            self._closed = True
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
 
 
 class _RayTrialWorker:
@@ -226,6 +231,7 @@ class RayExecutor:
         # the actors without a trial, shared by every thread that maps (side-by-side searches)
         self._idle = list(self._actors)
         self._freed = threading.Condition()
+        self._closed = False
         log.info("ray: %d trial workers on %s", workers, ray.get_runtime_context().gcs_address)
 
     def map(self, tasks: list[Trial]) -> Iterator[TrialResult]:
@@ -237,8 +243,10 @@ class RayExecutor:
         try:
             while queue or running:
                 with self._freed:
-                    while queue and not running and not self._idle:
+                    while queue and not running and not self._idle and not self._closed:
                         self._freed.wait()
+                    if self._closed:
+                        raise RuntimeError("the Ray workers of this run were stopped")
                     while queue and self._idle:
                         actor = self._idle.pop()
                         running[actor.run.remote(queue.pop())] = actor
@@ -262,12 +270,16 @@ class RayExecutor:
             self._freed.notify_all()
 
     def close(self) -> None:
-        """Stop the actors (and the local Ray instance this executor started)."""
-        for actor in self._actors:
+        """Stop the actors (and the local Ray instance this executor started); the running trials are abandoned
+        and a closed executor takes no more."""
+        with self._freed:
+            self._closed = True
+            actors, self._actors, self._idle = self._actors, [], []
+            self._freed.notify_all()
+        for actor in actors:
             self._ray.kill(actor)
-        self._actors = []
-        self._idle = []
         if self._started:
+            self._started = False
             self._ray.shutdown()
 
 

@@ -393,8 +393,9 @@ class ExperimentRunner:
                 for future in futures.values():
                     future.add_done_callback(fail_all)
                 wait(futures.values())
-            except BaseException:
+            except BaseException:  # Ctrl-C: stop the workers now, or each search would first finish its trial
                 stop.set()
+                self._close_executor()
                 raise
             finally:
                 side.shutdown(wait=True, cancel_futures=True)
@@ -525,9 +526,14 @@ class ExperimentRunner:
         try:
             return self._run_all()
         finally:
-            if self._exec is not None:
-                self._exec.close()
-                self._exec = None
+            self._close_executor()
+            self._exec = None  # every search thread has ended: a later run starts its own workers
+
+    def _close_executor(self) -> None:
+        """Stop the workers; a search thread still running then gets an error from the closed executor instead of
+        starting another."""
+        if self._exec is not None:
+            self._exec.close()
 
     def _select(self) -> tuple[dict[str, dict[str, Any]], list[TrialResult]]:
         """Step 1-2: validation trials; the chosen parameters of every model, and every validation trial."""
