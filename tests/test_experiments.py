@@ -133,6 +133,39 @@ def test_a_trial_that_fails_on_a_worker_raises_its_own_one_line_error(tmp_path: 
     assert "max_items" in str(info.value) and "\n" not in str(info.value) and "ray::" not in str(info.value)
 
 
+def test_a_closed_executor_takes_no_more_trials_and_wakes_its_waiters() -> None:
+    import threading
+
+    from recforge.experiments import executors as E
+    from recforge.experiments.trials import Trial
+
+    task = Trial("x", "pop", "pop", {}, "select", 0)
+    pool = E.ProcessExecutor([], 1)
+    pool.close()
+    with pytest.raises(RuntimeError, match="stopped"):
+        next(pool.map([task]))  # not a fresh pool started behind the run's back
+    pytest.importorskip("ray")
+    ray = E.RayExecutor([], 1)
+    try:
+        ray._idle.clear()  # its one actor busy with another search's trial
+        errors: list[BaseException] = []
+
+        def waiter() -> None:
+            try:
+                next(ray.map([task]))
+            except RuntimeError as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=waiter)
+        thread.start()
+        thread.join(0.5)
+        assert thread.is_alive()  # waiting for an actor to free
+    finally:
+        ray.close()
+    thread.join(10)
+    assert not thread.is_alive() and "stopped" in str(errors[0])
+
+
 def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     from recforge.errors import UnknownNameError
     from recforge.experiments import executors as E
