@@ -12,6 +12,7 @@ import pytest
 from recforge.data import Interactions
 from recforge.errors import DataError
 from recforge.experiments import ExperimentConfig, run_experiment
+from recforge.experiments.trials import Trial
 
 SYNTH = {"name": "synthetic", "options": {"n_users": 200, "n_items": 120, "n_interactions": 6000, "n_clusters": 4, "seed": 3}}
 
@@ -371,6 +372,57 @@ def test_pruned_searches_prune_on_the_workers_as_they_would_here(tmp_path: Path,
               for out in ("s", "p")]
     assert curves[0] == curves[1]
     assert both.params == alone.params
+
+
+@pytest.mark.parametrize("kind", ["median", "hyperband"])
+def test_a_probe_prunes_as_the_live_study_would(kind: str) -> None:
+    optuna = pytest.importorskip("optuna")
+    from recforge.experiments.pruning import PruningProbe, TrialPruned
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    curves = np.random.default_rng(0).random((30, 1)) * np.linspace(0.2, 1.0, 12)  # 30 trials, 12 epochs each
+
+    def study() -> optuna.Study:
+        pruner = (optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2) if kind == "median"
+                  else optuna.pruners.HyperbandPruner())
+        return optuna.create_study(study_name="s", direction="maximize", pruner=pruner)
+
+    def live() -> list[int]:  # the trainer reporting to the driver's own study
+        s, stopped = study(), []
+        for curve in curves:
+            trial = s.ask()
+            for step, value in enumerate(curve, start=1):
+                trial.report(float(value), step)
+                if trial.should_prune():
+                    break
+            stopped.append(step)
+            s.tell(trial, state=optuna.trial.TrialState.PRUNED) if step < len(curve) else s.tell(trial, curve[-1])
+        return stopped
+
+    def probed() -> list[int]:  # the same, through a probe elsewhere and the runner's replay
+        from recforge.experiments.runner import ExperimentRunner
+
+        s, stopped = study(), []
+        for curve in curves:
+            trial = s.ask()
+            probe = PruningProbe(trial, "valid_ndcg@10", "m")
+            try:
+                for value in curve:
+                    probe({"valid_ndcg@10": float(value)})
+            except TrialPruned:
+                pass
+            result = type("R", (), {"curve": probe.curve, "pruned": len(probe.curve) < len(curve)})()
+            runner = ExperimentRunner.__new__(ExperimentRunner)
+            runner._run = lambda tasks, bar, result=result: [result]
+            runner.cfg = type("C", (), {"select_metric": "ndcg@10"})()
+            done = runner._run_pruned([Trial("x", "m", "m", {}, "select", 0)], trial, [], None)
+            stopped.append(len(probe.curve))
+            s.tell(trial, state=optuna.trial.TrialState.PRUNED) if done is None else s.tell(trial, curve[-1])
+        return stopped
+
+    expected = live()
+    assert sum(n < 12 for n in expected) >= 5  # the pruner does stop trials on these curves
+    assert probed() == expected
 
 
 def test_a_failing_search_stops_the_others_and_is_the_error_reported(tmp_path: Path,

@@ -428,7 +428,9 @@ class ExperimentRunner:
             pruner = (optuna.pruners.HyperbandPruner() if search.pruner == "hyperband"
                       else optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=2))
         metric = self._select_metric(spec)
-        study = optuna.create_study(direction="minimize" if lower_is_better(metric) else "maximize",
+        # a fixed name: Hyperband draws each trial's bracket from the study's name and the trial's number
+        study = optuna.create_study(study_name=f"{cfg.name}:{spec.display}",
+                                    direction="minimize" if lower_is_better(metric) else "maximize",
                                     sampler=optuna.samplers.TPESampler(seed=cfg.seed), pruner=pruner)
         runs: list[TrialResult] = []
         defaults: dict[str, Any] = {}
@@ -510,6 +512,9 @@ class ExperimentRunner:
         runs.append(first)
         for step, value in enumerate(first.curve, start=1):
             trial.report(value, step)
+            # asked once a step, as the probe did: Hyperband records each rung's score in the study as it decides,
+            # and the trials after this one are judged against those records
+            trial.should_prune()
         if first.pruned:
             return None
         rest = self._run(tasks[1:], bar) if len(tasks) > 1 else []
