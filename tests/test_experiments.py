@@ -425,6 +425,32 @@ def test_a_probe_prunes_as_the_live_study_would(kind: str) -> None:
     assert probed() == expected
 
 
+def test_a_finished_run_read_back_starts_no_workers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("optuna")
+    from recforge.experiments import runner as R
+
+    cfg = config(models=SPACES, search={"n_trials": 3}, workers=2)
+    first = run_experiment(cfg, tmp_path / "r", backend="process", progress=False)
+
+    def no_workers(*args, **kwargs):
+        raise AssertionError("a finished run started its workers")
+
+    monkeypatch.setattr(R, "make_executor", no_workers)  # e.g. the Ray cluster it ran on is gone
+    again = run_experiment(cfg, tmp_path / "r", backend="process", progress=False)
+    assert again.params == first.params
+
+
+def test_two_labels_with_one_space_search_one_after_the_other(tmp_path: Path) -> None:
+    pytest.importorskip("optuna")
+    models = [{**SPACES[0], "label": "ease-a"}, {**SPACES[0], "label": "ease-b"}, SPACES[1]]
+    cfg = config(models=models, search={"n_trials": 3})
+    run_experiment(cfg, tmp_path / "s", progress=False)
+    run_experiment(cfg.model_copy(update={"workers": 2}), tmp_path / "p", backend="process", progress=False)
+    trials = [pd.read_csv(tmp_path / out / "trials.csv").filter(regex=r"^(?!.*seconds)") for out in ("s", "p")]
+    pd.testing.assert_frame_equal(*trials)  # ease-b read ease-a's trials back, as in one search after another
+    assert (trials[1].query("part == 'select'")["label"] != "ease-b").all()
+
+
 def test_a_failing_search_stops_the_others_and_is_the_error_reported(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("optuna")

@@ -60,17 +60,17 @@ def resolve_backend(backend: str, workers: int, ray_address: str | None) -> str:
     return name
 
 
-def within_cores(workers: int, threads: int, cores: int | None = None, where: str = "this machine") -> int:
-    """``workers`` of ``threads`` threads each, capped at what ``cores`` cores hold (default: the cores this
-    process may use), with one warning when that cuts them: every worker is a process with its own copy of the
-    data (a thousand of them would exhaust the memory, not speed anything up), and more of them than cores
-    would only take turns on the cores."""
-    cores = cores or numba.config.NUMBA_DEFAULT_NUM_THREADS
+def within_cores(workers: int, threads: int) -> int:
+    """``workers`` of ``threads`` threads each on this machine, capped at what its cores hold (those this process
+    may use), with one warning when that cuts them: every worker is a process with its own copy of the data (a
+    thousand of them would exhaust the memory, not speed anything up), and more of them than cores would only
+    take turns on the cores."""
+    cores = numba.config.NUMBA_DEFAULT_NUM_THREADS
     workers = max(1, workers)
     cap = max(1, cores // max(1, threads))
     if workers > cap:
-        log.warning("%d workers of %d thread(s) each asked for, but %s has %d cores: starting %d", workers, threads,
-                    where, cores, cap)
+        log.warning("%d workers of %d thread(s) each asked for, but this machine has %d cores: starting %d", workers,
+                    threads, cores, cap)
         return cap
     return workers
 
@@ -221,9 +221,8 @@ class RayExecutor:
             except ConnectionError as exc:  # e.g. address "auto" with no cluster on this machine
                 raise DataError(f"could not connect to a Ray cluster at {address!r}: {exc}") from None
             self._started = True
-        cluster = int(ray.cluster_resources().get("CPU", 1))
-        # an actor the cluster has no CPUs for would wait forever, and so would the trials handed to it
-        workers = within_cores(workers or cluster, threads_per_worker, cluster, "the Ray cluster")
+        if not workers:  # a cluster's size is its own (it may grow): asked for, workers are left to its scheduler
+            workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads_per_worker)
         self.workers = workers
         actor = ray.remote(num_cpus=threads_per_worker)(_RayTrialWorker)
         ref = ray.put(splits)

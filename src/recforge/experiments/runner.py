@@ -221,6 +221,8 @@ class ExperimentRunner:
         self._main = True  # False on the ranks > 0 of a torchrun launch: they train, rank 0 writes
         self._distributed = False
         self._bar_lock = threading.Lock()
+        self._exec_lock = threading.Lock()
+        self._stopping = False  # set when the workers are stopped: no search may start them again
 
     # ------------------------------------------------------------------ bookkeeping
     @property
@@ -292,13 +294,17 @@ class ExperimentRunner:
         return [results[t.id] for t in tasks]
 
     def _executor(self) -> Any:
-        """The executor of this run, started on first use and kept until the run ends."""
-        if self._exec is None:
-            self._exec = make_executor(self.backend, self.workers, self._splits, self.ray_address,
-                                       self.threads_per_worker)
-            log.info("%s: trials on the %s backend with %d worker(s)", self.cfg.name, self._exec.name,
-                     self._exec.workers)
-        return self._exec
+        """The executor of this run, started on first use (by whichever search needs it first) and kept until
+        the run ends."""
+        with self._exec_lock:
+            if self._stopping:
+                raise RuntimeError("the workers of this run were stopped")
+            if self._exec is None:
+                self._exec = make_executor(self.backend, self.workers, self._splits, self.ray_address,
+                                           self.threads_per_worker)
+                log.info("%s: trials on the %s backend with %d worker(s)", self.cfg.name, self._exec.name,
+                         self._exec.workers)
+            return self._exec
 
     def _task(self, spec: ModelSpec, params: dict[str, Any], part: str, i: int) -> Trial:
         cfg = self.cfg
@@ -364,8 +370,9 @@ class ExperimentRunner:
         search after another, while the workers stay busy — one search keeps at most ``search.batch`` proposals
         (times the splits; one for a pruned search) running, and a search with nothing in flight leaves its
         workers to the others. As many run at once as the workers hold without a search waiting for another's
-        trials (so a ``timeout`` buys each model about as many trials as alone). The first failure stops every
-        search after its running trials and is raised."""
+        trials (so a ``timeout`` buys each model about as many trials as alone). Labels of one model with the same
+        parameters and space search one after the other, the later reading the earlier's trials back. The first
+        failure stops every search after its running trials and is raised."""
         found: dict[str, tuple[dict[str, Any], list[TrialResult]]] = {}
         if not specs:
             return found
@@ -379,7 +386,15 @@ class ExperimentRunner:
                 for spec in specs:
                     found[spec.display] = self._search(spec, stop, bar)
                 return found
-            slots = self._executor().workers // (self.cfg.search.batch * len(self._splits))
+            chains: dict[str, list[ModelSpec]] = {}
+            for spec in specs:  # the same trials under two labels: one search after the other
+                key = json.dumps([spec.name, spec.params, spec.space], sort_keys=True, default=str)
+                chains.setdefault(key, []).append(spec)
+            # the workers, without starting them (a finished run read back needs none; a Ray cluster without
+            # --workers has one per CPU, unknown until started: every search may start)
+            workers = (self._exec.workers if self._exec is not None
+                       else self.workers if self.workers > 1 else len(chains))
+            slots = max(1, min(workers // (self.cfg.search.batch * len(self._splits)), len(chains)))
             failures: list[BaseException] = []
 
             def fail_all(future: Future[Any]) -> None:
@@ -387,12 +402,16 @@ class ExperimentRunner:
                     failures.append(future.exception())  # type: ignore[arg-type]
                     stop.set()
 
-            side = ThreadPoolExecutor(max_workers=max(1, min(slots, len(specs))), thread_name_prefix="recforge-search")
+            def search_chain(chain: list[ModelSpec]) -> None:
+                for spec in chain:
+                    found[spec.display] = self._search(spec, stop, bar)
+
+            side = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="recforge-search")
             try:
-                futures = {spec.display: side.submit(self._search, spec, stop, bar) for spec in specs}
-                for future in futures.values():
+                futures = [side.submit(search_chain, chain) for chain in chains.values()]
+                for future in futures:
                     future.add_done_callback(fail_all)
-                wait(futures.values())
+                wait(futures)
             except BaseException:  # Ctrl-C: stop the workers now, or each search would first finish its trial
                 stop.set()
                 self._close_executor()
@@ -401,7 +420,7 @@ class ExperimentRunner:
                 side.shutdown(wait=True, cancel_futures=True)
             if failures:
                 raise failures[0]
-        return {display: future.result() for display, future in futures.items()}
+        return {spec.display: found[spec.display] for spec in specs}
 
     def _search(self, spec: ModelSpec, stop: threading.Event, bar: Any) -> tuple[dict[str, Any], list[TrialResult]]:
         """Optuna TPE over ``spec.space`` on the validation parts; every trial is saved (and resumed) like a grid
@@ -528,6 +547,7 @@ class ExperimentRunner:
         if self._distributed:  # torchrun: the ranks go through the trials together, each neural fit data-parallel
             self._main = D.is_main_process()
             self.workers, self.backend = 1, "serial"
+        self._stopping = False
         try:
             return self._run_all()
         finally:
@@ -537,8 +557,11 @@ class ExperimentRunner:
     def _close_executor(self) -> None:
         """Stop the workers; a search thread still running then gets an error from the closed executor instead of
         starting another."""
-        if self._exec is not None:
-            self._exec.close()
+        with self._exec_lock:
+            self._stopping = True
+            executor = self._exec
+        if executor is not None:
+            executor.close()
 
     def _select(self) -> tuple[dict[str, dict[str, Any]], list[TrialResult]]:
         """Step 1-2: validation trials; the chosen parameters of every model, and every validation trial."""
