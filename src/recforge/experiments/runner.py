@@ -393,7 +393,7 @@ class ExperimentRunner:
             # the workers, without starting them (a finished run read back needs none; a Ray cluster without
             # --workers has one per CPU, unknown until started: every search may start)
             workers = (self._exec.workers if self._exec is not None
-                       else self.workers if self.workers > 1 else len(chains))
+                       else len(chains) if self.ray_address and self.workers <= 1 else self.workers)
             slots = max(1, min(workers // (self.cfg.search.batch * len(self._splits)), len(chains)))
             failures: list[BaseException] = []
 
