@@ -194,6 +194,13 @@ def test_progress_off_a_terminal_is_plain_lines_and_every_fit_ends_with_a_summar
     err = capsys.readouterr().err
     assert err.splitlines() == ["ranking: 1/3 user (33%), 0 s", "ranking: 2/3 user (67%), 0 s",
                                 "ranking: 3/3 user (100%), 0 s"]
+    with monkeypatch.context() as clock:
+        clock.setattr(P.time, "monotonic", iter(range(0, 1000, 5)).__next__)  # 5 s between two looks
+        with pytest.raises(KeyError), P.progress_bar(total=4, desc="search", unit="trials", enabled=True) as bar:
+            bar.update(1)
+            raise KeyError("a trial failed")
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith("search: stopped, 1/4 trials (25%), ")  # not "done"
     for _ in P.progress_bar(range(3), desc="silent", enabled=False):
         pass
     bar = P.EpochProgress(2, "FunkSVD", enabled=True)

@@ -44,8 +44,8 @@ class PlainProgress:
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self._end("stopped" if exc_type is not None else "done")
 
     def update(self, n: int = 1) -> None:
         """Count ``n`` more units; print a line if the last one is old enough."""
@@ -65,16 +65,21 @@ class PlainProgress:
 
     def close(self) -> None:
         """The last line (once), if any time worth reporting passed."""
+        self._end("done")
+
+    def _end(self, how: str) -> None:
+        """The last line, ``done`` or ``stopped`` (the block it counted ended by an error)."""
         if not self._closed:
             self._closed = True
             if time.monotonic() - self._start >= 1.0:
-                self._write(time.monotonic(), done=True)
+                self._write(time.monotonic(), end=how)
 
-    def _write(self, now: float, done: bool = False) -> None:
+    def _write(self, now: float, end: str = "") -> None:
         count = f"{self.n:,}/{self.total:,} {self.unit}" if self.total else f"{self.n:,} {self.unit}"
         share = f" ({100 * self.n / self.total:.0f}%)" if self.total else ""
         tail = f", {self.postfix}" if self.postfix else ""
-        sys.stderr.write(f"{self.desc}: {'done, ' if done else ''}{count}{share}, {now - self._start:.0f} s{tail}\n")
+        head = f"{end}, " if end else ""
+        sys.stderr.write(f"{self.desc}: {head}{count}{share}, {now - self._start:.0f} s{tail}\n")
         sys.stderr.flush()
 
 
