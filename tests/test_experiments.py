@@ -94,6 +94,21 @@ def test_run_tunes_on_validation_writes_results_and_resumes(tmp_path: Path) -> N
         run_experiment(config(seed=5), out, progress=False)
 
 
+def test_a_damaged_trial_file_is_one_error_naming_it(tmp_path: Path) -> None:
+    out = tmp_path / "d"
+    cfg = config(models=["ease"])
+    run_experiment(cfg, out, progress=False)
+    path = next((out / "trials").glob("*.json"))
+    good = json.loads(path.read_text())
+    for damage, message in (({"curve": ["x"]}, "'curve' that is not a list of numbers"),
+                            ({"metrics": {"ndcg@10": "high"}}, "'metrics' that are not numbers"),
+                            ({"pruned": "no"}, "'pruned' that is not true or false"), (None, "not valid JSON")):
+        path.write_text("{" if damage is None else json.dumps({**good, **damage}))
+        with pytest.raises(DataError, match=message) as info:
+            run_experiment(cfg, out, progress=False)
+        assert path.name in str(info.value) and "delete it" in str(info.value)
+
+
 def test_a_changed_default_is_fitted_again_on_resume(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from recforge.models.linear import EASE
 

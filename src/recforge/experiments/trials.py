@@ -118,13 +118,40 @@ class TrialResult(TrialKey):
         path = folder / f"{trial_id}.json"
         if not (path.exists() and (folder / f"{trial_id}.csv").exists()):
             return None
-        out = cls.from_record(json.loads(path.read_text()), pd.read_csv(folder / f"{trial_id}.csv"))
+        out = cls.from_record(_checked_record(path), pd.read_csv(folder / f"{trial_id}.csv"))
         if out.reused_test is not None:
             test_csv = folder / f"{trial_id}.test.csv"
             if not test_csv.exists():
                 return None
             out.reused_test.per_user = pd.read_csv(test_csv)
         return out
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _checked_record(path: Path) -> dict[str, Any]:
+    """A trial's JSON record, its fields that steer a resumed run (the pruner's curve, the metrics a search
+    compares) checked before use: an edited or damaged file is one error naming it, not a traceback."""
+    try:
+        record = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DataError(f"trial file {str(path)!r} is not valid JSON ({exc}); delete it to run that trial again") from None
+    problem = None
+    if not isinstance(record, dict):
+        problem = "is not a JSON object"
+    elif not isinstance(record.get("curve", []), list) or not all(map(_is_number, record.get("curve", []))):
+        problem = "has a 'curve' that is not a list of numbers"
+    elif not isinstance(record.get("pruned", False), bool):
+        problem = "has a 'pruned' that is not true or false"
+    elif not isinstance(record.get("metrics", {}), dict) or not all(map(_is_number, record.get("metrics", {}).values())):
+        problem = "has 'metrics' that are not numbers"
+    elif not _is_number(record.get("seconds", 0.0)):
+        problem = "has 'seconds' that is not a number"
+    if problem:
+        raise DataError(f"trial file {str(path)!r} {problem}; delete it to run that trial again")
+    return record
 
 
 #: Parameters that change what a fit shows, not what it learns.
