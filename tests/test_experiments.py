@@ -204,7 +204,7 @@ def test_more_workers_than_cores_are_cut_with_one_warning(monkeypatch: pytest.Mo
                                                             caplog: pytest.LogCaptureFixture) -> None:
     from recforge.experiments import executors as E
 
-    monkeypatch.setattr(E.numba.config, "NUMBA_DEFAULT_NUM_THREADS", 4)
+    monkeypatch.setattr(E, "resolve_threads", lambda threads: 4)
     with caplog.at_level("WARNING", logger="recforge.experiments.executors"):
         assert E.make_executor("process", 3, []).workers == 3
         assert not caplog.records

@@ -23,6 +23,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from recforge.core.device import torch_threads
+from recforge.core.threads import resolve_threads
 from recforge.data import split as S
 from recforge.errors import DataError, UnknownNameError
 from recforge.experiments.trials import Trial, TrialResult, run_trial
@@ -65,7 +66,7 @@ def within_cores(workers: int, threads: int) -> int:
     may use), with one warning when that cuts them: every worker is a process with its own copy of the data (a
     thousand of them would exhaust the memory, not speed anything up), and more of them than cores would only
     take turns on the cores."""
-    cores = numba.config.NUMBA_DEFAULT_NUM_THREADS
+    cores = resolve_threads(None)
     workers = max(1, workers)
     cap = max(1, cores // max(1, threads))
     if workers > cap:
@@ -211,7 +212,7 @@ class RayExecutor:
                 check_ray_address(address)
                 kwargs["address"] = address
             else:  # a private local instance sized to the workers asked for
-                workers = within_cores(workers or numba.config.NUMBA_DEFAULT_NUM_THREADS, threads_per_worker)
+                workers = within_cores(workers or resolve_threads(None), threads_per_worker)
                 kwargs["num_cpus"] = workers * threads_per_worker
                 # Ray turns token auth on for new local instances (the safe default, kept) and warns that it did
                 # on every start; for an instance private to this run that warning is only noise

@@ -279,18 +279,13 @@ class ExperimentRunner:
             executor = self._executor()
             if executor.workers > 1:  # longest first: a long trial started last would leave the others idle
                 todo.sort(key=_expected_cost, reverse=True)
-            if bar is not None:
+            with progress_bar(total=len(todo), desc=f"{self.cfg.name} trials ({executor.name})",
+                              enabled=self.progress and bar is None) as own:
                 for res in executor.map(todo):
                     self._save(res)
                     results[res.id] = res
-            else:
-                with progress_bar(total=len(todo), desc=f"{self.cfg.name} trials ({executor.name})",
-                                  enabled=self.progress) as own:
-                    for res in executor.map(todo):
-                        self._save(res)
-                        results[res.id] = res
-                        own.set_postfix_str(res.label)
-                        own.update(1)
+                    own.set_postfix_str(res.label)
+                    own.update(1)
         return [results[t.id] for t in tasks]
 
     def _executor(self) -> Any:
@@ -382,9 +377,13 @@ class ExperimentRunner:
         serial = self._distributed or resolve_backend(self.backend, self.workers, self.ray_address) == "serial"
         with progress_bar(total=total, desc=f"{self.cfg.name} search on validation", unit="trials",
                           enabled=self.progress) as bar:
-            if serial or len(specs) < 2:
-                for spec in specs:
+
+            def search_chain(chain: list[ModelSpec]) -> None:
+                for spec in chain:
                     found[spec.display] = self._search(spec, stop, bar)
+
+            if serial or len(specs) < 2:
+                search_chain(specs)
                 return found
             chains: dict[str, list[ModelSpec]] = {}
             for spec in specs:  # the same trials under two labels: one search after the other
@@ -401,10 +400,6 @@ class ExperimentRunner:
                 if not future.cancelled() and future.exception() is not None:
                     failures.append(future.exception())  # type: ignore[arg-type]
                     stop.set()
-
-            def search_chain(chain: list[ModelSpec]) -> None:
-                for spec in chain:
-                    found[spec.display] = self._search(spec, stop, bar)
 
             side = ThreadPoolExecutor(max_workers=slots, thread_name_prefix="recforge-search")
             try:
