@@ -23,6 +23,7 @@ from recforge.evaluation import get_protocol
 from recforge.evaluation import next_event as NE
 from recforge.experiments import compare
 from recforge.models import Recommender, create_model
+from recforge.models.sequential.pooling import window_sums
 from recforge.neural import Trainer, TrainerConfig
 from recforge.neural import losses as L
 from recforge.neural.checkpoint import flatten_optimizer_state, unflatten_optimizer_state
@@ -295,6 +296,16 @@ def test_pooling_ignores_order_and_sasrec_uses_it(chains: Interactions) -> None:
     for model, same in ((pool, True), (sas, False)):
         a, b = model.score_histories([hist, hist[::-1]])
         assert np.allclose(a, b, atol=1e-5) == same
+
+
+@pytest.mark.parametrize("window", [0, 1, 3, 7, 9])
+def test_pooling_window_sums_banded_equal_the_cumulative_ones(window: int) -> None:
+    """The banded product (what a deterministic CUDA run uses, as CUDA's float cumsum has no deterministic kernel)
+    gives the windowed sums of the cumulative path, checked against a plain loop."""
+    x = torch.randn(3, 7, 4, generator=torch.Generator().manual_seed(0))
+    by_loop = torch.stack([x[:, max(0, t - window + 1) if window else 0: t + 1].sum(1) for t in range(7)], dim=1)
+    for banded in (False, True):
+        torch.testing.assert_close(window_sums(x, window, banded), by_loop, rtol=1e-5, atol=1e-5)
 
 
 def test_recommend_for_history_excludes_and_handles_unknown(chains: Interactions, caplog: pytest.LogCaptureFixture) -> None:

@@ -18,6 +18,25 @@ from recforge.models.sequential.base import (
 from recforge.neural.sequences import n_tokens
 
 
+def window_sums(x: torch.Tensor, window: int, banded: bool = False) -> torch.Tensor:
+    """Along dimension 1 of ``x`` (batch × positions × features), the sum of each position's last ``window`` rows,
+    its own included (all of them up to it when ``window`` is 0).
+
+    By differences of cumulative sums, or with ``banded`` as one product with a 0/1 band matrix, in float32 (the
+    same sums, up to rounding, from kernels that add in a fixed order)."""
+    n = x.shape[1]
+    if banded:
+        lag = torch.arange(n, device=x.device)
+        lag = lag[:, None] - lag[None, :]
+        band = (lag >= 0) & (lag < window) if window else lag >= 0
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.matmul(band.float(), x.float())
+    total = torch.cumsum(x, dim=1)
+    if window and window < n:
+        total = total - F.pad(total, (0, 0, window, 0))[:, :n]
+    return total
+
+
 class PoolingNet(SequenceNet):
     """Mean of the last ``window`` input embeddings (all earlier ones when 0) → linear layer → dot product with
     output item embeddings plus an item bias."""
@@ -39,13 +58,11 @@ class PoolingNet(SequenceNet):
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """Causal windowed mean at every position, via cumulative sums (no loop over positions)."""
         emb = self.item_emb(tokens)
-        real = (tokens > 0).to(emb.dtype).unsqueeze(-1)
-        total = torch.cumsum(emb, dim=1)
-        count = torch.cumsum(real, dim=1)
-        if self.window and self.window < tokens.shape[1]:
-            total = total - F.pad(total, (0, 0, self.window, 0))[:, : tokens.shape[1]]
-            count = count - F.pad(count, (0, 0, self.window, 0))[:, : tokens.shape[1]]
-        return self.drop(self.proj(total / count.clamp(min=1.0)))
+        # CUDA's cumsum of floats has no deterministic kernel (torch.use_deterministic_algorithms lists it)
+        banded = tokens.is_cuda and torch.are_deterministic_algorithms_enabled()
+        total = window_sums(emb, self.window, banded)
+        count = window_sums((tokens > 0).to(torch.int32).unsqueeze(-1), self.window)  # integers: exact either way
+        return self.drop(self.proj(total / count.clamp(min=1)))
 
     def encode_last(self, tokens: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         h = self.hidden(tokens)
