@@ -182,6 +182,24 @@ def test_a_closed_executor_takes_no_more_trials_and_wakes_its_waiters() -> None:
     assert not thread.is_alive() and "stopped" in str(errors[0])
 
 
+def test_ray_workers_see_the_gpus_a_process_pool_sees(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray set an actor that asks for no GPU to CUDA_VISIBLE_DEVICES="" (its default until April 2026; the variable
+    below restores it), so trials ran on the CPU, or failed under --device cuda, with the Ray backend on a GPU."""
+    pytest.importorskip("ray")
+    import os
+
+    from recforge.experiments import executors as E
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
+    monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1")
+    ray = E.RayExecutor([], 1)
+    try:
+        seen = ray._ray.get(ray._actors[0].__ray_call__.remote(lambda _: os.environ.get("CUDA_VISIBLE_DEVICES")))
+    finally:
+        ray.close()
+    assert seen == os.environ["CUDA_VISIBLE_DEVICES"]
+
+
 def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:
     from recforge.errors import UnknownNameError
     from recforge.experiments import executors as E
@@ -525,8 +543,9 @@ def test_kfold_protocol_gives_every_row_one_test_fold(tmp_path: Path) -> None:
     assert (pd.read_csv(tmp_path / "k" / "trials.csv")["split"].nunique()) == 3
 
 
+# on the CPU on every machine: runs compared number for number would differ on a GPU (its sums' order varies)
 SAS = {"name": "sasrec", "params": {"epochs": 8, "n_factors": 16, "max_len": 20, "patience": 2, "lr": 5e-3,
-                                    "num_threads": 1}}
+                                    "num_threads": 1, "device": "cpu"}}
 
 
 def _rows(out: Path, label: str) -> pd.DataFrame:

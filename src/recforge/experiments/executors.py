@@ -225,7 +225,11 @@ class RayExecutor:
         if not workers:  # a cluster's size is its own (it may grow): asked for, workers are left to its scheduler
             workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads_per_worker)
         self.workers = workers
-        actor = ray.remote(num_cpus=threads_per_worker)(_RayTrialWorker)
+        # Ray hid every GPU from an actor that asks for none (CUDA_VISIBLE_DEVICES="", its default until April 2026,
+        # ray-project/ray#62492): trial workers see the machine's GPUs as a process pool's do, and follow --device
+        actor = ray.remote(num_cpus=threads_per_worker,
+                           runtime_env={"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
+                           )(_RayTrialWorker)
         ref = ray.put(splits)
         self._actors = [actor.remote(ref, threads_per_worker) for _ in range(workers)]
         # the actors without a trial, shared by every thread that maps (side-by-side searches)
