@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from recforge.core.gpu_environment import fix_cublas_workspace
 from recforge.data.datasets import load
 from recforge.evaluation import get_protocol
 from recforge.models import create_model
@@ -70,6 +71,7 @@ def fit_row(name: str, params: dict, split, device: str, max_epochs: int) -> dic
 
 
 def main() -> None:
+    fix_cublas_workspace()  # the deterministic rows follow others in this process: set before any GPU work
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, from: {', '.join(CONFIGS)}")
     p.add_argument("--device", default="auto")

@@ -36,6 +36,7 @@ if ls .whl/*.whl > /dev/null 2>&1; then
     && export PYTHONPATH=/tmp/site
 fi
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" RECFORGE_DEVICE=cuda RECFORGE_BENCH_DATA="$DATA" PYTHONUNBUFFERED=1
+export CUBLAS_WORKSPACE_CONFIG=${CUBLAS_WORKSPACE_CONFIG:-:4096:8}  # before any GPU work: deterministic=True relies on it
 step() { echo "== [$((SECONDS - START)) s] $*" | tee -a "$LOG"; }
 python3 -c "import torch, recforge; print('recforge', recforge.__version__, '| torch', torch.__version__, '|',
 torch.cuda.get_device_name(0), '|', torch.cuda.device_count(), 'GPU(s)')" 2>&1 | tee -a "$LOG"

@@ -9,6 +9,10 @@ if os.environ.get("PYTEST_XDIST_WORKER"):  # one thread per worker: -n 2 on 2 co
     for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
         os.environ.setdefault(_var, "1")
 
+from recforge.core.gpu_environment import fix_cublas_workspace  # torch-free
+
+fix_cublas_workspace()  # before any GPU work, as the recforge command does: deterministic=True tests rely on it
+
 import numpy as np  # after the thread settings, which numpy, numba and torch read when imported
 import pandas as pd
 import pytest

@@ -260,6 +260,35 @@ def test_compare_writes_a_new_run_and_never_replaces_one_unasked(own_csv: dict[s
     assert code == 2 and "'mine/notes.txt' is a file, not a folder" in text and "Traceback" not in text
 
 
+def test_the_command_fixes_cublas_workspace_before_any_gpu_work(monkeypatch: pytest.MonkeyPatch,
+                                                                caplog: pytest.LogCaptureFixture) -> None:
+    """cuBLAS reads its workspace setting once, when the process first uses it: the command sets it at start (unless
+    the environment chose one), and a deterministic fit in a process that used the GPU without it says so."""
+    import os
+
+    import torch
+
+    from recforge.core.device import deterministic_algorithms
+
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+    monkeypatch.setattr(sys, "argv", ["recforge", "--version"])
+    with pytest.raises(SystemExit):
+        main()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":16:8"  # the user's choice stands
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    with pytest.raises(SystemExit):
+        main()
+    assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    with caplog.at_level("WARNING", logger="recforge.core.device"), deterministic_algorithms(True):
+        pass
+    assert not caplog.records  # set before the GPU was used
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
+    with caplog.at_level("WARNING", logger="recforge.core.device"), deterministic_algorithms(True):
+        pass
+    assert "used the GPU before CUBLAS_WORKSPACE_CONFIG was set" in caplog.text
+
+
 def test_device_option_is_checked_and_reaches_every_auto_device(tmp_path, monkeypatch, capsys) -> None:
     from recforge.core.device import resolve_device
 

@@ -69,7 +69,27 @@ def test_the_torch_path_is_the_same_closed_form(device: str, monkeypatch: pytest
     assert b.dtype == np.float32 and b.flags.c_contiguous and np.all(np.diag(b) == 0)
     np.testing.assert_allclose(b, reference_b(x.toarray().astype(np.float64), 5.0), atol=2e-5)
     np.testing.assert_allclose(b, ease_weights(x, x.T.tocsr(), 5.0), atol=2e-5)
-    assert linear.ease_gpu_bytes(50_000) == 8 * 50_000**2 + linear._GRAM_CHUNK_BYTES  # 20 GB for 50k items
+    assert linear.ease_gpu_bytes(50_000) == 12 * 50_000**2 + linear._GRAM_CHUNK_BYTES  # 31 GB for 50k items
+    if device == "cuda":  # the estimate holds the peak (the inverse: factor, result and cuSOLVER's working copy)
+        x = sp.random(2500, 2000, density=0.05, random_state=rng, format="csr", dtype=np.float32)
+        monkeypatch.setattr(linear, "_GRAM_CHUNK_BYTES", 2**22)  # slack of 4 MB over 12·n² = 48 MB (8·n² + 4 MB < peak)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        ease_weights_torch(x, 5.0, torch.device(device))
+        assert torch.cuda.max_memory_allocated() - before <= linear.ease_gpu_bytes(2000)
+
+
+def test_a_gpu_fit_that_does_not_fit_is_refused_counting_torchs_cached_memory(small: Interactions,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Free memory is what CUDA reports plus what torch's allocator caches unused (CUDA counts it as taken)."""
+    gb = 10**9
+    monkeypatch.setattr(linear, "resolve_device", lambda device: torch.device("cuda:0"))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (int(0.2 * gb), 80 * gb))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: int(0.5 * gb))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: int(0.1 * gb))
+    with pytest.raises(DataError, match=r"needs about 1\.1 GB for 5 items but 0\.6 GB are free"):
+        EASE().fit(small)
 
 
 def test_count_values_use_repeated_interactions() -> None:

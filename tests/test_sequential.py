@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from recforge import split as S
 from recforge.cli import app
-from recforge.core.device import resolve_device
+from recforge.core.device import amp_dtype, resolve_device
 from recforge.data import Interactions
 from recforge.data.datasets import make_synthetic
 from recforge.errors import ArtifactError, DataError, ParameterError, UnsupportedError
@@ -229,6 +229,36 @@ def test_deterministic_training_uses_deterministic_kernels_repeats_and_restores(
     np.testing.assert_array_equal(runs[0], runs[1])
     if resolve_device("auto").type == "cpu":  # on a GPU the default kernels (and their rounding) differ
         np.testing.assert_allclose(runs[0], runs[2], atol=1e-4)
+
+
+def test_validation_scores_in_float32_while_training_steps_in_mixed_precision() -> None:
+    """Mixed precision is for the training steps: validation ranks the catalogue, and bfloat16 scores tie at the
+    top (8-bit mantissas), so it scores in float32 as the fitted model does (CPU autocast stands in for CUDA's)."""
+    seen: dict[str, list] = {"step": [], "valid": []}
+
+    def loss_fn(batch: dict) -> torch.Tensor:
+        seen["step"].append(torch.is_autocast_enabled("cpu"))
+        return (trainer.module.w ** 2).sum()
+
+    def validate() -> dict[str, float]:
+        seen["valid"].append((torch.is_autocast_enabled("cpu"), (torch.ones(2, 2) @ torch.ones(2, 2)).dtype))
+        return {"ndcg@10": 0.5}
+
+    trainer = Trainer(_Quadratic(), TrainerConfig(epochs=2, progress=False))
+    trainer.amp = torch.bfloat16
+    trainer.fit(loss_fn, lambda epoch, rng: iter([{"x": np.ones(2)}]), 1, validate=validate)
+    assert seen["step"] == [True, True] and seen["valid"] == [(False, torch.float32)] * 2
+
+
+def test_mixed_precision_is_bfloat16_from_ampere_float16_before_none_on_the_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    """By the training GPU's compute capability: ``torch.cuda.is_bf16_supported()`` counts emulated bfloat16, so it
+    chose bfloat16 (and no loss scaler) on a T4 or V100 too."""
+    capability = {0: (7, 5), 1: (9, 0)}
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device: capability[torch.device(device).index])
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert amp_dtype(torch.device("cuda:0"), True) is torch.float16
+    assert amp_dtype(torch.device("cuda:1"), True) is torch.bfloat16
+    assert amp_dtype(torch.device("cuda:1"), False) is None and amp_dtype(torch.device("cpu"), True) is None
 
 
 def test_trainer_schedule_and_bad_settings() -> None:

@@ -22,6 +22,7 @@ from typing import Annotated, Any
 import typer
 
 from recforge import __version__
+from recforge.core.gpu_environment import fix_cublas_workspace
 from recforge.errors import DataError, RecforgeError, settings_named_as_options
 
 app = typer.Typer(
@@ -1161,6 +1162,8 @@ def ope_cmd(
 def main() -> None:
     """Entry point: run the CLI; recforge errors become one line and exit status 2, usage errors click's one line
     and usage hint (exit 2), Ctrl-C exit status 130."""
+    # before any GPU work, so a deterministic=True model can rely on it (trial workers and torchrun ranks inherit it)
+    fix_cublas_workspace()
     try:
         with settings_named_as_options():
             code = app(standalone_mode=False, prog_name="recforge")

@@ -4,17 +4,25 @@ many CPU threads torch may use; mixed precision."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Iterator
 
 import torch
 
+from recforge.core.gpu_environment import (
+    CUBLAS_WORKSPACE_ENV,
+    REPEATABLE_CUBLAS_WORKSPACE,
+    fix_cublas_workspace,
+)
 from recforge.core.threads import resolve_threads
 from recforge.errors import ParameterError
 
 #: The environment variable that chooses the device of everything left at ``device="auto"`` (``cpu``, ``cuda``,
 #: ``cuda:N``): the CLI's ``--device`` sets it, so trial workers and torchrun ranks inherit it.
 DEVICE_ENV = "RECFORGE_DEVICE"
+
+log = logging.getLogger(__name__)
 
 
 def is_auto(device: str | torch.device | None) -> bool:
@@ -56,6 +64,14 @@ def _checked(device: str | torch.device, what: str) -> torch.device:
     return dev
 
 
+def free_gpu_bytes(device: torch.device) -> int:
+    """Bytes a new allocation on the GPU ``device`` can take: what CUDA reports free plus what torch's caching
+    allocator holds without using (CUDA counts that as taken, so a process that trained or ranked before would
+    refuse work that fits)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
+
+
 @contextlib.contextmanager
 def deterministic_algorithms(enabled: bool) -> Iterator[None]:
     """Within the block (when ``enabled``), torch runs deterministic kernels only, so a GPU run repeats with the
@@ -67,8 +83,10 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
         return
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    # read by cuBLAS when it first runs in this process; set early enough for a fresh training process
-    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if fix_cublas_workspace() and torch.cuda.is_initialized():
+        log.warning("deterministic=True: this process used the GPU before %s was set, so cuBLAS may not repeat its "
+                    "sums; set %s=%s in the environment before the process starts (the recforge command does)",
+                    CUBLAS_WORKSPACE_ENV, CUBLAS_WORKSPACE_ENV, REPEATABLE_CUBLAS_WORKSPACE)
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
               torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -96,8 +114,10 @@ def torch_threads(num_threads: int | None) -> Iterator[int]:
 
 
 def amp_dtype(device: torch.device, enabled: bool) -> torch.dtype | None:
-    """The autocast dtype for mixed precision: bfloat16 on GPUs that support it, float16 on older ones, none on
-    the CPU (CPU autocast is slower than float32 for these small models)."""
+    """The autocast dtype for mixed precision: bfloat16 on GPUs with bfloat16 arithmetic (compute capability 8.0,
+    Ampere, and later), float16 on older ones, none on the CPU (CPU autocast is slower than float32 for these small
+    models). Not ``torch.cuda.is_bf16_supported()``: it counts emulated bfloat16, so it says yes on a T4 or V100,
+    and it asks about the current device, not ``device``."""
     if not enabled or device.type != "cuda":
         return None
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if torch.cuda.get_device_capability(device) >= (8, 0) else torch.float16

@@ -313,13 +313,12 @@ class ItemItemModel(Recommender):
         if device is None:
             return self.score
         # torch is imported only once a GPU ranks (see recforge.core.accelerator)
-        import torch
-
+        from recforge.core.device import free_gpu_bytes
         from recforge.core.device_sparse import SparseRowScorer
 
         w = self.weights_
         dense_bytes = 4 * w.shape[0] * w.shape[1]
-        if device.type == "cuda" and 4 * dense_bytes > torch.cuda.mem_get_info(device)[0]:
+        if device.type == "cuda" and 4 * dense_bytes > free_gpu_bytes(device):
             return self.score
         return SparseRowScorer(self.X_, w, device, self.n_fitted_items_, float(UNSCORED))
 
