@@ -261,6 +261,20 @@ def test_mixed_precision_is_bfloat16_from_ampere_float16_before_none_on_the_cpu(
     assert amp_dtype(torch.device("cuda:1"), False) is None and amp_dtype(torch.device("cpu"), True) is None
 
 
+def test_a_fit_leaves_the_callers_random_state_alone() -> None:
+    """The trainer seeds torch's generators each epoch (so a resumed run retraces itself); the caller's draws, on
+    the CPU and on the training GPU, go on as if no model had trained."""
+    trainer = Trainer(_Quadratic(), TrainerConfig(epochs=2, progress=False))
+    gpu = trainer.device if trainer.device.type == "cuda" else None
+    torch.manual_seed(123)
+    before = (torch.get_rng_state(), torch.cuda.get_rng_state(gpu) if gpu else None)
+    trainer.fit(lambda batch: (trainer.module.w ** 2).sum() + torch.rand(1, device=trainer.device).sum() * 0,
+                lambda epoch, rng: iter([{"x": np.ones(2)}]), 1)
+    assert torch.equal(torch.get_rng_state(), before[0])
+    if gpu:
+        assert torch.equal(torch.cuda.get_rng_state(gpu), before[1])
+
+
 def test_trainer_schedule_and_bad_settings() -> None:
     trainer = Trainer(_Quadratic(), TrainerConfig(schedule="cosine", warmup_steps=10, progress=False))
     assert trainer._lr_factor(0, 110) == pytest.approx(0.1)

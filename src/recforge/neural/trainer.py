@@ -397,8 +397,12 @@ class Trainer:
         so GPU runs repeat.
 
         ``graphs=True`` says that ``loss_fn`` never waits for the device and keeps its shapes for batches of one
-        shape: where :attr:`can_graph`, the steps are then replayed from a CUDA graph."""
-        with deterministic_algorithms(self.config.deterministic):
+        shape: where :attr:`can_graph`, the steps are then replayed from a CUDA graph.
+
+        The epochs' seeds reach torch's generators, the training GPU's included: the caller's states are restored
+        afterwards."""
+        own_gpu = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=own_gpu), deterministic_algorithms(self.config.deterministic):
             return self._fit(loss_fn, batches, steps_per_epoch, validate, graphs and self.can_graph)
 
     def _fit(
