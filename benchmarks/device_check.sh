@@ -43,11 +43,13 @@ torch.cuda.get_device_name(0), '|', torch.cuda.device_count(), 'GPU(s)')" 2>&1 |
 
 tests() {
   step "tests on CUDA (RECFORGE_DEVICE=cuda)"
-  # -v: every test's outcome is logged as it ends, so a run stopped by its time limit still names its failures
+  # -v: every test's outcome is logged as it ends, so a run stopped by its time limit still names its failures;
+  # the gloo test trains three CPU processes (RECFORGE_DEVICE=cpu): the CPU suite covers it
   timeout 180 python3 -m pytest -v -p no:cacheprovider -n 8 --durations=10 tests/test_sequential.py tests/test_graphs.py \
     tests/test_two_tower.py tests/test_distributed.py tests/test_model_contract.py tests/test_core.py \
     tests/test_device_ranking.py tests/test_neighbors.py tests/test_graph.py tests/test_linear.py tests/test_als.py \
     tests/test_bpr.py tests/test_pointwise.py "tests/test_sgd_mf.py::test_the_torch_funk_epoch_in_blocks_of_one_is_the_numba_epoch" \
+    --deselect tests/test_distributed.py::test_two_gloo_processes_match_one_process \
     2>&1 | grep -v " PASSED " | tee -a "$LOG"
 }
 
