@@ -262,13 +262,14 @@ def test_compare_writes_a_new_run_and_never_replaces_one_unasked(own_csv: dict[s
 
 def test_the_command_fixes_cublas_workspace_before_any_gpu_work(monkeypatch: pytest.MonkeyPatch,
                                                                 caplog: pytest.LogCaptureFixture) -> None:
-    """cuBLAS reads its workspace setting once, when the process first uses it: the command sets it at start (unless
-    the environment chose one), and a deterministic fit in a process that used the GPU without it says so."""
+    """cuBLAS reads its workspace setting once, when the process first uses it: the command sets it at start, and
+    recforge's torch code when imported (unless the environment chose one); chosen only after the process used a
+    GPU, a deterministic fit says so."""
     import os
 
     import torch
 
-    from recforge.core.device import deterministic_algorithms
+    from recforge.core import device as D
 
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
     monkeypatch.setattr(sys, "argv", ["recforge", "--version"])
@@ -280,13 +281,15 @@ def test_the_command_fixes_cublas_workspace_before_any_gpu_work(monkeypatch: pyt
         main()
     assert os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
-    with caplog.at_level("WARNING", logger="recforge.core.device"), deterministic_algorithms(True):
-        pass
-    assert not caplog.records  # set before the GPU was used
+    assert not D.choose_cublas_workspace()  # already chosen
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG")
-    with caplog.at_level("WARNING", logger="recforge.core.device"), deterministic_algorithms(True):
-        pass
-    assert "used the GPU before CUBLAS_WORKSPACE_CONFIG was set" in caplog.text
+    assert D.choose_cublas_workspace() and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    D._warn_cublas_chosen_late.cache_clear()  # it warns once a process
+    for late in (False, True):
+        monkeypatch.setattr(D, "CUBLAS_CHOSEN_LATE", late)
+        with caplog.at_level("WARNING", logger="recforge.core.device"), D.deterministic_algorithms(True):
+            pass
+        assert ("used a GPU before CUBLAS_WORKSPACE_CONFIG was set" in caplog.text) == late
 
 
 def test_device_option_is_checked_and_reaches_every_auto_device(tmp_path, monkeypatch, capsys) -> None:

@@ -182,22 +182,30 @@ def test_a_closed_executor_takes_no_more_trials_and_wakes_its_waiters() -> None:
     assert not thread.is_alive() and "stopped" in str(errors[0])
 
 
-def test_ray_workers_see_the_gpus_a_process_pool_sees(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_ray_workers_see_the_gpus_and_the_device_the_run_chose(monkeypatch: pytest.MonkeyPatch) -> None:
     """Ray set an actor that asks for no GPU to CUDA_VISIBLE_DEVICES="" (its default until April 2026; the variable
-    below restores it), so trials ran on the CPU, or failed under --device cuda, with the Ray backend on a GPU."""
-    pytest.importorskip("ray")
+    below restores it), so trials ran on the CPU, or failed under --device cuda, with the Ray backend on a GPU; and
+    a cluster's workers inherit nothing from this process: the device choice and cuBLAS's setting go with them."""
+    ray = pytest.importorskip("ray")
     import os
 
     from recforge.experiments import executors as E
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", os.environ.get("CUDA_VISIBLE_DEVICES", "0"))
     monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "1")
-    ray = E.RayExecutor([], 1)
+    for name in ("RAY_ADDRESS", "RECFORGE_DEVICE", "CUBLAS_WORKSPACE_CONFIG"):
+        monkeypatch.delenv(name, raising=False)
+    ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)  # started without them, as a cluster is
     try:
-        seen = ray._ray.get(ray._actors[0].__ray_call__.remote(lambda _: os.environ.get("CUDA_VISIBLE_DEVICES")))
+        monkeypatch.setenv("RECFORGE_DEVICE", "cpu")
+        monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")
+        executor = E.RayExecutor([], 1)
+        names = ("CUDA_VISIBLE_DEVICES", "RECFORGE_DEVICE", "CUBLAS_WORKSPACE_CONFIG")
+        seen = ray.get(executor._actors[0].__ray_call__.remote(lambda _: [os.environ.get(n) for n in names]))
+        executor.close()
     finally:
-        ray.close()
-    assert seen == os.environ["CUDA_VISIBLE_DEVICES"]
+        ray.shutdown()
+    assert seen == [os.environ["CUDA_VISIBLE_DEVICES"], "cpu", ":16:8"]
 
 
 def test_backend_choice(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -244,7 +244,7 @@ def test_validation_scores_in_float32_while_training_steps_in_mixed_precision() 
         seen["valid"].append((torch.is_autocast_enabled("cpu"), (torch.ones(2, 2) @ torch.ones(2, 2)).dtype))
         return {"ndcg@10": 0.5}
 
-    trainer = Trainer(_Quadratic(), TrainerConfig(epochs=2, progress=False))
+    trainer = Trainer(_Quadratic(), TrainerConfig(epochs=2, progress=False, device="cpu"))
     trainer.amp = torch.bfloat16
     trainer.fit(loss_fn, lambda epoch, rng: iter([{"x": np.ones(2)}]), 1, validate=validate)
     assert seen["step"] == [True, True] and seen["valid"] == [(False, torch.float32)] * 2
@@ -261,18 +261,19 @@ def test_mixed_precision_is_bfloat16_from_ampere_float16_before_none_on_the_cpu(
     assert amp_dtype(torch.device("cuda:1"), False) is None and amp_dtype(torch.device("cpu"), True) is None
 
 
-def test_a_fit_leaves_the_callers_random_state_alone() -> None:
-    """The trainer seeds torch's generators each epoch (so a resumed run retraces itself); the caller's draws, on
-    the CPU and on the training GPU, go on as if no model had trained."""
+def test_a_fit_leaves_the_callers_random_state_alone(chains: Interactions) -> None:
+    """The trainer seeds torch's generators each epoch (so a resumed run retraces itself) and a model seeds its net's
+    initialisation; the caller's draws, on the CPU and on every GPU, go on as if nothing had trained."""
+    def states() -> list[torch.Tensor]:
+        return [torch.get_rng_state(), *(torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [])]
+
     trainer = Trainer(_Quadratic(), TrainerConfig(epochs=2, progress=False))
-    gpu = trainer.device if trainer.device.type == "cuda" else None
     torch.manual_seed(123)
-    before = (torch.get_rng_state(), torch.cuda.get_rng_state(gpu) if gpu else None)
+    before = states()
     trainer.fit(lambda batch: (trainer.module.w ** 2).sum() + torch.rand(1, device=trainer.device).sum() * 0,
                 lambda epoch, rng: iter([{"x": np.ones(2)}]), 1)
-    assert torch.equal(torch.get_rng_state(), before[0])
-    if gpu:
-        assert torch.equal(torch.cuda.get_rng_state(gpu), before[1])
+    create_model("pooling", **{**FAST, "epochs": 1}).fit(chains)
+    assert all(torch.equal(a, b) for a, b in zip(states(), before, strict=True))
 
 
 def test_trainer_schedule_and_bad_settings() -> None:

@@ -4,6 +4,7 @@ many CPU threads torch may use; mixed precision."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -23,6 +24,24 @@ from recforge.errors import ParameterError
 DEVICE_ENV = "RECFORGE_DEVICE"
 
 log = logging.getLogger(__name__)
+
+
+def choose_cublas_workspace() -> bool:
+    """Choose cuBLAS's repeatable workspace unless the environment did (:func:`fix_cublas_workspace`); True when
+    that came after the process had started using a GPU, so cuBLAS may already run without it."""
+    return fix_cublas_workspace() and torch.cuda.is_initialized()
+
+
+#: Chosen when recforge's torch code is first imported, which is before its first GPU work (the command line chose
+#: it even earlier).
+CUBLAS_CHOSEN_LATE = choose_cublas_workspace()
+
+
+@functools.cache
+def _warn_cublas_chosen_late() -> None:
+    log.warning("deterministic=True: this process used a GPU before %s was set, so cuBLAS may not repeat its sums; "
+                "set %s=%s in the environment before the process starts (the recforge command does)",
+                CUBLAS_WORKSPACE_ENV, CUBLAS_WORKSPACE_ENV, REPEATABLE_CUBLAS_WORKSPACE)
 
 
 def is_auto(device: str | torch.device | None) -> bool:
@@ -72,6 +91,31 @@ def free_gpu_bytes(device: torch.device) -> int:
     return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))
 
 
+def seed_torch(seed: int, device: torch.device | None = None) -> None:
+    """Seed torch's CPU generator and, for a GPU ``device``, that GPU's: ``torch.manual_seed`` reseeds every GPU of
+    the process, whatever the caller was drawing there."""
+    torch.random.default_generator.manual_seed(seed)
+    if device is not None and device.type == "cuda":
+        with torch.cuda.device(device):
+            torch.cuda.manual_seed(seed)
+
+
+@contextlib.contextmanager
+def caller_rng_kept(device: torch.device) -> Iterator[None]:
+    """Give torch's CPU generator, and ``device``'s when it is a GPU, their states back after the block."""
+    cpu = torch.get_rng_state()
+    gpu = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu)
+        if gpu is not None:
+            # after a capture CUDA invalidated, torch < 2.13 leaves the generator mid-capture and it may refuse: its
+            # error must not hide the one that says why the training stopped
+            with contextlib.suppress(RuntimeError):
+                torch.cuda.set_rng_state(gpu, device)
+
+
 @contextlib.contextmanager
 def deterministic_algorithms(enabled: bool) -> Iterator[None]:
     """Within the block (when ``enabled``), torch runs deterministic kernels only, so a GPU run repeats with the
@@ -83,10 +127,8 @@ def deterministic_algorithms(enabled: bool) -> Iterator[None]:
         return
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if fix_cublas_workspace() and torch.cuda.is_initialized():
-        log.warning("deterministic=True: this process used the GPU before %s was set, so cuBLAS may not repeat its "
-                    "sums; set %s=%s in the environment before the process starts (the recforge command does)",
-                    CUBLAS_WORKSPACE_ENV, CUBLAS_WORKSPACE_ENV, REPEATABLE_CUBLAS_WORKSPACE)
+    if CUBLAS_CHOSEN_LATE:
+        _warn_cublas_chosen_late()
     before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
               torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     torch.use_deterministic_algorithms(True, warn_only=True)

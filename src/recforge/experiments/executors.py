@@ -22,7 +22,8 @@ import numba
 import torch
 from threadpoolctl import threadpool_limits
 
-from recforge.core.device import torch_threads
+from recforge.core.device import DEVICE_ENV, torch_threads
+from recforge.core.gpu_environment import CUBLAS_WORKSPACE_ENV
 from recforge.core.threads import resolve_threads
 from recforge.data import split as S
 from recforge.errors import DataError, UnknownNameError
@@ -226,10 +227,11 @@ class RayExecutor:
             workers = max(1, int(ray.cluster_resources().get("CPU", 1)) // threads_per_worker)
         self.workers = workers
         # Ray hid every GPU from an actor that asks for none (CUDA_VISIBLE_DEVICES="", its default until April 2026,
-        # ray-project/ray#62492): trial workers see the machine's GPUs as a process pool's do, and follow --device
-        actor = ray.remote(num_cpus=threads_per_worker,
-                           runtime_env={"env_vars": {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}}
-                           )(_RayTrialWorker)
+        # ray-project/ray#62492): trial workers see their machine's GPUs as a process pool's do; the device choice
+        # and cuBLAS's setting travel with them, as a cluster's workers do not inherit this process's environment
+        env = {"RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES": "1"}
+        env.update({key: os.environ[key] for key in (DEVICE_ENV, CUBLAS_WORKSPACE_ENV) if key in os.environ})
+        actor = ray.remote(num_cpus=threads_per_worker, runtime_env={"env_vars": env})(_RayTrialWorker)
         ref = ray.put(splits)
         self._actors = [actor.remote(ref, threads_per_worker) for _ in range(workers)]
         # the actors without a trial, shared by every thread that maps (side-by-side searches)

@@ -149,7 +149,7 @@ class EASE(ItemItemModel):
         reg: L2 regularisation λ (> 0); larger suits bigger / denser data (Steck used 200-1000).
         values: what ``X`` holds (``"binary"``, ``"count"``, ``"weight"``, ``"rating"``).
         max_items: largest catalogue ``fit`` accepts on the CPU (``None``: no limit); on a GPU the limit is the
-            device's free memory (:func:`ease_gpu_bytes`: ``8·n²`` bytes and a 1 GB chunk).
+            device's free memory (:func:`ease_gpu_bytes`: ``12·n²`` bytes and a 1 GB chunk).
         num_threads: threads for the Gram kernel and BLAS/LAPACK (0 = all cores).
         device: ``"auto"`` (``$RECFORGE_DEVICE``, else CUDA when present, else the CPU), ``"cpu"`` or
             ``"cuda[:N]"``: on a GPU, ``B`` is computed with torch (:func:`ease_weights_torch`) and kept on the CPU.

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recforge.core.device import resolve_device, torch_threads
+from recforge.core.device import resolve_device, seed_torch, torch_threads
 from recforge.core.params import AnyOf, Boolean, Choice, Constraint, Integer, ListOf, Real, Text, store_params
 from recforge.core.validation import RankingValidator
 from recforge.data.interactions import Interactions
@@ -441,7 +441,7 @@ class TwoTower(Recommender):
     def _fit(self, interactions: Interactions, valid: Interactions | None = None) -> None:
         self.prep_ = self._prepare(interactions)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+            seed_torch(self.seed)  # the net is built on the CPU: the GPUs' generators are not the fit's business
             net = self._build_net(interactions.n_users, interactions.n_items)
         self._train(net, interactions, valid, self._trainer_config())
 

@@ -35,7 +35,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from recforge.core.device import amp_dtype, deterministic_algorithms, is_auto, resolve_device
+from recforge.core.device import (
+    amp_dtype,
+    caller_rng_kept,
+    deterministic_algorithms,
+    is_auto,
+    resolve_device,
+    seed_torch,
+)
 from recforge.core.params import Boolean, Choice, Constraint, DeviceName, Integer, Real, Text, check_params
 from recforge.core.progress import fit_summary, progress_bar
 from recforge.core.validation import VALIDATION_METRICS
@@ -401,8 +408,7 @@ class Trainer:
 
         The epochs' seeds reach torch's generators, the training GPU's included: the caller's states are restored
         afterwards."""
-        own_gpu = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=own_gpu), deterministic_algorithms(self.config.deterministic):
+        with caller_rng_kept(self.device), deterministic_algorithms(self.config.deterministic):
             return self._fit(loss_fn, batches, steps_per_epoch, validate, graphs and self.can_graph)
 
     def _fit(
@@ -429,7 +435,7 @@ class Trainer:
         self.module.train()
         while state.epoch < cfg.epochs and not state.stopped:
             rng = np.random.default_rng([cfg.seed, state.epoch])
-            torch.manual_seed(cfg.seed * 1_000_003 + state.epoch)
+            seed_torch(cfg.seed * 1_000_003 + state.epoch, self.device)
             skip = state.step - state.epoch * steps_per_epoch  # steps of this epoch already done before a resume
             for i, batch in enumerate(batches(state.epoch, rng)):
                 if i < skip:

@@ -18,7 +18,7 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from recforge.core.device import resolve_device, torch_threads
+from recforge.core.device import resolve_device, seed_torch, torch_threads
 from recforge.core.params import Boolean, Constraint, Integer, Real, parameter_error
 from recforge.core.topk import UNSCORED
 from recforge.core.validation import RankingValidator
@@ -190,7 +190,7 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
                         "order: ease, als, itemknn)", type(self).__name__, problem)
         self.vocab_, _ = vocabulary(interactions, self.min_item_count)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.seed)
+            seed_torch(self.seed)  # the net is built on the CPU: the GPUs' generators are not the fit's business
             net = self._build_net(interactions.n_items)
         self._train(net, interactions, valid, self._trainer_config())
 

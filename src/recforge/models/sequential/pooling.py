@@ -56,7 +56,7 @@ class PoolingNet(SequenceNet):
             self.item_emb.weight[0].zero_()
 
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Causal windowed mean at every position, via cumulative sums (no loop over positions)."""
+        """Causal windowed mean at every position, from windowed sums (:func:`window_sums`; no loop over positions)."""
         emb = self.item_emb(tokens)
         # CUDA's cumsum of floats has no deterministic kernel (torch.use_deterministic_algorithms lists it)
         banded = tokens.is_cuda and torch.are_deterministic_algorithms_enabled()
