@@ -559,11 +559,20 @@ def test_order_models_say_when_the_data_has_no_trustworthy_order() -> None:
     assert "share a timestamp" in order_problem(Interactions.from_frame(flat))
 
 
-def test_a_sequential_fit_on_data_without_timestamps_warns(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_sequential_fit_on_data_without_timestamps_warns_once(caplog: pytest.LogCaptureFixture) -> None:
+    """Once a process per model and data: a tuning run fits the same data for every trial."""
+    from recforge.models.sequential.base import warn_order_problem
+
+    warn_order_problem.cache_clear()
     frame = make_synthetic(n_users=30, n_items=20, n_interactions=300, seed=1).to_frame().drop(columns="timestamp")
+    data = Interactions.from_frame(frame)
     with caplog.at_level(logging.WARNING):
-        create_model("pooling", epochs=1, progress=False, num_threads=1).fit(Interactions.from_frame(frame))
-    assert "file's row order is taken as time" in caplog.text and "give a timestamp column" in caplog.text
+        for _ in range(2):
+            create_model("pooling", epochs=1, progress=False, num_threads=1).fit(data)
+    assert caplog.text.count("file's row order is taken as time") == 1 and "give a timestamp column" in caplog.text
+    with caplog.at_level(logging.WARNING):
+        create_model("pooling", epochs=1, progress=False, num_threads=1).fit(Interactions.from_frame(frame[:-5]))
+    assert caplog.text.count("file's row order is taken as time") == 2  # other data: said again
 
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(

@@ -7,6 +7,7 @@ vector per position, scores the catalogue from a vector, and computes its traini
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from abc import ABCMeta, abstractmethod
@@ -186,8 +187,8 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
     def _fit(self, interactions: Interactions, valid: Interactions | None = None) -> None:
         problem = order_problem(interactions)
         if problem:
-            log.warning("%s learns what follows what, but %s; give a timestamp column (or use a model that ignores "
-                        "order: ease, als, itemknn)", type(self).__name__, problem)
+            warn_order_problem(type(self).__name__, problem, (interactions.n_users, interactions.n_items,
+                                                              len(interactions)))
         self.vocab_, _ = vocabulary(interactions, self.min_item_count)
         with torch.random.fork_rng(devices=[]):
             seed_torch(self.seed)  # the net is built on the CPU: the GPUs' generators are not the fit's business
@@ -436,6 +437,14 @@ def order_problem(interactions: Interactions) -> str | None:
     if pairs.sum() and float((ts[1:] == ts[:-1])[pairs].mean()) > 0.5:
         return "most consecutive events of a user share a timestamp, so their order is the file's"
     return None
+
+
+@functools.cache
+def warn_order_problem(model: str, problem: str, data: tuple[int, ...]) -> None:
+    """Say once a process per model and data (its shape) that the events' order cannot be trusted: a tuning run fits
+    the same data again and again."""
+    log.warning("%s learns what follows what, but %s; give a timestamp column (or use a model that ignores order: "
+                "ease, als, itemknn)", model, problem)
 
 
 def token_log_q(item_counts: np.ndarray | None, n_items: int) -> torch.Tensor:
