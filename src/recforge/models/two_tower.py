@@ -455,7 +455,7 @@ class TwoTower(Recommender):
         users = interactions.users.astype(np.int64)
         items = interactions.items.astype(np.int64)
         bucket, when = self._request_time(interactions.timestamps, len(users))
-        with torch.random.fork_rng(devices=[]), torch_threads(self.num_threads):
+        with torch_threads(self.num_threads):  # the trainer gives the caller its random states back
             trainer = Trainer(net, config)
             validate = None
             if valid is not None and len(valid):

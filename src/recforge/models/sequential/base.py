@@ -207,7 +207,7 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
         starts, lengths = seqs.windows(self._window_len(), self.all_windows)
         if len(starts) == 0:
             raise DataError(f"{type(self).__name__} needs at least one user with 2 or more events to learn from")
-        with torch.random.fork_rng(devices=[]), torch_threads(self.num_threads):  # the caller's RNG untouched
+        with torch_threads(self.num_threads):  # the trainer gives the caller its random states back
             trainer = Trainer(net, config)
             validate = None
             if valid is not None and len(valid):
