@@ -10,6 +10,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 from conftest import ndcg_of
+from host_reads import host_reads
 
 from recforge import split as S
 from recforge.core.rng import seed_states
@@ -142,6 +143,45 @@ def test_device_negatives_are_uniform_over_unseen_items_or_none(device: torch.de
     counts = np.bincount(draws, minlength=8)
     assert counts[[0, 2, 5]].sum() == 0 and np.all(np.abs(counts[[1, 3, 4, 6, 7]] / 5000 - 0.2) < 0.03)
     assert (sampler(torch.ones(3, dtype=torch.int64, device=device)).cpu().numpy() == -1).all()  # has every item
+
+
+def test_the_device_sampler_reads_back_once_a_sparse_block_and_redraws_a_dense_one(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A host read makes a GPU wait: a block of sparse users needs one, however many samples; a user who has every
+    item but one still gets that one, after a few more reads."""
+    reads = host_reads(monkeypatch)
+    rng = np.random.default_rng(0)
+    sparse = sp.csr_matrix((np.ones(3000), (np.repeat(np.arange(1000), 3), rng.integers(0, 5000, 3000))), shape=(1000, 5000))
+    sampler = NegativeSampler(sparse, NO_POOL, torch.device("cpu"), torch.Generator().manual_seed(0))
+    users = rng.integers(0, 1000, 4096)
+    draws = sampler(torch.from_numpy(users))
+    assert reads == ["__bool__"]
+    assert not sparse[users, draws.numpy().copy()].any()
+    reads.clear()
+    dense = sp.csr_matrix(np.array([[1] * 7 + [0]], np.float32))
+    sampler = NegativeSampler(dense, NO_POOL, torch.device("cpu"), torch.Generator().manual_seed(0))
+    draws = sampler(torch.zeros(64, dtype=torch.int64))
+    assert 1 <= len(reads) <= 5 and (draws.numpy() == 7).all()
+
+
+def test_a_device_epoch_reads_back_once_a_block_on_sparse_data(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The block loop queues its work without waiting on the device, but for the sampler's one look a block; a
+    sample left without a negative steps by zero and is counted."""
+    rng = np.random.default_rng(1)
+    n_users, n_items, n = 2000, 3000, 40_000
+    users, items = rng.integers(0, n_users, n), rng.integers(0, n_items, n)
+    seen = sp.csr_matrix((np.ones(n), (users, items)), shape=(n_users, n_items))
+    seen.data[:] = 1
+    full = sp.vstack([seen, sp.csr_matrix(np.ones((1, n_items)))]).tocsr()  # one more user, who has every item
+    sampler = NegativeSampler(full, NO_POOL, torch.device("cpu"), torch.Generator().manual_seed(0))
+    factors = [torch.from_numpy(rng.normal(0, 0.1, shape).astype(np.float32)) for shape in
+               ((n_users + 1, 8), (n_items, 8), (n_items,))]
+    reads = host_reads(monkeypatch)
+    t_users = torch.from_numpy(np.append(users, n_users))
+    loss, skipped = bpr_epoch_torch(t_users, torch.from_numpy(np.append(items, 0)), sampler, *factors, 0.05, 0.01)
+    blocks = -(-(n + 1) // block_sgd.block_size(n + 1))
+    assert skipped == 1 and np.isfinite(loss)
+    assert reads.count("__bool__") - 1 <= blocks + 5 and len(reads) - reads.count("__bool__") == 2  # the totals
 
 
 @pytest.mark.parametrize("device", DEVICES, ids=str)

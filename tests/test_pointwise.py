@@ -10,6 +10,7 @@ import pytest
 import scipy.sparse as sp
 import torch
 from conftest import ndcg_of
+from host_reads import host_reads
 
 from recforge import split as S
 from recforge.core.rng import seed_states
@@ -17,6 +18,7 @@ from recforge.data import Interactions
 from recforge.models import Recommender, create_model
 from recforge.models import pointwise as pointwise_module
 from recforge.models.pointwise import PointwiseMF, _pointwise_epoch, loss_and_grad
+from recforge.neural import block_sgd
 from recforge.neural.block_sgd import NegativeSampler, focal_loss_and_grad, pointwise_epoch_torch
 
 
@@ -126,6 +128,43 @@ def test_one_step_on_a_device_is_the_cpu_kernels_step(device: torch.device, opti
     assert got == pytest.approx(want, rel=1e-5)
     for tensor, array in zip(tensors, host):
         np.testing.assert_allclose(tensor.cpu().numpy(), array, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("optimizer", ["sgd", "adagrad"])
+def test_a_device_epoch_reads_back_once_a_block_and_masks_missing_negatives(monkeypatch: pytest.MonkeyPatch,
+                                                                          optimizer: str) -> None:
+    """Sparse users: one host read a block (the sampler's look). A user who has every item gets no negatives, and
+    its step is that of its positives alone, as when the block holds no negative samples at all."""
+    rng = np.random.default_rng(2)
+    n_users, n_items, n = 1000, 2000, 20_000
+    users, items = rng.integers(0, n_users, n), rng.integers(0, n_items, n)
+    seen = sp.csr_matrix((np.ones(n), (users, items)), shape=(n_users, n_items))
+    host = [rng.normal(0, 0.1, shape).astype(np.float32) for shape in ((n_users, 4), (n_items, 4), (n_users,),
+                                                                      (n_items,), (1,))]
+    params = tuple(torch.from_numpy(a.copy()) for a in host)
+    squares = tuple(torch.full_like(a, 0.1) for a in params) if optimizer == "adagrad" else None
+    sampler = NegativeSampler(seen, np.empty(0, np.int32), torch.device("cpu"), torch.Generator().manual_seed(0))
+    kwargs = {"lr": 0.05, "reg": 0.01, "bias_reg": 0.01, "labels": (1.0, 0.0), "pos_weight": 1.0, "gamma": 0.0,
+              "reject_seen": True}
+    reads = host_reads(monkeypatch)
+    loss = pointwise_epoch_torch(torch.from_numpy(users), torch.from_numpy(items), sampler, params, squares,
+                                 n_negatives=2, **kwargs)
+    blocks = -(-n // block_sgd.block_size(n))
+    assert np.isfinite(loss) and reads.count("__bool__") == blocks and len(reads) == blocks + 1
+    full = sp.csr_matrix(np.ones((1, 3), np.float32))
+    one = torch.zeros(1, dtype=torch.int64)
+    for n_negatives in (3, 0):  # every negative missing, or none asked for: the same epoch
+        got = [torch.from_numpy(a.copy()) for a in (host[0][:1], host[1][:3], host[2][:1], host[3][:3], host[4])]
+        sampler = NegativeSampler(full, np.empty(0, np.int32), torch.device("cpu"), torch.Generator().manual_seed(0))
+        acc = tuple(torch.full_like(a, 0.1) for a in got) if optimizer == "adagrad" else None
+        result = (pointwise_epoch_torch(one, one + 1, sampler, tuple(got), acc, n_negatives=n_negatives, **kwargs),
+                  *[a.clone() for a in got])
+        if n_negatives:
+            masked = result
+        else:
+            assert result[0] == pytest.approx(masked[0], rel=1e-6)
+            for a, b in zip(result[1:], masked[1:]):
+                torch.testing.assert_close(a, b)
 
 
 @pytest.mark.parametrize("device", DEVICES, ids=str)

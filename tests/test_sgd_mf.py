@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from host_reads import host_reads
 
 from recforge import split as S
 from recforge.core.rng import seed_states, shuffle_in_place
@@ -65,6 +66,19 @@ def test_the_torch_funk_epoch_in_blocks_of_one_is_the_numba_epoch(device: str) -
     assert mse == pytest.approx(expected, rel=1e-12)
     for got, want in zip(params, (P, Q, bu, bi)):
         np.testing.assert_allclose(got.cpu().numpy(), want, rtol=1e-10, atol=1e-12)
+
+
+def test_a_torch_funk_epoch_reads_back_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counting a block's users and items (for the step cap) waits on no host read: the epoch's one read is its
+    error, at the end."""
+    rng = np.random.default_rng(5)
+    users, items = torch.from_numpy(rng.integers(0, 300, 20_000)), torch.from_numpy(rng.integers(0, 200, 20_000))
+    params = tuple(torch.from_numpy(rng.normal(0, 0.1, shape)) for shape in ((300, 4), (200, 4), (300,), (200,)))
+    reads = host_reads(monkeypatch)
+    mse = funk_epoch_torch(users, items, torch.from_numpy(rng.normal(0, 1, 20_000)), torch.Generator().manual_seed(0),
+                           params, lr=0.01, reg=0.02, lr_bias=0.01,
+                           bias_reg=(torch.full((300,), 0.02, dtype=torch.float64), torch.full((200,), 0.02, dtype=torch.float64)))
+    assert reads == ["__float__"] and 0.5 < mse < 2.0
 
 
 def test_funk_svd_in_blocks_learns_as_the_serial_kernel(planted: Interactions, monkeypatch: pytest.MonkeyPatch) -> None:
