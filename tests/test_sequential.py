@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from recforge import split as S
 from recforge.cli import app
-from recforge.core.device import amp_dtype, resolve_device
+from recforge.core.device import amp_dtype, deterministic_algorithms, resolve_device
 from recforge.data import Interactions
 from recforge.data.datasets import make_synthetic
 from recforge.errors import ArtifactError, DataError, ParameterError, UnsupportedError
@@ -23,7 +23,7 @@ from recforge.evaluation import get_protocol
 from recforge.evaluation import next_event as NE
 from recforge.experiments import compare
 from recforge.models import Recommender, create_model
-from recforge.models.sequential.pooling import window_sums
+from recforge.models.sequential.pooling import sums_in_fixed_order, window_sums
 from recforge.neural import Trainer, TrainerConfig
 from recforge.neural import losses as L
 from recforge.neural.checkpoint import flatten_optimizer_state, unflatten_optimizer_state
@@ -351,6 +351,18 @@ def test_pooling_window_sums_banded_equal_the_cumulative_ones(window: int) -> No
     by_loop = torch.stack([x[:, max(0, t - window + 1) if window else 0: t + 1].sum(1) for t in range(7)], dim=1)
     for banded in (False, True):
         torch.testing.assert_close(window_sums(x, window, banded), by_loop, rtol=1e-5, atol=1e-5)
+
+
+def test_a_deterministic_pooling_model_sums_windows_in_a_fixed_order_on_cuda_in_scoring_too() -> None:
+    """Scoring after a ``deterministic=True`` fit runs outside the fit's deterministic mode: the model's own flag
+    keeps CUDA's cumsum (no deterministic kernel) out of it; the CPU keeps cumsum, deterministic anyway."""
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert sums_in_fixed_order(cuda, True) and not sums_in_fixed_order(cuda, False)
+    assert not sums_in_fixed_order(cpu, True)
+    with deterministic_algorithms(True):
+        assert sums_in_fixed_order(cuda, False)
+    assert create_model("pooling", deterministic=True)._build_net(5).deterministic
+    assert not create_model("pooling")._build_net(5).deterministic
 
 
 def test_recommend_for_history_excludes_and_handles_unknown(chains: Interactions, caplog: pytest.LogCaptureFixture) -> None:

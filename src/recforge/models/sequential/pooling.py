@@ -37,14 +37,22 @@ def window_sums(x: torch.Tensor, window: int, banded: bool = False) -> torch.Ten
     return total
 
 
+def sums_in_fixed_order(device: torch.device, deterministic: bool) -> bool:
+    """Whether :func:`window_sums` must add by the banded product on ``device``: on CUDA when the model was asked
+    to be ``deterministic`` (in training and in scoring after it) or deterministic algorithms are on, because
+    CUDA's float cumsum has no deterministic kernel (``torch.use_deterministic_algorithms`` lists it)."""
+    return device.type == "cuda" and (deterministic or torch.are_deterministic_algorithms_enabled())
+
+
 class PoolingNet(SequenceNet):
     """Mean of the last ``window`` input embeddings (all earlier ones when 0) → linear layer → dot product with
-    output item embeddings plus an item bias."""
+    output item embeddings plus an item bias; ``deterministic``: windows summed in a fixed order on CUDA."""
 
-    def __init__(self, n_items: int, dim: int, window: int, dropout: float) -> None:
+    def __init__(self, n_items: int, dim: int, window: int, dropout: float, deterministic: bool = False) -> None:
         super().__init__()
         self.n_items = n_items
         self.window = window
+        self.deterministic = deterministic
         self.item_emb = nn.Embedding(n_tokens(n_items), dim, padding_idx=0)
         self.proj = nn.Linear(dim, dim)
         self.drop = nn.Dropout(dropout)
@@ -58,9 +66,7 @@ class PoolingNet(SequenceNet):
     def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         """Causal windowed mean at every position, from windowed sums (:func:`window_sums`; no loop over positions)."""
         emb = self.item_emb(tokens)
-        # CUDA's cumsum of floats has no deterministic kernel (torch.use_deterministic_algorithms lists it)
-        banded = tokens.is_cuda and torch.are_deterministic_algorithms_enabled()
-        total = window_sums(emb, self.window, banded)
+        total = window_sums(emb, self.window, sums_in_fixed_order(tokens.device, self.deterministic))
         count = window_sums((tokens > 0).to(torch.int32).unsqueeze(-1), self.window)  # integers: exact either way
         return self.drop(self.proj(total / count.clamp(min=1)))
 
@@ -116,4 +122,4 @@ class Pooling(SequentialRecommender):
         store_params(self, locals())
 
     def _build_net(self, n_items: int) -> PoolingNet:
-        return PoolingNet(n_items, self.n_factors, self.window, self.dropout)
+        return PoolingNet(n_items, self.n_factors, self.window, self.dropout, self.deterministic)
