@@ -34,6 +34,20 @@ def peak_gb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def synthetic(n_users: int, n_items: int, n_interactions: int):  # type: ignore[no-untyped-def]
+    """The benchmark's synthetic interactions (50 taste clusters, seed 0)."""
+    from recforge.data.datasets import make_synthetic
+
+    return make_synthetic(n_users, n_items, n_interactions, n_clusters=50, seed=0)
+
+
+def sampled_test(split, eval_users: int):  # type: ignore[no-untyped-def]
+    """The test events of ``eval_users`` test users of ``split`` drawn with seed 0 (all of them when fewer)."""
+    users = np.unique(split.test.users)
+    pick = np.sort(np.random.default_rng(0).choice(users, min(eval_users, len(users)), replace=False))
+    return split.test.subset(np.isin(split.test.users, pick))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--n-users", type=int, default=200_000)
@@ -51,7 +65,6 @@ def main() -> None:
 
     from recforge.core.device import resolve_device
     from recforge.core.metrics import rmse
-    from recforge.data.datasets import make_synthetic
     from recforge.errors import DataError
     from recforge.evaluation import evaluate, get_protocol
     from recforge.models import create_model
@@ -75,15 +88,14 @@ def main() -> None:
         os.replace(tmp, out)
 
     t = time.perf_counter()
-    data = make_synthetic(args.n_users, args.n_items, args.n_interactions, n_clusters=50, seed=0)
+    data = synthetic(args.n_users, args.n_items, args.n_interactions)
     stage("generate", t, interactions=len(data))
     t = time.perf_counter()
     (split,) = get_protocol("random").splits(data, seed=0)
     stage("split (the 'random' protocol: 80/20)", t, train=len(split.train), test=len(split.test))
     models = {m.strip() for m in args.models.split(",")}
-    users = np.unique(split.test.users)
-    pick = np.sort(np.random.default_rng(0).choice(users, min(args.eval_users, len(users)), replace=False))
-    test = split.test.subset(np.isin(split.test.users, pick))
+    test = sampled_test(split, args.eval_users)
+    n_test_users = len(np.unique(test.users))
     if "ease" in models:
         t = time.perf_counter()
         try:
@@ -97,7 +109,7 @@ def main() -> None:
         stage("ALS fit (64 factors, 15 epochs)", t)
         t = time.perf_counter()
         res = evaluate(als, test, k=10)
-        stage(f"ALS: evaluate {len(pick):,} users (full ranking)", t, ndcg10=round(res["ndcg@10"], 4),
+        stage(f"ALS: evaluate {n_test_users:,} users (full ranking)", t, ndcg10=round(res["ndcg@10"], 4),
               hr10=round(res["hr@10"], 4))
         del als
     for loss in args.sasrec_loss.split(",") if "sasrec" in models else ():
@@ -107,7 +119,7 @@ def main() -> None:
         stage(f"SASRec fit (64 factors, last 50 events, {loss}, {args.sasrec_epochs} epoch(s))", t)
         t = time.perf_counter()
         res = evaluate(sas, test, k=10)
-        stage(f"SASRec ({loss}): evaluate {len(pick):,} users (full ranking)", t, ndcg10=round(res["ndcg@10"], 4),
+        stage(f"SASRec ({loss}): evaluate {n_test_users:,} users (full ranking)", t, ndcg10=round(res["ndcg@10"], 4),
               hr10=round(res["hr@10"], 4))
         del sas
     if "bpr" in models:  # the SGD kernel against its GPU blocks (device="auto" takes the GPU from 5M samples)
@@ -116,7 +128,7 @@ def main() -> None:
         stage("BPR fit (64 factors, 10 epochs)", t)
         t = time.perf_counter()
         res = evaluate(bpr, test, k=10)
-        stage(f"BPR: evaluate {len(pick):,} users (full ranking)", t, ndcg10=round(res["ndcg@10"], 4))
+        stage(f"BPR: evaluate {n_test_users:,} users (full ranking)", t, ndcg10=round(res["ndcg@10"], 4))
         del bpr
     for name, label in (("biasedals", "BiasedALS (50 factors, 10 epochs)"), ("funksvd", "FunkSVD (100 factors, 60 epochs)")):
         if name in models:  # the explicit-rating models, on the synthetic ratings

@@ -8,10 +8,12 @@
 #   compare     the whole `recforge compare` leaderboard on ml-latest-small with SASRec and GRU4Rec (85 s)
 #   scale       the 20M-interaction synthetic set: EASE, ALS, BPR, BiasedALS, FunkSVD, SASRec logQ and full
 #               softmax, full-ranking evaluation of all 200k users (170 s)
-# All of them take about 11½ minutes, more than one device call may run: split them over two calls, e.g.
-# `tests,sasrec,rectools,sequential` then `compare,scale`. The log and the JSON results land in OUT (check.txt,
-# gpu_sasrec.json, rectools_gpu.json, sequential.json, compare.md, compare_trials.csv (or, when the compare
-# was stopped by its limit, compare_trials_partial.csv), scale.json).
+#   implicit    when .whl-implicit/ was carried: implicit's ALS (on the GPU when its CUDA kernels load) and
+#               recforge's on the same 20M set, and the ratio (150 s)
+# All of them take about 14 minutes, more than one device call may run: split them over two calls, e.g.
+# `tests,sasrec,rectools,sequential` then `compare,scale,implicit`. The log and the JSON results land in OUT
+# (check.txt, gpu_sasrec.json, rectools_gpu.json, sequential.json, compare.md, compare_trials.csv (or, when the
+# compare was stopped by its limit, compare_trials_partial.csv), scale.json, implicit_gpu.json).
 #
 #   bash benchmarks/device_check.sh [OUT] [DATA] [PARTS]   # DATA: a folder holding ml-100k/ (default ../shared/data)
 #
@@ -21,11 +23,12 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-results/device}
 DATA=${2:-../shared/data}
-PARTS=${3:-tests,sasrec,rectools,sequential,compare,scale}
+PARTS=${3:-tests,sasrec,rectools,sequential,compare,scale,implicit}
 for part in ${PARTS//,/ }; do
   case "$part" in
-    tests|sasrec|rectools|sequential|compare|scale) ;;
-    *) echo "unknown part '$part': choose from tests, sasrec, rectools, sequential, compare, scale" >&2; exit 2 ;;
+    tests|sasrec|rectools|sequential|compare|scale|implicit) ;;
+    *) echo "unknown part '$part': choose from tests, sasrec, rectools, sequential, compare, scale, implicit" >&2
+       exit 2 ;;
   esac
 done
 mkdir -p "$OUT"
@@ -114,6 +117,18 @@ scale() {
   step "20M synthetic: EASE, ALS, BPR, BiasedALS, FunkSVD, SASRec (logQ, full softmax), full-ranking evaluation of all 200k users"
   timeout 170 python3 benchmarks/bench_scale.py --models ease,als,bpr,biasedals,funksvd,sasrec --sasrec-loss logq,softmax \
     --eval-users 200000 --out "$OUT/scale.json" 2>&1 | grep -v "it/s" | tee -a "$LOG"
+}
+
+implicit() {
+  if ! ls .whl-implicit/*.whl > /dev/null 2>&1; then
+    step "implicit: skipped, .whl-implicit/ was not carried (scripts/device_wheels.sh fills it)"
+    return
+  fi
+  step "20M synthetic: implicit's ALS and recforge's side by side, 64 factors, 15 iterations (peers_implicit_gpu.py)"
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/implicit-site \
+    .whl-implicit/*.whl
+  PYTHONPATH="/tmp/implicit-site:$PYTHONPATH" timeout 150 python3 benchmarks/peers_implicit_gpu.py --threads 16 \
+    --out "$OUT/implicit_gpu.json" 2>&1 | tee -a "$LOG"
 }
 
 for part in ${PARTS//,/ }; do "$part"; done

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Python 3.12 wheels of recforge's dependencies that the GPU machine's image lacks (pydantic, FastAPI, uvicorn,
 # Optuna and what they need), downloaded into .whl/ (git-ignored) to be carried there, and RecTools for the
-# side-by-side step into .whl-peers/ (git-ignored too); see docs/gpu.md.
+# side-by-side step into .whl-peers/ and implicit for the other one into .whl-implicit/ (git-ignored too); see
+# docs/gpu.md.
 # Versions follow this machine's virtualenv, so the GPU run uses what CI tests.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -23,3 +24,11 @@ python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 -
   --platform manylinux2014_x86_64 -d .whl-peers rectools==0.19.0 pm-implicit==0.7.3 typeguard==4.6.1 \
   pandas==2.2.3 pytz==2025.2 tzdata==2025.2
 ls .whl-peers
+# implicit's ALS (the check's `implicit` part): its Linux wheel holds CUDA 13 kernels, which load when RMM is
+# importable and CUDA 13's runtime, cuBLAS and cuRAND are (torch's CUDA 13 wheels bring those three). A folder of
+# its own: RecTools' pm-implicit installs under the same name, `implicit`.
+# shellcheck disable=SC2086
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp $platforms \
+  --platform manylinux2014_x86_64 -d .whl-implicit implicit==0.7.3 threadpoolctl==3.6.0 rmm-cu13==26.10.0 \
+  librmm-cu13==26.10.0 rapids-logger==0.3.0 cuda-bindings==13.0.3 cuda-pathfinder==1.9.1
+ls .whl-implicit
