@@ -5,8 +5,9 @@ blocks (:func:`block_size`): every sample of a block computes its step from the 
 began, and the steps are summed into the factors (``index_add_``) — the per-sample update rules of the CPU
 kernels, with the staleness of Hogwild on thousands of threads instead of a few. Negatives are drawn uniformly over
 items (or over a popularity pool) and redrawn while the user has the item, as on the CPU. A block waits on the
-host once or twice at most (for whether any negative is still one of its user's items): every other step is
-queued without reading back from the device, so the GPU never idles between the blocks' short kernels. On ML-100K and
+host once on sparse data (the sampler's look whether any negative is still one of its user's items; a few looks
+on dense data): every other step is queued without reading back from the device, so the GPU does not idle
+between the blocks' short kernels. On ML-100K and
 ml-latest-small (leave-one-out validation NDCG@10, BPR defaults) blocks of 1,024-16,384 samples were as accurate
 as the serial CPU kernel or better (0.055-0.059 against 0.053; 0.032 against 0.028).
 """
