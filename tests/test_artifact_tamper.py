@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from safetensors.numpy import load_file, save_file
 
 from recforge.data import Interactions
@@ -32,6 +33,7 @@ def saved(planted: Interactions, tmp_path_factory) -> dict[str, Path]:
         "sasrec": create_model("sasrec", **_SEQ),
         "scoreblend": create_model("scoreblend", models=["pop", "ease"]),
         "content": create_model("content"),
+        "two_tower": create_model("twotower", epochs=1, n_factors=8, num_threads=1, progress=False),
     }
     out = {}
     for name, model in models.items():
@@ -102,9 +104,44 @@ def _decreasing_offsets(a: dict) -> None:
     a["history.offsets"][5] = a["history.offsets"][4] - 1
 
 
+def _first_weight(a: dict) -> str:
+    return next(k for k in sorted(a) if k.startswith("net.") and a[k].dtype.kind == "f" and a[k].ndim == 2)
+
+
+def _minus_inf_weight(a: dict) -> None:
+    a[_first_weight(a)][0, 0] = -np.inf
+
+
+def _int_weights(a: dict) -> None:
+    key = _first_weight(a)
+    a[key] = np.ascontiguousarray(a[key] * 10).astype(np.int32)
+
+
+def _negative_counts(a: dict) -> None:
+    a["item_counts"][3] = -4
+
+
+def _int_vectors(a: dict) -> None:
+    a["user_vectors"] = np.ascontiguousarray(a["user_vectors"] * 10).astype(np.int32)
+
+
+def _minus_inf_vectors(a: dict) -> None:
+    a["user_vectors"][2] = -np.inf
+
+
+def _moved_id_rows(a: dict) -> None:
+    a["net.item.id_rows"][0] = 10**6
+
+
 @pytest.mark.parametrize(
     ("model", "edit", "message"),
     [
+        ("sasrec", _minus_inf_weight, "holds NaN or infinite values"),
+        ("sasrec", _int_weights, "is torch.int32; this model's is torch.float32"),
+        ("sasrec", _negative_counts, "item_counts must hold a count"),
+        ("two_tower", _int_vectors, "user_vectors must hold finite floats"),
+        ("two_tower", _minus_inf_vectors, "user_vectors must hold finite floats"),
+        ("two_tower", _moved_id_rows, "id_rows does not follow"),
         ("ease", _shift_seen, "seen column indices fall outside"),
         ("ease", _cut_w, "W has shape"),
         ("ease", _truncate_indptr, "seen row pointers"),
@@ -162,6 +199,11 @@ def _string_count(meta: dict) -> None:
         ("ease", _string_count, "'n_users' must be int"),
         ("scoreblend", _bad_member, "member 0"),
         ("sasrec", lambda meta: meta["params"].update(device="tpu"), "device.*'cuda:N'"),
+        ("sasrec", lambda meta: meta["scalars"].update(net_items=10**12), "net_items is 1000000000000"),
+        ("sasrec", lambda meta: meta["scalars"].update(net_items=meta["n_items"] + 5), "net_items is"),
+        ("sasrec", lambda meta: meta["scalars"].update(net_items="5"), "net_items is '5'"),
+        ("two_tower", lambda meta: meta["scalars"].update({"prep.time_std": "x"}), "prep.time_std is 'x'"),
+        ("two_tower", lambda meta: meta["scalars"].update({"prep.time_std": 0}), "prep.time_std is 0"),
         ("als", lambda meta: meta["params"].update(device="cuda:x" * 2_000), "device.*'cuda:N'"),
     ],
 )
@@ -171,6 +213,21 @@ def test_tampered_model_json_is_refused(saved: dict[str, Path], tmp_path: Path, 
     _edit_meta(path, edit)
     with pytest.raises(ArtifactError, match=message):
         Recommender.load(path)
+
+
+def test_an_artifact_cannot_aim_a_fit_at_a_folder_and_loads_without_the_gpu_it_names(
+        saved: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Where the saving machine wrote its checkpoints is not followed (a refit would write, and replace, there);
+    a network saved for ``device="cuda"`` loads on a machine without one, with a warning."""
+    path = _copy(saved["sasrec"], tmp_path)
+    victim = tmp_path / "victim"
+    _edit_meta(path, lambda meta: meta["params"].update(checkpoint_dir=str(victim), resume=True, device="cuda"))
+    with caplog.at_level("WARNING"):
+        model = Recommender.load(path)
+    assert model.checkpoint_dir is None and model.resume is False
+    if not torch.cuda.is_available():
+        assert model.device_.type == "cpu" and "no CUDA GPU" in caplog.text
+    assert not victim.exists()
 
 
 def test_another_models_arrays_or_fewer_ids_are_refused(saved: dict[str, Path], tmp_path: Path) -> None:

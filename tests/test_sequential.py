@@ -26,7 +26,7 @@ from recforge.models import Recommender, create_model
 from recforge.models.sequential.pooling import sums_in_fixed_order, window_sums
 from recforge.neural import Trainer, TrainerConfig
 from recforge.neural import losses as L
-from recforge.neural.checkpoint import flatten_optimizer_state, unflatten_optimizer_state
+from recforge.neural.checkpoint import flatten_optimizer_state, load_checkpoint, save_checkpoint
 from recforge.neural.sequences import TokenSequences, next_event_histories, pad_right, vocabulary
 
 FAST = {"max_len": 30, "n_factors": 32, "epochs": 15, "lr": 3e-3, "batch_size": 64, "num_threads": 1,
@@ -297,15 +297,20 @@ def test_trainer_reports_a_diverging_loss() -> None:
         trainer.fit(lambda b: net.w.sum() * float("nan"), lambda e, r: iter([{}]), 1)
 
 
-def test_optimizer_state_round_trips_without_pickle() -> None:
+def test_optimizer_state_round_trips_without_pickle(tmp_path: Path) -> None:
     net = _Quadratic()
     opt = torch.optim.Adam(net.parameters(), lr=0.1)
     net.w.sum().backward()
     opt.step()
-    tensors, meta = flatten_optimizer_state(opt.state_dict())
+    _, meta = flatten_optimizer_state(opt.state_dict())
     json.dumps(meta)
-    again = unflatten_optimizer_state(tensors, json.loads(json.dumps(meta)))
-    assert torch.equal(again["state"][0]["exp_avg"], opt.state_dict()["state"][0]["exp_avg"])
+    save_checkpoint(tmp_path / "ck", net, opt, {"epoch": 1})
+    fresh = _Quadratic()
+    again = torch.optim.Adam(fresh.parameters(), lr=0.5)
+    assert load_checkpoint(tmp_path / "ck", fresh, again) == {"epoch": 1} and torch.equal(fresh.w, net.w)
+    for name in ("exp_avg", "exp_avg_sq", "step"):
+        assert torch.equal(again.state_dict()["state"][0][name], opt.state_dict()["state"][0][name])
+    assert again.param_groups[0]["lr"] == 0.5  # the settings are the live optimiser's, the state the saved one
 
 
 # ------------------------------------------------------------------------------------------------ models

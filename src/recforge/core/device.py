@@ -61,6 +61,18 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return _checked(device, f"device {device!r}")  # type: ignore[arg-type]
 
 
+def loaded_device(device: str | torch.device | None) -> torch.device:
+    """Where a loaded model's network goes: ``device`` when this machine has it, else where ``"auto"`` points,
+    with a warning (an artifact saved with ``device="cuda"`` loads on a machine without a GPU)."""
+    try:
+        return resolve_device(device)
+    except ParameterError as exc:
+        if is_auto(device):
+            raise
+        log.warning("%s: the loaded model runs where device='auto' points", exc)
+        return resolve_device("auto")
+
+
 def ranking_device() -> torch.device | None:
     """Where full-catalogue ranking and top-k run: the GPU ``"auto"`` resolves to, or None for numba on the CPU
     (faster there than torch's sort-based top-k)."""

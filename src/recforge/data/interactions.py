@@ -6,6 +6,7 @@ items translates them back to the user's own ids at the edges (``to_frame``, ``r
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, get_args
@@ -538,6 +539,14 @@ class Interactions:
             mat.sort_indices()
             self._cache[values] = mat
         return self._cache[values]
+
+    def fingerprint(self) -> str:
+        """A short hash of the events and id maps (indices, ratings, times, ids): equal data, equal fingerprints."""
+        digest = hashlib.blake2b(digest_size=8)
+        for arr in (self.users, self.items, self.ratings, self.timestamps, self.user_map.ids, self.item_map.ids):
+            if arr is not None:
+                digest.update(np.ascontiguousarray(arr).tobytes())
+        return digest.hexdigest()
 
     def item_counts(self) -> np.ndarray:
         """Number of interactions of every item index."""

@@ -112,7 +112,9 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary sibling directory that replaces ``path`` (file or directory) when the block succeeds.
 
-    The previous content is moved aside first and deleted only after the new directory is in place.
+    The new files reach the disk (fsync) before anything is renamed. The previous content is moved aside first
+    (``.<name>.old-<pid>-<random>``, a name no earlier run left) and deleted only after the new directory is in
+    place, so a process stopped between the two renames leaves the old content there, whole.
     """
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -120,16 +122,33 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
+        for file in tmp.rglob("*"):
+            if file.is_file():
+                with open(file, "rb+") as fh:
+                    os.fsync(fh.fileno())
         old = None
-        if p.exists():
-            old = p.with_name(f".{p.name}.old-{os.getpid()}")
+        if p.exists() or p.is_symlink():
+            old = p.with_name(f".{p.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
             os.replace(p, old)
         os.replace(tmp, p)
+        _fsync_folder(p.parent)
         if old is not None:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+            shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make a folder's renames durable (a no-op where folders cannot be opened, as on Windows)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save_figure(fig: object, path: str | os.PathLike[str], dpi: int = 110) -> Path:

@@ -7,15 +7,12 @@ exactly as in ``recforge run`` and the benchmarks.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
-
-import numpy as np
 
 from recforge.data.interactions import Interactions
 from recforge.errors import DataError
@@ -27,15 +24,6 @@ from recforge.models import get_model_class
 #: Trials per model when ``compare``/``evaluate`` tune (the model's defaults and seven proposals): keeps the default
 #: ``recforge compare`` on the embedded data within a few minutes on 2 cores.
 DEFAULT_TUNE_TRIALS = 8
-
-
-def data_fingerprint(data: Interactions) -> str:
-    """A short hash of the interactions (ids, ratings, times): results of in-memory data are told apart by it."""
-    digest = hashlib.blake2b(digest_size=8)
-    for arr in (data.users, data.items, data.ratings, data.timestamps, data.user_map.ids, data.item_map.ids):
-        if arr is not None:
-            digest.update(np.ascontiguousarray(arr).tobytes())
-    return digest.hexdigest()
 
 
 def dataset_slug(dataset: Any) -> str:
@@ -97,7 +85,7 @@ def compare(
         for spec in specs:
             spec["params"].setdefault("progress", False)
     in_memory = isinstance(data, Interactions)
-    dataset = f"in-memory:{data_fingerprint(data)}" if in_memory else data  # type: ignore[arg-type]
+    dataset = f"in-memory:{data.fingerprint()}" if in_memory else data  # type: ignore[arg-type]
     raw = {"name": name, "dataset": dict(dataset) if isinstance(dataset, Mapping) else str(dataset),
            "protocol": protocol, "models": specs, "seed": seed, "validation": validation,
            "rank_rating_models": rank_rating_models, "workers": workers, "exclude_seen": exclude_seen,

@@ -283,6 +283,8 @@ def run_trial(trial: Trial, splits: Sequence[S.Split], threads: int | None = Non
                        ("valid_exclude_seen", protocol.excludes_seen(trial.exclude_seen))):
         if key in cls._param_names() and value is not None:
             params.setdefault(key, value)
+    if params.get("checkpoint_dir"):  # a folder of its own for every trial: a trial resumes itself only
+        params["checkpoint_dir"] = str(Path(params["checkpoint_dir"]) / f"{trial.part}-{trial.id}")
     start = time.perf_counter()
     fit_on, valid, scored = _fit_scored(trial, split)
     result = TrialResult(trial.id, trial.label, trial.model, trial.params, trial.part, trial.split)

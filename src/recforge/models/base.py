@@ -60,6 +60,9 @@ ARTIFACT_FORMAT = "recforge-model"
 ARTIFACT_VERSION = 2
 #: The array holding a stored HNSW graph (``save(ann=True)``), checked against the model's vectors when used.
 ANN_GRAPH = "retrieval.hnsw"
+#: Parameters that say where a fit writes and whence it resumes on the machine that ran it: a loaded model has
+#: their defaults, whatever its artifact says (a hostile artifact could otherwise aim a refit at any folder).
+LOCAL_PARAMS = ("checkpoint_dir", "resume")
 
 
 #: What a model can learn from the interactions: every run states it per model (``notes.learns_from``), so that
@@ -656,7 +659,10 @@ class Recommender:
         except (OSError, ValueError, KeyError, SafetensorError) as exc:
             raise ArtifactError(f"{where} is incomplete or corrupt: {exc}") from None
         try:  # the stored parameters are checked like a user's (an artifact may be edited or come from elsewhere)
-            model = model_cls(**model_cls.check_param_names(dict(meta["params"])))
+            params = model_cls.check_param_names(dict(meta["params"]))
+            for name in LOCAL_PARAMS:  # where the saving machine wrote: never followed (see LOCAL_PARAMS)
+                params.pop(name, None)
+            model = model_cls(**params)
             model.check_params()
         except ParameterError as exc:
             raise ArtifactError(f"{where} holds parameters this recforge refuses: {exc}") from None
@@ -682,6 +688,8 @@ class Recommender:
             model.ann_graph_ = graph
         except ArtifactError as exc:
             raise ArtifactError(f"{where}: {exc}") from None
+        except ParameterError:  # this machine's settings (RECFORGE_DEVICE), not the artifact's fault
+            raise
         except (KeyError, ValueError, TypeError, IndexError, RuntimeError, DataError) as exc:
             what = f"lacks {exc.args[0]!r}" if isinstance(exc, KeyError) else f"does not fit: {exc}"
             raise ArtifactError(f"{where}: the {model_cls.__name__} state {what}"[:500]) from None

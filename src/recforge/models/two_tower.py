@@ -22,18 +22,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from recforge.core.device import resolve_device, seed_torch, torch_threads
+from recforge.core.device import loaded_device, seed_torch, torch_threads
 from recforge.core.params import AnyOf, Boolean, Choice, Constraint, Integer, ListOf, Real, Text, store_params
 from recforge.core.validation import RankingValidator
 from recforge.data.interactions import Interactions
-from recforge.errors import DataError
+from recforge.errors import ArtifactError, DataError
 from recforge.features import genre_matrix, item_texts, make_encoder
 from recforge.models.base import Recommender, ScoringVectors
 from recforge.models.registry import register
 from recforge.models.sequential.base import token_log_q
-from recforge.neural.checkpoint import numpy_to_state, state_to_numpy
+from recforge.neural.checkpoint import load_module_state, numpy_to_state, state_to_numpy
 from recforge.neural.losses import full_softmax, in_batch_softmax
-from recforge.neural.trainer import MODEL_TRAINER_CONSTRAINTS, Trainer, TrainerConfig, keep_training_result
+from recforge.neural.trainer import (
+    MODEL_TRAINER_CONSTRAINTS,
+    Trainer,
+    TrainerConfig,
+    keep_training_result,
+    run_identity,
+)
 from recforge.retrieval import similar_by_vectors
 
 log = logging.getLogger(__name__)
@@ -258,6 +264,26 @@ class TwoTowerNet(nn.Module):
 
 
 # ---------------------------------------------------------------------- the model
+def _check_prep(prep: dict[str, Any], n_items: int) -> None:
+    """The saved preparation a loaded two-tower builds its towers from: item counts (which items have an id
+    embedding) and the time feature's bucket edges and scale."""
+    counts = prep.get("item_counts")
+    if not isinstance(counts, np.ndarray) or counts.shape != (n_items,) or counts.dtype.kind not in "iu" \
+            or (counts.size and counts.min() < 0):
+        raise ArtifactError(f"prep.item_counts must hold a count (an integer, 0 or more) for each of {n_items} "
+                            "items")
+    if "time_edges" in prep:
+        edges = prep["time_edges"]
+        if not isinstance(edges, np.ndarray) or edges.ndim != 1 or edges.dtype.kind not in "iuf" \
+                or not np.isfinite(edges).all() or (np.diff(edges) < 0).any():
+            raise ArtifactError("prep.time_edges must be finite bucket edges in rising order")
+        for key in ("time_mean", "time_std"):
+            value = prep.get(key)
+            if type(value) not in (int, float) or not math.isfinite(value) or (key == "time_std" and value <= 0):
+                raise ArtifactError(f"prep.{key} is {value!r}; it must be a finite number"
+                                    + (" above 0" if key == "time_std" else ""))
+
+
 @register("twotower")
 class TwoTower(Recommender):
     """Two-tower retrieval model (user tower × item tower) trained with in-batch softmax.
@@ -467,7 +493,9 @@ class TwoTower(Recommender):
                     rows = order[lo : lo + self.batch_size]
                     yield {"user": users[rows], "item": items[rows], "bucket": bucket[rows], "when": when[rows]}
 
-            result = trainer.fit(net.loss, batches, math.ceil(len(users) / self.batch_size), validate)
+            identity = run_identity(self, interactions, valid) if config.checkpoint_dir else None
+            result = trainer.fit(net.loss, batches, math.ceil(len(users) / self.batch_size), validate,
+                                 identity=identity)
             self.net_ = net
             self.device_ = trainer.device
             self._cache_vectors()
@@ -554,10 +582,18 @@ class TwoTower(Recommender):
 
     def _load_state(self, state: dict[str, Any]) -> None:
         self.prep_ = {k[5:]: v for k, v in state.items() if k.startswith("prep.")}
+        _check_prep(self.prep_, self.n_items_)
+        for name in ("user_vectors", "item_vectors"):  # scored as they are: a cast or an infinity changes rankings
+            if state[name].dtype.kind != "f" or not np.isfinite(state[name]).all():
+                raise ArtifactError(f"{name} must hold finite floats, got {state[name].dtype} values")
         self.user_vectors_ = np.ascontiguousarray(state["user_vectors"], dtype=np.float32)
         self.item_vectors_ = np.ascontiguousarray(state["item_vectors"], dtype=np.float32)
         with torch.random.fork_rng(devices=[]):
             net = self._build_net(len(self.user_vectors_), len(self.item_vectors_))
-        net.load_state_dict(numpy_to_state(state, "net."))
-        self.device_ = resolve_device(self.device)
+        tensors = numpy_to_state(state, "net.")
+        saved_rows = tensors.get("item.id_rows")
+        if saved_rows is not None and not torch.equal(saved_rows, net.item.id_rows):
+            raise ArtifactError("net.item.id_rows does not follow prep.item_counts (items seen in training)")
+        load_module_state(net, tensors)
+        self.device_ = loaded_device(self.device)
         self.net_ = net.to(self.device_).eval()

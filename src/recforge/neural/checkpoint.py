@@ -3,7 +3,8 @@
 ``torch.save`` writes pickles, which can run code when loaded; recforge never reads one. A model's
 ``state_dict`` is a flat mapping of tensors and maps straight onto safetensors. An optimizer's state dict nests
 per-parameter tensors and plain values; :func:`flatten_optimizer_state` splits it into a tensor mapping and a JSON
-document, and :func:`unflatten_optimizer_state` puts it back together.
+document, and :func:`load_checkpoint` puts it back together. A checkpoint is read like any file from outside:
+every part is checked against the live model and optimiser before it is loaded.
 """
 
 from __future__ import annotations
@@ -44,29 +45,90 @@ def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tens
     return tensors, {"param_groups": state["param_groups"], "plain": plain}
 
 
-def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    """Rebuild an optimizer state dict from :func:`flatten_optimizer_state`'s two parts."""
+#: Adam's per-parameter state: the moment estimates (the parameter's shape) and the step count (a scalar).
+_MOMENTS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+_NONNEGATIVE = ("exp_avg_sq", "max_exp_avg_sq", "step")
+
+
+def _names(keys: list[str]) -> str:
+    return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+
+def check_module_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Raise :class:`ArtifactError` (one line, the first problem) unless ``tensors`` is a state ``module`` can
+    load as it is: the same names, shapes and dtypes as its own, and no NaN or infinite floating value (loading
+    would cast a wrong dtype silently, and non-finite weights score nothing)."""
+    own = module.state_dict()
+    missing, unexpected = [k for k in own if k not in tensors], [k for k in tensors if k not in own]
+    if missing or unexpected:
+        parts = ([f"lacks {_names(missing)}"] if missing else []) + ([f"has unknown {_names(unexpected)}"]
+                                                                      if unexpected else [])
+        raise ArtifactError(f"the saved network {' and '.join(parts)}")
+    for key, value in tensors.items():
+        ref = own[key]
+        if tuple(value.shape) != tuple(ref.shape):
+            raise ArtifactError(f"the saved network's {key} has shape {tuple(value.shape)}; this model's is "
+                                f"{tuple(ref.shape)}")
+        if value.dtype != ref.dtype:
+            raise ArtifactError(f"the saved network's {key} is {value.dtype}; this model's is {ref.dtype}")
+        if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ArtifactError(f"the saved network's {key} holds NaN or infinite values")
+
+
+def load_module_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Load ``tensors`` into ``module`` after :func:`check_module_state`."""
+    check_module_state(module, tensors)
+    module.load_state_dict(tensors)
+
+
+def _checked_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
+                             meta: Any) -> dict[str, Any]:
+    """The optimiser state dict a checkpoint's two parts describe, checked against the live ``optimizer``: the
+    same groups and parameters, every moment shaped as its parameter, finite, the second moments and step counts
+    not negative. Only the state comes from the checkpoint: the groups' settings (learning rate, betas, weight
+    decay, the fused or capturable implementation) are the live optimiser's, i.e. this run's."""
+    if not isinstance(meta, dict) or not isinstance(meta.get("param_groups"), list) \
+            or not isinstance(meta.get("plain", {}), dict):
+        raise ArtifactError("its optimizer entry is not a parameter-group list with plain values")
+    live_groups = optimizer.param_groups
+    if len(meta["param_groups"]) != len(live_groups):
+        raise ArtifactError(f"its optimizer has {len(meta['param_groups'])} parameter groups; this one "
+                            f"{len(live_groups)}")
+    groups, params = [], {}
+    for live, saved in zip(live_groups, meta["param_groups"]):
+        ids = saved.get("params") if isinstance(saved, dict) else None
+        if not isinstance(ids, list) or len(ids) != len(live["params"]) \
+                or not all(type(i) is int and i not in params for i in ids):
+            raise ArtifactError("its optimizer's parameter groups do not list this model's parameters")
+        params.update(zip(ids, live["params"]))
+        groups.append({**{k: v for k, v in live.items() if k != "params"}, "params": ids})
+    amsgrad = any(g.get("amsgrad") for g in live_groups)
     state: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
-        _, pid, name = key.split(".", 2)
+        kind, pid, name = (key.split(".", 2) + ["", ""])[:3]
+        param = params.get(int(pid)) if kind == "state" and pid.isdigit() else None
+        if param is None or name not in (*_MOMENTS, "step") or (name == "max_exp_avg_sq" and not amsgrad):
+            raise ArtifactError(f"its optimizer state holds {key!r}, which this optimizer has no use for")
+        shape = () if name == "step" else tuple(param.shape)
+        if tuple(value.shape) != shape or not value.is_floating_point():
+            raise ArtifactError(f"its optimizer's {key} is a {value.dtype} of shape {tuple(value.shape)}; "
+                                f"expected floats of shape {shape}")
+        if not bool(torch.isfinite(value).all()) or (name in _NONNEGATIVE and bool((value < 0).any())):
+            raise ArtifactError(f"its optimizer's {key} holds "
+                                f"{'negative' if bool(torch.isfinite(value).all()) else 'NaN or infinite'} values")
         state.setdefault(int(pid), {})[name] = value
     for pid, entries in meta.get("plain", {}).items():
-        state.setdefault(int(pid), {}).update(entries)
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-#: Optimiser settings that say how the update runs here (fused kernel, steps on the device), not what it computes.
-_IMPLEMENTATION = ("fused", "capturable", "foreach", "differentiable")
-
-
-def _keep_implementation(optimizer: torch.optim.Optimizer, saved: dict[str, Any]) -> None:
-    """Give the saved parameter groups this optimiser's implementation settings before loading: a checkpoint
-    written on the CPU must not turn a GPU run's fused, capturable update (what a CUDA graph records) back into
-    the plain one; torch places the step counts by these settings as it loads."""
-    for live, group in zip(optimizer.param_groups, saved["param_groups"]):
-        for key in _IMPLEMENTATION:
-            if key in live:
-                group[key] = live[key]
+        for name, value in (entries.items() if isinstance(entries, dict) else [(None, None)]):
+            ok = str(pid).isdigit() and int(pid) in params and name == "step" and type(value) in (int, float) \
+                and np.isfinite(value) and value >= 0
+            if not ok:
+                raise ArtifactError(f"its optimizer state holds {name!r} = {value!r} for parameter {pid!r}")
+            state.setdefault(int(pid), {})[name] = value
+    needed = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if amsgrad else set())
+    for pid, entries in state.items():
+        if not needed <= entries.keys():
+            raise ArtifactError(f"its optimizer state of parameter {pid} lacks {sorted(needed - entries.keys())}")
+    return {"state": state, "param_groups": groups}
 
 
 def save_checkpoint(
@@ -75,7 +137,8 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer | None,
     info: dict[str, Any],
 ) -> Path:
-    """Write ``model.safetensors``, ``optimizer.safetensors`` and ``trainer.json`` into ``path`` atomically."""
+    """Write ``model.safetensors``, ``optimizer.safetensors`` and ``trainer.json`` (``info`` under
+    ``"trainer"``) into ``path`` atomically."""
     with atomic_directory(path) as tmp:
         save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
         meta: dict[str, Any] = {"trainer": info}
@@ -87,20 +150,46 @@ def save_checkpoint(
     return Path(path)
 
 
+def _read_meta(p: Path) -> dict[str, Any]:
+    meta = json.loads((p / "trainer.json").read_text())
+    if not isinstance(meta, dict) or not isinstance(meta.get("trainer"), dict):
+        raise ArtifactError("trainer.json does not hold a 'trainer' object")
+    return meta
+
+
+def _unusable(p: Path, exc: Exception) -> ArtifactError:
+    """One line for a checkpoint that cannot be read: the first line of the reason (torch's run to dozens)."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return ArtifactError(f"{str(p)!r} is not a usable training checkpoint: {reason}"[:500])
+
+
+def checkpoint_info(path: str | Path) -> dict[str, Any]:
+    """The ``"trainer"`` object of the checkpoint at ``path`` (as saved, for its reader to check), without loading
+    any tensor; an unreadable checkpoint is one :class:`ArtifactError` line."""
+    p = Path(path)
+    try:
+        return _read_meta(p)["trainer"]
+    except (ArtifactError, OSError, ValueError) as exc:
+        raise _unusable(p, exc) from None
+
+
 def load_checkpoint(
     path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
 ) -> dict[str, Any]:
-    """Restore a checkpoint written by :func:`save_checkpoint`; returns the trainer info stored with it."""
+    """Restore a checkpoint written by :func:`save_checkpoint` into ``model`` (and ``optimizer``), everything
+    checked first (:func:`check_module_state`, the optimiser state against ``optimizer``); returns the
+    ``"trainer"`` object stored with it, unchecked (its reader knows what it must hold). Any problem is one
+    :class:`ArtifactError` line naming the checkpoint."""
     p = Path(path)
     try:
-        meta = json.loads((p / "trainer.json").read_text())
+        meta = _read_meta(p)
         device = next(model.parameters()).device
-        model.load_state_dict(load_file(str(p / "model.safetensors"), device=str(device)))
-        if optimizer is not None and "optimizer" in meta:
+        load_module_state(model, load_file(str(p / "model.safetensors"), device=str(device)))
+        if optimizer is not None:
+            if "optimizer" not in meta:
+                raise ArtifactError("it holds no optimizer state to resume from")
             tensors = load_file(str(p / "optimizer.safetensors"), device=str(device))
-            saved = unflatten_optimizer_state(tensors, meta["optimizer"])
-            _keep_implementation(optimizer, saved)
-            optimizer.load_state_dict(saved)
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        raise ArtifactError(f"{str(p)!r} is not a usable training checkpoint: {exc}") from None
+            optimizer.load_state_dict(_checked_optimizer_state(optimizer, tensors, meta["optimizer"]))
+    except (ArtifactError, OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        raise _unusable(p, exc) from None
     return meta["trainer"]

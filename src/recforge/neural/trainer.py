@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import json
 import logging
 import math
 import sys
@@ -29,7 +30,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -47,10 +48,13 @@ from recforge.core.params import Boolean, Choice, Constraint, DeviceName, Intege
 from recforge.core.progress import fit_summary, progress_bar
 from recforge.core.validation import VALIDATION_METRICS
 from recforge.data.io import atomic_path, save_figure
-from recforge.errors import DataError
+from recforge.errors import ArtifactError, DataError, ParameterError
 from recforge.neural import distributed as D
-from recforge.neural.checkpoint import load_checkpoint, save_checkpoint
+from recforge.neural.checkpoint import checkpoint_info, load_checkpoint, save_checkpoint
 from recforge.neural.graphs import GraphedStep
+
+if TYPE_CHECKING:
+    from recforge.data import Interactions
 
 log = logging.getLogger(__name__)
 #: Steps between two updates of the progress bar's running loss (each reads the loss from the device).
@@ -150,8 +154,11 @@ class TrainerConfig:
         return cls(**{**shared, **overrides})
 
     def with_epochs(self, epochs: int) -> TrainerConfig:
-        """The same settings for ``epochs`` epochs, without early stopping (a refit or a continuation)."""
-        return replace(self, epochs=epochs, patience=0)
+        """The same settings for ``epochs`` epochs of a continuation, without early stopping, writing its
+        checkpoints to ``continued/`` under ``checkpoint_dir`` (the first fit's stay as they are) and never
+        resuming: a continuation starts from the fitted model, not from a checkpoint."""
+        folder = str(Path(self.checkpoint_dir) / "continued") if self.checkpoint_dir else None
+        return replace(self, epochs=epochs, patience=0, checkpoint_dir=folder, resume=False)
 
     def check(self) -> TrainerConfig:
         """Raise :class:`~recforge.errors.ParameterError` naming the first invalid setting."""
@@ -194,13 +201,65 @@ class TrainingState:
 
     @classmethod
     def from_json(cls, info: dict[str, Any]) -> TrainingState:
-        """A state from a checkpoint's ``trainer`` entry (unknown keys of other versions are ignored)."""
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in info.items() if k in names})
+        """A state from a checkpoint's ``trainer`` entry, every field checked for its type and range (unknown
+        keys are ignored); a problem is an :class:`~recforge.errors.ArtifactError` naming the field."""
+        state = cls(**{f.name: info[f.name] for f in fields(cls) if f.name in info})
+        for name, ok in (
+            ("epoch", _count(state.epoch)), ("step", _count(state.step)), ("bad", _count(state.bad)),
+            ("best", state.best is None or _real(state.best)),
+            ("best_step", state.best_step is None or (_count(state.best_step) and state.best_step <= state.step)),
+            ("best_epoch", state.best_epoch is None or (_count(state.best_epoch) and state.best_epoch <= state.epoch)),
+            ("seconds_to_best", state.seconds_to_best is None or (_real(state.seconds_to_best)
+                                                                  and state.seconds_to_best >= 0)),
+            ("elapsed", _real(state.elapsed) and state.elapsed >= 0),
+            ("stopped", type(state.stopped) is bool), ("halted", type(state.halted) is bool),
+            ("history", isinstance(state.history, list) and all(_history_row(r) for r in state.history)),
+        ):
+            if not ok:
+                raise ArtifactError(f"its {name} is {getattr(state, name)!r}"[:200])
+        return state
 
     def to_json(self) -> dict[str, Any]:
         """The state as a JSON-ready dict."""
         return asdict(self)
+
+
+def _count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _real(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _history_row(row: Any) -> bool:
+    return isinstance(row, dict) and _count(row.get("step")) and all(
+        isinstance(k, str) and (v is None or type(v) in (int, float, str)) for k, v in row.items())
+
+
+#: Model parameters that say how long, where or how fast a run goes, not what it learns: a checkpoint resumes
+#: under other values of these.
+RUN_SETTINGS = frozenset({"epochs", "patience", "validate_every", "resume", "checkpoint_dir", "progress", "device",
+                          "amp", "deterministic", "cuda_graphs", "num_threads"})
+
+
+def run_identity(model: Any, train: Interactions, valid: Interactions | None) -> dict[str, Any]:
+    """What a checkpoint must have been written by for ``model``'s fit on ``train`` (validating on ``valid``) to
+    resume from it: the model's class and parameters (but :data:`RUN_SETTINGS`) and the data's fingerprints."""
+    return {"model": type(model).__name__,
+            "params": {k: v for k, v in model.get_params().items() if k not in RUN_SETTINGS},
+            "train": train.fingerprint(), "valid": valid.fingerprint() if valid is not None and len(valid) else None}
+
+
+def _first_difference(saved: Any, current: Any, where: str = "") -> str | None:
+    """The path of the first entry where two JSON values differ (``None`` when equal)."""
+    if isinstance(saved, dict) and isinstance(current, dict):
+        for key in sorted(set(saved) | set(current), key=str):
+            found = _first_difference(saved.get(key), current.get(key), f"{where}.{key}" if where else str(key))
+            if found:
+                return found
+        return None
+    return None if saved == current else (where or "run")
 
 
 class Trainer:
@@ -276,18 +335,63 @@ class Trainer:
         return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
 
     # ------------------------------------------------------------------ the steps of a run
-    def _restore(self, ckpt: Path | None) -> TrainingState:
-        """A fresh state, or the last checkpoint's (with the best weights so far) when resuming."""
-        if ckpt is None or not self.config.resume or not (ckpt / "last" / "trainer.json").is_file():
+    def _restore(self, ckpt: Path | None, identity: dict[str, Any], steps_per_epoch: int) -> TrainingState:
+        """A fresh state, or, when resuming, the last checkpoint's (with the best weights so far): only a checkpoint
+        of this run (``identity``) whose counters fit this run's epochs."""
+        if ckpt is None:
             return TrainingState()
-        state = TrainingState.from_json(load_checkpoint(ckpt / "last", self.module, self.optimizer))
-        if (ckpt / "best" / "trainer.json").is_file():
+        self._usable_folder(ckpt)
+        last = ckpt / "last"
+        if not self.config.resume:
+            return TrainingState()
+        if not last.exists():
+            # a run stopped between moving its last checkpoint aside and putting the new one in place
+            aside = sorted(ckpt.glob(".last.old-*"), key=lambda q: q.stat().st_mtime)
+            if not aside:
+                return TrainingState()
+            last = aside[-1]
+            log.warning("%s: resuming from %s, the checkpoint a stopped run had moved aside", self.config.desc, last)
+        info = checkpoint_info(last)
+        saved_run = info.pop("run", None)
+        where = f"{str(last)!r} is not a checkpoint this run can resume from"
+        differs = _first_difference(saved_run, identity)
+        if differs:
+            raise ArtifactError(f"{where}: it was written by another run (its {differs} differs); give this run its "
+                                "own checkpoint_dir, or resume=False to train from scratch and replace it")
+        try:
+            state = TrainingState.from_json(info)
+        except ArtifactError as exc:
+            raise ArtifactError(f"{where}: {exc}") from None
+        if state.epoch > self.config.epochs or not (
+                state.epoch * steps_per_epoch <= state.step <= (state.epoch + 1) * steps_per_epoch):
+            raise ArtifactError(f"{where}: it stands at epoch {state.epoch}, step {state.step}, which does not fit "
+                                f"{self.config.epochs} epochs of {steps_per_epoch} steps")
+        load_checkpoint(last, self.module, self.optimizer)
+        if (ckpt / "best").exists():
             current = self._snapshot()
             load_checkpoint(ckpt / "best", self.module)
             self._best_weights = self._snapshot()
             self.module.load_state_dict(current)
-        log.info("resumed %s from %s at epoch %d, step %d", self.config.desc, ckpt / "last", state.epoch, state.step)
+        log.info("resumed %s from %s at epoch %d, step %d", self.config.desc, last, state.epoch, state.step)
         return state
+
+    @staticmethod
+    def _usable_folder(ckpt: Path) -> None:
+        """``checkpoint_dir`` made and checked before the first step: a file there, a folder that cannot be made,
+        or a checkpoint that is a symbolic link (which replacing it would follow) is one clear error."""
+        try:
+            a_file = ckpt.exists() and not ckpt.is_dir()
+            if not a_file:
+                ckpt.mkdir(parents=True, exist_ok=True)
+            links = [name for name in ("last", "best") if (ckpt / name).is_symlink()]
+        except (OSError, ValueError) as exc:
+            raise ParameterError(f"checkpoint_dir {str(ckpt)[:200]!r} cannot be used: "
+                                 f"{getattr(exc, 'strerror', None) or exc}") from None
+        if a_file:
+            raise ParameterError(f"checkpoint_dir {str(ckpt)!r} is a file, not a folder")
+        if links:
+            raise ParameterError(f"checkpoint_dir {str(ckpt)!r} holds {links[0]!r} as a symbolic link; recforge "
+                                 "replaces its checkpoints there and does not follow links")
 
     def _train_step(self, step: Callable[[Batch], torch.Tensor], batch: Batch, state: TrainingState,
                     total_steps: int) -> None:
@@ -380,9 +484,10 @@ class Trainer:
         if ckpt is None or not self.main:
             return
         state.elapsed = time.perf_counter() - start
-        save_checkpoint(ckpt / "last", self.module, self.optimizer, state.to_json())
+        info = {**state.to_json(), "run": self._identity}
+        save_checkpoint(ckpt / "last", self.module, self.optimizer, info)
         if improved:
-            save_checkpoint(ckpt / "best", self.module, None, state.to_json())
+            save_checkpoint(ckpt / "best", self.module, None, info)
 
     def _should_stop(self, state: TrainingState, validating: bool) -> bool:
         patience = self.config.patience
@@ -396,6 +501,7 @@ class Trainer:
         steps_per_epoch: int,
         validate: Callable[[], dict[str, float]] | None = None,
         graphs: bool = False,
+        identity: dict[str, Any] | None = None,
     ) -> TrainingResult:
         """Run the loop; afterwards ``module`` holds the best validated weights (or the last ones without
         validation). Each epoch's batch order comes from a generator seeded by (seed, epoch) and dropout from a
@@ -407,7 +513,17 @@ class Trainer:
         shape: where :attr:`can_graph`, the steps are then replayed from a CUDA graph.
 
         The epochs' seeds reach torch's generators, the training GPU's included: the caller's states are restored
-        afterwards."""
+        afterwards.
+
+        ``identity`` (JSON-able, e.g. :func:`run_identity`) says what this run is: its checkpoints record it with
+        the trainer's settings and the steps per epoch, and a run resumes only from a checkpoint that recorded
+        the same."""
+        steps_per_epoch = max(1, steps_per_epoch)
+        cfg = self.config
+        self._identity = json.loads(json.dumps({
+            "trainer": {k: getattr(cfg, k) for k in ("optimizer", "lr", "weight_decay", "schedule", "warmup_steps",
+                                                     "grad_clip", "metric", "seed")},
+            "steps_per_epoch": steps_per_epoch, **(identity or {})}, default=str))
         with caller_rng_kept(self.device), deterministic_algorithms(self.config.deterministic):
             return self._fit(loss_fn, batches, steps_per_epoch, validate, graphs and self.can_graph)
 
@@ -420,10 +536,9 @@ class Trainer:
         graphs: bool,
     ) -> TrainingResult:
         cfg = self.config
-        steps_per_epoch = max(1, steps_per_epoch)
         total_steps = cfg.epochs * steps_per_epoch
         ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-        state = self._restore(ckpt)
+        state = self._restore(ckpt, self._identity, steps_per_epoch)
         start = time.perf_counter() - state.elapsed
         forward = D.wrap_ddp(self.module, loss_fn, self.device) if self.distributed else loss_fn
         step: Callable[[Batch], torch.Tensor] = functools.partial(self._step, forward)

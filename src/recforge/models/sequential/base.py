@@ -19,14 +19,14 @@ import scipy.sparse as sp
 import torch
 from torch import nn
 
-from recforge.core.device import resolve_device, seed_torch, torch_threads
+from recforge.core.device import loaded_device, seed_torch, torch_threads
 from recforge.core.params import Boolean, Constraint, Integer, Real, parameter_error
 from recforge.core.topk import UNSCORED
 from recforge.core.validation import RankingValidator
 from recforge.data.interactions import Interactions
 from recforge.errors import ArtifactError, DataError
 from recforge.models.base import Recommender
-from recforge.neural.checkpoint import numpy_to_state, state_to_numpy
+from recforge.neural.checkpoint import load_module_state, numpy_to_state, state_to_numpy
 from recforge.neural.losses import catalogue_cross_entropy
 from recforge.neural.sequences import (
     TokenSequences,
@@ -42,6 +42,7 @@ from recforge.neural.trainer import (
     Trainer,
     TrainerConfig,
     keep_training_result,
+    run_identity,
 )
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,9 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
                     yield {"seq": seq}
 
             steps = math.ceil(len(starts) / size)
-            result = trainer.fit(net.graph_loss if graphs else net.loss, batches, steps, validate, graphs=graphs)
+            identity = run_identity(self, interactions, valid) if config.checkpoint_dir else None
+            result = trainer.fit(net.graph_loss if graphs else net.loss, batches, steps, validate, graphs=graphs,
+                                 identity=identity)
         self.net_ = net
         self._user_queries = None
         self.device_ = trainer.device
@@ -403,10 +406,18 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
         self.vocab_ = state["vocab"]
         self.item_counts_ = state["item_counts"]
         self.history_ = TokenSequences(state["history.tokens"], state["history.offsets"])
+        net_items = state.get("net_items", len(self.vocab_))
+        if type(net_items) is not int or not 1 <= net_items <= self.n_items_:  # partial_fit may add items after
+            raise ArtifactError(f"net_items is {net_items!r}; the network scores 1 to {self.n_items_} items")
+        counts = self.item_counts_  # the logQ correction's shares, when the net is built
+        if counts is not None and (counts.ndim != 1 or len(counts) < net_items or counts.dtype.kind not in "iu"
+                                   or (counts.size and counts.min() < 0)):
+            raise ArtifactError(f"item_counts must hold a count (an integer, 0 or more) for each of {net_items} "
+                                "items")
         with torch.random.fork_rng(devices=[]):
-            net = self._build_net(int(state.get("net_items", len(self.vocab_))))
-        net.load_state_dict(numpy_to_state(state, "net."))
-        self.device_ = resolve_device(self.device)
+            net = self._build_net(net_items)
+        load_module_state(net, numpy_to_state(state, "net."))
+        self.device_ = loaded_device(self.device)
         self.net_ = net.to(self.device_).eval()
 
     def _check_loaded(self) -> None:
@@ -421,8 +432,6 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
         for name, arr in (("vocab", self.vocab_), ("history.tokens", tokens)):
             if arr.dtype.kind not in "iu" or (arr.size and (arr.min() < 0 or arr.max() >= limit)):
                 raise ArtifactError(f"{name} holds tokens outside 0..{limit - 1}")
-        if self.item_counts_ is not None and len(self.item_counts_) < self.net_.n_items:
-            raise ArtifactError(f"item_counts has {len(self.item_counts_)} entries for {self.net_.n_items} items")
 
 
 def order_problem(interactions: Interactions) -> str | None:
