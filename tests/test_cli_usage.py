@@ -301,3 +301,24 @@ def test_device_option_is_checked_and_reaches_every_auto_device(tmp_path, monkey
     code, text = _main(["train", "-m", "pop", "-o", str(tmp_path / "p"), "-q", "--device", "cpu"], monkeypatch, capsys)
     assert code == 0, text
     assert resolve_device("auto").type == "cpu"  # what a neural model left at device="auto" now trains on
+
+
+def test_device_names_follow_one_rule_in_the_option_the_environment_and_the_parameter(tmp_path, monkeypatch,
+                                                                                      capsys) -> None:
+    """Case and surrounding spaces never matter; ``cpu:0`` is no device name anywhere; a typo in the environment
+    is one line before any work, even for a model that never asks for a device."""
+    from recforge.core.device import resolve_device
+    from recforge.core.params import DeviceName, device_name
+
+    assert [device_name(v) for v in (" cpu", "CPU", "Cuda:1", "AUTO\n")] == ["cpu", "cpu", "cuda:1", "auto"]
+    assert [device_name(v) for v in ("cpu:0", "cuda:x", "", "tpu", 3)] == [None] * 5
+    assert DeviceName().accepts(" CPU") and not DeviceName().accepts("cpu:0")
+    monkeypatch.setenv("RECFORGE_DEVICE", " CPU ")
+    assert resolve_device("auto").type == "cpu" and resolve_device("Cpu").type == "cpu"
+    monkeypatch.setenv("RECFORGE_DEVICE", "auto")
+    code, text = _main(["train", "-m", "pop", "-o", str(tmp_path / "p"), "--device", "cpu:0"], monkeypatch, capsys)
+    _check_usage_error(code, text, "a device must be")
+    monkeypatch.setenv("RECFORGE_DEVICE", "meta")
+    code, text = _main(["train", "-m", "pop", "-o", str(tmp_path / "p")], monkeypatch, capsys)
+    assert code == 2 and text.strip() == "error: RECFORGE_DEVICE='meta': a device must be 'auto', 'cpu', 'cuda' or " \
+        "'cuda:N'"

@@ -22,7 +22,8 @@ from typing import Annotated, Any
 import typer
 
 from recforge import __version__
-from recforge.core.gpu_environment import fix_cublas_workspace
+from recforge.core.gpu_environment import DEVICE_ENV, fix_cublas_workspace
+from recforge.core.params import device_name
 from recforge.errors import DataError, RecforgeError, settings_named_as_options
 
 app = typer.Typer(
@@ -54,7 +55,7 @@ def _set_device(value: str | None) -> str | None:
     """Make ``value`` the device of every model left at ``device="auto"``, in this process and the workers and
     ranks it starts (through ``RECFORGE_DEVICE``); checked first, so a typo or a missing GPU is one line."""
     if value is not None:
-        from recforge.core.device import DEVICE_ENV, resolve_device
+        from recforge.core.device import resolve_device
 
         try:
             resolve_device(value)
@@ -1164,6 +1165,10 @@ def main() -> None:
     and usage hint (exit 2), Ctrl-C exit status 130."""
     # before any GPU work, so a deterministic=True model can rely on it (trial workers and torchrun ranks inherit it)
     fix_cublas_workspace()
+    chosen = os.environ.get(DEVICE_ENV, "")  # a typo there is one line before any work, as --device's
+    if chosen.strip() and device_name(chosen) is None:
+        typer.echo(f"error: {DEVICE_ENV}={chosen!r}: a device must be 'auto', 'cpu', 'cuda' or 'cuda:N'", err=True)
+        sys.exit(2)
     try:
         with settings_named_as_options():
             code = app(standalone_mode=False, prog_name="recforge")

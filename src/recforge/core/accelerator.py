@@ -15,7 +15,7 @@ DEVICE_MIN_ROWS = 256
 
 def _cpu_chosen(device: Any) -> bool:
     name = str(device).strip().lower()
-    if name == "auto":  # RECFORGE_DEVICE is recforge.core.device.DEVICE_ENV
+    if name == "auto":  # RECFORGE_DEVICE is recforge.core.gpu_environment.DEVICE_ENV
         name = os.environ.get("RECFORGE_DEVICE", "").strip().lower() or "auto"
     return name == "cpu"
 

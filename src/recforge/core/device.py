@@ -11,17 +11,15 @@ from collections.abc import Iterator
 
 import torch
 
-from recforge.core.gpu_environment import (
+from recforge.core.gpu_environment import (  # DEVICE_ENV: re-exported, where the device is chosen
     CUBLAS_WORKSPACE_ENV,
+    DEVICE_ENV,
     REPEATABLE_CUBLAS_WORKSPACE,
     fix_cublas_workspace,
 )
+from recforge.core.params import device_name
 from recforge.core.threads import resolve_threads
 from recforge.errors import ParameterError
-
-#: The environment variable that chooses the device of everything left at ``device="auto"`` (``cpu``, ``cuda``,
-#: ``cuda:N``): the CLI's ``--device`` sets it, so trial workers and torchrun ranks inherit it.
-DEVICE_ENV = "RECFORGE_DEVICE"
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +52,8 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     otherwise; other values are checked so a typo, a missing GPU or a GPU number beyond those present gives a clear
     error instead of a failure deep inside torch."""
     if is_auto(device):
-        chosen = os.environ.get(DEVICE_ENV, "").strip()
-        if chosen and chosen.lower() != "auto":
+        chosen = os.environ.get(DEVICE_ENV, "")
+        if chosen.strip() and chosen.strip().lower() != "auto":
             return _checked(chosen, f"{DEVICE_ENV}={chosen!r}")
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return _checked(device, f"device {device!r}")  # type: ignore[arg-type]
@@ -81,12 +79,10 @@ def ranking_device() -> torch.device | None:
 
 
 def _checked(device: str | torch.device, what: str) -> torch.device:
-    try:
-        dev = torch.device(device)
-    except (RuntimeError, TypeError):
-        dev = None
-    if dev is None or dev.type not in ("cpu", "cuda"):
+    name = device_name(str(device)) if isinstance(device, (str, torch.device)) else None
+    if name is None or name == "auto":
         raise ParameterError(f"{what}: a device must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+    dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ParameterError(f"{what} was asked for, but no CUDA GPU is available; use 'auto' or 'cpu'")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():

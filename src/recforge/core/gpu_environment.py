@@ -1,9 +1,13 @@
-"""Process-wide settings that must precede a process's first GPU work, kept free of torch so the command line can
-make them before anything imports it."""
+"""Process-wide settings that must precede a process's first GPU work, and the variable that chooses the device,
+kept free of torch so the command line can make and check them before anything imports it."""
 
 from __future__ import annotations
 
 import os
+
+#: The environment variable that chooses the device of everything left at ``device="auto"`` (``cpu``, ``cuda``,
+#: ``cuda:N``): the CLI's ``--device`` sets it, so trial workers and torchrun ranks inherit it.
+DEVICE_ENV = "RECFORGE_DEVICE"
 
 #: cuBLAS's workspace setting under which its kernels repeat run to run (torch's reproducibility notes); cuBLAS
 #: reads it once, when the process first uses it.

@@ -204,17 +204,24 @@ class Text(Constraint):
         return [3, ""]
 
 
+def device_name(value: Any) -> str | None:
+    """``value`` as the device name it spells — ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``, in any case,
+    spaces around it ignored — or None when it spells none: the one rule of a ``device`` parameter, the
+    ``--device`` option and ``$RECFORGE_DEVICE``."""
+    name = value.strip().lower() if isinstance(value, str) else None
+    return name if name is not None and re.fullmatch(r"auto|cpu|cuda(:\d{1,4})?", name) else None
+
+
 @dataclass
 class DeviceName(Constraint):
-    """Where torch work runs, by name: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``, as
-    :func:`recforge.core.device.resolve_device` reads them (whether that device exists is checked when it is used:
-    an artifact saved on a GPU machine loads on a CPU one)."""
+    """Where torch work runs, by name (:func:`device_name`), as :func:`recforge.core.device.resolve_device` reads
+    them (whether that device exists is checked when it is used: an artifact saved on a GPU machine loads on a CPU
+    one)."""
 
     optional: bool = False
 
     def _accepts(self, value: Any) -> bool:
-        return isinstance(value, str) and (value.strip().lower() == "auto"
-                                           or re.fullmatch(r"cpu|cuda(:\d{1,4})?", value) is not None)
+        return device_name(value) is not None
 
     def _describe(self) -> str:
         return "'auto', 'cpu', 'cuda' or 'cuda:N'"
