@@ -48,12 +48,17 @@ def sampled_test(split, eval_users: int):  # type: ignore[no-untyped-def]
     return split.test.subset(np.isin(split.test.users, pick))
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_size_arguments(p: argparse.ArgumentParser) -> None:
+    """The synthetic set's size and how many test users are ranked (200k × 50k, 20M interactions, 10,000)."""
     p.add_argument("--n-users", type=int, default=200_000)
     p.add_argument("--n-items", type=int, default=50_000)
     p.add_argument("--n-interactions", type=int, default=20_000_000)
     p.add_argument("--eval-users", type=int, default=10_000)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_size_arguments(p)
     p.add_argument("--models", default="ease,als,sasrec", help="comma-separated stages to run")
     p.add_argument("--sasrec-epochs", type=int, default=1)
     p.add_argument("--sasrec-loss", default="logq",

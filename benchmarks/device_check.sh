@@ -62,14 +62,19 @@ sasrec() {
     --configs default,eager,batch128,deterministic,deterministic-again --out "$OUT/gpu_sasrec.json" 2>&1 | tee -a "$LOG"
 }
 
-rectools() {
-  if ! ls .whl-peers/*.whl > /dev/null 2>&1; then
-    step "rectools: skipped, .whl-peers/ was not carried (scripts/device_wheels.sh fills it)"
-    return
+# peer_wheels FOLDER PART TARGET: a side-by-side part's carried wheels installed into a folder of their own (put
+# first on that part's path only); false, with a line saying so, when FOLDER was not carried
+peer_wheels() {
+  if ! ls "$1"/*.whl > /dev/null 2>&1; then
+    step "$2: skipped, $1/ was not carried (scripts/device_wheels.sh fills it)"
+    return 1
   fi
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$3" "$1"/*.whl
+}
+
+rectools() {
   step "ML-100K LOO: RecTools 0.19 SASRec on the GPU, same split (peers_rectools_seq.py), and the per-epoch ratio"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/peers-site \
-    .whl-peers/*.whl
+  peer_wheels .whl-peers rectools /tmp/peers-site || return
   PYTHONPATH="/tmp/peers-site:$PYTHONPATH" timeout 75 python3 benchmarks/peers_rectools_seq.py --datasets ml-100k \
     --models sasrec --device cuda --threads 4 --epochs 20,40,80 --out "$OUT/rectools_gpu.json" 2>&1 | tee -a "$LOG"
   python3 - "$OUT/gpu_sasrec.json" "$OUT/rectools_gpu.json" <<'PY' 2>&1 | tee -a "$LOG"
@@ -120,13 +125,8 @@ scale() {
 }
 
 implicit() {
-  if ! ls .whl-implicit/*.whl > /dev/null 2>&1; then
-    step "implicit: skipped, .whl-implicit/ was not carried (scripts/device_wheels.sh fills it)"
-    return
-  fi
   step "20M synthetic: implicit's ALS and recforge's side by side, 64 factors, 15 iterations (peers_implicit_gpu.py)"
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/implicit-site \
-    .whl-implicit/*.whl
+  peer_wheels .whl-implicit implicit /tmp/implicit-site || return
   PYTHONPATH="/tmp/implicit-site:$PYTHONPATH" timeout 150 python3 benchmarks/peers_implicit_gpu.py --threads 16 \
     --out "$OUT/implicit_gpu.json" 2>&1 | tee -a "$LOG"
 }

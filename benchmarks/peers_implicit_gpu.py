@@ -31,15 +31,12 @@ import scipy.sparse as sp
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_scale import sampled_test, synthetic
+from bench_scale import add_size_arguments, sampled_test, synthetic
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--n-users", type=int, default=200_000)
-    p.add_argument("--n-items", type=int, default=50_000)
-    p.add_argument("--n-interactions", type=int, default=20_000_000)
-    p.add_argument("--eval-users", type=int, default=10_000)
+    add_size_arguments(p)
     p.add_argument("--threads", type=int, default=0, help="implicit's CPU threads when it has no CUDA (0: all)")
     p.add_argument("--out", default=str(HERE / "results" / "implicit_gpu.json"))
     args = p.parse_args()

@@ -131,7 +131,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
             old = p.with_name(f".{p.name}.old-{os.getpid()}-{os.urandom(4).hex()}")
             os.replace(p, old)
         os.replace(tmp, p)
-        _fsync_folder(p.parent)
+        fsync_folder(p.parent)
         if old is not None:
             shutil.rmtree(old) if old.is_dir() and not old.is_symlink() else old.unlink()
     finally:
@@ -139,7 +139,7 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _fsync_folder(folder: Path) -> None:
+def fsync_folder(folder: str | os.PathLike[str]) -> None:
     """Make a folder's renames durable (a no-op where folders cannot be opened, as on Windows)."""
     try:
         fd = os.open(folder, os.O_RDONLY)

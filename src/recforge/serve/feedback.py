@@ -24,6 +24,7 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+from recforge.data.io import fsync_folder
 from recforge.errors import StorageError
 
 log = logging.getLogger(__name__)
@@ -88,18 +89,8 @@ class FeedbackLog:
             self._file = open(path, "ab")  # noqa: SIM115 - kept open for appends; closed in close()
             self._path, self._day = path, day
             self._own.add(path.name)
-            self._sync_folder()  # the new file's directory entry must survive a crash too
+            fsync_folder(self.folder)  # the new file's directory entry must survive a crash too
         return self._file
-
-    def _sync_folder(self) -> None:
-        try:
-            fd = os.open(self.folder, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
     def append(self, events: Iterable[dict[str, Any]]) -> int:
         """Write events and fsync; returns how many. When this returns, the events survive a crash."""
