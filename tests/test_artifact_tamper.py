@@ -17,7 +17,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from recforge.data import Interactions
-from recforge.errors import ArtifactError
+from recforge.errors import ArtifactError, DeviceError
 from recforge.models import Recommender, create_model
 from recforge.models.artifact import file_hashes
 
@@ -216,7 +216,8 @@ def test_tampered_model_json_is_refused(saved: dict[str, Path], tmp_path: Path, 
 
 
 def test_an_artifact_cannot_aim_a_fit_at_a_folder_and_loads_without_the_gpu_it_names(
-        saved: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+        saved: dict[str, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """Where the saving machine wrote its checkpoints is not followed (a refit would write, and replace, there);
     a network saved for ``device="cuda"`` loads on a machine without one, with a warning."""
     path = _copy(saved["sasrec"], tmp_path)
@@ -228,6 +229,10 @@ def test_an_artifact_cannot_aim_a_fit_at_a_folder_and_loads_without_the_gpu_it_n
     if not torch.cuda.is_available():
         assert model.device_.type == "cpu" and "no CUDA GPU" in caplog.text
     assert not victim.exists()
+    if not torch.cuda.is_available():  # this machine's setting is named as such, not blamed on the artifact
+        monkeypatch.setenv("RECFORGE_DEVICE", "cuda")
+        with pytest.raises(DeviceError, match="^RECFORGE_DEVICE='cuda' was asked for"):
+            Recommender.load(path)
 
 
 def test_another_models_arrays_or_fewer_ids_are_refused(saved: dict[str, Path], tmp_path: Path) -> None:

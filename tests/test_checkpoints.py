@@ -17,7 +17,7 @@ from recforge.data import Interactions
 from recforge.data.io import atomic_directory
 from recforge.errors import ArtifactError, ParameterError
 from recforge.experiments.trials import Trial, run_trial
-from recforge.models import create_model
+from recforge.models import Recommender, create_model
 from recforge.neural import Trainer, TrainerConfig
 from recforge.neural.checkpoint import load_checkpoint, save_checkpoint
 
@@ -45,11 +45,11 @@ def _fit(folder: Path, epochs: int = 2, resume: bool = False, identity: dict | N
     return trainer
 
 
-def _edit_info(folder: Path, edit) -> None:
-    path = folder / "last" / "trainer.json"
+def _edit_info(folder: Path, edit, name: str = "last") -> None:
+    path = folder / name / "trainer.json"
     meta = json.loads(path.read_text())
     edited = edit(meta)
-    path.write_text(json.dumps(meta if edited is None else edited))
+    path.write_text(edited if isinstance(edited, str) else json.dumps(meta if edited is None else edited))
 
 
 def _set(key: str, value):
@@ -69,10 +69,16 @@ def _set(key: str, value):
     (_set("stopped", 1), "its stopped is 1"),
     (_set("epoch", 10**12), "stands at epoch 1000000000000"),
     (_set("step", 10**9), "step 1000000000"),
-    (_set("step", 1), "epoch 2, step 1"),
+    (lambda meta: meta["trainer"].update(step=1, history=[], best_step=None), "epoch 2, step 1"),
     (lambda meta: meta.pop("trainer"), "'trainer' object"),
     (lambda meta: [meta], "'trainer' object"),
-    (lambda meta: meta["trainer"].pop("run"), "written by another run"),
+    (lambda meta: meta["trainer"].pop("run"), "records no run"),
+    (_set("history", [{"step": 1, "epoch": 0, "loss": "x", "lr": 0.05, "seconds": 1.0}]), "its history"),
+    (_set("history", [{"step": 1}]), "its history"),
+    (_set("history", [{"step": 6, "epoch": 2, "loss": 1.0, "lr": 0.05, "seconds": 1.0},
+                      {"step": 3, "epoch": 1, "loss": 1.0, "lr": 0.05, "seconds": 1.0}]), "its history"),
+    (lambda meta: "[" * 100_000, "not a usable training checkpoint"),
+    (lambda meta: meta["optimizer"]["param_groups"][0].update(params=[0, 0]), "do not list"),
     (lambda meta: meta["trainer"]["run"]["trainer"].update(lr=0.5), r"its trainer\.lr differs"),
     (lambda meta: meta["optimizer"].update(param_groups={}), "parameter-group list"),
     (lambda meta: meta["optimizer"]["param_groups"][0].update(params=["0"]), "do not list"),
@@ -116,7 +122,7 @@ def test_a_checkpoint_resumes_only_its_own_run(tmp_path: Path) -> None:
     _fit(tmp_path, epochs=2, identity={"data": "a"})
     with pytest.raises(ArtifactError, match=r"another run \(its data differs\)"):
         _fit(tmp_path, epochs=4, resume=True, identity={"data": "b"})
-    with pytest.raises(ArtifactError, match="steps_per_epoch differs|another run"):
+    with pytest.raises(ArtifactError, match=r"its trainer\.weight_decay differs"):
         _fit(tmp_path, epochs=4, resume=True, identity={"data": "a"}, weight_decay=0.1)
     assert _fit(tmp_path, epochs=4, resume=True, identity={"data": "a"}).module.w.abs().sum() > 0
     _fit(tmp_path, epochs=2, identity={"data": "b"})  # resume=False starts over there, as asked
@@ -145,7 +151,8 @@ def test_a_run_stopped_while_replacing_its_checkpoint_resumes_from_the_one_moved
     os.replace(tmp_path / "ck" / "last", tmp_path / "ck" / ".last.old-123-abcd")  # stopped between the renames
     resumed = _fit(tmp_path / "ck", epochs=4, resume=True)
     assert torch.equal(resumed.module.w, full.module.w)
-    (tmp_path / "target" / ".x.old-1-0").mkdir(parents=True)  # what an earlier stopped run may leave
+    (tmp_path / "target" / f".x.old-{os.getpid()}").mkdir(parents=True)  # a stopped run's leftover, same pid
+    (tmp_path / "target" / f".x.old-{os.getpid()}" / "f").write_text("old")
     for _ in range(2):
         with atomic_directory(tmp_path / "target" / "x") as tmp:
             (tmp / "f").write_text("new")
@@ -189,3 +196,76 @@ def test_every_trial_checkpoints_in_a_folder_of_its_own(tmp_path: Path, planted:
             result = run_trial(Trial(tid, "pooling", "pooling", params, part, 0), [split])
             assert result.metrics
     assert sorted(p.name for p in tmp_path.iterdir()) == ["select-a1", "test-b2"]
+
+
+def _fit_validated(folder: Path, scores: list[float], epochs: int, resume: bool = False, patience: int = 0,
+                   validated: bool = True) -> tuple[Trainer, list]:
+    """:func:`_fit` with a validation that reports ``scores`` in turn; returns the trainer and its history."""
+    net = _Pair()
+    target = torch.tensor([1.0, -2.0])
+    trainer = Trainer(net, TrainerConfig(epochs=epochs, lr=0.05, progress=False, seed=1, patience=patience,
+                                         checkpoint_dir=str(folder), resume=resume))
+    it = iter(scores)
+
+    def batches(epoch: int, rng: np.random.Generator):
+        for _ in range(3):
+            yield {"scale": rng.integers(1, 3, size=4)}
+
+    result = trainer.fit(lambda b: ((net.w - target) ** 2).sum() * b["scale"].float().mean(), batches, 3,
+                         (lambda: {"ndcg@10": next(it)}) if validated else None)
+    return trainer, result.history[["epoch", "step"]].values.tolist()
+
+
+def test_a_resume_takes_only_its_own_runs_best_weights(tmp_path: Path) -> None:
+    """A run without validation never writes best/: a best/ left there by an earlier run is not its best; nor is a
+    best/ of a step other than the one last/ records."""
+    _fit_validated(tmp_path, [0.5, 0.9], epochs=2)  # writes best/
+    _fit_validated(tmp_path, [], epochs=2, validated=False)  # resume=False: another run, no best/ of its own
+    uninterrupted = _fit_validated(tmp_path / "u", [], epochs=4, validated=False)[0].module.w.detach().clone()
+    resumed = _fit_validated(tmp_path, [], epochs=4, resume=True, validated=False)[0]
+    assert torch.equal(resumed.module.w, uninterrupted)
+    _fit_validated(tmp_path / "v", [0.9, 0.5], epochs=2)  # best at epoch 1, last at epoch 2
+    _edit_info(tmp_path / "v", lambda meta: meta["trainer"].update(step=6, best_step=6), name="best")
+    with pytest.raises(ArtifactError, match="best weights at step 3"):
+        _fit_validated(tmp_path / "v", [0.1, 0.1], epochs=4, resume=True)
+
+
+def test_an_early_stopped_run_stays_stopped_when_resumed(tmp_path: Path) -> None:
+    _, history = _fit_validated(tmp_path, [0.9, 0.5, 0.4, 0.3], epochs=6, patience=1)
+    assert history == [[1, 3], [2, 6]]
+    _, again = _fit_validated(tmp_path, [0.1] * 5, epochs=6, patience=1, resume=True)
+    assert again == history
+
+
+def test_a_decaying_learning_rate_resumes_only_with_the_same_epochs(tmp_path: Path) -> None:
+    _fit(tmp_path, epochs=2, schedule="cosine")
+    with pytest.raises(ArtifactError, match="its epochs differs"):
+        _fit(tmp_path, epochs=4, resume=True, schedule="cosine")
+
+
+def test_the_data_fingerprint_covers_weights_and_side_data(planted: Interactions) -> None:
+    import pandas as pd
+
+    frame = planted.to_frame()
+    base = Interactions.from_frame(frame)
+    weighted = Interactions.from_frame(frame.assign(weight=1.5), weight_col="weight")
+    items = pd.DataFrame({"item_id": planted.item_map.ids, "tags": [[i % 3] for i in range(planted.n_items)]})
+    described = Interactions.from_frame(frame, item_data=items)
+    prints = {base.fingerprint(), weighted.fingerprint(), described.fingerprint()}
+    assert len(prints) == 3 and Interactions.from_frame(frame).fingerprint() == base.fingerprint()
+
+
+def test_ensemble_members_checkpoint_each_fit_apart_and_artifacts_never_carry_their_folders(
+        tmp_path: Path, planted: Interactions) -> None:
+    """A score blend fits its members to tune its weights, then on all the data: each fit has its own folder (one
+    would hold the other's run); a saved blend's member folders are not followed when it loads."""
+    member = {"max_len": 20, "n_factors": 8, "epochs": 1, "num_threads": 1, "progress": False,
+              "checkpoint_dir": str(tmp_path / "ck"), "resume": True}
+    params = {"models": ["pop", "pooling"], "params": {"pooling": member}}
+    for _ in range(2):  # the second fit resumes each member fit from its own folder
+        blend = create_model("scoreblend", **params).fit(planted)
+    assert sorted(p.name for p in (tmp_path / "ck").iterdir()) == ["pooling-refit", "pooling-tune"]
+    path = blend.save(tmp_path / "blend")
+    loaded = Recommender.load(path)
+    assert "checkpoint_dir" not in loaded.params["pooling"] and "resume" not in loaded.params["pooling"]
+    assert all(getattr(m, "checkpoint_dir", None) is None for m in loaded.members_)

@@ -322,3 +322,7 @@ def test_device_names_follow_one_rule_in_the_option_the_environment_and_the_para
     code, text = _main(["train", "-m", "pop", "-o", str(tmp_path / "p")], monkeypatch, capsys)
     assert code == 2 and text.strip() == "error: RECFORGE_DEVICE='meta': a device must be 'auto', 'cpu', 'cuda' or " \
         "'cuda:N'"
+    code, text = _main(["train", "-m", "pop", "-o", str(tmp_path / "p"), "-q", "--device", "cpu"], monkeypatch, capsys)
+    assert code == 0, text  # the option replaces the variable
+    code, text = _main(["train", "--help"], monkeypatch, capsys)
+    assert code == 0 and "--device" in text

@@ -156,9 +156,9 @@ def test_a_device_epoch_reads_back_once_a_block_and_masks_missing_negatives(monk
     for n_negatives in (3, 0):  # every negative missing, or none asked for: the same epoch
         got = [torch.from_numpy(a.copy()) for a in (host[0][:1], host[1][:3], host[2][:1], host[3][:3], host[4])]
         sampler = NegativeSampler(full, np.empty(0, np.int32), torch.device("cpu"), torch.Generator().manual_seed(0))
-        acc = tuple(torch.full_like(a, 0.1) for a in got) if optimizer == "adagrad" else None
-        result = (pointwise_epoch_torch(one, one + 1, sampler, tuple(got), acc, n_negatives=n_negatives, **kwargs),
-                  *[a.clone() for a in got])
+        acc = tuple(torch.full_like(a, 0.1) for a in got) if optimizer == "adagrad" else ()
+        result = (pointwise_epoch_torch(one, one + 1, sampler, tuple(got), acc or None, n_negatives=n_negatives,
+                                        **kwargs), *[a.clone() for a in (*got, *acc)])  # Adagrad's sums too
         if n_negatives:
             masked = result
         else:

@@ -1165,8 +1165,10 @@ def main() -> None:
     and usage hint (exit 2), Ctrl-C exit status 130."""
     # before any GPU work, so a deterministic=True model can rely on it (trial workers and torchrun ranks inherit it)
     fix_cublas_workspace()
-    chosen = os.environ.get(DEVICE_ENV, "")  # a typo there is one line before any work, as --device's
-    if chosen.strip() and device_name(chosen) is None:
+    # a typo there is one line before any work, as --device's (which replaces it; help needs no device)
+    chosen = os.environ.get(DEVICE_ENV, "")
+    asks_otherwise = {"--device", "--help", "-h", "--version"} & {a.split("=")[0] for a in sys.argv[1:]}
+    if chosen.strip() and device_name(chosen) is None and not asks_otherwise:
         typer.echo(f"error: {DEVICE_ENV}={chosen!r}: a device must be 'auto', 'cpu', 'cuda' or 'cuda:N'", err=True)
         sys.exit(2)
     try:

@@ -52,6 +52,11 @@ class ParameterError(RecforgeError, ValueError):
     the parameter and what is allowed."""
 
 
+class DeviceError(ParameterError):
+    """A device name that is none, or a device this machine lacks (``device=``, ``--device``,
+    ``$RECFORGE_DEVICE``): this machine's setting, never a dataset's or an artifact's fault."""
+
+
 class EmptyDatasetError(DataError):
     """A dataset has no interactions (for example after filtering)."""
 

@@ -19,7 +19,7 @@ from recforge.core.gpu_environment import (  # DEVICE_ENV: re-exported, where th
 )
 from recforge.core.params import device_name
 from recforge.core.threads import resolve_threads
-from recforge.errors import ParameterError
+from recforge.errors import DeviceError
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def loaded_device(device: str | torch.device | None) -> torch.device:
     with a warning (an artifact saved with ``device="cuda"`` loads on a machine without a GPU)."""
     try:
         return resolve_device(device)
-    except ParameterError as exc:
+    except DeviceError as exc:
         if is_auto(device):
             raise
         log.warning("%s: the loaded model runs where device='auto' points", exc)
@@ -81,12 +81,12 @@ def ranking_device() -> torch.device | None:
 def _checked(device: str | torch.device, what: str) -> torch.device:
     name = device_name(str(device)) if isinstance(device, (str, torch.device)) else None
     if name is None or name == "auto":
-        raise ParameterError(f"{what}: a device must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        raise DeviceError(f"{what}: a device must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ParameterError(f"{what} was asked for, but no CUDA GPU is available; use 'auto' or 'cpu'")
+        raise DeviceError(f"{what} was asked for, but no CUDA GPU is available; use 'auto' or 'cpu'")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
-        raise ParameterError(f"{what} was asked for, but this machine has {torch.cuda.device_count()} GPU(s) "
+        raise DeviceError(f"{what} was asked for, but this machine has {torch.cuda.device_count()} GPU(s) "
                              f"(cuda:0 to cuda:{torch.cuda.device_count() - 1})")
     return dev
 

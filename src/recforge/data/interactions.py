@@ -541,11 +541,14 @@ class Interactions:
         return self._cache[values]
 
     def fingerprint(self) -> str:
-        """A short hash of the events and id maps (indices, ratings, times, ids): equal data, equal fingerprints."""
+        """A short hash of the events (indices, ratings, times, weights), the id maps and the side data: equal
+        data, equal fingerprints."""
         digest = hashlib.blake2b(digest_size=8)
-        for arr in (self.users, self.items, self.ratings, self.timestamps, self.user_map.ids, self.item_map.ids):
-            if arr is not None:
-                digest.update(np.ascontiguousarray(arr).tobytes())
+        for arr in (self.users, self.items, self.ratings, self.timestamps, self.weights, self.user_map.ids,
+                    self.item_map.ids):
+            digest.update(b"-" if arr is None else np.ascontiguousarray(arr).tobytes())
+        for frame in (self.item_data, self.user_data):
+            digest.update(b"-" if frame is None else _frame_hash(frame))
         return digest.hexdigest()
 
     def item_counts(self) -> np.ndarray:
@@ -569,6 +572,16 @@ class Interactions:
         if self.weights is not None:
             data["weight"] = self.weights
         return pd.DataFrame(data)
+
+
+def _frame_hash(frame: pd.DataFrame) -> bytes:
+    """The row hashes of a side-data frame and its column names (cells that pandas cannot hash, such as lists,
+    by their text)."""
+    try:
+        rows = pd.util.hash_pandas_object(frame, index=True)
+    except TypeError:
+        rows = pd.util.hash_pandas_object(frame.astype(str), index=True)
+    return rows.to_numpy().tobytes() + "|".join(map(str, frame.columns)).encode()
 
 
 def _counts_in_output(counts: np.ndarray, rank: np.ndarray) -> np.ndarray:

@@ -122,9 +122,11 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~_umask())
     try:
         yield tmp
-        for file in tmp.rglob("*"):
-            if file.is_file():
-                with open(file, "rb+") as fh:
+        for entry in [*tmp.rglob("*"), tmp]:
+            if entry.is_dir():
+                fsync_folder(entry)  # its entries, the files' names
+            elif entry.is_file():
+                with open(entry, "rb+") as fh:
                     os.fsync(fh.fileno())
         old = None
         if p.exists() or p.is_symlink():

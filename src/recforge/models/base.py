@@ -36,6 +36,7 @@ from recforge.data.io import atomic_directory
 from recforge.errors import (
     ArtifactError,
     DataError,
+    DeviceError,
     EmptyDatasetError,
     NotFittedError,
     ParameterError,
@@ -63,6 +64,12 @@ ANN_GRAPH = "retrieval.hnsw"
 #: Parameters that say where a fit writes and whence it resumes on the machine that ran it: a loaded model has
 #: their defaults, whatever its artifact says (a hostile artifact could otherwise aim a refit at any folder).
 LOCAL_PARAMS = ("checkpoint_dir", "resume")
+
+
+def without_local_params(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` without :data:`LOCAL_PARAMS`, at any depth (an ensemble's member parameters are nested)."""
+    return {k: without_local_params(v) if isinstance(v, dict) else v for k, v in params.items()
+            if k not in LOCAL_PARAMS}
 
 
 #: What a model can learn from the interactions: every run states it per model (``notes.learns_from``), so that
@@ -627,8 +634,8 @@ class Recommender:
             if not meta_path.is_file():
                 raise ArtifactError(f"{where[:300]} is not a recforge model artifact (no model.json)")
             meta = json.loads(meta_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise ArtifactError(f"{str(meta_path)!r} is not valid JSON: {exc}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+            raise ArtifactError(f"{str(meta_path)!r} is not valid JSON: {str(exc)[:200]}") from None
         except OSError as exc:
             raise ArtifactError(f"{where[:300]} cannot be read: {exc.strerror or exc}") from None
         version = meta.get("format_version") if isinstance(meta, dict) else None
@@ -659,10 +666,8 @@ class Recommender:
         except (OSError, ValueError, KeyError, SafetensorError) as exc:
             raise ArtifactError(f"{where} is incomplete or corrupt: {exc}") from None
         try:  # the stored parameters are checked like a user's (an artifact may be edited or come from elsewhere)
-            params = model_cls.check_param_names(dict(meta["params"]))
-            for name in LOCAL_PARAMS:  # where the saving machine wrote: never followed (see LOCAL_PARAMS)
-                params.pop(name, None)
-            model = model_cls(**params)
+            # where the saving machine wrote is never followed (see LOCAL_PARAMS)
+            model = model_cls(**without_local_params(model_cls.check_param_names(dict(meta["params"]))))
             model.check_params()
         except ParameterError as exc:
             raise ArtifactError(f"{where} holds parameters this recforge refuses: {exc}") from None
@@ -688,7 +693,7 @@ class Recommender:
             model.ann_graph_ = graph
         except ArtifactError as exc:
             raise ArtifactError(f"{where}: {exc}") from None
-        except ParameterError:  # this machine's settings (RECFORGE_DEVICE), not the artifact's fault
+        except DeviceError:  # this machine's setting (RECFORGE_DEVICE), not the artifact's fault
             raise
         except (KeyError, ValueError, TypeError, IndexError, RuntimeError, DataError) as exc:
             what = f"lacks {exc.args[0]!r}" if isinstance(exc, KeyError) else f"does not fit: {exc}"

@@ -41,8 +41,10 @@ class _Ensemble(EnsembleUpdates, Recommender):
     params: dict[str, dict[str, Any]] | None
     members_: list[Recommender]
 
-    def _build(self, names: list[str], params: dict[str, dict[str, Any]] | None = None) -> list[Recommender]:
-        """Unfitted members ``names`` with ``params`` (default: the ensemble's ``params``) by member name."""
+    def _build(self, names: list[str], params: dict[str, dict[str, Any]] | None = None,
+               stage: str | None = None) -> list[Recommender]:
+        """Unfitted members ``names`` with ``params`` (default: the ensemble's ``params``) by member name, for the
+        fit ``stage`` (see :func:`~recforge.models.members.build_member`)."""
         owner = f"{type(self).__name__}.params"
         params = self.params or {} if params is None else params
         unused = set(params) - set(names)
@@ -51,7 +53,7 @@ class _Ensemble(EnsembleUpdates, Recommender):
         for name in names:
             if isinstance(self, get_model_class(name)):
                 raise parameter_error(self, "models", "cannot contain the ensemble itself", name)
-        return [build_member(name, params.get(name), self, owner) for name in names]
+        return [build_member(name, params.get(name), self, owner, stage=stage) for name in names]
 
     def _state(self) -> dict[str, Any]:
         return members_state(self.members_)
@@ -286,7 +288,7 @@ class ScoreBlend(_Ensemble):
             if len(held.test) == 0:
                 raise DataError("ScoreBlend found no user with 3+ events to tune its weights on; pass weights=")
             tune_train, tune_valid = held.train, held.test
-        self.members_ = [m.fit(tune_train, tune_valid) for m in self._build(names)]
+        self.members_ = [m.fit(tune_train, tune_valid) for m in self._build(names, stage="tune")]
         self._tune(tune_train, tune_valid)
         member_params = {name: {**(self.params or {}).get(name, {}), **m.tuned_params_}
                          for name, m in zip(names, self.members_)}
@@ -294,7 +296,7 @@ class ScoreBlend(_Ensemble):
         self.tuned_params_ = {"weights": [float(w) for w in self.weights_], "params": member_params or None}
         if tune_train is not interactions:
             log.info("ScoreBlend: refitting %d members on all the data", len(names))
-            self.members_ = [m.fit(interactions) for m in self._build(names, member_params)]
+            self.members_ = [m.fit(interactions) for m in self._build(names, member_params, stage="refit")]
 
     def _tune(self, train: Interactions, valid: Interactions) -> None:
         validator = RankingValidator(valid.csr("ones"), train.csr("ones"), k=10, max_rows=self.max_valid_users,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -12,7 +13,7 @@ from recforge.core.params import Custom
 from recforge.data.interactions import Interactions
 from recforge.errors import ArtifactError, ParameterError
 from recforge.models.artifact import check_state
-from recforge.models.base import Recommender
+from recforge.models.base import Recommender, without_local_params
 from recforge.models.registry import get_model_class
 
 #: Settings an ensemble passes down to members that take them, unless the member's own params say otherwise.
@@ -32,9 +33,11 @@ def accepts(cls: type, name: str) -> bool:
 
 
 def build_member(name: str, params: dict[str, Any] | None, parent: Recommender, owner: str,
-                 defaults: dict[str, Any] | None = None) -> Recommender:
+                 defaults: dict[str, Any] | None = None, stage: str | None = None) -> Recommender:
     """An unfitted member ``name`` with ``params`` over ``defaults``; shared settings come from ``parent``.
 
+    ``stage`` names the fit when an ensemble fits its members more than once (tuning, then on all the data): a
+    member's ``checkpoint_dir`` gets a ``<name>-<stage>`` folder below it, so each fit resumes only itself.
     Unknown parameter names raise :class:`ParameterError` naming the ensemble (``owner``) and the valid ones.
     """
     cls = get_model_class(name)
@@ -42,6 +45,8 @@ def build_member(name: str, params: dict[str, Any] | None, parent: Recommender, 
     for shared in SHARED_SETTINGS:
         if shared not in given and accepts(cls, shared) and hasattr(parent, shared):
             given[shared] = getattr(parent, shared)
+    if stage and isinstance(given.get("checkpoint_dir"), str) and given["checkpoint_dir"]:
+        given["checkpoint_dir"] = str(Path(given["checkpoint_dir"]) / f"{name}-{stage}")
     try:
         return cls(**cls.check_param_names(given))
     except ParameterError as exc:
@@ -76,7 +81,7 @@ def restore_members(parent: Recommender, state: dict[str, Any]) -> list[Recommen
     for i, spec in enumerate(specs):
         cls = get_model_class(spec["name"])
         try:
-            member = cls(**cls.check_param_names(dict(spec["params"])))
+            member = cls(**without_local_params(cls.check_param_names(dict(spec["params"]))))
             member.check_params()
         except ParameterError as exc:
             raise ArtifactError(f"member {i} ({spec['name']}): {exc}") from None

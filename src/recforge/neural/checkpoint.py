@@ -97,7 +97,7 @@ def _checked_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str
     groups, params = [], {}
     for live, saved in zip(live_groups, meta["param_groups"]):
         ids = saved.get("params") if isinstance(saved, dict) else None
-        if not isinstance(ids, list) or len(ids) != len(live["params"]) \
+        if not isinstance(ids, list) or len(ids) != len(live["params"]) or len(set(ids)) != len(ids) \
                 or not all(type(i) is int and i not in params for i in ids):
             raise ArtifactError("its optimizer's parameter groups do not list this model's parameters")
         params.update(zip(ids, live["params"]))
@@ -169,7 +169,7 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
     p = Path(path)
     try:
         return _read_meta(p)["trainer"]
-    except (ArtifactError, OSError, ValueError) as exc:
+    except (ArtifactError, OSError, ValueError, RecursionError) as exc:
         raise _unusable(p, exc) from None
 
 
@@ -190,6 +190,6 @@ def load_checkpoint(
                 raise ArtifactError("it holds no optimizer state to resume from")
             tensors = load_file(str(p / "optimizer.safetensors"), device=str(device))
             optimizer.load_state_dict(_checked_optimizer_state(optimizer, tensors, meta["optimizer"]))
-    except (ArtifactError, OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+    except (ArtifactError, OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # RecursionError too
         raise _unusable(p, exc) from None
     return meta["trainer"]

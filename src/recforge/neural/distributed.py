@@ -120,6 +120,12 @@ def shard_batch(batch: dict[str, Any], part: int, parts: int) -> dict[str, Any]:
             for k, v in batch.items()}
 
 
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in one process)."""
+    if is_distributed():
+        dist.barrier()
+
+
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """Rank ``src``'s ``obj`` on every rank (itself when not distributed)."""
     if not is_distributed():

@@ -204,18 +204,19 @@ class TrainingState:
         """A state from a checkpoint's ``trainer`` entry, every field checked for its type and range (unknown
         keys are ignored); a problem is an :class:`~recforge.errors.ArtifactError` naming the field."""
         state = cls(**{f.name: info[f.name] for f in fields(cls) if f.name in info})
-        for name, ok in (
-            ("epoch", _count(state.epoch)), ("step", _count(state.step)), ("bad", _count(state.bad)),
-            ("best", state.best is None or _real(state.best)),
-            ("best_step", state.best_step is None or (_count(state.best_step) and state.best_step <= state.step)),
-            ("best_epoch", state.best_epoch is None or (_count(state.best_epoch) and state.best_epoch <= state.epoch)),
-            ("seconds_to_best", state.seconds_to_best is None or (_real(state.seconds_to_best)
-                                                                  and state.seconds_to_best >= 0)),
-            ("elapsed", _real(state.elapsed) and state.elapsed >= 0),
-            ("stopped", type(state.stopped) is bool), ("halted", type(state.halted) is bool),
-            ("history", isinstance(state.history, list) and all(_history_row(r) for r in state.history)),
-        ):
-            if not ok:
+        checks: tuple[tuple[str, Callable[[TrainingState], bool]], ...] = (  # in order: later ones use earlier
+            ("epoch", lambda s: _count(s.epoch)), ("step", lambda s: _count(s.step)), ("bad", lambda s: _count(s.bad)),
+            ("best", lambda s: s.best is None or _real(s.best)),
+            ("best_step", lambda s: s.best_step is None or (_count(s.best_step) and s.best_step <= s.step)),
+            ("best_epoch", lambda s: s.best_epoch is None or (_count(s.best_epoch) and s.best_epoch <= s.epoch)),
+            ("seconds_to_best", lambda s: s.seconds_to_best is None or (_real(s.seconds_to_best)
+                                                                        and s.seconds_to_best >= 0)),
+            ("elapsed", lambda s: _real(s.elapsed) and s.elapsed >= 0),
+            ("stopped", lambda s: type(s.stopped) is bool), ("halted", lambda s: type(s.halted) is bool),
+            ("history", lambda s: _history(s.history, s)),
+        )
+        for name, ok in checks:
+            if not ok(state):
                 raise ArtifactError(f"its {name} is {getattr(state, name)!r}"[:200])
         return state
 
@@ -232,9 +233,25 @@ def _real(value: Any) -> bool:
     return type(value) in (int, float) and math.isfinite(value)
 
 
-def _history_row(row: Any) -> bool:
-    return isinstance(row, dict) and _count(row.get("step")) and all(
-        isinstance(k, str) and (v is None or type(v) in (int, float, str)) for k, v in row.items())
+#: What every history row holds (validation adds ``validation_seconds`` and ``valid_<metric>`` entries).
+_ROW_KEYS = frozenset({"epoch", "step", "loss", "lr", "seconds"})
+
+
+def _history(rows: Any, state: TrainingState) -> bool:
+    """Rows as :meth:`Trainer._validate` appends them: numbers only, counters that never decrease and stay
+    within the state's."""
+    if not isinstance(rows, list):
+        return False
+    last_step = last_epoch = 0
+    for row in rows:
+        if not (isinstance(row, dict) and _ROW_KEYS <= row.keys() and all(
+                isinstance(k, str) and _real(v) for k, v in row.items())):
+            return False
+        if not (_count(row["step"]) and _count(row["epoch"]) and last_step <= row["step"] <= state.step
+                and last_epoch <= row["epoch"] <= state.epoch):
+            return False
+        last_step, last_epoch = row["step"], row["epoch"]
+    return True
 
 
 #: Model parameters that say how long, where or how fast a run goes, not what it learns: a checkpoint resumes
@@ -354,6 +371,9 @@ class Trainer:
         info = checkpoint_info(last)
         saved_run = info.pop("run", None)
         where = f"{str(last)!r} is not a checkpoint this run can resume from"
+        if not isinstance(saved_run, dict):
+            raise ArtifactError(f"{where}: it records no run (an older recforge's, or edited); resume=False trains "
+                                "from scratch and replaces it")
         differs = _first_difference(saved_run, identity)
         if differs:
             raise ArtifactError(f"{where}: it was written by another run (its {differs} differs); give this run its "
@@ -367,13 +387,25 @@ class Trainer:
             raise ArtifactError(f"{where}: it stands at epoch {state.epoch}, step {state.step}, which does not fit "
                                 f"{self.config.epochs} epochs of {steps_per_epoch} steps")
         load_checkpoint(last, self.module, self.optimizer)
-        if (ckpt / "best").exists():
-            current = self._snapshot()
-            load_checkpoint(ckpt / "best", self.module)
+        if state.best_step == state.step:  # saved where it improved: these weights are the best so far
             self._best_weights = self._snapshot()
-            self.module.load_state_dict(current)
+        elif state.best_step is not None:
+            self._best_weights = self._best_so_far(ckpt / "best", identity, state.best_step, where)
+        D.barrier()  # every rank has read the checkpoint before the first one may replace it
         log.info("resumed %s from %s at epoch %d, step %d", self.config.desc, last, state.epoch, state.step)
         return state
+
+    def _best_so_far(self, best: Path, identity: dict[str, Any], step: int, where: str) -> dict[str, torch.Tensor]:
+        """The weights ``best/`` holds, when it is this run's best at ``step`` (what ``last/`` records)."""
+        info = checkpoint_info(best) if best.exists() else {}
+        if _first_difference(info.get("run"), identity) or info.get("step") != step:
+            raise ArtifactError(f"{where}: it records its best weights at step {step}, which {str(best)!r} does not "
+                                "hold; resume=False trains from scratch")
+        current = self._snapshot()
+        load_checkpoint(best, self.module)
+        weights = self._snapshot()
+        self.module.load_state_dict(current)
+        return weights
 
     @staticmethod
     def _usable_folder(ckpt: Path) -> None:
@@ -523,7 +555,9 @@ class Trainer:
         self._identity = json.loads(json.dumps({
             "trainer": {k: getattr(cfg, k) for k in ("optimizer", "lr", "weight_decay", "schedule", "warmup_steps",
                                                      "grad_clip", "metric", "seed")},
-            "steps_per_epoch": steps_per_epoch, **(identity or {})}, default=str))
+            "steps_per_epoch": steps_per_epoch, **(identity or {}),
+            # a decaying learning rate follows the total steps: then the epochs are part of what the run is
+            **({"epochs": cfg.epochs} if cfg.schedule != "constant" else {})}, default=str))
         with caller_rng_kept(self.device), deterministic_algorithms(self.config.deterministic):
             return self._fit(loss_fn, batches, steps_per_epoch, validate, graphs and self.can_graph)
 
@@ -560,9 +594,10 @@ class Trainer:
                 if cfg.progress and self.main and not validating and self._n_running % _POSTFIX_EVERY == 0:
                     bar.set_postfix(loss=f"{float(self._running) / self._n_running:.4f}")
                 if cfg.validate_every and state.step % cfg.validate_every == 0:
-                    self._checkpoint(ckpt, state, start, self._validate(state, validate, start, bar))
-                    if self._should_stop(state, validating):
-                        state.stopped = True
+                    improved = self._validate(state, validate, start, bar)
+                    state.stopped = self._should_stop(state, validating)  # saved too: a resume does not go on
+                    self._checkpoint(ckpt, state, start, improved)
+                    if state.stopped:
                         break
             if state.stopped:
                 break
@@ -570,8 +605,8 @@ class Trainer:
             if not cfg.validate_every or not validating:
                 improved = self._validate(state, validate, start, bar) if (not cfg.validate_every or
                                                                             self._n_running) else False
-                self._checkpoint(ckpt, state, start, improved)
                 state.stopped = self._should_stop(state, validating)
+                self._checkpoint(ckpt, state, start, improved)
         bar.close()
         return self._finish(state, start, ckpt, steps_per_epoch)
 
