@@ -69,7 +69,8 @@ peer_wheels() {
     step "$2: skipped, $1/ was not carried (scripts/device_wheels.sh fills it)"
     return 1
   fi
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$3" "$1"/*.whl
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$3" "$1"/*.whl \
+    2>&1 | tee -a "$LOG"
 }
 
 rectools() {
