@@ -105,10 +105,9 @@ class Blend(EnsembleUpdates, RatingPredictor):
             raise parameter_error(self, "models", "names no registered rating model", names)
         return out
 
-    def _make_member(self, name: str, stage: str) -> RatingPredictor:
+    def _make_member(self, name: str) -> RatingPredictor:
         defaults = DEFAULT_PARAMS.get(get_model_class(name).name, {})
-        return build_member(name, (self.params or {}).get(name), self, "Blend.params", defaults,  # type: ignore[return-value]
-                            stage=stage)
+        return build_member(name, (self.params or {}).get(name), self, "Blend.params", defaults)  # type: ignore[return-value]
 
     # ------------------------------------------------------------------ fitting
     def _fit(self, interactions: Interactions) -> None:
@@ -127,7 +126,7 @@ class Blend(EnsembleUpdates, RatingPredictor):
             train, valid = interactions.subset(~valid_rows), interactions.subset(valid_rows)
             assert valid.ratings is not None
             X = np.column_stack(
-                [self._make_member(name, "tune").fit(train).predict_indices(valid.users, valid.items) for name in names]
+                [self._make_member(name).fit(train).predict_indices(valid.users, valid.items) for name in names]
             ).astype(np.float64)
             y = valid.ratings.astype(np.float64)
             self.weights_, self.intercept_ = _nonneg_least_squares(X, y)
@@ -142,7 +141,7 @@ class Blend(EnsembleUpdates, RatingPredictor):
             self.weights_ = np.full(len(names), 1.0 / len(names))
             self.intercept_ = 0.0
             self.valid_rmse_ = {}
-        self.members_ = [self._make_member(name, "refit").fit(interactions) for name in names]
+        self.members_ = [self._make_member(name).fit(interactions) for name in names]
 
     def predict_indices(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """Clamped blend of the members' predictions (each member handles unknown indices its own way)."""
