@@ -17,7 +17,7 @@ import torch
 from safetensors.numpy import load_file, save_file
 
 from recforge.data import Interactions
-from recforge.errors import ArtifactError, DeviceError
+from recforge.errors import ArtifactError, DataError, DeviceError, ParameterError
 from recforge.models import Recommender, create_model
 from recforge.models.artifact import file_hashes
 
@@ -129,6 +129,20 @@ def _minus_inf_vectors(a: dict) -> None:
     a["user_vectors"][2] = -np.inf
 
 
+def _beyond_float32(a: dict) -> None:
+    a["user_vectors"] = a["user_vectors"].astype(np.float64) * 1e300
+
+
+def _overflowing_vectors(a: dict) -> None:  # finite, but their products are not
+    a["user_vectors"][:] = 1e38
+    a["item_vectors"][:] = 1e38
+
+
+def _overflowing_weights(a: dict) -> None:
+    for key in [k for k in a if k.startswith("net.") and "emb" in k]:
+        a[key] = np.ascontiguousarray(a[key] * 1e36)
+
+
 def _moved_id_rows(a: dict) -> None:
     a["net.item.id_rows"][0] = 10**6
 
@@ -139,8 +153,11 @@ def _moved_id_rows(a: dict) -> None:
         ("sasrec", _minus_inf_weight, "holds NaN or infinite values"),
         ("sasrec", _int_weights, "is torch.int32; this model's is torch.float32"),
         ("sasrec", _negative_counts, "item_counts must hold a count"),
-        ("two_tower", _int_vectors, "user_vectors must hold finite floats"),
-        ("two_tower", _minus_inf_vectors, "user_vectors must hold finite floats"),
+        ("two_tower", _int_vectors, "user_vectors must hold floats"),
+        ("two_tower", _minus_inf_vectors, "user_vectors must hold finite float32"),
+        ("two_tower", _beyond_float32, "user_vectors must hold finite float32"),
+        ("two_tower", _overflowing_vectors, "score NaN or \\+inf"),
+        ("sasrec", _overflowing_weights, "score NaN or \\+inf"),
         ("two_tower", _moved_id_rows, "id_rows does not follow"),
         ("ease", _shift_seen, "seen column indices fall outside"),
         ("ease", _cut_w, "W has shape"),
@@ -326,3 +343,17 @@ def test_version_1_artifacts_without_a_hash_still_load(saved: dict[str, Path], t
     _edit_arrays(path, _shift_seen, resign=False)  # without a hash the structural checks still hold
     with pytest.raises(ArtifactError, match="seen column indices"):
         Recommender.load(path)
+
+
+def test_save_refuses_diverged_values_and_a_folder_over_its_checkpoints(planted: Interactions, tmp_path: Path) -> None:
+    """What loading would refuse is never written; nor is a model saved where its fit keeps its checkpoints (the
+    save would replace them, or they the model)."""
+    model = create_model("pooling", **{**_SEQ, "checkpoint_dir": str(tmp_path / "ck")}).fit(planted)
+    for path in (tmp_path / "ck", tmp_path / "ck" / "last", tmp_path):
+        with pytest.raises(ParameterError, match="would replace the training checkpoints"):
+            model.save(path)
+    model.save(tmp_path / "elsewhere")
+    als = create_model("als", n_factors=4, epochs=1, num_threads=1).fit(planted)
+    als.user_factors_[0, 0] = np.nan
+    with pytest.raises(DataError, match="user_factors holds NaN or \\+inf: the fit diverged"):
+        als.save(tmp_path / "als")

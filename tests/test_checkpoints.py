@@ -82,7 +82,7 @@ def _set(key: str, value):
     (lambda meta: meta["trainer"]["run"]["trainer"].update(lr=0.5), r"its trainer\.lr differs"),
     (lambda meta: meta["optimizer"].update(param_groups={}), "parameter-group list"),
     (lambda meta: meta["optimizer"]["param_groups"][0].update(params=["0"]), "do not list"),
-    (lambda meta: meta["optimizer"]["plain"].update({"0": {"step": -3}}), "'step' = -3"),
+    (lambda meta: meta["optimizer"]["plain"].update({"0": {"step": 10**400}}), "plain values"),
 ])
 def test_a_malformed_checkpoint_is_one_line_naming_it(tmp_path: Path, edit, message: str) -> None:
     _fit(tmp_path, epochs=2)
@@ -109,6 +109,11 @@ def _edit_tensors(folder: Path, name: str, edit) -> None:
     ("optimizer.safetensors", lambda t: t.update({"state.0.step": torch.tensor(float("inf"))}), "NaN or infinite"),
     ("optimizer.safetensors", lambda t: t.update({"state.0.max_exp_avg_sq": torch.zeros(2)}), "no use for"),
     ("optimizer.safetensors", lambda t: t.pop("state.0.exp_avg"), "lacks"),
+    # finite, but no gradients make them: the next step would blow the weights up, or freeze them
+    ("optimizer.safetensors", lambda t: t.update({"state.0.exp_avg": torch.full((2,), 3e38),
+                                                  "state.0.exp_avg_sq": torch.zeros(2)}), "first moment larger"),
+    ("optimizer.safetensors", lambda t: t.update({"state.0.exp_avg_sq": torch.full((2,), 3.4e38)}),
+     "above the clipping norm 1"),
 ])
 def test_checkpoint_tensors_are_checked_before_they_are_loaded(tmp_path: Path, name: str, edit, message: str) -> None:
     _fit(tmp_path, epochs=2)
@@ -228,6 +233,20 @@ def test_a_resume_takes_only_its_own_runs_best_weights(tmp_path: Path) -> None:
     _edit_info(tmp_path / "v", lambda meta: meta["trainer"].update(step=6, best_step=6), name="best")
     with pytest.raises(ArtifactError, match="best weights at step 3"):
         _fit_validated(tmp_path / "v", [0.1, 0.1], epochs=4, resume=True)
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda trainer: trainer.update(best=1e300), "best ndcg@10 its history does not show"),
+    (lambda trainer: trainer.update(bad=1_000_000), "validations without improvement"),
+    (lambda trainer: trainer.update(best_step=6, best_epoch=2, seconds_to_best=trainer["history"][1]["seconds"],
+                                    best=trainer["history"][1]["valid_ndcg@10"]), "below one its history shows"),
+])
+def test_an_early_stopping_record_its_history_contradicts_is_refused(tmp_path: Path, edit, message: str) -> None:
+    """best and bad decide when the resumed run stops and which weights it keeps: they must be its history's."""
+    _fit_validated(tmp_path, [0.9, 0.5], epochs=2)
+    _edit_info(tmp_path, lambda meta: edit(meta["trainer"]))
+    with pytest.raises(ArtifactError, match=message):
+        _fit_validated(tmp_path, [0.1, 0.1], epochs=4, resume=True)
 
 
 def test_an_early_stopped_run_stays_stopped_when_resumed(tmp_path: Path) -> None:

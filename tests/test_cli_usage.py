@@ -311,7 +311,7 @@ def test_device_names_follow_one_rule_in_the_option_the_environment_and_the_para
     from recforge.core.params import DeviceName, device_name
 
     assert [device_name(v) for v in (" cpu", "CPU", "Cuda:1", "AUTO\n")] == ["cpu", "cpu", "cuda:1", "auto"]
-    assert [device_name(v) for v in ("cpu:0", "cuda:x", "", "tpu", 3)] == [None] * 5
+    assert [device_name(v) for v in ("cpu:0", "cuda:x", "", "tpu", 3, "cuda:\u0661", "cuda:\uff10")] == [None] * 7
     assert DeviceName().accepts(" CPU") and not DeviceName().accepts("cpu:0")
     monkeypatch.setenv("RECFORGE_DEVICE", " CPU ")
     assert resolve_device("auto").type == "cpu" and resolve_device("Cpu").type == "cpu"

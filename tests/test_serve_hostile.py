@@ -379,3 +379,17 @@ def test_string_ids_with_nul_characters_are_refused(string_artifact: Path, tmp_p
         assert answer.status_code == 422 and "NUL" in answer.json()["detail"]
     assert client.get("/recommend", params={"user": "u3\x00"}).status_code == 422
     assert list(FeedbackLog(tmp_path / "fb").replay()) == []  # nothing was logged
+
+
+def test_a_score_that_overflows_is_null_not_a_500(planted: Interactions, tmp_path: Path) -> None:
+    """Stored values can be finite and still overflow for one user (the loaded model's check scores its first
+    users only): the answer carries the ranking with a null score."""
+    model = create_model("als", n_factors=4, epochs=1, num_threads=1).fit(planted)
+    model.user_factors_[20] = 1e38  # its scores overflow to ±inf, the first users' stay finite
+    model.item_factors_ *= 1e3
+    path = model.save(tmp_path / "als")
+    user = planted.user_map.to_ids(np.array([20])).tolist()[0]
+    with np.errstate(over="warn", invalid="warn"):  # as outside the test suite, which raises on them
+        response = _client(path, tmp_path).get("/recommend", params={"user": str(user), "k": 5})
+    assert response.status_code == 200, response.text
+    assert any(row["score"] is None for row in response.json()["items"])

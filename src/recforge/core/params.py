@@ -209,7 +209,7 @@ def device_name(value: Any) -> str | None:
     spaces around it ignored — or None when it spells none: the one rule of a ``device`` parameter, the
     ``--device`` option and ``$RECFORGE_DEVICE``."""
     name = value.strip().lower() if isinstance(value, str) else None
-    return name if name is not None and re.fullmatch(r"auto|cpu|cuda(:\d{1,4})?", name) else None
+    return name if name is not None and re.fullmatch(r"auto|cpu|cuda(:[0-9]{1,4})?", name) else None
 
 
 @dataclass

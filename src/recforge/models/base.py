@@ -66,6 +66,12 @@ ANN_GRAPH = "retrieval.hnsw"
 LOCAL_PARAMS = ("checkpoint_dir", "resume")
 
 
+def _overlap(a: Path, b: Path) -> bool:
+    """Whether one of two folders is, or lies inside, the other."""
+    a, b = a.resolve(), b.resolve()
+    return a == b or a in b.parents or b in a.parents
+
+
 def without_local_params(params: dict[str, Any]) -> dict[str, Any]:
     """``params`` without :data:`LOCAL_PARAMS`, at any depth (an ensemble's member parameters are nested)."""
     return {k: without_local_params(v) if isinstance(v, dict) else v for k, v in params.items()
@@ -579,8 +585,16 @@ class Recommender:
         models), so that loading does not rebuild it; by default for catalogues of
         :data:`~recforge.retrieval.ANN_MIN_ITEMS` items and more, when usearch is installed."""
         self._check_fitted()
+        checkpoints = getattr(self, "checkpoint_dir", None)
+        if checkpoints and _overlap(Path(path), Path(checkpoints)):
+            raise ParameterError(f"saving to {str(path)!r} would replace the training checkpoints in "
+                                 f"{checkpoints!r} (or be replaced by them): save it elsewhere")
         state = self._state()
         arrays = {k: np.ascontiguousarray(v) for k, v in state.items() if isinstance(v, np.ndarray)}
+        broken = next((k for k, v in arrays.items()  # -inf marks "unscored"; NaN and +inf loading refuses
+                       if v.dtype.kind == "f" and (np.isnan(v).any() or np.isposinf(v).any())), None)
+        if broken:
+            raise DataError(f"{type(self).__name__}'s {broken} holds NaN or +inf: the fit diverged; not saved")
         if ann or (ann is None and self.n_items_ >= ANN_MIN_ITEMS and has_ann()):
             vectors = self.retrieval_vectors(np.zeros(0, np.int64))
             if vectors is None:
@@ -690,6 +704,7 @@ class Recommender:
             model.feedback_offsets_ = _feedback_offsets(meta.get("feedback_offsets"))
             model._load_state({**arrays, **scalars})
             model._check_loaded()
+            model._check_scores()
             model.ann_graph_ = graph
         except ArtifactError as exc:
             raise ArtifactError(f"{where}: {exc}") from None
@@ -703,6 +718,18 @@ class Recommender:
     def _check_loaded(self) -> None:
         """Checks of a loaded model beyond :attr:`state_shapes` (raise :class:`ArtifactError`); override where the
         state has relations shapes cannot express."""
+
+    #: Users whose scores a loaded model computes once, as a last check of its stored values.
+    _PROBE_USERS = 8
+
+    def _check_scores(self) -> None:
+        """A loaded model's scores of its first users hold no NaN or +inf: finite stored values can still
+        overflow when multiplied (vectors of 1e38 score inf; a blend weight of 1e308 too), which would rank
+        nothing or everything at the top."""
+        with np.errstate(over="ignore", invalid="ignore"):  # the overflow is what is looked for
+            scores = self.score(np.arange(min(self.n_users_, self._PROBE_USERS)))
+        if np.isnan(scores).any() or np.isposinf(scores).any():
+            raise ArtifactError("its values score NaN or +inf (they overflow when combined)")
 
 
 class RatingPredictor(Recommender):

@@ -584,10 +584,13 @@ class TwoTower(Recommender):
         self.prep_ = {k[5:]: v for k, v in state.items() if k.startswith("prep.")}
         _check_prep(self.prep_, self.n_items_)
         for name in ("user_vectors", "item_vectors"):  # scored as they are: a cast or an infinity changes rankings
-            if state[name].dtype.kind != "f" or not np.isfinite(state[name]).all():
-                raise ArtifactError(f"{name} must hold finite floats, got {state[name].dtype} values")
-        self.user_vectors_ = np.ascontiguousarray(state["user_vectors"], dtype=np.float32)
-        self.item_vectors_ = np.ascontiguousarray(state["item_vectors"], dtype=np.float32)
+            if state[name].dtype.kind != "f":
+                raise ArtifactError(f"{name} must hold floats, got {state[name].dtype} values")
+            with np.errstate(over="ignore"):  # a float64 beyond float32's range becomes inf: refused below
+                vectors = np.ascontiguousarray(state[name], dtype=np.float32)
+            if not np.isfinite(vectors).all():
+                raise ArtifactError(f"{name} must hold finite float32 values")
+            setattr(self, f"{name}_", vectors)
         with torch.random.fork_rng(devices=[]):
             net = self._build_net(len(self.user_vectors_), len(self.item_vectors_))
         tensors = numpy_to_state(state, "net.")

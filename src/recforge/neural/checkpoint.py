@@ -10,6 +10,7 @@ every part is checked against the live model and optimiser before it is loaded.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -81,12 +82,37 @@ def load_module_state(module: torch.nn.Module, tensors: dict[str, torch.Tensor])
     module.load_state_dict(tensors)
 
 
+def _moment_bound(betas: Any) -> float | None:
+    """How far Adam's first moment can lie from the root of its second, ``|m| ≤ C·√v``, whatever the gradients
+    (Cauchy–Schwarz on the two running means, both started at 0): ``C² = (1−β₁)² / ((1−β₂)(1−β₁²/β₂))``; None
+    where the betas allow no bound."""
+    b1, b2 = (float(b) for b in betas)
+    if not (0 <= b1 < 1 and 0 < b2 < 1 and b1 * b1 < b2):
+        return None
+    return (1 - b1) / math.sqrt((1 - b2) * (1 - b1 * b1 / b2))
+
+
+def _plausible_moments(entries: dict[str, Any], betas: Any, max_grad: float | None) -> str | None:
+    """What is wrong with one parameter's Adam moments, or None: moments no gradients could have made (finite
+    values can still blow the weights up on the next step, or freeze them)."""
+    m, v = entries["exp_avg"].double(), entries["exp_avg_sq"].double()
+    bound = _moment_bound(betas)
+    if bound is not None and bool((m.abs() > bound * v.sqrt() * (1 + 1e-3) + 1e-30).any()):
+        return "a first moment larger than its second moment allows"
+    if max_grad is not None and bool((m.abs() > max_grad * 1.01).any() or (v > max_grad * max_grad * 1.01).any()):
+        return f"moments of gradients above the clipping norm {max_grad:g}"
+    if "max_exp_avg_sq" in entries and bool((entries["max_exp_avg_sq"].double() < v * (1 - 1e-6)).any()):
+        return "a running maximum below its second moment"
+    return None
+
+
 def _checked_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
-                             meta: Any) -> dict[str, Any]:
+                             meta: Any, max_grad: float | None = None) -> dict[str, Any]:
     """The optimiser state dict a checkpoint's two parts describe, checked against the live ``optimizer``: the
     same groups and parameters, every moment shaped as its parameter, finite, the second moments and step counts
-    not negative. Only the state comes from the checkpoint: the groups' settings (learning rate, betas, weight
-    decay, the fused or capturable implementation) are the live optimiser's, i.e. this run's."""
+    not negative, the moments such as gradients make (bounded by ``max_grad`` when every gradient entry was).
+    Only the state comes from the checkpoint: the groups' settings (learning rate, betas, weight decay, the fused
+    or capturable implementation) are the live optimiser's, i.e. this run's."""
     if not isinstance(meta, dict) or not isinstance(meta.get("param_groups"), list) \
             or not isinstance(meta.get("plain", {}), dict):
         raise ArtifactError("its optimizer entry is not a parameter-group list with plain values")
@@ -117,17 +143,16 @@ def _checked_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str
             raise ArtifactError(f"its optimizer's {key} holds "
                                 f"{'negative' if bool(torch.isfinite(value).all()) else 'NaN or infinite'} values")
         state.setdefault(int(pid), {})[name] = value
-    for pid, entries in meta.get("plain", {}).items():
-        for name, value in (entries.items() if isinstance(entries, dict) else [(None, None)]):
-            ok = str(pid).isdigit() and int(pid) in params and name == "step" and type(value) in (int, float) \
-                and np.isfinite(value) and value >= 0
-            if not ok:
-                raise ArtifactError(f"its optimizer state holds {name!r} = {value!r} for parameter {pid!r}")
-            state.setdefault(int(pid), {})[name] = value
+    if meta.get("plain"):  # Adam keeps only tensors (flatten_optimizer_state writes plain values for others)
+        raise ArtifactError("its optimizer state holds plain values, which this optimizer does not keep")
     needed = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if amsgrad else set())
+    group_of = {pid: live for live, g in zip(live_groups, groups) for pid in g["params"]}
     for pid, entries in state.items():
         if not needed <= entries.keys():
             raise ArtifactError(f"its optimizer state of parameter {pid} lacks {sorted(needed - entries.keys())}")
+        problem = _plausible_moments(entries, group_of[pid].get("betas", (0.9, 0.999)), max_grad)
+        if problem:
+            raise ArtifactError(f"its optimizer state of parameter {pid} holds {problem}")
     return {"state": state, "param_groups": groups}
 
 
@@ -174,12 +199,14 @@ def checkpoint_info(path: str | Path) -> dict[str, Any]:
 
 
 def load_checkpoint(
-    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None
+    path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None,
+    max_grad: float | None = None,
 ) -> dict[str, Any]:
     """Restore a checkpoint written by :func:`save_checkpoint` into ``model`` (and ``optimizer``), everything
-    checked first (:func:`check_module_state`, the optimiser state against ``optimizer``); returns the
-    ``"trainer"`` object stored with it, unchecked (its reader knows what it must hold). Any problem is one
-    :class:`ArtifactError` line naming the checkpoint."""
+    checked first (:func:`check_module_state`, the optimiser state against ``optimizer``, its moments against
+    ``max_grad`` when the run clipped every gradient entry to it); returns the ``"trainer"`` object stored with
+    it, unchecked (its reader knows what it must hold). Any problem is one :class:`ArtifactError` line naming the
+    checkpoint."""
     p = Path(path)
     try:
         meta = _read_meta(p)
@@ -189,7 +216,7 @@ def load_checkpoint(
             if "optimizer" not in meta:
                 raise ArtifactError("it holds no optimizer state to resume from")
             tensors = load_file(str(p / "optimizer.safetensors"), device=str(device))
-            optimizer.load_state_dict(_checked_optimizer_state(optimizer, tensors, meta["optimizer"]))
+            optimizer.load_state_dict(_checked_optimizer_state(optimizer, tensors, meta["optimizer"], max_grad))
     except (ArtifactError, OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:  # RecursionError too
         raise _unusable(p, exc) from None
     return meta["trainer"]

@@ -254,6 +254,26 @@ def _history(rows: Any, state: TrainingState) -> bool:
     return True
 
 
+def _best_problem(state: TrainingState, metric: str) -> str | None:
+    """What in a restored state's early-stopping record its own history contradicts (it decides when the resumed
+    run stops and which weights it keeps), or None."""
+    key = f"valid_{metric}"
+    validated = [row for row in state.history if key in row]
+    if state.best_step is None:
+        if state.best is None and not validated and state.bad == 0:
+            return None
+        return "validations without a best step"
+    row = next((r for r in validated if r["step"] == state.best_step), None)
+    if row is None or (row[key], row["epoch"], row["seconds"]) != (state.best, state.best_epoch,
+                                                                    state.seconds_to_best):
+        return f"a best {metric} its history does not show at step {state.best_step}"
+    if any(r[key] > state.best + 1e-9 for r in validated):
+        return f"a best {metric} below one its history shows"
+    if state.bad != sum(r["step"] > state.best_step for r in validated):
+        return "a count of validations without improvement its history does not show"
+    return None
+
+
 #: Model parameters that say how long, where or how fast a run goes, not what it learns: a checkpoint resumes
 #: under other values of these.
 RUN_SETTINGS = frozenset({"epochs", "patience", "validate_every", "resume", "checkpoint_dir", "progress", "device",
@@ -386,7 +406,13 @@ class Trainer:
                 state.epoch * steps_per_epoch <= state.step <= (state.epoch + 1) * steps_per_epoch):
             raise ArtifactError(f"{where}: it stands at epoch {state.epoch}, step {state.step}, which does not fit "
                                 f"{self.config.epochs} epochs of {steps_per_epoch} steps")
-        load_checkpoint(last, self.module, self.optimizer)
+        problem = _best_problem(state, self.config.metric)
+        if problem:
+            raise ArtifactError(f"{where}: it records {problem}")
+        cfg = self.config
+        # clipped gradients bound Adam's moments, unless the coupled weight decay adds to them after the clip
+        max_grad = cfg.grad_clip if cfg.grad_clip and (cfg.optimizer == "adamw" or not cfg.weight_decay) else None
+        load_checkpoint(last, self.module, self.optimizer, max_grad)
         if state.best_step == state.step:  # saved where it improved: these weights are the best so far
             self._best_weights = self._snapshot()
         elif state.best_step is not None:

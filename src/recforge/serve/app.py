@@ -26,6 +26,7 @@ import contextlib
 import gc
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -377,7 +378,7 @@ class Service:
             excluded = np.union1d(seen, np.fromiter(state.extra_seen.get(u, ()), np.int64)).astype(np.int64)
         draw = explorer.draw(items.astype(np.int64), m.n_items_, excluded)
         slate = draw.slates[0]
-        known = dict(zip(items.tolist(), scores.tolist()))
+        known = dict(zip(items.tolist(), _json_scores(scores)))
         ids = m.item_map_.to_ids(slate).tolist()
         user_id = m.user_map_.to_ids(np.array([u])).tolist()[0]  # as the model stores it, not as the query spelt it
         request_id, written = explorer.record(user_id, ids, draw, f"{m.name}+epsilon:{explorer.epsilon:g}",
@@ -508,10 +509,16 @@ def _parsed(parse: Any, *args: Any) -> Any:
         raise HTTPException(exc.status, str(exc)) from None
 
 
+def _json_scores(scores: np.ndarray) -> list[float | None]:
+    """Scores as JSON numbers: one that is not finite (a model whose values overflow for this user) is ``null``
+    rather than a response JSON cannot carry."""
+    return [s if math.isfinite(s) else None for s in np.asarray(scores, np.float64).tolist()]
+
+
 def _items_payload(model: Recommender, items: np.ndarray, scores: np.ndarray) -> list[dict[str, Any]]:
     valid = items >= 0
     items = items[valid]
-    ids, values = model.item_map_.to_ids(items).tolist(), scores[valid].tolist()
+    ids, values = model.item_map_.to_ids(items).tolist(), _json_scores(scores[valid])
     out = [{"item_id": i, "score": s, "rank": r} for r, (i, s) in enumerate(zip(ids, values), start=1)]
     titles = getattr(model, "item_titles_", None)
     if titles is not None:
