@@ -59,6 +59,14 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
+def _finite(value: Any) -> bool:
+    """Whether a number is finite as a float (an integer beyond float's range is not: ``float()`` overflows)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 class Constraint(ABC):
     """What values one hyper-parameter accepts."""
 
@@ -125,7 +133,7 @@ class Real(Constraint):
     optional: bool = False
 
     def _accepts(self, value: Any) -> bool:
-        if not _is_real(value) or not math.isfinite(float(value)):
+        if not _is_real(value) or not _finite(value):
             return False
         if self.low is not None and (value <= self.low if self.strict else value < self.low):
             return False
@@ -140,7 +148,7 @@ class Real(Constraint):
         return "a finite number" + (" " + " and ".join(parts) if parts else "")
 
     def _rejects(self) -> list[Any]:
-        out: list[Any] = [float("nan"), float("inf"), "1", True]
+        out: list[Any] = [float("nan"), float("inf"), 10**400, "1", True]
         if self.low is not None:
             out.append(self.low if self.strict else self.low - 1)
         if self.high is not None:
