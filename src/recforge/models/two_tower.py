@@ -277,11 +277,9 @@ def _check_prep(prep: dict[str, Any], n_items: int) -> None:
         if not isinstance(edges, np.ndarray) or edges.ndim != 1 or edges.dtype.kind not in "iuf" \
                 or not np.isfinite(edges).all() or (np.diff(edges) < 0).any():
             raise ArtifactError("prep.time_edges must be finite bucket edges in rising order")
-        for key in ("time_mean", "time_std"):
-            value = prep.get(key)
-            if type(value) not in (int, float) or not math.isfinite(value) or (key == "time_std" and value <= 0):
-                raise ArtifactError(f"prep.{key} is {value!r}; it must be a finite number"
-                                    + (" above 0" if key == "time_std" else ""))
+        for key, constraint in (("time_mean", Real()), ("time_std", Real(0, strict=True))):
+            if not constraint.accepts(prep.get(key)):
+                raise ArtifactError(f"prep.{key} is {prep.get(key)!r}; it must be {constraint.describe()}")
 
 
 @register("twotower")

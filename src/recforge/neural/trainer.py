@@ -204,19 +204,13 @@ class TrainingState:
         """A state from a checkpoint's ``trainer`` entry, every field checked for its type and range (unknown
         keys are ignored); a problem is an :class:`~recforge.errors.ArtifactError` naming the field."""
         state = cls(**{f.name: info[f.name] for f in fields(cls) if f.name in info})
-        checks: tuple[tuple[str, Callable[[TrainingState], bool]], ...] = (  # in order: later ones use earlier
-            ("epoch", lambda s: _count(s.epoch)), ("step", lambda s: _count(s.step)), ("bad", lambda s: _count(s.bad)),
-            ("best", lambda s: s.best is None or _real(s.best)),
-            ("best_step", lambda s: s.best_step is None or (_count(s.best_step) and s.best_step <= s.step)),
-            ("best_epoch", lambda s: s.best_epoch is None or (_count(s.best_epoch) and s.best_epoch <= s.epoch)),
-            ("seconds_to_best", lambda s: s.seconds_to_best is None or (_real(s.seconds_to_best)
-                                                                        and s.seconds_to_best >= 0)),
-            ("elapsed", lambda s: _real(s.elapsed) and s.elapsed >= 0),
-            ("stopped", lambda s: type(s.stopped) is bool), ("halted", lambda s: type(s.halted) is bool),
-            ("history", lambda s: _history(s.history, s)),
-        )
-        for name, ok in checks:
-            if not ok(state):
+        for name, constraint in _STATE_FIELDS.items():
+            if not constraint.accepts(getattr(state, name)):
+                raise ArtifactError(f"its {name} is {getattr(state, name)!r}"[:200])
+        for name, ok in (("best_step", state.best_step is None or state.best_step <= state.step),
+                         ("best_epoch", state.best_epoch is None or state.best_epoch <= state.epoch),
+                         ("history", _history(state.history, state))):
+            if not ok:
                 raise ArtifactError(f"its {name} is {getattr(state, name)!r}"[:200])
         return state
 
@@ -225,14 +219,13 @@ class TrainingState:
         return asdict(self)
 
 
-def _count(value: Any) -> bool:
-    return type(value) is int and value >= 0
-
-
-def _real(value: Any) -> bool:
-    return type(value) in (int, float) and math.isfinite(value)
-
-
+#: What each field of a restored :class:`TrainingState` accepts (the history is checked row by row).
+_STATE_FIELDS: dict[str, Constraint] = {
+    "epoch": Integer(0), "step": Integer(0), "bad": Integer(0), "best": Real(optional=True),
+    "best_step": Integer(0, optional=True), "best_epoch": Integer(0, optional=True),
+    "seconds_to_best": Real(0, optional=True), "elapsed": Real(0), "stopped": Boolean(), "halted": Boolean(),
+}
+_COUNT, _NUMBER = Integer(0), Real()
 #: What every history row holds (validation adds ``validation_seconds`` and ``valid_<metric>`` entries).
 _ROW_KEYS = frozenset({"epoch", "step", "loss", "lr", "seconds"})
 
@@ -245,9 +238,9 @@ def _history(rows: Any, state: TrainingState) -> bool:
     last_step = last_epoch = 0
     for row in rows:
         if not (isinstance(row, dict) and _ROW_KEYS <= row.keys() and all(
-                isinstance(k, str) and _real(v) for k, v in row.items())):
+                isinstance(k, str) and _NUMBER.accepts(v) for k, v in row.items())):
             return False
-        if not (_count(row["step"]) and _count(row["epoch"]) and last_step <= row["step"] <= state.step
+        if not (_COUNT.accepts(row["step"]) and _COUNT.accepts(row["epoch"]) and last_step <= row["step"] <= state.step
                 and last_epoch <= row["epoch"] <= state.epoch):
             return False
         last_step, last_epoch = row["step"], row["epoch"]
@@ -372,9 +365,9 @@ class Trainer:
         return {k: v.detach().to("cpu", copy=True) for k, v in self.module.state_dict().items()}
 
     # ------------------------------------------------------------------ the steps of a run
-    def _restore(self, ckpt: Path | None, identity: dict[str, Any], steps_per_epoch: int) -> TrainingState:
+    def _restore(self, ckpt: Path | None, steps_per_epoch: int) -> TrainingState:
         """A fresh state, or, when resuming, the last checkpoint's (with the best weights so far): only a checkpoint
-        of this run (``identity``) whose counters fit this run's epochs."""
+        of this run (its identity, set by :meth:`fit`) whose counters fit this run's epochs."""
         if ckpt is None:
             return TrainingState()
         self._usable_folder(ckpt)
@@ -394,7 +387,7 @@ class Trainer:
         if not isinstance(saved_run, dict):
             raise ArtifactError(f"{where}: it records no run (an older recforge's, or edited); resume=False trains "
                                 "from scratch and replaces it")
-        differs = _first_difference(saved_run, identity)
+        differs = _first_difference(saved_run, self._identity)
         if differs:
             raise ArtifactError(f"{where}: it was written by another run (its {differs} differs); give this run its "
                                 "own checkpoint_dir, or resume=False to train from scratch and replace it")
@@ -416,15 +409,15 @@ class Trainer:
         if state.best_step == state.step:  # saved where it improved: these weights are the best so far
             self._best_weights = self._snapshot()
         elif state.best_step is not None:
-            self._best_weights = self._best_so_far(ckpt / "best", identity, state.best_step, where)
+            self._best_weights = self._best_so_far(ckpt / "best", state.best_step, where)
         D.barrier()  # every rank has read the checkpoint before the first one may replace it
         log.info("resumed %s from %s at epoch %d, step %d", self.config.desc, last, state.epoch, state.step)
         return state
 
-    def _best_so_far(self, best: Path, identity: dict[str, Any], step: int, where: str) -> dict[str, torch.Tensor]:
+    def _best_so_far(self, best: Path, step: int, where: str) -> dict[str, torch.Tensor]:
         """The weights ``best/`` holds, when it is this run's best at ``step`` (what ``last/`` records)."""
         info = checkpoint_info(best) if best.exists() else {}
-        if _first_difference(info.get("run"), identity) or info.get("step") != step:
+        if _first_difference(info.get("run"), self._identity) or info.get("step") != step:
             raise ArtifactError(f"{where}: it records its best weights at step {step}, which {str(best)!r} does not "
                                 "hold; resume=False trains from scratch")
         current = self._snapshot()
@@ -598,7 +591,7 @@ class Trainer:
         cfg = self.config
         total_steps = cfg.epochs * steps_per_epoch
         ckpt = Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else None
-        state = self._restore(ckpt, self._identity, steps_per_epoch)
+        state = self._restore(ckpt, steps_per_epoch)
         start = time.perf_counter() - state.elapsed
         forward = D.wrap_ddp(self.module, loss_fn, self.device) if self.distributed else loss_fn
         step: Callable[[Batch], torch.Tensor] = functools.partial(self._step, forward)

@@ -407,7 +407,7 @@ class SequentialRecommender(Recommender, metaclass=ABCMeta):
         self.item_counts_ = state["item_counts"]
         self.history_ = TokenSequences(state["history.tokens"], state["history.offsets"])
         net_items = state.get("net_items", len(self.vocab_))
-        if type(net_items) is not int or not 1 <= net_items <= self.n_items_:  # partial_fit may add items after
+        if not Integer(1, self.n_items_).accepts(net_items):  # partial_fit may add items after the net's
             raise ArtifactError(f"net_items is {net_items!r}; the network scores 1 to {self.n_items_} items")
         counts = self.item_counts_  # the logQ correction's shares, when the net is built
         if counts is not None and (counts.ndim != 1 or len(counts) < net_items or counts.dtype.kind not in "iu"
