@@ -144,6 +144,13 @@ def check_state(arrays: dict[str, np.ndarray], scalars: dict[str, Any], shapes: 
             raise ArtifactError(f"{where}: cannot check {name}: the size of {what!r} is unknown")
         if arr.size and (arr.min() < -1 or arr.max() >= limit):
             raise ArtifactError(f"{where}: {name} holds indices outside -1..{limit - 1} ({what})")
-    for name, arr in arrays.items():  # -inf is the "unscored" sentinel; NaN and +inf are never meant
-        if arr.dtype.kind == "f" and (np.isnan(arr).any() or np.isposinf(arr).any()):
-            raise ArtifactError(f"{where}: {name} holds NaN or +inf values")
+    broken = nonfinite_array(arrays)
+    if broken:
+        raise ArtifactError(f"{where}: {broken} holds NaN or +inf values")
+
+
+def nonfinite_array(arrays: dict[str, np.ndarray]) -> str | None:
+    """The name of the first floating array holding NaN or +inf (never meant; -inf is the "unscored" sentinel),
+    or None: what loading refuses and saving never writes."""
+    return next((name for name, arr in arrays.items()
+                 if arr.dtype.kind == "f" and (np.isnan(arr).any() or np.isposinf(arr).any())), None)

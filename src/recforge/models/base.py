@@ -48,6 +48,7 @@ from recforge.models.artifact import (
     check_meta,
     check_state,
     file_hashes,
+    nonfinite_array,
     pack_strings,
     stored_array,
 )
@@ -591,8 +592,7 @@ class Recommender:
                                  f"{checkpoints!r} (or be replaced by them): save it elsewhere")
         state = self._state()
         arrays = {k: np.ascontiguousarray(v) for k, v in state.items() if isinstance(v, np.ndarray)}
-        broken = next((k for k, v in arrays.items()  # -inf marks "unscored"; NaN and +inf loading refuses
-                       if v.dtype.kind == "f" and (np.isnan(v).any() or np.isposinf(v).any())), None)
+        broken = nonfinite_array(arrays)
         if broken:
             raise DataError(f"{type(self).__name__}'s {broken} holds NaN or +inf: the fit diverged; not saved")
         if ann or (ann is None and self.n_items_ >= ANN_MIN_ITEMS and has_ann()):

@@ -113,20 +113,22 @@ def _checked_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str
     not negative, the moments such as gradients make (bounded by ``max_grad`` when every gradient entry was).
     Only the state comes from the checkpoint: the groups' settings (learning rate, betas, weight decay, the fused
     or capturable implementation) are the live optimiser's, i.e. this run's."""
-    if not isinstance(meta, dict) or not isinstance(meta.get("param_groups"), list) \
-            or not isinstance(meta.get("plain", {}), dict):
-        raise ArtifactError("its optimizer entry is not a parameter-group list with plain values")
+    if not isinstance(meta, dict) or not isinstance(meta.get("param_groups"), list):
+        raise ArtifactError("its optimizer entry is not a parameter-group list")
+    if meta.get("plain"):  # Adam keeps only tensors (flatten_optimizer_state writes plain values for others)
+        raise ArtifactError("its optimizer state holds plain values, which this optimizer does not keep")
     live_groups = optimizer.param_groups
     if len(meta["param_groups"]) != len(live_groups):
         raise ArtifactError(f"its optimizer has {len(meta['param_groups'])} parameter groups; this one "
                             f"{len(live_groups)}")
-    groups, params = [], {}
+    groups, params, group_of = [], {}, {}
     for live, saved in zip(live_groups, meta["param_groups"]):
         ids = saved.get("params") if isinstance(saved, dict) else None
         if not isinstance(ids, list) or len(ids) != len(live["params"]) or len(set(ids)) != len(ids) \
                 or not all(type(i) is int and i not in params for i in ids):
             raise ArtifactError("its optimizer's parameter groups do not list this model's parameters")
         params.update(zip(ids, live["params"]))
+        group_of.update(dict.fromkeys(ids, live))
         groups.append({**{k: v for k, v in live.items() if k != "params"}, "params": ids})
     amsgrad = any(g.get("amsgrad") for g in live_groups)
     state: dict[int, dict[str, Any]] = {}
@@ -139,14 +141,11 @@ def _checked_optimizer_state(optimizer: torch.optim.Optimizer, tensors: dict[str
         if tuple(value.shape) != shape or not value.is_floating_point():
             raise ArtifactError(f"its optimizer's {key} is a {value.dtype} of shape {tuple(value.shape)}; "
                                 f"expected floats of shape {shape}")
-        if not bool(torch.isfinite(value).all()) or (name in _NONNEGATIVE and bool((value < 0).any())):
-            raise ArtifactError(f"its optimizer's {key} holds "
-                                f"{'negative' if bool(torch.isfinite(value).all()) else 'NaN or infinite'} values")
+        finite = bool(torch.isfinite(value).all())
+        if not finite or (name in _NONNEGATIVE and bool((value < 0).any())):
+            raise ArtifactError(f"its optimizer's {key} holds {'negative' if finite else 'NaN or infinite'} values")
         state.setdefault(int(pid), {})[name] = value
-    if meta.get("plain"):  # Adam keeps only tensors (flatten_optimizer_state writes plain values for others)
-        raise ArtifactError("its optimizer state holds plain values, which this optimizer does not keep")
     needed = {"step", "exp_avg", "exp_avg_sq"} | ({"max_exp_avg_sq"} if amsgrad else set())
-    group_of = {pid: live for live, g in zip(live_groups, groups) for pid in g["params"]}
     for pid, entries in state.items():
         if not needed <= entries.keys():
             raise ArtifactError(f"its optimizer state of parameter {pid} lacks {sorted(needed - entries.keys())}")

@@ -368,11 +368,12 @@ class Trainer:
     def _restore(self, ckpt: Path | None, steps_per_epoch: int) -> TrainingState:
         """A fresh state, or, when resuming, the last checkpoint's (with the best weights so far): only a checkpoint
         of this run (its identity, set by :meth:`fit`) whose counters fit this run's epochs."""
+        cfg = self.config
         if ckpt is None:
             return TrainingState()
         self._usable_folder(ckpt)
         last = ckpt / "last"
-        if not self.config.resume:
+        if not cfg.resume:
             return TrainingState()
         if not last.exists():
             # a run stopped between moving its last checkpoint aside and putting the new one in place
@@ -380,7 +381,7 @@ class Trainer:
             if not aside:
                 return TrainingState()
             last = aside[-1]
-            log.warning("%s: resuming from %s, the checkpoint a stopped run had moved aside", self.config.desc, last)
+            log.warning("%s: resuming from %s, the checkpoint a stopped run had moved aside", cfg.desc, last)
         info = checkpoint_info(last)
         saved_run = info.pop("run", None)
         where = f"{str(last)!r} is not a checkpoint this run can resume from"
@@ -395,14 +396,13 @@ class Trainer:
             state = TrainingState.from_json(info)
         except ArtifactError as exc:
             raise ArtifactError(f"{where}: {exc}") from None
-        if state.epoch > self.config.epochs or not (
+        if state.epoch > cfg.epochs or not (
                 state.epoch * steps_per_epoch <= state.step <= (state.epoch + 1) * steps_per_epoch):
             raise ArtifactError(f"{where}: it stands at epoch {state.epoch}, step {state.step}, which does not fit "
-                                f"{self.config.epochs} epochs of {steps_per_epoch} steps")
-        problem = _best_problem(state, self.config.metric)
+                                f"{cfg.epochs} epochs of {steps_per_epoch} steps")
+        problem = _best_problem(state, cfg.metric)
         if problem:
             raise ArtifactError(f"{where}: it records {problem}")
-        cfg = self.config
         # clipped gradients bound Adam's moments, unless the coupled weight decay adds to them after the clip
         max_grad = cfg.grad_clip if cfg.grad_clip and (cfg.optimizer == "adamw" or not cfg.weight_decay) else None
         load_checkpoint(last, self.module, self.optimizer, max_grad)
@@ -411,7 +411,7 @@ class Trainer:
         elif state.best_step is not None:
             self._best_weights = self._best_so_far(ckpt / "best", state.best_step, where)
         D.barrier()  # every rank has read the checkpoint before the first one may replace it
-        log.info("resumed %s from %s at epoch %d, step %d", self.config.desc, last, state.epoch, state.step)
+        log.info("resumed %s from %s at epoch %d, step %d", cfg.desc, last, state.epoch, state.step)
         return state
 
     def _best_so_far(self, best: Path, step: int, where: str) -> dict[str, torch.Tensor]:
