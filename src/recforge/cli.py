@@ -23,7 +23,7 @@ import typer
 
 from recforge import __version__
 from recforge.core.gpu_environment import DEVICE_ENV, fix_cublas_workspace
-from recforge.core.params import device_name
+from recforge.core.params import DEVICE_NAMES, device_name
 from recforge.errors import DataError, RecforgeError, settings_named_as_options
 
 app = typer.Typer(
@@ -1169,7 +1169,7 @@ def main() -> None:
     chosen = os.environ.get(DEVICE_ENV, "")
     asks_otherwise = {"--device", "--help", "-h", "--version"} & {a.split("=")[0] for a in sys.argv[1:]}
     if chosen.strip() and device_name(chosen) is None and not asks_otherwise:
-        typer.echo(f"error: {DEVICE_ENV}={chosen!r}: a device must be 'auto', 'cpu', 'cuda' or 'cuda:N'", err=True)
+        typer.echo(f"error: {DEVICE_ENV}={chosen!r}: a device must be {DEVICE_NAMES}", err=True)
         sys.exit(2)
     try:
         with settings_named_as_options():

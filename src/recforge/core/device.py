@@ -17,7 +17,7 @@ from recforge.core.gpu_environment import (  # DEVICE_ENV: re-exported, where th
     REPEATABLE_CUBLAS_WORKSPACE,
     fix_cublas_workspace,
 )
-from recforge.core.params import device_name
+from recforge.core.params import DEVICE_NAMES, device_name
 from recforge.core.threads import resolve_threads
 from recforge.errors import DeviceError
 
@@ -53,7 +53,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     error instead of a failure deep inside torch."""
     if is_auto(device):
         chosen = os.environ.get(DEVICE_ENV, "")
-        if chosen.strip() and chosen.strip().lower() != "auto":
+        if chosen.strip() and not is_auto(chosen):
             return _checked(chosen, f"{DEVICE_ENV}={chosen!r}")
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return _checked(device, f"device {device!r}")  # type: ignore[arg-type]
@@ -81,7 +81,7 @@ def ranking_device() -> torch.device | None:
 def _checked(device: str | torch.device, what: str) -> torch.device:
     name = device_name(str(device)) if isinstance(device, (str, torch.device)) else None
     if name is None or name == "auto":
-        raise DeviceError(f"{what}: a device must be 'auto', 'cpu', 'cuda' or 'cuda:N'")
+        raise DeviceError(f"{what}: a device must be {DEVICE_NAMES}")
     dev = torch.device(name)
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError(f"{what} was asked for, but no CUDA GPU is available; use 'auto' or 'cpu'")

@@ -212,6 +212,10 @@ class Text(Constraint):
         return [3, ""]
 
 
+#: The device names :func:`device_name` reads, in words (for the messages that refuse one).
+DEVICE_NAMES = "'auto', 'cpu', 'cuda' or 'cuda:N'"
+
+
 def device_name(value: Any) -> str | None:
     """``value`` as the device name it spells — ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``, in any case,
     spaces around it ignored — or None when it spells none: the one rule of a ``device`` parameter, the
@@ -232,7 +236,7 @@ class DeviceName(Constraint):
         return device_name(value) is not None
 
     def _describe(self) -> str:
-        return "'auto', 'cpu', 'cuda' or 'cuda:N'"
+        return DEVICE_NAMES
 
     def _rejects(self) -> list[Any]:
         return ["tpu", "cuda:x", 3, ""]
